@@ -1,0 +1,1 @@
+"""Authentication: machine credentials, access tokens, the Principal dependency."""

@@ -1,0 +1,102 @@
+"""The one place that makes and checks access tokens (JWT, python-jose).
+
+The algorithm is pinned (the header's `alg` must be on our allow-list before anything is
+decoded, and decoding is told the same list), and `exp`, `iat`, `aud`, `iss` and `sub`
+are required: a token missing any of them is refused, not half-trusted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from jose import ExpiredSignatureError, JWTError, jwt
+
+from app.config import Settings
+from app.kit.errors import Unauthorized
+
+ALGORITHM = "HS256"
+ALLOWED_ALGORITHMS = (ALGORITHM,)
+_REQUIRED = {
+    "require_exp": True,
+    "require_iat": True,
+    "require_aud": True,
+    "require_iss": True,
+    "require_sub": True,
+    "verify_exp": True,
+    "verify_iat": True,
+    "verify_aud": True,
+    "verify_iss": True,
+    "verify_signature": True,
+    "leeway": 0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    org_id: uuid.UUID
+    subject: str
+    kind: str
+    roles: tuple[str, ...]
+    expires_at: int
+
+
+class TokenService:
+    def __init__(self, settings: Settings) -> None:
+        self._key = settings.secret_key.get_secret_value()
+        self._issuer = settings.token_issuer
+        self._audience = settings.token_audience
+        self.ttl = settings.token_ttl_seconds
+
+    def issue(self, *, org_id: uuid.UUID, subject: str, kind: str, roles: list[str]) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": subject,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.ttl,
+            "jti": uuid.uuid4().hex,
+            "org": str(org_id),
+            "kind": kind,
+            "roles": roles,
+        }
+        return str(jwt.encode(claims, self._key, algorithm=ALGORITHM))
+
+    def verify(self, token: str) -> TokenClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except JWTError as exc:
+            raise Unauthorized("The access token is malformed", code="invalid_token") from exc
+        if header.get("alg") not in ALLOWED_ALGORITHMS:
+            raise Unauthorized("The access token's algorithm is not accepted", code="invalid_token")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=list(ALLOWED_ALGORITHMS),
+                audience=self._audience,
+                issuer=self._issuer,
+                options=_REQUIRED,
+            )
+        except ExpiredSignatureError as exc:
+            raise Unauthorized("The access token has expired", code="token_expired") from exc
+        except JWTError as exc:
+            raise Unauthorized("The access token is invalid", code="invalid_token") from exc
+        try:
+            org_id = uuid.UUID(str(claims["org"]))
+            roles = claims.get("roles") or []
+            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                raise ValueError("roles")
+            return TokenClaims(
+                org_id=org_id,
+                subject=str(claims["sub"]),
+                kind=str(claims.get("kind", "app")),
+                roles=tuple(roles),
+                expires_at=int(claims["exp"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise Unauthorized("The access token is invalid", code="invalid_token") from exc

@@ -1,0 +1,191 @@
+"""The `portolan` command: up, serve, worker, migrate, org, openapi."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.config import Settings, get_settings
+from app.kit.logging import configure_logging
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Portolan developer portal")
+org_cli = typer.Typer(no_args_is_help=True, help="Organizations (tenants)")
+cli.add_typer(org_cli, name="org")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OPENAPI_PATH = REPO_ROOT / "openapi" / "openapi.json"
+
+
+def _settings_with_services() -> Settings:
+    from app.embedded import ensure_services
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    return ensure_services(settings)
+
+
+def _migrations_dir() -> Path:
+    for candidate in (REPO_ROOT / "migrations", Path.cwd() / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise typer.BadParameter("cannot find the migrations/ directory")
+
+
+def run_migrations(settings: Settings, revision: str = "head") -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_migrations_dir()))
+    cfg.attributes["sqlalchemy_url"] = settings.sqlalchemy_url
+    command.upgrade(cfg, revision)
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    run_migrations(_settings_with_services())
+    typer.echo("migrations applied")
+
+
+def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    app = create_app(settings, with_worker=with_worker)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=True)
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Do not run the in-process worker")
+    ] = False,
+) -> None:
+    """Serve the API (with an in-process worker unless --no-worker)."""
+    _serve(_settings_with_services(), host, port, not no_worker)
+
+
+@cli.command()
+def up(
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+) -> None:
+    """Set up and serve: services (embedded when no URLs), migrations, demo org, API + worker."""
+    settings = _settings_with_services()
+    run_migrations(settings)
+    asyncio.run(_ensure_demo_org(settings))
+    _serve(settings, host, port, True)
+
+
+async def _ensure_demo_org(settings: Settings) -> None:
+    from app.db.engine import Database, create_engine
+    from app.orgs import service
+
+    db = Database(create_engine(settings))
+    try:
+        async with db.system() as session:
+            if await service.count_orgs(session) > 0:
+                typer.echo(
+                    "An organization exists already; its credentials were printed when it "
+                    "was created."
+                )
+                return
+            created = await service.create_org(session, name="demo")
+        creds_file = settings.data_dir / "demo-credentials.json"
+        creds_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(creds_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(created.as_dict(), fh, indent=2)
+        typer.echo(
+            "Created the demo organization. Its credentials (shown once, also saved in "
+            f"{creds_file}):"
+        )
+        typer.echo(json.dumps(created.as_dict(), indent=2))
+    finally:
+        await db.dispose()
+
+
+@cli.command()
+def worker() -> None:
+    """Run a standalone arq worker."""
+    from app.dispatch.worker import build_worker
+
+    build_worker(_settings_with_services(), handle_signals=True).run()
+
+
+@org_cli.command("create")
+def org_create(
+    name: Annotated[str, typer.Argument(help="Organization name")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create an organization and its first (Admin) credentials."""
+    from app.kit.errors import PortolanError
+
+    settings = _settings_with_services()
+    try:
+        created = asyncio.run(_create_org(settings, name))
+    except PortolanError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(created))
+    else:
+        typer.echo(f"Organization {created['name']} ({created['orgId']})")
+        typer.echo(f"  clientId:     {created['clientId']}")
+        typer.echo(f"  clientSecret: {created['clientSecret']}  (shown once)")
+
+
+async def _create_org(settings: Settings, name: str) -> dict[str, str]:
+    from app.db.engine import Database, create_engine
+    from app.orgs import service
+
+    db = Database(create_engine(settings))
+    try:
+        async with db.system() as session:
+            created = await service.create_org(session, name=name)
+        return created.as_dict()
+    finally:
+        await db.dispose()
+
+
+def render_openapi() -> str:
+    from app.main import create_app
+
+    document = create_app(Settings(_env_file=None)).openapi()
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+@cli.command()
+def openapi(
+    check: Annotated[bool, typer.Option("--check", help="Fail if the file is stale")] = False,
+    path: Annotated[Path, typer.Option(help="Where the document lives")] = OPENAPI_PATH,
+) -> None:
+    """Write openapi/openapi.json from the app, or verify it is current."""
+    rendered = render_openapi()
+    if check:
+        current = path.read_text() if path.exists() else ""
+        if current != rendered:
+            typer.echo(f"{path} is stale: run `portolan openapi` and commit it", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{path} is current")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rendered)
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Portolan's settings: the one place that reads the environment (prefix PORTOLAN_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Development defaults; production refuses to start with any of these.
+DEV_SECRET_KEY = "dev-only-secret-key-change-me-0123456789abcdef"  # noqa: S105
+DEV_ENCRYPTION_KEY = "ZGV2LW9ubHktZW5jcnlwdGlvbi1rZXktY2hhbmdlLW0="
+DEV_PLATFORM_TOKEN = "dev-only-platform-token"  # noqa: S105
+
+
+class ConfigError(RuntimeError):
+    """Raised when the settings cannot be used (e.g. default secrets in production)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PORTOLAN_", env_file=".env", extra="ignore", case_sensitive=False
+    )
+
+    env: Literal["development", "test", "production"] = "development"
+    database_url: str | None = Field(
+        default=None,
+        description="Plain postgresql:// URL. Unset: an embedded PostgreSQL under data_dir.",
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis:// URL. Unset: an embedded Redis under data_dir."
+    )
+    data_dir: Path = Path(".portolan")
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)
+    platform_token: SecretStr | None = SecretStr(DEV_PLATFORM_TOKEN)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    token_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
+    token_issuer: str = "portolan"  # noqa: S105 - a name, not a secret
+    token_audience: str = "portolan-api"  # noqa: S105
+    public_url: str = "http://127.0.0.1:8000"
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    log_level: str = "INFO"
+    queue_name: str = Field(default="portolan:queue", min_length=1)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("PORTOLAN_DATABASE_URL must be a plain postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets_in_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = []
+        if self.secret_key.get_secret_value() in ("", DEV_SECRET_KEY):
+            problems.append("PORTOLAN_SECRET_KEY is missing or the development default")
+        elif len(self.secret_key.get_secret_value()) < 32:
+            problems.append("PORTOLAN_SECRET_KEY must be at least 32 characters")
+        if self.encryption_key.get_secret_value() in ("", DEV_ENCRYPTION_KEY):
+            problems.append("PORTOLAN_ENCRYPTION_KEY is missing or the development default")
+        token = self.platform_token.get_secret_value() if self.platform_token else ""
+        if token == DEV_PLATFORM_TOKEN:
+            problems.append(
+                "PORTOLAN_PLATFORM_TOKEN is the development default (unset it or set a new one)"
+            )
+        if self.database_url is None:
+            problems.append("PORTOLAN_DATABASE_URL is required in production")
+        if self.redis_url is None:
+            problems.append("PORTOLAN_REDIS_URL is required in production")
+        if problems:
+            raise ValueError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL for SQLAlchemy's asyncpg dialect."""
+        if self.database_url is None:
+            raise ConfigError("no database URL: start the embedded services first")
+        rest = self.database_url.split("://", 1)[1]
+        return f"postgresql+asyncpg://{rest}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

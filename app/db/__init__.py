@@ -1,0 +1,1 @@
+"""Database access: metadata, engines, tenant-bound sessions, row-level security helpers."""

@@ -1,0 +1,1 @@
+"""Durable dispatch: the arq worker (outbox relay and invokers arrive with actions)."""

@@ -1,0 +1,61 @@
+"""The arq worker: job functions and how to run them standalone or inside the API process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker
+
+from app.config import Settings
+
+log = logging.getLogger("portolan.worker")
+
+
+async def ping(ctx: dict[str, Any], value: str) -> str:
+    """Round-trip probe: proves a queued job reaches a live worker and comes back."""
+    return value
+
+
+JOB_FUNCTIONS = [ping]
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    if settings.redis_url is None:
+        raise RuntimeError("no Redis URL: start the embedded services first")
+    return RedisSettings.from_dsn(settings.redis_url)
+
+
+def build_worker(settings: Settings, *, handle_signals: bool) -> Worker:
+    return Worker(
+        functions=JOB_FUNCTIONS,
+        redis_settings=redis_settings(settings),
+        queue_name=settings.queue_name,
+        handle_signals=handle_signals,
+        max_jobs=50,
+        job_timeout=300,
+        keep_result=3600,
+        health_check_interval=30,
+    )
+
+
+class InProcessWorker:
+    """Runs the arq worker as a task on the API's event loop (`serve` without --no-worker)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._worker = build_worker(settings, handle_signals=False)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._worker.async_run(), name="arq-worker")
+
+    async def stop(self) -> None:
+        await self._worker.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: S110 - shutting down
+                pass

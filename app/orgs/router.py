@@ -1,0 +1,77 @@
+"""Organization routes: the tenant's own organization, and the operator's platform API."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.auth.principal import CurrentPrincipal, TenantSession
+from app.config import Settings
+from app.kit.errors import Forbidden, Unauthorized
+from app.kit.openapi import ERRORS_AUTHED
+from app.orgs import service
+from app.orgs.schemas import (
+    OrganizationOut,
+    OrganizationResponse,
+    OrgCreatedResponse,
+    OrgCreateRequest,
+)
+
+router = APIRouter(tags=["Organization"])
+_platform_bearer = HTTPBearer(
+    auto_error=False, scheme_name="platformToken", description="PORTOLAN_PLATFORM_TOKEN"
+)
+
+
+@router.get(
+    "/v1/organization",
+    response_model=OrganizationResponse,
+    responses=ERRORS_AUTHED,
+    summary="Get organization details",
+)
+async def get_organization(
+    principal: CurrentPrincipal, session: TenantSession
+) -> OrganizationResponse:
+    org = await service.get_org(session, principal.org_id)
+    return OrganizationResponse(
+        organization=OrganizationOut(
+            id=org.id, name=org.name, createdAt=org.created_at, updatedAt=org.updated_at
+        )
+    )
+
+
+def require_platform_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_platform_bearer)],
+) -> None:
+    settings: Settings = request.app.state.settings
+    if settings.platform_token is None:
+        raise Forbidden("The platform API is disabled (PORTOLAN_PLATFORM_TOKEN is not set)")
+    if credentials is None:
+        raise Unauthorized("The platform token is required")
+    expected = settings.platform_token.get_secret_value().encode()
+    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+        raise Unauthorized("The platform token is invalid")
+
+
+@router.post(
+    "/v1/platform/orgs",
+    status_code=201,
+    response_model=OrgCreatedResponse,
+    responses=ERRORS_AUTHED,
+    dependencies=[Depends(require_platform_token)],
+    tags=["Platform"],
+    summary="Create an organization with its first credentials (operator)",
+)
+async def create_organization(body: OrgCreateRequest, request: Request) -> OrgCreatedResponse:
+    async with request.app.state.db.system() as session:
+        created = await service.create_org(session, name=body.name)
+    return OrgCreatedResponse(
+        orgId=created.org_id,
+        name=created.name,
+        clientId=created.client_id,
+        clientSecret=created.client_secret,
+    )

@@ -1,0 +1,47 @@
+"""Shapes of the organization routes (Port's `{"ok": true, "organization": {...}}`)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class OrganizationOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    featureFlags: list[str] = Field(default_factory=list)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    createdAt: datetime
+    updatedAt: datetime
+
+
+class OrganizationResponse(BaseModel):
+    ok: Literal[True] = True
+    organization: OrganizationOut
+
+
+class OrgCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("name must not be blank")
+        if any(ord(ch) < 32 for ch in value):
+            raise ValueError("name must not contain control characters")
+        return value
+
+
+class OrgCreatedResponse(BaseModel):
+    ok: Literal[True] = True
+    orgId: uuid.UUID
+    name: str
+    clientId: str
+    clientSecret: str

