@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -59,7 +60,14 @@ def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
     from app.main import create_app
 
     app = create_app(settings, with_worker=with_worker)
+    # uvicorn re-raises the signal it caught once it has shut down; with the default
+    # SIGTERM action that would kill the process before atexit stops embedded servers.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=True)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @cli.command()
@@ -87,19 +95,19 @@ def up(
 
 
 async def _ensure_demo_org(settings: Settings) -> None:
-    from app.db.engine import Database, create_engine
+    from app.db.database import Database
     from app.orgs import service
 
-    db = Database(create_engine(settings))
+    db = await Database.connect(settings)
     try:
-        async with db.system() as session:
-            if await service.count_orgs(session) > 0:
+        async with db.system() as tx:
+            if await service.count_orgs(tx) > 0:
                 typer.echo(
                     "An organization exists already; its credentials were printed when it "
                     "was created."
                 )
                 return
-            created = await service.create_org(session, name="demo")
+            created = await service.create_org(tx, name="demo")
         creds_file = settings.data_dir / "demo-credentials.json"
         creds_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(creds_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -111,7 +119,7 @@ async def _ensure_demo_org(settings: Settings) -> None:
         )
         typer.echo(json.dumps(created.as_dict(), indent=2))
     finally:
-        await db.dispose()
+        await db.close()
 
 
 @cli.command()
@@ -145,16 +153,16 @@ def org_create(
 
 
 async def _create_org(settings: Settings, name: str) -> dict[str, str]:
-    from app.db.engine import Database, create_engine
+    from app.db.database import Database
     from app.orgs import service
 
-    db = Database(create_engine(settings))
+    db = await Database.connect(settings)
     try:
-        async with db.system() as session:
-            created = await service.create_org(session, name=name)
+        async with db.system() as tx:
+            created = await service.create_org(tx, name=name)
         return created.as_dict()
     finally:
-        await db.dispose()
+        await db.close()
 
 
 def render_openapi() -> str:

@@ -7,6 +7,7 @@ servers whose data persist under the data directory (default `.portolan/`).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from app.config import Settings
@@ -33,9 +34,10 @@ def _start_postgres(settings: Settings) -> str:
 
     pgdata = (settings.data_dir / "postgres").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(  # type: ignore[attr-defined]
-        pgdata, cleanup_mode="stop"
-    )
+    with warnings.catch_warnings():
+        # platformdirs warns about XDG_RUNTIME_DIR on machines without a login session.
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     _handles["postgres"] = server
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")  # noqa: S608
     if "1 row" not in exists:

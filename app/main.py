@@ -13,7 +13,7 @@ from app import __version__
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
 from app.config import Settings, get_settings
-from app.db.engine import Database, create_engine
+from app.db.database import Database
 from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.ops.router import router as ops_router
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
         # Read from app.state at start-up, so a test can point a built app elsewhere.
         settings: Settings = app.state.settings
         app.state.tokens = TokenService(settings)
-        db = Database(create_engine(settings))
+        db = await Database.connect(settings)
         redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379")
         app.state.db = db
         app.state.redis = redis
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
             if worker is not None:
                 await worker.stop()
             await redis.aclose()
-            await db.dispose()
+            await db.close()
 
     app = FastAPI(
         title="Portolan",

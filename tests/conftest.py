@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from app.cli import run_migrations
 from app.config import Settings
-from app.db.engine import Database, create_engine
+from app.db.database import Database
 from app.main import create_app
 from app.orgs import service as org_service
 
@@ -168,8 +168,8 @@ def make_org(db: Database, client: httpx.AsyncClient) -> OrgFactory:
 
     async def _make(name: str | None = None) -> Org:
         name = name or f"org-{uuid.uuid4().hex[:8]}"
-        async with db.system() as session:
-            created = await org_service.create_org(session, name=name)
+        async with db.system() as tx:
+            created = await org_service.create_org(tx, name=name)
         response = await client.post(
             "/v1/auth/access_token",
             json={"clientId": created.client_id, "clientSecret": created.client_secret},
@@ -197,8 +197,3 @@ def fresh_settings(settings: Settings) -> Callable[..., Settings]:
         return settings.model_copy(update=overrides)
 
     return _make
-
-
-@pytest.fixture(scope="session")
-def engine_factory() -> Callable[[Settings], Database]:
-    return lambda s: Database(create_engine(s))

@@ -147,7 +147,7 @@ async def test_unexpected_failure_is_a_json_500_without_internals(
     original = app.state.db
 
     class Broken:
-        async def open_tenant_session(self, org_id):  # type: ignore[no-untyped-def]
+        async def begin_tenant(self, org_id):  # type: ignore[no-untyped-def]
             raise RuntimeError("secret internal detail")
 
     app.state.db = Broken()
@@ -162,3 +162,17 @@ async def test_unexpected_failure_is_a_json_500_without_internals(
         "message": "Internal server error",
     }
     assert "secret internal detail" not in response.text
+
+
+async def test_every_route_commits_through_transaction_route(app) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.routing import APIRoute
+
+    from app.db.routing import TransactionRoute
+
+    def walk(routes):  # type: ignore[no-untyped-def]
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            yield from walk(inner.routes) if inner is not None else [route]
+
+    api_routes = [r for r in walk(app.routes) if isinstance(r, APIRoute)]
+    assert api_routes and all(isinstance(r, TransactionRoute) for r in api_routes)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from app.db.database import Database
 from tests.conftest import OrgFactory
 
 GLOBAL_TABLES = {"alembic_version"}
@@ -144,19 +145,37 @@ async def test_every_tenant_key_leads_with_org_id(conn: asyncpg.Connection) -> N
     assert rows and offending == []
 
 
-async def test_request_sessions_run_as_the_app_role(db, make_org: OrgFactory) -> None:  # type: ignore[no-untyped-def]
+async def test_request_transactions_run_as_the_app_role(db: Database, make_org: OrgFactory) -> None:
     org = await make_org()
-    async with db.tenant(org.org_id) as session:
-        from sqlalchemy import text
-
-        role = (await session.execute(text("SELECT current_user"))).scalar_one()
-        bound = (await session.execute(text("SELECT current_setting('app.org_id')"))).scalar_one()
+    async with db.tenant(org.org_id) as tx:
+        role = await tx.fetchval("SELECT current_user")
+        bound = await tx.fetchval("SELECT current_setting('app.org_id')")
     assert (role, bound) == ("portolan_app", str(org.org_id))
 
 
-async def test_tenant_session_sees_nothing_of_a_random_org(db) -> None:  # type: ignore[no-untyped-def]
-    from sqlalchemy import text
-
-    async with db.tenant(uuid.uuid4()) as session:
-        count = (await session.execute(text("SELECT count(*) FROM organizations"))).scalar_one()
+async def test_tenant_transaction_sees_nothing_of_a_random_org(db: Database) -> None:
+    async with db.tenant(uuid.uuid4()) as tx:
+        count = await tx.fetchval("SELECT count(*) FROM organizations")
     assert count == 0
+
+
+async def test_pooled_connections_come_back_unbound(db: Database, make_org: OrgFactory) -> None:
+    org = await make_org()
+    async with db.tenant(org.org_id):
+        pass
+    async with db.pool.acquire() as conn:
+        role = await conn.fetchval("SELECT current_user")
+        bound = await conn.fetchval("SELECT current_setting('app.org_id', true)")
+    assert role != "portolan_app" and not bound
+
+
+async def test_a_failed_request_transaction_rolls_back(db: Database, make_org: OrgFactory) -> None:
+    org = await make_org()
+    try:
+        async with db.system(org.org_id) as tx:
+            await tx.execute("UPDATE organizations SET name = 'renamed' WHERE id = $1", org.org_id)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    async with db.tenant(org.org_id) as tx:
+        assert await tx.fetchval("SELECT name FROM organizations") == org.name

@@ -7,11 +7,8 @@ import hmac
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from app.auth.models import Credential
 from app.auth.tokens import TokenService
+from app.db.database import Tx
 from app.kit.errors import Unauthorized
 from app.kit.ids import new_client_id, new_secret, org_of_client_id
 
@@ -31,20 +28,19 @@ def _hash_secret(secret: str) -> bytes:
 
 
 async def create_credential(
-    session: AsyncSession, *, org_id: uuid.UUID, name: str, roles: list[str]
+    tx: Tx, *, org_id: uuid.UUID, name: str, roles: list[str]
 ) -> NewCredential:
     client_id = new_client_id(org_id)
     secret = new_secret()
-    session.add(
-        Credential(
-            org_id=org_id,
-            client_id=client_id,
-            name=name,
-            secret_hash=_hash_secret(secret),
-            roles=roles,
-        )
+    await tx.execute(
+        "INSERT INTO credentials (org_id, client_id, name, secret_hash, roles) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        org_id,
+        client_id,
+        name,
+        _hash_secret(secret),
+        roles,
     )
-    await session.flush()
     return NewCredential(client_id=client_id, client_secret=secret)
 
 
@@ -56,23 +52,21 @@ def org_for_client_id(client_id: str) -> uuid.UUID:
 
 
 async def exchange_credentials(
-    session: AsyncSession,
+    tx: Tx,
     tokens: TokenService,
     *,
     org_id: uuid.UUID,
     client_id: str,
     client_secret: str,
 ) -> str:
-    """`session` must already be bound to `org_id` (see org_for_client_id)."""
-    row = (
-        await session.execute(
-            select(Credential.secret_hash, Credential.roles).where(
-                Credential.org_id == org_id, Credential.client_id == client_id
-            )
-        )
-    ).one_or_none()
+    """`tx` must already be bound to `org_id` (see org_for_client_id)."""
+    row = await tx.fetchrow(
+        "SELECT secret_hash, roles FROM credentials WHERE org_id = $1 AND client_id = $2",
+        org_id,
+        client_id,
+    )
     presented = _hash_secret(client_secret)
-    expected = row.secret_hash if row is not None else b"\0" * len(presented)
+    expected = bytes(row["secret_hash"]) if row is not None else b"\0" * len(presented)
     if not hmac.compare_digest(presented, expected) or row is None:
         raise Unauthorized("Invalid client credentials", code="invalid_credentials")
-    return tokens.issue(org_id=org_id, subject=client_id, kind="app", roles=list(row.roles))
+    return tokens.issue(org_id=org_id, subject=client_id, kind="app", roles=list(row["roles"]))

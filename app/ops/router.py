@@ -6,16 +6,16 @@ import asyncio
 import logging
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import text
 
+from app.db.routing import api_router
 from app.kit.errors import error_body
 from app.kit.openapi import ErrorBody
 
-router = APIRouter(tags=["Operations"])
+router = api_router(tags=["Operations"])
 log = logging.getLogger("portolan.ops")
 _CHECK_TIMEOUT = 2.0
 
@@ -36,8 +36,8 @@ async def healthz() -> Health:
 
 
 async def _check_postgres(request: Request) -> None:
-    async with request.app.state.db.engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
+    async with request.app.state.db.pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
 
 
 async def _check_redis(request: Request) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth.principal import CurrentPrincipal, TenantSession
+from app.auth.principal import CurrentPrincipal, TenantTx
 from app.config import Settings
+from app.db.routing import api_router
 from app.kit.errors import Forbidden, Unauthorized
 from app.kit.openapi import ERRORS_AUTHED
 from app.orgs import service
@@ -20,7 +21,7 @@ from app.orgs.schemas import (
     OrgCreateRequest,
 )
 
-router = APIRouter(tags=["Organization"])
+router = api_router(tags=["Organization"])
 _platform_bearer = HTTPBearer(
     auto_error=False, scheme_name="platformToken", description="PORTOLAN_PLATFORM_TOKEN"
 )
@@ -32,10 +33,8 @@ _platform_bearer = HTTPBearer(
     responses=ERRORS_AUTHED,
     summary="Get organization details",
 )
-async def get_organization(
-    principal: CurrentPrincipal, session: TenantSession
-) -> OrganizationResponse:
-    org = await service.get_org(session, principal.org_id)
+async def get_organization(principal: CurrentPrincipal, tx: TenantTx) -> OrganizationResponse:
+    org = await service.get_org(tx, principal.org_id)
     return OrganizationResponse(
         organization=OrganizationOut(
             id=org.id, name=org.name, createdAt=org.created_at, updatedAt=org.updated_at
@@ -67,8 +66,8 @@ def require_platform_token(
     summary="Create an organization with its first credentials (operator)",
 )
 async def create_organization(body: OrgCreateRequest, request: Request) -> OrgCreatedResponse:
-    async with request.app.state.db.system() as session:
-        created = await service.create_org(session, name=body.name)
+    async with request.app.state.db.system() as tx:
+        created = await service.create_org(tx, name=body.name)
     return OrgCreatedResponse(
         orgId=created.org_id,
         name=created.name,

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from datetime import datetime
 
 from app.auth import service as auth_service
-from app.db.engine import bind_org_setting
+from app.db.database import Tx, bind_org
 from app.kit.errors import Invalid, NotFound
 from app.kit.ids import new_uuid
-from app.orgs.models import Organization
 
 MAX_NAME = 200
 
@@ -33,6 +30,14 @@ class CreatedOrg:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Org:
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
 def clean_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > MAX_NAME or any(ord(ch) < 32 for ch in name):
@@ -40,28 +45,29 @@ def clean_name(name: str) -> str:
     return name
 
 
-async def create_org(session: AsyncSession, *, name: str) -> CreatedOrg:
-    """Operator work on a system session: binds app.org_id to the new org so the rows
+async def create_org(tx: Tx, *, name: str) -> CreatedOrg:
+    """Operator work on a system transaction: binds app.org_id to the new org so its rows
     pass the tenant policies' WITH CHECK whatever the login role is."""
     name = clean_name(name)
     org_id = new_uuid()
-    await bind_org_setting(session, org_id)
-    session.add(Organization(id=org_id, name=name))
-    await session.flush()
+    await bind_org(tx, org_id)
+    await tx.execute("INSERT INTO organizations (id, name) VALUES ($1, $2)", org_id, name)
     cred = await auth_service.create_credential(
-        session, org_id=org_id, name="default", roles=[auth_service.ADMIN_ROLE]
+        tx, org_id=org_id, name="default", roles=[auth_service.ADMIN_ROLE]
     )
     return CreatedOrg(
         org_id=org_id, name=name, client_id=cred.client_id, client_secret=cred.client_secret
     )
 
 
-async def get_org(session: AsyncSession, org_id: uuid.UUID) -> Organization:
-    org = await session.get(Organization, org_id)
-    if org is None:
+async def get_org(tx: Tx, org_id: uuid.UUID) -> Org:
+    row = await tx.fetchrow(
+        "SELECT id, name, created_at, updated_at FROM organizations WHERE id = $1", org_id
+    )
+    if row is None:
         raise NotFound("Organization was not found")
-    return org
+    return Org(**dict(row))
 
 
-async def count_orgs(session: AsyncSession) -> int:
-    return int((await session.execute(select(func.count()).select_from(Organization))).scalar_one())
+async def count_orgs(tx: Tx) -> int:
+    return int(await tx.fetchval("SELECT count(*) FROM organizations"))

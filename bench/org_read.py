@@ -1,0 +1,57 @@
+"""Scenario: authenticated GET /v1/organization vs a bare FastAPI route on the same server.
+
+Target: at least 40% of the bare route's requests/s (auth + tenant-bound DB round trip
+cost at most 60%).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.db.database import Database
+from app.orgs import service as org_service
+from bench.env import load, scratch_settings, served
+
+TARGET_RATIO = 0.40
+SECONDS = 8.0
+CONNECTIONS = 16
+
+
+async def run() -> bool:
+    async with scratch_settings() as settings:
+        db = await Database.connect(settings)
+        async with db.system() as tx:
+            created = await org_service.create_org(tx, name="bench")
+        await db.close()
+        with served(settings) as port:
+            import httpx
+
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                token = (
+                    await http.post(
+                        "/v1/auth/access_token",
+                        json={"clientId": created.client_id, "clientSecret": created.client_secret},
+                    )
+                ).json()["accessToken"]
+            auth = {"Authorization": f"Bearer {token}"}
+            bare = await asyncio.to_thread(
+                load, port, "/bench/bare", headers={}, seconds=SECONDS, connections=CONNECTIONS
+            )
+            real = await asyncio.to_thread(
+                load,
+                port,
+                "/v1/organization",
+                headers=auth,
+                seconds=SECONDS,
+                connections=CONNECTIONS,
+            )
+    ratio = real.rps / bare.rps
+    ok = ratio >= TARGET_RATIO and real.errors == 0 and bare.errors == 0
+    print(
+        f"org_read  GET /v1/organization (auth + tenant-bound DB read): {real.rps:,.0f} req/s "
+        f"(p50 {real.p50_ms:.1f} ms, p99 {real.p99_ms:.1f} ms, errors {real.errors})\n"
+        f"          ceiling: bare FastAPI route, same server:          {bare.rps:,.0f} req/s "
+        f"(p50 {bare.p50_ms:.1f} ms, p99 {bare.p99_ms:.1f} ms)\n"
+        f"          ratio {ratio:.0%} (target >= {TARGET_RATIO:.0%}) -> {'PASS' if ok else 'FAIL'}"
+    )
+    return ok

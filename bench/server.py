@@ -1,0 +1,28 @@
+"""The app as `portolan serve` runs it, plus one bare FastAPI route as the ceiling."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from app.config import get_settings
+from app.main import create_app
+
+app = create_app(get_settings())
+
+
+@app.get("/bench/bare", include_in_schema=False)
+async def bare() -> dict[str, object]:
+    return {"ok": True, "organization": {"id": "bare", "name": "bare"}}
+
+
+if __name__ == "__main__":
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_config=None,
+        access_log=False,
+        log_level="warning",
+    )
