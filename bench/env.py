@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
     "PORTOLAN_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+LOG_PATH = Path(os.environ.get("PORTOLAN_BENCH_LOG", "/tmp/portolan-bench-server.log"))
 REDIS_URL = os.environ.get("PORTOLAN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -56,6 +58,14 @@ async def scratch_settings() -> AsyncIterator[Settings]:
         await admin.close()
 
 
+def _pinned(cpu: int) -> list[str]:
+    """Pin the server and the load driver to different cores (when there are two and
+    taskset exists), so the driver never steals the server's core mid-measurement."""
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,7 +83,14 @@ def served(settings: Settings) -> Iterator[int]:
         "PORTOLAN_LOG_LEVEL": "WARNING",
         "PORTOLAN_ENV": "test",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "bench.server", str(port)], cwd=ROOT, env=env)
+    log = LOG_PATH.open("ab")
+    proc = subprocess.Popen(
+        [*_pinned(0), sys.executable, "-m", "bench.server", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -88,6 +105,7 @@ def served(settings: Settings) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
 
 
 @dataclass
@@ -117,7 +135,7 @@ def load(
         }
     )
     out = subprocess.run(
-        [sys.executable, "-m", "bench.load", spec],
+        [*_pinned(1), sys.executable, "-m", "bench.load", spec],
         cwd=ROOT,
         capture_output=True,
         text=True,

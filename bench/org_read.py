@@ -7,13 +7,15 @@ cost at most 60%).
 from __future__ import annotations
 
 import asyncio
+import os
 
 from app.db.database import Database
 from app.orgs import service as org_service
 from bench.env import load, scratch_settings, served
 
 TARGET_RATIO = 0.40
-SECONDS = 8.0
+SECONDS = float(os.environ.get("PORTOLAN_BENCH_SECONDS", "4"))
+ROUNDS = 5
 CONNECTIONS = 16
 
 
@@ -34,24 +36,34 @@ async def run() -> bool:
                     )
                 ).json()["accessToken"]
             auth = {"Authorization": f"Bearer {token}"}
-            bare = await asyncio.to_thread(
-                load, port, "/bench/bare", headers={}, seconds=SECONDS, connections=CONNECTIONS
-            )
-            real = await asyncio.to_thread(
-                load,
-                port,
-                "/v1/organization",
-                headers=auth,
-                seconds=SECONDS,
-                connections=CONNECTIONS,
-            )
-    ratio = real.rps / bare.rps
-    ok = ratio >= TARGET_RATIO and real.errors == 0 and bare.errors == 0
+            # Alternate the two routes and keep the median ratio: on a 2-core machine a
+            # single long run of each drifts with whatever else the cores are doing.
+            rounds = []
+            for _ in range(ROUNDS):
+                bare = await asyncio.to_thread(
+                    load, port, "/bench/bare", headers={}, seconds=SECONDS, connections=CONNECTIONS
+                )
+                real = await asyncio.to_thread(
+                    load,
+                    port,
+                    "/v1/organization",
+                    headers=auth,
+                    seconds=SECONDS,
+                    connections=CONNECTIONS,
+                )
+                rounds.append((real.rps / bare.rps, real, bare))
+    in_order = ", ".join(f"{r:.0%}" for r, _, _ in rounds)
+    rounds.sort(key=lambda r: r[0])
+    ratio, real, bare = rounds[len(rounds) // 2]
+    errors = sum(r.errors + b.errors for _, r, b in rounds)
+    ok = ratio >= TARGET_RATIO and errors == 0
     print(
         f"org_read  GET /v1/organization (auth + tenant-bound DB read): {real.rps:,.0f} req/s "
-        f"(p50 {real.p50_ms:.1f} ms, p99 {real.p99_ms:.1f} ms, errors {real.errors})\n"
+        f"(p50 {real.p50_ms:.1f} ms, p99 {real.p99_ms:.1f} ms)\n"
         f"          ceiling: bare FastAPI route, same server:          {bare.rps:,.0f} req/s "
         f"(p50 {bare.p50_ms:.1f} ms, p99 {bare.p99_ms:.1f} ms)\n"
-        f"          ratio {ratio:.0%} (target >= {TARGET_RATIO:.0%}) -> {'PASS' if ok else 'FAIL'}"
+        f"          ratio {ratio:.0%} (median of {ROUNDS} alternating rounds: "
+        f"{in_order}; target >= {TARGET_RATIO:.0%}; "
+        f"errors {errors}) -> {'PASS' if ok else 'FAIL'}"
     )
     return ok

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,7 +64,9 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        request_id = incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = (
+            incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else os.urandom(16).hex()
+        )
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status_holder = [500]
@@ -130,16 +132,17 @@ class RequestContextMiddleware:
             method = scope.get("method", "")
             REQUESTS.labels(method, route_path, str(status_holder[0])).inc()
             LATENCY.labels(method, route_path).observe(elapsed)
-            log.info(
-                "request",
-                extra={
-                    "method": method,
-                    "path": scope.get("path"),
-                    "route": route_path,
-                    "status": status_holder[0],
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": scope.get("path"),
+                        "route": route_path,
+                        "status": status_holder[0],
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
             request_id_var.reset(token)
 
 
