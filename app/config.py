@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -54,6 +56,23 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _check_fernet_key(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw:
+            try:
+                decoded = base64.urlsafe_b64decode(raw.encode())
+            except (ValueError, binascii.Error) as exc:
+                raise ValueError("PORTOLAN_ENCRYPTION_KEY must be a Fernet key") from exc
+            if len(decoded) != 32:
+                raise ValueError(
+                    "PORTOLAN_ENCRYPTION_KEY must be a Fernet key (32 url-safe base64 bytes); "
+                    'make one with: python -c "from cryptography.fernet import Fernet; '
+                    'print(Fernet.generate_key().decode())"'
+                )
         return value
 
     @field_validator("database_url")

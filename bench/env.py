@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
     "PORTOLAN_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-LOG_PATH = Path(os.environ.get("PORTOLAN_BENCH_LOG", "/tmp/portolan-bench-server.log"))
+LOG_PATH = Path(os.environ.get("PORTOLAN_BENCH_LOG", str(ROOT / ".portolan" / "bench-server.log")))
 REDIS_URL = os.environ.get("PORTOLAN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -83,6 +83,7 @@ def served(settings: Settings) -> Iterator[int]:
         "PORTOLAN_LOG_LEVEL": "WARNING",
         "PORTOLAN_ENV": "test",
     }
+    LOG_PATH.parent.mkdir(parents=True, exist_ok=True)
     log = LOG_PATH.open("ab")
     proc = subprocess.Popen(
         [*_pinned(0), sys.executable, "-m", "bench.server", str(port)],

@@ -72,3 +72,8 @@ def test_cors_origins_read_from_a_comma_separated_env(monkeypatch: pytest.Monkey
 def test_secrets_are_not_in_the_settings_repr() -> None:
     s = _settings(**PROD_OK)
     assert "k" * 48 not in repr(s) and "p" * 40 not in repr(s)
+
+
+def test_encryption_key_must_be_a_fernet_key() -> None:
+    with pytest.raises(ValidationError, match="Fernet"):
+        _settings(encryption_key="not-a-key")
