@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth.principal import CurrentPrincipal, TenantTx
+from app.auth.principal import CurrentTenant
 from app.config import Settings
 from app.db.routing import api_router
 from app.kit.errors import Forbidden, Unauthorized
@@ -33,8 +33,8 @@ _platform_bearer = HTTPBearer(
     responses=ERRORS_AUTHED,
     summary="Get organization details",
 )
-async def get_organization(principal: CurrentPrincipal, tx: TenantTx) -> OrganizationResponse:
-    org = await service.get_org(tx, principal.org_id)
+async def get_organization(tenant: CurrentTenant) -> OrganizationResponse:
+    org = await service.get_org(tenant.tx, tenant.org_id)
     return OrganizationResponse(
         organization=OrganizationOut(
             id=org.id, name=org.name, createdAt=org.created_at, updatedAt=org.updated_at
