@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -118,6 +119,7 @@ async def _ensure_demo_org(settings: Settings) -> None:
             f"{creds_file}):"
         )
         typer.echo(json.dumps(created.as_dict(), indent=2))
+        sys.stdout.flush()  # the server runs next; a piped stdout must not hold these back
     finally:
         await db.close()
 

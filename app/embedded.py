@@ -44,13 +44,13 @@ def ensure_services(settings: Settings) -> Settings:
 
 
 def _start_postgres(settings: Settings) -> str:
-    import pgserver
-
     pgdata = (settings.data_dir / "postgres").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns about XDG_RUNTIME_DIR on machines without a login session.
         warnings.simplefilter("ignore")
+        import pgserver
+
         server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     _handles["postgres"] = server
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")  # noqa: S608

@@ -66,6 +66,34 @@ def _pinned(cpu: int) -> list[str]:
     return []
 
 
+async def pin_database_backends(settings: Settings, cpu: int = 1) -> int:
+    """Move the PostgreSQL backends serving the bench server onto the driver's core.
+
+    In production the database has its own machine; on a 2-core bench box its backends
+    would otherwise share the server's core and the figure would mostly measure that.
+    Returns how many backends were pinned (0 where taskset or permissions are missing)."""
+    if not _pinned(cpu):
+        return 0
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        pids = [
+            r["pid"]
+            for r in await conn.fetch(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE application_name = 'portolan' AND datname = current_database()"
+            )
+        ]
+    finally:
+        await conn.close()
+    pinned = 0
+    for pid in pids:
+        done = subprocess.run(  # noqa: ASYNC221 - a few instant calls, bench only
+            ["taskset", "-p", "-c", str(cpu), str(pid)], capture_output=True, check=False
+        )
+        pinned += done.returncode == 0
+    return pinned
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
