@@ -163,9 +163,12 @@ async def test_pooled_connections_come_back_unbound(db: Database, make_org: OrgF
     org = await make_org()
     async with db.tenant(org.org_id):
         pass
-    async with db.pool.acquire() as conn:
+    conn = await db.pool.acquire()
+    try:
         role = await conn.fetchval("SELECT current_user")
         bound = await conn.fetchval("SELECT current_setting('app.org_id', true)")
+    finally:
+        db.pool.release(conn)
     assert role != "portolan_app" and not bound
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from app.config import Settings
+from app.db.pool import ConnectionPool
 from app.db.rls import APP_ROLE, ORG_SETTING
 
 Query = str | ClauseElement
@@ -84,34 +85,33 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def _reset_connection(conn: asyncpg.Connection) -> None:
-    # Every transaction ends in COMMIT or ROLLBACK and binds only LOCAL settings, so a
-    # returned connection is already clean; skipping asyncpg's RESET ALL saves a round trip.
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
 class Database:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
 
     @classmethod
     async def connect(cls, settings: Settings) -> Database:
         if settings.database_url is None:
             raise RuntimeError("no database URL: start the embedded services first")
-        pool = await asyncpg.create_pool(
+        pool = ConnectionPool(
             settings.database_url,
-            min_size=min(2, settings.db_pool_size),
             max_size=settings.db_pool_size + settings.db_max_overflow,
             init=_init_connection,
-            reset=_reset_connection,
-            max_inactive_connection_lifetime=300,
             server_settings={"application_name": "portolan"},
         )
+        # Open one connection now, so a wrong URL fails at start-up, not on first request.
+        pool.release(await pool.acquire())
         return cls(pool)
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def ping(self) -> None:
+        conn = await self.pool.acquire()
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            self.pool.release(conn)
 
     async def begin_tenant(self, org_id: uuid.UUID) -> tuple[Tx, Any]:
         """Open a tenant transaction; the caller must `finish` it (used by the request
@@ -120,7 +120,7 @@ class Database:
         try:
             await conn.execute(_begin_sql(org_id, as_app_role=True))
         except BaseException:
-            await self.pool.release(conn)
+            self.pool.release(conn)
             raise
         return Tx(conn, org_id), conn
 
@@ -128,7 +128,7 @@ class Database:
         try:
             await conn.execute("COMMIT" if commit else "ROLLBACK")
         finally:
-            await self.pool.release(conn)
+            self.pool.release(conn)
 
     @asynccontextmanager
     async def tenant(self, org_id: uuid.UUID) -> AsyncIterator[Tx]:
@@ -155,7 +155,7 @@ class Database:
             finally:
                 await conn.execute("COMMIT" if ok else "ROLLBACK")
         finally:
-            await self.pool.release(conn)
+            self.pool.release(conn)
 
 
 async def bind_org(tx: Tx, org_id: uuid.UUID) -> None:

@@ -36,8 +36,7 @@ async def healthz() -> Health:
 
 
 async def _check_postgres(request: Request) -> None:
-    async with request.app.state.db.pool.acquire() as conn:
-        await conn.fetchval("SELECT 1")
+    await request.app.state.db.ping()
 
 
 async def _check_redis(request: Request) -> None:
