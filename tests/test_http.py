@@ -168,11 +168,13 @@ async def test_every_route_commits_through_transaction_route(app) -> None:  # ty
     from fastapi.routing import APIRoute
 
     from app.db.routing import TransactionRoute
+    from app.kit.http import iter_routes
 
-    def walk(routes):  # type: ignore[no-untyped-def]
-        for route in routes:
-            inner = getattr(route, "original_router", None)
-            yield from walk(inner.routes) if inner is not None else [route]
-
-    api_routes = [r for r in walk(app.routes) if isinstance(r, APIRoute)]
+    api_routes = [r for r in iter_routes(app.routes) if isinstance(r, APIRoute)]
     assert api_routes and all(isinstance(r, TransactionRoute) for r in api_routes)
+
+
+async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.request("OPTIONS", "/v1/blueprints")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"

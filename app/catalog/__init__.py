@@ -1,0 +1,1 @@
+"""The catalog: blueprints, entities and relations."""

@@ -1,0 +1,289 @@
+"""Blueprint service: define, change and remove blueprints (no HTTP, never commits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from app.catalog import validation as v
+from app.db.database import Tx
+from app.kit.errors import Conflict, Invalid, NotFound
+
+# Columns read back for a blueprint, in the API's shape.
+_SELECT = """
+SELECT identifier, title, icon, description, schema, relations, mirror_properties,
+       calculation_properties, aggregation_properties, ownership, team_inheritance,
+       changelog_destination, version, created_at, created_by, updated_at, updated_by
+FROM blueprints
+"""
+
+DEFINITION_KEYS = (
+    "identifier",
+    "title",
+    "icon",
+    "description",
+    "schema",
+    "relations",
+    "mirrorProperties",
+    "calculationProperties",
+    "aggregationProperties",
+    "ownership",
+    "teamInheritance",
+    "changelogDestination",
+)
+
+
+def to_api(row: asyncpg.Record) -> dict[str, Any]:
+    out = {
+        "identifier": row["identifier"],
+        "title": row["title"],
+        "icon": row["icon"],
+        "description": row["description"],
+        "schema": row["schema"],
+        "relations": row["relations"],
+        "mirrorProperties": row["mirror_properties"],
+        "calculationProperties": row["calculation_properties"],
+        "aggregationProperties": row["aggregation_properties"],
+        "createdAt": row["created_at"],
+        "createdBy": row["created_by"],
+        "updatedAt": row["updated_at"],
+        "updatedBy": row["updated_by"],
+    }
+    for key, column in (
+        ("ownership", "ownership"),
+        ("teamInheritance", "team_inheritance"),
+        ("changelogDestination", "changelog_destination"),
+    ):
+        if row[column] is not None:
+            out[key] = row[column]
+    return out
+
+
+def normalise(definition: dict[str, Any]) -> dict[str, Any]:
+    """Check a whole definition; returns it with defaults filled in, or raises one 422
+    listing every problem by JSON pointer."""
+    problems = v.Problems()
+    identifier = definition.get("identifier")
+    if not isinstance(identifier, str) or not v.valid_blueprint_identifier(identifier):
+        problems.add(
+            "/identifier",
+            "identifier must be 1-100 letters, digits or @_.+:\\/- (not '.' or '..')",
+        )
+    schema = definition.get("schema")
+    v.check_schema(schema, problems)
+    relations = v.check_relations(definition.get("relations") or {}, problems)
+    mirrors = definition.get("mirrorProperties") or {}
+    v.check_mirror_properties(mirrors, relations, problems)
+    calcs = definition.get("calculationProperties") or {}
+    v.check_calculation_properties(calcs, problems)
+    aggs = definition.get("aggregationProperties") or {}
+    v.check_aggregation_properties(aggs, problems)
+    v.check_ownership(definition.get("ownership"), relations, problems)
+    v.check_changelog_destination(definition.get("changelogDestination"), problems)
+    if isinstance(schema, dict):
+        declared = set((schema.get("properties") or {}).keys())
+        for section, names in (
+            ("relations", relations),
+            ("mirrorProperties", mirrors),
+            ("calculationProperties", calcs),
+            ("aggregationProperties", aggs),
+        ):
+            for name in names if isinstance(names, dict) else {}:
+                if name in declared:
+                    problems.add(f"/{section}/{name}", "clashes with a schema property")
+    problems.raise_if_any("The blueprint is invalid")
+    assert isinstance(schema, dict)
+    return {
+        "identifier": identifier,
+        "title": definition.get("title"),
+        "icon": definition.get("icon"),
+        "description": definition.get("description"),
+        "schema": {
+            "properties": schema.get("properties", {}),
+            "required": schema.get("required", []),
+        },
+        "relations": relations,
+        "mirrorProperties": mirrors,
+        "calculationProperties": calcs,
+        "aggregationProperties": aggs,
+        "ownership": definition.get("ownership"),
+        "teamInheritance": definition.get("teamInheritance"),
+        "changelogDestination": definition.get("changelogDestination") or None,
+    }
+
+
+async def get_row(tx: Tx, identifier: str, *, lock: bool = False) -> asyncpg.Record:
+    row = await tx.fetchrow(
+        _SELECT + " WHERE org_id = $1 AND identifier = $2" + (" FOR UPDATE" if lock else ""),
+        tx.org_id,
+        identifier,
+    )
+    if row is None:
+        raise NotFound(f"Blueprint {identifier!r} was not found")
+    return row
+
+
+async def get(tx: Tx, identifier: str) -> dict[str, Any]:
+    return to_api(await get_row(tx, identifier))
+
+
+async def list_all(tx: Tx) -> list[dict[str, Any]]:
+    rows = await tx.fetch(_SELECT + " WHERE org_id = $1 ORDER BY identifier", tx.org_id)
+    return [to_api(r) for r in rows]
+
+
+async def _check_targets(tx: Tx, identifier: str, definition: dict[str, Any]) -> None:
+    wanted = {r["target"] for r in definition["relations"].values()}
+    wanted |= {a["target"] for a in definition["aggregationProperties"].values()}
+    wanted.discard(identifier)
+    if not wanted:
+        return
+    found = {
+        r["identifier"]
+        for r in await tx.fetch(
+            "SELECT identifier FROM blueprints WHERE org_id = $1 AND identifier = ANY($2)",
+            tx.org_id,
+            sorted(wanted),
+        )
+    }
+    missing = sorted(wanted - found)
+    if missing:
+        problems = v.Problems()
+        for section in ("relations", "aggregationProperties"):
+            for name, item in definition[section].items():
+                if item["target"] in missing:
+                    problems.add(
+                        f"/{section}/{name}/target", f"blueprint {item['target']!r} does not exist"
+                    )
+        problems.raise_if_any("The blueprint is invalid")
+
+
+async def _write_relations(tx: Tx, identifier: str, relations: dict[str, Any]) -> None:
+    await tx.execute(
+        "DELETE FROM blueprint_relations WHERE org_id = $1 AND blueprint = $2",
+        tx.org_id,
+        identifier,
+    )
+    if relations:
+        await tx.executemany(
+            "INSERT INTO blueprint_relations (org_id, blueprint, relation, target, many, required) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            [
+                (tx.org_id, identifier, name, rel["target"], rel["many"], rel["required"])
+                for name, rel in relations.items()
+            ],
+        )
+
+
+def _row_values(definition: dict[str, Any]) -> list[Any]:
+    return [
+        definition["title"],
+        definition["icon"],
+        definition["description"],
+        definition["schema"],
+        definition["relations"],
+        definition["mirrorProperties"],
+        definition["calculationProperties"],
+        definition["aggregationProperties"],
+        definition["ownership"],
+        definition["teamInheritance"],
+        definition["changelogDestination"],
+    ]
+
+
+async def create(tx: Tx, actor: str, body: dict[str, Any]) -> dict[str, Any]:
+    definition = normalise(body)
+    identifier = definition["identifier"]
+    await _check_targets(tx, identifier, definition)
+    row = await tx.fetchrow(
+        "INSERT INTO blueprints (org_id, identifier, title, icon, description, schema, relations, "
+        "mirror_properties, calculation_properties, aggregation_properties, ownership, "
+        "team_inheritance, changelog_destination, created_by, updated_by) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14) "
+        "ON CONFLICT (org_id, identifier) DO NOTHING RETURNING identifier",
+        tx.org_id,
+        identifier,
+        *_row_values(definition),
+        actor,
+    )
+    if row is None:
+        raise Conflict(f"A blueprint with identifier {identifier!r} already exists")
+    await _write_relations(tx, identifier, definition["relations"])
+    return await get(tx, identifier)
+
+
+def _check_compatible(current: dict[str, Any], new: dict[str, Any]) -> None:
+    """A property's type cannot change in place: existing entities hold the old type."""
+    problems = v.Problems()
+    old_props = current["schema"].get("properties", {})
+    for name, prop in new["schema"].get("properties", {}).items():
+        old = old_props.get(name)
+        if old is None:
+            continue
+        before = (old.get("type"), (old.get("items") or {}).get("type"))
+        after = (prop.get("type"), (prop.get("items") or {}).get("type"))
+        if before != after:
+            problems.add(
+                f"/schema/properties/{name}/type",
+                f"cannot change the type of {name!r} from {_type_label(before)} to "
+                f"{_type_label(after)} in place: add a new property with the new type, copy "
+                f"the values over (or rename the old one with PATCH "
+                f"/v1/blueprints/{{bp}}/properties/{name}/rename), then remove the old one",
+            )
+    problems.raise_if_any("Incompatible blueprint change")
+
+
+def _type_label(pair: tuple[Any, Any]) -> str:
+    return f"array of {pair[1]}" if pair[0] == "array" and pair[1] else str(pair[0])
+
+
+async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> dict[str, Any]:
+    current = to_api(await get_row(tx, identifier, lock=True))
+    if body.get("identifier") not in (None, identifier):
+        raise Invalid("The identifier in the body does not match the URL")
+    definition = normalise({**body, "identifier": identifier})
+    _check_compatible(current, definition)
+    await _check_targets(tx, identifier, definition)
+    await tx.execute(
+        "UPDATE blueprints SET title = $3, icon = $4, description = $5, schema = $6, "
+        "relations = $7, mirror_properties = $8, calculation_properties = $9, "
+        "aggregation_properties = $10, ownership = $11, team_inheritance = $12, "
+        "changelog_destination = $13, version = version + 1, updated_at = now(), "
+        "updated_by = $14 WHERE org_id = $1 AND identifier = $2",
+        tx.org_id,
+        identifier,
+        *_row_values(definition),
+        actor,
+    )
+    await _write_relations(tx, identifier, definition["relations"])
+    return await get(tx, identifier)
+
+
+async def patch(tx: Tx, actor: str, identifier: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys given replace the stored ones; the rest are kept."""
+    current = to_api(await get_row(tx, identifier, lock=True))
+    if changes.get("identifier") not in (None, identifier):
+        raise Invalid("The identifier in the body does not match the URL")
+    merged = {k: current.get(k) for k in DEFINITION_KEYS}
+    merged.update({k: val for k, val in changes.items() if k in DEFINITION_KEYS})
+    return await replace(tx, actor, identifier, merged)
+
+
+async def delete(tx: Tx, identifier: str) -> None:
+    await get_row(tx, identifier, lock=True)
+    holders = await tx.fetch(
+        "SELECT blueprint, relation FROM blueprint_relations "
+        "WHERE org_id = $1 AND target = $2 AND blueprint <> $2 ORDER BY blueprint, relation",
+        tx.org_id,
+        identifier,
+    )
+    if holders:
+        names = ", ".join(f"{h['blueprint']}.{h['relation']}" for h in holders)
+        raise Conflict(
+            f"Blueprint {identifier!r} is the target of relations: {names}; remove them first",
+            details={"relations": [dict(h) for h in holders]},
+        )
+    await tx.execute(
+        "DELETE FROM blueprints WHERE org_id = $1 AND identifier = $2", tx.org_id, identifier
+    )

@@ -1,0 +1,86 @@
+"""HTTP shapes of the catalog routes (Port's)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JsonObject = dict[str, Any]
+
+
+class BlueprintBody(BaseModel):
+    """POST/PUT body. Nested definitions are checked by the service, which reports each
+    problem by JSON pointer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    identifier: str = Field(min_length=1, max_length=100)
+    title: str = Field(min_length=1, max_length=200)
+    icon: str | None = Field(default=None, max_length=200)
+    description: str | None = None
+    schema_: JsonObject = Field(alias="schema")
+    relations: JsonObject = Field(default_factory=dict)
+    mirrorProperties: JsonObject = Field(default_factory=dict)
+    calculationProperties: JsonObject = Field(default_factory=dict)
+    aggregationProperties: JsonObject = Field(default_factory=dict)
+    ownership: JsonObject | None = None
+    teamInheritance: JsonObject | None = None
+    changelogDestination: JsonObject | None = None
+
+
+class BlueprintReplaceBody(BlueprintBody):
+    identifier: str | None = Field(default=None, min_length=1, max_length=100)  # type: ignore[assignment]
+
+
+class BlueprintPatchBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    identifier: str | None = Field(default=None, min_length=1, max_length=100)
+    title: str | None = Field(default=None, min_length=1, max_length=200)
+    icon: str | None = Field(default=None, max_length=200)
+    description: str | None = None
+    schema_: JsonObject | None = Field(default=None, alias="schema")
+    relations: JsonObject | None = None
+    mirrorProperties: JsonObject | None = None
+    calculationProperties: JsonObject | None = None
+    aggregationProperties: JsonObject | None = None
+    ownership: JsonObject | None = None
+    teamInheritance: JsonObject | None = None
+    changelogDestination: JsonObject | None = None
+
+
+class BlueprintOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    identifier: str
+    title: str
+    icon: str | None = None
+    description: str | None = None
+    schema_: JsonObject = Field(alias="schema", serialization_alias="schema")
+    relations: JsonObject
+    mirrorProperties: JsonObject
+    calculationProperties: JsonObject
+    aggregationProperties: JsonObject
+    ownership: JsonObject | None = None
+    teamInheritance: JsonObject | None = None
+    changelogDestination: JsonObject | None = None
+    createdAt: datetime
+    createdBy: str
+    updatedAt: datetime
+    updatedBy: str
+
+
+class BlueprintResponse(BaseModel):
+    ok: Literal[True] = True
+    blueprint: BlueprintOut
+
+
+class BlueprintListResponse(BaseModel):
+    ok: Literal[True] = True
+    blueprints: list[BlueprintOut]
+
+
+class OkResponse(BaseModel):
+    ok: Literal[True] = True
