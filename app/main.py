@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from app import __version__
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
+from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
 from app.db.database import Database
@@ -77,4 +78,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(auth_router)
     app.include_router(orgs_router)
     app.include_router(catalog_router)
+    app.include_router(entity_router)
     return app

@@ -128,6 +128,12 @@ async def get(tx: Tx, identifier: str) -> dict[str, Any]:
     return to_api(await get_row(tx, identifier))
 
 
+async def get_with_version(tx: Tx, identifier: str) -> dict[str, Any]:
+    """The blueprint plus its schema version (the entity validator cache key)."""
+    row = await get_row(tx, identifier)
+    return {**to_api(row), "version": row["version"]}
+
+
 async def list_all(tx: Tx) -> list[dict[str, Any]]:
     rows = await tx.fetch(_SELECT + " WHERE org_id = $1 ORDER BY identifier", tx.org_id)
     return [to_api(r) for r in rows]
@@ -272,6 +278,17 @@ async def patch(tx: Tx, actor: str, identifier: str, changes: dict[str, Any]) ->
 
 async def delete(tx: Tx, identifier: str) -> None:
     await get_row(tx, identifier, lock=True)
+    held = await tx.fetchval(
+        "SELECT count(*) FROM entities WHERE org_id = $1 AND blueprint = $2",
+        tx.org_id,
+        identifier,
+    )
+    if held:
+        raise Conflict(
+            f"Blueprint {identifier!r} still has {held} entities; delete them first "
+            f"(DELETE /v1/blueprints/{identifier}/all-entities?delete_blueprint=true)",
+            details={"entities": held},
+        )
     holders = await tx.fetch(
         "SELECT blueprint, relation FROM blueprint_relations "
         "WHERE org_id = $1 AND target = $2 AND blueprint <> $2 ORDER BY blueprint, relation",

@@ -8,9 +8,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKeyConstraint,
+    Identity,
     Index,
     Integer,
     String,
@@ -75,3 +78,108 @@ class BlueprintRelation(Base):
     target: Mapped[str] = mapped_column(String(100), nullable=False)
     many: Mapped[bool] = mapped_column(Boolean, nullable=False)
     required: Mapped[bool] = mapped_column(Boolean, nullable=False)
+
+
+class Entity(Base):
+    __tablename__ = "entities"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "blueprint"], ["blueprints.org_id", "blueprints.identifier"]
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    identifier: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    title: Mapped[str | None] = mapped_column(Text)
+    icon: Mapped[str | None] = mapped_column(String(200))
+    team: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
+    properties: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    datasource: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _ts()
+    created_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    updated_at: Mapped[datetime] = _ts()
+    updated_by: Mapped[str] = mapped_column(String(200), nullable=False)
+
+
+class EntityRelation(Base):
+    """One row per link: (source entity, relation) -> target entity."""
+
+    __tablename__ = "entity_relations"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "source_blueprint", "source_identifier"],
+            ["entities.org_id", "entities.blueprint", "entities.identifier"],
+            name="fk_entity_relations_source_entities",
+            ondelete="CASCADE",
+        ),
+        ForeignKeyConstraint(
+            ["org_id", "target_blueprint", "target_identifier"],
+            ["entities.org_id", "entities.blueprint", "entities.identifier"],
+            name="fk_entity_relations_target_entities",
+            ondelete="CASCADE",
+        ),
+        ForeignKeyConstraint(
+            ["org_id", "source_blueprint", "relation"],
+            [
+                "blueprint_relations.org_id",
+                "blueprint_relations.blueprint",
+                "blueprint_relations.relation",
+            ],
+            name="fk_entity_relations_relation_blueprint_relations",
+            ondelete="CASCADE",
+        ),
+        Index(
+            "ix_entity_relations_target",
+            "org_id",
+            "target_blueprint",
+            "target_identifier",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    source_blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    source_identifier: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    relation: Mapped[str] = mapped_column(String(100), primary_key=True)
+    target_identifier: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    target_blueprint: Mapped[str] = mapped_column(String(100), nullable=False)
+
+
+class EntityEvent(Base):
+    """Append-only feed of entity changes, written in the transaction of the change."""
+
+    __tablename__ = "entity_events"
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
+        Index("ix_entity_events_entity", "org_id", "blueprint", "identifier", "id"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), nullable=False)
+    identifier: Mapped[str] = mapped_column(String(1000), nullable=False)
+    action: Mapped[str] = mapped_column(String(10), nullable=False)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    origin: Mapped[str] = mapped_column(String(40), nullable=False)
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime] = _ts()
+
+
+class CatalogMigration(Base):
+    """Long-running catalog operations (e.g. deleting all of a blueprint's entities)."""
+
+    __tablename__ = "catalog_migrations"
+    __table_args__ = (ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),)
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source_blueprint: Mapped[str] = mapped_column(String(100), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    mapping: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    success_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    failure_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    created_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = _ts()

@@ -84,3 +84,91 @@ class BlueprintListResponse(BaseModel):
 
 class OkResponse(BaseModel):
     ok: Literal[True] = True
+
+
+class EntityOut(BaseModel):
+    identifier: str
+    title: str | None = None
+    icon: str | None = None
+    blueprint: str
+    team: list[str]
+    properties: JsonObject
+    relations: JsonObject
+    createdAt: datetime
+    createdBy: str
+    updatedAt: datetime
+    updatedBy: str
+
+
+class EntityResponse(BaseModel):
+    ok: Literal[True] = True
+    entity: EntityOut
+
+
+class EntityListResponse(BaseModel):
+    ok: Literal[True] = True
+    entities: list[JsonObject]
+
+
+class CountResponse(BaseModel):
+    ok: Literal[True] = True
+    count: int
+
+
+class BulkBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entities: list[Any] = Field(min_length=1, max_length=1000)
+
+
+class BulkItemOut(BaseModel):
+    index: int
+    identifier: str
+    created: bool
+
+
+class BulkErrorOut(BaseModel):
+    index: int
+    identifier: str
+    statusCode: int
+    error: str
+    message: str
+
+
+class BulkResponse(BaseModel):
+    ok: bool
+    entities: list[BulkItemOut]
+    errors: list[BulkErrorOut]
+
+
+class BulkDeleteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entities: list[str] = Field(min_length=1, max_length=100)
+
+
+class BulkDeleteResponse(BaseModel):
+    ok: Literal[True] = True
+    deletedEntities: list[str]
+
+
+class MigrationStarted(BaseModel):
+    ok: Literal[True] = True
+    migrationId: str
+
+
+class MigrationOut(BaseModel):
+    id: str
+    actor: str
+    sourceBlueprint: str
+    mapping: JsonObject
+    status: str
+    successCount: int
+    failureCount: int
+    createdAt: datetime
+    updatedAt: datetime
+
+
+class MigrationResponse(BaseModel):
+    ok: Literal[True] = True
+    migration: MigrationOut

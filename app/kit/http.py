@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -187,19 +188,37 @@ def iter_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
 
 
 def allowed_methods(routes: Iterable[BaseRoute], path: str) -> list[str]:
-    methods: set[str] = set()
+    """Methods of the most literal route template matching `path` (so `/entities/bulk`
+    answers for its own template, not for `/entities/{identifier:path}`)."""
+    by_template: dict[str, set[str]] = {}
     for route in iter_routes(routes):
         regex = getattr(route, "path_regex", None)
         route_methods = getattr(route, "methods", None)
         if regex is not None and route_methods and regex.match(path):
-            methods |= set(route_methods)
-    return sorted(methods)
+            by_template.setdefault(getattr(route, "path", ""), set()).update(route_methods)
+    if not by_template:
+        return []
+    best = min(by_template, key=lambda template: (template.count("{"), -len(template)))
+    return sorted(by_template[best])
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PortolanError)
     async def _domain_error(request: Request, exc: PortolanError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(asyncpg.IntegrityConstraintViolationError)
+    async def _integrity_error(
+        request: Request, exc: asyncpg.IntegrityConstraintViolationError
+    ) -> JSONResponse:
+        # The services check first and answer precisely; this is the database's second
+        # wall (e.g. a concurrent writer got there first). Still a client-facing 409.
+        log.warning(
+            "constraint violation", extra={"constraint": getattr(exc, "constraint_name", None)}
+        )
+        return JSONResponse(
+            error_body("conflict", "The change conflicts with data that exists"), status_code=409
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,677 @@
+"""Entity service: set-based writes for one entity or a thousand, with relations and events.
+
+A write of N entities costs a fixed handful of statements (lock the existing rows, check the
+relation targets, upsert the changed rows, replace their links, append their events),
+whatever N is. Entities are always handled in identifier order, so concurrent writers of
+overlapping sets take their row locks in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from app.catalog import blueprints as bp_service
+from app.catalog.validators import validator_for
+from app.db.database import Database, Tx
+from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
+
+MAX_IDENTIFIER = 1000
+_IDENTIFIER_EXTRA = set("0123456789@_.+:\\/=-")
+
+
+def valid_entity_identifier(value: str) -> bool:
+    """Port's `^(?!\\.{1,2}$)[\\p{L}0-9@_.+:\\\\/=-]+$`, at most 1000 characters."""
+    if not value or len(value) > MAX_IDENTIFIER or value in (".", ".."):
+        return False
+    return all(ch.isalpha() or ch in _IDENTIFIER_EXTRA for ch in value)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFlags:
+    upsert: bool = False
+    merge: bool = False
+    create_missing_related_entities: bool = False
+    validation_only: bool = False
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    actor: str
+    origin: str
+    datasource: str | None
+
+
+@dataclass(slots=True)
+class Item:
+    """One entity of a write request, as it moves through the pipeline."""
+
+    index: int
+    raw: Any
+    identifier: str = ""
+    title: str | None = None
+    icon: str | None = None
+    team: list[str] | None = None
+    properties: dict[str, Any] | None = None
+    relations: dict[str, list[str] | None] | None = None
+    error: PortolanError | None = None
+    created: bool = False
+    changed: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    before: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    index: int
+    identifier: str
+    created: bool
+    entity: dict[str, Any] | None
+    error: PortolanError | None
+
+
+_ENTITY_COLUMNS = (
+    "identifier, title, icon, team, properties, datasource, "
+    "created_at, created_by, updated_at, updated_by"
+)
+
+
+def _parse(item: Item, blueprint: dict[str, Any]) -> None:
+    raw = item.raw
+    if not isinstance(raw, dict):
+        raise Invalid("An entity must be a JSON object")
+    unknown = sorted(
+        set(raw) - {"identifier", "title", "icon", "team", "properties", "relations", "blueprint"}
+    )
+    if unknown:
+        raise Invalid(f"Unknown entity field(s): {', '.join(unknown)}")
+    if raw.get("blueprint") not in (None, blueprint["identifier"]):
+        raise Invalid(
+            f"The entity's blueprint {raw['blueprint']!r} does not match the URL's "
+            f"{blueprint['identifier']!r}"
+        )
+    identifier = raw.get("identifier")
+    if identifier is None:
+        identifier = "e_" + secrets.token_hex(8)
+    if isinstance(identifier, dict):
+        raise Invalid("Search-query identifiers are not supported: give the identifier itself")
+    if not isinstance(identifier, str) or not valid_entity_identifier(identifier):
+        raise Invalid(
+            "identifier must be 1-1000 letters, digits or @_.+:\\/=- (not '.' or '..')",
+            details=[{"pointer": "/identifier", "message": "invalid identifier"}],
+        )
+    item.identifier = identifier
+    if "title" in raw:
+        if raw["title"] is not None and not isinstance(raw["title"], str):
+            raise Invalid("title must be a string")
+        item.title = raw["title"]
+    if "icon" in raw:
+        if raw["icon"] is not None and (not isinstance(raw["icon"], str) or len(raw["icon"]) > 200):
+            raise Invalid("icon must be a string of at most 200 characters")
+        item.icon = raw["icon"]
+    if "team" in raw:
+        team = raw["team"]
+        if team is None:
+            item.team = []
+        elif isinstance(team, str):
+            item.team = [team]
+        elif isinstance(team, list) and all(isinstance(t, str) for t in team):
+            item.team = sorted(set(team))
+        else:
+            raise Invalid("team must be a team name or a list of team names")
+    if "properties" in raw:
+        if raw["properties"] is not None and not isinstance(raw["properties"], dict):
+            raise Invalid("properties must be an object")
+        item.properties = raw["properties"] or {}
+    if "relations" in raw:
+        rels = raw["relations"]
+        if rels is not None and not isinstance(rels, dict):
+            raise Invalid("relations must be an object")
+        item.relations = {}
+        defs = blueprint["relations"]
+        for name, value in (rels or {}).items():
+            definition = defs.get(name)
+            if definition is None:
+                raise Invalid(
+                    f"Relation {name!r} is not defined on blueprint {blueprint['identifier']!r}",
+                    details=[{"pointer": f"/relations/{name}", "message": "unknown relation"}],
+                )
+            item.relations[name] = _relation_value(name, value, definition)
+
+
+def _relation_value(name: str, value: Any, definition: dict[str, Any]) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        raise Invalid(f"Relation {name!r}: search-query targets are not supported")
+    if definition["many"]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise Invalid(f"Relation {name!r} takes a list of entity identifiers")
+        return sorted(set(value)) or None
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"Relation {name!r} takes one entity identifier (it is not 'many')")
+    return [value]
+
+
+def _state(item: Item, existing: dict[str, Any] | None, merge: bool) -> dict[str, Any]:
+    """The entity as it will be stored: the request applied to what exists."""
+    base = existing if (existing is not None and merge) else None
+    props = dict(base["properties"]) if base else {}
+    for key, value in (item.properties or {}).items():
+        if value is None:
+            props.pop(key, None)  # null clears a property
+        else:
+            props[key] = value
+    rels: dict[str, list[str]] = dict(base["relations"]) if base else {}
+    for name, targets in (item.relations or {}).items():
+        if targets:
+            rels[name] = targets
+        else:
+            rels.pop(name, None)
+    return {
+        "title": item.title if item.title is not None or not base else base["title"],
+        "icon": item.icon if item.icon is not None or not base else base["icon"],
+        "team": item.team if item.team is not None or not base else base["team"],
+        "properties": props,
+        "relations": rels,
+    }
+
+
+def _same(state: dict[str, Any], existing: dict[str, Any]) -> bool:
+    return all(
+        state[k] == existing[k] for k in ("title", "icon", "team", "properties", "relations")
+    )
+
+
+async def _load_existing(
+    tx: Tx, blueprint: str, identifiers: list[str], *, lock: bool
+) -> dict[str, dict[str, Any]]:
+    if not identifiers:
+        return {}
+    rows = await tx.fetch(
+        f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE org_id = $1 AND blueprint = $2 "  # noqa: S608
+        "AND identifier = ANY($3::text[]) ORDER BY identifier" + (" FOR UPDATE" if lock else ""),
+        tx.org_id,
+        blueprint,
+        identifiers,
+    )
+    found = {r["identifier"]: _row_state(r) for r in rows}
+    for ident, rels in (await _load_relations(tx, blueprint, list(found))).items():
+        found[ident]["relations"] = rels
+    return found
+
+
+def _row_state(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "identifier": row["identifier"],
+        "title": row["title"],
+        "icon": row["icon"],
+        "team": list(row["team"]),
+        "properties": row["properties"],
+        "relations": {},
+        "datasource": row["datasource"],
+        "createdAt": row["created_at"],
+        "createdBy": row["created_by"],
+        "updatedAt": row["updated_at"],
+        "updatedBy": row["updated_by"],
+    }
+
+
+async def _load_relations(
+    tx: Tx, blueprint: str, identifiers: list[str]
+) -> dict[str, dict[str, list[str]]]:
+    out: dict[str, dict[str, list[str]]] = {}
+    if not identifiers:
+        return out
+    rows = await tx.fetch(
+        "SELECT source_identifier, relation, target_identifier FROM entity_relations "
+        "WHERE org_id = $1 AND source_blueprint = $2 AND source_identifier = ANY($3::text[]) "
+        "ORDER BY source_identifier, relation, target_identifier",
+        tx.org_id,
+        blueprint,
+        identifiers,
+    )
+    for r in rows:
+        out.setdefault(r["source_identifier"], {}).setdefault(r["relation"], []).append(
+            r["target_identifier"]
+        )
+    return out
+
+
+def to_api(blueprint: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    relations: dict[str, Any] = {}
+    for name, definition in blueprint["relations"].items():
+        targets = state["relations"].get(name)
+        if definition["many"]:
+            relations[name] = list(targets or [])
+        else:
+            relations[name] = targets[0] if targets else None
+    return {
+        "identifier": state["identifier"],
+        "title": state["title"],
+        "icon": state["icon"],
+        "blueprint": blueprint["identifier"],
+        "team": state["team"],
+        "properties": state["properties"],
+        "relations": relations,
+        "createdAt": state["createdAt"],
+        "createdBy": state["createdBy"],
+        "updatedAt": state["updatedAt"],
+        "updatedBy": state["updatedBy"],
+    }
+
+
+def _event_doc(blueprint: str, state: dict[str, Any] | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {
+        "identifier": state["identifier"],
+        "blueprint": blueprint,
+        "title": state["title"],
+        "icon": state["icon"],
+        "team": state["team"],
+        "properties": state["properties"],
+        "relations": state["relations"],
+    }
+
+
+async def write(
+    tx: Tx,
+    blueprint_id: str,
+    raws: list[Any],
+    flags: WriteFlags,
+    writer: Writer,
+) -> list[Outcome]:
+    """Create / upsert / merge entities of one blueprint. Per-item problems come back as
+    the item's error (the caller decides 4xx vs 207); nothing is written for a failed item."""
+    blueprint = await bp_service.get_with_version(tx, blueprint_id)
+    validator = validator_for(tx.org_id, blueprint)
+    items = [Item(index=i, raw=raw) for i, raw in enumerate(raws)]
+    seen: set[str] = set()
+    for item in items:
+        try:
+            _parse(item, blueprint)
+            if item.identifier in seen:
+                raise Invalid(f"Entity {item.identifier!r} appears more than once in the request")
+            seen.add(item.identifier)
+        except PortolanError as exc:
+            item.error = exc
+    live = sorted((i for i in items if i.error is None), key=lambda i: i.identifier)
+    existing = await _load_existing(
+        tx, blueprint_id, [i.identifier for i in live], lock=not flags.validation_only
+    )
+    for item in live:
+        current = existing.get(item.identifier)
+        try:
+            if current is not None and not flags.upsert:
+                raise Conflict(
+                    f"Entity {item.identifier!r} already exists in blueprint {blueprint_id!r} "
+                    "(use upsert=true to update it)"
+                )
+            if current is None and flags.merge and not flags.upsert:
+                raise NotFound(f"Entity {item.identifier!r} was not found")
+            item.state = _state(item, current, flags.merge)
+            validator.check(item.state["properties"])
+            _check_required_relations(blueprint, item.state["relations"])
+            item.created = current is None
+            item.changed = current is None or not _same(item.state, current)
+            item.before = current
+        except PortolanError as exc:
+            item.error = exc
+    await _resolve_targets(
+        tx, blueprint, [i for i in live if i.error is None and i.changed], flags, writer
+    )
+    ok = [i for i in live if i.error is None]
+    if flags.validation_only:
+        now = datetime.now(UTC)
+        for item in ok:
+            item.state["at"] = now
+    else:
+        await _persist(tx, blueprint_id, [i for i in ok if i.changed], flags, writer)
+    results = {i.index: i for i in items}
+    outcomes: list[Outcome] = []
+    for index in range(len(items)):
+        item = results[index]
+        if item.error is not None:
+            outcomes.append(Outcome(index, item.identifier or "unknown", False, None, item.error))
+            continue
+        state = dict(item.before or {}) if not item.changed else dict(item.state)
+        if item.changed:
+            previous = item.before or {}
+            state.update(
+                identifier=item.identifier,
+                createdAt=previous.get("createdAt", item.state.get("at")),
+                createdBy=previous.get("createdBy", writer.actor),
+                updatedAt=item.state.get("at"),
+                updatedBy=writer.actor,
+            )
+        outcomes.append(
+            Outcome(index, item.identifier, item.created, to_api(blueprint, state), None)
+        )
+    return outcomes
+
+
+def _check_required_relations(blueprint: dict[str, Any], relations: dict[str, Any]) -> None:
+    missing = [
+        name
+        for name, definition in blueprint["relations"].items()
+        if definition["required"] and not relations.get(name)
+    ]
+    if missing:
+        raise Invalid(
+            f"Required relation(s) missing: {', '.join(missing)}",
+            details=[{"pointer": f"/relations/{m}", "message": "required"} for m in missing],
+        )
+
+
+async def _resolve_targets(
+    tx: Tx, blueprint: dict[str, Any], items: list[Item], flags: WriteFlags, writer: Writer
+) -> None:
+    """Every linked entity must exist (or be created when the caller asks for it)."""
+    wanted: dict[str, set[str]] = {}
+    for item in items:
+        for name, targets in item.state["relations"].items():
+            target_bp = blueprint["relations"][name]["target"]
+            wanted.setdefault(target_bp, set()).update(targets)
+    missing: dict[str, set[str]] = {}
+    for target_bp, idents in wanted.items():
+        rows = await tx.fetch(
+            "SELECT identifier FROM entities WHERE org_id = $1 AND blueprint = $2 "
+            "AND identifier = ANY($3::text[])",
+            tx.org_id,
+            target_bp,
+            sorted(idents),
+        )
+        gone = idents - {r["identifier"] for r in rows}
+        # Entities of this same request satisfy links to their own blueprint.
+        if target_bp == blueprint["identifier"]:
+            gone -= {i.identifier for i in items}
+        if gone:
+            missing[target_bp] = gone
+    if not missing:
+        return
+    if flags.create_missing_related_entities:
+        for target_bp, idents in sorted(missing.items()):
+            bare = [{"identifier": ident} for ident in sorted(idents)]
+            sub = WriteFlags(
+                upsert=True, merge=True, validation_only=flags.validation_only, run_id=flags.run_id
+            )
+            outcomes = await write(tx, target_bp, bare, sub, writer)
+            failed = {o.identifier: o.error.message for o in outcomes if o.error is not None}
+            if failed:
+                for item in items:
+                    for name, targets in item.state["relations"].items():
+                        if blueprint["relations"][name]["target"] == target_bp:
+                            bad = [t for t in targets if t in failed]
+                            if bad and item.error is None:
+                                item.error = Invalid(
+                                    f"Could not create related entity {bad[0]!r} of "
+                                    f"{target_bp!r}: {failed[bad[0]]}"
+                                )
+        return
+    for item in items:
+        for name, targets in item.state["relations"].items():
+            target_bp = blueprint["relations"][name]["target"]
+            absent = sorted(set(targets) & missing.get(target_bp, set()))
+            if absent and item.error is None:
+                item.error = NotFound(
+                    f"Related entity {absent[0]!r} of blueprint {target_bp!r} (relation "
+                    f"{name!r}) was not found; create it first or pass "
+                    "create_missing_related_entities=true"
+                )
+
+
+async def _persist(
+    tx: Tx, blueprint: str, items: list[Item], flags: WriteFlags, writer: Writer
+) -> None:
+    if not items:
+        return
+    rows = await tx.fetch(
+        """
+        INSERT INTO entities AS e (org_id, blueprint, identifier, title, icon, team, properties,
+                                   datasource, created_by, updated_by)
+        SELECT $1, $2, u.identifier, u.title, u.icon,
+               ARRAY(SELECT jsonb_array_elements_text(u.team)), u.properties, $3, $4, $4
+        FROM unnest($5::text[], $6::text[], $7::text[], $8::jsonb[], $9::jsonb[])
+             AS u(identifier, title, icon, team, properties)
+        ORDER BY u.identifier
+        ON CONFLICT (org_id, blueprint, identifier) DO UPDATE
+           SET title = excluded.title, icon = excluded.icon, team = excluded.team,
+               properties = excluded.properties, datasource = excluded.datasource,
+               updated_at = now(), updated_by = excluded.updated_by
+        RETURNING identifier, created_at, updated_at
+        """,
+        tx.org_id,
+        blueprint,
+        writer.datasource,
+        writer.actor,
+        [i.identifier for i in items],
+        [i.state["title"] for i in items],
+        [i.state["icon"] for i in items],
+        [i.state["team"] for i in items],
+        [i.state["properties"] for i in items],
+    )
+    stamps = {r["identifier"]: r for r in rows}
+    for item in items:
+        item.state["at"] = stamps[item.identifier]["updated_at"]
+        if item.created:
+            item.state["createdAt"] = stamps[item.identifier]["created_at"]
+    await tx.execute(
+        "DELETE FROM entity_relations WHERE org_id = $1 AND source_blueprint = $2 "
+        "AND source_identifier = ANY($3::text[])",
+        tx.org_id,
+        blueprint,
+        [i.identifier for i in items if not i.created],
+    )
+    links = [
+        (i.identifier, name, target)
+        for i in items
+        for name, targets in sorted(i.state["relations"].items())
+        for target in targets
+    ]
+    if links:
+        await tx.execute(
+            """
+            INSERT INTO entity_relations (org_id, source_blueprint, source_identifier, relation,
+                                          target_identifier, target_blueprint)
+            SELECT $1, $2, l.source, l.relation, l.target, br.target
+            FROM unnest($3::text[], $4::text[], $5::text[]) AS l(source, relation, target)
+            JOIN blueprint_relations br
+              ON br.org_id = $1 AND br.blueprint = $2 AND br.relation = l.relation
+            """,
+            tx.org_id,
+            blueprint,
+            [link[0] for link in links],
+            [link[1] for link in links],
+            [link[2] for link in links],
+        )
+    await tx.execute(
+        """
+        INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after, actor,
+                                   origin, run_id)
+        SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $3, $4, $5
+        FROM unnest($6::text[], $7::text[], $8::jsonb[], $9::jsonb[])
+             AS ev(identifier, action, before, after)
+        """,
+        tx.org_id,
+        blueprint,
+        writer.actor,
+        writer.origin,
+        flags.run_id,
+        [i.identifier for i in items],
+        ["CREATE" if i.created else "UPDATE" for i in items],
+        [_event_doc(blueprint, i.before) for i in items],
+        [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in items],
+    )
+
+
+async def get(tx: Tx, blueprint_id: str, identifier: str) -> dict[str, Any]:
+    blueprint = await bp_service.get_with_version(tx, blueprint_id)
+    found = await _load_existing(tx, blueprint_id, [identifier], lock=False)
+    if identifier not in found:
+        raise NotFound(f"Entity {identifier!r} of blueprint {blueprint_id!r} was not found")
+    return to_api(blueprint, found[identifier])
+
+
+async def delete_many(
+    tx: Tx,
+    blueprint_id: str,
+    identifiers: list[str],
+    *,
+    delete_dependents: bool,
+    writer: Writer,
+    run_id: str | None = None,
+) -> list[str]:
+    """Delete entities; those that others need through a required relation are refused
+    (409) unless `delete_dependents`, which deletes the dependents too, recursively."""
+    await bp_service.get_with_version(tx, blueprint_id)
+    existing = await _load_existing(tx, blueprint_id, sorted(set(identifiers)), lock=True)
+    if not existing:
+        return []
+    doomed: dict[tuple[str, str], dict[str, Any]] = {
+        (blueprint_id, ident): state for ident, state in existing.items()
+    }
+    frontier = [(blueprint_id, ident) for ident in existing]
+    while frontier:
+        dependents = await tx.fetch(
+            """
+            SELECT er.source_blueprint, er.source_identifier, er.relation,
+                   er.target_blueprint, er.target_identifier
+            FROM entity_relations er
+            JOIN blueprint_relations br ON br.org_id = er.org_id
+                 AND br.blueprint = er.source_blueprint AND br.relation = er.relation
+            JOIN unnest($2::text[], $3::text[]) AS t(bp, ident)
+                 ON er.target_blueprint = t.bp AND er.target_identifier = t.ident
+            WHERE er.org_id = $1 AND br.required
+            """,
+            tx.org_id,
+            [f[0] for f in frontier],
+            [f[1] for f in frontier],
+        )
+        frontier = []
+        for dep in dependents:
+            key = (dep["source_blueprint"], dep["source_identifier"])
+            if key in doomed:
+                continue
+            if not delete_dependents:
+                raise Conflict(
+                    f"Entity {dep['target_identifier']!r} is required by "
+                    f"{dep['source_blueprint']}/{dep['source_identifier']} (relation "
+                    f"{dep['relation']!r}); pass delete_dependents=true to delete it too",
+                    details={"dependents": [dict(d) for d in dependents]},
+                )
+            doomed[key] = {}
+            frontier.append(key)
+    # Load the dependents' states (for their events) in one pass per blueprint.
+    by_bp: dict[str, list[str]] = {}
+    for bp, ident in doomed:
+        by_bp.setdefault(bp, []).append(ident)
+    for bp, idents in sorted(by_bp.items()):
+        if bp != blueprint_id:
+            for ident, state in (await _load_existing(tx, bp, sorted(idents), lock=True)).items():
+                doomed[(bp, ident)] = state
+        await tx.execute(
+            """
+            INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
+                                       actor, origin, run_id)
+            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5
+            FROM unnest($6::text[], $7::jsonb[]) AS d(identifier, before)
+            """,
+            tx.org_id,
+            bp,
+            writer.actor,
+            writer.origin,
+            run_id,
+            sorted(idents),
+            [_event_doc(bp, doomed[(bp, ident)] or None) for ident in sorted(idents)],
+        )
+        await tx.execute(
+            "DELETE FROM entities WHERE org_id = $1 AND blueprint = $2 "
+            "AND identifier = ANY($3::text[])",
+            tx.org_id,
+            bp,
+            sorted(idents),
+        )
+    return sorted(existing)
+
+
+async def count(tx: Tx, blueprint_id: str) -> int:
+    await bp_service.get_with_version(tx, blueprint_id)
+    return int(
+        await tx.fetchval(
+            "SELECT count(*) FROM entities WHERE org_id = $1 AND blueprint = $2",
+            tx.org_id,
+            blueprint_id,
+        )
+    )
+
+
+_PAGE = 1000
+
+
+async def iterate(
+    db: Database, org_id: Any, blueprint: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """Every entity of a blueprint in identifier order, a page at a time, each page in its own
+    short tenant transaction: memory stays flat however many entities there are."""
+    after = ""
+    while True:
+        async with db.tenant(org_id) as tx:
+            rows = await tx.fetch(
+                f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE org_id = $1 AND blueprint = $2 "  # noqa: S608
+                "AND identifier > $3 ORDER BY identifier LIMIT $4",
+                org_id,
+                blueprint["identifier"],
+                after,
+                _PAGE,
+            )
+            states = [_row_state(r) for r in rows]
+            links = await _load_relations(
+                tx, blueprint["identifier"], [s["identifier"] for s in states]
+            )
+        for state in states:
+            state["relations"] = links.get(state["identifier"], {})
+            yield state
+        if len(rows) < _PAGE:
+            return
+        after = rows[-1]["identifier"]
+
+
+class FieldFilter:
+    """Port's `include` / `exclude` query keys: top-level fields or `properties.<name>` /
+    `relations.<name>`."""
+
+    def __init__(self, include: list[str], exclude: list[str]) -> None:
+        self.include = include
+        self.exclude = exclude
+
+    def apply(self, entity: dict[str, Any]) -> dict[str, Any]:
+        out = entity
+        if self.include:
+            out = {}
+            for path in self.include:
+                head, _, tail = path.partition(".")
+                if head not in entity:
+                    continue
+                if tail and isinstance(entity[head], dict):
+                    if tail in entity[head]:
+                        out.setdefault(head, {})[tail] = entity[head][tail]
+                else:
+                    out[head] = entity[head]
+        if self.exclude:
+            out = dict(out)
+            for path in self.exclude:
+                head, _, tail = path.partition(".")
+                if tail and isinstance(out.get(head), dict):
+                    out[head] = {k: v for k, v in out[head].items() if k != tail}
+                else:
+                    out.pop(head, None)
+        return out

@@ -1,0 +1,355 @@
+"""Entity routes under /v1/blueprints/{bp}/..., and /v1/migrations (Port's shapes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.auth.principal import CurrentTenant, Tenant
+from app.catalog import blueprints, entities, migrations
+from app.catalog.schemas import (
+    BulkBody,
+    BulkDeleteBody,
+    BulkDeleteResponse,
+    BulkResponse,
+    CountResponse,
+    EntityListResponse,
+    EntityResponse,
+    MigrationResponse,
+    MigrationStarted,
+    OkResponse,
+)
+from app.db.database import Database
+from app.db.routing import api_router
+from app.kit.errors import Invalid, NotFound, PortolanError
+from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+
+router = api_router(tags=["Entities"])
+BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
+EntityId = Annotated[str, Path(min_length=1, max_length=1000)]
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "Conflicts with existing data"}
+}
+_MAX_DATASOURCE = 500
+
+
+def _writer(request: Request, tenant: Tenant) -> entities.Writer:
+    agent = request.headers.get("user-agent", "")[:_MAX_DATASOURCE] or None
+    origin = "INTEGRATION" if agent and agent.startswith("port-ocean/") else "API"
+    return entities.Writer(actor=tenant.principal.subject, origin=origin, datasource=agent)
+
+
+def _one(outcomes: list[entities.Outcome]) -> entities.Outcome:
+    outcome = outcomes[0]
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome
+
+
+def _entity_response(outcome: entities.Outcome) -> JSONResponse:
+    body = EntityResponse.model_validate({"ok": True, "entity": outcome.entity})
+    return JSONResponse(body.model_dump(mode="json"), status_code=201 if outcome.created else 200)
+
+
+@router.post(
+    "/v1/blueprints/{blueprint}/entities",
+    status_code=201,
+    response_model=EntityResponse,
+    responses={
+        **ERRORS_AUTHED,
+        **_CONFLICT,
+        200: {"model": EntityResponse, "description": "Updated"},
+    },
+    summary="Create (or upsert) an entity",
+)
+async def create_entity(
+    blueprint: BlueprintId,
+    request: Request,
+    tenant: CurrentTenant,
+    body: dict[str, Any],
+    upsert: bool = False,
+    merge: bool = False,
+    create_missing_related_entities: bool = False,
+    validation_only: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    flags = entities.WriteFlags(
+        upsert=upsert,
+        merge=merge,
+        create_missing_related_entities=create_missing_related_entities,
+        validation_only=validation_only,
+        run_id=run_id,
+    )
+    outcome = _one(
+        await entities.write(tenant.tx, blueprint, [body], flags, _writer(request, tenant))
+    )
+    return _entity_response(outcome)
+
+
+@router.post(
+    "/v1/blueprints/{blueprint}/entities/bulk",
+    response_model=BulkResponse,
+    responses={
+        **ERRORS_AUTHED,
+        207: {"model": BulkResponse, "description": "Some entities failed"},
+    },
+    summary="Create or upsert up to 1000 entities",
+)
+async def bulk_entities(
+    blueprint: BlueprintId,
+    body: BulkBody,
+    request: Request,
+    tenant: CurrentTenant,
+    upsert: bool = False,
+    merge: bool = False,
+    create_missing_related_entities: bool = False,
+    validation_only: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    flags = entities.WriteFlags(
+        upsert=upsert,
+        merge=merge,
+        create_missing_related_entities=create_missing_related_entities,
+        validation_only=validation_only,
+        run_id=run_id,
+    )
+    outcomes = await entities.write(
+        tenant.tx, blueprint, body.entities, flags, _writer(request, tenant)
+    )
+    done = [
+        {"index": o.index, "identifier": o.identifier, "created": o.created}
+        for o in outcomes
+        if o.error is None
+    ]
+    errors = [_bulk_error(o.index, o.identifier, o.error) for o in outcomes if o.error is not None]
+    return JSONResponse(
+        {"ok": not errors, "entities": done, "errors": errors},
+        status_code=207 if errors else 200,
+    )
+
+
+def _bulk_error(index: int, identifier: str, error: PortolanError) -> dict[str, Any]:
+    return {
+        "index": index,
+        "identifier": identifier,
+        "statusCode": error.status_code,
+        "error": error.code,
+        "message": error.message,
+    }
+
+
+@router.get(
+    "/v1/blueprints/{blueprint}/entities-count",
+    response_model=CountResponse,
+    responses=ERRORS_AUTHED,
+    summary="Count a blueprint's entities",
+)
+async def count_entities(blueprint: BlueprintId, tenant: CurrentTenant) -> Any:
+    return {"ok": True, "count": await entities.count(tenant.tx, blueprint)}
+
+
+@router.get(
+    "/v1/blueprints/{blueprint}/entities",
+    response_model=EntityListResponse,
+    responses=ERRORS_AUTHED,
+    summary="All entities of a blueprint (streamed)",
+)
+async def list_entities(
+    blueprint: BlueprintId,
+    request: Request,
+    tenant: CurrentTenant,
+    include: Annotated[list[str] | None, Query(max_length=100)] = None,
+    exclude: Annotated[list[str] | None, Query(max_length=100)] = None,
+) -> Any:
+    bp = await blueprints.get_with_version(tenant.tx, blueprint)
+    db: Database = request.app.state.db
+    pick = entities.FieldFilter(include or [], exclude or [])
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b'{"ok":true,"entities":['
+        first = True
+        async for state in entities.iterate(db, tenant.org_id, bp):
+            chunk = json.dumps(pick.apply(entities.to_api(bp, state)), default=str)
+            yield (b"" if first else b",") + chunk.encode()
+            first = False
+        yield b"]}"
+
+    return StreamingResponse(stream(), media_type="application/json")
+
+
+@router.get(
+    "/v1/blueprints/{blueprint}/entities/{identifier:path}",
+    response_model=EntityResponse,
+    responses=ERRORS_AUTHED,
+    summary="Get an entity",
+)
+async def get_entity(blueprint: BlueprintId, identifier: EntityId, tenant: CurrentTenant) -> Any:
+    return {"ok": True, "entity": await entities.get(tenant.tx, blueprint, identifier)}
+
+
+async def _rewrite(
+    tenant: Tenant,
+    request: Request,
+    blueprint: str,
+    identifier: str,
+    body: dict[str, Any],
+    *,
+    merge: bool,
+    create_missing: bool,
+    run_id: str | None,
+) -> Any:
+    await entities.get(tenant.tx, blueprint, identifier)  # 404 when missing
+    flags = entities.WriteFlags(
+        upsert=True, merge=merge, create_missing_related_entities=create_missing, run_id=run_id
+    )
+    outcome = _one(
+        await entities.write(
+            tenant.tx,
+            blueprint,
+            [{**body, "identifier": body.get("identifier", identifier)}],
+            flags,
+            _writer(request, tenant),
+        )
+    )
+    if outcome.identifier != identifier:
+        raise Invalid("The identifier in the body does not match the URL")
+    return {"ok": True, "entity": outcome.entity}
+
+
+@router.put(
+    "/v1/blueprints/{blueprint}/entities/{identifier:path}",
+    response_model=EntityResponse,
+    responses=ERRORS_AUTHED,
+    summary="Replace an entity",
+)
+async def replace_entity(
+    blueprint: BlueprintId,
+    identifier: EntityId,
+    body: dict[str, Any],
+    request: Request,
+    tenant: CurrentTenant,
+    create_missing_related_entities: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    return await _rewrite(
+        tenant,
+        request,
+        blueprint,
+        identifier,
+        body,
+        merge=False,
+        create_missing=create_missing_related_entities,
+        run_id=run_id,
+    )
+
+
+@router.patch(
+    "/v1/blueprints/{blueprint}/entities/{identifier:path}",
+    response_model=EntityResponse,
+    responses=ERRORS_AUTHED,
+    summary="Change part of an entity (properties and relations given are merged)",
+)
+async def patch_entity(
+    blueprint: BlueprintId,
+    identifier: EntityId,
+    body: dict[str, Any],
+    request: Request,
+    tenant: CurrentTenant,
+    create_missing_related_entities: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    return await _rewrite(
+        tenant,
+        request,
+        blueprint,
+        identifier,
+        body,
+        merge=True,
+        create_missing=create_missing_related_entities,
+        run_id=run_id,
+    )
+
+
+@router.delete(
+    "/v1/blueprints/{blueprint}/entities/{identifier:path}",
+    response_model=OkResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Delete an entity",
+)
+async def delete_entity(
+    blueprint: BlueprintId,
+    identifier: EntityId,
+    request: Request,
+    tenant: CurrentTenant,
+    delete_dependents: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    deleted = await entities.delete_many(
+        tenant.tx,
+        blueprint,
+        [identifier],
+        delete_dependents=delete_dependents,
+        writer=_writer(request, tenant),
+        run_id=run_id,
+    )
+    if not deleted:
+        raise NotFound(f"Entity {identifier!r} of blueprint {blueprint!r} was not found")
+    return {"ok": True}
+
+
+@router.post(
+    "/v1/blueprints/{blueprint}/bulk/entities/delete",
+    response_model=BulkDeleteResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Delete up to 100 entities",
+)
+async def bulk_delete(
+    blueprint: BlueprintId,
+    body: BulkDeleteBody,
+    request: Request,
+    tenant: CurrentTenant,
+    delete_dependents: bool = False,
+) -> Any:
+    deleted = await entities.delete_many(
+        tenant.tx,
+        blueprint,
+        body.entities,
+        delete_dependents=delete_dependents,
+        writer=_writer(request, tenant),
+    )
+    return {"ok": True, "deletedEntities": deleted}
+
+
+@router.delete(
+    "/v1/blueprints/{blueprint}/all-entities",
+    response_model=MigrationStarted,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Delete all of a blueprint's entities (and the blueprint, if asked)",
+)
+async def delete_all_entities(
+    blueprint: BlueprintId,
+    request: Request,
+    tenant: CurrentTenant,
+    delete_blueprint: bool = False,
+) -> Any:
+    migration_id = await migrations.delete_all_entities(
+        tenant.tx, blueprint, delete_blueprint=delete_blueprint, writer=_writer(request, tenant)
+    )
+    return {"ok": True, "migrationId": migration_id}
+
+
+@router.get(
+    "/v1/migrations/{migration_id}",
+    response_model=MigrationResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Migrations"],
+    summary="Get a migration",
+)
+async def get_migration(
+    migration_id: Annotated[str, Path(min_length=1, max_length=64)], tenant: CurrentTenant
+) -> Any:
+    return {"ok": True, "migration": await migrations.get(tenant.tx, migration_id)}
