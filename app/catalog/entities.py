@@ -8,6 +8,7 @@ overlapping sets take their row locks in the same order and cannot deadlock.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ def _state(item: Item, existing: dict[str, Any] | None, merge: bool) -> dict[str
     return {
         "title": item.title if item.title is not None or not base else base["title"],
         "icon": item.icon if item.icon is not None or not base else base["icon"],
-        "team": item.team if item.team is not None or not base else base["team"],
+        "team": item.team if item.team is not None else (base["team"] if base else []),
         "properties": props,
         "relations": rels,
     }
@@ -439,8 +440,8 @@ async def _persist(
         INSERT INTO entities AS e (org_id, blueprint, identifier, title, icon, team, properties,
                                    datasource, created_by, updated_by)
         SELECT $1, $2, u.identifier, u.title, u.icon,
-               ARRAY(SELECT jsonb_array_elements_text(u.team)), u.properties, $3, $4, $4
-        FROM unnest($5::text[], $6::text[], $7::text[], $8::jsonb[], $9::jsonb[])
+               ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)), u.properties, $3, $4, $4
+        FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[])
              AS u(identifier, title, icon, team, properties)
         ORDER BY u.identifier
         ON CONFLICT (org_id, blueprint, identifier) DO UPDATE
@@ -456,7 +457,8 @@ async def _persist(
         [i.identifier for i in items],
         [i.state["title"] for i in items],
         [i.state["icon"] for i in items],
-        [i.state["team"] for i in items],
+        # As JSON text: asyncpg would read a list of lists as a 2-D array.
+        [json.dumps(i.state["team"]) for i in items],
         [i.state["properties"] for i in items],
     )
     stamps = {r["identifier"]: r for r in rows}

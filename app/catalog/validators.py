@@ -18,6 +18,7 @@ import jsonschema_rs
 from app.kit.errors import Invalid
 
 _CACHE_SIZE = 2048
+_REQUIRED = re.compile(r"""^["'](.+)["'] is a required property$""")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # Keywords of Port's property definitions that are not JSON Schema validation keywords.
 _ANNOTATIONS = {"icon", "enumColors", "spec", "specAuthentication", "colorized", "colors"}
@@ -87,8 +88,9 @@ class EntityValidator:
                 str(p).replace("~", "~0").replace("/", "~1") for p in error.instance_path
             )
             message = error.message
-            if not error.instance_path and "is a required property" in message:
-                missing = message.split("'")[1] if "'" in message else message
+            required = _REQUIRED.match(message) if not error.instance_path else None
+            if required:
+                missing = required.group(1)
                 path, message = missing, f"required property {missing!r} is missing"
             problems.append({"pointer": f"/properties/{path}".rstrip("/"), "message": message})
         if problems:

@@ -1,0 +1,542 @@
+"""Entities: Port's shapes and flags, validation by JSON pointer, relations, events, tenancy."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from app.db.database import Database
+from tests.conftest import Org, OrgFactory
+
+H = dict[str, str]
+
+
+async def _setup(client: httpx.AsyncClient, org: Org) -> None:
+    async def bp(body: dict[str, Any]) -> None:
+        r = await client.post("/v1/blueprints", json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+
+    await bp(
+        {
+            "identifier": "team",
+            "title": "Team",
+            "schema": {"properties": {"size": {"type": "number"}}},
+        }
+    )
+    await bp(
+        {
+            "identifier": "service",
+            "title": "Service",
+            "schema": {
+                "properties": {
+                    "language": {"type": "string", "enum": ["python", "go"]},
+                    "coverage": {"type": "number", "minimum": 0, "maximum": 100},
+                    "url": {"type": "string", "format": "url"},
+                    "owner_email": {"type": "string", "format": "email"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["language"],
+            },
+            "relations": {
+                "team": {"target": "team", "required": False, "many": False},
+                "dependsOn": {"target": "service", "required": False, "many": True},
+            },
+        }
+    )
+    await bp(
+        {
+            "identifier": "deployment",
+            "title": "Deployment",
+            "schema": {"properties": {}},
+            "relations": {"service": {"target": "service", "required": True, "many": False}},
+        }
+    )
+
+
+def svc(identifier: str = "api", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "identifier": identifier,
+        "title": identifier.upper(),
+        "properties": {"language": "python"},
+    }
+    body.update(extra)
+    return body
+
+
+@pytest.fixture
+async def org(client: httpx.AsyncClient, make_org: OrgFactory) -> Org:
+    created = await make_org()
+    await _setup(client, created)
+    return created
+
+
+async def _post(
+    client: httpx.AsyncClient, org: Org, body: Any, bp: str = "service", **params: Any
+) -> httpx.Response:
+    query = {k: str(v).lower() for k, v in params.items()}
+    return await client.post(
+        f"/v1/blueprints/{bp}/entities", json=body, headers=org.headers, params=query
+    )
+
+
+async def _events(db: Database, org: Org, identifier: str) -> list[dict[str, Any]]:
+    async with db.tenant(org.org_id) as tx:
+        rows = await tx.fetch(
+            "SELECT action, before, after, actor, origin FROM entity_events WHERE org_id = $1 AND identifier = $2 ORDER BY id",
+            org.org_id,
+            identifier,
+        )
+    return [dict(r) for r in rows]
+
+
+async def test_create_answers_201_with_ports_entity_shape(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    response = await _post(client, org, svc(team="platform", relations={"dependsOn": []}))
+    entity = response.json()["entity"]
+    assert response.status_code == 201
+    assert entity["identifier"] == "api" and entity["blueprint"] == "service"
+    assert entity["team"] == ["platform"] and entity["properties"] == {"language": "python"}
+    assert entity["relations"] == {"team": None, "dependsOn": []}
+    assert {"createdAt", "createdBy", "updatedAt", "updatedBy"} <= set(entity)
+
+
+async def test_datasource_is_the_writers_user_agent(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    agent = "port-ocean/github/1.0/my-github/exporter"
+    await client.post(
+        "/v1/blueprints/service/entities", json=svc(), headers={**org.headers, "User-Agent": agent}
+    )
+    async with db.tenant(org.org_id) as tx:
+        stored = await tx.fetchval("SELECT datasource FROM entities WHERE identifier = 'api'")
+    assert stored == agent
+    assert (await _events(db, org, "api"))[0]["origin"] == "INTEGRATION"
+
+
+async def test_existing_identifier_without_upsert_is_409(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _post(client, org, svc())
+    again = await _post(client, org, svc())
+    assert again.status_code == 409 and again.json()["error"] == "conflict"
+
+
+async def test_every_failing_property_is_named_by_pointer(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    body = svc(
+        properties={
+            "language": "cobol",
+            "coverage": 120,
+            "url": "not a url",
+            "owner_email": "x",
+            "tags": [1],
+            "extra": 1,
+        }
+    )
+    response = await _post(client, org, body)
+    pointers = {d["pointer"] for d in response.json()["details"]}
+    assert response.status_code == 422
+    assert pointers == {
+        "/properties/language",
+        "/properties/coverage",
+        "/properties/url",
+        "/properties/owner_email",
+        "/properties/tags/0",
+        "/properties/extra",
+    }
+
+
+async def test_missing_required_property_is_422(client: httpx.AsyncClient, org: Org) -> None:
+    response = await _post(client, org, {"identifier": "x", "properties": {}})
+    assert response.status_code == 422
+    assert response.json()["details"][0]["pointer"] == "/properties/language"
+
+
+async def test_upsert_that_changes_nothing_writes_nothing(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    first = (await _post(client, org, svc())).json()["entity"]
+    await asyncio.sleep(0.01)
+    again = await _post(client, org, svc(), upsert=True)
+    assert again.status_code == 200
+    assert again.json()["entity"]["updatedAt"] == first["updatedAt"]
+    assert [e["action"] for e in await _events(db, org, "api")] == ["CREATE"]
+
+
+async def test_upsert_replaces_without_merge(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, svc(properties={"language": "go", "coverage": 50}))
+    response = await _post(client, org, svc(properties={"language": "python"}), upsert=True)
+    assert response.json()["entity"]["properties"] == {"language": "python"}
+
+
+async def test_merge_updates_only_given_fields_and_null_clears(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _post(
+        client,
+        org,
+        svc(properties={"language": "go", "coverage": 50, "url": "https://x.io"}, team="a"),
+    )
+    response = await _post(
+        client,
+        org,
+        {"identifier": "api", "properties": {"coverage": 70, "url": None}},
+        upsert=True,
+        merge=True,
+    )
+    entity = response.json()["entity"]
+    assert entity["properties"] == {"language": "go", "coverage": 70}
+    assert entity["title"] == "API" and entity["team"] == ["a"]
+
+
+async def test_updates_append_events_with_before_and_after(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    await _post(client, org, svc())
+    await client.patch(
+        "/v1/blueprints/service/entities/api",
+        json={"properties": {"coverage": 10}},
+        headers=org.headers,
+    )
+    await client.delete("/v1/blueprints/service/entities/api", headers=org.headers)
+    events = await _events(db, org, "api")
+    assert [e["action"] for e in events] == ["CREATE", "UPDATE", "DELETE"]
+    assert events[0]["before"] is None and events[2]["after"] is None
+    assert events[1]["before"]["properties"] == {"language": "python"}
+    assert events[1]["after"]["properties"] == {"language": "python", "coverage": 10}
+    assert events[1]["actor"] == org.client_id
+
+
+async def test_validation_only_writes_nothing(client: httpx.AsyncClient, org: Org) -> None:
+    response = await _post(client, org, svc(), validation_only=True)
+    assert response.status_code == 201
+    assert (
+        await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
+    ).status_code == 404
+
+
+async def test_relation_to_a_missing_entity_is_404_not_found(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    response = await _post(client, org, svc(relations={"team": "ghost"}))
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found" and "ghost" in response.json()["message"]
+
+
+async def test_create_missing_related_entities_creates_them(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    response = await _post(
+        client,
+        org,
+        svc(relations={"team": "platform", "dependsOn": ["db", "cache"]}),
+        create_missing_related_entities=True,
+    )
+    # dependsOn targets are services, which require `language`: they cannot be made bare.
+    assert response.status_code == 422
+    response = await _post(
+        client, org, svc(relations={"team": "platform"}), create_missing_related_entities=True
+    )
+    assert response.status_code == 201
+    team = await client.get("/v1/blueprints/team/entities/platform", headers=org.headers)
+    assert team.status_code == 200
+
+
+async def test_single_relation_takes_one_identifier(client: httpx.AsyncClient, org: Org) -> None:
+    response = await _post(client, org, svc(relations={"team": ["a", "b"]}))
+    assert response.status_code == 422
+
+
+async def test_many_relation_links_are_stored_and_returned(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _post(client, org, svc("db"))
+    await _post(client, org, svc("cache"))
+    response = await _post(client, org, svc(relations={"dependsOn": ["db", "cache"]}))
+    assert response.json()["entity"]["relations"]["dependsOn"] == ["cache", "db"]
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert got["relations"]["dependsOn"] == ["cache", "db"]
+
+
+async def test_entities_of_one_request_may_link_to_each_other(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    response = await client.post(
+        "/v1/blueprints/service/entities/bulk",
+        json={"entities": [svc("a", relations={"dependsOn": ["b"]}), svc("b")]},
+        headers=org.headers,
+    )
+    assert response.status_code == 200, response.text
+
+
+async def test_required_relation_is_enforced(client: httpx.AsyncClient, org: Org) -> None:
+    response = await _post(client, org, {"identifier": "d1"}, bp="deployment")
+    assert response.status_code == 422
+    assert response.json()["details"][0]["pointer"] == "/relations/service"
+
+
+async def test_deleting_a_required_target_is_409_unless_delete_dependents(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _post(client, org, svc())
+    await _post(client, org, {"identifier": "d1", "relations": {"service": "api"}}, bp="deployment")
+    refused = await client.delete("/v1/blueprints/service/entities/api", headers=org.headers)
+    assert refused.status_code == 409 and "delete_dependents" in refused.json()["message"]
+    done = await client.delete(
+        "/v1/blueprints/service/entities/api",
+        headers=org.headers,
+        params={"delete_dependents": "true"},
+    )
+    assert done.status_code == 200
+    assert (
+        await client.get("/v1/blueprints/deployment/entities/d1", headers=org.headers)
+    ).status_code == 404
+
+
+async def test_deleting_an_optional_target_unlinks_it(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, {"identifier": "platform"}, bp="team")
+    await _post(client, org, svc(relations={"team": "platform"}))
+    assert (
+        await client.delete("/v1/blueprints/team/entities/platform", headers=org.headers)
+    ).status_code == 200
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert got["relations"]["team"] is None
+
+
+async def test_deleting_a_missing_entity_is_json_404(client: httpx.AsyncClient, org: Org) -> None:
+    response = await client.delete("/v1/blueprints/service/entities/nope", headers=org.headers)
+    assert response.status_code == 404 and response.json() == {
+        **response.json(),
+        "ok": False,
+        "error": "not_found",
+    }
+
+
+async def test_identifiers_with_slashes_round_trip(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, svc("org/repo"))
+    got = await client.get("/v1/blueprints/service/entities/org%2Frepo", headers=org.headers)
+    assert got.status_code == 200 and got.json()["entity"]["identifier"] == "org/repo"
+    gone = await client.delete("/v1/blueprints/service/entities/org%2Frepo", headers=org.headers)
+    assert gone.status_code == 200
+
+
+async def test_put_replaces_and_patch_merges(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, svc(properties={"language": "go", "coverage": 1}))
+    put = await client.put(
+        "/v1/blueprints/service/entities/api",
+        json={"properties": {"language": "python"}},
+        headers=org.headers,
+    )
+    assert (
+        put.json()["entity"]["properties"] == {"language": "python"}
+        and put.json()["entity"]["title"] is None
+    )
+    patched = await client.patch(
+        "/v1/blueprints/service/entities/api", json={"title": "Api"}, headers=org.headers
+    )
+    assert patched.json()["entity"]["title"] == "Api" and patched.json()["entity"][
+        "properties"
+    ] == {"language": "python"}
+    missing = await client.patch(
+        "/v1/blueprints/service/entities/none", json={}, headers=org.headers
+    )
+    assert missing.status_code == 404
+
+
+async def test_bulk_answers_200_or_207_with_per_item_results(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    ok = await client.post(
+        "/v1/blueprints/service/entities/bulk",
+        json={"entities": [svc("a"), svc("b")]},
+        headers=org.headers,
+    )
+    assert ok.status_code == 200
+    assert ok.json()["entities"] == [
+        {"index": 0, "identifier": "a", "created": True},
+        {"index": 1, "identifier": "b", "created": True},
+    ]
+    mixed = await client.post(
+        "/v1/blueprints/service/entities/bulk",
+        json={"entities": [svc("c"), {"identifier": "d", "properties": {}}, svc("a")]},
+        headers=org.headers,
+    )
+    body = mixed.json()
+    assert mixed.status_code == 207
+    assert [e["identifier"] for e in body["entities"]] == ["c"]
+    assert [(e["index"], e["identifier"], e["statusCode"]) for e in body["errors"]] == [
+        (1, "d", 422),
+        (2, "a", 409),
+    ]
+
+
+async def test_bulk_accepts_a_thousand_and_refuses_more(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    many = [{"identifier": f"t{i:04d}", "properties": {"size": i}} for i in range(1000)]
+    ok = await client.post(
+        "/v1/blueprints/team/entities/bulk", json={"entities": many}, headers=org.headers
+    )
+    assert ok.status_code == 200 and len(ok.json()["entities"]) == 1000
+    too_many = await client.post(
+        "/v1/blueprints/team/entities/bulk",
+        json={"entities": [*many, {"identifier": "x"}]},
+        headers=org.headers,
+    )
+    assert too_many.status_code == 422
+    count = await client.get("/v1/blueprints/team/entities-count", headers=org.headers)
+    assert count.json() == {"ok": True, "count": 1000}
+
+
+async def test_bulk_delete_answers_deleted_entities(client: httpx.AsyncClient, org: Org) -> None:
+    await client.post(
+        "/v1/blueprints/service/entities/bulk",
+        json={"entities": [svc("a"), svc("b")]},
+        headers=org.headers,
+    )
+    response = await client.post(
+        "/v1/blueprints/service/bulk/entities/delete",
+        json={"entities": ["a", "b", "zzz"]},
+        headers=org.headers,
+    )
+    assert response.json() == {"ok": True, "deletedEntities": ["a", "b"]}
+
+
+async def test_list_streams_every_entity_with_include_and_exclude(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    many = [{"identifier": f"t{i:04d}", "properties": {"size": i}} for i in range(1000)]
+    await client.post(
+        "/v1/blueprints/team/entities/bulk", json={"entities": many}, headers=org.headers
+    )
+    await client.post(
+        "/v1/blueprints/team/entities/bulk",
+        json={"entities": [{"identifier": "zz"}]},
+        headers=org.headers,
+    )
+    listed = (await client.get("/v1/blueprints/team/entities", headers=org.headers)).json()[
+        "entities"
+    ]
+    assert len(listed) == 1001 and listed[-1]["identifier"] == "zz"
+    picked = await client.get(
+        "/v1/blueprints/team/entities",
+        headers=org.headers,
+        params=[("include", "identifier"), ("include", "properties.size")],
+    )
+    assert picked.json()["entities"][1] == {"identifier": "t0001", "properties": {"size": 1}}
+    trimmed = await client.get(
+        "/v1/blueprints/team/entities", headers=org.headers, params={"exclude": "properties"}
+    )
+    assert "properties" not in trimmed.json()["entities"][0]
+
+
+async def test_all_entities_delete_reports_a_complete_migration(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await client.post(
+        "/v1/blueprints/team/entities/bulk",
+        json={"entities": [{"identifier": "a"}, {"identifier": "b"}]},
+        headers=org.headers,
+    )
+    blocked = await client.delete("/v1/blueprints/team", headers=org.headers)
+    assert blocked.status_code == 409 and "entities" in blocked.json()["message"]
+    started = await client.delete(
+        "/v1/blueprints/deployment/all-entities",
+        headers=org.headers,
+        params={"delete_blueprint": "true"},
+    )
+    migration = (
+        await client.get(f"/v1/migrations/{started.json()['migrationId']}", headers=org.headers)
+    ).json()["migration"]
+    assert migration["status"] == "COMPLETE" and migration["sourceBlueprint"] == "deployment"
+    assert (await client.get("/v1/blueprints/deployment", headers=org.headers)).status_code == 404
+    started = await client.delete("/v1/blueprints/team/all-entities", headers=org.headers)
+    assert started.status_code == 200
+    assert (await client.get("/v1/blueprints/team/entities-count", headers=org.headers)).json()[
+        "count"
+    ] == 0
+
+
+async def test_unknown_blueprint_is_404(client: httpx.AsyncClient, org: Org) -> None:
+    assert (await _post(client, org, svc(), bp="nope")).status_code == 404
+    assert (
+        await client.get("/v1/blueprints/nope/entities", headers=org.headers)
+    ).status_code == 404
+
+
+async def test_same_identifiers_in_two_orgs_never_collide_or_leak(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org_a, org_b = await make_org(), await make_org()
+    await _setup(client, org_a)
+    await _setup(client, org_b)
+    await _post(client, org_a, svc(properties={"language": "go"}))
+    await _post(client, org_b, svc(properties={"language": "python"}))
+    got_a = (await client.get("/v1/blueprints/service/entities/api", headers=org_a.headers)).json()[
+        "entity"
+    ]
+    assert got_a["properties"] == {"language": "go"}
+    await client.delete("/v1/blueprints/service/entities/api", headers=org_a.headers)
+    got_b = await client.get("/v1/blueprints/service/entities/api", headers=org_b.headers)
+    assert got_b.status_code == 200
+    listed_a = (await client.get("/v1/blueprints/service/entities", headers=org_a.headers)).json()[
+        "entities"
+    ]
+    assert listed_a == []
+
+
+async def test_an_org_cannot_write_into_another_orgs_blueprint(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org_a, org_b = await make_org(), await make_org()
+    await _setup(client, org_a)
+    response = await _post(client, org_b, svc())
+    assert response.status_code == 404
+
+
+async def test_twenty_concurrent_upserts_end_in_one_consistent_row(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    async def upsert(i: int) -> int:
+        r = await _post(client, org, svc(properties={"language": "go", "coverage": i}), upsert=True)
+        return r.status_code
+
+    statuses = await asyncio.gather(*(upsert(i) for i in range(20)))
+    assert set(statuses) <= {200, 201} and statuses.count(201) == 1
+    async with db.tenant(org.org_id) as tx:
+        rows = await tx.fetch("SELECT properties FROM entities WHERE identifier = 'api'")
+        events = await tx.fetchval("SELECT count(*) FROM entity_events WHERE identifier = 'api'")
+    assert len(rows) == 1 and 0 <= rows[0]["properties"]["coverage"] < 20
+    assert events == 20
+
+
+async def test_concurrent_overlapping_bulk_writes_do_not_deadlock(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    async def bulk(offset: int) -> int:
+        items = [
+            {"identifier": f"n{(offset + i) % 300:03d}", "properties": {"size": offset}}
+            for i in range(200)
+        ]
+        items.reverse()
+        r = await client.post(
+            "/v1/blueprints/team/entities/bulk",
+            json={"entities": items},
+            headers=org.headers,
+            params={"upsert": "true"},
+        )
+        return r.status_code
+
+    statuses = await asyncio.wait_for(
+        asyncio.gather(*(bulk(o) for o in (0, 50, 100, 150, 200, 250))), 60
+    )
+    assert statuses == [200] * 6
