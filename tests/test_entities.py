@@ -540,3 +540,119 @@ async def test_concurrent_overlapping_bulk_writes_do_not_deadlock(
         asyncio.gather(*(bulk(o) for o in (0, 50, 100, 150, 200, 250))), 60
     )
     assert statuses == [200] * 6
+
+
+async def test_renaming_a_property_carries_the_values(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, svc(properties={"language": "go", "coverage": 40}))
+    response = await client.patch(
+        "/v1/blueprints/service/properties/coverage/rename",
+        json={"newPropertyName": "testCoverage"},
+        headers=org.headers,
+    )
+    assert response.status_code == 200
+    assert "testCoverage" in response.json()["blueprint"]["schema"]["properties"]
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert got["properties"] == {"language": "go", "testCoverage": 40}
+
+
+async def test_renaming_a_required_property_keeps_it_required(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    response = await client.patch(
+        "/v1/blueprints/service/properties/language/rename",
+        json={"newPropertyName": "lang"},
+        headers=org.headers,
+    )
+    assert response.json()["blueprint"]["schema"]["required"] == ["lang"]
+
+
+async def test_renaming_a_relation_carries_the_links(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, {"identifier": "platform"}, bp="team")
+    await _post(client, org, svc(relations={"team": "platform"}))
+    response = await client.patch(
+        "/v1/blueprints/service/relations/team/rename",
+        json={"newRelationIdentifier": "owningTeam"},
+        headers=org.headers,
+    )
+    assert response.status_code == 200
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert got["relations"]["owningTeam"] == "platform" and "team" not in got["relations"]
+
+
+async def test_rename_to_a_taken_name_is_409(client: httpx.AsyncClient, org: Org) -> None:
+    response = await client.patch(
+        "/v1/blueprints/service/properties/coverage/rename",
+        json={"newPropertyName": "language"},
+        headers=org.headers,
+    )
+    assert response.status_code == 409
+
+
+async def test_removing_a_property_removes_its_values(client: httpx.AsyncClient, org: Org) -> None:
+    await _post(client, org, svc(properties={"language": "go", "coverage": 40}))
+    bp = (await client.get("/v1/blueprints/service", headers=org.headers)).json()["blueprint"]
+    del bp["schema"]["properties"]["coverage"]
+    assert (
+        await client.put("/v1/blueprints/service", json=bp, headers=org.headers)
+    ).status_code == 200
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert got["properties"] == {"language": "go"}
+    # and the entity can still be written afterwards
+    again = await client.patch(
+        "/v1/blueprints/service/entities/api", json={"title": "x"}, headers=org.headers
+    )
+    assert again.status_code == 200
+
+
+async def test_a_new_required_property_needs_existing_entities_to_have_it(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _post(client, org, svc())
+    bp = (await client.get("/v1/blueprints/service", headers=org.headers)).json()["blueprint"]
+    bp["schema"]["required"].append("coverage")
+    response = await client.put("/v1/blueprints/service", json=bp, headers=org.headers)
+    assert response.status_code == 422 and "coverage" in response.json()["message"]
+
+
+async def test_changing_a_linked_relations_target_is_422(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _post(client, org, {"identifier": "platform"}, bp="team")
+    await _post(client, org, svc(relations={"team": "platform"}))
+    response = await client.patch(
+        "/v1/blueprints/service",
+        json={
+            "relations": {
+                "team": {"target": "service", "required": False, "many": False},
+                "dependsOn": {"target": "service", "required": False, "many": True},
+            }
+        },
+        headers=org.headers,
+    )
+    assert (
+        response.status_code == 422
+        and response.json()["details"][0]["pointer"] == "/relations/team/target"
+    )
+
+
+async def test_removing_a_relation_removes_its_links(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    await _post(client, org, {"identifier": "platform"}, bp="team")
+    await _post(client, org, svc(relations={"team": "platform"}))
+    response = await client.patch(
+        "/v1/blueprints/service",
+        json={"relations": {"dependsOn": {"target": "service", "many": True}}},
+        headers=org.headers,
+    )
+    assert response.status_code == 200
+    async with db.tenant(org.org_id) as tx:
+        assert (
+            await tx.fetchval("SELECT count(*) FROM entity_relations WHERE relation = 'team'") == 0
+        )

@@ -251,6 +251,7 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
     definition = normalise({**body, "identifier": identifier})
     _check_compatible(current, definition)
     await _check_targets(tx, identifier, definition)
+    await _check_existing_entities(tx, identifier, current, definition)
     await tx.execute(
         "UPDATE blueprints SET title = $3, icon = $4, description = $5, schema = $6, "
         "relations = $7, mirror_properties = $8, calculation_properties = $9, "
@@ -263,7 +264,206 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
         actor,
     )
     await _write_relations(tx, identifier, definition["relations"])
+    removed = sorted(
+        set(current["schema"].get("properties", {})) - set(definition["schema"]["properties"])
+    )
+    if removed:
+        # A property taken off the schema takes its values with it, as in Port.
+        await tx.execute(
+            "UPDATE entities SET properties = properties - $3::text[] "
+            "WHERE org_id = $1 AND blueprint = $2 AND properties ?| $3::text[]",
+            tx.org_id,
+            identifier,
+            removed,
+        )
     return await get(tx, identifier)
+
+
+async def _check_existing_entities(
+    tx: Tx, identifier: str, current: dict[str, Any], new: dict[str, Any]
+) -> None:
+    """Refuse changes the blueprint's existing entities could not satisfy."""
+    problems = v.Problems()
+    old_required = set(current["schema"].get("required", []))
+    for name in sorted(set(new["schema"].get("required", [])) - old_required):
+        lacking = await tx.fetchval(
+            "SELECT count(*) FROM entities WHERE org_id = $1 AND blueprint = $2 "
+            "AND NOT properties ? $3",
+            tx.org_id,
+            identifier,
+            name,
+        )
+        if lacking:
+            problems.add(
+                "/schema/required",
+                f"{lacking} existing entities have no {name!r}: set it on them first",
+            )
+    for name, rel in new["relations"].items():
+        old = current["relations"].get(name)
+        if old is None:
+            if rel["required"]:
+                lacking = await tx.fetchval(
+                    "SELECT count(*) FROM entities WHERE org_id = $1 AND blueprint = $2",
+                    tx.org_id,
+                    identifier,
+                )
+                if lacking:
+                    problems.add(
+                        f"/relations/{name}/required",
+                        f"a new relation cannot be required while {lacking} entities exist",
+                    )
+            continue
+        links = await tx.fetchrow(
+            "SELECT count(*) AS links, count(DISTINCT source_identifier) AS sources, "
+            "(SELECT count(*) FROM entities e WHERE e.org_id = $1 AND e.blueprint = $2 "
+            " AND NOT EXISTS (SELECT 1 FROM entity_relations x WHERE x.org_id = $1 "
+            "   AND x.source_blueprint = $2 AND x.source_identifier = e.identifier "
+            "   AND x.relation = $3)) AS unlinked "
+            "FROM entity_relations WHERE org_id = $1 AND source_blueprint = $2 AND relation = $3",
+            tx.org_id,
+            identifier,
+            name,
+        )
+        assert links is not None
+        if rel["target"] != old["target"] and links["links"]:
+            problems.add(
+                f"/relations/{name}/target",
+                f"{links['links']} links point at {old['target']!r} entities: remove them, "
+                "or add a new relation, before changing the target",
+            )
+        if old["many"] and not rel["many"] and links["links"] > links["sources"]:
+            problems.add(
+                f"/relations/{name}/many",
+                "some entities link to several targets through this relation",
+            )
+        if rel["required"] and not old["required"] and links["unlinked"]:
+            problems.add(
+                f"/relations/{name}/required",
+                f"{links['unlinked']} entities have no {name!r} link yet",
+            )
+    problems.raise_if_any("The change does not fit the blueprint's existing entities")
+
+
+async def rename_property(
+    tx: Tx, actor: str, identifier: str, old: str, new: str
+) -> dict[str, Any]:
+    current = to_api(await get_row(tx, identifier, lock=True))
+    props = current["schema"].get("properties", {})
+    if old not in props:
+        raise NotFound(f"Property {old!r} is not defined on blueprint {identifier!r}")
+    _check_new_name(current, new)
+    schema = {
+        "properties": {(new if k == old else k): val for k, val in props.items()},
+        "required": [new if r == old else r for r in current["schema"].get("required", [])],
+    }
+    await tx.execute(
+        "UPDATE blueprints SET schema = $3, version = version + 1, updated_at = now(), "
+        "updated_by = $4 WHERE org_id = $1 AND identifier = $2",
+        tx.org_id,
+        identifier,
+        schema,
+        actor,
+    )
+    await tx.execute(
+        "UPDATE entities SET properties = (properties - $3::text) "
+        "|| jsonb_build_object($4::text, properties -> $3::text) "
+        "WHERE org_id = $1 AND blueprint = $2 AND properties ? $3::text",
+        tx.org_id,
+        identifier,
+        old,
+        new,
+    )
+    return await get(tx, identifier)
+
+
+async def rename_relation(
+    tx: Tx, actor: str, identifier: str, old: str, new: str
+) -> dict[str, Any]:
+    current = to_api(await get_row(tx, identifier, lock=True))
+    if old not in current["relations"]:
+        raise NotFound(f"Relation {old!r} is not defined on blueprint {identifier!r}")
+    _check_new_name(current, new)
+    relations = {(new if k == old else k): val for k, val in current["relations"].items()}
+    mirrors = {
+        name: {**m, "path": _rename_head(m.get("path", ""), old, new)}
+        for name, m in current["mirrorProperties"].items()
+    }
+    ownership = current.get("ownership")
+    if ownership and ownership.get("type") == "Inherited":
+        ownership = {**ownership, "path": _rename_head(ownership.get("path", ""), old, new)}
+    await tx.execute(
+        "UPDATE blueprints SET relations = $3, mirror_properties = $4, ownership = $5, "
+        "version = version + 1, updated_at = now(), updated_by = $6 "
+        "WHERE org_id = $1 AND identifier = $2",
+        tx.org_id,
+        identifier,
+        relations,
+        mirrors,
+        ownership,
+        actor,
+    )
+    definition = current["relations"][old]
+    await tx.execute(
+        "INSERT INTO blueprint_relations (org_id, blueprint, relation, target, many, required) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        tx.org_id,
+        identifier,
+        new,
+        definition["target"],
+        definition["many"],
+        definition["required"],
+    )
+    await tx.execute(
+        "UPDATE entity_relations SET relation = $4 "
+        "WHERE org_id = $1 AND source_blueprint = $2 AND relation = $3",
+        tx.org_id,
+        identifier,
+        old,
+        new,
+    )
+    await tx.execute(
+        "DELETE FROM blueprint_relations WHERE org_id = $1 AND blueprint = $2 AND relation = $3",
+        tx.org_id,
+        identifier,
+        old,
+    )
+    return await get(tx, identifier)
+
+
+async def rename_mirror(tx: Tx, actor: str, identifier: str, old: str, new: str) -> dict[str, Any]:
+    current = to_api(await get_row(tx, identifier, lock=True))
+    if old not in current["mirrorProperties"]:
+        raise NotFound(f"Mirror property {old!r} is not defined on blueprint {identifier!r}")
+    _check_new_name(current, new)
+    mirrors = {(new if k == old else k): val for k, val in current["mirrorProperties"].items()}
+    await tx.execute(
+        "UPDATE blueprints SET mirror_properties = $3, version = version + 1, "
+        "updated_at = now(), updated_by = $4 WHERE org_id = $1 AND identifier = $2",
+        tx.org_id,
+        identifier,
+        mirrors,
+        actor,
+    )
+    return await get(tx, identifier)
+
+
+def _check_new_name(current: dict[str, Any], new: str) -> None:
+    if not v.valid_key(new):
+        raise Invalid("The new identifier must match ^[A-Za-z0-9@_=\\-]+$ (at most 100)")
+    taken = (
+        set(current["schema"].get("properties", {}))
+        | set(current["relations"])
+        | set(current["mirrorProperties"])
+        | set(current["calculationProperties"])
+        | set(current["aggregationProperties"])
+    )
+    if new in taken:
+        raise Conflict(f"{new!r} is already used on blueprint {current['identifier']!r}")
+
+
+def _rename_head(path: str, old: str, new: str) -> str:
+    head, dot, rest = path.partition(".")
+    return f"{new}{dot}{rest}" if head == old else path
 
 
 async def patch(tx: Tx, actor: str, identifier: str, changes: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from app.catalog.schemas import (
     BlueprintReplaceBody,
     BlueprintResponse,
     OkResponse,
+    RenameMirrorBody,
+    RenamePropertyBody,
+    RenameRelationBody,
 )
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
@@ -94,3 +97,51 @@ async def patch_blueprint(
 async def delete_blueprint(identifier: BlueprintId, tenant: CurrentTenant) -> Any:
     await blueprints.delete(tenant.tx, identifier)
     return {"ok": True}
+
+
+NameInPath = Annotated[str, Path(min_length=1, max_length=100)]
+
+
+@router.patch(
+    "/{identifier}/properties/{name}/rename",
+    response_model=BlueprintResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Rename a property, carrying every entity's value along",
+)
+async def rename_property(
+    identifier: BlueprintId, name: NameInPath, body: RenamePropertyBody, tenant: CurrentTenant
+) -> Any:
+    updated = await blueprints.rename_property(
+        tenant.tx, tenant.principal.subject, identifier, name, body.newPropertyName
+    )
+    return {"ok": True, "blueprint": updated}
+
+
+@router.patch(
+    "/{identifier}/relations/{name}/rename",
+    response_model=BlueprintResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Rename a relation, carrying every entity's links along",
+)
+async def rename_relation(
+    identifier: BlueprintId, name: NameInPath, body: RenameRelationBody, tenant: CurrentTenant
+) -> Any:
+    updated = await blueprints.rename_relation(
+        tenant.tx, tenant.principal.subject, identifier, name, body.newRelationIdentifier
+    )
+    return {"ok": True, "blueprint": updated}
+
+
+@router.patch(
+    "/{identifier}/mirror/{name}/rename",
+    response_model=BlueprintResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Rename a mirror property",
+)
+async def rename_mirror(
+    identifier: BlueprintId, name: NameInPath, body: RenameMirrorBody, tenant: CurrentTenant
+) -> Any:
+    updated = await blueprints.rename_mirror(
+        tenant.tx, tenant.principal.subject, identifier, name, body.newMirrorName
+    )
+    return {"ok": True, "blueprint": updated}

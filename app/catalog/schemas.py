@@ -172,3 +172,21 @@ class MigrationOut(BaseModel):
 class MigrationResponse(BaseModel):
     ok: Literal[True] = True
     migration: MigrationOut
+
+
+class RenamePropertyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    newPropertyName: str = Field(min_length=1, max_length=100)
+
+
+class RenameRelationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    newRelationIdentifier: str = Field(min_length=1, max_length=100)
+
+
+class RenameMirrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    newMirrorName: str = Field(min_length=1, max_length=100)
