@@ -656,3 +656,37 @@ async def test_removing_a_relation_removes_its_links(
         assert (
             await tx.fetchval("SELECT count(*) FROM entity_relations WHERE relation = 'team'") == 0
         )
+
+
+async def test_concurrent_creates_of_one_new_linked_entity_all_succeed(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    await _post(client, org, {"identifier": "platform"}, bp="team")
+
+    async def upsert(i: int) -> int:
+        body = svc(
+            "race", properties={"language": "go", "coverage": i}, relations={"team": "platform"}
+        )
+        return (await _post(client, org, body, upsert=True)).status_code
+
+    statuses = await asyncio.gather(*(upsert(i) for i in range(12)))
+    assert sorted(set(statuses)) in ([200, 201], [201]) and statuses.count(201) == 1
+    actions = [e["action"] for e in await _events(db, org, "race")]
+    assert actions[0] == "CREATE" and set(actions[1:]) <= {"UPDATE"}
+    got = (await client.get("/v1/blueprints/service/entities/race", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert got["relations"]["team"] == "platform"
+
+
+async def test_concurrent_creates_of_missing_related_entities_all_succeed(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    async def upsert(i: int) -> int:
+        body = svc(f"s{i}", relations={"team": "shared-team"})
+        return (
+            await _post(client, org, body, upsert=True, create_missing_related_entities=True)
+        ).status_code
+
+    statuses = await asyncio.gather(*(upsert(i) for i in range(12)))
+    assert statuses == [201] * 12

@@ -18,11 +18,12 @@ from typing import Any
 import asyncpg
 
 from app.catalog import blueprints as bp_service
-from app.catalog.validators import validator_for
+from app.catalog.validators import EntityValidator, validator_for
 from app.db.database import Database, Tx
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
 
 MAX_IDENTIFIER = 1000
+_LOCK_AT_ONCE = 50
 _IDENTIFIER_EXTRA = set("0123456789@_.+:\\/=-")
 
 
@@ -77,6 +78,10 @@ class Outcome:
     error: PortolanError | None
 
 
+_ENTITY_COLUMNS_E = (
+    "e.identifier, e.title, e.icon, e.team, e.properties, e.datasource, "
+    "e.created_at, e.created_by, e.updated_at, e.updated_by"
+)
 _ENTITY_COLUMNS = (
     "identifier, title, icon, team, properties, datasource, "
     "created_at, created_by, updated_at, updated_by"
@@ -197,16 +202,25 @@ async def _load_existing(
 ) -> dict[str, dict[str, Any]]:
     if not identifiers:
         return {}
+    # FOR UPDATE OF e: lock the entity rows only. Links come back in the same round trip.
     rows = await tx.fetch(
-        f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE org_id = $1 AND blueprint = $2 "  # noqa: S608
-        "AND identifier = ANY($3::text[]) ORDER BY identifier" + (" FOR UPDATE" if lock else ""),
+        f"SELECT {_ENTITY_COLUMNS_E}, "  # noqa: S608 - constant column list
+        "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
+        "   SELECT relation, jsonb_agg(target_identifier ORDER BY target_identifier) AS targets"
+        "   FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
+        "   AND source_identifier = e.identifier GROUP BY relation) r) AS links "
+        "FROM entities e WHERE e.org_id = $1 AND e.blueprint = $2 "
+        "AND e.identifier = ANY($3::text[]) ORDER BY e.identifier"
+        + (" FOR UPDATE OF e" if lock else ""),
         tx.org_id,
         blueprint,
         identifiers,
     )
-    found = {r["identifier"]: _row_state(r) for r in rows}
-    for ident, rels in (await _load_relations(tx, blueprint, list(found))).items():
-        found[ident]["relations"] = rels
+    found = {}
+    for row in rows:
+        state = _row_state(row)
+        state["relations"] = row["links"] or {}
+        found[row["identifier"]] = state
     return found
 
 
@@ -292,7 +306,12 @@ async def write(
     writer: Writer,
 ) -> list[Outcome]:
     """Create / upsert / merge entities of one blueprint. Per-item problems come back as
-    the item's error (the caller decides 4xx vs 207); nothing is written for a failed item."""
+    the item's error (the caller decides 4xx vs 207); nothing is written for a failed item.
+
+    Rows are read without locks first, so an unchanged re-sync takes no row locks and
+    writes nothing. Only rows that will change are locked (in identifier order) and
+    re-evaluated; new rows are inserted with ON CONFLICT DO NOTHING, and any that a
+    concurrent writer created first are re-evaluated against the committed row."""
     blueprint = await bp_service.get_with_version(tx, blueprint_id)
     validator = validator_for(tx.org_id, blueprint)
     items = [Item(index=i, raw=raw) for i, raw in enumerate(raws)]
@@ -306,37 +325,38 @@ async def write(
         except PortolanError as exc:
             item.error = exc
     live = sorted((i for i in items if i.error is None), key=lambda i: i.identifier)
-    existing = await _load_existing(
-        tx, blueprint_id, [i.identifier for i in live], lock=not flags.validation_only
-    )
-    for item in live:
-        current = existing.get(item.identifier)
-        try:
-            if current is not None and not flags.upsert:
-                raise Conflict(
-                    f"Entity {item.identifier!r} already exists in blueprint {blueprint_id!r} "
-                    "(use upsert=true to update it)"
-                )
-            if current is None and flags.merge and not flags.upsert:
-                raise NotFound(f"Entity {item.identifier!r} was not found")
-            item.state = _state(item, current, flags.merge)
-            validator.check(item.state["properties"])
-            _check_required_relations(blueprint, item.state["relations"])
-            item.created = current is None
-            item.changed = current is None or not _same(item.state, current)
-            item.before = current
-        except PortolanError as exc:
-            item.error = exc
-    await _resolve_targets(
-        tx, blueprint, [i for i in live if i.error is None and i.changed], flags, writer
-    )
-    ok = [i for i in live if i.error is None]
+    # Small writes lock at once (one read); large ones read unlocked first so that an
+    # unchanged re-sync locks and writes nothing.
+    lock_first = len(live) <= _LOCK_AT_ONCE and not flags.validation_only
+    existing = await _load_existing(tx, blueprint_id, [i.identifier for i in live], lock=lock_first)
+    _evaluate(live, existing, blueprint, validator, flags)
+    pending = [i for i in live if i.error is None and i.changed]
     if flags.validation_only:
+        await _resolve_targets(tx, blueprint, pending, flags, writer)
         now = datetime.now(UTC)
-        for item in ok:
+        for item in live:
             item.state["at"] = now
-    else:
-        await _persist(tx, blueprint_id, [i for i in ok if i.changed], flags, writer)
+    for _ in range(3):
+        if flags.validation_only or not pending:
+            break
+        if not lock_first:
+            # Lock what will change and look again: another writer may have been first.
+            stale = [i for i in pending if i.before is not None]
+            locked = await _load_existing(
+                tx, blueprint_id, [i.identifier for i in stale], lock=True
+            )
+            _evaluate(stale, locked, blueprint, validator, flags)
+            pending = [i for i in pending if i.error is None and i.changed]
+        lock_first = False
+        await _resolve_targets(tx, blueprint, pending, flags, writer)
+        pending = [i for i in pending if i.error is None]
+        lost = await _persist(tx, blueprint_id, pending, flags, writer)
+        if not lost:
+            break
+        # Created by a concurrent writer since we looked: evaluate against that row.
+        fresh = await _load_existing(tx, blueprint_id, [i.identifier for i in lost], lock=True)
+        _evaluate(lost, fresh, blueprint, validator, flags)
+        pending = [i for i in lost if i.error is None and i.changed]
     results = {i.index: i for i in items}
     outcomes: list[Outcome] = []
     for index in range(len(items)):
@@ -358,6 +378,35 @@ async def write(
             Outcome(index, item.identifier, item.created, to_api(blueprint, state), None)
         )
     return outcomes
+
+
+def _evaluate(
+    items: list[Item],
+    existing: dict[str, dict[str, Any]],
+    blueprint: dict[str, Any],
+    validator: EntityValidator,
+    flags: WriteFlags,
+) -> None:
+    """Compute each item's new state against `existing` and check it."""
+    for item in items:
+        current = existing.get(item.identifier)
+        item.error = None
+        try:
+            if current is not None and not flags.upsert:
+                raise Conflict(
+                    f"Entity {item.identifier!r} already exists in blueprint "
+                    f"{blueprint['identifier']!r} (use upsert=true to update it)"
+                )
+            if current is None and flags.merge and not flags.upsert:
+                raise NotFound(f"Entity {item.identifier!r} was not found")
+            item.state = _state(item, current, flags.merge)
+            validator.check(item.state["properties"])
+            _check_required_relations(blueprint, item.state["relations"])
+            item.created = current is None
+            item.changed = current is None or not _same(item.state, current)
+            item.before = current
+        except PortolanError as exc:
+            item.error = exc
 
 
 def _check_required_relations(blueprint: dict[str, Any], relations: dict[str, Any]) -> None:
@@ -382,21 +431,26 @@ async def _resolve_targets(
         for name, targets in item.state["relations"].items():
             target_bp = blueprint["relations"][name]["target"]
             wanted.setdefault(target_bp, set()).update(targets)
+    pairs = [(bp, ident) for bp, idents in sorted(wanted.items()) for ident in sorted(idents)]
+    if not pairs:
+        return
+    rows = await tx.fetch(
+        "SELECT e.blueprint, e.identifier FROM entities e "
+        "JOIN unnest($2::text[], $3::text[]) AS w(bp, ident) "
+        "ON e.blueprint = w.bp AND e.identifier = w.ident WHERE e.org_id = $1",
+        tx.org_id,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    present = {(r["blueprint"], r["identifier"]) for r in rows}
     missing: dict[str, set[str]] = {}
-    for target_bp, idents in wanted.items():
-        rows = await tx.fetch(
-            "SELECT identifier FROM entities WHERE org_id = $1 AND blueprint = $2 "
-            "AND identifier = ANY($3::text[])",
-            tx.org_id,
-            target_bp,
-            sorted(idents),
-        )
-        gone = idents - {r["identifier"] for r in rows}
+    for target_bp, ident in pairs:
+        if (target_bp, ident) in present:
+            continue
         # Entities of this same request satisfy links to their own blueprint.
-        if target_bp == blueprint["identifier"]:
-            gone -= {i.identifier for i in items}
-        if gone:
-            missing[target_bp] = gone
+        if target_bp == blueprint["identifier"] and ident in {i.identifier for i in items}:
+            continue
+        missing.setdefault(target_bp, set()).add(ident)
     if not missing:
         return
     if flags.create_missing_related_entities:
@@ -432,50 +486,68 @@ async def _resolve_targets(
 
 async def _persist(
     tx: Tx, blueprint: str, items: list[Item], flags: WriteFlags, writer: Writer
-) -> None:
+) -> list[Item]:
+    """Write the changed items; returns the new ones a concurrent writer created first
+    (nothing was written for those)."""
     if not items:
-        return
-    rows = await tx.fetch(
-        """
-        INSERT INTO entities AS e (org_id, blueprint, identifier, title, icon, team, properties,
-                                   datasource, created_by, updated_by)
-        SELECT $1, $2, u.identifier, u.title, u.icon,
-               ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)), u.properties, $3, $4, $4
-        FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[])
-             AS u(identifier, title, icon, team, properties)
-        ORDER BY u.identifier
-        ON CONFLICT (org_id, blueprint, identifier) DO UPDATE
-           SET title = excluded.title, icon = excluded.icon, team = excluded.team,
-               properties = excluded.properties, datasource = excluded.datasource,
-               updated_at = now(), updated_by = excluded.updated_by
-        RETURNING identifier, created_at, updated_at
-        """,
-        tx.org_id,
-        blueprint,
-        writer.datasource,
-        writer.actor,
-        [i.identifier for i in items],
-        [i.state["title"] for i in items],
-        [i.state["icon"] for i in items],
-        # As JSON text: asyncpg would read a list of lists as a 2-D array.
-        [json.dumps(i.state["team"]) for i in items],
-        [i.state["properties"] for i in items],
-    )
-    stamps = {r["identifier"]: r for r in rows}
-    for item in items:
-        item.state["at"] = stamps[item.identifier]["updated_at"]
-        if item.created:
-            item.state["createdAt"] = stamps[item.identifier]["created_at"]
+        return []
+    new = [i for i in items if i.created]
+    lost: list[Item] = []
+    if new:
+        rows = await tx.fetch(
+            """
+            INSERT INTO entities (org_id, blueprint, identifier, title, icon, team, properties,
+                                  datasource, created_by, updated_by)
+            SELECT $1, $2, u.identifier, u.title, u.icon,
+                   ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)), u.properties,
+                   $3, $4, $4
+            FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[])
+                 AS u(identifier, title, icon, team, properties)
+            ORDER BY u.identifier
+            ON CONFLICT (org_id, blueprint, identifier) DO NOTHING
+            RETURNING identifier, created_at, updated_at
+            """,
+            *_columns(tx, blueprint, writer, new),
+        )
+        stamps = {r["identifier"]: r for r in rows}
+        for item in new:
+            if item.identifier in stamps:
+                item.state["at"] = stamps[item.identifier]["updated_at"]
+                item.state["createdAt"] = stamps[item.identifier]["created_at"]
+            else:
+                lost.append(item)
+    updated = [i for i in items if not i.created]
+    if updated:
+        rows = await tx.fetch(
+            """
+            UPDATE entities AS e
+               SET title = u.title, icon = u.icon,
+                   team = ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)),
+                   properties = u.properties, datasource = $3, updated_at = now(),
+                   updated_by = $4
+            FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[])
+                 AS u(identifier, title, icon, team, properties)
+            WHERE e.org_id = $1 AND e.blueprint = $2 AND e.identifier = u.identifier
+            RETURNING e.identifier, e.updated_at
+            """,
+            *_columns(tx, blueprint, writer, updated),
+        )
+        stamps = {r["identifier"]: r for r in rows}
+        for item in updated:
+            item.state["at"] = stamps[item.identifier]["updated_at"]
+    written = [i for i in items if i not in lost]
+    if not written:
+        return lost
     await tx.execute(
         "DELETE FROM entity_relations WHERE org_id = $1 AND source_blueprint = $2 "
         "AND source_identifier = ANY($3::text[])",
         tx.org_id,
         blueprint,
-        [i.identifier for i in items if not i.created],
+        [i.identifier for i in updated],
     )
     links = [
         (i.identifier, name, target)
-        for i in items
+        for i in written
         for name, targets in sorted(i.state["relations"].items())
         for target in targets
     ]
@@ -508,11 +580,27 @@ async def _persist(
         writer.actor,
         writer.origin,
         flags.run_id,
-        [i.identifier for i in items],
-        ["CREATE" if i.created else "UPDATE" for i in items],
-        [_event_doc(blueprint, i.before) for i in items],
-        [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in items],
+        [i.identifier for i in written],
+        ["CREATE" if i.created else "UPDATE" for i in written],
+        [_event_doc(blueprint, i.before) for i in written],
+        [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in written],
     )
+    return lost
+
+
+def _columns(tx: Tx, blueprint: str, writer: Writer, items: list[Item]) -> list[Any]:
+    return [
+        tx.org_id,
+        blueprint,
+        writer.datasource,
+        writer.actor,
+        [i.identifier for i in items],
+        [i.state["title"] for i in items],
+        [i.state["icon"] for i in items],
+        # As JSON text: asyncpg would read a list of lists as a 2-D array.
+        [json.dumps(i.state["team"]) for i in items],
+        [i.state["properties"] for i in items],
+    ]
 
 
 async def get(tx: Tx, blueprint_id: str, identifier: str) -> dict[str, Any]:
