@@ -148,11 +148,13 @@ async def _raw_sync(url: str, org_id: uuid.UUID, batches: list[list[dict[str, An
                                                properties, created_by, updated_by)
                     SELECT $1, 'service', u.identifier, u.title, '{}', u.properties::jsonb,
                            'raw', 'raw'
-                    FROM unnest($2::text[], $3::text[], $4::text[]) AS u(identifier, title, properties)
+                    FROM unnest($2::text[], $3::text[], $4::text[])
+                         AS u(identifier, title, properties)
                     ON CONFLICT (org_id, blueprint, identifier) DO UPDATE
                        SET title = excluded.title, properties = excluded.properties,
                            updated_at = now()
-                    WHERE (e.title, e.properties) IS DISTINCT FROM (excluded.title, excluded.properties)
+                    WHERE (e.title, e.properties)
+                          IS DISTINCT FROM (excluded.title, excluded.properties)
                     """,
                     org_id,
                     [e["identifier"] for e in batch],
