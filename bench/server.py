@@ -9,7 +9,8 @@ import uvicorn
 from app.config import get_settings
 from app.main import create_app
 
-app = create_app(get_settings())
+# As `portolan serve` runs it: with the in-process worker and its scheduled upkeep.
+app = create_app(get_settings(), with_worker=True)
 
 
 @app.get("/bench/bare", include_in_schema=False)

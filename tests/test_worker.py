@@ -24,3 +24,28 @@ async def test_in_process_worker_runs_a_queued_job(settings: Settings) -> None:
     finally:
         await worker.stop()
         await pool.aclose()
+
+
+async def test_stale_statistics_are_refreshed(db, make_org) -> None:  # type: ignore[no-untyped-def]
+    from app.db.maintenance import analyze_stale_tables
+
+    org = await make_org()
+    async with db.system(org.org_id) as tx:
+        await tx.execute(
+            "INSERT INTO blueprints (org_id, identifier, title, schema, relations, "
+            "mirror_properties, calculation_properties, aggregation_properties, created_by, "
+            "updated_by) VALUES ($1, 'stats', 'S', '{}', '{}', '{}', '{}', '{}', 'x', 'x')",
+            org.org_id,
+        )
+        await tx.execute(
+            "INSERT INTO entities (org_id, blueprint, identifier, properties, created_by, "
+            "updated_by) SELECT $1, 'stats', 'e' || g, '{}', 'x', 'x' FROM generate_series(1, 300) g",
+            org.org_id,
+        )
+    analyzed: list[str] = []
+    for _ in range(50):  # activity statistics reach the server asynchronously
+        analyzed = await analyze_stale_tables(db, min_rows=100)
+        if "entities" in analyzed:
+            break
+        await asyncio.sleep(0.1)
+    assert "entities" in analyzed

@@ -23,6 +23,8 @@ from app.db.database import Database, Tx
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
 
 MAX_IDENTIFIER = 1000
+# Array parameters are typed varchar[] like the key columns: comparing a varchar column with
+# text[] casts the column and turns the primary-key lookup into a scan of the blueprint.
 _LOCK_AT_ONCE = 50
 _IDENTIFIER_EXTRA = set("0123456789@_.+:\\/=-")
 
@@ -210,7 +212,7 @@ async def _load_existing(
         "   FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
         "   AND source_identifier = e.identifier GROUP BY relation) r) AS links "
         "FROM entities e WHERE e.org_id = $1 AND e.blueprint = $2 "
-        "AND e.identifier = ANY($3::text[]) ORDER BY e.identifier"
+        "AND e.identifier = ANY($3::varchar[]) ORDER BY e.identifier"
         + (" FOR UPDATE OF e" if lock else ""),
         tx.org_id,
         blueprint,
@@ -248,7 +250,7 @@ async def _load_relations(
         return out
     rows = await tx.fetch(
         "SELECT source_identifier, relation, target_identifier FROM entity_relations "
-        "WHERE org_id = $1 AND source_blueprint = $2 AND source_identifier = ANY($3::text[]) "
+        "WHERE org_id = $1 AND source_blueprint = $2 AND source_identifier = ANY($3::varchar[]) "
         "ORDER BY source_identifier, relation, target_identifier",
         tx.org_id,
         blueprint,
@@ -436,7 +438,7 @@ async def _resolve_targets(
         return
     rows = await tx.fetch(
         "SELECT e.blueprint, e.identifier FROM entities e "
-        "JOIN unnest($2::text[], $3::text[]) AS w(bp, ident) "
+        "JOIN unnest($2::varchar[], $3::varchar[]) AS w(bp, ident) "
         "ON e.blueprint = w.bp AND e.identifier = w.ident WHERE e.org_id = $1",
         tx.org_id,
         [p[0] for p in pairs],
@@ -501,7 +503,7 @@ async def _persist(
             SELECT $1, $2, u.identifier, u.title, u.icon,
                    ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)), u.properties,
                    $3, $4, $4
-            FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[])
+            FROM unnest($5::varchar[], $6::varchar[], $7::varchar[], $8::varchar[], $9::jsonb[])
                  AS u(identifier, title, icon, team, properties)
             ORDER BY u.identifier
             ON CONFLICT (org_id, blueprint, identifier) DO NOTHING
@@ -525,7 +527,7 @@ async def _persist(
                    team = ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)),
                    properties = u.properties, datasource = $3, updated_at = now(),
                    updated_by = $4
-            FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[])
+            FROM unnest($5::varchar[], $6::varchar[], $7::varchar[], $8::varchar[], $9::jsonb[])
                  AS u(identifier, title, icon, team, properties)
             WHERE e.org_id = $1 AND e.blueprint = $2 AND e.identifier = u.identifier
             RETURNING e.identifier, e.updated_at
@@ -540,7 +542,7 @@ async def _persist(
         return lost
     await tx.execute(
         "DELETE FROM entity_relations WHERE org_id = $1 AND source_blueprint = $2 "
-        "AND source_identifier = ANY($3::text[])",
+        "AND source_identifier = ANY($3::varchar[])",
         tx.org_id,
         blueprint,
         [i.identifier for i in updated],
@@ -557,7 +559,7 @@ async def _persist(
             INSERT INTO entity_relations (org_id, source_blueprint, source_identifier, relation,
                                           target_identifier, target_blueprint)
             SELECT $1, $2, l.source, l.relation, l.target, br.target
-            FROM unnest($3::text[], $4::text[], $5::text[]) AS l(source, relation, target)
+            FROM unnest($3::varchar[], $4::varchar[], $5::varchar[]) AS l(source, relation, target)
             JOIN blueprint_relations br
               ON br.org_id = $1 AND br.blueprint = $2 AND br.relation = l.relation
             """,
@@ -572,7 +574,7 @@ async def _persist(
         INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after, actor,
                                    origin, run_id)
         SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $3, $4, $5
-        FROM unnest($6::text[], $7::text[], $8::jsonb[], $9::jsonb[])
+        FROM unnest($6::varchar[], $7::varchar[], $8::jsonb[], $9::jsonb[])
              AS ev(identifier, action, before, after)
         """,
         tx.org_id,
@@ -638,7 +640,7 @@ async def delete_many(
             FROM entity_relations er
             JOIN blueprint_relations br ON br.org_id = er.org_id
                  AND br.blueprint = er.source_blueprint AND br.relation = er.relation
-            JOIN unnest($2::text[], $3::text[]) AS t(bp, ident)
+            JOIN unnest($2::varchar[], $3::varchar[]) AS t(bp, ident)
                  ON er.target_blueprint = t.bp AND er.target_identifier = t.ident
             WHERE er.org_id = $1 AND br.required
             """,
@@ -673,7 +675,7 @@ async def delete_many(
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
                                        actor, origin, run_id)
             SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5
-            FROM unnest($6::text[], $7::jsonb[]) AS d(identifier, before)
+            FROM unnest($6::varchar[], $7::jsonb[]) AS d(identifier, before)
             """,
             tx.org_id,
             bp,
@@ -685,7 +687,7 @@ async def delete_many(
         )
         await tx.execute(
             "DELETE FROM entities WHERE org_id = $1 AND blueprint = $2 "
-            "AND identifier = ANY($3::text[])",
+            "AND identifier = ANY($3::varchar[])",
             tx.org_id,
             bp,
             sorted(idents),

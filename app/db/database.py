@@ -97,7 +97,13 @@ class Database:
             settings.database_url,
             max_size=settings.db_pool_size + settings.db_max_overflow,
             init=_init_connection,
-            server_settings={"application_name": "portolan"},
+            server_settings={
+                "application_name": "portolan",
+                # Plan every execution with its real parameters: a generic plan cannot
+                # tell `identifier = ANY($1)` over one key from one over thousands, and
+                # would scan a whole blueprint to upsert a single entity.
+                "plan_cache_mode": "force_custom_plan",
+            },
         )
         # Open one connection now, so a wrong URL fails at start-up, not on first request.
         pool.release(await pool.acquire())

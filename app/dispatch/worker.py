@@ -7,9 +7,12 @@ import logging
 from typing import Any
 
 from arq.connections import RedisSettings
+from arq.cron import cron
 from arq.worker import Worker
 
 from app.config import Settings
+from app.db.database import Database
+from app.db.maintenance import analyze_stale_tables
 
 log = logging.getLogger("portolan.worker")
 
@@ -19,7 +22,22 @@ async def ping(ctx: dict[str, Any], value: str) -> str:
     return value
 
 
+async def refresh_statistics(ctx: dict[str, Any]) -> list[str]:
+    """Keep planner statistics current after bulk writes (see app.db.maintenance)."""
+    return await analyze_stale_tables(ctx["db"])
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    ctx["db"] = await Database.connect(ctx["settings"])
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    if "db" in ctx:
+        await ctx["db"].close()
+
+
 JOB_FUNCTIONS = [ping]
+CRON_JOBS = [cron(refresh_statistics, second=set(range(0, 60, 10)), run_at_startup=True)]
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -31,6 +49,10 @@ def redis_settings(settings: Settings) -> RedisSettings:
 def build_worker(settings: Settings, *, handle_signals: bool) -> Worker:
     return Worker(
         functions=JOB_FUNCTIONS,
+        cron_jobs=CRON_JOBS,
+        on_startup=_startup,
+        on_shutdown=_shutdown,
+        ctx={"settings": settings},
         redis_settings=redis_settings(settings),
         queue_name=settings.queue_name,
         handle_signals=handle_signals,

@@ -1,0 +1,32 @@
+"""Database upkeep the worker runs on a schedule (as the operator, never for a tenant)."""
+
+from __future__ import annotations
+
+import logging
+
+from app.db.database import Database
+
+log = logging.getLogger("portolan.maintenance")
+
+# A table is re-analyzed once this many rows, or this share of it, changed since the last
+# ANALYZE. Autovacuum waits for 10% and may take a minute to notice; after a bulk sync the
+# planner would meanwhile believe a 100k-row table empty and scan it for every upsert.
+MIN_CHANGED_ROWS = 500
+CHANGED_SHARE = 0.05
+
+
+async def analyze_stale_tables(db: Database, *, min_rows: int = MIN_CHANGED_ROWS) -> list[str]:
+    async with db.system() as tx:
+        rows = await tx.fetch(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = 'public' "
+            "AND n_mod_since_analyze > greatest($1::bigint, $2 * n_live_tup) ORDER BY relname",
+            min_rows,
+            CHANGED_SHARE,
+        )
+        names = [str(r["relname"]) for r in rows]
+        for name in names:
+            # The name comes from the catalog, quoted as an identifier.
+            await tx.execute(f'ANALYZE public."{name.replace(chr(34), chr(34) * 2)}"')
+    if names:
+        log.info("analyzed tables", extra={"tables": names})
+    return names
