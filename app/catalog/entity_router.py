@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Path, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth.principal import CurrentTenant, Tenant
@@ -43,6 +43,23 @@ def _writer(request: Request, tenant: Tenant) -> entities.Writer:
     return entities.Writer(actor=tenant.principal.subject, origin=origin, datasource=agent)
 
 
+def _write_flags(
+    upsert: bool = False,
+    merge: bool = False,
+    create_missing_related_entities: bool = False,
+    validation_only: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+) -> entities.WriteFlags:
+    """Port's write flags, read from the query string."""
+    return entities.WriteFlags(
+        upsert=upsert,
+        merge=merge,
+        create_missing_related_entities=create_missing_related_entities,
+        validation_only=validation_only,
+        run_id=run_id,
+    )
+
+
 def _one(outcomes: list[entities.Outcome]) -> entities.Outcome:
     outcome = outcomes[0]
     if outcome.error is not None:
@@ -71,19 +88,8 @@ async def create_entity(
     request: Request,
     tenant: CurrentTenant,
     body: dict[str, Any],
-    upsert: bool = False,
-    merge: bool = False,
-    create_missing_related_entities: bool = False,
-    validation_only: bool = False,
-    run_id: Annotated[str | None, Query(max_length=200)] = None,
+    flags: Annotated[entities.WriteFlags, Depends(_write_flags)],
 ) -> Any:
-    flags = entities.WriteFlags(
-        upsert=upsert,
-        merge=merge,
-        create_missing_related_entities=create_missing_related_entities,
-        validation_only=validation_only,
-        run_id=run_id,
-    )
     outcome = _one(
         await entities.write(tenant.tx, blueprint, [body], flags, _writer(request, tenant))
     )
@@ -104,19 +110,8 @@ async def bulk_entities(
     body: BulkBody,
     request: Request,
     tenant: CurrentTenant,
-    upsert: bool = False,
-    merge: bool = False,
-    create_missing_related_entities: bool = False,
-    validation_only: bool = False,
-    run_id: Annotated[str | None, Query(max_length=200)] = None,
+    flags: Annotated[entities.WriteFlags, Depends(_write_flags)],
 ) -> Any:
-    flags = entities.WriteFlags(
-        upsert=upsert,
-        merge=merge,
-        create_missing_related_entities=create_missing_related_entities,
-        validation_only=validation_only,
-        run_id=run_id,
-    )
     outcomes = await entities.write(
         tenant.tx, blueprint, body.entities, flags, _writer(request, tenant)
     )
