@@ -690,3 +690,24 @@ async def test_concurrent_creates_of_missing_related_entities_all_succeed(
 
     statuses = await asyncio.gather(*(upsert(i) for i in range(12)))
     assert statuses == [201] * 12
+
+
+async def test_links_follow_each_write(client: httpx.AsyncClient, org: Org, db: Database) -> None:
+    for name in ("a", "b", "c"):
+        await _post(client, org, svc(name))
+    await _post(client, org, svc(relations={"dependsOn": ["a", "b"]}))
+    replaced = await _post(client, org, svc(relations={"dependsOn": ["b", "c"]}), upsert=True)
+    assert replaced.json()["entity"]["relations"]["dependsOn"] == ["b", "c"]
+    cleared = await _post(
+        client,
+        org,
+        {"identifier": "api", "relations": {"dependsOn": None}},
+        upsert=True,
+        merge=True,
+    )
+    assert cleared.json()["entity"]["relations"]["dependsOn"] == []
+    async with db.tenant(org.org_id) as tx:
+        links = await tx.fetchval(
+            "SELECT count(*) FROM entity_relations WHERE source_identifier = 'api'"
+        )
+    assert links == 0

@@ -540,45 +540,52 @@ async def _persist(
     written = [i for i in items if i not in lost]
     if not written:
         return lost
+    # Only the links that changed are touched, so the DELETE and the INSERT never meet the
+    # same row and can share one statement with the events.
+    removed: list[tuple[str, str, str]] = []
+    added: list[tuple[str, str, str]] = []
+    for item in written:
+        before = (item.before or {}).get("relations", {}) if not item.created else {}
+        after = item.state["relations"]
+        for name in sorted(set(before) | set(after)):
+            was, now = set(before.get(name, [])), set(after.get(name, []))
+            removed += [(item.identifier, name, t) for t in sorted(was - now)]
+            added += [(item.identifier, name, t) for t in sorted(now - was)]
     await tx.execute(
-        "DELETE FROM entity_relations WHERE org_id = $1 AND source_blueprint = $2 "
-        "AND source_identifier = ANY($3::varchar[])",
-        tx.org_id,
-        blueprint,
-        [i.identifier for i in updated],
-    )
-    links = [
-        (i.identifier, name, target)
-        for i in written
-        for name, targets in sorted(i.state["relations"].items())
-        for target in targets
-    ]
-    if links:
-        await tx.execute(
-            """
+        """
+        WITH unlinked AS (
+            DELETE FROM entity_relations er
+            USING unnest($3::varchar[], $4::varchar[], $5::varchar[]) AS d(source, relation, target)
+            WHERE er.org_id = $1 AND er.source_blueprint = $2 AND er.source_identifier = d.source
+              AND er.relation = d.relation AND er.target_identifier = d.target
+            RETURNING 1
+        ), linked AS (
             INSERT INTO entity_relations (org_id, source_blueprint, source_identifier, relation,
                                           target_identifier, target_blueprint)
             SELECT $1, $2, l.source, l.relation, l.target, br.target
-            FROM unnest($3::varchar[], $4::varchar[], $5::varchar[]) AS l(source, relation, target)
+            FROM unnest($6::varchar[], $7::varchar[], $8::varchar[]) AS l(source, relation, target)
             JOIN blueprint_relations br
               ON br.org_id = $1 AND br.blueprint = $2 AND br.relation = l.relation
-            """,
-            tx.org_id,
-            blueprint,
-            [link[0] for link in links],
-            [link[1] for link in links],
-            [link[2] for link in links],
+            RETURNING 1
+        ), logged AS (
+            INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
+                                       actor, origin, run_id)
+            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $9, $10, $11
+            FROM unnest($12::varchar[], $13::varchar[], $14::jsonb[], $15::jsonb[])
+                 AS ev(identifier, action, before, after)
+            RETURNING 1
         )
-    await tx.execute(
-        """
-        INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after, actor,
-                                   origin, run_id)
-        SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $3, $4, $5
-        FROM unnest($6::varchar[], $7::varchar[], $8::jsonb[], $9::jsonb[])
-             AS ev(identifier, action, before, after)
+        SELECT (SELECT count(*) FROM unlinked), (SELECT count(*) FROM linked),
+               (SELECT count(*) FROM logged)
         """,
         tx.org_id,
         blueprint,
+        [r[0] for r in removed],
+        [r[1] for r in removed],
+        [r[2] for r in removed],
+        [a[0] for a in added],
+        [a[1] for a in added],
+        [a[2] for a in added],
         writer.actor,
         writer.origin,
         flags.run_id,
