@@ -151,9 +151,17 @@ class LoadResult:
 
 
 def load(
-    port: int, path: str, *, headers: dict[str, str], seconds: float, connections: int
+    port: int,
+    path: str,
+    *,
+    headers: dict[str, str],
+    seconds: float,
+    connections: int,
+    method: str = "GET",
+    bodies: list[str] | None = None,
 ) -> LoadResult:
-    """Drives GET `path` from a separate process (bench.load), so the server keeps a core."""
+    """Drives `path` from a separate process (bench.load), so the server keeps a core: GETs,
+    or POSTs cycling through `bodies`."""
     spec = json.dumps(
         {
             "port": port,
@@ -161,11 +169,14 @@ def load(
             "headers": headers,
             "seconds": seconds,
             "connections": connections,
+            "method": method,
+            "bodies": bodies,
         }
     )
     out = subprocess.run(
-        [*_pinned(1), sys.executable, "-m", "bench.load", spec],
+        [*_pinned(1), sys.executable, "-m", "bench.load"],
         cwd=ROOT,
+        input=spec,
         capture_output=True,
         text=True,
         check=True,

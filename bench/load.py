@@ -1,5 +1,6 @@
 """A small keep-alive HTTP/1.1 load driver on raw asyncio streams (much lighter than an HTTP
-client library, so the driver is not the bottleneck). Prints one JSON result line."""
+client library, so the driver is not the bottleneck). Reads its spec as JSON on stdin and
+prints one JSON result line."""
 
 from __future__ import annotations
 
@@ -9,13 +10,34 @@ import sys
 import time
 
 
-async def _worker(spec: dict, stop_at: float, latencies: list[float], errors: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"])
-    head = f"GET {spec['path']} HTTP/1.1\r\nHost: bench\r\n"
+def _requests(spec: dict) -> list[bytes]:
+    """Every request this driver sends, built up front: GETs, or POSTs cycling through the
+    given bodies."""
+    method = spec.get("method", "GET")
+    head = f"{method} {spec['path']} HTTP/1.1\r\nHost: bench\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in spec["headers"].items())
-    request = (head + "\r\n").encode()
+    bodies = spec.get("bodies")
+    if not bodies:
+        return [(head + "\r\n").encode()]
+    return [
+        (
+            head + f"content-type: application/json\r\ncontent-length: {len(b.encode())}\r\n\r\n"
+        ).encode()
+        + b.encode()
+        for b in bodies
+    ]
+
+
+async def _worker(
+    spec: dict, stop_at: float, latencies: list[float], errors: list[int], offset: int = 0
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"])
+    requests = spec["_requests"]
+    n = offset
     try:
         while time.perf_counter() < stop_at:
+            request = requests[n % len(requests)]
+            n += 1
             started = time.perf_counter()
             writer.write(request)
             status_line = await reader.readline()
@@ -29,21 +51,23 @@ async def _worker(spec: dict, stop_at: float, latencies: list[float], errors: li
                     length = int(value)
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - started)
-            if not status_line.startswith(b"HTTP/1.1 200"):
+            if not status_line.startswith((b"HTTP/1.1 200", b"HTTP/1.1 201")):
                 errors.append(1)
     finally:
         writer.close()
 
 
 async def main(spec: dict) -> dict:
+    spec["_requests"] = _requests(spec)
     warmup = time.perf_counter() + 1.0
     await asyncio.gather(*(_worker(spec, warmup, [], []) for _ in range(spec["connections"])))
     latencies: list[float] = []
     errors: list[int] = []
     started = time.perf_counter()
     stop_at = started + spec["seconds"]
+    step = max(1, len(spec["_requests"]) // spec["connections"])
     await asyncio.gather(
-        *(_worker(spec, stop_at, latencies, errors) for _ in range(spec["connections"]))
+        *(_worker(spec, stop_at, latencies, errors, i * step) for i in range(spec["connections"]))
     )
     elapsed = time.perf_counter() - started
     latencies.sort()
@@ -64,4 +88,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    print(json.dumps(asyncio.run(main(json.loads(sys.argv[1])))))
+    print(json.dumps(asyncio.run(main(json.loads(sys.stdin.read())))))

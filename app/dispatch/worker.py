@@ -37,7 +37,7 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 
 JOB_FUNCTIONS = [ping]
-CRON_JOBS = [cron(refresh_statistics, second=set(range(0, 60, 15)), run_at_startup=True)]
+CRON_JOBS = [cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True)]
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
