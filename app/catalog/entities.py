@@ -427,12 +427,16 @@ def _check_required_relations(blueprint: dict[str, Any], relations: dict[str, An
 async def _resolve_targets(
     tx: Tx, blueprint: dict[str, Any], items: list[Item], flags: WriteFlags, writer: Writer
 ) -> None:
-    """Every linked entity must exist (or be created when the caller asks for it)."""
+    """Every linked entity must exist (or be created when the caller asks for it). Links the
+    entity already has are not looked up again: their foreign keys vouch for the targets."""
     wanted: dict[str, set[str]] = {}
     for item in items:
+        linked = (item.before or {}).get("relations", {}) if not item.created else {}
         for name, targets in item.state["relations"].items():
-            target_bp = blueprint["relations"][name]["target"]
-            wanted.setdefault(target_bp, set()).update(targets)
+            fresh = set(targets) - set(linked.get(name, []))
+            if fresh:
+                target_bp = blueprint["relations"][name]["target"]
+                wanted.setdefault(target_bp, set()).update(fresh)
     pairs = [(bp, ident) for bp, idents in sorted(wanted.items()) for ident in sorted(idents)]
     if not pairs:
         return
