@@ -18,22 +18,15 @@ from typing import Any
 import asyncpg
 
 from app.catalog import blueprints as bp_service
+from app.catalog.validation import valid_entity_identifier
 from app.catalog.validators import EntityValidator, validator_for
 from app.db.database import Database, Tx
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
 
-MAX_IDENTIFIER = 1000
+# Writes of up to this many entities lock their rows on the first read.
+_LOCK_AT_ONCE = 50
 # Array parameters are typed varchar[] like the key columns: comparing a varchar column with
 # text[] casts the column and turns the primary-key lookup into a scan of the blueprint.
-_LOCK_AT_ONCE = 50
-_IDENTIFIER_EXTRA = set("0123456789@_.+:\\/=-")
-
-
-def valid_entity_identifier(value: str) -> bool:
-    """Port's `^(?!\\.{1,2}$)[\\p{L}0-9@_.+:\\\\/=-]+$`, at most 1000 characters."""
-    if not value or len(value) > MAX_IDENTIFIER or value in (".", ".."):
-        return False
-    return all(ch.isalpha() or ch in _IDENTIFIER_EXTRA for ch in value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +36,7 @@ class WriteFlags:
     create_missing_related_entities: bool = False
     validation_only: bool = False
     run_id: str | None = None
+    must_exist: bool = False  # PUT / PATCH of one entity: 404 instead of creating it
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +72,6 @@ class Outcome:
     created: bool
     entity: dict[str, Any] | None
     error: PortolanError | None
-
-
-_ENTITY_COLUMNS_E = (
-    "e.identifier, e.title, e.icon, e.team, e.properties, e.datasource, "
-    "e.created_at, e.created_by, e.updated_at, e.updated_by"
-)
-_ENTITY_COLUMNS = (
-    "identifier, title, icon, team, properties, datasource, "
-    "created_at, created_by, updated_at, updated_by"
-)
 
 
 def _parse(item: Item, blueprint: dict[str, Any]) -> None:
@@ -199,31 +183,33 @@ def _same(state: dict[str, Any], existing: dict[str, Any]) -> bool:
     )
 
 
+# An entity with its links ({relation: [targets]}) in one round trip.
+_SELECT_WITH_LINKS = (
+    "SELECT e.identifier, e.title, e.icon, e.team, e.properties, e.datasource, "
+    "e.created_at, e.created_by, e.updated_at, e.updated_by, "
+    "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
+    "   SELECT relation, jsonb_agg(target_identifier ORDER BY target_identifier) AS targets"
+    "   FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
+    "   AND source_identifier = e.identifier GROUP BY relation) r) AS links "
+    "FROM entities e WHERE e.org_id = $1 AND e.blueprint = $2 "
+)
+
+
 async def _load_existing(
     tx: Tx, blueprint: str, identifiers: list[str], *, lock: bool
 ) -> dict[str, dict[str, Any]]:
     if not identifiers:
         return {}
-    # FOR UPDATE OF e: lock the entity rows only. Links come back in the same round trip.
+    # FOR UPDATE OF e: lock the entity rows only.
     rows = await tx.fetch(
-        f"SELECT {_ENTITY_COLUMNS_E}, "  # noqa: S608 - constant column list
-        "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
-        "   SELECT relation, jsonb_agg(target_identifier ORDER BY target_identifier) AS targets"
-        "   FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
-        "   AND source_identifier = e.identifier GROUP BY relation) r) AS links "
-        "FROM entities e WHERE e.org_id = $1 AND e.blueprint = $2 "
-        "AND e.identifier = ANY($3::varchar[]) ORDER BY e.identifier"
+        _SELECT_WITH_LINKS
+        + "AND e.identifier = ANY($3::varchar[]) ORDER BY e.identifier"
         + (" FOR UPDATE OF e" if lock else ""),
         tx.org_id,
         blueprint,
         identifiers,
     )
-    found = {}
-    for row in rows:
-        state = _row_state(row)
-        state["relations"] = row["links"] or {}
-        found[row["identifier"]] = state
-    return found
+    return {row["identifier"]: _row_state(row) for row in rows}
 
 
 def _row_state(row: asyncpg.Record) -> dict[str, Any]:
@@ -233,34 +219,13 @@ def _row_state(row: asyncpg.Record) -> dict[str, Any]:
         "icon": row["icon"],
         "team": list(row["team"]),
         "properties": row["properties"],
-        "relations": {},
+        "relations": row["links"] or {},
         "datasource": row["datasource"],
         "createdAt": row["created_at"],
         "createdBy": row["created_by"],
         "updatedAt": row["updated_at"],
         "updatedBy": row["updated_by"],
     }
-
-
-async def _load_relations(
-    tx: Tx, blueprint: str, identifiers: list[str]
-) -> dict[str, dict[str, list[str]]]:
-    out: dict[str, dict[str, list[str]]] = {}
-    if not identifiers:
-        return out
-    rows = await tx.fetch(
-        "SELECT source_identifier, relation, target_identifier FROM entity_relations "
-        "WHERE org_id = $1 AND source_blueprint = $2 AND source_identifier = ANY($3::varchar[]) "
-        "ORDER BY source_identifier, relation, target_identifier",
-        tx.org_id,
-        blueprint,
-        identifiers,
-    )
-    for r in rows:
-        out.setdefault(r["source_identifier"], {}).setdefault(r["relation"], []).append(
-            r["target_identifier"]
-        )
-    return out
 
 
 def to_api(blueprint: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
@@ -399,8 +364,11 @@ def _evaluate(
                     f"Entity {item.identifier!r} already exists in blueprint "
                     f"{blueprint['identifier']!r} (use upsert=true to update it)"
                 )
-            if current is None and flags.merge and not flags.upsert:
-                raise NotFound(f"Entity {item.identifier!r} was not found")
+            if current is None and (flags.must_exist or (flags.merge and not flags.upsert)):
+                raise NotFound(
+                    f"Entity {item.identifier!r} of blueprint {blueprint['identifier']!r} "
+                    "was not found"
+                )
             item.state = _state(item, current, flags.merge)
             validator.check(item.state["properties"])
             _check_required_relations(blueprint, item.state["relations"])
@@ -449,12 +417,11 @@ async def _resolve_targets(
         [p[1] for p in pairs],
     )
     present = {(r["blueprint"], r["identifier"]) for r in rows}
+    # Entities of this same request satisfy links to their own blueprint.
+    present |= {(blueprint["identifier"], i.identifier) for i in items}
     missing: dict[str, set[str]] = {}
     for target_bp, ident in pairs:
         if (target_bp, ident) in present:
-            continue
-        # Entities of this same request satisfy links to their own blueprint.
-        if target_bp == blueprint["identifier"] and ident in {i.identifier for i in items}:
             continue
         missing.setdefault(target_bp, set()).add(ident)
     if not missing:
@@ -729,20 +696,14 @@ async def iterate(
     while True:
         async with db.tenant(org_id) as tx:
             rows = await tx.fetch(
-                f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE org_id = $1 AND blueprint = $2 "  # noqa: S608
-                "AND identifier > $3 ORDER BY identifier LIMIT $4",
+                _SELECT_WITH_LINKS + "AND e.identifier > $3 ORDER BY e.identifier LIMIT $4",
                 org_id,
                 blueprint["identifier"],
                 after,
                 _PAGE,
             )
-            states = [_row_state(r) for r in rows]
-            links = await _load_relations(
-                tx, blueprint["identifier"], [s["identifier"] for s in states]
-            )
-        for state in states:
-            state["relations"] = links.get(state["identifier"], {})
-            yield state
+        for row in rows:
+            yield _row_state(row)
         if len(rows) < _PAGE:
             return
         after = rows[-1]["identifier"]

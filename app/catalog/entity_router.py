@@ -197,21 +197,24 @@ async def _rewrite(
     create_missing: bool,
     run_id: str | None,
 ) -> Any:
-    await entities.get(tenant.tx, blueprint, identifier)  # 404 when missing
+    if body.get("identifier", identifier) != identifier:
+        raise Invalid("The identifier in the body does not match the URL")
     flags = entities.WriteFlags(
-        upsert=True, merge=merge, create_missing_related_entities=create_missing, run_id=run_id
+        upsert=True,
+        merge=merge,
+        create_missing_related_entities=create_missing,
+        run_id=run_id,
+        must_exist=True,
     )
     outcome = _one(
         await entities.write(
             tenant.tx,
             blueprint,
-            [{**body, "identifier": body.get("identifier", identifier)}],
+            [{**body, "identifier": identifier}],
             flags,
             _writer(request, tenant),
         )
     )
-    if outcome.identifier != identifier:
-        raise Invalid("The identifier in the body does not match the URL")
     return {"ok": True, "entity": outcome.entity}
 
 

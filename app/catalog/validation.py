@@ -7,7 +7,7 @@ the submitted blueprint, and reported together as one 422.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 # Python's own regex parser (its public alias, sre_parse, is deprecated since 3.11); only
 # used to spot nested repetition, never to match anything.
@@ -87,15 +87,26 @@ PROPERTY_KEYS = {
 ITEM_TYPES = ("string", "number", "boolean", "object", "array")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9@_=\-]+$")  # property / relation identifiers (Port's)
-_IDENTIFIER_EXTRA = set("0123456789@_.+:\\/-")
+_BLUEPRINT_CHARS = frozenset("0123456789@_.+:\\/-")
+_ENTITY_CHARS = _BLUEPRINT_CHARS | {"="}
 MAX_IDENTIFIER = 100
+MAX_ENTITY_IDENTIFIER = 1000
+
+
+def _valid_identifier(value: str, allowed: frozenset[str], max_length: int) -> bool:
+    """Port's `^(?!\\.{1,2}$)[\\p{L}<allowed>]+$`: letters of any script plus `allowed`."""
+    if not value or len(value) > max_length or value in (".", ".."):
+        return False
+    return all(ch.isalpha() or ch in allowed for ch in value)
 
 
 def valid_blueprint_identifier(value: str) -> bool:
-    """Port's `^(?!\\.{1,2}$)[\\p{L}0-9@_.+:\\\\/-]+$`, at most 100 characters."""
-    if not value or len(value) > MAX_IDENTIFIER or value in (".", ".."):
-        return False
-    return all(ch.isalpha() or ch in _IDENTIFIER_EXTRA for ch in value)
+    return _valid_identifier(value, _BLUEPRINT_CHARS, MAX_IDENTIFIER)
+
+
+def valid_entity_identifier(value: str) -> bool:
+    """As for blueprints, plus `=`, at most 1000 characters."""
+    return _valid_identifier(value, _ENTITY_CHARS, MAX_ENTITY_IDENTIFIER)
 
 
 def valid_key(value: str) -> bool:
@@ -447,15 +458,27 @@ def check_relations(relations: Any, problems: Problems) -> dict[str, dict[str, A
     return out
 
 
-def check_mirror_properties(mirrors: Any, relations: dict[str, Any], problems: Problems) -> None:
-    if not isinstance(mirrors, dict):
-        problems.add("/mirrorProperties", "mirrorProperties must be an object")
+def _entries(
+    section: str, value: Any, problems: Problems
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(name, pointer, definition) of a derived-property section, reporting bad names and
+    definitions that are not objects."""
+    if not isinstance(value, dict):
+        problems.add(f"/{section}", f"{section} must be an object")
         return
-    for name, mirror in mirrors.items():
-        pointer = _ptr("mirrorProperties", name)
+    for name, item in value.items():
+        pointer = _ptr(section, name)
         if not valid_key(name):
             problems.add(pointer, "identifiers match ^[A-Za-z0-9@_=\\-]+$ (at most 100)")
-        path = mirror.get("path") if isinstance(mirror, dict) else None
+        if not isinstance(item, dict):
+            problems.add(pointer, "must be an object")
+            continue
+        yield name, pointer, item
+
+
+def check_mirror_properties(mirrors: Any, relations: dict[str, Any], problems: Problems) -> None:
+    for _name, pointer, mirror in _entries("mirrorProperties", mirrors, problems):
+        path = mirror.get("path")
         if not isinstance(path, str) or "." not in path:
             problems.add(_join(pointer, "path"), "path must be 'relation[.relation...].property'")
         elif path.split(".", 1)[0] not in relations:
@@ -463,16 +486,7 @@ def check_mirror_properties(mirrors: Any, relations: dict[str, Any], problems: P
 
 
 def check_calculation_properties(calcs: Any, problems: Problems) -> None:
-    if not isinstance(calcs, dict):
-        problems.add("/calculationProperties", "calculationProperties must be an object")
-        return
-    for name, calc in calcs.items():
-        pointer = _ptr("calculationProperties", name)
-        if not valid_key(name):
-            problems.add(pointer, "identifiers match ^[A-Za-z0-9@_=\\-]+$ (at most 100)")
-        if not isinstance(calc, dict):
-            problems.add(pointer, "must be an object")
-            continue
+    for _name, pointer, calc in _entries("calculationProperties", calcs, problems):
         if not isinstance(calc.get("calculation"), str) or not calc["calculation"].strip():
             problems.add(_join(pointer, "calculation"), "calculation must be a jq expression")
         else:
@@ -494,16 +508,7 @@ AGG_FUNCS = {"count", "sum", "average", "min", "max", "median"}
 
 
 def check_aggregation_properties(aggs: Any, problems: Problems) -> None:
-    if not isinstance(aggs, dict):
-        problems.add("/aggregationProperties", "aggregationProperties must be an object")
-        return
-    for name, agg in aggs.items():
-        pointer = _ptr("aggregationProperties", name)
-        if not valid_key(name):
-            problems.add(pointer, "identifiers match ^[A-Za-z0-9@_=\\-]+$ (at most 100)")
-        if not isinstance(agg, dict):
-            problems.add(pointer, "must be an object")
-            continue
+    for _name, pointer, agg in _entries("aggregationProperties", aggs, problems):
         target = agg.get("target")
         if not isinstance(target, str) or not valid_blueprint_identifier(target):
             problems.add(_join(pointer, "target"), "target must be a blueprint identifier")
