@@ -711,3 +711,33 @@ async def test_links_follow_each_write(client: httpx.AsyncClient, org: Org, db: 
             "SELECT count(*) FROM entity_relations WHERE source_identifier = 'api'"
         )
     assert links == 0
+
+
+async def test_another_org_reaches_none_of_the_catalog_routes(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org_a, org_b = await make_org(), await make_org()
+    await _setup(client, org_a)
+    await _post(client, org_a, svc())
+    started = await client.delete("/v1/blueprints/deployment/all-entities", headers=org_a.headers)
+    migration_id = started.json()["migrationId"]
+    b = org_b.headers
+    attempts = [
+        ("PATCH", "/v1/blueprints/service/properties/coverage/rename", {"newPropertyName": "x"}),
+        ("PATCH", "/v1/blueprints/service/relations/team/rename", {"newRelationIdentifier": "x"}),
+        ("POST", "/v1/blueprints/service/entities/bulk", {"entities": [svc()]}),
+        ("POST", "/v1/blueprints/service/bulk/entities/delete", {"entities": ["api"]}),
+        ("PUT", "/v1/blueprints/service/entities/api", {"properties": {"language": "go"}}),
+        ("GET", "/v1/blueprints/service/entities-count", None),
+        ("DELETE", "/v1/blueprints/service/all-entities", None),
+        ("GET", f"/v1/migrations/{migration_id}", None),
+    ]
+    for method, path, body in attempts:
+        response = await client.request(method, path, headers=b, **({"json": body} if body else {}))
+        assert response.status_code == 404 and response.json()["ok"] is False, (method, path)
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org_a.headers)).json()[
+        "entity"
+    ]
+    assert got["properties"] == {"language": "python"}
+    bp = (await client.get("/v1/blueprints/service", headers=org_a.headers)).json()["blueprint"]
+    assert "coverage" in bp["schema"]["properties"] and "team" in bp["relations"]
