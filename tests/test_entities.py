@@ -427,6 +427,9 @@ async def test_list_streams_every_entity_with_include_and_exclude(
         "entities"
     ]
     assert len(listed) == 1001 and listed[-1]["identifier"] == "zz"
+    one = (await client.get("/v1/blueprints/team/entities/zz", headers=org.headers)).json()
+    assert listed[-1] == one["entity"]  # same shape and date format as the single GET
+    assert one["entity"]["createdAt"].endswith("Z")
     picked = await client.get(
         "/v1/blueprints/team/entities",
         headers=org.headers,
@@ -608,6 +611,56 @@ async def test_removing_a_property_removes_its_values(client: httpx.AsyncClient,
         "/v1/blueprints/service/entities/api", json={"title": "x"}, headers=org.headers
     )
     assert again.status_code == 200
+
+
+async def test_a_recreated_blueprint_validates_by_its_new_schema(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    """A blueprint deleted and created again under the same identifier starts a new
+    history: nothing remembered of the old one (its schema, its relations) applies."""
+    body: dict[str, Any] = {
+        "identifier": "probe",
+        "title": "Probe",
+        "schema": {"properties": {"size": {"type": "number"}}},
+    }
+    assert (await client.post("/v1/blueprints", json=body, headers=org.headers)).status_code == 201
+    ok = await _post(client, org, {"identifier": "p1", "properties": {"size": 3}}, bp="probe")
+    assert ok.status_code == 201, ok.text
+    gone = await client.delete(
+        "/v1/blueprints/probe/all-entities",
+        headers=org.headers,
+        params={"delete_blueprint": "true"},
+    )
+    assert gone.status_code == 200, gone.text
+    body["schema"] = {"properties": {"size": {"type": "string"}}}
+    assert (await client.post("/v1/blueprints", json=body, headers=org.headers)).status_code == 201
+    as_number = await _post(
+        client, org, {"identifier": "p1", "properties": {"size": 3}}, bp="probe"
+    )
+    assert as_number.status_code == 422, as_number.text
+    as_text = await _post(
+        client, org, {"identifier": "p1", "properties": {"size": "L"}}, bp="probe"
+    )
+    assert as_text.status_code == 201, as_text.text
+
+
+async def test_a_schema_changed_elsewhere_is_used_at_once(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    """Another server process may change a blueprint: the next write here must validate
+    against the committed schema, not a remembered one."""
+    assert (await _post(client, org, svc("a", properties={"language": "go"}))).status_code == 201
+    async with db.tenant(org.org_id) as tx:
+        await tx.execute(
+            "UPDATE blueprints SET schema = jsonb_set(schema, '{properties,language,enum}', "
+            '\'["go", "rust"]\'), version = version + 1 '
+            "WHERE org_id = $1 AND identifier = 'service'",
+            org.org_id,
+        )
+    rust = await _post(client, org, svc("b", properties={"language": "rust"}))
+    assert rust.status_code == 201, rust.text
+    python = await _post(client, org, svc("c", properties={"language": "python"}))
+    assert python.status_code == 422, python.text
 
 
 async def test_a_new_required_property_needs_existing_entities_to_have_it(

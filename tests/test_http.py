@@ -147,7 +147,7 @@ async def test_unexpected_failure_is_a_json_500_without_internals(
     original = app.state.db
 
     class Broken:
-        async def begin_tenant(self, org_id):  # type: ignore[no-untyped-def]
+        async def begin_tenant(self, org_id, generic_plans=False):  # type: ignore[no-untyped-def]
             raise RuntimeError("secret internal detail")
 
     app.state.db = Broken()

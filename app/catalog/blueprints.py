@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -128,10 +131,47 @@ async def get(tx: Tx, identifier: str) -> dict[str, Any]:
     return to_api(await get_row(tx, identifier))
 
 
+Version = tuple[datetime, int]
+
+
+def version_of(row: asyncpg.Record) -> Version:
+    """A blueprint's version token: its creation time with its change counter, so that a
+    blueprint deleted and created again under the same identifier never matches anything
+    remembered of the old one."""
+    return (row["created_at"], int(row["version"]))
+
+
 async def get_with_version(tx: Tx, identifier: str) -> dict[str, Any]:
-    """The blueprint plus its schema version (the entity validator cache key)."""
+    """The blueprint plus its version token (the key of everything derived from it)."""
     row = await get_row(tx, identifier)
-    return {**to_api(row), "version": row["version"]}
+    found = {**to_api(row), "version": version_of(row)}
+    _remember(tx.org_id, found)
+    return found
+
+
+# Blueprint definitions as last read, per (org, identifier): entity writes start from the
+# remembered one and check its version in the same statement that reads the entities (see
+# entities.write), so a definition changed by any process is never used.
+_DEFINITIONS_SIZE = 1024
+_definitions: OrderedDict[tuple[UUID | None, str], dict[str, Any]] = OrderedDict()
+
+
+def remembered(org_id: UUID | None, identifier: str) -> dict[str, Any] | None:
+    found = _definitions.get((org_id, identifier))
+    if found is not None:
+        _definitions.move_to_end((org_id, identifier))
+    return found
+
+
+def _remember(org_id: UUID | None, blueprint: dict[str, Any]) -> None:
+    _definitions[(org_id, blueprint["identifier"])] = blueprint
+    _definitions.move_to_end((org_id, blueprint["identifier"]))
+    if len(_definitions) > _DEFINITIONS_SIZE:
+        _definitions.popitem(last=False)
+
+
+def forget(org_id: UUID | None, identifier: str) -> None:
+    _definitions.pop((org_id, identifier), None)
 
 
 async def list_all(tx: Tx) -> list[dict[str, Any]]:

@@ -265,6 +265,41 @@ def _event_doc(blueprint: str, state: dict[str, Any] | None) -> dict[str, Any] |
     }
 
 
+class _StaleBlueprint(Exception):
+    """The remembered blueprint definition is not the committed one."""
+
+
+async def _definition(tx: Tx, blueprint_id: str, attempt: int) -> dict[str, Any]:
+    if attempt == 0:
+        remembered = bp_service.remembered(tx.org_id, blueprint_id)
+        if remembered is not None:
+            return remembered
+    else:
+        bp_service.forget(tx.org_id, blueprint_id)
+    return await bp_service.get_with_version(tx, blueprint_id)
+
+
+async def _load_checked(
+    tx: Tx, blueprint: dict[str, Any], identifiers: list[str], *, lock: bool
+) -> dict[str, dict[str, Any]]:
+    """`_load_existing`, plus the blueprint's version in the same statement: a definition
+    that is no longer the committed one raises _StaleBlueprint."""
+    rows = await tx.fetch(
+        "SELECT b.created_at AS bp_created_at, b.version AS bp_version, x.* "
+        "FROM blueprints b LEFT JOIN LATERAL ("
+        + _SELECT_WITH_LINKS
+        + "AND e.identifier = ANY($3::varchar[]) ORDER BY e.identifier"
+        + (" FOR UPDATE OF e" if lock else "")
+        + ") x ON true WHERE b.org_id = $1 AND b.identifier = $2",
+        tx.org_id,
+        blueprint["identifier"],
+        identifiers,
+    )
+    if not rows or (rows[0]["bp_created_at"], rows[0]["bp_version"]) != blueprint["version"]:
+        raise _StaleBlueprint()
+    return {row["identifier"]: _row_state(row) for row in rows if row["identifier"] is not None}
+
+
 async def write(
     tx: Tx,
     blueprint_id: str,
@@ -275,11 +310,34 @@ async def write(
     """Create / upsert / merge entities of one blueprint. Per-item problems come back as
     the item's error (the caller decides 4xx vs 207); nothing is written for a failed item.
 
+    The blueprint definition is the one last read by this process; the first read of the
+    entities checks its version in the same statement and starts again from the committed
+    definition when it changed (after two changes in a row, the definition read in this
+    transaction is used as is).
+
     Rows are read without locks first, so an unchanged re-sync takes no row locks and
     writes nothing. Only rows that will change are locked (in identifier order) and
     re-evaluated; new rows are inserted with ON CONFLICT DO NOTHING, and any that a
     concurrent writer created first are re-evaluated against the committed row."""
-    blueprint = await bp_service.get_with_version(tx, blueprint_id)
+    for attempt in range(3):
+        blueprint = await _definition(tx, blueprint_id, attempt)
+        try:
+            return await _write(tx, blueprint, raws, flags, writer, checked=attempt < 2)
+        except _StaleBlueprint:
+            continue
+    raise AssertionError("unreachable: the last attempt does not check the version")
+
+
+async def _write(
+    tx: Tx,
+    blueprint: dict[str, Any],
+    raws: list[Any],
+    flags: WriteFlags,
+    writer: Writer,
+    *,
+    checked: bool,
+) -> list[Outcome]:
+    blueprint_id = blueprint["identifier"]
     validator = validator_for(tx.org_id, blueprint)
     items = [Item(index=i, raw=raw) for i, raw in enumerate(raws)]
     seen: set[str] = set()
@@ -295,7 +353,11 @@ async def write(
     # Small writes lock at once (one read); large ones read unlocked first so that an
     # unchanged re-sync locks and writes nothing.
     lock_first = len(live) <= _LOCK_AT_ONCE and not flags.validation_only
-    existing = await _load_existing(tx, blueprint_id, [i.identifier for i in live], lock=lock_first)
+    keys = [i.identifier for i in live]
+    if checked:
+        existing = await _load_checked(tx, blueprint, keys, lock=lock_first)
+    else:
+        existing = await _load_existing(tx, blueprint_id, keys, lock=lock_first)
     _evaluate(live, existing, blueprint, validator, flags)
     pending = [i for i in live if i.error is None and i.changed]
     if flags.validation_only:
@@ -460,15 +522,28 @@ async def _resolve_targets(
 async def _persist(
     tx: Tx, blueprint: str, items: list[Item], flags: WriteFlags, writer: Writer
 ) -> list[Item]:
-    """Write the changed items; returns the new ones a concurrent writer created first
-    (nothing was written for those)."""
+    """Write the changed items, their link changes and their events in one statement;
+    returns the new ones a concurrent writer created first (nothing was written for those).
+
+    Only the links that changed are touched, so the DELETE and the INSERT never meet the
+    same row. Links and events are kept only for rows the statement really wrote, so a new
+    entity that lost its race leaves no trace."""
     if not items:
         return []
     new = [i for i in items if i.created]
-    lost: list[Item] = []
-    if new:
-        rows = await tx.fetch(
-            """
+    updated = [i for i in items if not i.created]
+    removed: list[tuple[str, str, str]] = []
+    added: list[tuple[str, str, str]] = []
+    for item in items:
+        before = (item.before or {}).get("relations", {}) if not item.created else {}
+        after = item.state["relations"]
+        for name in sorted(set(before) | set(after)):
+            was, now = set(before.get(name, [])), set(after.get(name, []))
+            removed += [(item.identifier, name, t) for t in sorted(was - now)]
+            added += [(item.identifier, name, t) for t in sorted(now - was)]
+    rows = await tx.fetch(
+        """
+        WITH inserted AS (
             INSERT INTO entities (org_id, blueprint, identifier, title, icon, team, properties,
                                   datasource, created_by, updated_by)
             SELECT $1, $2, u.identifier, u.title, u.icon,
@@ -479,54 +554,24 @@ async def _persist(
             ORDER BY u.identifier
             ON CONFLICT (org_id, blueprint, identifier) DO NOTHING
             RETURNING identifier, created_at, updated_at
-            """,
-            *_columns(tx, blueprint, writer, new),
-        )
-        stamps = {r["identifier"]: r for r in rows}
-        for item in new:
-            if item.identifier in stamps:
-                item.state["at"] = stamps[item.identifier]["updated_at"]
-                item.state["createdAt"] = stamps[item.identifier]["created_at"]
-            else:
-                lost.append(item)
-    updated = [i for i in items if not i.created]
-    if updated:
-        rows = await tx.fetch(
-            """
+        ), updated AS (
             UPDATE entities AS e
                SET title = u.title, icon = u.icon,
                    team = ARRAY(SELECT jsonb_array_elements_text(u.team::jsonb)),
                    properties = u.properties, datasource = $3, updated_at = now(),
                    updated_by = $4
-            FROM unnest($5::varchar[], $6::varchar[], $7::varchar[], $8::varchar[], $9::jsonb[])
-                 AS u(identifier, title, icon, team, properties)
+            FROM unnest($10::varchar[], $11::varchar[], $12::varchar[], $13::varchar[],
+                        $14::jsonb[]) AS u(identifier, title, icon, team, properties)
             WHERE e.org_id = $1 AND e.blueprint = $2 AND e.identifier = u.identifier
-            RETURNING e.identifier, e.updated_at
-            """,
-            *_columns(tx, blueprint, writer, updated),
-        )
-        stamps = {r["identifier"]: r for r in rows}
-        for item in updated:
-            item.state["at"] = stamps[item.identifier]["updated_at"]
-    written = [i for i in items if i not in lost]
-    if not written:
-        return lost
-    # Only the links that changed are touched, so the DELETE and the INSERT never meet the
-    # same row and can share one statement with the events.
-    removed: list[tuple[str, str, str]] = []
-    added: list[tuple[str, str, str]] = []
-    for item in written:
-        before = (item.before or {}).get("relations", {}) if not item.created else {}
-        after = item.state["relations"]
-        for name in sorted(set(before) | set(after)):
-            was, now = set(before.get(name, [])), set(after.get(name, []))
-            removed += [(item.identifier, name, t) for t in sorted(was - now)]
-            added += [(item.identifier, name, t) for t in sorted(now - was)]
-    await tx.execute(
-        """
-        WITH unlinked AS (
+            RETURNING e.identifier, e.created_at, e.updated_at
+        ), written AS (
+            SELECT identifier, created_at, updated_at, true AS created FROM inserted
+            UNION ALL
+            SELECT identifier, created_at, updated_at, false FROM updated
+        ), unlinked AS (
             DELETE FROM entity_relations er
-            USING unnest($3::varchar[], $4::varchar[], $5::varchar[]) AS d(source, relation, target)
+            USING unnest($15::varchar[], $16::varchar[], $17::varchar[])
+                  AS d(source, relation, target)
             WHERE er.org_id = $1 AND er.source_blueprint = $2 AND er.source_identifier = d.source
               AND er.relation = d.relation AND er.target_identifier = d.target
             RETURNING 1
@@ -534,23 +579,33 @@ async def _persist(
             INSERT INTO entity_relations (org_id, source_blueprint, source_identifier, relation,
                                           target_identifier, target_blueprint)
             SELECT $1, $2, l.source, l.relation, l.target, br.target
-            FROM unnest($6::varchar[], $7::varchar[], $8::varchar[]) AS l(source, relation, target)
+            FROM unnest($18::varchar[], $19::varchar[], $20::varchar[])
+                 AS l(source, relation, target)
+            JOIN written w ON w.identifier = l.source
             JOIN blueprint_relations br
               ON br.org_id = $1 AND br.blueprint = $2 AND br.relation = l.relation
             RETURNING 1
         ), logged AS (
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
                                        actor, origin, run_id)
-            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $9, $10, $11
-            FROM unnest($12::varchar[], $13::varchar[], $14::jsonb[], $15::jsonb[])
+            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $21, $22, $23
+            FROM unnest($24::varchar[], $25::varchar[], $26::jsonb[], $27::jsonb[])
                  AS ev(identifier, action, before, after)
+            JOIN written w ON w.identifier = ev.identifier
             RETURNING 1
         )
-        SELECT (SELECT count(*) FROM unlinked), (SELECT count(*) FROM linked),
-               (SELECT count(*) FROM logged)
+        SELECT w.identifier, w.created_at, w.updated_at, w.created,
+               (SELECT count(*) FROM unlinked) AS unlinked,
+               (SELECT count(*) FROM linked) AS linked,
+               (SELECT count(*) FROM logged) AS logged
+        FROM written w
         """,
         tx.org_id,
         blueprint,
+        writer.datasource,
+        writer.actor,
+        *_columns(new),
+        *_columns(updated),
         [r[0] for r in removed],
         [r[1] for r in removed],
         [r[2] for r in removed],
@@ -560,20 +615,25 @@ async def _persist(
         writer.actor,
         writer.origin,
         flags.run_id,
-        [i.identifier for i in written],
-        ["CREATE" if i.created else "UPDATE" for i in written],
-        [_event_doc(blueprint, i.before) for i in written],
-        [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in written],
+        [i.identifier for i in items],
+        ["CREATE" if i.created else "UPDATE" for i in items],
+        [_event_doc(blueprint, i.before) for i in items],
+        [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in items],
     )
+    stamps = {r["identifier"]: r for r in rows}
+    lost: list[Item] = []
+    for item in items:
+        stamp = stamps.get(item.identifier)
+        if stamp is None:
+            lost.append(item)  # only a new row can lose: updated rows are locked
+            continue
+        item.state["at"] = stamp["updated_at"]
+        item.state["createdAt"] = stamp["created_at"]
     return lost
 
 
-def _columns(tx: Tx, blueprint: str, writer: Writer, items: list[Item]) -> list[Any]:
+def _columns(items: list[Item]) -> list[Any]:
     return [
-        tx.org_id,
-        blueprint,
-        writer.datasource,
-        writer.actor,
         [i.identifier for i in items],
         [i.state["title"] for i in items],
         [i.state["icon"] for i in items],

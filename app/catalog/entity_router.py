@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from app.auth.principal import CurrentTenant, Tenant
 from app.catalog import blueprints, entities, migrations
@@ -24,9 +23,10 @@ from app.catalog.schemas import (
     OkResponse,
 )
 from app.db.database import Database
-from app.db.routing import api_router
+from app.db.routing import api_router, key_lookups
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+from app.kit.responses import json_response, to_json
 
 router = api_router(tags=["Entities"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
@@ -43,7 +43,7 @@ def _writer(request: Request, tenant: Tenant) -> entities.Writer:
     return entities.Writer(actor=tenant.principal.subject, origin=origin, datasource=agent)
 
 
-def _write_flags(
+async def _write_flags(
     upsert: bool = False,
     merge: bool = False,
     create_missing_related_entities: bool = False,
@@ -67,9 +67,9 @@ def _one(outcomes: list[entities.Outcome]) -> entities.Outcome:
     return outcome
 
 
-def _entity_response(outcome: entities.Outcome) -> JSONResponse:
-    body = EntityResponse.model_validate({"ok": True, "entity": outcome.entity})
-    return JSONResponse(body.model_dump(mode="json"), status_code=201 if outcome.created else 200)
+def _entity_response(outcome: entities.Outcome, *, created: int = 201) -> Response:
+    status = created if outcome.created else 200
+    return json_response({"ok": True, "entity": outcome.entity}, status_code=status)
 
 
 @router.post(
@@ -83,6 +83,7 @@ def _entity_response(outcome: entities.Outcome) -> JSONResponse:
     },
     summary="Create (or upsert) an entity",
 )
+@key_lookups
 async def create_entity(
     blueprint: BlueprintId,
     request: Request,
@@ -121,7 +122,7 @@ async def bulk_entities(
         if o.error is None
     ]
     errors = [_bulk_error(o.index, o.identifier, o.error) for o in outcomes if o.error is not None]
-    return JSONResponse(
+    return json_response(
         {"ok": not errors, "entities": done, "errors": errors},
         status_code=207 if errors else 200,
     )
@@ -168,8 +169,8 @@ async def list_entities(
         yield b'{"ok":true,"entities":['
         first = True
         async for state in entities.iterate(db, tenant.org_id, bp):
-            chunk = json.dumps(pick.apply(entities.to_api(bp, state)), default=str)
-            yield (b"" if first else b",") + chunk.encode()
+            chunk = to_json(pick.apply(entities.to_api(bp, state)))
+            yield (b"" if first else b",") + chunk
             first = False
         yield b"]}"
 
@@ -182,8 +183,11 @@ async def list_entities(
     responses=ERRORS_AUTHED,
     summary="Get an entity",
 )
+@key_lookups
 async def get_entity(blueprint: BlueprintId, identifier: EntityId, tenant: CurrentTenant) -> Any:
-    return {"ok": True, "entity": await entities.get(tenant.tx, blueprint, identifier)}
+    return json_response(
+        {"ok": True, "entity": await entities.get(tenant.tx, blueprint, identifier)}
+    )
 
 
 async def _rewrite(
@@ -215,7 +219,7 @@ async def _rewrite(
             _writer(request, tenant),
         )
     )
-    return {"ok": True, "entity": outcome.entity}
+    return _entity_response(outcome, created=200)
 
 
 @router.put(
@@ -224,6 +228,7 @@ async def _rewrite(
     responses=ERRORS_AUTHED,
     summary="Replace an entity",
 )
+@key_lookups
 async def replace_entity(
     blueprint: BlueprintId,
     identifier: EntityId,
@@ -251,6 +256,7 @@ async def replace_entity(
     responses=ERRORS_AUTHED,
     summary="Change part of an entity (properties and relations given are merged)",
 )
+@key_lookups
 async def patch_entity(
     blueprint: BlueprintId,
     identifier: EntityId,
@@ -278,6 +284,7 @@ async def patch_entity(
     responses={**ERRORS_AUTHED, **_CONFLICT},
     summary="Delete an entity",
 )
+@key_lookups
 async def delete_entity(
     blueprint: BlueprintId,
     identifier: EntityId,

@@ -98,11 +98,11 @@ class EntityValidator:
             raise Invalid(f"The entity's properties are invalid: {summary}", details=problems)
 
 
-_cache: OrderedDict[tuple[uuid.UUID | None, str, int], EntityValidator] = OrderedDict()
+_cache: OrderedDict[tuple[uuid.UUID | None, str, Any], EntityValidator] = OrderedDict()
 
 
 def validator_for(org_id: uuid.UUID | None, blueprint: dict[str, Any]) -> EntityValidator:
-    key = (org_id, blueprint["identifier"], int(blueprint["version"]))
+    key = (org_id, blueprint["identifier"], blueprint["version"])
     found = _cache.get(key)
     if found is None:
         found = EntityValidator(blueprint)

@@ -19,7 +19,22 @@ from app.db.database import Database, Tx
 _STATE_KEY = "portolan_tx"
 
 
+_GENERIC_PLANS = "__portolan_generic_plans__"
+
+
+def key_lookups(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks an endpoint whose statements reach a handful of rows through their keys (one
+    entity, say): its transaction runs with generic plans (see Database.begin_tenant).
+    Apply it below the route decorator."""
+    setattr(endpoint, _GENERIC_PLANS, True)
+    return endpoint
+
+
 class TransactionRoute(APIRoute):
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.generic_plans = bool(getattr(endpoint, _GENERIC_PLANS, False))
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
@@ -46,9 +61,10 @@ async def open_request_tx(request: Request, db: Database, org_id: Any) -> Tx:
     """Open the request's tenant transaction (once per request)."""
     if _STATE_KEY in request.scope:
         raise RuntimeError("the request transaction is already open")
-    if not isinstance(request.scope.get("route"), TransactionRoute):
+    route = request.scope.get("route")
+    if not isinstance(route, TransactionRoute):
         raise RuntimeError("tenant routes must use TransactionRoute (see api_router)")
-    tx, conn = await db.begin_tenant(org_id)
+    tx, conn = await db.begin_tenant(org_id, generic_plans=route.generic_plans)
     request.scope[_STATE_KEY] = (db, conn)
     return tx
 

@@ -42,7 +42,7 @@ async def get_organization(tenant: CurrentTenant) -> OrganizationResponse:
     )
 
 
-def require_platform_token(
+async def require_platform_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_platform_bearer)],
 ) -> None:
