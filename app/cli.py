@@ -58,9 +58,11 @@ def migrate() -> None:
 def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
     import uvicorn
 
+    from app.kit.runtime import settle_heap
     from app.main import create_app
 
     app = create_app(settings, with_worker=with_worker)
+    settle_heap()
     # uvicorn re-raises the signal it caught once it has shut down; with the default
     # SIGTERM action that would kill the process before atexit stops embedded servers.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -128,8 +130,11 @@ async def _ensure_demo_org(settings: Settings) -> None:
 def worker() -> None:
     """Run a standalone arq worker."""
     from app.dispatch.worker import build_worker
+    from app.kit.runtime import settle_heap
 
-    build_worker(_settings_with_services(), handle_signals=True).run()
+    built = build_worker(_settings_with_services(), handle_signals=True)
+    settle_heap()
+    built.run()
 
 
 @org_cli.command("create")

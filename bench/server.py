@@ -7,6 +7,7 @@ import sys
 import uvicorn
 
 from app.config import get_settings
+from app.kit.runtime import settle_heap
 from app.main import create_app
 
 # As `portolan serve` runs it: with the in-process worker and its scheduled upkeep.
@@ -19,6 +20,7 @@ async def bare() -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    settle_heap()
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -794,3 +794,18 @@ async def test_another_org_reaches_none_of_the_catalog_routes(
     assert got["properties"] == {"language": "python"}
     bp = (await client.get("/v1/blueprints/service", headers=org_a.headers)).json()["blueprint"]
     assert "coverage" in bp["schema"]["properties"] and "team" in bp["relations"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_json_numbers_are_a_400(
+    client: httpx.AsyncClient, org: Org, literal: str
+) -> None:
+    body = '{"identifier": "n", "properties": {"language": "go", "coverage": LIT}}'
+    body = body.replace("LIT", literal)
+    response = await client.post(
+        "/v1/blueprints/service/entities",
+        content=body,
+        headers={**org.headers, "content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["ok"] is False

@@ -11,7 +11,6 @@ import uuid
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import jsonschema_rs
 
@@ -24,9 +23,12 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _ANNOTATIONS = {"icon", "enumColors", "spec", "specAuthentication", "colorized", "colors"}
 
 
+# A scheme and a host (`https://git.example.com/x`), or a mailto: / urn: address.
+_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s]+|(?i:mailto|urn):\S)")
+
+
 def _is_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return bool(parts.scheme and (parts.netloc or parts.scheme in ("mailto", "urn")))
+    return _URL.match(value) is not None
 
 
 def _is_datetime(value: str) -> bool:
