@@ -20,6 +20,7 @@ from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
+from app.search.router import router as search_router
 
 DESCRIPTION = (
     "Portolan is a multi-tenant internal developer portal backend. Its `/v1` API follows "
@@ -78,5 +79,6 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(auth_router)
     app.include_router(orgs_router)
     app.include_router(catalog_router)
+    app.include_router(search_router)
     app.include_router(entity_router)
     return app

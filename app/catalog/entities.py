@@ -209,10 +209,10 @@ async def _load_existing(
         blueprint,
         identifiers,
     )
-    return {row["identifier"]: _row_state(row) for row in rows}
+    return {row["identifier"]: row_state(row) for row in rows}
 
 
-def _row_state(row: asyncpg.Record) -> dict[str, Any]:
+def row_state(row: asyncpg.Record) -> dict[str, Any]:
     return {
         "identifier": row["identifier"],
         "title": row["title"],
@@ -297,7 +297,7 @@ async def _load_checked(
     )
     if not rows or (rows[0]["bp_created_at"], rows[0]["bp_version"]) != blueprint["version"]:
         raise _StaleBlueprint()
-    return {row["identifier"]: _row_state(row) for row in rows if row["identifier"] is not None}
+    return {row["identifier"]: row_state(row) for row in rows if row["identifier"] is not None}
 
 
 async def write(
@@ -763,7 +763,7 @@ async def iterate(
                 _PAGE,
             )
         for row in rows:
-            yield _row_state(row)
+            yield row_state(row)
         if len(rows) < _PAGE:
             return
         after = rows[-1]["identifier"]

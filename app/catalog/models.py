@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    column,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -85,6 +86,15 @@ class Entity(Base):
     __table_args__ = (
         ForeignKeyConstraint(
             ["org_id", "blueprint"], ["blueprints.org_id", "blueprints.identifier"]
+        ),
+        # Search containment (app/search): see migration 0004.
+        Index(
+            "ix_entities_search_doc",
+            func.entity_search_doc(
+                column("org_id"), column("blueprint"), column("properties")
+            ).label("search_doc"),
+            postgresql_using="gin",
+            postgresql_ops={"search_doc": "jsonb_path_ops"},
         ),
     )
 

@@ -1,0 +1,1 @@
+"""Search: Port's query language compiled to SQL, run with keyset pagination."""

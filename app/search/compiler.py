@@ -1,0 +1,731 @@
+"""Port's query language -> one SQLAlchemy Core boolean expression over `entities`.
+
+Every rule is typed by the blueprint schemas in scope: numbers compare as numbers, date-times
+as timestamps, arrays by element, and values are always bound parameters. A rule that cannot
+apply (an operator its property's type does not take, an unknown property, a malformed value)
+is reported by its JSON pointer in the query; all problems are reported at once as one 422.
+
+Equality, `in` and array membership compile to JSONB containment (`properties @> ...`), which
+the GIN `jsonb_path_ops` index on properties answers. `relatedTo` walks `entity_relations`
+with a recursive CTE, up to 15 hops.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.sql.elements import ColumnElement
+
+from app.catalog.models import BlueprintRelation, Entity, EntityRelation
+from app.catalog.validation import Problems
+
+ENTITIES = Entity.__table__
+E = ENTITIES.alias("e")
+_RELATIONS = EntityRelation.__table__
+_BLUEPRINT_RELATIONS = BlueprintRelation.__table__
+# The indexed search document of an entity (migration 0004).
+SEARCH_DOC = sa.func.entity_search_doc(E.c.org_id, E.c.blueprint, E.c.properties, type_=JSONB)
+
+MAX_HOPS = 15
+MAX_RULES = 200
+MAX_DEPTH = 10
+MAX_VALUES = 1000
+
+_META_TEXT = {
+    "$identifier": "identifier",
+    "$title": "title",
+    "$icon": "icon",
+    "$blueprint": "blueprint",
+    "$datasource": "datasource",
+    "$createdBy": "created_by",
+    "$updatedBy": "updated_by",
+}
+_META_TIME = {"$createdAt": "created_at", "$updatedAt": "updated_at"}
+_PRESETS_PAST = {
+    "lastDay": timedelta(days=1),
+    "lastWeek": timedelta(weeks=1),
+    "last2Weeks": timedelta(weeks=2),
+    "lastMonth": timedelta(days=30),
+    "last3Months": timedelta(days=91),
+    "last6Months": timedelta(days=182),
+    "last12Months": timedelta(days=365),
+    "last2Years": timedelta(days=730),
+    "last3Years": timedelta(days=1095),
+}
+_PRESETS_NEXT = {
+    "nextDay": timedelta(days=1),
+    "nextWeek": timedelta(weeks=1),
+    "next2Weeks": timedelta(weeks=2),
+    "nextMonth": timedelta(days=30),
+    "next3Months": timedelta(days=91),
+    "next6Months": timedelta(days=182),
+    "next12Months": timedelta(days=365),
+}
+PRESETS = sorted({"today", "tomorrow", "yesterday", *_PRESETS_PAST, *_PRESETS_NEXT})
+
+
+class _Skip(Exception):
+    """A rule with a problem (already recorded): compile the rest to find theirs too."""
+
+
+@dataclass
+class Scope:
+    """What a query runs over: the org's blueprints (by identifier, in the API's shape) and
+    the blueprints searched (one, for the blueprint route; all, for the global one)."""
+
+    org_id: uuid.UUID
+    blueprints: dict[str, dict[str, Any]]
+    searched: list[str]
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class _Field:
+    """A property as the rules see it: its type across the searched blueprints."""
+
+    name: str
+    kind: str  # string | number | boolean | datetime | array | object
+    item_kind: str | None
+    blueprints: list[str]  # searched blueprints that declare it
+
+
+def _kind(prop: dict[str, Any]) -> str:
+    kind = prop.get("type", "string")
+    if kind == "string" and prop.get("format") in ("date-time", "timer"):
+        return "datetime"
+    return str(kind)
+
+
+def _ptr(base: str, *parts: str | int) -> str:
+    return base + "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _bind(value: Any, type_: Any = None) -> Any:
+    return (
+        sa.bindparam(None, value, type_=type_) if type_ is not None else sa.bindparam(None, value)
+    )
+
+
+def _jsonb(value: Any) -> ColumnElement[Any]:
+    return sa.cast(sa.bindparam(None, value, type_=JSONB), JSONB)
+
+
+def _text_array(values: list[str]) -> ColumnElement[Any]:
+    return sa.cast(sa.bindparam(None, values, type_=ARRAY(sa.Text)), ARRAY(sa.Text))
+
+
+def _like_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _number(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return Decimal(str(value))
+
+
+class Compiler:
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.problems = Problems()
+        self._rules = 0
+        self._walks = 0
+
+    # -- entry points -------------------------------------------------------------------
+
+    def compile(self, query: Any, pointer: str = "") -> ColumnElement[bool]:
+        """The whole query as one boolean expression; raises Invalid naming every bad rule."""
+        try:
+            expression = self._group(query, pointer, 0)
+        except _Skip:
+            expression = sa.false()
+        self.problems.raise_if_any("The search query is invalid")
+        return expression
+
+    # -- structure ----------------------------------------------------------------------
+
+    def _problem(self, pointer: str, message: str) -> _Skip:
+        self.problems.add(pointer or "/", message)
+        return _Skip()
+
+    def _group(self, query: Any, pointer: str, depth: int) -> ColumnElement[bool]:
+        if not isinstance(query, dict):
+            raise self._problem(pointer, "a query must be an object with combinator and rules")
+        if depth > MAX_DEPTH:
+            raise self._problem(pointer, f"queries nest at most {MAX_DEPTH} levels deep")
+        unknown = sorted(set(query) - {"combinator", "rules"})
+        if unknown:
+            raise self._problem(pointer, f"unknown field(s) {', '.join(unknown)}")
+        combinator = query.get("combinator", "and")
+        if combinator not in ("and", "or"):
+            raise self._problem(_ptr(pointer, "combinator"), "combinator must be 'and' or 'or'")
+        rules = query.get("rules")
+        if not isinstance(rules, list):
+            raise self._problem(_ptr(pointer, "rules"), "rules must be a list")
+        parts: list[ColumnElement[bool]] = []
+        for index, rule in enumerate(rules):
+            try:
+                parts.append(self._rule(rule, _ptr(pointer, "rules", index), depth))
+            except _Skip:
+                continue
+        if not rules:
+            return sa.true()
+        if len(parts) != len(rules):
+            raise _Skip()
+        return sa.and_(*parts) if combinator == "and" else sa.or_(*parts)
+
+    def _rule(self, rule: Any, pointer: str, depth: int) -> ColumnElement[bool]:
+        self._rules += 1
+        if self._rules > MAX_RULES:
+            raise self._problem(pointer, f"a query holds at most {MAX_RULES} rules")
+        if isinstance(rule, dict) and "combinator" in rule:
+            return self._group(rule, pointer, depth + 1)
+        if not isinstance(rule, dict):
+            raise self._problem(pointer, "a rule must be an object")
+        operator = rule.get("operator")
+        if not isinstance(operator, str):
+            raise self._problem(_ptr(pointer, "operator"), "operator is required")
+        if operator == "relatedTo":
+            return self._related_to(rule, pointer)
+        if "propertySchema" in rule:
+            return self._property_schema(rule, pointer, operator)
+        prop = rule.get("property")
+        if isinstance(prop, dict):
+            raise self._problem(
+                _ptr(pointer, "property"),
+                "context references ({context, property}) need a signed-in user; "
+                "they are not available to this caller",
+            )
+        if not isinstance(prop, str) or not prop:
+            raise self._problem(_ptr(pointer, "property"), "property is required")
+        value = rule.get("value")
+        if isinstance(value, dict) and "context" in value:
+            raise self._problem(
+                _ptr(pointer, "value"),
+                "context references ({context, property}) need a signed-in user; "
+                "they are not available to this caller",
+            )
+        if prop == "$team":
+            return self._team(operator, value, "value" in rule, pointer)
+        if prop in _META_TEXT:
+            return self._text_column(E.c[_META_TEXT[prop]], prop, operator, value, pointer)
+        if prop in _META_TIME:
+            column = E.c[_META_TIME[prop]]
+            return self._time(column, prop, operator, value, pointer)
+        if prop.startswith("$"):
+            raise self._problem(_ptr(pointer, "property"), f"unknown meta-property {prop!r}")
+        found = self._field(prop)
+        if found is not None:
+            return self._property(found, operator, value, "value" in rule, pointer)
+        if any(prop in self.scope.blueprints[bp]["relations"] for bp in self.scope.searched):
+            return self._relation(prop, operator, value, pointer)
+        where = ", ".join(self.scope.searched) or "(no blueprint)"
+        raise self._problem(
+            _ptr(pointer, "property"),
+            f"{prop!r} is not a property or relation of the searched blueprint(s): {where}",
+        )
+
+    # -- properties ---------------------------------------------------------------------
+
+    def _field(self, name: str) -> _Field | None:
+        kinds: dict[tuple[str, str | None], list[str]] = {}
+        for bp in self.scope.searched:
+            prop = self.scope.blueprints[bp]["schema"]["properties"].get(name)
+            if prop is None:
+                continue
+            items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+            item_kind = _kind(items) if prop.get("type") == "array" and items else None
+            kinds.setdefault((_kind(prop), item_kind), []).append(bp)
+        if not kinds:
+            return None
+        if len(kinds) > 1:
+            described = "; ".join(f"{k[0]} in {', '.join(v)}" for k, v in sorted(kinds.items()))
+            raise self._problem(
+                "",
+                f"property {name!r} has different types in the searched blueprints "
+                f"({described}): narrow the search with a $blueprint rule",
+            )
+        (kind, item_kind), bps = next(iter(kinds.items()))
+        return _Field(name, kind, item_kind, bps)
+
+    def _guard(self, field_: _Field) -> ColumnElement[bool] | None:
+        """Restricts typed casts to the blueprints that declare the property."""
+        if set(field_.blueprints) >= set(self.scope.searched):
+            return None
+        return E.c.blueprint == sa.any_(_text_array(field_.blueprints))
+
+    def _contains(self, name: str, value: Any) -> ColumnElement[bool]:
+        """`properties @> {name: value}`, asked of the search document (properties plus
+        `$org` and `$blueprint`, see migration 0004) so that the GIN index finds the rows
+        of this tenant alone. (Adding `$blueprint` makes the index read one more long
+        posting list for little gain: the primary key narrows blueprints.)"""
+        doc: dict[str, Any] = {"$org": str(self.scope.org_id), name: value}
+        return SEARCH_DOC.op("@>", is_comparison=True)(_jsonb(doc))
+
+    def _check_scalar(self, f: _Field, value: Any, pointer: str, kind: str | None = None) -> Any:
+        kind = kind or f.kind
+        ok = {
+            "string": isinstance(value, str),
+            "number": _number(value) is not None,
+            "boolean": isinstance(value, bool),
+            "datetime": parse_time(value) is not None,
+            "object": isinstance(value, dict),
+            "array": isinstance(value, list),
+        }.get(kind, False)
+        if not ok:
+            wanted = {"datetime": "an ISO 8601 date-time"}.get(kind, f"a {kind}")
+            raise self._problem(
+                _ptr(pointer, "value"),
+                f"{f.name!r} is a {f.kind} property: the value must be {wanted}",
+            )
+        return value
+
+    def _values(self, value: Any, pointer: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self._problem(_ptr(pointer, "value"), "the value must be a list")
+        if len(value) > MAX_VALUES:
+            raise self._problem(_ptr(pointer, "value"), f"at most {MAX_VALUES} values")
+        return value
+
+    def _property(
+        self, f: _Field, op: str, value: Any, has_value: bool, pointer: str
+    ) -> ColumnElement[bool]:
+        name = f.name
+        json_value = E.c.properties[name]
+        text_value = E.c.properties[name].astext
+        if op in ("isEmpty", "isNotEmpty"):
+            empty = sa.func.coalesce(
+                sa.or_(
+                    json_value == _jsonb(""),
+                    json_value == _jsonb([]),
+                    json_value == _jsonb({}),
+                    json_value == sa.literal_column("'null'::jsonb"),
+                ),
+                sa.true(),
+            )
+            return empty if op == "isEmpty" else _not(empty)
+        if not has_value and op not in ("isExpired", "isNotExpired"):
+            raise self._problem(_ptr(pointer, "value"), f"operator {op!r} needs a value")
+        if f.kind == "datetime":
+            guard = self._guard(f)
+            stamp: ColumnElement[Any] = sa.cast(text_value, sa.DateTime(timezone=True))
+            if guard is not None:
+                stamp = sa.case((guard, stamp), else_=None)
+            return self._time(stamp, name, op, value, pointer)
+        if op in ("=", "!="):
+            if value is None:
+                absent = _not(E.c.properties.has_key(name))
+                return absent if op == "=" else _not(absent)
+            if f.kind == "array":
+                if isinstance(value, list):
+                    equal = json_value == _jsonb(value)
+                    expr = equal
+                else:
+                    self._check_scalar(f, value, pointer, f.item_kind or self._scalar_kind(value))
+                    expr = self._contains(name, [value])
+            else:
+                self._check_scalar(f, value, pointer)
+                expr = self._contains(name, value)
+            return expr if op == "=" else _not(expr)
+        if op in (">", ">=", "<", "<="):
+            if f.kind != "number":
+                raise self._problem(
+                    _ptr(pointer, "operator"),
+                    f"{op!r} compares numbers and date-times; {name!r} is a {f.kind} property",
+                )
+            number = _number(value)
+            if number is None:
+                raise self._problem(_ptr(pointer, "value"), "the value must be a number")
+            guard = self._guard(f)
+            cast: ColumnElement[Any] = sa.cast(text_value, sa.Numeric)
+            if guard is not None:
+                cast = sa.case((guard, cast), else_=None)
+            return _compare(cast, op, _bind(number, sa.Numeric))
+        if op in ("in", "notIn"):
+            values = self._values(value, pointer)
+            if f.kind not in ("string", "number", "boolean"):
+                raise self._problem(
+                    _ptr(pointer, "operator"), f"{op!r} takes string, number or boolean properties"
+                )
+            for i, item in enumerate(values):
+                self._check_scalar(f, item, _ptr(pointer, "value", i))
+            expr = sa.or_(sa.false(), *(self._contains(name, v) for v in values))
+            return expr if op == "in" else _not(expr)
+        if op in ("contains", "doesNotContains"):
+            if f.kind == "array":
+                self._check_scalar(f, value, pointer, f.item_kind or self._scalar_kind(value))
+                expr = self._contains(name, [value])
+            elif f.kind == "string":
+                self._check_scalar(f, value, pointer)
+                expr = sa.func.strpos(text_value, _bind(value)) > 0
+            else:
+                raise self._problem(
+                    _ptr(pointer, "operator"), f"{op!r} takes string or array properties"
+                )
+            return expr if op == "contains" else _not(expr)
+        if op == "containsAny":
+            values = self._values(value, pointer)
+            if f.kind == "array":
+                for i, item in enumerate(values):
+                    self._check_scalar(
+                        f, item, _ptr(pointer, "value", i), f.item_kind or self._scalar_kind(item)
+                    )
+                return sa.or_(sa.false(), *(self._contains(name, [v]) for v in values))
+            if f.kind in ("string", "number", "boolean"):
+                for i, item in enumerate(values):
+                    self._check_scalar(f, item, _ptr(pointer, "value", i))
+                return sa.or_(sa.false(), *(self._contains(name, v) for v in values))
+            raise self._problem(_ptr(pointer, "operator"), "'containsAny' takes array properties")
+        if op in ("beginsWith", "doesNotBeginsWith", "endsWith", "doesNotEndsWith"):
+            if f.kind != "string":
+                raise self._problem(
+                    _ptr(pointer, "operator"),
+                    f"{op!r} takes string properties; {name!r} is a {f.kind}",
+                )
+            self._check_scalar(f, value, pointer)
+            return self._affix(text_value, op, value)
+        if op in ("between", "notBetween", "isExpired", "isNotExpired"):
+            raise self._problem(
+                _ptr(pointer, "operator"),
+                f"{op!r} takes date-time properties; {name!r} is a {f.kind}",
+            )
+        raise self._problem(_ptr(pointer, "operator"), f"unknown operator {op!r}")
+
+    @staticmethod
+    def _scalar_kind(value: Any) -> str:
+        if isinstance(value, bool):
+            return "boolean"
+        if isinstance(value, int | float):
+            return "number"
+        if isinstance(value, str):
+            return "string"
+        return "object"
+
+    @staticmethod
+    def _affix(text_value: ColumnElement[Any], op: str, value: str) -> ColumnElement[bool]:
+        escaped = _like_escape(value)
+        pattern = escaped + "%" if op in ("beginsWith", "doesNotBeginsWith") else "%" + escaped
+        expr = text_value.like(_bind(pattern), escape="\\")
+        return expr if op in ("beginsWith", "endsWith") else _not(expr)
+
+    def _text_column(
+        self, column: Any, name: str, op: str, value: Any, pointer: str
+    ) -> ColumnElement[bool]:
+        if op in ("isEmpty", "isNotEmpty"):
+            empty = sa.func.coalesce(column, "") == ""
+            return empty if op == "isEmpty" else _not(empty)
+        if op in ("in", "notIn", "containsAny"):
+            values = self._values(value, pointer)
+            if not all(isinstance(v, str) for v in values):
+                raise self._problem(_ptr(pointer, "value"), "the values must be strings")
+            expr = column == sa.any_(_text_array(values))
+            return expr if op != "notIn" else _not(expr)
+        if not isinstance(value, str):
+            raise self._problem(_ptr(pointer, "value"), f"{name} compares with a string value")
+        if op in ("=", "!="):
+            expr = column == _bind(value)
+            return expr if op == "=" else _not(expr)
+        if op in ("contains", "doesNotContains"):
+            expr = sa.func.strpos(column, _bind(value)) > 0
+            return expr if op == "contains" else _not(expr)
+        if op in ("beginsWith", "doesNotBeginsWith", "endsWith", "doesNotEndsWith"):
+            return self._affix(column, op, value)
+        raise self._problem(_ptr(pointer, "operator"), f"{op!r} does not apply to {name}")
+
+    def _team(self, op: str, value: Any, has_value: bool, pointer: str) -> ColumnElement[bool]:
+        team = E.c.team
+        if op in ("isEmpty", "isNotEmpty"):
+            empty = sa.func.cardinality(team) == 0
+            return empty if op == "isEmpty" else _not(empty)
+        if op in ("=", "!=", "contains", "doesNotContains"):
+            if not isinstance(value, str):
+                raise self._problem(_ptr(pointer, "value"), "$team compares with a team name")
+            expr = team.op("@>", is_comparison=True)(_text_array([value]))
+            return expr if op in ("=", "contains") else _not(expr)
+        if op in ("in", "notIn", "containsAny"):
+            values = self._values(value, pointer)
+            if not all(isinstance(v, str) for v in values):
+                raise self._problem(_ptr(pointer, "value"), "the values must be team names")
+            expr = team.op("&&", is_comparison=True)(_text_array(values))
+            return expr if op != "notIn" else _not(expr)
+        raise self._problem(_ptr(pointer, "operator"), f"{op!r} does not apply to $team")
+
+    # -- time ---------------------------------------------------------------------------
+
+    def _range(self, value: Any, pointer: str) -> tuple[datetime, datetime]:
+        if not isinstance(value, dict):
+            raise self._problem(_ptr(pointer, "value"), "the value must be {from, to} or {preset}")
+        if "preset" in value:
+            preset = value["preset"]
+            if preset not in PRESETS:
+                raise self._problem(
+                    _ptr(pointer, "value", "preset"),
+                    f"unknown preset {preset!r} (one of {', '.join(PRESETS)})",
+                )
+            return self._preset(preset)
+        start, end = parse_time(value.get("from")), parse_time(value.get("to"))
+        if start is None or end is None:
+            raise self._problem(
+                _ptr(pointer, "value"), "from and to must both be ISO 8601 date-times"
+            )
+        return start, end
+
+    def _preset(self, preset: str) -> tuple[datetime, datetime]:
+        now = self.scope.now
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        day = timedelta(days=1)
+        if preset == "today":
+            return midnight, midnight + day
+        if preset == "tomorrow":
+            return midnight + day, midnight + 2 * day
+        if preset == "yesterday":
+            return midnight - day, midnight
+        if preset in _PRESETS_PAST:
+            return now - _PRESETS_PAST[preset], now
+        return now, now + _PRESETS_NEXT[preset]
+
+    def _time(
+        self,
+        column: ColumnElement[Any],
+        name: str,
+        op: str,
+        value: Any,
+        pointer: str,
+    ) -> ColumnElement[bool]:
+        stamp_type = sa.DateTime(timezone=True)
+        if op in ("isEmpty", "isNotEmpty"):
+            empty = column.is_(None)
+            return empty if op == "isEmpty" else _not(empty)
+        if op in ("isExpired", "isNotExpired"):
+            expired = column < _bind(self.scope.now, stamp_type)
+            return expired if op == "isExpired" else _not(expired)
+        if op in ("between", "notBetween"):
+            start, end = self._range(value, pointer)
+            inside = sa.and_(column >= _bind(start, stamp_type), column <= _bind(end, stamp_type))
+            return inside if op == "between" else _not(inside)
+        if op in ("=", "!=", ">", ">=", "<", "<="):
+            if op in ("=", "!=") and value is None:
+                empty = column.is_(None)
+                return empty if op == "=" else _not(empty)
+            stamp = parse_time(value)
+            if stamp is None:
+                raise self._problem(
+                    _ptr(pointer, "value"), f"{name} compares with an ISO 8601 date-time"
+                )
+            if op == "!=":
+                return _not(column == _bind(stamp, stamp_type))
+            return _compare(column, op, _bind(stamp, stamp_type))
+        if op in ("in", "notIn"):
+            values = self._values(value, pointer)
+            stamps = [parse_time(v) for v in values]
+            if any(s is None for s in stamps):
+                raise self._problem(_ptr(pointer, "value"), "the values must be date-times")
+            expr = column == sa.any_(sa.cast(_bind(stamps, ARRAY(stamp_type)), ARRAY(stamp_type)))
+            return expr if op == "in" else _not(expr)
+        raise self._problem(_ptr(pointer, "operator"), f"{op!r} does not apply to date-times")
+
+    # -- relations ----------------------------------------------------------------------
+
+    def _links(self, relation: str) -> Any:
+        r = _RELATIONS.alias()
+        return r, sa.and_(
+            r.c.org_id == E.c.org_id,
+            r.c.source_blueprint == E.c.blueprint,
+            r.c.source_identifier == E.c.identifier,
+            r.c.relation == _bind(relation),
+        )
+
+    def _relation(self, name: str, op: str, value: Any, pointer: str) -> ColumnElement[bool]:
+        r, linked = self._links(name)
+        if op in ("isEmpty", "isNotEmpty"):
+            exists = sa.exists().where(linked)
+            return _not(exists) if op == "isEmpty" else exists
+        if op in ("=", "!=", "contains", "doesNotContains"):
+            if value is None and op in ("=", "!="):
+                exists = sa.exists().where(linked)
+                return _not(exists) if op == "=" else exists
+            if not isinstance(value, str):
+                raise self._problem(
+                    _ptr(pointer, "value"), f"relation {name!r} compares with an entity identifier"
+                )
+            exists = sa.exists().where(linked, r.c.target_identifier == _bind(value))
+            return exists if op in ("=", "contains") else _not(exists)
+        if op in ("in", "notIn", "containsAny"):
+            values = self._values(value, pointer)
+            if not all(isinstance(v, str) for v in values):
+                raise self._problem(_ptr(pointer, "value"), "the values must be entity identifiers")
+            exists = sa.exists().where(
+                linked, r.c.target_identifier == sa.any_(_text_array(values))
+            )
+            return exists if op != "notIn" else _not(exists)
+        raise self._problem(
+            _ptr(pointer, "operator"), f"{op!r} does not apply to relation {name!r}"
+        )
+
+    def _related_to(self, rule: dict[str, Any], pointer: str) -> ColumnElement[bool]:
+        unknown = sorted(
+            set(rule) - {"operator", "blueprint", "value", "direction", "required", "maxHops"}
+        )
+        if unknown:
+            raise self._problem(pointer, f"unknown field(s) {', '.join(unknown)}")
+        blueprint = rule.get("blueprint")
+        if not isinstance(blueprint, str) or blueprint not in self.scope.blueprints:
+            raise self._problem(
+                _ptr(pointer, "blueprint"), f"blueprint {blueprint!r} does not exist"
+            )
+        value = rule.get("value")
+        ids = [value] if isinstance(value, str) else value
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise self._problem(
+                _ptr(pointer, "value"), "the value must be an entity identifier or a list of them"
+            )
+        if len(ids) > MAX_VALUES:
+            raise self._problem(_ptr(pointer, "value"), f"at most {MAX_VALUES} identifiers")
+        direction = rule.get("direction")
+        if direction not in (None, "upstream", "downstream"):
+            raise self._problem(
+                _ptr(pointer, "direction"), "direction must be 'upstream' or 'downstream'"
+            )
+        required = rule.get("required")
+        if required is not None and not isinstance(required, bool):
+            raise self._problem(_ptr(pointer, "required"), "required must be true or false")
+        hops = rule.get("maxHops", MAX_HOPS)
+        if isinstance(hops, bool) or not isinstance(hops, int) or not 1 <= hops <= MAX_HOPS:
+            raise self._problem(_ptr(pointer, "maxHops"), f"maxHops must be 1..{MAX_HOPS}")
+        walks = []
+        for way in ("upstream", "downstream"):
+            if direction in (None, way):
+                walk = self._walk(blueprint, ids, way, required, hops)
+                walks.append(
+                    sa.tuple_(E.c.blueprint, E.c.identifier).in_(sa.select(walk.c.bp, walk.c.ident))
+                )
+        return sa.or_(*walks)
+
+    def _walk(
+        self, blueprint: str, ids: list[str], way: str, required: bool | None, hops: int
+    ) -> Any:
+        """Entities reachable from (blueprint, ids): upstream follows links from source to
+        target (what the given entities depend on), downstream the other way (what depends
+        on them)."""
+        self._walks += 1
+        org = self.scope.org_id
+
+        def step(edge: Any) -> tuple[Any, Any, Any, Any]:
+            if way == "upstream":
+                return (
+                    edge.c.source_blueprint,
+                    edge.c.source_identifier,
+                    edge.c.target_blueprint,
+                    edge.c.target_identifier,
+                )
+            return (
+                edge.c.target_blueprint,
+                edge.c.target_identifier,
+                edge.c.source_blueprint,
+                edge.c.source_identifier,
+            )
+
+        def edges(edge: Any) -> Any:
+            if required is None:
+                return edge
+            br = _BLUEPRINT_RELATIONS.alias()
+            return edge.join(
+                br,
+                sa.and_(
+                    br.c.org_id == edge.c.org_id,
+                    br.c.blueprint == edge.c.source_blueprint,
+                    br.c.relation == edge.c.relation,
+                    br.c.required == required,
+                ),
+            )
+
+        first = _RELATIONS.alias()
+        from_bp, from_id, to_bp, to_id = step(first)
+        anchor = (
+            sa.select(to_bp.label("bp"), to_id.label("ident"), sa.literal(1).label("depth"))
+            .select_from(edges(first))
+            .where(
+                first.c.org_id == _bind(org),
+                from_bp == _bind(blueprint),
+                from_id == sa.any_(sa.cast(_bind(ids, ARRAY(sa.String)), ARRAY(sa.String))),
+            )
+        )
+        walk = anchor.cte(name=f"walk_{self._walks}", recursive=True)
+        nxt = _RELATIONS.alias()
+        from_bp, from_id, to_bp, to_id = step(nxt)
+        recursive = (
+            sa.select(to_bp, to_id, walk.c.depth + 1)
+            .select_from(
+                edges(nxt).join(walk, sa.and_(from_bp == walk.c.bp, from_id == walk.c.ident))
+            )
+            .where(nxt.c.org_id == _bind(org), walk.c.depth < hops)
+        )
+        return walk.union(recursive)
+
+    # -- property schema ----------------------------------------------------------------
+
+    def _property_schema(self, rule: dict[str, Any], pointer: str, op: str) -> ColumnElement[bool]:
+        wanted = rule.get("propertySchema")
+        if not isinstance(wanted, dict) or not isinstance(wanted.get("type"), str):
+            raise self._problem(_ptr(pointer, "propertySchema"), "propertySchema needs a type")
+        names = sorted(
+            {
+                name
+                for bp in self.scope.searched
+                for name, prop in self.scope.blueprints[bp]["schema"]["properties"].items()
+                if prop.get("type") == wanted["type"]
+                and prop.get("format") == wanted.get("format")
+                and (
+                    "items" not in wanted
+                    or (prop.get("items") or {}).get("type") == (wanted["items"] or {}).get("type")
+                )
+            }
+        )
+        if not names:
+            return sa.false()
+        parts = []
+        for name in names:
+            found = self._field(name)
+            assert found is not None
+            expr = self._property(found, op, rule.get("value"), "value" in rule, pointer)
+            guard = self._guard(found)
+            parts.append(sa.and_(guard, expr) if guard is not None else expr)
+        return sa.or_(*parts)
+
+
+def _compare(left: ColumnElement[Any], op: str, right: Any) -> ColumnElement[bool]:
+    compared: ColumnElement[bool]
+    if op == ">":
+        compared = left > right
+    elif op == ">=":
+        compared = left >= right
+    elif op == "<":
+        compared = left < right
+    elif op == "<=":
+        compared = left <= right
+    else:
+        compared = left == right
+    return compared
+
+
+def _not(expr: ColumnElement[bool]) -> ColumnElement[bool]:
+    """Negation where an absent value (NULL) counts as not matching the positive rule.
+    Positive rules stay bare, so their indexes apply."""
+    return sa.not_(sa.func.coalesce(expr, sa.false()))

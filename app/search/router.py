@@ -1,0 +1,156 @@
+"""Search routes (Port's shapes): per blueprint, paginated; across blueprints, streamed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, Path, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.auth.principal import CurrentTenant
+from app.catalog.entities import FieldFilter
+from app.db.database import Database
+from app.db.routing import api_router
+from app.kit.openapi import ERRORS_AUTHED
+from app.kit.responses import json_response, to_json
+from app.search.service import Search, decode_cursor, encode_cursor, scope_for
+
+router = api_router(tags=["Search"])
+_META = {
+    "$identifier": "identifier",
+    "$title": "title",
+    "$icon": "icon",
+    "$team": "team",
+    "$blueprint": "blueprint",
+    "$createdAt": "createdAt",
+    "$createdBy": "createdBy",
+    "$updatedAt": "updatedAt",
+    "$updatedBy": "updatedBy",
+}
+
+Paths = Annotated[list[str] | None, Query(max_length=200)]
+
+
+class Rules(BaseModel):
+    """A Port search query: rules (or nested queries) joined by a combinator. Each rule is
+    checked by the compiler, which names every bad one by its JSON pointer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    combinator: Literal["and", "or"] = "and"
+    rules: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
+
+
+class BlueprintSearchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    query: Rules | None = None
+    include: list[str] | None = Field(default=None, max_length=200)
+    exclude: list[str] | None = Field(default=None, max_length=200)
+    limit: int = Field(default=200, ge=1, le=1000)
+    from_: str | None = Field(default=None, alias="from", max_length=4000)
+
+
+class SearchPage(BaseModel):
+    ok: Literal[True] = True
+    entities: list[dict[str, Any]]
+    next: str | None = None
+
+
+class SearchAll(BaseModel):
+    ok: Literal[True] = True
+    matchingBlueprints: list[str]
+    entities: list[dict[str, Any]]
+
+
+def _paths(names: list[str] | None, blueprints: list[dict[str, Any]]) -> list[str]:
+    """Port's include/exclude names (`$title`, a property or relation identifier) as the
+    field paths of an entity (`title`, `properties.x`, `relations.y`); paths given as such
+    pass through."""
+    out: list[str] = []
+    for name in names or []:
+        if name in _META:
+            out.append(_META[name])
+        elif "." in name:
+            out.append(name)
+        elif any(name in bp["schema"]["properties"] for bp in blueprints):
+            out.append(f"properties.{name}")
+        elif any(name in bp["relations"] for bp in blueprints):
+            out.append(f"relations.{name}")
+        else:
+            out.append(name)  # a top-level field (`identifier`, `title`, ...)
+    return out
+
+
+def _picker(
+    include: list[str] | None, exclude: list[str] | None, blueprints: list[dict[str, Any]]
+) -> FieldFilter:
+    paths = _paths(include, blueprints)
+    if paths:
+        paths += ["identifier", "blueprint"]  # always identify what was found
+    return FieldFilter(paths, _paths(exclude, blueprints))
+
+
+@router.post(
+    "/v1/blueprints/{blueprint}/entities/search",
+    response_model=SearchPage,
+    responses=ERRORS_AUTHED,
+    summary="Search a blueprint's entities (paginated)",
+)
+async def search_blueprint(
+    blueprint: Annotated[str, Path(min_length=1, max_length=100)],
+    tenant: CurrentTenant,
+    body: Annotated[BlueprintSearchBody | None, Body()] = None,
+    include: Paths = None,
+    exclude: Paths = None,
+    exclude_calculated_properties: bool = False,
+) -> Response:
+    body = body or BlueprintSearchBody()
+    query = body.query.model_dump() if body.query is not None else None
+    scope = await scope_for(tenant.tx, blueprint, query)
+    search = Search(scope, query)
+    after = decode_cursor(body.from_) if body.from_ else None
+    found, last = await search.page(tenant.tx, after, body.limit)
+    pick = _picker(
+        (body.include or []) + (include or []) or None,
+        (body.exclude or []) + (exclude or []) or None,
+        [scope.blueprints[blueprint]],
+    )
+    page: dict[str, Any] = {"ok": True, "entities": [pick.apply(e) for e in found]}
+    if last is not None:
+        page["next"] = encode_cursor(last)
+    return json_response(page)
+
+
+@router.post(
+    "/v1/entities/search",
+    response_model=SearchAll,
+    responses=ERRORS_AUTHED,
+    summary="Search entities across blueprints (every match, streamed)",
+)
+async def search_all(
+    request: Request,
+    tenant: CurrentTenant,
+    body: Annotated[Rules, Body()],
+    include: Paths = None,
+    exclude: Paths = None,
+    exclude_calculated_properties: bool = False,
+) -> Response:
+    query = body.model_dump()
+    scope = await scope_for(tenant.tx, None, query)
+    search = Search(scope, query)
+    pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
+    db: Database = request.app.state.db
+    head = b'{"ok":true,"matchingBlueprints":' + to_json(scope.searched) + b',"entities":['
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield head
+        first = True
+        async for entity in search.stream(db, scope.org_id):
+            yield (b"" if first else b",") + to_json(pick.apply(entity))
+            first = False
+        yield b"]}"
+
+    return StreamingResponse(stream(), media_type="application/json")

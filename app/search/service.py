@@ -1,0 +1,171 @@
+"""Running searches: one compiled statement per page, keyset pagination, bounded time."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from app.catalog import blueprints as bp_service
+from app.catalog.entities import row_state, to_api
+from app.db.database import Database, Tx
+from app.kit.errors import Invalid, NotFound
+from app.search.compiler import Compiler, E, Scope
+
+# A search that runs longer than this is cancelled and answered with a 422.
+STATEMENT_TIMEOUT_MS = 10_000
+_PAGE = 1000
+
+_LINKS: sa.Label[Any] = sa.literal_column(
+    "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
+    " SELECT relation, jsonb_agg(target_identifier ORDER BY target_identifier) AS targets"
+    " FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
+    " AND source_identifier = e.identifier GROUP BY relation) r)"
+).label("links")
+
+_COLUMNS = [
+    E.c.blueprint,
+    E.c.identifier,
+    E.c.title,
+    E.c.icon,
+    E.c.team,
+    E.c.properties,
+    E.c.datasource,
+    E.c.created_at,
+    E.c.created_by,
+    E.c.updated_at,
+    E.c.updated_by,
+    _LINKS,
+]
+
+
+async def scope_for(tx: Tx, blueprint: str | None, query: Any) -> Scope:
+    """The org's blueprints, and which of them are searched: the URL's blueprint, or every
+    blueprint (narrowed by a top-level `$blueprint` rule of an `and` query)."""
+    assert tx.org_id is not None
+    everything = {bp["identifier"]: bp for bp in await bp_service.list_all(tx)}
+    if blueprint is not None:
+        if blueprint not in everything:
+            raise NotFound(f"Blueprint {blueprint!r} was not found")
+        searched = [blueprint]
+    else:
+        searched = _narrowed(query, sorted(everything))
+    return Scope(org_id=tx.org_id, blueprints=everything, searched=searched)
+
+
+def _narrowed(query: Any, every: list[str]) -> list[str]:
+    if not isinstance(query, dict) or query.get("combinator", "and") != "and":
+        return every
+    chosen = set(every)
+    for rule in query.get("rules") or []:
+        if not isinstance(rule, dict) or rule.get("property") != "$blueprint":
+            continue
+        value = rule.get("value")
+        if rule.get("operator") == "=" and isinstance(value, str):
+            chosen &= {value}
+        elif rule.get("operator") == "in" and isinstance(value, list):
+            chosen &= {v for v in value if isinstance(v, str)}
+    return sorted(chosen)
+
+
+def encode_cursor(position: tuple[str, str]) -> str:
+    raw = json.dumps(list(position), separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        blueprint, identifier = json.loads(raw)
+        if isinstance(blueprint, str) and isinstance(identifier, str):
+            return blueprint, identifier
+    except (ValueError, TypeError, binascii.Error):
+        pass
+    raise Invalid(
+        "from is not a cursor this API returned (pass a response's `next` unchanged)",
+        details=[{"pointer": "/from", "message": "invalid cursor"}],
+    )
+
+
+class Search:
+    """A compiled query over a scope, read a page at a time in (blueprint, identifier)
+    order; the position after a page is its cursor, so pages neither skip nor repeat rows
+    that concurrent writes leave in place."""
+
+    def __init__(self, scope: Scope, query: Any) -> None:
+        self.scope = scope
+        self.condition = Compiler(scope).compile(query or {"combinator": "and", "rules": []})
+
+    def statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
+        stmt = sa.select(*_COLUMNS).where(E.c.org_id == sa.bindparam(None, self.scope.org_id))
+        if len(self.scope.searched) == 1:
+            only = self.scope.searched[0]
+            stmt = stmt.where(E.c.blueprint == sa.bindparam(None, only))
+            if after is not None:
+                if after[0] > only:
+                    stmt = stmt.where(sa.false())
+                elif after[0] == only:
+                    stmt = stmt.where(E.c.identifier > sa.bindparam(None, after[1]))
+            stmt = stmt.order_by(E.c.identifier)
+        else:
+            searched = sa.cast(
+                sa.bindparam(None, self.scope.searched, type_=ARRAY(sa.String)),
+                ARRAY(sa.String),
+            )
+            stmt = stmt.where(E.c.blueprint == sa.any_(searched))
+            if after is not None:
+                stmt = stmt.where(
+                    sa.tuple_(E.c.blueprint, E.c.identifier)
+                    > sa.tuple_(sa.bindparam(None, after[0]), sa.bindparam(None, after[1]))
+                )
+            stmt = stmt.order_by(E.c.blueprint, E.c.identifier)
+        return stmt.where(self.condition).limit(limit)
+
+    async def page(
+        self, tx: Tx, after: tuple[str, str] | None, limit: int
+    ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+        """Up to `limit` entities in the API's shape, and the position to continue from
+        (None when this was the last page)."""
+        rows = await _run(tx, self.statement(after, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        found = [self._entity(row) for row in rows]
+        last = (rows[-1]["blueprint"], rows[-1]["identifier"]) if more and rows else None
+        return found, last
+
+    def _entity(self, row: asyncpg.Record) -> dict[str, Any]:
+        return to_api(self.scope.blueprints[row["blueprint"]], row_state(row))
+
+    async def stream(self, db: Database, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
+        """Every match, a page per short transaction (memory stays flat)."""
+        after: tuple[str, str] | None = None
+        while True:
+            async with db.tenant(org_id) as tx:
+                found, after = await self.page(tx, after, _PAGE)
+            for entity in found:
+                yield entity
+            if after is None:
+                return
+
+
+async def _run(tx: Tx, stmt: sa.Select[Any]) -> list[asyncpg.Record]:
+    await tx.execute(f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT_MS)}")
+    try:
+        return await tx.fetch(stmt)
+    except asyncpg.QueryCanceledError as exc:
+        raise Invalid(
+            f"The search ran longer than {STATEMENT_TIMEOUT_MS // 1000} s and was stopped; "
+            "narrow the query (fewer hops, more selective rules)"
+        ) from exc
+    except asyncpg.DataError as exc:
+        raise Invalid(
+            "Stored values of a property in this query do not all fit its type "
+            f"({exc.__class__.__name__}); fix the data or compare it differently"
+        ) from exc
