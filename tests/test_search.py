@@ -585,3 +585,121 @@ async def test_indexed_operators_never_scan_the_table(
             )
         )
         assert "ix_entities_search_doc" in plan, plan
+
+
+async def _aggregate(client: httpx.AsyncClient, org: Org, body: dict[str, Any]) -> httpx.Response:
+    return await client.post("/v1/entities/aggregate", json=body, headers=org.headers)
+
+
+SERVICES = {"combinator": "and", "rules": [rule("$blueprint", "=", "service")]}
+
+
+async def test_aggregate_functions(client: httpx.AsyncClient, org: Org) -> None:
+    async def result(body: dict[str, Any]) -> Any:
+        r = await _aggregate(client, org, body)
+        assert r.status_code == 200, r.text
+        return r.json()["result"]
+
+    assert await result({"func": "count", "query": SERVICES}) == 4
+    assert await result({"func": "count", "query": {"combinator": "and", "rules": []}}) == 7
+    assert await result({"func": "sum", "property": "coverage", "query": SERVICES}) == 140.5
+    assert await result(
+        {"func": "average", "property": "coverage", "query": SERVICES}
+    ) == pytest.approx(140.5 / 3)
+    assert await result({"func": "min", "property": "coverage", "query": SERVICES}) == 9
+    assert await result({"func": "max", "property": "coverage", "query": SERVICES}) == 91.5
+    assert await result({"func": "median", "property": "coverage", "query": SERVICES}) == 40
+    python = {
+        "combinator": "and",
+        "rules": [rule("$blueprint", "=", "service"), rule("language", "=", "python")],
+    }
+    assert await result({"func": "sum", "property": "coverage", "query": python}) == 49
+    per_day = await result({"func": "average", "averageOf": "day", "query": SERVICES})
+    assert per_day == 4.0  # all created within the last day
+
+
+async def test_aggregate_facets_and_groups(client: httpx.AsyncClient, org: Org) -> None:
+    languages = await _aggregate(
+        client, org, {"func": "countValues", "property": "language", "query": SERVICES}
+    )
+    assert languages.json()["result"] == [
+        {"value": "python", "count": 2},
+        {"value": "go", "count": 1},
+        {"value": "java", "count": 1},
+    ]
+    tags = await _aggregate(
+        client, org, {"func": "countValues", "property": "tags", "query": SERVICES}
+    )
+    assert tags.json()["result"] == [
+        {"value": "edge", "count": 1},
+        {"value": "storage", "count": 1},
+        {"value": "tier1", "count": 1},
+    ]
+    teams = await _aggregate(
+        client, org, {"func": "countValues", "property": "$team", "query": SERVICES}
+    )
+    assert teams.json()["result"] == [{"value": "core", "count": 2}, {"value": "web", "count": 1}]
+    links = await _aggregate(
+        client, org, {"func": "countValues", "relation": "dependsOn", "query": SERVICES}
+    )
+    assert links.json()["result"] == [{"value": "api", "count": 1}, {"value": "db", "count": 1}]
+    grouped = await _aggregate(
+        client,
+        org,
+        {"func": "sum", "property": "coverage", "groupBy": "language", "query": SERVICES},
+    )
+    assert grouped.json()["result"] == [
+        {"value": "go", "result": 91.5},
+        {"value": "python", "result": 49},
+        {"value": "java", "result": None},
+    ]
+    by_blueprint = await _aggregate(
+        client,
+        org,
+        {"func": "count", "groupBy": "$blueprint", "query": {"combinator": "and", "rules": []}},
+    )
+    assert by_blueprint.json()["result"] == [
+        {"value": "service", "result": 4},
+        {"value": "team", "result": 2},
+        {"value": "system", "result": 1},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer"),
+    [
+        ({"func": "sum", "property": "language", "query": SERVICES}, "/property"),
+        ({"func": "sum", "query": SERVICES}, "/property"),
+        ({"func": "countValues", "property": "nope", "query": SERVICES}, "/property"),
+        ({"func": "countValues", "relation": "nope", "query": SERVICES}, "/relation"),
+        ({"func": "count", "groupBy": "config", "query": SERVICES}, "/groupBy"),
+        (
+            {"func": "count", "query": {"combinator": "and", "rules": [rule("nope", "=", 1)]}},
+            "/query/rules/0/property",
+        ),
+        (
+            {"func": "average", "averageOf": "day", "measureTimeBy": "language", "query": SERVICES},
+            "/measureTimeBy",
+        ),
+    ],
+)
+async def test_aggregate_refuses_what_cannot_apply(
+    client: httpx.AsyncClient, org: Org, body: dict[str, Any], pointer: str
+) -> None:
+    r = await _aggregate(client, org, body)
+    assert r.status_code == 422, r.text
+    assert pointer in [d["pointer"] for d in r.json()["details"]]
+
+
+async def test_aggregate_counts_one_tenant(
+    client: httpx.AsyncClient, org: Org, make_org: OrgFactory
+) -> None:
+    other = await make_org()
+    await _catalog(client, other)
+    r = await _aggregate(client, org, {"func": "count", "query": SERVICES})
+    assert r.json()["result"] == 4
+    empty = await make_org()
+    r = await _aggregate(
+        client, empty, {"func": "count", "query": {"combinator": "and", "rules": []}}
+    )
+    assert r.status_code == 200 and r.json()["result"] == 0

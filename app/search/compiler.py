@@ -38,7 +38,7 @@ MAX_RULES = 200
 MAX_DEPTH = 10
 MAX_VALUES = 1000
 
-_META_TEXT = {
+META_TEXT = {
     "$identifier": "identifier",
     "$title": "title",
     "$icon": "icon",
@@ -47,7 +47,7 @@ _META_TEXT = {
     "$createdBy": "created_by",
     "$updatedBy": "updated_by",
 }
-_META_TIME = {"$createdAt": "created_at", "$updatedAt": "updated_at"}
+META_TIME = {"$createdAt": "created_at", "$updatedAt": "updated_at"}
 _PRESETS_PAST = {
     "lastDay": timedelta(days=1),
     "lastWeek": timedelta(weeks=1),
@@ -224,10 +224,10 @@ class Compiler:
             )
         if prop == "$team":
             return self._team(operator, value, "value" in rule, pointer)
-        if prop in _META_TEXT:
-            return self._text_column(E.c[_META_TEXT[prop]], prop, operator, value, pointer)
-        if prop in _META_TIME:
-            column = E.c[_META_TIME[prop]]
+        if prop in META_TEXT:
+            return self._text_column(E.c[META_TEXT[prop]], prop, operator, value, pointer)
+        if prop in META_TIME:
+            column = E.c[META_TIME[prop]]
             return self._time(column, prop, operator, value, pointer)
         if prop.startswith("$"):
             raise self._problem(_ptr(pointer, "property"), f"unknown meta-property {prop!r}")

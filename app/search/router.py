@@ -15,6 +15,7 @@ from app.db.database import Database
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED
 from app.kit.responses import json_response, to_json
+from app.search.aggregate import aggregate
 from app.search.service import Search, decode_cursor, encode_cursor, scope_for
 
 router = api_router(tags=["Search"])
@@ -122,6 +123,41 @@ async def search_blueprint(
     if last is not None:
         page["next"] = encode_cursor(last)
     return json_response(page)
+
+
+class AggregateBody(BaseModel):
+    """Port's aggregation body (`func`, `query`, and `property` / `relation` /
+    `averageOf` / `measureTimeBy` as the function needs), plus `groupBy`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    func: Literal["count", "sum", "average", "min", "max", "median", "countValues"]
+    query: Rules = Field(default_factory=Rules)
+    property: str | None = Field(default=None, max_length=100)
+    relation: str | None = Field(default=None, max_length=100)
+    averageOf: Literal["hour", "day", "week", "month", "total"] | None = None
+    measureTimeBy: str | None = Field(default=None, max_length=100)
+    calculationBy: str | None = Field(default=None, max_length=100)
+    groupBy: str | None = Field(default=None, max_length=100)
+
+
+class AggregateResult(BaseModel):
+    ok: Literal[True] = True
+    func: str
+    groupBy: str | None = None
+    result: Any
+
+
+@router.post(
+    "/v1/entities/aggregate",
+    response_model=AggregateResult,
+    responses=ERRORS_AUTHED,
+    summary="Aggregate over a query: count, sum, average, min, max, median, value counts",
+)
+async def aggregate_entities(tenant: CurrentTenant, body: AggregateBody) -> Response:
+    raw = body.model_dump(exclude_none=True)
+    scope = await scope_for(tenant.tx, None, raw["query"])
+    return json_response(await aggregate(tenant.tx, scope, raw))
 
 
 @router.post(

@@ -133,7 +133,7 @@ class Search:
     ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
         """Up to `limit` entities in the API's shape, and the position to continue from
         (None when this was the last page)."""
-        rows = await _run(tx, self.statement(after, limit + 1))
+        rows = await run_bounded(tx, self.statement(after, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         found = [self._entity(row) for row in rows]
@@ -155,7 +155,7 @@ class Search:
                 return
 
 
-async def _run(tx: Tx, stmt: sa.Select[Any]) -> list[asyncpg.Record]:
+async def run_bounded(tx: Tx, stmt: sa.Select[Any]) -> list[asyncpg.Record]:
     await tx.execute(f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT_MS)}")
     try:
         return await tx.fetch(stmt)
