@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +19,7 @@ import asyncpg
 from app.catalog import blueprints as bp_service
 from app.catalog.validation import valid_entity_identifier
 from app.catalog.validators import EntityValidator, validator_for
-from app.db.database import Database, Tx
+from app.db.database import Tx
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
 
 # Writes of up to this many entities lock their rows on the first read.
@@ -643,14 +642,6 @@ def _columns(items: list[Item]) -> list[Any]:
     ]
 
 
-async def get(tx: Tx, blueprint_id: str, identifier: str) -> dict[str, Any]:
-    blueprint = await bp_service.get_with_version(tx, blueprint_id)
-    found = await _load_existing(tx, blueprint_id, [identifier], lock=False)
-    if identifier not in found:
-        raise NotFound(f"Entity {identifier!r} of blueprint {blueprint_id!r} was not found")
-    return to_api(blueprint, found[identifier])
-
-
 async def delete_many(
     tx: Tx,
     blueprint_id: str,
@@ -742,31 +733,6 @@ async def count(tx: Tx, blueprint_id: str) -> int:
             blueprint_id,
         )
     )
-
-
-_PAGE = 1000
-
-
-async def iterate(
-    db: Database, org_id: Any, blueprint: dict[str, Any]
-) -> AsyncIterator[dict[str, Any]]:
-    """Every entity of a blueprint in identifier order, a page at a time, each page in its own
-    short tenant transaction: memory stays flat however many entities there are."""
-    after = ""
-    while True:
-        async with db.tenant(org_id) as tx:
-            rows = await tx.fetch(
-                _SELECT_WITH_LINKS + "AND e.identifier > $3 ORDER BY e.identifier LIMIT $4",
-                org_id,
-                blueprint["identifier"],
-                after,
-                _PAGE,
-            )
-        for row in rows:
-            yield row_state(row)
-        if len(rows) < _PAGE:
-            return
-        after = rows[-1]["identifier"]
 
 
 class FieldFilter:

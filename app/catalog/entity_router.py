@@ -9,7 +9,7 @@ from fastapi import Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.auth.principal import CurrentTenant, Tenant
-from app.catalog import blueprints, entities, migrations
+from app.catalog import entities, migrations
 from app.catalog.schemas import (
     BulkBody,
     BulkDeleteBody,
@@ -27,6 +27,7 @@ from app.db.routing import api_router, key_lookups
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response, to_json
+from app.search.service import Search, scope_for
 
 router = api_router(tags=["Entities"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
@@ -161,16 +162,15 @@ async def list_entities(
     include: Annotated[list[str] | None, Query(max_length=100)] = None,
     exclude: Annotated[list[str] | None, Query(max_length=100)] = None,
 ) -> Any:
-    bp = await blueprints.get_with_version(tenant.tx, blueprint)
+    search = Search(await scope_for(tenant.tx, blueprint, None), None)
     db: Database = request.app.state.db
     pick = entities.FieldFilter(include or [], exclude or [])
 
     async def stream() -> AsyncIterator[bytes]:
         yield b'{"ok":true,"entities":['
         first = True
-        async for state in entities.iterate(db, tenant.org_id, bp):
-            chunk = to_json(pick.apply(entities.to_api(bp, state)))
-            yield (b"" if first else b",") + chunk
+        async for entity in search.stream(db, tenant.org_id):
+            yield (b"" if first else b",") + to_json(pick.apply(entity))
             first = False
         yield b"]}"
 
@@ -185,9 +185,13 @@ async def list_entities(
 )
 @key_lookups
 async def get_entity(blueprint: BlueprintId, identifier: EntityId, tenant: CurrentTenant) -> Any:
-    return json_response(
-        {"ok": True, "entity": await entities.get(tenant.tx, blueprint, identifier)}
-    )
+    """Read through search, so the entity carries its derived properties."""
+    rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
+    search = Search(await scope_for(tenant.tx, blueprint, None), {"rules": rules})
+    found, _ = await search.page(tenant.tx, None, 1)
+    if not found:
+        raise NotFound(f"Entity {identifier!r} of blueprint {blueprint!r} was not found")
+    return json_response({"ok": True, "entity": found[0]})
 
 
 async def _rewrite(

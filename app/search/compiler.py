@@ -30,8 +30,6 @@ ENTITIES = Entity.__table__
 E = ENTITIES.alias("e")
 _RELATIONS = EntityRelation.__table__
 _BLUEPRINT_RELATIONS = BlueprintRelation.__table__
-# The indexed search document of an entity (migration 0004).
-SEARCH_DOC = sa.func.entity_search_doc(E.c.org_id, E.c.blueprint, E.c.properties, type_=JSONB)
 
 MAX_HOPS = 15
 MAX_RULES = 200
@@ -142,8 +140,10 @@ def _number(value: Any) -> Decimal | None:
 
 
 class Compiler:
-    def __init__(self, scope: Scope) -> None:
+    def __init__(self, scope: Scope, entity: Any = None) -> None:
+        """`entity`: the alias of `entities` the rules apply to (`e` unless given)."""
         self.scope = scope
+        self.e = entity if entity is not None else E
         self.problems = Problems()
         self._rules = 0
         self._walks = 0
@@ -225,9 +225,9 @@ class Compiler:
         if prop == "$team":
             return self._team(operator, value, "value" in rule, pointer)
         if prop in META_TEXT:
-            return self._text_column(E.c[META_TEXT[prop]], prop, operator, value, pointer)
+            return self._text_column(self.e.c[META_TEXT[prop]], prop, operator, value, pointer)
         if prop in META_TIME:
-            column = E.c[META_TIME[prop]]
+            column = self.e.c[META_TIME[prop]]
             return self._time(column, prop, operator, value, pointer)
         if prop.startswith("$"):
             raise self._problem(_ptr(pointer, "property"), f"unknown meta-property {prop!r}")
@@ -269,7 +269,7 @@ class Compiler:
         """Restricts typed casts to the blueprints that declare the property."""
         if set(field_.blueprints) >= set(self.scope.searched):
             return None
-        return E.c.blueprint == sa.any_(_text_array(field_.blueprints))
+        return self.e.c.blueprint == sa.any_(_text_array(field_.blueprints))
 
     def _contains(self, name: str, value: Any) -> ColumnElement[bool]:
         """`properties @> {name: value}`, asked of the search document (properties plus
@@ -277,7 +277,10 @@ class Compiler:
         of this tenant alone. (Adding `$blueprint` makes the index read one more long
         posting list for little gain: the primary key narrows blueprints.)"""
         doc: dict[str, Any] = {"$org": str(self.scope.org_id), name: value}
-        return SEARCH_DOC.op("@>", is_comparison=True)(_jsonb(doc))
+        search_doc = sa.func.entity_search_doc(
+            self.e.c.org_id, self.e.c.blueprint, self.e.c.properties, type_=JSONB
+        )
+        return search_doc.op("@>", is_comparison=True)(_jsonb(doc))
 
     def _check_scalar(self, f: _Field, value: Any, pointer: str, kind: str | None = None) -> Any:
         kind = kind or f.kind
@@ -308,8 +311,8 @@ class Compiler:
         self, f: _Field, op: str, value: Any, has_value: bool, pointer: str
     ) -> ColumnElement[bool]:
         name = f.name
-        json_value = E.c.properties[name]
-        text_value = E.c.properties[name].astext
+        json_value = self.e.c.properties[name]
+        text_value = self.e.c.properties[name].astext
         if op in ("isEmpty", "isNotEmpty"):
             empty = sa.func.coalesce(
                 sa.or_(
@@ -331,7 +334,7 @@ class Compiler:
             return self._time(stamp, name, op, value, pointer)
         if op in ("=", "!="):
             if value is None:
-                absent = _not(E.c.properties.has_key(name))
+                absent = _not(self.e.c.properties.has_key(name))
                 return absent if op == "=" else _not(absent)
             if f.kind == "array":
                 if isinstance(value, list):
@@ -450,7 +453,7 @@ class Compiler:
         raise self._problem(_ptr(pointer, "operator"), f"{op!r} does not apply to {name}")
 
     def _team(self, op: str, value: Any, has_value: bool, pointer: str) -> ColumnElement[bool]:
-        team = E.c.team
+        team = self.e.c.team
         if op in ("isEmpty", "isNotEmpty"):
             empty = sa.func.cardinality(team) == 0
             return empty if op == "isEmpty" else _not(empty)
@@ -546,9 +549,9 @@ class Compiler:
     def _links(self, relation: str) -> Any:
         r = _RELATIONS.alias()
         return r, sa.and_(
-            r.c.org_id == E.c.org_id,
-            r.c.source_blueprint == E.c.blueprint,
-            r.c.source_identifier == E.c.identifier,
+            r.c.org_id == self.e.c.org_id,
+            r.c.source_blueprint == self.e.c.blueprint,
+            r.c.source_identifier == self.e.c.identifier,
             r.c.relation == _bind(relation),
         )
 
@@ -614,7 +617,9 @@ class Compiler:
             if direction in (None, way):
                 walk = self._walk(blueprint, ids, way, required, hops)
                 walks.append(
-                    sa.tuple_(E.c.blueprint, E.c.identifier).in_(sa.select(walk.c.bp, walk.c.ident))
+                    sa.tuple_(self.e.c.blueprint, self.e.c.identifier).in_(
+                        sa.select(walk.c.bp, walk.c.ident)
+                    )
                 )
         return sa.or_(*walks)
 

@@ -18,6 +18,7 @@ from app.catalog.entities import row_state, to_api
 from app.db.database import Database, Tx
 from app.kit.errors import Invalid, NotFound
 from app.search.compiler import Compiler, E, Scope
+from app.search.derived import derived_column
 
 # A search that runs longer than this is cancelled and answered with a 422.
 STATEMENT_TIMEOUT_MS = 10_000
@@ -102,9 +103,13 @@ class Search:
     def __init__(self, scope: Scope, query: Any) -> None:
         self.scope = scope
         self.condition = Compiler(scope).compile(query or {"combinator": "and", "rules": []})
+        self.derived = derived_column(scope, E)
 
     def statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
-        stmt = sa.select(*_COLUMNS).where(E.c.org_id == sa.bindparam(None, self.scope.org_id))
+        columns: list[Any] = [*_COLUMNS]
+        if self.derived is not None:
+            columns.append(self.derived)
+        stmt = sa.select(*columns).where(E.c.org_id == sa.bindparam(None, self.scope.org_id))
         if len(self.scope.searched) == 1:
             only = self.scope.searched[0]
             stmt = stmt.where(E.c.blueprint == sa.bindparam(None, only))
@@ -141,7 +146,14 @@ class Search:
         return found, last
 
     def _entity(self, row: asyncpg.Record) -> dict[str, Any]:
-        return to_api(self.scope.blueprints[row["blueprint"]], row_state(row))
+        state = row_state(row)
+        derived = row["derived"] if self.derived is not None else None
+        if derived:
+            team = derived.pop("$team", None)
+            if team is not None:  # ownership inherited through a relation path
+                state["team"] = team
+            state["properties"] = {**state["properties"], **derived}
+        return to_api(self.scope.blueprints[row["blueprint"]], state)
 
     async def stream(self, db: Database, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
         """Every match, a page per short transaction (memory stays flat)."""

@@ -1,0 +1,269 @@
+"""Derived properties on reads: mirror, aggregation and inherited ownership, computed in
+the statement that reads the entities (GET one, GET list, search)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Org, OrgFactory
+
+
+async def _setup(client: httpx.AsyncClient, org: Org) -> None:
+    blueprints: list[dict[str, Any]] = [
+        {
+            "identifier": "group",
+            "title": "Group",
+            "schema": {"properties": {"tier": {"type": "number"}}},
+        },
+        {
+            "identifier": "team",
+            "title": "Team",
+            "schema": {"properties": {"slack": {"type": "string"}}},
+            "relations": {"group": {"target": "group", "required": False, "many": False}},
+        },
+        {
+            "identifier": "service",
+            "title": "Service",
+            "schema": {"properties": {"lang": {"type": "string"}}},
+            "relations": {
+                "owner": {"target": "team", "required": False, "many": False},
+                "uses": {"target": "team", "required": False, "many": True},
+            },
+            "mirrorProperties": {
+                "ownerSlack": {"path": "owner.slack"},
+                "ownerTitle": {"path": "owner.$title"},
+                "groupTier": {"path": "owner.group.tier"},
+                "usedSlacks": {"path": "uses.slack"},
+            },
+            "ownership": {"type": "Inherited", "path": "owner"},
+        },
+        {
+            "identifier": "deployment",
+            "title": "Deployment",
+            "schema": {
+                "properties": {
+                    "minutes": {"type": "number"},
+                    "status": {"type": "string"},
+                }
+            },
+            "relations": {"service": {"target": "service", "required": True, "many": False}},
+        },
+    ]
+    for body in blueprints:
+        r = await client.post("/v1/blueprints", json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+    aggs = {
+        "deployments": {
+            "title": "Deployments",
+            "target": "deployment",
+            "calculationSpec": {"func": "count", "calculationBy": "entities"},
+        },
+        "failed": {
+            "title": "Failed",
+            "target": "deployment",
+            "calculationSpec": {"func": "count", "calculationBy": "entities"},
+            "query": {
+                "combinator": "and",
+                "rules": [{"property": "status", "operator": "=", "value": "failed"}],
+            },
+        },
+        "totalMinutes": {
+            "title": "Minutes",
+            "target": "deployment",
+            "calculationSpec": {"func": "sum", "calculationBy": "property", "property": "minutes"},
+        },
+        "medianMinutes": {
+            "title": "Median",
+            "target": "deployment",
+            "calculationSpec": {
+                "func": "median",
+                "calculationBy": "property",
+                "property": "minutes",
+            },
+        },
+    }
+    r = await client.patch(
+        "/v1/blueprints/service", json={"aggregationProperties": aggs}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+
+    async def bulk(bp: str, items: list[dict[str, Any]]) -> None:
+        r = await client.post(
+            f"/v1/blueprints/{bp}/entities/bulk", json={"entities": items}, headers=org.headers
+        )
+        assert r.status_code == 200, r.text
+
+    await bulk("group", [{"identifier": "g1", "properties": {"tier": 2}}])
+    await bulk(
+        "team",
+        [
+            {
+                "identifier": "core",
+                "title": "Core team",
+                "properties": {"slack": "#core"},
+                "relations": {"group": "g1"},
+            },
+            {"identifier": "web", "properties": {"slack": "#web"}},
+        ],
+    )
+    await bulk(
+        "service",
+        [
+            {
+                "identifier": "api",
+                "team": "someone-else",
+                "properties": {"lang": "go"},
+                "relations": {"owner": "core", "uses": ["web", "core"]},
+            },
+            {"identifier": "lonely", "properties": {"lang": "go"}},
+        ],
+    )
+    await bulk(
+        "deployment",
+        [
+            {
+                "identifier": f"d{i}",
+                "properties": {"minutes": m, "status": s},
+                "relations": {"service": "api"},
+            }
+            for i, (m, s) in enumerate([(3, "ok"), (10, "failed"), (5, "ok")])
+        ],
+    )
+
+
+@pytest.fixture
+async def org(client: httpx.AsyncClient, make_org: OrgFactory) -> Org:
+    created = await make_org()
+    await _setup(client, created)
+    return created
+
+
+async def test_get_one_entity_carries_its_derived_properties(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    r = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
+    assert r.status_code == 200, r.text
+    entity = r.json()["entity"]
+    assert entity["properties"] == {
+        "lang": "go",
+        "ownerSlack": "#core",
+        "ownerTitle": "Core team",
+        "groupTier": 2,
+        "usedSlacks": ["#core", "#web"],
+        "deployments": 3,
+        "failed": 1,
+        "totalMinutes": 18,
+        "medianMinutes": 5,
+    }
+    assert entity["team"] == []  # inherited from the owner team, which has no team itself
+
+
+async def test_missing_links_give_nulls_and_zero_counts(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    entity = (
+        await client.get("/v1/blueprints/service/entities/lonely", headers=org.headers)
+    ).json()["entity"]
+    assert entity["properties"] == {
+        "lang": "go",
+        "ownerSlack": None,
+        "ownerTitle": None,
+        "groupTier": None,
+        "usedSlacks": None,
+        "deployments": 0,
+        "failed": 0,
+        "totalMinutes": 0,
+        "medianMinutes": None,
+    }
+
+
+async def test_inherited_ownership_follows_the_path(client: httpx.AsyncClient, org: Org) -> None:
+    r = await client.patch(
+        "/v1/blueprints/team/entities/core", json={"team": ["platform"]}, headers=org.headers
+    )
+    assert r.status_code == 200
+    entity = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert entity["team"] == ["platform"]
+
+
+async def test_list_and_search_carry_them_too(client: httpx.AsyncClient, org: Org) -> None:
+    listed = (await client.get("/v1/blueprints/service/entities", headers=org.headers)).json()[
+        "entities"
+    ]
+    one = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert listed[0] == one
+    found = await client.post(
+        "/v1/entities/search",
+        json={
+            "combinator": "and",
+            "rules": [{"property": "$identifier", "operator": "in", "value": ["api", "d0"]}],
+        },
+        headers=org.headers,
+    )
+    entities = {e["identifier"]: e for e in found.json()["entities"]}
+    assert entities["api"] == one
+    assert entities["d0"]["properties"] == {"minutes": 3, "status": "ok"}
+
+
+async def test_derived_values_follow_the_linked_data(client: httpx.AsyncClient, org: Org) -> None:
+    await client.patch(
+        "/v1/blueprints/team/entities/core",
+        json={"properties": {"slack": "#core-2"}},
+        headers=org.headers,
+    )
+    await client.delete("/v1/blueprints/deployment/entities/d1", headers=org.headers)
+    props = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]["properties"]
+    assert props["ownerSlack"] == "#core-2" and props["deployments"] == 2 and props["failed"] == 0
+
+
+async def test_another_tenant_never_feeds_a_derived_value(
+    client: httpx.AsyncClient, org: Org, make_org: OrgFactory
+) -> None:
+    other = await make_org()
+    await _setup(client, other)
+    await client.post(
+        "/v1/blueprints/deployment/entities",
+        json={
+            "identifier": "extra",
+            "properties": {"minutes": 100},
+            "relations": {"service": "api"},
+        },
+        headers=other.headers,
+    )
+    await client.patch(
+        "/v1/blueprints/team/entities/core",
+        json={"properties": {"slack": "#theirs"}},
+        headers=other.headers,
+    )
+    props = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()[
+        "entity"
+    ]["properties"]
+    assert props["deployments"] == 3 and props["ownerSlack"] == "#core"
+
+
+async def test_aggregation_along_a_path_filter(client: httpx.AsyncClient, org: Org) -> None:
+    aggs = {
+        "services": {
+            "title": "Services",
+            "target": "service",
+            "calculationSpec": {"func": "count", "calculationBy": "entities"},
+            "pathFilter": [{"path": ["owner", "group"]}],
+        }
+    }
+    r = await client.patch(
+        "/v1/blueprints/group", json={"aggregationProperties": aggs}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    group = (await client.get("/v1/blueprints/group/entities/g1", headers=org.headers)).json()[
+        "entity"
+    ]
+    assert group["properties"] == {"tier": 2, "services": 1}
