@@ -613,6 +613,28 @@ async def test_removing_a_property_removes_its_values(client: httpx.AsyncClient,
     assert again.status_code == 200
 
 
+async def test_changing_a_blueprint_keeps_its_entities_links(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await client.post(
+        "/v1/blueprints/team/entities", json={"identifier": "core"}, headers=org.headers
+    )
+    await _post(client, org, svc("db"))
+    linked = svc("api", relations={"team": "core", "dependsOn": ["db"]})
+    assert (await _post(client, org, linked)).status_code == 201
+    patched = await client.patch(
+        "/v1/blueprints/service", json={"description": "changed"}, headers=org.headers
+    )
+    assert patched.status_code == 200, patched.text
+    bp = (await client.get("/v1/blueprints/service", headers=org.headers)).json()["blueprint"]
+    bp["relations"]["team"]["title"] = "Owning team"
+    assert (
+        await client.put("/v1/blueprints/service", json=bp, headers=org.headers)
+    ).status_code == 200
+    got = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()
+    assert got["entity"]["relations"] == {"team": "core", "dependsOn": ["db"]}
+
+
 async def test_a_recreated_blueprint_validates_by_its_new_schema(
     client: httpx.AsyncClient, org: Org
 ) -> None:

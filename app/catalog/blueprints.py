@@ -206,15 +206,21 @@ async def _check_targets(tx: Tx, identifier: str, definition: dict[str, Any]) ->
 
 
 async def _write_relations(tx: Tx, identifier: str, relations: dict[str, Any]) -> None:
+    """Make the blueprint's relation rows match `relations`. Rows of relations that remain
+    are updated in place: deleting them would cascade to every entity link they carry."""
     await tx.execute(
-        "DELETE FROM blueprint_relations WHERE org_id = $1 AND blueprint = $2",
+        "DELETE FROM blueprint_relations WHERE org_id = $1 AND blueprint = $2 "
+        "AND NOT (relation = ANY($3::varchar[]))",
         tx.org_id,
         identifier,
+        sorted(relations),
     )
     if relations:
         await tx.executemany(
             "INSERT INTO blueprint_relations (org_id, blueprint, relation, target, many, required) "
-            "VALUES ($1, $2, $3, $4, $5, $6)",
+            "VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (org_id, blueprint, relation) DO UPDATE "
+            "SET target = excluded.target, many = excluded.many, required = excluded.required",
             [
                 (tx.org_id, identifier, name, rel["target"], rel["many"], rel["required"])
                 for name, rel in relations.items()
