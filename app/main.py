@@ -20,6 +20,7 @@ from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
+from app.search import calc
 from app.search.router import router as search_router
 
 DESCRIPTION = (
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
                 await worker.stop()
             await redis.aclose()
             await db.close()
+            calc.shutdown()
 
     app = FastAPI(
         title="Portolan",

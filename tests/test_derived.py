@@ -267,3 +267,67 @@ async def test_aggregation_along_a_path_filter(client: httpx.AsyncClient, org: O
         "entity"
     ]
     assert group["properties"] == {"tier": 2, "services": 1}
+
+
+async def test_calculation_properties_run_jq_over_the_entity(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    calcs = {
+        "label": {
+            "title": "Label",
+            "type": "string",
+            "calculation": '.identifier + " (" + .properties.lang + ")"',
+        },
+        "busy": {"title": "Busy", "type": "boolean", "calculation": ".properties.deployments > 2"},
+        "owner": {"title": "Owner", "type": "string", "calculation": ".relations.owner"},
+        "broken": {
+            "title": "Broken",
+            "type": "number",
+            "calculation": '.properties.lang | error("no number here")',
+        },
+        "wrongType": {"title": "Wrong", "type": "number", "calculation": ".properties.lang"},
+        "huge": {"title": "Huge", "type": "array", "calculation": "[range(100000)]"},
+    }
+    r = await client.patch(
+        "/v1/blueprints/service", json={"calculationProperties": calcs}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
+    assert r.status_code == 200, r.text
+    entity = r.json()["entity"]
+    props = entity["properties"]
+    assert props["label"] == "api (go)"
+    assert props["busy"] is True  # over the aggregation value
+    assert props["owner"] == "core"
+    assert props["broken"] is None and props["wrongType"] is None and props["huge"] is None
+    assert entity["calculationErrors"]["broken"] == "no number here"
+    assert "type number" in entity["calculationErrors"]["wrongType"]
+    assert "larger than" in entity["calculationErrors"]["huge"]
+    plain = await client.get(
+        "/v1/blueprints/service/entities/api",
+        headers=org.headers,
+        params={"exclude_calculated_properties": "true"},
+    )
+    assert "label" not in plain.json()["entity"]["properties"]
+
+
+async def test_a_runaway_calculation_is_stopped(client: httpx.AsyncClient, org: Org) -> None:
+    calcs = {
+        "forever": {"title": "Forever", "type": "number", "calculation": "def f: f; f"},
+    }
+    r = await client.patch(
+        "/v1/blueprints/service", json={"calculationProperties": calcs}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
+    assert r.status_code == 200, r.text
+    entity = r.json()["entity"]
+    assert entity["properties"]["forever"] is None
+    assert "longer than" in entity["calculationErrors"]["forever"]
+    # and the next read still calculates
+    calcs = {"ok": {"title": "Ok", "type": "number", "calculation": "1 + 1"}}
+    await client.patch(
+        "/v1/blueprints/service", json={"calculationProperties": calcs}, headers=org.headers
+    )
+    again = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()
+    assert again["entity"]["properties"]["ok"] == 2

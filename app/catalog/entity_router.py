@@ -161,8 +161,10 @@ async def list_entities(
     tenant: CurrentTenant,
     include: Annotated[list[str] | None, Query(max_length=100)] = None,
     exclude: Annotated[list[str] | None, Query(max_length=100)] = None,
+    exclude_calculated_properties: bool = False,
 ) -> Any:
-    search = Search(await scope_for(tenant.tx, blueprint, None), None)
+    scope = await scope_for(tenant.tx, blueprint, None)
+    search = Search(scope, None, calculated=not exclude_calculated_properties)
     db: Database = request.app.state.db
     pick = entities.FieldFilter(include or [], exclude or [])
 
@@ -184,10 +186,16 @@ async def list_entities(
     summary="Get an entity",
 )
 @key_lookups
-async def get_entity(blueprint: BlueprintId, identifier: EntityId, tenant: CurrentTenant) -> Any:
+async def get_entity(
+    blueprint: BlueprintId,
+    identifier: EntityId,
+    tenant: CurrentTenant,
+    exclude_calculated_properties: bool = False,
+) -> Any:
     """Read through search, so the entity carries its derived properties."""
     rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
-    search = Search(await scope_for(tenant.tx, blueprint, None), {"rules": rules})
+    scope = await scope_for(tenant.tx, blueprint, None)
+    search = Search(scope, {"rules": rules}, calculated=not exclude_calculated_properties)
     found, _ = await search.page(tenant.tx, None, 1)
     if not found:
         raise NotFound(f"Entity {identifier!r} of blueprint {blueprint!r} was not found")

@@ -111,7 +111,7 @@ async def search_blueprint(
     body = body or BlueprintSearchBody()
     query = body.query.model_dump() if body.query is not None else None
     scope = await scope_for(tenant.tx, blueprint, query)
-    search = Search(scope, query)
+    search = Search(scope, query, calculated=not exclude_calculated_properties)
     after = decode_cursor(body.from_) if body.from_ else None
     found, last = await search.page(tenant.tx, after, body.limit)
     pick = _picker(
@@ -176,7 +176,7 @@ async def search_all(
 ) -> Response:
     query = body.model_dump()
     scope = await scope_for(tenant.tx, None, query)
-    search = Search(scope, query)
+    search = Search(scope, query, calculated=not exclude_calculated_properties)
     pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
     db: Database = request.app.state.db
     head = b'{"ok":true,"matchingBlueprints":' + to_json(scope.searched) + b',"entities":['

@@ -17,6 +17,7 @@ from app.catalog import blueprints as bp_service
 from app.catalog.entities import row_state, to_api
 from app.db.database import Database, Tx
 from app.kit.errors import Invalid, NotFound
+from app.search.calc import calculate
 from app.search.compiler import Compiler, E, Scope
 from app.search.derived import derived_column
 
@@ -100,8 +101,11 @@ class Search:
     order; the position after a page is its cursor, so pages neither skip nor repeat rows
     that concurrent writes leave in place."""
 
-    def __init__(self, scope: Scope, query: Any) -> None:
+    def __init__(self, scope: Scope, query: Any, *, calculated: bool = True) -> None:
+        """`calculated=False`: leave calculation properties out (Port's
+        `exclude_calculated_properties`)."""
         self.scope = scope
+        self.calculated = calculated
         self.condition = Compiler(scope).compile(query or {"combinator": "and", "rules": []})
         self.derived = derived_column(scope, E)
 
@@ -142,6 +146,11 @@ class Search:
         more = len(rows) > limit
         rows = rows[:limit]
         found = [self._entity(row) for row in rows]
+        if self.calculated:
+            for bp in self.scope.searched:
+                await calculate(
+                    self.scope.blueprints[bp], [e for e in found if e["blueprint"] == bp]
+                )
         last = (rows[-1]["blueprint"], rows[-1]["identifier"]) if more and rows else None
         return found, last
 
