@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
+    # Any one statement (a search, an aggregation, a bulk write) is stopped after this.
+    statement_timeout_ms: int = Field(default=15_000, ge=100)
     log_level: str = "INFO"
     queue_name: str = Field(default="portolan:queue", min_length=1)
 

@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-SCENARIOS = ["bench.org_read", "bench.catalog_bulk"]
+SCENARIOS = ["bench.org_read", "bench.catalog_bulk", "bench.search"]
 
 
 async def main(names: list[str]) -> int:

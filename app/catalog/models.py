@@ -18,7 +18,6 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    column,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -89,12 +88,10 @@ class Entity(Base):
         ),
         # Search containment (app/search): see migration 0004.
         Index(
-            "ix_entities_search_doc",
-            func.entity_search_doc(
-                column("org_id"), column("blueprint"), column("properties")
-            ).label("search_doc"),
+            "ix_entities_properties",
+            "properties",
             postgresql_using="gin",
-            postgresql_ops={"search_doc": "jsonb_path_ops"},
+            postgresql_ops={"properties": "jsonb_path_ops"},
         ),
     )
 

@@ -114,6 +114,7 @@ class Database:
                 # routes, see begin_tenant) use generic plans, which halves the database's
                 # CPU per request there.
                 "plan_cache_mode": "force_custom_plan",
+                "statement_timeout": str(settings.statement_timeout_ms),
             },
         )
         # Open one connection now, so a wrong URL fails at start-up, not on first request.

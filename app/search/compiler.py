@@ -147,6 +147,7 @@ class Compiler:
         self.problems = Problems()
         self._rules = 0
         self._walks = 0
+        self._docs: dict[int, dict[str, Any]] = {}
 
     # -- entry points -------------------------------------------------------------------
 
@@ -189,7 +190,9 @@ class Compiler:
             return sa.true()
         if len(parts) != len(rules):
             raise _Skip()
-        return sa.and_(*parts) if combinator == "and" else sa.or_(*parts)
+        if combinator == "and":
+            return sa.and_(*self._merge_containments(parts))
+        return sa.or_(*parts)
 
     def _rule(self, rule: Any, pointer: str, depth: int) -> ColumnElement[bool]:
         self._rules += 1
@@ -272,15 +275,36 @@ class Compiler:
         return self.e.c.blueprint == sa.any_(_text_array(field_.blueprints))
 
     def _contains(self, name: str, value: Any) -> ColumnElement[bool]:
-        """`properties @> {name: value}`, asked of the search document (properties plus
-        `$org` and `$blueprint`, see migration 0004) so that the GIN index finds the rows
-        of this tenant alone. (Adding `$blueprint` makes the index read one more long
-        posting list for little gain: the primary key narrows blueprints.)"""
-        doc: dict[str, Any] = {"$org": str(self.scope.org_id), name: value}
-        search_doc = sa.func.entity_search_doc(
-            self.e.c.org_id, self.e.c.blueprint, self.e.c.properties, type_=JSONB
-        )
-        return search_doc.op("@>", is_comparison=True)(_jsonb(doc))
+        """`properties @> {name: value}` (GIN `jsonb_path_ops`, migration 0004). The
+        containments of one `and` group are merged into one document by `_group`: the
+        planner estimates each containment's selectivity on its own, and a product of
+        several underestimates a page query into reading the whole tenant."""
+        doc = {name: value}
+        expr = self._containment(doc)
+        self._docs[id(expr)] = doc
+        return expr
+
+    def _containment(self, doc: dict[str, Any]) -> ColumnElement[bool]:
+        return self.e.c.properties.op("@>", is_comparison=True)(_jsonb(doc))
+
+    def _merge_containments(self, parts: list[ColumnElement[bool]]) -> list[ColumnElement[bool]]:
+        merged: dict[str, Any] = {}
+        rest: list[ColumnElement[bool]] = []
+        for part in parts:
+            doc = self._docs.get(id(part))
+            if doc is None:
+                rest.append(part)
+                continue
+            ((name, value),) = doc.items()
+            if name not in merged:
+                merged[name] = value
+            elif isinstance(merged[name], list) and isinstance(value, list):
+                merged[name] = merged[name] + value
+            else:
+                rest.append(part)  # same scalar property twice: keep both rules
+        if not merged:
+            return parts
+        return [self._containment(merged), *rest]
 
     def _check_scalar(self, f: _Field, value: Any, pointer: str, kind: str | None = None) -> Any:
         kind = kind or f.kind

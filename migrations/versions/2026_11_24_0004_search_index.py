@@ -1,10 +1,8 @@
-"""Search: one GIN index answering property equality and containment within a tenant.
+"""Search: a GIN index answering property equality and containment.
 
-The indexed document is an entity's properties plus its org and blueprint under keys no
-property can have (`$org`, `$blueprint`), so a containment query names all three and the
-index intersects them itself: a value common in every tenant never makes the planner read
-other tenants' rows (btree_gin would do the same with a composite index, but it is a
-contrib extension that not every PostgreSQL has).
+`jsonb_path_ops` indexes each path-value pair of an entity's properties; the search
+compiler writes equality, `in`, `containsAny` and array membership as `properties @> ...`
+and merges the containments of one `and` group into a single document.
 
 Revision ID: 0004
 Revises: 0003
@@ -24,21 +22,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # IMMUTABLE is true of this body for uuid and text inputs (jsonb_build_object is only
-    # STABLE because of other input types); index expressions need it.
-    op.execute(
-        """
-        CREATE FUNCTION entity_search_doc(org_id uuid, blueprint text, properties jsonb)
-        RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE
-        RETURN properties || jsonb_build_object('$org', org_id, '$blueprint', blueprint)
-        """
-    )
-    op.execute(
-        "CREATE INDEX ix_entities_search_doc ON entities USING gin "
-        "(entity_search_doc(org_id, blueprint, properties) jsonb_path_ops)"
+    op.create_index(
+        "ix_entities_properties",
+        "entities",
+        ["properties"],
+        postgresql_using="gin",
+        postgresql_ops={"properties": "jsonb_path_ops"},
     )
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX ix_entities_search_doc")
-    op.execute("DROP FUNCTION entity_search_doc(uuid, text, jsonb)")
+    op.drop_index("ix_entities_properties", table_name="entities")

@@ -1,0 +1,346 @@
+"""Scenario: search at scale — 1M entities across 10 orgs (100k services in the measured one).
+
+First pages of 50 through POST /v1/blueprints/service/entities/search (equality, containment,
+range, relatedTo 1 and 3 hops, a 3-rule combination) beside the same compiled SQL sent
+directly with asyncpg in a tenant transaction, one request at a time. Targets: API p50 <= 10
+ms, p99 <= 50 ms, p50 within 3x of the direct SQL; facet/aggregate counts over 100k entities
+p50 <= 150 ms. Also reports the API process's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app.db.database import Database, compile_query
+from app.orgs import service as org_service
+from app.search.service import Search, scope_for
+from bench.catalog_bulk import PROPERTIES
+from bench.env import load, pin_database_backends, scratch_settings, served
+
+ORGS = int(os.environ.get("PORTOLAN_BENCH_SEARCH_ORGS", "10"))
+PER_ORG = int(os.environ.get("PORTOLAN_BENCH_SEARCH_ENTITIES", "100000"))
+SECONDS = float(os.environ.get("PORTOLAN_BENCH_SECONDS", "3"))
+TEAMS = 100
+DIRECT_RUNS = 200
+
+QUERIES: dict[str, list[dict[str, Any]]] = {
+    "equality": [{"property": "language", "operator": "=", "value": "go"}],
+    "containment": [{"property": "tags", "operator": "contains", "value": "t3"}],
+    "range": [{"property": "coverage", "operator": ">", "value": 90}],
+    "relatedTo 1 hop": [
+        {
+            "operator": "relatedTo",
+            "blueprint": "team",
+            "value": "team-7",
+            "direction": "downstream",
+            "maxHops": 1,
+        }
+    ],
+    "relatedTo 3 hops": [
+        {
+            "operator": "relatedTo",
+            "blueprint": "service",
+            "value": "svc-000001",
+            "direction": "downstream",
+            "maxHops": 3,
+        }
+    ],
+    "3-rule combination": [
+        {"property": "language", "operator": "=", "value": "python"},
+        {"property": "coverage", "operator": ">=", "value": 50},
+        {"property": "tags", "operator": "contains", "value": "t1"},
+    ],
+}
+AGGREGATES: dict[str, dict[str, Any]] = {
+    "facet countValues(language)": {"func": "countValues", "property": "language"},
+    "count(coverage > 50)": {
+        "func": "count",
+        "query": {
+            "combinator": "and",
+            "rules": [
+                {"property": "$blueprint", "operator": "=", "value": "service"},
+                {"property": "coverage", "operator": ">", "value": 50},
+            ],
+        },
+    },
+}
+
+
+def _service(i: int, rnd: random.Random) -> tuple[str, dict[str, Any]]:
+    return f"svc-{i:06d}", {
+        "language": rnd.choice(["python", "go", "java", "rust", "ts"]),
+        "tier": rnd.choice(["1", "2", "3"]),
+        "coverage": rnd.randint(0, 100),
+        "latencyMs": round(rnd.random() * 500, 3),
+        "replicas": rnd.randint(1, 20),
+        "public": rnd.random() < 0.5,
+        "onCall": rnd.random() < 0.7,
+        "repo": f"https://git.example.com/org/svc-{i}",
+        "docs": f"https://docs.example.com/svc-{i}",
+        "owner": f"owner{i % 500}@example.com",
+        "lastDeploy": "2026-11-01T12:00:00Z",
+        "slug": f"svc-{i}",
+        "tags": ["backend", f"t{i % 7}"],
+        "config": {"region": "eu-west-1", "size": i % 4},
+        "description": "A service in the benchmark catalog.",
+    }
+
+
+async def _org(
+    db: Database, http: httpx.AsyncClient, name: str
+) -> tuple[uuid.UUID, dict[str, str]]:
+    async with db.system() as tx:
+        created = await org_service.create_org(tx, name=name)
+    token = (
+        await http.post(
+            "/v1/auth/access_token",
+            json={"clientId": created.client_id, "clientSecret": created.client_secret},
+        )
+    ).json()["accessToken"]
+    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+    for body in (
+        {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
+        {
+            "identifier": "service",
+            "title": "Service",
+            "schema": {"properties": PROPERTIES},
+            "relations": {
+                "team": {"target": "team", "required": False, "many": False},
+                "dependsOn": {"target": "service", "required": False, "many": True},
+            },
+        },
+    ):
+        (await http.post("/v1/blueprints", json=body, headers=headers)).raise_for_status()
+    return created.org_id, headers
+
+
+async def _fill(url: str, org_id: uuid.UUID, seed: int) -> None:
+    """Rows straight into the tables with COPY: services (each on a team, each depending on
+    its 'parent' svc i//2, a binary tree for multi-hop walks) and teams."""
+    rnd = random.Random(seed)
+    now = datetime.now(UTC)
+    conn = await asyncpg.connect(url)
+    try:
+        # COPY is binary: jsonb's binary form is a version byte and the text
+        await conn.set_type_codec(
+            "jsonb",
+            encoder=lambda value: b"\x01" + json.dumps(value).encode(),
+            decoder=lambda data: json.loads(data[1:]),
+            schema="pg_catalog",
+            format="binary",
+        )
+        columns = [
+            "org_id",
+            "blueprint",
+            "identifier",
+            "title",
+            "team",
+            "properties",
+            "datasource",
+            "created_at",
+            "created_by",
+            "updated_at",
+            "updated_by",
+        ]
+        teams = [
+            (org_id, "team", f"team-{t}", f"Team {t}", [], {}, None, now, "bench", now, "bench")
+            for t in range(TEAMS)
+        ]
+        services = []
+        for i in range(PER_ORG):
+            ident, props = _service(i, rnd)
+            services.append(
+                (
+                    org_id,
+                    "service",
+                    ident,
+                    f"Service {i}",
+                    [f"team-{i % TEAMS}"],
+                    props,
+                    None,
+                    now,
+                    "bench",
+                    now,
+                    "bench",
+                )
+            )
+        await conn.copy_records_to_table("entities", records=teams + services, columns=columns)
+        links = [
+            (org_id, "service", f"svc-{i:06d}", "team", f"team-{i % TEAMS}", "team")
+            for i in range(PER_ORG)
+        ]
+        links += [
+            (org_id, "service", f"svc-{i:06d}", "dependsOn", f"svc-{i // 2:06d}", "service")
+            for i in range(2, PER_ORG)
+        ]
+        await conn.copy_records_to_table(
+            "entity_relations",
+            records=links,
+            columns=[
+                "org_id",
+                "source_blueprint",
+                "source_identifier",
+                "relation",
+                "target_identifier",
+                "target_blueprint",
+            ],
+        )
+    finally:
+        await conn.close()
+
+
+async def _direct(db: Database, org_id: uuid.UUID, rules: list[dict[str, Any]]) -> list[float]:
+    query = {"combinator": "and", "rules": rules}
+    times = []
+    async with db.tenant(org_id) as tx:
+        search = Search(await scope_for(tx, "service", query), query)
+        sql, args = compile_query(search.statement(None, 51), ())
+        if os.environ.get("PORTOLAN_BENCH_VERBOSE"):
+            plan = await tx.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *args)
+            print("\n".join(r[0] for r in plan))
+            t0 = time.perf_counter()
+            for _ in range(20):
+                compile_query(
+                    Search(await scope_for(tx, "service", query), query).statement(None, 51), ()
+                )
+            print(f"compile: {(time.perf_counter() - t0) / 20 * 1000:.2f} ms")
+    for _ in range(DIRECT_RUNS):
+        async with db.tenant(org_id) as tx:
+            started = time.perf_counter()
+            await tx.fetch(sql, *args)
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def _pct(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+
+
+def _rss(port: int) -> tuple[float, float]:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if f"bench.server {port}" in cmdline and "taskset" not in cmdline.split()[0]:
+                fields = dict(
+                    line.split(":", 1)
+                    for line in (proc / "status").read_text().splitlines()
+                    if ":" in line
+                )
+                return int(fields["VmRSS"].split()[0]) / 1024, int(
+                    fields["VmHWM"].split()[0]
+                ) / 1024
+        except (OSError, KeyError, ValueError):
+            continue
+    return 0.0, 0.0
+
+
+async def run() -> bool:
+    async with scratch_settings() as settings:
+        db = await Database.connect(settings)
+        try:
+            with served(settings) as port:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", timeout=300
+                ) as http:
+                    orgs = [await _org(db, http, f"bench-{n}") for n in range(ORGS)]
+                    started = time.perf_counter()
+                    await asyncio.gather(
+                        *(
+                            _fill(settings.database_url or "", org, n)
+                            for n, (org, _) in enumerate(orgs)
+                        )
+                    )
+                    conn = await asyncpg.connect(settings.database_url)
+                    await conn.execute("ANALYZE entities; ANALYZE entity_relations")
+                    await conn.close()
+                    loaded = time.perf_counter() - started
+                    org_id, headers = orgs[0]
+                    auth = {"Authorization": headers["Authorization"]}
+                    await pin_database_backends(settings)
+                    results = []
+                    for name, rules in QUERIES.items():
+                        body = json.dumps(
+                            {"limit": 50, "query": {"combinator": "and", "rules": rules}}
+                        )
+                        probe = await http.post(
+                            "/v1/blueprints/service/entities/search", content=body, headers=headers
+                        )
+                        probe.raise_for_status()
+                        found = len(probe.json()["entities"])
+                        api = await asyncio.to_thread(
+                            load,
+                            port,
+                            "/v1/blueprints/service/entities/search",
+                            headers=auth,
+                            seconds=SECONDS,
+                            connections=1,
+                            method="POST",
+                            bodies=[body],
+                        )
+                        direct = await _direct(db, org_id, rules)
+                        results.append((name, found, api, _pct(direct, 0.5), _pct(direct, 0.99)))
+                    aggregates = []
+                    for name, agg in AGGREGATES.items():
+                        body = {
+                            "query": {
+                                "combinator": "and",
+                                "rules": [
+                                    {"property": "$blueprint", "operator": "=", "value": "service"}
+                                ],
+                            },
+                            **agg,
+                        }
+                        times = []
+                        for _ in range(15):
+                            t0 = time.perf_counter()
+                            r = await http.post(
+                                "/v1/entities/aggregate", json=body, headers=headers
+                            )
+                            times.append(time.perf_counter() - t0)
+                            r.raise_for_status()
+                        aggregates.append((name, _pct(times, 0.5), _pct(times, 0.99)))
+                    rss, peak = _rss(port)
+        finally:
+            await db.close()
+    ok = True
+    total = ORGS * (PER_ORG + TEAMS)
+    print(
+        f"search    {total:,} entities in {ORGS} orgs ({PER_ORG:,} services in the measured "
+        f"org), loaded + analyzed in {loaded:.0f} s"
+    )
+    print(
+        "          first page of 50, one request at a time:"
+        "      API p50 / p99      direct SQL p50 / p99   ratio"
+    )
+    for name, found, api, d50, d99 in results:
+        ratio = api.p50_ms / d50 if d50 else float("inf")
+        good = api.p50_ms <= 10 and api.p99_ms <= 50 and ratio <= 3 and api.errors == 0
+        ok &= good
+        print(
+            f"          {name:<22} ({found:>2} found)  {api.p50_ms:6.1f} / {api.p99_ms:6.1f} ms   "
+            f"{d50:6.1f} / {d99:6.1f} ms   {ratio:4.1f}x  -> {'PASS' if good else 'FAIL'}"
+        )
+    print("          targets: API p50 <= 10 ms, p99 <= 50 ms, within 3x of direct SQL")
+    for name, p50, p99 in aggregates:
+        good = p50 <= 150
+        ok &= good
+        print(
+            f"          aggregate {name:<28} p50 {p50:6.1f} ms, p99 {p99:6.1f} ms "
+            f"(target p50 <= 150 ms) -> {'PASS' if good else 'FAIL'}"
+        )
+    print(f"          API process memory: {rss:.0f} MiB resident, {peak:.0f} MiB peak")
+    return ok
