@@ -31,6 +31,14 @@ E = ENTITIES.alias("e")
 _RELATIONS = EntityRelation.__table__
 _BLUEPRINT_RELATIONS = BlueprintRelation.__table__
 
+# Aliases are built once: SQLAlchemy builds an alias's column collection on first use,
+# which cost ~1 ms per alias per request. Each is used once per (sub)query level.
+_LINK = _RELATIONS.alias("rl")
+_WALK_FIRST = _RELATIONS.alias("w_first")
+_WALK_NEXT = _RELATIONS.alias("w_next")
+_WALK_FIRST_DEF = _BLUEPRINT_RELATIONS.alias("w_first_def")
+_WALK_NEXT_DEF = _BLUEPRINT_RELATIONS.alias("w_next_def")
+
 MAX_HOPS = 15
 MAX_RULES = 200
 MAX_DEPTH = 10
@@ -571,7 +579,7 @@ class Compiler:
     # -- relations ----------------------------------------------------------------------
 
     def _links(self, relation: str) -> Any:
-        r = _RELATIONS.alias()
+        r = _LINK
         return r, sa.and_(
             r.c.org_id == self.e.c.org_id,
             r.c.source_blueprint == self.e.c.blueprint,
@@ -671,10 +679,9 @@ class Compiler:
                 edge.c.source_identifier,
             )
 
-        def edges(edge: Any) -> Any:
+        def edges(edge: Any, br: Any) -> Any:
             if required is None:
                 return edge
-            br = _BLUEPRINT_RELATIONS.alias()
             return edge.join(
                 br,
                 sa.and_(
@@ -685,11 +692,11 @@ class Compiler:
                 ),
             )
 
-        first = _RELATIONS.alias()
+        first = _WALK_FIRST
         from_bp, from_id, to_bp, to_id = step(first)
         anchor = (
             sa.select(to_bp.label("bp"), to_id.label("ident"), sa.literal(1).label("depth"))
-            .select_from(edges(first))
+            .select_from(edges(first, _WALK_FIRST_DEF))
             .where(
                 first.c.org_id == _bind(org),
                 from_bp == _bind(blueprint),
@@ -697,12 +704,14 @@ class Compiler:
             )
         )
         walk = anchor.cte(name=f"walk_{self._walks}", recursive=True)
-        nxt = _RELATIONS.alias()
+        nxt = _WALK_NEXT
         from_bp, from_id, to_bp, to_id = step(nxt)
         recursive = (
             sa.select(to_bp, to_id, walk.c.depth + 1)
             .select_from(
-                edges(nxt).join(walk, sa.and_(from_bp == walk.c.bp, from_id == walk.c.ident))
+                edges(nxt, _WALK_NEXT_DEF).join(
+                    walk, sa.and_(from_bp == walk.c.bp, from_id == walk.c.ident)
+                )
             )
             .where(nxt.c.org_id == _bind(org), walk.c.depth < hops)
         )

@@ -26,6 +26,18 @@ from app.search.compiler import META_TEXT, META_TIME, Compiler, Scope
 _ENTITIES = Entity.__table__
 _RELATIONS = EntityRelation.__table__
 _PAIRS_PER_CALL = 50  # jsonb_build_object takes at most 100 arguments
+_ALIASES: dict[str, Any] = {}
+
+
+def _alias(table: Any, name: str) -> Any:
+    """Named aliases built once (an alias's column collection is costly to build); a name
+    is used once per subquery level."""
+    found = _ALIASES.get(name)
+    if found is None:
+        found = _ALIASES[name] = table.alias(name)
+    return found
+
+
 _UNITS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2629800}
 
 
@@ -92,11 +104,12 @@ def _follow(scope: Scope, bp: str, entity: Any, path: str) -> ColumnElement[Any]
     current, source, many = bp, entity, False
     conditions: list[ColumnElement[bool]] = []
     froms: list[Any] = []
-    for hop in hops:
+    for depth, hop in enumerate(hops):
         relation = scope.blueprints.get(current, {}).get("relations", {}).get(hop)
         if relation is None or relation["target"] not in scope.blueprints:
             return sa.null()
-        link, target = _RELATIONS.alias(), _ENTITIES.alias()
+        link = _alias(_RELATIONS, f"m_link_{depth}")
+        target = _alias(_ENTITIES, f"m_entity_{depth}")
         froms += [link, target]
         conditions += [
             link.c.org_id == source.c.org_id,
@@ -124,7 +137,7 @@ def _aggregation(scope: Scope, bp: str, entity: Any, agg: dict[str, Any]) -> Col
     target_bp = agg.get("target")
     if target_bp not in scope.blueprints:
         return sa.null()
-    target = _ENTITIES.alias()
+    target = _alias(_ENTITIES, "a_target")
     linked = _linked(scope, bp, entity, target, agg.get("pathFilter"))
     if linked is None:
         return sa.null()
@@ -198,7 +211,7 @@ def _linked(
         conditions: list[ColumnElement[bool]] = []
         froms: list[Any] = []
         for i, hop in enumerate(path):
-            link = _RELATIONS.alias()
+            link = _alias(_RELATIONS, f"a_link_{i}")
             froms.append(link)
             conditions += [
                 link.c.org_id == source.c.org_id,
@@ -212,7 +225,7 @@ def _linked(
                     link.c.target_identifier == entity.c.identifier,
                 ]
             else:
-                nxt = _ENTITIES.alias()
+                nxt = _alias(_ENTITIES, f"a_entity_{i}")
                 froms.append(nxt)
                 conditions += [
                     nxt.c.org_id == link.c.org_id,
@@ -222,7 +235,7 @@ def _linked(
                 source = nxt
         walked = sa.select(sa.literal(1)).select_from(*froms).where(*conditions)
         return sa.exists(walked.correlate_except(*froms))
-    out_link, in_link = _RELATIONS.alias(), _RELATIONS.alias()
+    out_link, in_link = _alias(_RELATIONS, "a_out"), _alias(_RELATIONS, "a_in")
     # Both the target (one level up) and the entity (two levels up) come from outside:
     # correlate everything but the link table.
     to_entity = sa.exists(
