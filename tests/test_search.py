@@ -720,3 +720,42 @@ async def test_a_search_past_the_time_limit_is_a_422(db: Any, make_org: OrgFacto
         await tx.execute("SET LOCAL statement_timeout = 50")
         with pytest.raises(Invalid, match="time limit"):
             await run_bounded(tx, sa.select(sa.func.pg_sleep(2)))
+
+
+async def test_definitions_changed_by_another_process_are_used_at_once(
+    client: httpx.AsyncClient, org: Org, db: Any
+) -> None:
+    """Search remembers each org's blueprints; a change committed by any process (here,
+    straight in the database) is seen by the very next search."""
+    assert await _ids(client, org, [rule("language", "=", "go")]) == ["db"]
+    async with db.tenant(org.org_id) as tx:
+        await tx.execute(
+            "UPDATE blueprints SET schema = jsonb_set(schema, '{properties,extra}', "
+            '\'{"type": "number"}\'), calculation_properties = '
+            '\'{"twice": {"type": "number", "calculation": ".properties.extra * 2"}}\', '
+            "version = version + 1 WHERE org_id = $1 AND identifier = 'service'",
+            org.org_id,
+        )
+        await tx.execute(
+            "UPDATE entities SET properties = properties || '{\"extra\": 21}' "
+            "WHERE org_id = $1 AND identifier = 'db'",
+            org.org_id,
+        )
+    # a query that compiles against the remembered definitions answers with the new ones
+    r = await client.post(
+        "/v1/blueprints/service/entities/search",
+        json={"query": {"combinator": "and", "rules": [rule("language", "=", "go")]}},
+        headers=org.headers,
+    )
+    assert r.json()["entities"][0]["properties"]["twice"] == 42
+    got = await client.get("/v1/blueprints/service/entities/db", headers=org.headers)
+    assert got.json()["entity"]["properties"]["twice"] == 42
+    # and a rule on the new property compiles against the new definition
+    async with db.tenant(org.org_id) as tx:
+        await tx.execute(
+            "UPDATE blueprints SET schema = jsonb_set(schema, '{properties,more}', "
+            '\'{"type": "number"}\'), version = version + 1 '
+            "WHERE org_id = $1 AND identifier = 'service'",
+            org.org_id,
+        )
+    assert await _ids(client, org, [rule("extra", "=", 21), rule("more", "isEmpty")]) == ["db"]

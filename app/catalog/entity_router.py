@@ -27,7 +27,7 @@ from app.db.routing import api_router, key_lookups
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response, to_json
-from app.search.service import Search, scope_for
+from app.search.service import prepare
 
 router = api_router(tags=["Entities"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
@@ -163,8 +163,7 @@ async def list_entities(
     exclude: Annotated[list[str] | None, Query(max_length=100)] = None,
     exclude_calculated_properties: bool = False,
 ) -> Any:
-    scope = await scope_for(tenant.tx, blueprint, None)
-    search = Search(scope, None, calculated=not exclude_calculated_properties)
+    search = await prepare(tenant.tx, blueprint, None, calculated=not exclude_calculated_properties)
     db: Database = request.app.state.db
     pick = entities.FieldFilter(include or [], exclude or [])
 
@@ -194,8 +193,9 @@ async def get_entity(
 ) -> Any:
     """Read through search, so the entity carries its derived properties."""
     rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
-    scope = await scope_for(tenant.tx, blueprint, None)
-    search = Search(scope, {"rules": rules}, calculated=not exclude_calculated_properties)
+    search = await prepare(
+        tenant.tx, blueprint, {"rules": rules}, calculated=not exclude_calculated_properties
+    )
     found, _ = await search.page(tenant.tx, None, 1)
     if not found:
         raise NotFound(f"Entity {identifier!r} of blueprint {blueprint!r} was not found")

@@ -90,6 +90,11 @@ class Scope:
     blueprints: dict[str, dict[str, Any]]
     searched: list[str]
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The blueprints' fingerprint when they were read (see search.service): a statement
+    # built from a remembered scope checks it and matches nothing if it is stale.
+    fingerprint: str | None = None
+    # The blueprint of the URL (blueprint routes), or None (searches across blueprints).
+    fixed: str | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED
 from app.kit.responses import json_response, to_json
 from app.search.aggregate import aggregate
-from app.search.service import Search, decode_cursor, encode_cursor, scope_for
+from app.search.service import decode_cursor, encode_cursor, fresh_scope, prepare
 
 router = api_router(tags=["Search"])
 _META = {
@@ -110,8 +110,10 @@ async def search_blueprint(
 ) -> Response:
     body = body or BlueprintSearchBody()
     query = body.query.model_dump() if body.query is not None else None
-    scope = await scope_for(tenant.tx, blueprint, query)
-    search = Search(scope, query, calculated=not exclude_calculated_properties)
+    search = await prepare(
+        tenant.tx, blueprint, query, calculated=not exclude_calculated_properties
+    )
+    scope = search.scope
     after = decode_cursor(body.from_) if body.from_ else None
     found, last = await search.page(tenant.tx, after, body.limit)
     pick = _picker(
@@ -156,7 +158,7 @@ class AggregateResult(BaseModel):
 )
 async def aggregate_entities(tenant: CurrentTenant, body: AggregateBody) -> Response:
     raw = body.model_dump(exclude_none=True)
-    scope = await scope_for(tenant.tx, None, raw["query"])
+    scope = await fresh_scope(tenant.tx, None, raw["query"])
     return json_response(await aggregate(tenant.tx, scope, raw))
 
 
@@ -175,8 +177,8 @@ async def search_all(
     exclude_calculated_properties: bool = False,
 ) -> Response:
     query = body.model_dump()
-    scope = await scope_for(tenant.tx, None, query)
-    search = Search(scope, query, calculated=not exclude_calculated_properties)
+    search = await prepare(tenant.tx, None, query, calculated=not exclude_calculated_properties)
+    scope = search.scope
     pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
     db: Database = request.app.state.db
     head = b'{"ok":true,"matchingBlueprints":' + to_json(scope.searched) + b',"entities":['

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,18 +47,74 @@ _COLUMNS = [
 ]
 
 
+# The org's blueprint definitions change rarely and every search needs all of them: each
+# process remembers them per org with their fingerprint (identifiers, creation times and
+# versions). A search statement built from remembered definitions carries the fingerprint
+# as a condition, so it matches nothing when they changed meanwhile; an empty page is then
+# checked against the committed fingerprint and run again from fresh definitions.
+_FINGERPRINT_SQL = (
+    "SELECT md5(coalesce(string_agg(identifier || '@' || created_at::text || '#' || "
+    "version::text, ',' ORDER BY identifier), '')) FROM blueprints WHERE org_id = {org}"
+)
+_SCOPES_SIZE = 512
+_scopes: OrderedDict[uuid.UUID, tuple[str, dict[str, dict[str, Any]]]] = OrderedDict()
+
+
+async def _load_definitions(tx: Tx) -> tuple[str, dict[str, dict[str, Any]]]:
+    assert tx.org_id is not None
+    everything = {bp["identifier"]: bp for bp in await bp_service.list_all(tx)}
+    fingerprint = str(await tx.fetchval(_FINGERPRINT_SQL.format(org="$1"), tx.org_id))
+    _scopes[tx.org_id] = (fingerprint, everything)
+    _scopes.move_to_end(tx.org_id)
+    if len(_scopes) > _SCOPES_SIZE:
+        _scopes.popitem(last=False)
+    return fingerprint, everything
+
+
+async def fresh_scope(tx: Tx, blueprint: str | None, query: Any) -> Scope:
+    """As scope_for, from the committed definitions (for statements that do not check the
+    fingerprint)."""
+    assert tx.org_id is not None
+    return _scope(tx.org_id, await _load_definitions(tx), blueprint, query)
+
+
 async def scope_for(tx: Tx, blueprint: str | None, query: Any) -> Scope:
     """The org's blueprints, and which of them are searched: the URL's blueprint, or every
     blueprint (narrowed by a top-level `$blueprint` rule of an `and` query)."""
     assert tx.org_id is not None
-    everything = {bp["identifier"]: bp for bp in await bp_service.list_all(tx)}
+    remembered = _scopes.get(tx.org_id)
+    if remembered is None or (blueprint is not None and blueprint not in remembered[1]):
+        remembered = await _load_definitions(tx)
+    return _scope(tx.org_id, remembered, blueprint, query)
+
+
+async def prepare(tx: Tx, blueprint: str | None, query: Any, *, calculated: bool = True) -> Search:
+    """A compiled search over the org's blueprints as remembered; a query that does not
+    compile against them is tried once more against the committed definitions."""
+    scope = await scope_for(tx, blueprint, query)
+    try:
+        return Search(scope, query, calculated=calculated)
+    except Invalid:
+        fresh = await _load_definitions(tx)
+        if fresh[0] == scope.fingerprint:
+            raise
+        return Search(_scope(scope.org_id, fresh, blueprint, query), query, calculated=calculated)
+
+
+def _scope(
+    org_id: uuid.UUID,
+    remembered: tuple[str, dict[str, dict[str, Any]]],
+    blueprint: str | None,
+    query: Any,
+) -> Scope:
+    fingerprint, everything = remembered
     if blueprint is not None:
         if blueprint not in everything:
             raise NotFound(f"Blueprint {blueprint!r} was not found")
         searched = [blueprint]
     else:
         searched = _narrowed(query, sorted(everything))
-    return Scope(org_id=tx.org_id, blueprints=everything, searched=searched)
+    return Scope(org_id, everything, searched, fingerprint=fingerprint, fixed=blueprint)
 
 
 def _narrowed(query: Any, every: list[str]) -> list[str]:
@@ -102,9 +159,13 @@ class Search:
     def __init__(self, scope: Scope, query: Any, *, calculated: bool = True) -> None:
         """`calculated=False`: leave calculation properties out (Port's
         `exclude_calculated_properties`)."""
-        self.scope = scope
+        self.query = query
         self.calculated = calculated
-        self.condition = Compiler(scope).compile(query or {"combinator": "and", "rules": []})
+        self._build(scope)
+
+    def _build(self, scope: Scope) -> None:
+        self.scope = scope
+        self.condition = Compiler(scope).compile(self.query or {"combinator": "and", "rules": []})
         self.derived = derived_column(scope, E)
 
     def statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
@@ -133,6 +194,12 @@ class Search:
                     > sa.tuple_(sa.bindparam(None, after[0]), sa.bindparam(None, after[1]))
                 )
             stmt = stmt.order_by(E.c.blueprint, E.c.identifier)
+        if self.scope.fingerprint is not None:
+            # Uncorrelated (the org is a parameter): evaluated once per statement.
+            fresh = sa.text(
+                "(" + _FINGERPRINT_SQL.format(org=":fp_org") + ") = :fp_expected"
+            ).bindparams(fp_org=self.scope.org_id, fp_expected=self.scope.fingerprint)
+            stmt = stmt.where(fresh)
         return stmt.where(self.condition).limit(limit)
 
     async def page(
@@ -141,6 +208,11 @@ class Search:
         """Up to `limit` entities in the API's shape, and the position to continue from
         (None when this was the last page)."""
         rows = await run_bounded(tx, self.statement(after, limit + 1))
+        if not rows and self.scope.fingerprint is not None:
+            remembered = await _load_definitions(tx)
+            if remembered[0] != self.scope.fingerprint:  # changed since: run it afresh
+                self._build(_scope(self.scope.org_id, remembered, self.scope.fixed, self.query))
+                rows = await run_bounded(tx, self.statement(after, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         found = [self._entity(row) for row in rows]
