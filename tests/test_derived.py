@@ -331,3 +331,57 @@ async def test_a_runaway_calculation_is_stopped(client: httpx.AsyncClient, org: 
     )
     again = (await client.get("/v1/blueprints/service/entities/api", headers=org.headers)).json()
     assert again["entity"]["properties"]["ok"] == 2
+
+
+async def _found(client: httpx.AsyncClient, org: Org, rules: list[dict[str, Any]]) -> Any:
+    return await client.post(
+        "/v1/blueprints/service/entities/search",
+        json={"query": {"combinator": "and", "rules": rules}},
+        headers=org.headers,
+    )
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        ([{"property": "ownerSlack", "operator": "=", "value": "#core"}], ["api"]),
+        ([{"property": "ownerSlack", "operator": "isEmpty"}], ["lonely"]),
+        ([{"property": "ownerTitle", "operator": "beginsWith", "value": "Core"}], ["api"]),
+        ([{"property": "groupTier", "operator": ">=", "value": 2}], ["api"]),
+        ([{"property": "usedSlacks", "operator": "contains", "value": "#web"}], ["api"]),
+        ([{"property": "deployments", "operator": ">", "value": 2}], ["api"]),
+        ([{"property": "deployments", "operator": "=", "value": 0}], ["lonely"]),
+        ([{"property": "failed", "operator": "<", "value": 1}], ["lonely"]),
+        (
+            [
+                {"property": "lang", "operator": "=", "value": "go"},
+                {
+                    "property": "totalMinutes",
+                    "operator": "between",
+                    "value": {"from": "2020-01-01T00:00:00Z", "to": "2021-01-01T00:00:00Z"},
+                },
+            ],
+            None,
+        ),
+    ],
+)
+async def test_rules_apply_to_mirror_and_aggregation_properties(
+    client: httpx.AsyncClient, org: Org, rules: list[dict[str, Any]], expected: list[str] | None
+) -> None:
+    r = await _found(client, org, rules)
+    if expected is None:  # a number is not a date-time
+        assert r.status_code == 422, r.text
+        return
+    assert r.status_code == 200, r.text
+    assert [e["identifier"] for e in r.json()["entities"]] == expected
+
+
+async def test_calculation_properties_cannot_be_searched(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    calcs = {"label": {"title": "Label", "type": "string", "calculation": ".identifier"}}
+    await client.patch(
+        "/v1/blueprints/service", json={"calculationProperties": calcs}, headers=org.headers
+    )
+    r = await _found(client, org, [{"property": "label", "operator": "=", "value": "api"}])
+    assert r.status_code == 422 and "calculation" in r.json()["message"]

@@ -105,6 +105,8 @@ class _Field:
     kind: str  # string | number | boolean | datetime | array | object
     item_kind: str | None
     blueprints: list[str]  # searched blueprints that declare it
+    # A derived property's value (jsonb, computed in the statement); None for a stored one.
+    source: Any = None
 
 
 def _kind(prop: dict[str, Any]) -> str:
@@ -270,7 +272,7 @@ class Compiler:
             item_kind = _kind(items) if prop.get("type") == "array" and items else None
             kinds.setdefault((_kind(prop), item_kind), []).append(bp)
         if not kinds:
-            return None
+            return self._derived_field(name)
         if len(kinds) > 1:
             described = "; ".join(f"{k[0]} in {', '.join(v)}" for k, v in sorted(kinds.items()))
             raise self._problem(
@@ -280,6 +282,45 @@ class Compiler:
             )
         (kind, item_kind), bps = next(iter(kinds.items()))
         return _Field(name, kind, item_kind, bps)
+
+    def _derived_field(self, name: str) -> _Field | None:
+        """A mirror or aggregation property of the one searched blueprint, as the jsonb
+        value the read statement computes for it (calculation properties are computed
+        after the statement and cannot be searched)."""
+        from app.search import derived
+
+        holders = [
+            bp
+            for bp in self.scope.searched
+            for section in ("mirrorProperties", "aggregationProperties", "calculationProperties")
+            if name in (self.scope.blueprints[bp].get(section) or {})
+        ]
+        if not holders:
+            return None
+        if len(self.scope.searched) != 1:
+            raise self._problem(
+                "", f"derived property {name!r} is searchable on its blueprint's own search"
+            )
+        bp = holders[0]
+        definition = self.scope.blueprints[bp]
+        if name in (definition.get("calculationProperties") or {}):
+            raise self._problem(
+                "", f"{name!r} is a calculation property (jq): it cannot be searched"
+            )
+        if name in (definition.get("aggregationProperties") or {}):
+            source = derived.aggregation_value(self.scope, bp, self.e, name)
+            return _Field(name, "number", None, [bp], source)
+        path = str(definition["mirrorProperties"][name].get("path", ""))
+        kind, item_kind = derived.mirror_kind(self.scope, bp, path)
+        source = derived.mirror_value(self.scope, bp, self.e, path)
+        return _Field(name, kind, item_kind, [bp], source)
+
+    def _has(self, f: _Field, value: Any) -> ColumnElement[bool]:
+        """The property contains `value` (jsonb containment)."""
+        if f.source is None:
+            return self._contains(f.name, value)
+        contained: ColumnElement[bool] = f.source.op("@>", is_comparison=True)(_jsonb(value))
+        return contained
 
     def _guard(self, field_: _Field) -> ColumnElement[bool] | None:
         """Restricts typed casts to the blueprints that declare the property."""
@@ -348,8 +389,12 @@ class Compiler:
         self, f: _Field, op: str, value: Any, has_value: bool, pointer: str
     ) -> ColumnElement[bool]:
         name = f.name
-        json_value = self.e.c.properties[name]
-        text_value = self.e.c.properties[name].astext
+        json_value = self.e.c.properties[name] if f.source is None else f.source
+        text_value = (
+            self.e.c.properties[name].astext
+            if f.source is None
+            else f.source.op("#>>", return_type=sa.Text)(sa.literal_column("'{}'"))
+        )
         if op in ("isEmpty", "isNotEmpty"):
             empty = sa.func.coalesce(
                 sa.or_(
@@ -371,7 +416,11 @@ class Compiler:
             return self._time(stamp, name, op, value, pointer)
         if op in ("=", "!="):
             if value is None:
-                absent = _not(self.e.c.properties.has_key(name))
+                absent = (
+                    _not(self.e.c.properties.has_key(name))
+                    if f.source is None
+                    else json_value.is_(None)
+                )
                 return absent if op == "=" else _not(absent)
             if f.kind == "array":
                 if isinstance(value, list):
@@ -379,10 +428,10 @@ class Compiler:
                     expr = equal
                 else:
                     self._check_scalar(f, value, pointer, f.item_kind or self._scalar_kind(value))
-                    expr = self._contains(name, [value])
+                    expr = self._has(f, [value])
             else:
                 self._check_scalar(f, value, pointer)
-                expr = self._contains(name, value)
+                expr = self._has(f, value)
             return expr if op == "=" else _not(expr)
         if op in (">", ">=", "<", "<="):
             if f.kind != "number":
@@ -406,12 +455,12 @@ class Compiler:
                 )
             for i, item in enumerate(values):
                 self._check_scalar(f, item, _ptr(pointer, "value", i))
-            expr = sa.or_(sa.false(), *(self._contains(name, v) for v in values))
+            expr = sa.or_(sa.false(), *(self._has(f, v) for v in values))
             return expr if op == "in" else _not(expr)
         if op in ("contains", "doesNotContains"):
             if f.kind == "array":
                 self._check_scalar(f, value, pointer, f.item_kind or self._scalar_kind(value))
-                expr = self._contains(name, [value])
+                expr = self._has(f, [value])
             elif f.kind == "string":
                 self._check_scalar(f, value, pointer)
                 expr = sa.func.strpos(text_value, _bind(value)) > 0
@@ -427,11 +476,11 @@ class Compiler:
                     self._check_scalar(
                         f, item, _ptr(pointer, "value", i), f.item_kind or self._scalar_kind(item)
                     )
-                return sa.or_(sa.false(), *(self._contains(name, [v]) for v in values))
+                return sa.or_(sa.false(), *(self._has(f, [v]) for v in values))
             if f.kind in ("string", "number", "boolean"):
                 for i, item in enumerate(values):
                     self._check_scalar(f, item, _ptr(pointer, "value", i))
-                return sa.or_(sa.false(), *(self._contains(name, v) for v in values))
+                return sa.or_(sa.false(), *(self._has(f, v) for v in values))
             raise self._problem(_ptr(pointer, "operator"), "'containsAny' takes array properties")
         if op in ("beginsWith", "doesNotBeginsWith", "endsWith", "doesNotEndsWith"):
             if f.kind != "string":

@@ -257,3 +257,43 @@ def _linked(
         out_link.c.target_identifier == target.c.identifier,
     )
     return sa.or_(to_entity, from_entity)
+
+
+def mirror_value(scope: Scope, bp: str, entity: Any, path: str) -> ColumnElement[Any]:
+    """A mirror property's value (jsonb) for `entity`, as reads compute it."""
+    return _follow(scope, bp, entity, path)
+
+
+def aggregation_value(scope: Scope, bp: str, entity: Any, name: str) -> ColumnElement[Any]:
+    """An aggregation property's value (jsonb number) for `entity`."""
+    definition = scope.blueprints[bp]["aggregationProperties"][name]
+    return _aggregation(scope, bp, entity, definition)
+
+
+def mirror_kind(scope: Scope, bp: str, path: str) -> tuple[str, str | None]:
+    """The type of a mirror's value: the leaf's (string for text meta-properties), or an
+    array of it when a relation on the path is `many`."""
+    *hops, leaf = path.split(".")
+    current, many = bp, False
+    for hop in hops:
+        relation = scope.blueprints.get(current, {}).get("relations", {}).get(hop)
+        if relation is None or relation["target"] not in scope.blueprints:
+            return "string", None
+        many = many or bool(relation["many"])
+        current = relation["target"]
+    if leaf == "$team":
+        kind, item = "array", "string"
+    elif leaf in META_TIME:
+        kind, item = "datetime", None
+    elif leaf in META_TEXT:
+        kind, item = "string", None
+    else:
+        prop = scope.blueprints[current]["schema"]["properties"].get(leaf) or {}
+        kind = prop.get("type", "string")
+        if kind == "string" and prop.get("format") in ("date-time", "timer"):
+            kind = "datetime"
+        items = prop.get("items") if isinstance(prop.get("items"), dict) else None
+        item = items.get("type") if items else None
+    if many:
+        return "array", (kind if kind != "array" else item)
+    return kind, item
