@@ -717,6 +717,7 @@ async def test_a_search_past_the_time_limit_is_a_422(db: Any, make_org: OrgFacto
     org = await make_org()
     async with db.tenant(org.org_id) as tx:
         assert await tx.fetchval("SHOW statement_timeout") == "15s"  # the setting's default
+        assert await tx.fetchval("SHOW jit") == "off"
         await tx.execute("SET LOCAL statement_timeout = 50")
         with pytest.raises(Invalid, match="time limit"):
             await run_bounded(tx, sa.select(sa.func.pg_sleep(2)))
