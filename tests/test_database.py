@@ -87,3 +87,18 @@ async def test_only_single_entity_routes_use_generic_plans(
     finally:
         db.begin_tenant = original  # type: ignore[method-assign]
     assert seen == [generic for *_, generic in calls]
+
+
+def test_compiled_statements_are_reused_with_each_calls_values() -> None:
+    from sqlalchemy import column, table
+
+    t = table("t", column("a"), column("b"))
+    first = compile_query(select(t.c.a).where(t.c.a == 1, t.c.b == "x"), ())
+    second = compile_query(select(t.c.a).where(t.c.a == 2, t.c.b == "y"), ())
+    assert first[0] == second[0]
+    assert list(first[1]) == [1, "x"] and list(second[1]) == [2, "y"]
+    # expanding IN renders its values into the SQL, so it is compiled for each call
+    three = compile_query(select(t.c.a).where(t.c.a.in_([1, 2, 3])), ())
+    one = compile_query(select(t.c.a).where(t.c.a.in_([9])), ())
+    assert list(three[1]) == [1, 2, 3] and list(one[1]) == [9]
+    assert three[0] != one[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,15 +29,35 @@ Query = str | ClauseElement
 _DIALECT = sa_asyncpg.dialect()  # type: ignore[no-untyped-call]
 
 
+# Compiled Core statements by SQLAlchemy's cache key (the statement's structure without its
+# values): a search compiles once per query shape, not once per request.
+_COMPILED_SIZE = 2048
+_compiled: OrderedDict[Any, SQLCompiler] = OrderedDict()
+
+
 def compile_query(query: Query, args: Sequence[Any]) -> tuple[str, Sequence[Any]]:
     """SQL text passes through; a SQLAlchemy Core statement compiles to `$n` SQL + values."""
     if isinstance(query, str):
         return query, args
-    compiled = query.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
-    assert isinstance(compiled, SQLCompiler)
-    params = compiled.construct_params() or {}
-    names = compiled.positiontup or []
-    return compiled.string, [params[name] for name in names]
+    key = query._generate_cache_key()
+    compiled = _compiled.get(key.key) if key is not None else None
+    if compiled is None:
+        fresh = query.compile(dialect=_DIALECT, cache_key=key)
+        assert isinstance(fresh, SQLCompiler)
+        if key is None or fresh.post_compile_params or fresh.literal_execute_params:
+            # Values rendered into the SQL (expanding IN): compile for these values only.
+            once = query.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
+            assert isinstance(once, SQLCompiler)
+            values = once.construct_params() or {}
+            return once.string, [values[name] for name in once.positiontup or []]
+        compiled = _compiled[key.key] = fresh
+        if len(_compiled) > _COMPILED_SIZE:
+            _compiled.popitem(last=False)
+    else:
+        assert key is not None
+        _compiled.move_to_end(key.key)
+    params = compiled.construct_params(extracted_parameters=key.bindparams) or {}
+    return compiled.string, [params[name] for name in compiled.positiontup or []]
 
 
 def _begin_sql(org_id: uuid.UUID | None, *, as_app_role: bool, generic_plans: bool = False) -> str:
