@@ -310,3 +310,59 @@ async def test_a_relation_cannot_target_another_orgs_blueprint(
     await _create(client, org_b, {"identifier": "team", "title": "Team", "schema": {}})
     response = await _create(client, org_a, service_bp(relations={"owner": {"target": "team"}}))
     assert response.status_code == 422
+
+
+async def test_mirror_and_ownership_paths_are_checked_to_the_end(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    for body in (
+        {
+            "identifier": "group",
+            "title": "Group",
+            "schema": {"properties": {"tier": {"type": "number"}}},
+        },
+        {
+            "identifier": "team",
+            "title": "Team",
+            "schema": {"properties": {}},
+            "relations": {"group": {"target": "group", "required": False, "many": False}},
+        },
+    ):
+        assert (await _create(client, org, body)).status_code == 201
+
+    def svc(mirrors: dict[str, Any], ownership: Any = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "identifier": "svc",
+            "title": "Svc",
+            "schema": {"properties": {}},
+            "relations": {"owner": {"target": "team", "required": False, "many": False}},
+            "mirrorProperties": mirrors,
+        }
+        if ownership is not None:
+            body["ownership"] = ownership
+        return body
+
+    bad = await _create(
+        client,
+        org,
+        svc(
+            {"a": {"path": "owner.nope.tier"}, "b": {"path": "owner.group.nope"}},
+            {"type": "Inherited", "path": "owner.nope"},
+        ),
+    )
+    assert bad.status_code == 422, bad.text
+    assert [d["pointer"] for d in bad.json()["details"]] == [
+        "/mirrorProperties/a/path",
+        "/mirrorProperties/b/path",
+        "/ownership/path",
+    ]
+    good = await _create(
+        client,
+        org,
+        svc(
+            {"tier": {"path": "owner.group.tier"}, "groupName": {"path": "owner.group.$title"}},
+            {"type": "Inherited", "path": "owner.group"},
+        ),
+    )
+    assert good.status_code == 201, good.text

@@ -205,6 +205,53 @@ async def _check_targets(tx: Tx, identifier: str, definition: dict[str, Any]) ->
         problems.raise_if_any("The blueprint is invalid")
 
 
+_META_LEAVES = {
+    "$identifier",
+    "$title",
+    "$icon",
+    "$team",
+    "$blueprint",
+    "$createdAt",
+    "$updatedAt",
+    "$createdBy",
+    "$updatedBy",
+    "$datasource",
+}
+
+
+async def _check_paths(tx: Tx, identifier: str, definition: dict[str, Any]) -> None:
+    """Every hop of a mirror property's path (and of inherited ownership) is a relation of
+    the blueprint reached so far, and a mirror ends on a property or meta-property of the
+    last one. (The first hop is checked with the rest of the definition.)"""
+    paths = [
+        (f"/mirrorProperties/{name}/path", str(m.get("path", "")), True)
+        for name, m in definition["mirrorProperties"].items()
+    ]
+    ownership = definition.get("ownership") or {}
+    if ownership.get("type") == "Inherited":
+        paths.append(("/ownership/path", str(ownership.get("path", "")), False))
+    if not paths:
+        return
+    known = {bp["identifier"]: bp for bp in await list_all(tx)}
+    known[identifier] = definition
+    problems = v.Problems()
+    for pointer, path, leafed in paths:
+        hops = path.split(".")
+        leaf = hops.pop() if leafed else None
+        current = identifier
+        for hop in hops:
+            relation = (known.get(current) or {}).get("relations", {}).get(hop)
+            if relation is None:
+                problems.add(pointer, f"{hop!r} is not a relation of blueprint {current!r}")
+                break
+            current = relation["target"]
+        else:
+            properties = (known.get(current) or {}).get("schema", {}).get("properties", {})
+            if leaf is not None and leaf not in properties and leaf not in _META_LEAVES:
+                problems.add(pointer, f"{leaf!r} is not a property or meta-property of {current!r}")
+    problems.raise_if_any("The blueprint is invalid")
+
+
 async def _write_relations(tx: Tx, identifier: str, relations: dict[str, Any]) -> None:
     """Make the blueprint's relation rows match `relations`. Rows of relations that remain
     are updated in place: deleting them would cascade to every entity link they carry."""
@@ -248,6 +295,7 @@ async def create(tx: Tx, actor: str, body: dict[str, Any]) -> dict[str, Any]:
     definition = normalise(body)
     identifier = definition["identifier"]
     await _check_targets(tx, identifier, definition)
+    await _check_paths(tx, identifier, definition)
     row = await tx.fetchrow(
         "INSERT INTO blueprints (org_id, identifier, title, icon, description, schema, relations, "
         "mirror_properties, calculation_properties, aggregation_properties, ownership, "
@@ -297,6 +345,7 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
     definition = normalise({**body, "identifier": identifier})
     _check_compatible(current, definition)
     await _check_targets(tx, identifier, definition)
+    await _check_paths(tx, identifier, definition)
     await _check_existing_entities(tx, identifier, current, definition)
     await tx.execute(
         "UPDATE blueprints SET title = $3, icon = $4, description = $5, schema = $6, "
