@@ -22,8 +22,7 @@ import asyncpg
 import httpx
 
 from app.db.database import Database
-from app.orgs import service as org_service
-from bench.env import LoadResult, load, pin_database_backends, scratch_settings, served
+from bench.env import LoadResult, load, new_org, pin_database_backends, scratch_settings, served
 
 ENTITIES = int(os.environ.get("PORTOLAN_BENCH_ENTITIES", "100000"))
 BATCH = 1000
@@ -51,7 +50,7 @@ PROPERTIES: dict[str, Any] = {
 }
 
 
-def _entity(i: int, rnd: random.Random) -> dict[str, Any]:
+def entity(i: int, rnd: random.Random) -> dict[str, Any]:
     return {
         "identifier": f"svc-{i:06d}",
         "title": f"Service {i}",
@@ -79,37 +78,31 @@ def _entity(i: int, rnd: random.Random) -> dict[str, Any]:
 async def _setup_org(
     db: Database, http: httpx.AsyncClient, name: str
 ) -> tuple[uuid.UUID, dict[str, str]]:
-    async with db.system() as tx:
-        created = await org_service.create_org(tx, name=name)
-    token = (
-        await http.post(
-            "/v1/auth/access_token",
-            json={"clientId": created.client_id, "clientSecret": created.client_secret},
-        )
-    ).json()["accessToken"]
-    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
-    for body in (
-        {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
-        {"identifier": "system", "title": "System", "schema": {"properties": {}}},
-        {
-            "identifier": "service",
-            "title": "Service",
-            "schema": {"properties": PROPERTIES, "required": ["language"]},
-            "relations": {
-                "team": {"target": "team", "required": False, "many": False},
-                "system": {"target": "system", "required": False, "many": False},
+    org_id, headers = await new_org(
+        db,
+        http,
+        name,
+        [
+            {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
+            {"identifier": "system", "title": "System", "schema": {"properties": {}}},
+            {
+                "identifier": "service",
+                "title": "Service",
+                "schema": {"properties": PROPERTIES, "required": ["language"]},
+                "relations": {
+                    "team": {"target": "team", "required": False, "many": False},
+                    "system": {"target": "system", "required": False, "many": False},
+                },
             },
-        },
-    ):
-        response = await http.post("/v1/blueprints", json=body, headers=headers)
-        response.raise_for_status()
+        ],
+    )
     for bp, prefix, n in (("team", "team", TEAMS), ("system", "sys", SYSTEMS)):
         items = [{"identifier": f"{prefix}-{i}"} for i in range(n)]
         response = await http.post(
             f"/v1/blueprints/{bp}/entities/bulk", json={"entities": items}, headers=headers
         )
         response.raise_for_status()
-    return created.org_id, headers
+    return org_id, headers
 
 
 async def _api_sync(http: httpx.AsyncClient, headers: dict[str, str], bodies: list[bytes]) -> float:
@@ -197,9 +190,9 @@ def _single_upserts(
     rnd = random.Random(7)
     bodies = []
     for _ in range(4000):
-        entity = _entity(rnd.randrange(ENTITIES), rnd)
-        entity["properties"]["coverage"] = rnd.randint(0, 100)
-        bodies.append(json.dumps(entity))
+        one = entity(rnd.randrange(ENTITIES), rnd)
+        one["properties"]["coverage"] = rnd.randint(0, 100)
+        bodies.append(json.dumps(one))
     auth = {"Authorization": headers["Authorization"]}
     return load(
         port,
@@ -214,7 +207,7 @@ def _single_upserts(
 
 async def run() -> bool:
     rnd = random.Random(42)
-    entities = [_entity(i, rnd) for i in range(ENTITIES)]
+    entities = [entity(i, rnd) for i in range(ENTITIES)]
     batches = [entities[i : i + BATCH] for i in range(0, ENTITIES, BATCH)]
     bodies = [json.dumps({"entities": b}).encode() for b in batches]
     async with scratch_settings() as settings:

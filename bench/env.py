@@ -11,15 +11,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 
 from app.cli import run_migrations
 from app.config import Settings
+from app.db.database import Database
+from app.orgs import service as org_service
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
@@ -56,6 +60,24 @@ async def scratch_settings() -> AsyncIterator[Settings]:
         admin = await asyncpg.connect(ADMIN_URL)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def new_org(
+    db: Database, http: httpx.AsyncClient, name: str, blueprints: Sequence[dict[str, Any]] = ()
+) -> tuple[uuid.UUID, dict[str, str]]:
+    """An org with its blueprints, and headers carrying its access token."""
+    async with db.system() as tx:
+        created = await org_service.create_org(tx, name=name)
+    token = (
+        await http.post(
+            "/v1/auth/access_token",
+            json={"clientId": created.client_id, "clientSecret": created.client_secret},
+        )
+    ).json()["accessToken"]
+    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+    for body in blueprints:
+        (await http.post("/v1/blueprints", json=body, headers=headers)).raise_for_status()
+    return created.org_id, headers
 
 
 def _pinned(cpu: int) -> list[str]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 
+import httpx
+
 from app.db.database import Database
-from app.orgs import service as org_service
-from bench.env import load, pin_database_backends, scratch_settings, served
+from bench.env import load, new_org, pin_database_backends, scratch_settings, served
 
 TARGET_RATIO = 0.40
 SECONDS = float(os.environ.get("PORTOLAN_BENCH_SECONDS", "4"))
@@ -22,20 +23,11 @@ CONNECTIONS = 16
 async def run() -> bool:
     async with scratch_settings() as settings:
         db = await Database.connect(settings)
-        async with db.system() as tx:
-            created = await org_service.create_org(tx, name="bench")
-        await db.close()
         with served(settings) as port:
-            import httpx
-
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-                token = (
-                    await http.post(
-                        "/v1/auth/access_token",
-                        json={"clientId": created.client_id, "clientSecret": created.client_secret},
-                    )
-                ).json()["accessToken"]
-            auth = {"Authorization": f"Bearer {token}"}
+                _, headers = await new_org(db, http, "bench")
+            await db.close()
+            auth = {"Authorization": headers["Authorization"]}
             # Alternate the two routes and keep the median ratio: on a 2-core machine a
             # single long run of each drifts with whatever else the cores are doing.
             # Warm up at full concurrency (so the pool holds its connections), then keep

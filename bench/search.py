@@ -23,10 +23,10 @@ import asyncpg
 import httpx
 
 from app.db.database import Database, compile_query
-from app.orgs import service as org_service
 from app.search.service import Search, scope_for
 from bench.catalog_bulk import PROPERTIES
-from bench.env import load, pin_database_backends, scratch_settings, served
+from bench.catalog_bulk import entity as catalog_entity
+from bench.env import load, new_org, pin_database_backends, scratch_settings, served
 
 ORGS = int(os.environ.get("PORTOLAN_BENCH_SEARCH_ORGS", "10"))
 PER_ORG = int(os.environ.get("PORTOLAN_BENCH_SEARCH_ENTITIES", "100000"))
@@ -77,52 +77,26 @@ AGGREGATES: dict[str, dict[str, Any]] = {
 }
 
 
-def _service(i: int, rnd: random.Random) -> tuple[str, dict[str, Any]]:
-    return f"svc-{i:06d}", {
-        "language": rnd.choice(["python", "go", "java", "rust", "ts"]),
-        "tier": rnd.choice(["1", "2", "3"]),
-        "coverage": rnd.randint(0, 100),
-        "latencyMs": round(rnd.random() * 500, 3),
-        "replicas": rnd.randint(1, 20),
-        "public": rnd.random() < 0.5,
-        "onCall": rnd.random() < 0.7,
-        "repo": f"https://git.example.com/org/svc-{i}",
-        "docs": f"https://docs.example.com/svc-{i}",
-        "owner": f"owner{i % 500}@example.com",
-        "lastDeploy": "2026-11-01T12:00:00Z",
-        "slug": f"svc-{i}",
-        "tags": ["backend", f"t{i % 7}"],
-        "config": {"region": "eu-west-1", "size": i % 4},
-        "description": "A service in the benchmark catalog.",
-    }
-
-
 async def _org(
     db: Database, http: httpx.AsyncClient, name: str
 ) -> tuple[uuid.UUID, dict[str, str]]:
-    async with db.system() as tx:
-        created = await org_service.create_org(tx, name=name)
-    token = (
-        await http.post(
-            "/v1/auth/access_token",
-            json={"clientId": created.client_id, "clientSecret": created.client_secret},
-        )
-    ).json()["accessToken"]
-    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
-    for body in (
-        {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
-        {
-            "identifier": "service",
-            "title": "Service",
-            "schema": {"properties": PROPERTIES},
-            "relations": {
-                "team": {"target": "team", "required": False, "many": False},
-                "dependsOn": {"target": "service", "required": False, "many": True},
+    return await new_org(
+        db,
+        http,
+        name,
+        [
+            {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
+            {
+                "identifier": "service",
+                "title": "Service",
+                "schema": {"properties": PROPERTIES},
+                "relations": {
+                    "team": {"target": "team", "required": False, "many": False},
+                    "dependsOn": {"target": "service", "required": False, "many": True},
+                },
             },
-        },
-    ):
-        (await http.post("/v1/blueprints", json=body, headers=headers)).raise_for_status()
-    return created.org_id, headers
+        ],
+    )
 
 
 async def _fill(url: str, org_id: uuid.UUID, seed: int) -> None:
@@ -159,7 +133,8 @@ async def _fill(url: str, org_id: uuid.UUID, seed: int) -> None:
         ]
         services = []
         for i in range(PER_ORG):
-            ident, props = _service(i, rnd)
+            entity = catalog_entity(i, rnd)
+            ident, props = entity["identifier"], entity["properties"]
             services.append(
                 (
                     org_id,

@@ -14,12 +14,21 @@ from sqlalchemy.sql.elements import ColumnElement
 from app.catalog.validation import Problems
 from app.db.database import Tx
 from app.kit.errors import Invalid
-from app.search.compiler import META_TEXT, META_TIME, Compiler, E, Scope
+from app.search.compiler import (
+    META_TEXT,
+    META_TIME,
+    TIME_UNITS,
+    Compiler,
+    E,
+    Scope,
+    number_aggregate,
+    number_value,
+    time_value,
+)
 from app.search.service import run_bounded
 
 FUNCS = ("count", "sum", "average", "min", "max", "median", "countValues")
 MAX_GROUPS = 1000
-_UNITS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2629800}
 
 
 def _number(scope: Scope, name: str, problems: Problems, pointer: str) -> ColumnElement[Any]:
@@ -30,11 +39,7 @@ def _number(scope: Scope, name: str, problems: Problems, pointer: str) -> Column
     }
     if kinds != {"number"}:
         problems.add(pointer, f"{name!r} must be a number property of the searched blueprints")
-    text_value = E.c.properties[name].astext
-    return sa.case(
-        (sa.func.jsonb_typeof(E.c.properties[name]) == "number", sa.cast(text_value, sa.Numeric)),
-        else_=None,
-    )
+    return number_value(E, name)
 
 
 def _group_key(scope: Scope, name: str, problems: Problems, pointer: str) -> tuple[Any, bool]:
@@ -93,13 +98,7 @@ async def aggregate(tx: Tx, scope: Scope, body: dict[str, Any]) -> dict[str, Any
             problems.add("/property", f"{func} needs a number property")
             problems.raise_if_any("The aggregation is invalid")
         value = _number(scope, str(prop), problems, "/property")
-        measure = {
-            "sum": sa.func.sum(value),
-            "average": sa.func.avg(value),
-            "min": sa.func.min(value),
-            "max": sa.func.max(value),
-            "median": sa.func.percentile_cont(0.5).within_group(value),
-        }[str(func)]
+        measure = number_aggregate(str(func), value)
     key = None
     spread = False
     if group_by is not None:
@@ -206,7 +205,7 @@ def _source(key: Any, spread: bool) -> Any:
 
 def _per_unit(body: dict[str, Any], problems: Problems) -> tuple[str, str] | None:
     unit = body.get("averageOf", "total")
-    if unit not in (*_UNITS, "total"):
+    if unit not in (*TIME_UNITS, "total"):
         problems.add("/averageOf", "averageOf must be hour, day, week, month or total")
         return None
     if unit == "total":
@@ -219,26 +218,20 @@ def _per_unit(body: dict[str, Any], problems: Problems) -> tuple[str, str] | Non
 
 
 def _time_of(scope: Scope, name: str) -> ColumnElement[Any]:
-    if name in META_TIME:
-        return E.c[META_TIME[name]]
-    declared = [
-        scope.blueprints[bp]["schema"]["properties"][name]
-        for bp in scope.searched
-        if name in scope.blueprints[bp]["schema"]["properties"]
-    ]
-    if not declared or any(p.get("format") not in ("date-time", "timer") for p in declared):
+    stamp = time_value([scope.blueprints[bp] for bp in scope.searched], E, name)
+    if stamp is None:
         raise Invalid(
             f"measureTimeBy: {name!r} is not a date-time property of the searched blueprint(s)",
             details=[{"pointer": "/measureTimeBy", "message": "not a date-time property"}],
         )
-    return sa.cast(E.c.properties[name].astext, sa.DateTime(timezone=True))
+    return stamp
 
 
 def _average_per(count: Any, since: datetime | None, unit: str, now: datetime) -> float | None:
     """Entities per `unit` from the earliest measured time to now (at least one unit)."""
     if not count or since is None:
         return 0.0 if count == 0 else None
-    units = max(1.0, (now - since).total_seconds() / _UNITS[unit])
+    units = max(1.0, (now - since).total_seconds() / TIME_UNITS[unit])
     return float(count) / units
 
 

@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import pydantic_core
+
 TIME_LIMIT_SECONDS = 2.0
 OUTPUT_LIMIT_BYTES = 64 * 1024
 _WORKERS = 2
@@ -99,7 +101,8 @@ async def calculate(blueprint: dict[str, Any], entities: list[dict[str, Any]]) -
         (name, str(calc.get("calculation", "")), str(calc.get("type", "")))
         for name, calc in sorted(calcs.items())
     ]
-    docs = [json.loads(json.dumps(entity, default=str)) for entity in entities]
+    # The entity as the API writes it (dates included), so `.createdAt` reads the same.
+    docs = [json.loads(pydantic_core.to_json(entity)) for entity in entities]
     loop = asyncio.get_running_loop()
     try:
         results = await asyncio.wait_for(

@@ -77,6 +77,50 @@ _PRESETS_NEXT = {
 PRESETS = sorted({"today", "tomorrow", "yesterday", *_PRESETS_PAST, *_PRESETS_NEXT})
 
 
+# `averageOf` units, in seconds.
+TIME_UNITS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2629800}
+
+
+def number_value(entity: Any, name: str) -> ColumnElement[Any]:
+    """A property as a number, null where it holds anything else (never a cast error)."""
+    value = entity.c.properties[name]
+    return sa.case(
+        (sa.func.jsonb_typeof(value) == "number", sa.cast(value.astext, sa.Numeric)),
+        else_=None,
+    )
+
+
+def number_aggregate(func: str, value: ColumnElement[Any]) -> ColumnElement[Any] | None:
+    """sum / average / min / max / median of a number expression (None: not one of them)."""
+    if func == "median":
+        return sa.func.percentile_cont(0.5).within_group(value)
+    if func == "sum":
+        return sa.func.sum(value)
+    if func == "average":
+        return sa.func.avg(value)
+    if func == "min":
+        return sa.func.min(value)
+    if func == "max":
+        return sa.func.max(value)
+    return None
+
+
+def time_value(
+    blueprints: list[dict[str, Any]], entity: Any, name: str
+) -> ColumnElement[Any] | None:
+    """A meta date (`$createdAt`, `$updatedAt`) or a date-time property that every given
+    blueprint declares, as a timestamp; None otherwise."""
+    if name in META_TIME:
+        column: ColumnElement[Any] = entity.c[META_TIME[name]]
+        return column
+    declared = [bp["schema"]["properties"].get(name) for bp in blueprints]
+    if not declared or any(
+        not p or p.get("format") not in ("date-time", "timer") for p in declared
+    ):
+        return None
+    return sa.cast(entity.c.properties[name].astext, sa.DateTime(timezone=True))
+
+
 class _Skip(Exception):
     """A rule with a problem (already recorded): compile the rest to find theirs too."""
 

@@ -21,7 +21,16 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog.models import Entity, EntityRelation
 from app.kit.errors import PortolanError
-from app.search.compiler import META_TEXT, META_TIME, Compiler, Scope
+from app.search.compiler import (
+    META_TEXT,
+    META_TIME,
+    TIME_UNITS,
+    Compiler,
+    Scope,
+    number_aggregate,
+    number_value,
+    time_value,
+)
 
 _ENTITIES = Entity.__table__
 _RELATIONS = EntityRelation.__table__
@@ -36,9 +45,6 @@ def _alias(table: Any, name: str) -> Any:
     if found is None:
         found = _ALIASES[name] = table.alias(name)
     return found
-
-
-_UNITS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2629800}
 
 
 def derived_column(scope: Scope, entity: Any) -> ColumnElement[Any] | None:
@@ -159,43 +165,22 @@ def _aggregation(scope: Scope, bp: str, entity: Any, agg: dict[str, Any]) -> Col
         declared = scope.blueprints[str(target_bp)]["schema"]["properties"].get(prop)
         if not isinstance(prop, str) or not declared or declared.get("type") != "number":
             return sa.null()
-        number = sa.case(
-            (
-                sa.func.jsonb_typeof(target.c.properties[prop]) == "number",
-                sa.cast(target.c.properties[prop].astext, sa.Numeric),
-            ),
-            else_=None,
-        )
-        measure = {
-            "sum": sa.func.coalesce(sa.func.sum(number), 0),
-            "average": sa.func.avg(number),
-            "min": sa.func.min(number),
-            "max": sa.func.max(number),
-            "median": sa.func.percentile_cont(0.5).within_group(number),
-        }.get(str(func))
-        if measure is None:
+        found = number_aggregate(str(func), number_value(target, prop))
+        if found is None:
             return sa.null()
-    elif func == "average" and spec.get("averageOf") in _UNITS:
-        stamp = _stamp(scope, str(target_bp), target, spec.get("measureTimeBy", "$createdAt"))
+        measure = sa.func.coalesce(found, 0) if func == "sum" else found  # a sum of none is 0
+    elif func == "average" and spec.get("averageOf") in TIME_UNITS:
+        measured = str(spec.get("measureTimeBy", "$createdAt"))
+        stamp = time_value([scope.blueprints[str(target_bp)]], target, measured)
         if stamp is None:
             return sa.null()
         # entities per unit, from the earliest measured time to now (at least one unit)
         elapsed = sa.func.extract("epoch", sa.bindparam(None, scope.now) - sa.func.min(stamp))
-        units = sa.func.greatest(elapsed / _UNITS[spec["averageOf"]], 1)
+        units = sa.func.greatest(elapsed / TIME_UNITS[spec["averageOf"]], 1)
         measure = sa.func.count() / units
     else:
         measure = sa.func.count()
     return sa.func.to_jsonb(sa.select(measure).select_from(target).where(*where).scalar_subquery())
-
-
-def _stamp(scope: Scope, bp: str, target: Any, name: Any) -> ColumnElement[Any] | None:
-    if name in META_TIME:
-        column: ColumnElement[Any] = target.c[META_TIME[name]]
-        return column
-    declared = scope.blueprints[bp]["schema"]["properties"].get(name)
-    if not declared or declared.get("format") not in ("date-time", "timer"):
-        return None
-    return sa.cast(target.c.properties[name].astext, sa.DateTime(timezone=True))
 
 
 def _linked(
