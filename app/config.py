@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=20, ge=0)
     # Any one statement (a search, an aggregation, a bulk write) is stopped after this.
     statement_timeout_ms: int = Field(default=15_000, ge=100)
+    # Number and date-time properties get a range index (app/search/indexes.py) once their
+    # blueprint holds this many entities, unless their schema says `"indexed": false`.
+    range_index_min_entities: int = Field(default=10_000, ge=1)
     log_level: str = "INFO"
     queue_name: str = Field(default="portolan:queue", min_length=1)
 

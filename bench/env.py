@@ -40,8 +40,10 @@ def _with_database(url: str, database: str) -> str:
 
 @asynccontextmanager
 async def scratch_settings() -> AsyncIterator[Settings]:
-    """A freshly migrated database for one bench run, dropped afterwards."""
+    """A freshly migrated database for one bench run, dropped afterwards (kept, and named,
+    when PORTOLAN_BENCH_KEEP is set: for looking at plans after a run)."""
     name = f"portolan_bench_{uuid.uuid4().hex[:10]}"
+    keep = bool(os.environ.get("PORTOLAN_BENCH_KEEP"))
     admin = await asyncpg.connect(ADMIN_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
@@ -57,9 +59,12 @@ async def scratch_settings() -> AsyncIterator[Settings]:
         await asyncio.to_thread(run_migrations, settings)
         yield settings
     finally:
-        admin = await asyncpg.connect(ADMIN_URL)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        if keep:
+            print(f"kept database {name}")
+        else:
+            admin = await asyncpg.connect(ADMIN_URL)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
 
 
 async def new_org(

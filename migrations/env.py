@@ -25,11 +25,18 @@ def _url() -> str:
     return get_settings().sqlalchemy_url
 
 
+def _include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    # Property range indexes (`ixr_*`) are created and dropped by the service at run time
+    # (app/search/indexes.py), not by migrations.
+    return not (type_ == "index" and name is not None and name.startswith("ixr_"))
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
+        include_name=_include_name,
         transaction_per_migration=True,
     )
     with context.begin_transaction():

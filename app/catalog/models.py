@@ -136,11 +136,13 @@ class EntityRelation(Base):
             name="fk_entity_relations_relation_blueprint_relations",
             ondelete="CASCADE",
         ),
+        # Covers downstream walks (migration 0005).
         Index(
             "ix_entity_relations_target",
             "org_id",
             "target_blueprint",
             "target_identifier",
+            postgresql_include=["source_blueprint", "source_identifier", "relation"],
         ),
     )
 

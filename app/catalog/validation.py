@@ -83,6 +83,8 @@ PROPERTY_KEYS = {
     "required",
     "additionalProperties",
     "const",
+    # Portolan's: a range index for a number or date-time property (app/search/indexes.py).
+    "indexed",
 }
 ITEM_TYPES = ("string", "number", "boolean", "object", "array")
 
@@ -302,6 +304,19 @@ def check_property(prop: Any, pointer: str, problems: Problems, *, is_item: bool
         if title is not None and (not isinstance(title, str) or len(title) > 100):
             problems.add(
                 _join(pointer, "title"), "title must be a string of at most 100 characters"
+            )
+    indexed = prop.get("indexed")
+    if indexed is not None and not is_item:
+        if not isinstance(indexed, bool):
+            problems.add(_join(pointer, "indexed"), "indexed must be true or false")
+        elif indexed and not (
+            type_name == "number"
+            or (type_name == "string" and prop.get("format") in ("date-time", "timer"))
+        ):
+            problems.add(
+                _join(pointer, "indexed"),
+                "indexed applies to number and date-time properties (range rules); "
+                "equality and containment on every property are indexed already",
             )
     fmt = prop.get("format")
     if fmt is not None:

@@ -20,7 +20,15 @@ _CACHE_SIZE = 2048
 _REQUIRED = re.compile(r"""^["'](.+)["'] is a required property$""")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # Keywords of Port's property definitions that are not JSON Schema validation keywords.
-_ANNOTATIONS = {"icon", "enumColors", "spec", "specAuthentication", "colorized", "colors"}
+_ANNOTATIONS = {
+    "icon",
+    "enumColors",
+    "spec",
+    "specAuthentication",
+    "colorized",
+    "colors",
+    "indexed",
+}
 
 
 # A scheme and a host (`https://git.example.com/x`), or a mailto: / urn: address.

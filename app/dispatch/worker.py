@@ -13,6 +13,7 @@ from arq.worker import Worker
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
+from app.search import indexes
 
 log = logging.getLogger("portolan.worker")
 
@@ -27,6 +28,16 @@ async def refresh_statistics(ctx: dict[str, Any]) -> list[str]:
     return await analyze_stale_tables(ctx["db"])
 
 
+async def maintain_range_indexes(ctx: dict[str, Any]) -> dict[str, int]:
+    """Build and drop property range indexes as blueprints and their sizes ask."""
+    settings: Settings = ctx["settings"]
+    assert settings.database_url is not None
+    done = await indexes.reconcile(
+        settings.database_url, min_entities=settings.range_index_min_entities
+    )
+    return {"created": len(done.created), "dropped": len(done.dropped), "failed": len(done.failed)}
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await Database.connect(ctx["settings"])
 
@@ -37,7 +48,15 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 
 JOB_FUNCTIONS = [ping]
-CRON_JOBS = [cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True)]
+CRON_JOBS = [
+    cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True),
+    cron(
+        maintain_range_indexes,
+        second={2, 17, 32, 47},
+        run_at_startup=True,
+        timeout=6 * 3600,  # building an index over a very large blueprint
+    ),
+]
 
 
 def redis_settings(settings: Settings) -> RedisSettings:

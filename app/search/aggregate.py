@@ -71,14 +71,9 @@ def _group_key(scope: Scope, name: str, problems: Problems, pointer: str) -> tup
     return E.c.properties[name], False
 
 
-async def aggregate(tx: Tx, scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
-    problems = Problems()
-    func = body.get("func")
-    if func not in FUNCS:
-        problems.add("/func", f"func must be one of {', '.join(FUNCS)}")
-        problems.raise_if_any("The aggregation is invalid")
-    condition = Compiler(scope).compile(body.get("query"), "/query")
-    base = sa.and_(
+def matching(scope: Scope, condition: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The entities of the searched blueprints that meet a compiled query."""
+    return sa.and_(
         E.c.org_id == sa.bindparam(None, scope.org_id),
         E.c.blueprint
         == sa.any_(
@@ -86,6 +81,15 @@ async def aggregate(tx: Tx, scope: Scope, body: dict[str, Any]) -> dict[str, Any
         ),
         condition,
     )
+
+
+async def aggregate(tx: Tx, scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
+    problems = Problems()
+    func = body.get("func")
+    if func not in FUNCS:
+        problems.add("/func", f"func must be one of {', '.join(FUNCS)}")
+        problems.raise_if_any("The aggregation is invalid")
+    base = matching(scope, Compiler(scope).compile(body.get("query"), "/query"))
     group_by = body.get("groupBy")
     if func == "countValues":
         return await _count_values(tx, scope, body, base, problems)

@@ -81,12 +81,32 @@ PRESETS = sorted({"today", "tomorrow", "yesterday", *_PRESETS_PAST, *_PRESETS_NE
 TIME_UNITS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2629800}
 
 
+def as_number(value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A jsonb value as a number, null where it holds anything else (never a cast error)."""
+    return sa.func.portolan_number(value, type_=sa.Numeric)
+
+
+def as_time(value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A jsonb date-time string as a timestamp (UTC when it carries no offset), null where
+    it holds anything else (never a cast error)."""
+    return sa.func.portolan_time(value, type_=sa.DateTime(timezone=True))
+
+
 def number_value(entity: Any, name: str) -> ColumnElement[Any]:
-    """A property as a number, null where it holds anything else (never a cast error)."""
-    value = entity.c.properties[name]
-    return sa.case(
-        (sa.func.jsonb_typeof(value) == "number", sa.cast(value.astext, sa.Numeric)),
-        else_=None,
+    """A stored property as a number (null where it holds anything else), written as the
+    range indexes are keyed (app/search/indexes.py): the planner matches index expressions
+    exactly."""
+    return sa.func.portolan_number(
+        entity.c.properties, sa.bindparam(None, name, type_=sa.Text), type_=sa.Numeric
+    )
+
+
+def stored_time(entity: Any, name: str) -> ColumnElement[Any]:
+    """A stored date-time property as a timestamp, keyed as the range indexes are."""
+    return sa.func.portolan_time(
+        entity.c.properties,
+        sa.bindparam(None, name, type_=sa.Text),
+        type_=sa.DateTime(timezone=True),
     )
 
 
@@ -118,7 +138,7 @@ def time_value(
         not p or p.get("format") not in ("date-time", "timer") for p in declared
     ):
         return None
-    return sa.cast(entity.c.properties[name].astext, sa.DateTime(timezone=True))
+    return stored_time(entity, name)
 
 
 class _Skip(Exception):
@@ -199,10 +219,18 @@ def _number(value: Any) -> Decimal | None:
 
 
 class Compiler:
-    def __init__(self, scope: Scope, entity: Any = None) -> None:
-        """`entity`: the alias of `entities` the rules apply to (`e` unless given)."""
+    def __init__(self, scope: Scope, entity: Any = None, *, joins: bool = False) -> None:
+        """`entity`: the alias of `entities` the rules apply to (`e` unless given).
+
+        `joins`: `relatedTo` rules of the top-level `and` become subqueries in `self.joins`
+        (columns `bp`, `ident`: the related entities, each once) for the caller to join,
+        instead of `IN (...)` conditions. A page query then reads the related entities in
+        its own order and stops at the page's end: as a condition, the planner reads every
+        related entity before sorting (1,000 of them for a team's services: 6 vs 1.5 ms)."""
         self.scope = scope
         self.e = entity if entity is not None else E
+        self.allow_joins = joins
+        self.joins: list[Any] = []
         self.problems = Problems()
         self._rules = 0
         self._walks = 0
@@ -240,9 +268,10 @@ class Compiler:
         if not isinstance(rules, list):
             raise self._problem(_ptr(pointer, "rules"), "rules must be a list")
         parts: list[ColumnElement[bool]] = []
+        top = self.allow_joins and depth == 0 and combinator == "and"
         for index, rule in enumerate(rules):
             try:
-                parts.append(self._rule(rule, _ptr(pointer, "rules", index), depth))
+                parts.append(self._rule(rule, _ptr(pointer, "rules", index), depth, top=top))
             except _Skip:
                 continue
         if not rules:
@@ -253,7 +282,9 @@ class Compiler:
             return sa.and_(*self._merge_containments(parts))
         return sa.or_(*parts)
 
-    def _rule(self, rule: Any, pointer: str, depth: int) -> ColumnElement[bool]:
+    def _rule(
+        self, rule: Any, pointer: str, depth: int, *, top: bool = False
+    ) -> ColumnElement[bool]:
         self._rules += 1
         if self._rules > MAX_RULES:
             raise self._problem(pointer, f"a query holds at most {MAX_RULES} rules")
@@ -265,7 +296,7 @@ class Compiler:
         if not isinstance(operator, str):
             raise self._problem(_ptr(pointer, "operator"), "operator is required")
         if operator == "relatedTo":
-            return self._related_to(rule, pointer)
+            return self._related_to(rule, pointer, join=top)
         if "propertySchema" in rule:
             return self._property_schema(rule, pointer, operator)
         prop = rule.get("property")
@@ -454,7 +485,9 @@ class Compiler:
             raise self._problem(_ptr(pointer, "value"), f"operator {op!r} needs a value")
         if f.kind == "datetime":
             guard = self._guard(f)
-            stamp: ColumnElement[Any] = sa.cast(text_value, sa.DateTime(timezone=True))
+            stamp: ColumnElement[Any] = (
+                stored_time(self.e, name) if f.source is None else as_time(f.source)
+            )
             if guard is not None:
                 stamp = sa.case((guard, stamp), else_=None)
             return self._time(stamp, name, op, value, pointer)
@@ -487,7 +520,9 @@ class Compiler:
             if number is None:
                 raise self._problem(_ptr(pointer, "value"), "the value must be a number")
             guard = self._guard(f)
-            cast: ColumnElement[Any] = sa.cast(text_value, sa.Numeric)
+            cast: ColumnElement[Any] = (
+                number_value(self.e, name) if f.source is None else as_number(f.source)
+            )
             if guard is not None:
                 cast = sa.case((guard, cast), else_=None)
             return _compare(cast, op, _bind(number, sa.Numeric))
@@ -712,7 +747,9 @@ class Compiler:
             _ptr(pointer, "operator"), f"{op!r} does not apply to relation {name!r}"
         )
 
-    def _related_to(self, rule: dict[str, Any], pointer: str) -> ColumnElement[bool]:
+    def _related_to(
+        self, rule: dict[str, Any], pointer: str, *, join: bool = False
+    ) -> ColumnElement[bool]:
         unknown = sorted(
             set(rule) - {"operator", "blueprint", "value", "direction", "required", "maxHops"}
         )
@@ -742,23 +779,25 @@ class Compiler:
         hops = rule.get("maxHops", MAX_HOPS)
         if isinstance(hops, bool) or not isinstance(hops, int) or not 1 <= hops <= MAX_HOPS:
             raise self._problem(_ptr(pointer, "maxHops"), f"maxHops must be 1..{MAX_HOPS}")
-        walks = []
-        for way in ("upstream", "downstream"):
-            if direction in (None, way):
-                walk = self._walk(blueprint, ids, way, required, hops)
-                walks.append(
-                    sa.tuple_(self.e.c.blueprint, self.e.c.identifier).in_(
-                        sa.select(walk.c.bp, walk.c.ident)
-                    )
-                )
-        return sa.or_(*walks)
+        walks: list[Any] = [
+            self._walk(blueprint, ids, way, required, hops)
+            for way in ("upstream", "downstream")
+            if direction in (None, way)
+        ]
+        if join:
+            found: Any = walks[0].distinct() if len(walks) == 1 else sa.union(*walks)
+            self.joins.append(found.subquery(f"related_{len(self.joins) + 1}"))
+            return sa.true()
+        key = sa.tuple_(self.e.c.blueprint, self.e.c.identifier)
+        return sa.or_(*(key.in_(walk) for walk in walks))
 
     def _walk(
         self, blueprint: str, ids: list[str], way: str, required: bool | None, hops: int
     ) -> Any:
-        """Entities reachable from (blueprint, ids): upstream follows links from source to
-        target (what the given entities depend on), downstream the other way (what depends
-        on them)."""
+        """SELECT (bp, ident) of the entities reachable from (blueprint, ids) in at most
+        `hops` links: upstream follows links from source to target (what the given entities
+        depend on), downstream the other way (what depends on them). One hop is a plain
+        query (the planner estimates it from statistics); more is a recursive CTE."""
         self._walks += 1
         org = self.scope.org_id
 
@@ -801,6 +840,8 @@ class Compiler:
                 from_id == sa.any_(sa.cast(_bind(ids, ARRAY(sa.String)), ARRAY(sa.String))),
             )
         )
+        if hops == 1:
+            return anchor.with_only_columns(to_bp.label("bp"), to_id.label("ident"))
         walk = anchor.cte(name=f"walk_{self._walks}", recursive=True)
         nxt = _WALK_NEXT
         from_bp, from_id, to_bp, to_id = step(nxt)
@@ -813,7 +854,8 @@ class Compiler:
             )
             .where(nxt.c.org_id == _bind(org), walk.c.depth < hops)
         )
-        return walk.union(recursive)
+        graph = walk.union(recursive)
+        return sa.select(graph.c.bp, graph.c.ident)
 
     # -- property schema ----------------------------------------------------------------
 

@@ -165,14 +165,26 @@ class Search:
 
     def _build(self, scope: Scope) -> None:
         self.scope = scope
-        self.condition = Compiler(scope).compile(self.query or {"combinator": "and", "rules": []})
+        compiler = Compiler(scope, joins=True)
+        self.condition = compiler.compile(self.query or {"combinator": "and", "rules": []})
+        self.joins = compiler.joins
         self.derived = derived_column(scope, E)
 
     def statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
         columns: list[Any] = [*_COLUMNS]
         if self.derived is not None:
             columns.append(self.derived)
-        stmt = sa.select(*columns).where(E.c.org_id == sa.bindparam(None, self.scope.org_id))
+        source: Any = E
+        for related in self.joins:  # relatedTo rules: read in the page's order
+            source = source.join(
+                related,
+                sa.and_(E.c.blueprint == related.c.bp, E.c.identifier == related.c.ident),
+            )
+        stmt = (
+            sa.select(*columns)
+            .select_from(source)
+            .where(E.c.org_id == sa.bindparam(None, self.scope.org_id))
+        )
         if len(self.scope.searched) == 1:
             only = self.scope.searched[0]
             stmt = stmt.where(E.c.blueprint == sa.bindparam(None, only))

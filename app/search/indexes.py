@@ -1,0 +1,214 @@
+"""Range indexes on number and date-time properties, kept by the worker in the background.
+
+Equality, `in` and containment on any property are answered by the GIN index (migration
+0004). Range rules (`>`, `<=`, `between`, date presets) on a number or date-time property
+compare `portolan_number(properties, 'p')` / `portolan_time(properties, 'p')`
+(migration 0005), and a btree on that expression answers them. There is one such index per
+(org, blueprint, property), partial to that org's blueprint: it holds only those entities,
+and the search statement's own `org_id = ... AND blueprint = ...` lets the planner use it.
+
+Which properties are indexed, from the blueprint schema:
+- `"indexed": true` on a number or date-time property: always;
+- `"indexed": false`: never;
+- neither: once the blueprint holds `range_index_min_entities` entities (a small blueprint
+  is read quickly without one, and every index costs each write to its entities). An
+  automatic index stays when its blueprint shrinks again.
+
+`reconcile` compares what the blueprints want with the `ixr_*` indexes that exist, and
+builds or drops the difference with `CREATE/DROP INDEX CONCURRENTLY`, which block neither
+reads nor writes. A build that is interrupted leaves an invalid index: the next pass drops
+it and builds it again. One process reconciles at a time (an advisory lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("portolan.indexes")
+
+PREFIX = "ixr_"
+_LOCK_KEY = 0x706F72746F6C01  # pg_try_advisory_lock key of the reconciler
+_EXISTING_SQL = (
+    "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i "
+    "JOIN pg_class c ON c.oid = i.indexrelid "
+    "WHERE i.indrelid = 'public.entities'::regclass AND c.relname LIKE 'ixr\\_%'"
+)
+_FUNCTIONS = {"number": "portolan_number", "datetime": "portolan_time"}
+
+
+def range_kind(prop: dict[str, Any]) -> str | None:
+    """`number` or `datetime` for a property a range index can serve; None otherwise."""
+    if prop.get("type") == "number":
+        return "number"
+    if prop.get("type") == "string" and prop.get("format") in ("date-time", "timer"):
+        return "datetime"
+    return None
+
+
+@dataclass(frozen=True)
+class RangeIndex:
+    org_id: uuid.UUID
+    blueprint: str
+    prop: str
+    kind: str  # number | datetime
+
+    @property
+    def name(self) -> str:
+        # The org in clear (an org's indexes are found by name), the rest hashed to fit
+        # PostgreSQL's 63 characters. `v2`: the shape of create_sql; a new shape gets new
+        # names, and the old indexes are dropped as unwanted.
+        key = f"v2/{self.blueprint}/{self.prop}/{self.kind}".encode()
+        return f"{PREFIX}{self.org_id.hex}_{hashlib.sha256(key).hexdigest()[:20]}"
+
+    def create_sql(self) -> str:
+        # Identifiers of blueprints and properties match ^[A-Za-z0-9@_=\-]+$ (checked when
+        # a blueprint is written); quoted as literals all the same.
+        value = f"{_FUNCTIONS[self.kind]}(properties, {_literal(self.prop)})"
+        # `value IS NOT NULL` in the predicate: a range rule implies it, so the index
+        # serves the rule; and without it every index of a blueprint would be a cheap way
+        # to list that blueprint's entities, which the planner then picks for rules on
+        # other properties (reading and filtering every row instead of the right index).
+        return (
+            f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self.name}" ON public.entities '
+            f"({value}) WHERE org_id = {_literal(str(self.org_id))}::uuid "
+            f"AND blueprint = {_literal(self.blueprint)} AND {value} IS NOT NULL"
+        )
+
+    def describe(self) -> str:
+        return f"{self.kind} range index of {self.org_id}/{self.blueprint}.{self.prop}"
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def wanted_by(
+    org_id: uuid.UUID, blueprint: str, schema: dict[str, Any]
+) -> tuple[list[RangeIndex], list[RangeIndex]]:
+    """(always, automatic): the indexes a blueprint asks for by flag, and those it gets once
+    it is large enough."""
+    always: list[RangeIndex] = []
+    automatic: list[RangeIndex] = []
+    for name, prop in (schema.get("properties") or {}).items():
+        if not isinstance(prop, dict):
+            continue
+        kind = range_kind(prop)
+        flag = prop.get("indexed")
+        if kind is None or flag is False:
+            continue
+        (always if flag is True else automatic).append(RangeIndex(org_id, blueprint, name, kind))
+    return always, automatic
+
+
+@dataclass
+class Reconciled:
+    created: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: bool = False  # another process was reconciling
+
+
+async def reconcile(
+    database_url: str, *, min_entities: int, orgs: Collection[uuid.UUID] | None = None
+) -> Reconciled:
+    """One pass: build the range indexes the blueprints want and drop the others (of the
+    given orgs only, when `orgs` is given)."""
+    done = Reconciled()
+    conn = await asyncpg.connect(
+        database_url,
+        server_settings={
+            "application_name": "portolan-indexes",
+            # An index build over a large blueprint may take longer than a request may.
+            "statement_timeout": "0",
+        },
+    )
+    try:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            done.skipped = True
+            return done
+        prefixes = None if orgs is None else tuple(f"{PREFIX}{org.hex}_" for org in orgs)
+        existing = {
+            r["name"]: r["valid"]
+            for r in await conn.fetch(_EXISTING_SQL)
+            if prefixes is None or str(r["name"]).startswith(prefixes)
+        }
+        wanted = await _wanted(conn, existing, min_entities, orgs)
+        for name, valid in sorted(existing.items()):
+            if name in wanted and valid:
+                continue
+            await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS public."{name}"')
+            if name in wanted:  # an interrupted build: built again below
+                log.warning("dropped an invalid range index", extra={"index": name})
+            else:
+                done.dropped.append(name)
+        for name, index in sorted(wanted.items()):
+            if existing.get(name):
+                continue
+            try:
+                await conn.execute(index.create_sql())
+                await conn.execute(
+                    f'COMMENT ON INDEX public."{name}" IS {_literal(index.describe())}'
+                )
+            except asyncpg.PostgresError as exc:
+                # Left invalid (if it got that far): dropped and retried on the next pass.
+                log.error(
+                    "range index build failed",
+                    extra={"index": name, "error": f"{exc.__class__.__name__}: {exc}"},
+                )
+                done.failed.append(name)
+                continue
+            done.created.append(name)
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    finally:
+        await conn.close()
+    if done.created or done.dropped:
+        log.info(
+            "range indexes reconciled",
+            extra={"created": len(done.created), "dropped": len(done.dropped)},
+        )
+    return done
+
+
+async def _wanted(
+    conn: asyncpg.Connection,
+    existing: dict[str, bool],
+    min_entities: int,
+    orgs: Collection[uuid.UUID] | None,
+) -> dict[str, RangeIndex]:
+    wanted: dict[str, RangeIndex] = {}
+    rows = await conn.fetch(
+        "SELECT org_id, identifier, schema FROM public.blueprints "
+        "WHERE $1::uuid[] IS NULL OR org_id = ANY($1::uuid[])",
+        None if orgs is None else list(orgs),
+    )
+    for row in rows:
+        schema = json.loads(row["schema"])  # jsonb arrives as text on a plain connection
+        always, automatic = wanted_by(row["org_id"], row["identifier"], schema)
+        for index in always:
+            wanted[index.name] = index
+        pending = [index for index in automatic if index.name not in existing]
+        wanted.update((index.name, index) for index in automatic if index.name in existing)
+        if pending and await _holds_at_least(conn, row["org_id"], row["identifier"], min_entities):
+            wanted.update((index.name, index) for index in pending)
+    return wanted
+
+
+async def _holds_at_least(
+    conn: asyncpg.Connection, org_id: uuid.UUID, blueprint: str, count: int
+) -> bool:
+    found = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT 1 FROM public.entities WHERE org_id = $1 "
+        "AND blueprint = $2 LIMIT $3) s",
+        org_id,
+        blueprint,
+        count,
+    )
+    return int(found) >= count
