@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from app.config import Settings
 from app.db.database import Database, compile_query
+from app.db.maintenance import MAINTENANCE_LOCK
 from app.search import indexes
 from app.search.aggregate import matching
 from app.search.compiler import Compiler, E
@@ -189,7 +190,7 @@ async def test_one_reconciler_at_a_time(
     assert r.status_code == 201, r.text
     holder = await asyncpg.connect(settings.database_url)
     try:
-        await holder.execute("SELECT pg_advisory_lock($1)", indexes._LOCK_KEY)
+        await holder.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
         done = await _reconcile(settings, org)
         assert done.skipped and not done.created
     finally:

@@ -758,3 +758,78 @@ async def test_definitions_changed_by_another_process_are_used_at_once(
             org.org_id,
         )
     assert await _ids(client, org, [rule("extra", "=", 21), rule("more", "isEmpty")]) == ["db"]
+
+
+async def test_attach_title_to_relation_names_each_target(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """Port's `attach_title_to_relation=true`: each related entity as {identifier, title},
+    on the search routes and the entity reads; the identifier alone otherwise."""
+    org = await make_org()
+    for body in (
+        {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
+        {
+            "identifier": "svc",
+            "title": "Service",
+            "schema": {"properties": {}},
+            "relations": {
+                "owner": {"target": "team", "required": False, "many": False},
+                "uses": {"target": "svc", "required": False, "many": True},
+            },
+        },
+    ):
+        r = await client.post("/v1/blueprints", json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+    for bp, items in (
+        ("team", [{"identifier": "core", "title": "Core Team"}]),
+        (
+            "svc",
+            [
+                {"identifier": "db", "title": "Database"},
+                {"identifier": "cache"},
+                {
+                    "identifier": "api",
+                    "title": "API",
+                    "relations": {"owner": "core", "uses": ["db", "cache"]},
+                },
+            ],
+        ),
+    ):
+        r = await client.post(
+            f"/v1/blueprints/{bp}/entities/bulk", json={"entities": items}, headers=org.headers
+        )
+        assert r.status_code == 200, r.text
+    titled = {
+        "owner": {"identifier": "core", "title": "Core Team"},
+        "uses": [{"identifier": "cache", "title": None}, {"identifier": "db", "title": "Database"}],
+    }
+    plain = {"owner": "core", "uses": ["cache", "db"]}
+    only_api = {"combinator": "and", "rules": [rule("$identifier", "=", "api")]}
+    for flag, expected in (("true", titled), ("false", plain)):
+        params = {"attach_title_to_relation": flag}
+        r = await client.post(
+            "/v1/blueprints/svc/entities/search",
+            params=params,
+            json={"query": only_api},
+            headers=org.headers,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["entities"][0]["relations"] == expected
+        r = await client.post(
+            "/v1/entities/search", params=params, json=only_api, headers=org.headers
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["entities"][0]["relations"] == expected
+        r = await client.get("/v1/blueprints/svc/entities/api", params=params, headers=org.headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["entity"]["relations"] == expected
+        r = await client.get("/v1/blueprints/svc/entities", params=params, headers=org.headers)
+        assert r.status_code == 200, r.text
+        (api,) = [e for e in r.json()["entities"] if e["identifier"] == "api"]
+        assert api["relations"] == expected
+    r = await client.get(
+        "/v1/blueprints/svc/entities/db",
+        params={"attach_title_to_relation": "true"},
+        headers=org.headers,
+    )
+    assert r.json()["entity"]["relations"] == {"owner": None, "uses": []}

@@ -49,3 +49,41 @@ async def test_stale_statistics_are_refreshed(db, make_org) -> None:  # type: ig
             break
         await asyncio.sleep(0.1)
     assert "entities" in analyzed
+
+
+async def test_statistics_wait_while_an_index_is_being_built(db, make_org, settings) -> None:  # type: ignore[no-untyped-def]
+    """ANALYZE in a transaction and CREATE INDEX CONCURRENTLY on one table deadlock: the
+    refresh skips its round while the range-index reconciler holds the maintenance lock."""
+    import asyncpg
+
+    from app.db.maintenance import MAINTENANCE_LOCK, analyze_stale_tables
+
+    org = await make_org()
+    async with db.system(org.org_id) as tx:
+        await tx.execute(
+            "INSERT INTO blueprints (org_id, identifier, title, schema, relations, "
+            "mirror_properties, calculation_properties, aggregation_properties, created_by, "
+            "updated_by) VALUES ($1, 'waits', 'W', '{}', '{}', '{}', '{}', '{}', 'x', 'x')",
+            org.org_id,
+        )
+        await tx.execute(
+            "INSERT INTO entities (org_id, blueprint, identifier, properties, created_by, "
+            "updated_by) SELECT $1, 'waits', 'e' || g, '{}', 'x', 'x' "
+            "FROM generate_series(1, 300) g",
+            org.org_id,
+        )
+    holder = await asyncpg.connect(settings.database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+        for _ in range(10):
+            assert await analyze_stale_tables(db, min_rows=100) == []
+            await asyncio.sleep(0.05)
+    finally:
+        await holder.close()
+    analyzed: list[str] = []
+    for _ in range(50):
+        analyzed = await analyze_stale_tables(db, min_rows=100)
+        if "entities" in analyzed:
+            break
+        await asyncio.sleep(0.1)
+    assert "entities" in analyzed

@@ -27,6 +27,7 @@ from app.db.routing import api_router, key_lookups
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response, to_json
+from app.search.router import AttachTitles
 from app.search.service import prepare
 
 router = api_router(tags=["Entities"])
@@ -162,8 +163,15 @@ async def list_entities(
     include: Annotated[list[str] | None, Query(max_length=100)] = None,
     exclude: Annotated[list[str] | None, Query(max_length=100)] = None,
     exclude_calculated_properties: bool = False,
+    attach_title_to_relation: AttachTitles = False,
 ) -> Any:
-    search = await prepare(tenant.tx, blueprint, None, calculated=not exclude_calculated_properties)
+    search = await prepare(
+        tenant.tx,
+        blueprint,
+        None,
+        calculated=not exclude_calculated_properties,
+        titles=attach_title_to_relation,
+    )
     db: Database = request.app.state.db
     pick = entities.FieldFilter(include or [], exclude or [])
 
@@ -190,11 +198,16 @@ async def get_entity(
     identifier: EntityId,
     tenant: CurrentTenant,
     exclude_calculated_properties: bool = False,
+    attach_title_to_relation: AttachTitles = False,
 ) -> Any:
     """Read through search, so the entity carries its derived properties."""
     rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
     search = await prepare(
-        tenant.tx, blueprint, {"rules": rules}, calculated=not exclude_calculated_properties
+        tenant.tx,
+        blueprint,
+        {"rules": rules},
+        calculated=not exclude_calculated_properties,
+        titles=attach_title_to_relation,
     )
     found, _ = await search.page(tenant.tx, None, 1)
     if not found:

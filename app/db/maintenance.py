@@ -16,9 +16,16 @@ log = logging.getLogger("portolan.maintenance")
 MIN_CHANGED_ROWS = 500
 CHANGED_SHARE = 0.2
 
+# Held (advisory) by whatever maintenance changes a table's indexes or statistics, so they
+# take turns: an ANALYZE inside a transaction and a CREATE INDEX CONCURRENTLY on the same
+# table wait for each other (each for the other's lock or snapshot) and deadlock.
+MAINTENANCE_LOCK = 0x706F72746F6C01
+
 
 async def analyze_stale_tables(db: Database, *, min_rows: int = MIN_CHANGED_ROWS) -> list[str]:
     async with db.system() as tx:
+        if not await tx.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK):
+            return []  # a range index is being built: next round
         rows = await tx.fetch(
             "SELECT relname FROM pg_stat_user_tables WHERE schemaname = 'public' "
             "AND n_mod_since_analyze > greatest($1::bigint, $2 * n_live_tup) ORDER BY relname",

@@ -832,7 +832,7 @@ class Compiler:
         first = _WALK_FIRST
         from_bp, from_id, to_bp, to_id = step(first)
         anchor = (
-            sa.select(to_bp.label("bp"), to_id.label("ident"), sa.literal(1).label("depth"))
+            sa.select(_plain(to_bp, "bp"), _plain(to_id, "ident"), sa.literal(1).label("depth"))
             .select_from(edges(first, _WALK_FIRST_DEF))
             .where(
                 first.c.org_id == _bind(org),
@@ -841,7 +841,7 @@ class Compiler:
             )
         )
         if hops == 1:
-            return anchor.with_only_columns(to_bp.label("bp"), to_id.label("ident"))
+            return anchor.with_only_columns(_plain(to_bp, "bp"), _plain(to_id, "ident"))
         walk = anchor.cte(name=f"walk_{self._walks}", recursive=True)
         nxt = _WALK_NEXT
         from_bp, from_id, to_bp, to_id = step(nxt)
@@ -886,6 +886,13 @@ class Compiler:
             guard = self._guard(found)
             parts.append(sa.and_(guard, expr) if guard is not None else expr)
         return sa.or_(*parts)
+
+
+def _plain(column: Any, name: str) -> ColumnElement[Any]:
+    """`column AS name`, seen by enclosing queries as a plain column: a labelled table
+    column is copied with its foreign keys and events into every CTE or subquery that
+    selects it, which cost ~0.4 ms per relatedTo rule."""
+    return sa.type_coerce(column, sa.String).label(name)
 
 
 def _compare(left: ColumnElement[Any], op: str, right: Any) -> ColumnElement[bool]:

@@ -17,7 +17,8 @@ Which properties are indexed, from the blueprint schema:
 `reconcile` compares what the blueprints want with the `ixr_*` indexes that exist, and
 builds or drops the difference with `CREATE/DROP INDEX CONCURRENTLY`, which block neither
 reads nor writes. A build that is interrupted leaves an invalid index: the next pass drops
-it and builds it again. One process reconciles at a time (an advisory lock).
+it and builds it again. One process reconciles at a time, and not while statistics are
+refreshed (app.db.maintenance.MAINTENANCE_LOCK).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from typing import Any
 
 import asyncpg
 
+from app.db.maintenance import MAINTENANCE_LOCK
+
 log = logging.getLogger("portolan.indexes")
 
 PREFIX = "ixr_"
-_LOCK_KEY = 0x706F72746F6C01  # pg_try_advisory_lock key of the reconciler
 _EXISTING_SQL = (
     "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i "
     "JOIN pg_class c ON c.oid = i.indexrelid "
@@ -131,7 +133,7 @@ async def reconcile(
         },
     )
     try:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
             done.skipped = True
             return done
         prefixes = None if orgs is None else tuple(f"{PREFIX}{org.hex}_" for org in orgs)
@@ -166,7 +168,7 @@ async def reconcile(
                 done.failed.append(name)
                 continue
             done.created.append(name)
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
     finally:
         await conn.close()
     if done.created or done.dropped:

@@ -32,6 +32,13 @@ _META = {
 }
 
 Paths = Annotated[list[str] | None, Query(max_length=200)]
+AttachTitles = Annotated[
+    bool,
+    Query(
+        description="Relations name each target as {identifier, title} instead of its "
+        "identifier alone"
+    ),
+]
 
 
 class Rules(BaseModel):
@@ -107,11 +114,16 @@ async def search_blueprint(
     include: Paths = None,
     exclude: Paths = None,
     exclude_calculated_properties: bool = False,
+    attach_title_to_relation: AttachTitles = False,
 ) -> Response:
     body = body or BlueprintSearchBody()
     query = body.query.model_dump() if body.query is not None else None
     search = await prepare(
-        tenant.tx, blueprint, query, calculated=not exclude_calculated_properties
+        tenant.tx,
+        blueprint,
+        query,
+        calculated=not exclude_calculated_properties,
+        titles=attach_title_to_relation,
     )
     scope = search.scope
     after = decode_cursor(body.from_) if body.from_ else None
@@ -175,9 +187,16 @@ async def search_all(
     include: Paths = None,
     exclude: Paths = None,
     exclude_calculated_properties: bool = False,
+    attach_title_to_relation: AttachTitles = False,
 ) -> Response:
     query = body.model_dump()
-    search = await prepare(tenant.tx, None, query, calculated=not exclude_calculated_properties)
+    search = await prepare(
+        tenant.tx,
+        None,
+        query,
+        calculated=not exclude_calculated_properties,
+        titles=attach_title_to_relation,
+    )
     scope = search.scope
     pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
     db: Database = request.app.state.db

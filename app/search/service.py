@@ -31,6 +31,17 @@ _LINKS: sa.Label[Any] = sa.literal_column(
     " AND source_identifier = e.identifier GROUP BY relation) r)"
 ).label("links")
 
+# attach_title_to_relation: each target as {identifier, title} (Port's shape).
+_TITLED_LINKS: sa.Label[Any] = sa.literal_column(
+    "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
+    " SELECT l.relation, jsonb_agg(jsonb_build_object('identifier', l.target_identifier,"
+    " 'title', t.title) ORDER BY l.target_identifier) AS targets"
+    " FROM entity_relations l JOIN entities t ON t.org_id = l.org_id"
+    " AND t.blueprint = l.target_blueprint AND t.identifier = l.target_identifier"
+    " WHERE l.org_id = e.org_id AND l.source_blueprint = e.blueprint"
+    " AND l.source_identifier = e.identifier GROUP BY l.relation) r)"
+).label("links")
+
 _COLUMNS = [
     E.c.blueprint,
     E.c.identifier,
@@ -88,17 +99,24 @@ async def scope_for(tx: Tx, blueprint: str | None, query: Any) -> Scope:
     return _scope(tx.org_id, remembered, blueprint, query)
 
 
-async def prepare(tx: Tx, blueprint: str | None, query: Any, *, calculated: bool = True) -> Search:
+async def prepare(
+    tx: Tx, blueprint: str | None, query: Any, *, calculated: bool = True, titles: bool = False
+) -> Search:
     """A compiled search over the org's blueprints as remembered; a query that does not
     compile against them is tried once more against the committed definitions."""
     scope = await scope_for(tx, blueprint, query)
     try:
-        return Search(scope, query, calculated=calculated)
+        return Search(scope, query, calculated=calculated, titles=titles)
     except Invalid:
         fresh = await _load_definitions(tx)
         if fresh[0] == scope.fingerprint:
             raise
-        return Search(_scope(scope.org_id, fresh, blueprint, query), query, calculated=calculated)
+        return Search(
+            _scope(scope.org_id, fresh, blueprint, query),
+            query,
+            calculated=calculated,
+            titles=titles,
+        )
 
 
 def _scope(
@@ -156,11 +174,15 @@ class Search:
     order; the position after a page is its cursor, so pages neither skip nor repeat rows
     that concurrent writes leave in place."""
 
-    def __init__(self, scope: Scope, query: Any, *, calculated: bool = True) -> None:
+    def __init__(
+        self, scope: Scope, query: Any, *, calculated: bool = True, titles: bool = False
+    ) -> None:
         """`calculated=False`: leave calculation properties out (Port's
-        `exclude_calculated_properties`)."""
+        `exclude_calculated_properties`). `titles`: relations name their targets as
+        `{identifier, title}` (Port's `attach_title_to_relation`)."""
         self.query = query
         self.calculated = calculated
+        self.titles = titles
         self._build(scope)
 
     def _build(self, scope: Scope) -> None:
@@ -171,7 +193,7 @@ class Search:
         self.derived = derived_column(scope, E)
 
     def statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
-        columns: list[Any] = [*_COLUMNS]
+        columns: list[Any] = [*_COLUMNS[:-1], _TITLED_LINKS if self.titles else _LINKS]
         if self.derived is not None:
             columns.append(self.derived)
         source: Any = E
