@@ -833,3 +833,185 @@ async def test_attach_title_to_relation_names_each_target(
         headers=org.headers,
     )
     assert r.json()["entity"]["relations"] == {"owner": None, "uses": []}
+
+
+async def _hierarchy(client: httpx.AsyncClient, org: Org) -> None:
+    """team (parent: a self-relation) <- service (team) <- deployment (service):
+    group <- domain <- tribe <- squad-a, squad-b; api, web on squad-a; db on squad-b."""
+    for body in (
+        {
+            "identifier": "team",
+            "title": "Team",
+            "schema": {"properties": {}},
+            "relations": {"parent": {"target": "team", "required": False, "many": False}},
+        },
+        {
+            "identifier": "service",
+            "title": "Service",
+            "schema": {"properties": {}},
+            "relations": {"team": {"target": "team", "required": False, "many": False}},
+        },
+        {
+            "identifier": "deployment",
+            "title": "Deployment",
+            "schema": {"properties": {}},
+            "relations": {"service": {"target": "service", "required": False, "many": False}},
+        },
+    ):
+        r = await client.post("/v1/blueprints", json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+    for bp, items in (
+        (
+            "team",
+            [
+                {"identifier": "group"},
+                {"identifier": "domain", "relations": {"parent": "group"}},
+                {"identifier": "tribe", "relations": {"parent": "domain"}},
+                {"identifier": "squad-a", "relations": {"parent": "tribe"}},
+                {"identifier": "squad-b", "relations": {"parent": "tribe"}},
+            ],
+        ),
+        (
+            "service",
+            [
+                {"identifier": "api", "relations": {"team": "squad-a"}},
+                {"identifier": "web", "relations": {"team": "squad-a"}},
+                {"identifier": "db", "relations": {"team": "squad-b"}},
+            ],
+        ),
+        (
+            "deployment",
+            [
+                {"identifier": "api-prod", "relations": {"service": "api"}},
+                {"identifier": "db-prod", "relations": {"service": "db"}},
+            ],
+        ),
+    ):
+        r = await client.post(
+            f"/v1/blueprints/{bp}/entities/bulk", json={"entities": items}, headers=org.headers
+        )
+        assert r.status_code == 200, r.text
+
+
+async def test_match_any_follows_a_path_of_relations(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _hierarchy(client, org)
+    other = await make_org()
+    await _hierarchy(client, other)  # the same names in another tenant: never returned
+
+    async def found(bp: str, prop: Any, value: Any) -> list[str]:
+        r = await client.post(
+            f"/v1/blueprints/{bp}/entities/search",
+            json={
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"property": prop, "operator": "matchAny", "value": value}],
+                }
+            },
+            headers=org.headers,
+        )
+        assert r.status_code == 200, r.text
+        return sorted(e["identifier"] for e in r.json()["entities"])
+
+    # From the searched entities along their relations to the given identifiers.
+    assert await found("service", "team", "squad-a") == ["api", "web"]
+    assert await found("service", {"path": ["team"]}, ["squad-a", "squad-b"]) == [
+        "api",
+        "db",
+        "web",
+    ]
+    assert await found("deployment", {"path": ["service", "team", "parent"]}, "tribe") == [
+        "api-prod",
+        "db-prod",
+    ]
+    assert await found("team", {"path": [{"relation": "parent", "maxHops": 3}]}, "group") == [
+        "domain",
+        "squad-a",
+        "squad-b",
+        "tribe",
+    ]
+    assert await found("team", {"path": ["parent", "parent"]}, "domain") == [
+        "squad-a",
+        "squad-b",
+    ]
+    # From the given entities of fromBlueprint, forward along the path: what it reaches.
+    assert await found(
+        "team", {"path": ["parent", "parent"], "fromBlueprint": "team"}, "squad-a"
+    ) == ["domain"]
+    assert await found(
+        "team",
+        {"path": [{"relation": "parent", "maxHops": 3}], "fromBlueprint": "team"},
+        "squad-a",
+    ) == ["domain", "group", "tribe"]
+    assert await found("team", {"path": ["team"], "fromBlueprint": "service"}, ["api", "db"]) == [
+        "squad-a",
+        "squad-b",
+    ]
+    # Across blueprints: the blueprints that have the path's first relation.
+    r = await client.post(
+        "/v1/entities/search",
+        json={
+            "combinator": "and",
+            "rules": [{"property": {"path": ["team"]}, "operator": "matchAny", "value": "squad-b"}],
+        },
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    assert [e["identifier"] for e in r.json()["entities"]] == ["db"]
+
+
+async def test_match_any_refuses_what_cannot_apply(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _hierarchy(client, org)
+    for prop, value, pointer in (
+        ({"path": ["nope"]}, "x", "/rules/0/property/path/0"),
+        ({"path": ["team", "owner"]}, "x", "/rules/0/property/path/1"),
+        ({"path": [{"relation": "team", "maxHops": 2}]}, "x", "/rules/0/property/path/0/maxHops"),
+        (
+            {"path": [{"relation": "team", "maxHops": 16}]},
+            "x",
+            "/rules/0/property/path/0/maxHops",
+        ),
+        ({"path": []}, "x", "/rules/0/property/path"),
+        ({"path": ["team"], "fromBlueprint": "ghost"}, "x", "/rules/0/property/fromBlueprint"),
+        ({"path": ["team"]}, 3, "/rules/0/value"),
+        ({"path": ["team"]}, [], "/rules/0/value"),
+    ):
+        r = await client.post(
+            "/v1/blueprints/service/entities/search",
+            json={
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"property": prop, "operator": "matchAny", "value": value}],
+                }
+            },
+            headers=org.headers,
+        )
+        assert r.status_code == 422, (prop, r.text)
+        assert pointer in r.text, (prop, pointer, r.text)
+    r = await client.post(
+        "/v1/blueprints/team/entities/search",
+        json={
+            "query": {
+                "combinator": "and",
+                "rules": [
+                    {
+                        "property": {
+                            "path": [
+                                {"relation": "parent", "maxHops": 2},
+                                {"relation": "parent", "maxHops": 2},
+                            ]
+                        },
+                        "operator": "matchAny",
+                        "value": "x",
+                    }
+                ],
+            }
+        },
+        headers=org.headers,
+    )
+    assert r.status_code == 422 and "/rules/0/property/path/1" in r.text, r.text

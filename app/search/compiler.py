@@ -297,6 +297,8 @@ class Compiler:
             raise self._problem(_ptr(pointer, "operator"), "operator is required")
         if operator == "relatedTo":
             return self._related_to(rule, pointer, join=top)
+        if operator == "matchAny":
+            return self._match_any(rule, pointer)
         if "propertySchema" in rule:
             return self._property_schema(rule, pointer, operator)
         prop = rule.get("property")
@@ -857,6 +859,157 @@ class Compiler:
         graph = walk.union(recursive)
         return sa.select(graph.c.bp, graph.c.ident)
 
+    # -- matchAny: a path of relations ---------------------------------------------------
+
+    def _match_any(self, rule: dict[str, Any], pointer: str) -> ColumnElement[bool]:
+        """Port's path rule: `{"property": {"path": [relation | {relation, maxHops}],
+        "fromBlueprint"?} | relation, "operator": "matchAny", "value": id | [ids]}`.
+
+        Without `fromBlueprint` an entity matches when following the path from it (each
+        relation from source to target) reaches one of the given identifiers. With it, the
+        path starts at the given entities of `fromBlueprint`, and the entities it reaches are
+        the matches. A `{relation, maxHops}` step follows a self-relation 1..maxHops times
+        (once per path)."""
+        unknown = sorted(set(rule) - {"operator", "property", "value"})
+        if unknown:
+            raise self._problem(pointer, f"unknown field(s) {', '.join(unknown)}")
+        spec = rule.get("property")
+        if isinstance(spec, str):
+            spec = {"path": [spec]}
+        if not isinstance(spec, dict) or set(spec) - {"path", "fromBlueprint"}:
+            raise self._problem(
+                _ptr(pointer, "property"),
+                "matchAny takes a relation identifier or {path: [...], fromBlueprint?}",
+            )
+        value = rule.get("value")
+        ids = [value] if isinstance(value, str) else value
+        if isinstance(value, dict) and "context" in value:
+            raise self._problem(
+                _ptr(pointer, "value"),
+                "context references ({context, property}) need a signed-in user; "
+                "they are not available to this caller",
+            )
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise self._problem(
+                _ptr(pointer, "value"), "the value must be an entity identifier or a list of them"
+            )
+        if len(ids) > MAX_VALUES:
+            raise self._problem(_ptr(pointer, "value"), f"at most {MAX_VALUES} identifiers")
+        origin = spec.get("fromBlueprint")
+        if origin is not None and (
+            not isinstance(origin, str) or origin not in self.scope.blueprints
+        ):
+            raise self._problem(
+                _ptr(pointer, "property", "fromBlueprint"), f"blueprint {origin!r} does not exist"
+            )
+        path = spec.get("path")
+        if not isinstance(path, list) or not path or len(path) > MAX_HOPS:
+            raise self._problem(
+                _ptr(pointer, "property", "path"), f"path must list 1..{MAX_HOPS} relations"
+            )
+        if origin is not None:
+            steps = self._path_steps(origin, path, _ptr(pointer, "property", "path"))
+            reached = self._follow_path(sa.select(*_start(origin, ids)), steps, forward=True)
+            return sa.tuple_(self.e.c.blueprint, self.e.c.identifier).in_(reached)
+        starts = [
+            bp
+            for bp in self.scope.searched
+            if _step_relation(path[0]) in self.scope.blueprints[bp]["relations"]
+        ]
+        if not starts:
+            raise self._problem(
+                _ptr(pointer, "property", "path", 0),
+                f"{_step_relation(path[0])!r} is not a relation of the searched blueprint(s)",
+            )
+        matched = []
+        for bp in starts:
+            steps = self._path_steps(bp, path, _ptr(pointer, "property", "path"))
+            end = steps[-1][2]
+            found = self._follow_path(sa.select(*_start(end, ids)), steps[::-1], forward=False)
+            matched.append(sa.tuple_(self.e.c.blueprint, self.e.c.identifier).in_(found))
+        return sa.or_(*matched)
+
+    def _path_steps(
+        self, blueprint: str, path: list[Any], pointer: str
+    ) -> list[tuple[str, str, str, int | None]]:
+        """(source blueprint, relation, target blueprint, maxHops or None) per step."""
+        steps: list[tuple[str, str, str, int | None]] = []
+        at = blueprint
+        variable = False
+        for index, step in enumerate(path):
+            hops: int | None = None
+            if isinstance(step, dict):
+                if set(step) - {"relation", "maxHops"} or not isinstance(step.get("relation"), str):
+                    raise self._problem(
+                        _ptr(pointer, index), "a step is a relation or {relation, maxHops}"
+                    )
+                hops = step.get("maxHops")
+                if isinstance(hops, bool) or not isinstance(hops, int) or not 1 <= hops <= 15:
+                    raise self._problem(_ptr(pointer, index, "maxHops"), "maxHops must be 1..15")
+                if variable:
+                    raise self._problem(_ptr(pointer, index), "maxHops may be used once in a path")
+                variable = True
+            relation = _step_relation(step)
+            definition = self.scope.blueprints[at]["relations"].get(relation)
+            if not isinstance(relation, str) or definition is None:
+                raise self._problem(
+                    _ptr(pointer, index), f"{relation!r} is not a relation of blueprint {at!r}"
+                )
+            target = str(definition["target"])
+            if hops is not None and target != at:
+                raise self._problem(
+                    _ptr(pointer, index, "maxHops"),
+                    f"maxHops follows a relation of a blueprint to itself; {relation!r} "
+                    f"leads from {at!r} to {target!r}",
+                )
+            steps.append((at, relation, target, hops))
+            at = target
+        return steps
+
+    def _follow_path(
+        self, start: Any, steps: list[tuple[str, str, str, int | None]], *, forward: bool
+    ) -> Any:
+        """SELECT (bp, ident) reached from `start` (a SELECT of (bp, ident)) along `steps`:
+        forward from source to target, or backward (the steps given last first)."""
+        org = _bind(self.scope.org_id)
+        current = start
+        for source, relation, target, hops in steps:
+            link = _RELATIONS.alias()
+            near = (link.c.source_blueprint, link.c.source_identifier)
+            far = (link.c.target_blueprint, link.c.target_identifier)
+            if not forward:
+                near, far = far, near
+            one = sa.select(_plain(far[0], "bp"), _plain(far[1], "ident")).where(
+                link.c.org_id == org,
+                link.c.source_blueprint == _bind(source),
+                link.c.relation == _bind(relation),
+                link.c.target_blueprint == _bind(target),
+                sa.tuple_(*near).in_(current),
+            )
+            if hops is None or hops == 1:
+                current = one
+                continue
+            self._walks += 1
+            walk = one.add_columns(sa.literal(1).label("depth")).cte(
+                name=f"path_{self._walks}", recursive=True
+            )
+            again = _RELATIONS.alias()
+            near2 = (again.c.source_blueprint, again.c.source_identifier)
+            far2 = (again.c.target_blueprint, again.c.target_identifier)
+            if not forward:
+                near2, far2 = far2, near2
+            more = sa.select(far2[0], far2[1], walk.c.depth + 1).where(
+                again.c.org_id == org,
+                again.c.source_blueprint == _bind(source),
+                again.c.relation == _bind(relation),
+                near2[0] == walk.c.bp,
+                near2[1] == walk.c.ident,
+                walk.c.depth < hops,
+            )
+            graph = walk.union(more)
+            current = sa.select(graph.c.bp, graph.c.ident)
+        return current
+
     # -- property schema ----------------------------------------------------------------
 
     def _property_schema(self, rule: dict[str, Any], pointer: str, op: str) -> ColumnElement[bool]:
@@ -886,6 +1039,16 @@ class Compiler:
             guard = self._guard(found)
             parts.append(sa.and_(guard, expr) if guard is not None else expr)
         return sa.or_(*parts)
+
+
+def _step_relation(step: Any) -> Any:
+    return step.get("relation") if isinstance(step, dict) else step
+
+
+def _start(blueprint: str, ids: list[str]) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """(bp, ident) of given entities, as a one-column-pair set to start a path from."""
+    idents = sa.func.unnest(sa.cast(_bind(ids, ARRAY(sa.String)), ARRAY(sa.String)))
+    return _plain(_bind(blueprint), "bp"), _plain(idents, "ident")
 
 
 def _plain(column: Any, name: str) -> ColumnElement[Any]:
