@@ -1015,3 +1015,62 @@ async def test_match_any_refuses_what_cannot_apply(
         headers=org.headers,
     )
     assert r.status_code == 422 and "/rules/0/property/path/1" in r.text, r.text
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        ([rule("coverage", ">=", 10)], lambda i: i % 100 >= 10),  # dense: windows fill pages
+        ([rule("coverage", "=", 37)], lambda i: i % 100 == 37),  # sparse: past the window
+        (
+            [rule("coverage", "<", 50), rule("language", "=", "go")],
+            lambda i: i % 100 < 50 and i % 3 == 0,
+        ),
+    ],
+)
+async def test_windowed_pages_neither_skip_nor_repeat(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    rules: list[dict[str, Any]],
+    expected: Any,
+) -> None:
+    """A blueprint search page reads a window of entities in identifier order first and
+    the planner's statement after it: across window edges and page edges every match comes
+    once, in order."""
+    from app.search import service
+
+    monkeypatch.setattr(service, "WINDOW", 40)
+    org = await make_org()
+    await _catalog(client, org)
+    async with db.system() as tx:
+        await tx.execute(
+            """
+            INSERT INTO entities (org_id, blueprint, identifier, properties, created_by,
+                                  updated_by)
+            SELECT $1, 'service', 'w' || lpad(i::text, 4, '0'),
+                   jsonb_build_object('coverage', i % 100,
+                                      'language', CASE WHEN i % 3 = 0 THEN 'go' ELSE 'java' END),
+                   'seed', 'seed'
+            FROM generate_series(0, 299) AS i
+            """,
+            org.org_id,
+        )
+    query = {"combinator": "and", "rules": [rule("$identifier", "beginsWith", "w"), *rules]}
+    seen: list[str] = []
+    cursor = None
+    for _ in range(100):
+        body: dict[str, Any] = {"query": query, "limit": 7}
+        if cursor:
+            body["from"] = cursor
+        r = await client.post(
+            "/v1/blueprints/service/entities/search", json=body, headers=org.headers
+        )
+        assert r.status_code == 200, r.text
+        page = r.json()
+        seen += [e["identifier"] for e in page["entities"]]
+        cursor = page.get("next")
+        if not cursor:
+            break
+    assert seen == [f"w{i:04d}" for i in range(300) if expected(i)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,8 +35,12 @@ _COMPILED_SIZE = 2048
 _compiled: OrderedDict[Any, SQLCompiler] = OrderedDict()
 
 
-def compile_query(query: Query, args: Sequence[Any]) -> tuple[str, Sequence[Any]]:
-    """SQL text passes through; a SQLAlchemy Core statement compiles to `$n` SQL + values."""
+def compile_query(
+    query: Query, args: Sequence[Any], values: Mapping[str, Any] | None = None
+) -> tuple[str, Sequence[Any]]:
+    """SQL text passes through; a SQLAlchemy Core statement compiles to `$n` SQL + values.
+    `values`: values for the statement's named bind parameters (by name), for a statement
+    built once and run with different values."""
     if isinstance(query, str):
         return query, args
     key = query._generate_cache_key()
@@ -48,15 +52,15 @@ def compile_query(query: Query, args: Sequence[Any]) -> tuple[str, Sequence[Any]
             # Values rendered into the SQL (expanding IN): compile for these values only.
             once = query.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
             assert isinstance(once, SQLCompiler)
-            values = once.construct_params() or {}
-            return once.string, [values[name] for name in once.positiontup or []]
+            bound = once.construct_params(params=values) or {}
+            return once.string, [bound[name] for name in once.positiontup or []]
         compiled = _compiled[key.key] = fresh
         if len(_compiled) > _COMPILED_SIZE:
             _compiled.popitem(last=False)
     else:
         assert key is not None
         _compiled.move_to_end(key.key)
-    params = compiled.construct_params(extracted_parameters=key.bindparams) or {}
+    params = compiled.construct_params(params=values, extracted_parameters=key.bindparams) or {}
     return compiled.string, [params[name] for name in compiled.positiontup or []]
 
 

@@ -124,6 +124,7 @@ async def search_blueprint(
         query,
         calculated=not exclude_calculated_properties,
         titles=attach_title_to_relation,
+        windowed=True,
     )
     scope = search.scope
     after = decode_cursor(body.from_) if body.from_ else None

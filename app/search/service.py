@@ -8,18 +8,20 @@ import json
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog import blueprints as bp_service
 from app.catalog.entities import row_state, to_api
-from app.db.database import Database, Tx
+from app.db.database import Database, Tx, compile_query
 from app.kit.errors import Invalid, NotFound
 from app.search.calc import calculate
-from app.search.compiler import Compiler, E, Scope
+from app.search.compiler import ENTITIES, Compiler, E, Scope
 from app.search.derived import derived_column
 
 _PAGE = 1000
@@ -100,13 +102,19 @@ async def scope_for(tx: Tx, blueprint: str | None, query: Any) -> Scope:
 
 
 async def prepare(
-    tx: Tx, blueprint: str | None, query: Any, *, calculated: bool = True, titles: bool = False
+    tx: Tx,
+    blueprint: str | None,
+    query: Any,
+    *,
+    calculated: bool = True,
+    titles: bool = False,
+    windowed: bool = False,
 ) -> Search:
     """A compiled search over the org's blueprints as remembered; a query that does not
     compile against them is tried once more against the committed definitions."""
     scope = await scope_for(tx, blueprint, query)
     try:
-        return Search(scope, query, calculated=calculated, titles=titles)
+        return Search(scope, query, calculated=calculated, titles=titles, windowed=windowed)
     except Invalid:
         fresh = await _load_definitions(tx)
         if fresh[0] == scope.fingerprint:
@@ -116,6 +124,7 @@ async def prepare(
             query,
             calculated=calculated,
             titles=titles,
+            windowed=windowed,
         )
 
 
@@ -169,84 +178,209 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     )
 
 
+# A page of a blueprint's search first reads this many of its entities in identifier order
+# and filters them (see Search.page).
+WINDOW = 5000
+
+
+def _window_rows() -> Any:
+    """A blueprint's next `window_rows` entities after `window_after` in identifier order,
+    as a subquery named like the table (its LIMIT keeps the planner from merging it). Built
+    once: every value is a named parameter (Search.window_values). Each column is a plain
+    labelled expression: a subquery copies a table column with its foreign keys and events
+    (~0.2 ms for the eleven of them)."""
+    columns = [sa.type_coerce(c, c.type).label(c.name) for c in ENTITIES.c]
+    return (
+        sa.select(*columns)
+        .where(
+            ENTITIES.c.org_id == sa.bindparam("window_org", type_=ENTITIES.c.org_id.type),
+            ENTITIES.c.blueprint == sa.bindparam("window_blueprint", type_=sa.String),
+            ENTITIES.c.identifier > sa.bindparam("window_after", type_=sa.String),
+        )
+        .order_by(ENTITIES.c.identifier)
+        .limit(sa.bindparam("window_rows", type_=sa.Integer))
+        .subquery("e")
+    )
+
+
+_WINDOW_ROWS = _window_rows()
+
+
+@dataclass
+class _Parts:
+    """A query compiled against one `entities` source (the table, or a window of it)."""
+
+    entity: Any
+    condition: ColumnElement[bool]
+    joins: list[Any]
+    derived: ColumnElement[Any] | None
+
+
 class Search:
     """A compiled query over a scope, read a page at a time in (blueprint, identifier)
     order; the position after a page is its cursor, so pages neither skip nor repeat rows
     that concurrent writes leave in place."""
 
     def __init__(
-        self, scope: Scope, query: Any, *, calculated: bool = True, titles: bool = False
+        self,
+        scope: Scope,
+        query: Any,
+        *,
+        calculated: bool = True,
+        titles: bool = False,
+        windowed: bool = False,
     ) -> None:
         """`calculated=False`: leave calculation properties out (Port's
         `exclude_calculated_properties`). `titles`: relations name their targets as
-        `{identifier, title}` (Port's `attach_title_to_relation`)."""
-        self.query = query
+        `{identifier, title}` (Port's `attach_title_to_relation`). `windowed`: pages of a
+        blueprint's search start with a bounded read in identifier order (see `page`)."""
+        self.query = query or {"combinator": "and", "rules": []}
         self.calculated = calculated
         self.titles = titles
+        self.windowed = windowed
         self._build(scope)
 
     def _build(self, scope: Scope) -> None:
         self.scope = scope
-        compiler = Compiler(scope, joins=True)
-        self.condition = compiler.compile(self.query or {"combinator": "and", "rules": []})
-        self.joins = compiler.joins
-        self.derived = derived_column(scope, E)
+        self._plain: _Parts | None = None
+        self._windowed: _Parts | None = None
+        rules = self.query.get("rules") if isinstance(self.query, dict) else None
+        if (
+            self.windowed
+            and len(scope.searched) == 1
+            and isinstance(rules, list)
+            and rules
+            and not any(isinstance(r, dict) and r.get("operator") == "relatedTo" for r in rules)
+        ):
+            # Compiled against the window only; the whole-table form when a page needs it.
+            self._windowed = self._compile(_WINDOW_ROWS)
+            self.derived = self._windowed.derived
+        else:
+            self.derived = self.parts.derived
 
-    def statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
-        columns: list[Any] = [*_COLUMNS[:-1], _TITLED_LINKS if self.titles else _LINKS]
-        if self.derived is not None:
-            columns.append(self.derived)
-        source: Any = E
-        for related in self.joins:  # relatedTo rules: read in the page's order
+    @property
+    def parts(self) -> _Parts:
+        """The query compiled against the whole table."""
+        if self._plain is None:
+            self._plain = self._compile(E)
+        return self._plain
+
+    def _compile(self, entity: Any) -> _Parts:
+        compiler = Compiler(self.scope, entity, joins=True)
+        condition = compiler.compile(self.query)
+        return _Parts(entity, condition, compiler.joins, derived_column(self.scope, entity))
+
+    def statement(
+        self, after: tuple[str, str] | None, limit: int, parts: _Parts | None = None
+    ) -> sa.Select[Any]:
+        parts = parts or self.parts
+        e = parts.entity
+        links = _TITLED_LINKS if self.titles else _LINKS
+        columns: list[Any] = [*(e.c[c.name] for c in _COLUMNS[:-1]), links]
+        if parts.derived is not None:
+            columns.append(parts.derived)
+        source: Any = e
+        for related in parts.joins:  # relatedTo rules: read in the page's order
             source = source.join(
                 related,
-                sa.and_(E.c.blueprint == related.c.bp, E.c.identifier == related.c.ident),
+                sa.and_(e.c.blueprint == related.c.bp, e.c.identifier == related.c.ident),
             )
         stmt = (
             sa.select(*columns)
             .select_from(source)
-            .where(E.c.org_id == sa.bindparam(None, self.scope.org_id))
+            .where(e.c.org_id == sa.bindparam(None, self.scope.org_id))
         )
         if len(self.scope.searched) == 1:
             only = self.scope.searched[0]
-            stmt = stmt.where(E.c.blueprint == sa.bindparam(None, only))
+            stmt = stmt.where(e.c.blueprint == sa.bindparam(None, only))
             if after is not None:
                 if after[0] > only:
                     stmt = stmt.where(sa.false())
                 elif after[0] == only:
-                    stmt = stmt.where(E.c.identifier > sa.bindparam(None, after[1]))
-            stmt = stmt.order_by(E.c.identifier)
+                    stmt = stmt.where(e.c.identifier > sa.bindparam(None, after[1]))
+            stmt = stmt.order_by(e.c.identifier)
         else:
             searched = sa.cast(
                 sa.bindparam(None, self.scope.searched, type_=ARRAY(sa.String)),
                 ARRAY(sa.String),
             )
-            stmt = stmt.where(E.c.blueprint == sa.any_(searched))
+            stmt = stmt.where(e.c.blueprint == sa.any_(searched))
             if after is not None:
                 stmt = stmt.where(
-                    sa.tuple_(E.c.blueprint, E.c.identifier)
+                    sa.tuple_(e.c.blueprint, e.c.identifier)
                     > sa.tuple_(sa.bindparam(None, after[0]), sa.bindparam(None, after[1]))
                 )
-            stmt = stmt.order_by(E.c.blueprint, E.c.identifier)
+            stmt = stmt.order_by(e.c.blueprint, e.c.identifier)
         if self.scope.fingerprint is not None:
             # Uncorrelated (the org is a parameter): evaluated once per statement.
             fresh = sa.text(
                 "(" + _FINGERPRINT_SQL.format(org=":fp_org") + ") = :fp_expected"
             ).bindparams(fp_org=self.scope.org_id, fp_expected=self.scope.fingerprint)
             stmt = stmt.where(fresh)
-        return stmt.where(self.condition).limit(limit)
+        return stmt.where(parts.condition).limit(limit)
+
+    @property
+    def uses_window(self) -> bool:
+        return self._windowed is not None
+
+    def window_statement(self, limit: int) -> sa.Select[Any]:
+        """The first step of a windowed page (see `_windowed_rows`); runs with the values
+        of `window_values`."""
+        assert self._windowed is not None
+        return self.statement(None, limit, self._windowed)
+
+    def window_values(self, start: str | None) -> dict[str, Any]:
+        return {
+            "window_org": self.scope.org_id,
+            "window_blueprint": self.scope.searched[0],
+            "window_after": start or "",
+            "window_rows": WINDOW,
+        }
+
+    async def _windowed_rows(
+        self, tx: Tx, after: tuple[str, str] | None, limit: int
+    ) -> list[asyncpg.Record]:
+        """A page in two steps. First the next WINDOW entities in identifier order are read
+        and filtered: a query that matches many entities fills its page there in a few
+        milliseconds, whatever the planner would have estimated. When they do not fill it,
+        the rest of the page comes from the statement the planner plans freely, resuming
+        after the last match (matches are sparse there, which is where indexes pay; it may
+        read the window's rows again, and finds no more there unless they changed since).
+        Without the window the planner's estimates decide, and a jsonb containment is
+        estimated at 1% of the table whatever its value: a page of a common value was
+        planned as an index intersection reading every match of the tenant (20 ms, not 2)."""
+        only = self.scope.searched[0]
+        if after is not None and after[0] > only:
+            return []
+        start = after[1] if after is not None and after[0] == only else None
+        rows = await run_bounded(tx, self.window_statement(limit), self.window_values(start))
+        if len(rows) >= limit:
+            return rows
+        resume = str(rows[-1]["identifier"]) if rows else start
+        rest = await run_bounded(
+            tx,
+            self.statement((only, resume) if resume is not None else None, limit - len(rows)),
+        )
+        return [*rows, *rest]
+
+    async def _rows(
+        self, tx: Tx, after: tuple[str, str] | None, limit: int
+    ) -> list[asyncpg.Record]:
+        if self.uses_window:
+            return await self._windowed_rows(tx, after, limit)
+        return await run_bounded(tx, self.statement(after, limit))
 
     async def page(
         self, tx: Tx, after: tuple[str, str] | None, limit: int
     ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
         """Up to `limit` entities in the API's shape, and the position to continue from
         (None when this was the last page)."""
-        rows = await run_bounded(tx, self.statement(after, limit + 1))
+        rows = await self._rows(tx, after, limit + 1)
         if not rows and self.scope.fingerprint is not None:
             remembered = await _load_definitions(tx)
             if remembered[0] != self.scope.fingerprint:  # changed since: run it afresh
                 self._build(_scope(self.scope.org_id, remembered, self.scope.fixed, self.query))
-                rows = await run_bounded(tx, self.statement(after, limit + 1))
+                rows = await self._rows(tx, after, limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         found = [self._entity(row) for row in rows]
@@ -280,10 +414,14 @@ class Search:
                 return
 
 
-async def run_bounded(tx: Tx, stmt: sa.Select[Any]) -> list[asyncpg.Record]:
-    """Runs a search statement; the connection's statement_timeout (a setting) bounds it."""
+async def run_bounded(
+    tx: Tx, stmt: sa.Select[Any], values: dict[str, Any] | None = None
+) -> list[asyncpg.Record]:
+    """Runs a search statement (with `values` for its named parameters); the connection's
+    statement_timeout (a setting) bounds it."""
+    sql, args = compile_query(stmt, (), values)
     try:
-        return await tx.fetch(stmt)
+        return await tx.fetch(sql, *args)
     except asyncpg.QueryCanceledError as exc:
         raise Invalid(
             "The search ran longer than the statement time limit and was stopped; "
