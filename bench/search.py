@@ -209,9 +209,11 @@ async def _direct(db: Database, org_id: uuid.UUID, rules: list[dict[str, Any]]) 
             found = await tx.fetch(sql, *args)
             if len(found) < 51:
                 resume = ("service", found[-1]["identifier"]) if found else None
-                statements.append(compile_query(search.statement(resume, 51 - len(found)), ()))
+                statements.append(
+                    compile_query(search.statement(resume, 51 - len(found)), (), search.values())
+                )
         else:
-            statements.append(compile_query(search.statement(None, 51), ()))
+            statements.append(compile_query(search.statement(None, 51), (), search.values()))
         if os.environ.get("PORTOLAN_BENCH_VERBOSE"):
             for sql, args in statements:
                 plan = await tx.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *args)

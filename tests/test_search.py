@@ -574,7 +574,7 @@ async def test_indexed_operators_never_scan_the_table(
         for name, rules in queries.items():
             query = {"combinator": "and", "rules": rules}
             search = Search(await scope_for(tx, "service", query), query)
-            sql, args = compile_query(search.statement(None, 51), ())
+            sql, args = compile_query(search.statement(None, 51), (), search.values())
             plan = "\n".join(r[0] for r in await tx.fetch("EXPLAIN " + sql, *args))
             assert "Seq Scan on entities" not in plan, f"{name}:\n{plan}"
     # Under row-level security only leakproof operators can be index conditions: a rare
@@ -583,7 +583,7 @@ async def test_indexed_operators_never_scan_the_table(
     async with db.tenant(orgs[0].org_id) as tx:
         query = {"combinator": "and", "rules": [rule("tags", "contains", "t7")]}
         search = Search(await scope_for(tx, "service", query), query)
-        sql, args = compile_query(search.statement(None, 51), ())
+        sql, args = compile_query(search.statement(None, 51), (), search.values())
         plan = "\n".join(r[0] for r in await tx.fetch("EXPLAIN " + sql, *args))
         assert "ix_entities_properties" in plan, plan
 
@@ -1074,3 +1074,62 @@ async def test_windowed_pages_neither_skip_nor_repeat(
         if not cursor:
             break
     assert seen == [f"w{i:04d}" for i in range(300) if expected(i)]
+
+
+async def test_several_related_to_rules_in_one_query(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """Two top-level relatedTo rules (joined) and one inside an `or` group (a condition)
+    keep their own values."""
+    org = await make_org()
+    await _hierarchy(client, org)
+    query = {
+        "combinator": "and",
+        "rules": [
+            {
+                "operator": "relatedTo",
+                "blueprint": "team",
+                "value": "squad-a",
+                "direction": "downstream",
+            },
+            {
+                "operator": "relatedTo",
+                "blueprint": "deployment",
+                "value": "api-prod",
+                "direction": "upstream",
+            },
+            {
+                "combinator": "or",
+                "rules": [
+                    {
+                        "operator": "relatedTo",
+                        "blueprint": "team",
+                        "value": "tribe",
+                        "direction": "downstream",
+                        "maxHops": 2,
+                    },
+                    rule("$identifier", "=", "nothing"),
+                ],
+            },
+        ],
+    }
+    r = await client.post(
+        "/v1/blueprints/service/entities/search", json={"query": query}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    assert [e["identifier"] for e in r.json()["entities"]] == ["api"]
+    # maxHops 1 from tribe reaches squads only: no service.
+    query["rules"][2]["rules"][0]["maxHops"] = 1
+    r = await client.post(
+        "/v1/blueprints/service/entities/search", json={"query": query}, headers=org.headers
+    )
+    assert r.status_code == 200 and r.json()["entities"] == [], r.text
+    r = await client.post(
+        "/v1/entities/aggregate",
+        json={
+            "func": "count",
+            "query": {**query, "rules": [*query["rules"][:2], rule("$blueprint", "=", "service")]},
+        },
+        headers=org.headers,
+    )
+    assert r.status_code == 200 and r.json()["result"] == 1, r.text

@@ -214,6 +214,7 @@ class _Parts:
     condition: ColumnElement[bool]
     joins: list[Any]
     derived: ColumnElement[Any] | None
+    values: dict[str, Any]  # named parameters of the condition and joins
 
 
 class Search:
@@ -268,7 +269,9 @@ class Search:
     def _compile(self, entity: Any) -> _Parts:
         compiler = Compiler(self.scope, entity, joins=True)
         condition = compiler.compile(self.query)
-        return _Parts(entity, condition, compiler.joins, derived_column(self.scope, entity))
+        return _Parts(
+            entity, condition, compiler.joins, derived_column(self.scope, entity), compiler.values
+        )
 
     def statement(
         self, after: tuple[str, str] | None, limit: int, parts: _Parts | None = None
@@ -329,8 +332,17 @@ class Search:
         assert self._windowed is not None
         return self.statement(None, limit, self._windowed)
 
+    def values(self, window: bool = False) -> dict[str, Any]:
+        """The named parameters of `statement()` (or, `window`, of `window_statement()`)."""
+        if window:
+            assert self._windowed is not None
+            return self._windowed.values
+        return self.parts.values
+
     def window_values(self, start: str | None) -> dict[str, Any]:
+        assert self._windowed is not None
         return {
+            **self._windowed.values,
             "window_org": self.scope.org_id,
             "window_blueprint": self.scope.searched[0],
             "window_after": start or "",
@@ -360,6 +372,7 @@ class Search:
         rest = await run_bounded(
             tx,
             self.statement((only, resume) if resume is not None else None, limit - len(rows)),
+            self.parts.values,
         )
         return [*rows, *rest]
 
@@ -368,7 +381,7 @@ class Search:
     ) -> list[asyncpg.Record]:
         if self.uses_window:
             return await self._windowed_rows(tx, after, limit)
-        return await run_bounded(tx, self.statement(after, limit))
+        return await run_bounded(tx, self.statement(after, limit), self.parts.values)
 
     async def page(
         self, tx: Tx, after: tuple[str, str] | None, limit: int
