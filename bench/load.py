@@ -10,7 +10,7 @@ import sys
 import time
 
 
-def _requests(spec: dict) -> list[bytes]:
+def build_requests(spec: dict) -> list[bytes]:
     """Every request this driver sends, built up front: GETs, or POSTs cycling through the
     given bodies."""
     method = spec.get("method", "GET")
@@ -28,6 +28,27 @@ def _requests(spec: dict) -> list[bytes]:
     ]
 
 
+async def roundtrip(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[bool, float]:
+    """Sends one built request on a keep-alive connection and reads the whole response:
+    (a 200/201 came back, seconds taken)."""
+    started = time.perf_counter()
+    writer.write(request)
+    status_line = await reader.readline()
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    elapsed = time.perf_counter() - started
+    return status_line.startswith((b"HTTP/1.1 200", b"HTTP/1.1 201")), elapsed
+
+
 async def _worker(
     spec: dict, stop_at: float, latencies: list[float], errors: list[int], offset: int = 0
 ) -> None:
@@ -38,27 +59,16 @@ async def _worker(
         while time.perf_counter() < stop_at:
             request = requests[n % len(requests)]
             n += 1
-            started = time.perf_counter()
-            writer.write(request)
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            latencies.append(time.perf_counter() - started)
-            if not status_line.startswith((b"HTTP/1.1 200", b"HTTP/1.1 201")):
+            ok, elapsed = await roundtrip(reader, writer, request)
+            latencies.append(elapsed)
+            if not ok:
                 errors.append(1)
     finally:
         writer.close()
 
 
 async def main(spec: dict) -> dict:
-    spec["_requests"] = _requests(spec)
+    spec["_requests"] = build_requests(spec)
     warmup = time.perf_counter() + 1.0
     await asyncio.gather(*(_worker(spec, warmup, [], []) for _ in range(spec["connections"])))
     latencies: list[float] = []
