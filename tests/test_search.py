@@ -765,7 +765,19 @@ async def test_attach_title_to_relation_names_each_target(
 ) -> None:
     """Port's `attach_title_to_relation=true`: each related entity as {identifier, title},
     on the search routes and the entity reads; the identifier alone otherwise."""
-    org = await make_org()
+    org, other = await make_org(), await make_org()
+    r = await client.post(
+        "/v1/blueprints",
+        json={"identifier": "team", "title": "Team", "schema": {"properties": {}}},
+        headers=other.headers,
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/blueprints/team/entities",
+        json={"identifier": "core", "title": "Another tenant's core"},
+        headers=other.headers,
+    )
+    assert r.status_code == 201, r.text
     for body in (
         {"identifier": "team", "title": "Team", "schema": {"properties": {}}},
         {
