@@ -33,6 +33,10 @@ def _blueprint(**flags: Any) -> dict[str, Any]:
     return {"identifier": "service", "title": "Service", "schema": {"properties": props}}
 
 
+async def _create(client: httpx.AsyncClient, org: Org, body: dict[str, Any]) -> None:
+    await _create(client, org, body)
+
+
 async def _put(client: httpx.AsyncClient, org: Org, body: dict[str, Any]) -> None:
     r = await client.put("/v1/blueprints/service", json=body, headers=org.headers)
     assert r.status_code == 200, r.text
@@ -103,12 +107,7 @@ async def test_the_indexed_keyword_is_checked(
         r = await client.post("/v1/blueprints", json=_blueprint(**flags), headers=org.headers)
         assert r.status_code == 422, r.text
         assert pointer in str(r.json()), r.text
-    r = await client.post(
-        "/v1/blueprints",
-        json=_blueprint(coverage=True, lastDeploy=True, name=False),
-        headers=org.headers,
-    )
-    assert r.status_code == 201, r.text
+    await _create(client, org, _blueprint(coverage=True, lastDeploy=True, name=False))
     stored = r.json()["blueprint"]["schema"]["properties"]
     assert stored["coverage"]["indexed"] is True and stored["name"]["indexed"] is False
 
@@ -118,8 +117,7 @@ async def test_flagged_properties_are_indexed_and_dropped_when_no_longer_asked_f
 ) -> None:
     org = await make_org()
     body = _blueprint(coverage=True, lastDeploy=True)
-    r = await client.post("/v1/blueprints", json=body, headers=org.headers)
-    assert r.status_code == 201, r.text
+    await _create(client, org, body)
     done = await _reconcile(settings, org)
     assert len(done.created) == 2 and not done.dropped and not done.failed
     found = await _indexes(db, org)
@@ -150,8 +148,7 @@ async def test_large_blueprints_get_indexes_without_a_flag(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database, settings: Settings
 ) -> None:
     org = await make_org()
-    r = await client.post("/v1/blueprints", json=_blueprint(), headers=org.headers)
-    assert r.status_code == 201, r.text
+    await _create(client, org, _blueprint())
     await _fill(db, org, 30)
     assert not (await _reconcile(settings, org, min_entities=31)).created
     done = await _reconcile(settings, org, min_entities=30)
@@ -168,8 +165,7 @@ async def test_an_interrupted_build_is_built_again(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database, settings: Settings
 ) -> None:
     org = await make_org()
-    r = await client.post("/v1/blueprints", json=_blueprint(coverage=True), headers=org.headers)
-    assert r.status_code == 201, r.text
+    await _create(client, org, _blueprint(coverage=True))
     await _reconcile(settings, org)
     (name,) = await _indexes(db, org)
     async with db.system() as tx:  # what a cancelled CREATE INDEX CONCURRENTLY leaves
@@ -186,8 +182,7 @@ async def test_one_reconciler_at_a_time(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database, settings: Settings
 ) -> None:
     org = await make_org()
-    r = await client.post("/v1/blueprints", json=_blueprint(coverage=True), headers=org.headers)
-    assert r.status_code == 201, r.text
+    await _create(client, org, _blueprint(coverage=True))
     holder = await asyncpg.connect(settings.database_url)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
@@ -207,16 +202,10 @@ async def test_range_rules_and_counts_read_the_index(
     are right."""
     for _ in range(4):
         neighbour = await make_org()
-        r = await client.post("/v1/blueprints", json=_blueprint(), headers=neighbour.headers)
-        assert r.status_code == 201, r.text
+        await _create(client, neighbour, _blueprint())
         await _fill(db, neighbour, 20_000)
     org = await make_org()
-    r = await client.post(
-        "/v1/blueprints",
-        json=_blueprint(coverage=True, replicas=True, lastDeploy=True),
-        headers=org.headers,
-    )
-    assert r.status_code == 201, r.text
+    await _create(client, org, _blueprint(coverage=True, replicas=True, lastDeploy=True))
     await _fill(db, org, 20_000)
     await _reconcile(settings, org)
     found = await _indexes(db, org)
@@ -301,8 +290,7 @@ async def test_an_indexed_date_property_never_fails_a_write(
     """The index expression reads a value that is no date as null: a blueprint whose
     date-time property became a plain string keeps taking writes before the index goes."""
     org = await make_org()
-    r = await client.post("/v1/blueprints", json=_blueprint(lastDeploy=True), headers=org.headers)
-    assert r.status_code == 201, r.text
+    await _create(client, org, _blueprint(lastDeploy=True))
     await _reconcile(settings, org)
     assert _indexed_properties(await _indexes(db, org)) == {"lastDeploy"}
     plain = _blueprint()
@@ -343,8 +331,7 @@ async def test_range_indexes_are_per_tenant(
 ) -> None:
     ours, theirs = await make_org(), await make_org()
     for org, body in ((ours, _blueprint(coverage=True)), (theirs, _blueprint())):
-        r = await client.post("/v1/blueprints", json=body, headers=org.headers)
-        assert r.status_code == 201, r.text
+        await _create(client, org, body)
     await _fill(db, ours, 2000)
     await _fill(db, theirs, 500)
     await _reconcile(settings, ours, theirs)

@@ -26,29 +26,40 @@ async def test_in_process_worker_runs_a_queued_job(settings: Settings) -> None:
         await pool.aclose()
 
 
-async def test_stale_statistics_are_refreshed(db, make_org) -> None:  # type: ignore[no-untyped-def]
-    from app.db.maintenance import analyze_stale_tables
-
-    org = await make_org()
-    async with db.system(org.org_id) as tx:
+async def _grow_entities(db, org_id, blueprint: str) -> None:  # type: ignore[no-untyped-def]
+    """300 new entities: enough change for analyze_stale_tables(min_rows=100)."""
+    async with db.system(org_id) as tx:
         await tx.execute(
             "INSERT INTO blueprints (org_id, identifier, title, schema, relations, "
             "mirror_properties, calculation_properties, aggregation_properties, created_by, "
-            "updated_by) VALUES ($1, 'stats', 'S', '{}', '{}', '{}', '{}', '{}', 'x', 'x')",
-            org.org_id,
+            "updated_by) VALUES ($1, $2, 'S', '{}', '{}', '{}', '{}', '{}', 'x', 'x')",
+            org_id,
+            blueprint,
         )
         await tx.execute(
             "INSERT INTO entities (org_id, blueprint, identifier, properties, created_by, "
-            "updated_by) SELECT $1, 'stats', 'e' || g, '{}', 'x', 'x' FROM generate_series(1, 300) g",
-            org.org_id,
+            "updated_by) SELECT $1, $2, 'e' || g, '{}', 'x', 'x' FROM generate_series(1, 300) g",
+            org_id,
+            blueprint,
         )
+
+
+async def _analyzed_soon(db) -> list[str]:  # type: ignore[no-untyped-def]
+    from app.db.maintenance import analyze_stale_tables
+
     analyzed: list[str] = []
     for _ in range(50):  # activity statistics reach the server asynchronously
         analyzed = await analyze_stale_tables(db, min_rows=100)
         if "entities" in analyzed:
             break
         await asyncio.sleep(0.1)
-    assert "entities" in analyzed
+    return analyzed
+
+
+async def test_stale_statistics_are_refreshed(db, make_org) -> None:  # type: ignore[no-untyped-def]
+    org = await make_org()
+    await _grow_entities(db, org.org_id, "stats")
+    assert "entities" in await _analyzed_soon(db)
 
 
 async def test_statistics_wait_while_an_index_is_being_built(db, make_org, settings) -> None:  # type: ignore[no-untyped-def]
@@ -59,19 +70,7 @@ async def test_statistics_wait_while_an_index_is_being_built(db, make_org, setti
     from app.db.maintenance import MAINTENANCE_LOCK, analyze_stale_tables
 
     org = await make_org()
-    async with db.system(org.org_id) as tx:
-        await tx.execute(
-            "INSERT INTO blueprints (org_id, identifier, title, schema, relations, "
-            "mirror_properties, calculation_properties, aggregation_properties, created_by, "
-            "updated_by) VALUES ($1, 'waits', 'W', '{}', '{}', '{}', '{}', '{}', 'x', 'x')",
-            org.org_id,
-        )
-        await tx.execute(
-            "INSERT INTO entities (org_id, blueprint, identifier, properties, created_by, "
-            "updated_by) SELECT $1, 'waits', 'e' || g, '{}', 'x', 'x' "
-            "FROM generate_series(1, 300) g",
-            org.org_id,
-        )
+    await _grow_entities(db, org.org_id, "waits")
     holder = await asyncpg.connect(settings.database_url)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
@@ -80,10 +79,4 @@ async def test_statistics_wait_while_an_index_is_being_built(db, make_org, setti
             await asyncio.sleep(0.05)
     finally:
         await holder.close()
-    analyzed: list[str] = []
-    for _ in range(50):
-        analyzed = await analyze_stale_tables(db, min_rows=100)
-        if "entities" in analyzed:
-            break
-        await asyncio.sleep(0.1)
-    assert "entities" in analyzed
+    assert "entities" in await _analyzed_soon(db)
