@@ -34,7 +34,8 @@ def _blueprint(**flags: Any) -> dict[str, Any]:
 
 
 async def _create(client: httpx.AsyncClient, org: Org, body: dict[str, Any]) -> None:
-    await _create(client, org, body)
+    r = await client.post("/v1/blueprints", json=body, headers=org.headers)
+    assert r.status_code == 201, r.text
 
 
 async def _put(client: httpx.AsyncClient, org: Org, body: dict[str, Any]) -> None:
@@ -108,6 +109,7 @@ async def test_the_indexed_keyword_is_checked(
         assert r.status_code == 422, r.text
         assert pointer in str(r.json()), r.text
     await _create(client, org, _blueprint(coverage=True, lastDeploy=True, name=False))
+    r = await client.get("/v1/blueprints/service", headers=org.headers)
     stored = r.json()["blueprint"]["schema"]["properties"]
     assert stored["coverage"]["indexed"] is True and stored["name"]["indexed"] is False
 
