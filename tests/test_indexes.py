@@ -4,11 +4,13 @@ to fail a write, and fenced per tenant."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from app.config import Settings
@@ -115,13 +117,20 @@ async def test_the_indexed_keyword_is_checked(
 
 
 async def test_flagged_properties_are_indexed_and_dropped_when_no_longer_asked_for(
-    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, settings: Settings
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="portolan.indexes")  # as `make run` logs
     org = await make_org()
     body = _blueprint(coverage=True, lastDeploy=True)
     await _create(client, org, body)
     done = await _reconcile(settings, org)
     assert len(done.created) == 2 and not done.dropped and not done.failed
+    (logged,) = [r for r in caplog.records if r.getMessage() == "range indexes reconciled"]
+    assert logged.built == 2 and logged.removed == 0  # type: ignore[attr-defined]
     found = await _indexes(db, org)
     assert _indexed_properties(found) == {"coverage", "lastDeploy"}
     for ddl in found.values():

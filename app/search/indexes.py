@@ -174,7 +174,8 @@ async def reconcile(
     if done.created or done.dropped:
         log.info(
             "range indexes reconciled",
-            extra={"created": len(done.created), "dropped": len(done.dropped)},
+            # ("created" is a LogRecord attribute: logging refuses it as an extra key)
+            extra={"built": len(done.created), "removed": len(done.dropped)},
         )
     return done
 
