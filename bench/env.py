@@ -210,3 +210,22 @@ def load(
     )
     data = json.loads(out.stdout)
     return LoadResult(**data)
+
+
+async def settle_range_indexes(url: str) -> int:
+    """Runs a range-index reconcile pass (the worker's job, app/search/indexes.py) to the
+    end, waiting while the served worker holds the maintenance lock; returns how many range
+    indexes exist."""
+    from app.search import indexes
+
+    for _ in range(600):
+        if not (await indexes.reconcile(url, min_entities=10_000)).skipped:
+            break
+        await asyncio.sleep(0.5)
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'ixr%'")
+        )
+    finally:
+        await conn.close()

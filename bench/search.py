@@ -23,11 +23,16 @@ import asyncpg
 import httpx
 
 from app.db.database import Database, compile_query
-from app.search import indexes
 from app.search.service import Search, scope_for
 from bench.catalog_bulk import PROPERTIES
 from bench.catalog_bulk import entity as catalog_entity
-from bench.env import new_org, pin_database_backends, scratch_settings, served
+from bench.env import (
+    new_org,
+    pin_database_backends,
+    scratch_settings,
+    served,
+    settle_range_indexes,
+)
 from bench.load import build_requests, roundtrip
 
 ORGS = int(os.environ.get("PORTOLAN_BENCH_SEARCH_ORGS", "10"))
@@ -177,22 +182,17 @@ async def _fill(url: str, org_id: uuid.UUID, seed: int) -> None:
 
 
 async def _settle(url: str) -> int:
-    """The state a catalog reaches a minute after a bulk load: vacuumed and analyzed (as
-    autovacuum does after inserts), and the range indexes built (as the worker does every
-    15 s; it may be at it already, so wait for its pass). Returns how many exist."""
+    """The state a catalog reaches a minute after a bulk load: the range indexes built (as
+    the worker does every 15 s), vacuumed and analyzed (as autovacuum does after inserts).
+    Returns how many range indexes exist."""
+    ranged = await settle_range_indexes(url)
     conn = await asyncpg.connect(url)
     try:
-        for _ in range(600):  # the worker may hold the maintenance lock for its own pass
-            if not (await indexes.reconcile(url, min_entities=10_000)).skipped:
-                break
-            await asyncio.sleep(0.5)
         await conn.execute("VACUUM ANALYZE entities")
         await conn.execute("VACUUM ANALYZE entity_relations")
-        return int(
-            await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'ixr%'")
-        )
     finally:
         await conn.close()
+    return ranged
 
 
 async def _statements(
