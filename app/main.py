@@ -20,6 +20,7 @@ from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
+from app.scorecards.router import router as scorecard_router
 from app.search import calc
 from app.search.router import router as search_router
 
@@ -83,4 +84,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(catalog_router)
     app.include_router(search_router)
     app.include_router(entity_router)
+    app.include_router(scorecard_router)
     return app

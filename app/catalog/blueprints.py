@@ -358,6 +358,7 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
         *_row_values(definition),
         actor,
     )
+    await _rescore(tx, identifier)
     await _write_relations(tx, identifier, definition["relations"])
     removed = sorted(
         set(current["schema"].get("properties", {})) - set(definition["schema"]["properties"])
@@ -459,6 +460,7 @@ async def rename_property(
         schema,
         actor,
     )
+    await _rescore(tx, identifier)
     await tx.execute(
         "UPDATE entities SET properties = (properties - $3::text) "
         "|| jsonb_build_object($4::text, properties -> $3::text) "
@@ -497,6 +499,7 @@ async def rename_relation(
         ownership,
         actor,
     )
+    await _rescore(tx, identifier)
     definition = current["relations"][old]
     await tx.execute(
         "INSERT INTO blueprint_relations (org_id, blueprint, relation, target, many, required) "
@@ -539,7 +542,18 @@ async def rename_mirror(tx: Tx, actor: str, identifier: str, old: str, new: str)
         mirrors,
         actor,
     )
+    await _rescore(tx, identifier)
     return await get(tx, identifier)
+
+
+async def _rescore(tx: Tx, identifier: str) -> None:
+    """A blueprint change may change its scorecards' results (values removed or renamed,
+    relations changed): they are evaluated again in the background (app.scorecards)."""
+    await tx.execute(
+        "UPDATE scorecards SET version = version + 1 WHERE org_id = $1 AND blueprint = $2",
+        tx.org_id,
+        identifier,
+    )
 
 
 def _check_new_name(current: dict[str, Any], new: str) -> None:

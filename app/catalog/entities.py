@@ -385,6 +385,13 @@ async def _write(
         fresh = await _load_existing(tx, blueprint_id, [i.identifier for i in lost], lock=True)
         _evaluate(lost, fresh, blueprint, validator, flags)
         pending = [i for i in lost if i.error is None and i.changed]
+    if not flags.validation_only:
+        written = [i.identifier for i in items if i.error is None and i.changed]
+        if written:
+            # Imported here: scorecards read entities through search, which reads this.
+            from app.scorecards.evaluate import evaluate_entities
+
+            await evaluate_entities(tx, blueprint, written)
     results = {i.index: i for i in items}
     outcomes: list[Outcome] = []
     for index in range(len(items)):

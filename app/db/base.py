@@ -23,3 +23,4 @@ def import_models() -> None:
     from app.auth import models as auth_models  # noqa: F401
     from app.catalog import models as catalog_models  # noqa: F401
     from app.orgs import models as org_models  # noqa: F401
+    from app.scorecards import models as scorecard_models  # noqa: F401

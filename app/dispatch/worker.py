@@ -13,6 +13,7 @@ from arq.worker import Worker
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
+from app.scorecards.evaluate import evaluate_pending
 from app.search import indexes
 
 log = logging.getLogger("portolan.worker")
@@ -38,6 +39,11 @@ async def maintain_range_indexes(ctx: dict[str, Any]) -> dict[str, int]:
     return {"created": len(done.created), "dropped": len(done.dropped), "failed": len(done.failed)}
 
 
+async def evaluate_scorecards(ctx: dict[str, Any]) -> int:
+    """Evaluates, for whole blueprints, the scorecards whose results lag their definition."""
+    return await evaluate_pending(ctx["db"])
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await Database.connect(ctx["settings"])
 
@@ -50,6 +56,12 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 JOB_FUNCTIONS = [ping]
 CRON_JOBS = [
     cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True),
+    cron(
+        evaluate_scorecards,
+        second=set(range(1, 60, 2)),
+        run_at_startup=True,
+        timeout=3600,  # a scorecard over a very large blueprint
+    ),
     cron(
         maintain_range_indexes,
         second={2, 17, 32, 47},

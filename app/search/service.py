@@ -44,6 +44,13 @@ _TITLED_LINKS: sa.Label[Any] = sa.literal_column(
     " AND l.source_identifier = e.identifier GROUP BY l.relation) r)"
 ).label("links")
 
+# Each entity's scorecard results (app.scorecards), in Port's shape.
+_SCORECARDS: sa.Label[Any] = sa.literal_column(
+    "(SELECT jsonb_object_agg(s.scorecard, jsonb_build_object('level', s.level,"
+    " 'rules', s.rules)) FROM scorecard_results s WHERE s.org_id = e.org_id"
+    " AND s.blueprint = e.blueprint AND s.identifier = e.identifier)"
+).label("scorecards")
+
 _COLUMNS = [
     E.c.blueprint,
     E.c.identifier,
@@ -279,7 +286,7 @@ class Search:
         parts = parts or self.parts
         e = parts.entity
         links = _TITLED_LINKS if self.titles else _LINKS
-        columns: list[Any] = [*(e.c[c.name] for c in _COLUMNS[:-1]), links]
+        columns: list[Any] = [*(e.c[c.name] for c in _COLUMNS[:-1]), links, _SCORECARDS]
         if parts.derived is not None:
             columns.append(parts.derived)
         source: Any = e
@@ -413,7 +420,10 @@ class Search:
             if team is not None:  # ownership inherited through a relation path
                 state["team"] = team
             state["properties"] = {**state["properties"], **derived}
-        return to_api(self.scope.blueprints[row["blueprint"]], state)
+        entity = to_api(self.scope.blueprints[row["blueprint"]], state)
+        if row["scorecards"]:
+            entity["scorecards"] = row["scorecards"]
+        return entity
 
     async def stream(self, db: Database, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
         """Every match, a page per short transaction (memory stays flat)."""
@@ -428,7 +438,7 @@ class Search:
 
 
 async def run_bounded(
-    tx: Tx, stmt: sa.Select[Any], values: dict[str, Any] | None = None
+    tx: Tx, stmt: sa.ClauseElement, values: dict[str, Any] | None = None
 ) -> list[asyncpg.Record]:
     """Runs a search statement (with `values` for its named parameters); the connection's
     statement_timeout (a setting) bounds it."""

@@ -1,0 +1,1 @@
+"""Scorecards: levels and rules over a blueprint's entities, evaluated in PostgreSQL."""

@@ -1,0 +1,323 @@
+"""Scorecard evaluation: one SQL statement computes and stores every result.
+
+For each scorecard, a subquery reads the entities (all of the blueprint, or the ones just
+written) that pass the scorecard's filter, with one boolean per rule (the rule's conditions,
+compiled by the search compiler; a rule whose value is unknown fails). The entity's level
+is the last level whose rules, and every lower level's, all pass:
+
+    CASE WHEN NOT <Bronze rules> THEN 'Basic' WHEN NOT <Silver rules> THEN 'Bronze' ...
+         ELSE 'Gold' END
+
+The results go into `scorecard_results` with INSERT ... ON CONFLICT DO UPDATE (only rows
+whose level or rules changed are written, and an evaluation never overwrites a later one:
+results carry the scorecard version and the entity's updatedAt they were computed from),
+and the results of entities the filter no longer takes are deleted — all in one statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from app.db.database import Database, Tx
+from app.kit.errors import Invalid
+from app.scorecards.definitions import to_rules
+from app.scorecards.models import ScorecardResult
+from app.search.compiler import Compiler, E, Scope
+from app.search.service import fresh_scope, run_bounded, scope_for
+
+log = logging.getLogger("portolan.scorecards")
+
+RESULTS: sa.Table = ScorecardResult.__table__  # type: ignore[assignment]
+_IDS = "score_ids"
+_JSON_ARGS = 90  # jsonb_build_array takes at most 100 arguments: chunks of this many
+
+
+@dataclass(frozen=True)
+class Card:
+    identifier: str
+    levels: list[str]
+    rules: list[dict[str, Any]]
+    filter: dict[str, Any] | None
+    version: int
+
+
+def _card(row: Any) -> Card:
+    return Card(
+        identifier=row["identifier"],
+        levels=[level["title"] for level in row["levels"]],
+        rules=list(row["rules"]),
+        filter=row["filter"],
+        version=int(row["version"]),
+    )
+
+
+async def _load_cards(tx: Tx, blueprint: str, only: list[str] | None = None) -> list[Card]:
+    rows = await tx.fetch(
+        "SELECT identifier, levels, rules, filter, version FROM scorecards "
+        "WHERE org_id = $1 AND blueprint = $2 "
+        "AND ($3::varchar[] IS NULL OR identifier = ANY($3::varchar[])) ORDER BY identifier",
+        tx.org_id,
+        blueprint,
+        only,
+    )
+    return [_card(r) for r in rows]
+
+
+def _rule_flags(scope: Scope, card: Card) -> list[Any]:
+    flags = []
+    for index, rule in enumerate(card.rules):
+        condition = Compiler(scope).compile(to_rules(rule["query"]))
+        flags.append(sa.func.coalesce(condition, sa.false()).label(f"r{index}"))
+    return flags
+
+
+def _json_array(items: list[Any]) -> Any:
+    if not items:
+        return sa.cast(sa.literal("[]"), JSONB)
+    parts = [
+        sa.func.jsonb_build_array(*items[i : i + _JSON_ARGS], type_=JSONB)
+        for i in range(0, len(items), _JSON_ARGS)
+    ]
+    out: Any = parts[0]
+    for part in parts[1:]:
+        out = out.op("||")(part)
+    return out
+
+
+def card_select(scope: Scope, blueprint: str, card: Card, *, only_ids: bool) -> sa.Select[Any]:
+    """(scorecard, identifier, level, level_rank, rules, version, entity_at) of the entities
+    the card applies to (those named by the `score_ids` parameter, with `only_ids`)."""
+    where = [
+        E.c.org_id == sa.bindparam(None, scope.org_id),
+        E.c.blueprint == sa.bindparam(None, blueprint),
+    ]
+    if only_ids:
+        where.append(
+            E.c.identifier
+            == sa.any_(sa.cast(sa.bindparam(_IDS, type_=ARRAY(sa.String)), ARRAY(sa.String)))
+        )
+    if card.filter is not None:
+        where.append(Compiler(scope).compile(to_rules(card.filter)))
+    inner = (
+        sa.select(E.c.identifier, E.c.updated_at, *_rule_flags(scope, card))
+        .where(*where)
+        .subquery("scored")
+    )
+    by_level: list[list[Any]] = [[] for _ in card.levels]
+    for index, rule in enumerate(card.rules):
+        by_level[card.levels.index(rule["level"])].append(inner.c[f"r{index}"])
+    rank_whens = []
+    name_whens = []
+    for rank in range(1, len(card.levels)):
+        failed = sa.not_(sa.and_(sa.true(), *by_level[rank]))
+        rank_whens.append((failed, rank - 1))
+        name_whens.append((failed, card.levels[rank - 1]))
+    top = len(card.levels) - 1
+    rank_expr: Any = sa.case(*rank_whens, else_=top) if rank_whens else sa.literal(top)
+    name_expr: Any = (
+        sa.case(*name_whens, else_=card.levels[top])
+        if name_whens
+        else sa.literal(card.levels[top], sa.String)
+    )
+    statuses = [
+        sa.func.jsonb_build_object(
+            "identifier",
+            rule["identifier"],
+            "status",
+            sa.case((inner.c[f"r{index}"], "SUCCESS"), else_="FAILURE"),
+            "level",
+            rule["level"],
+            type_=JSONB,
+        )
+        for index, rule in enumerate(card.rules)
+    ]
+    return sa.select(
+        sa.literal(card.identifier, sa.String).label("scorecard"),
+        inner.c.identifier,
+        name_expr.label("level"),
+        rank_expr.label("level_rank"),
+        _json_array(statuses).label("rules"),
+        sa.literal(card.version, sa.Integer).label("version"),
+        inner.c.updated_at.label("entity_at"),
+    )
+
+
+def evaluation(scope: Scope, blueprint: str, cards: list[Card], *, only_ids: bool) -> sa.Delete:
+    """The one statement that evaluates `cards` and stores the results."""
+    fresh = sa.union_all(
+        *(card_select(scope, blueprint, card, only_ids=only_ids) for card in cards)
+    ).cte("fresh")
+    insert = pg_insert(RESULTS).from_select(
+        [
+            "org_id",
+            "blueprint",
+            "identifier",
+            "scorecard",
+            "level",
+            "level_rank",
+            "rules",
+            "version",
+            "entity_at",
+        ],
+        sa.select(
+            sa.bindparam(None, scope.org_id, type_=RESULTS.c.org_id.type),
+            sa.literal(blueprint, sa.String),
+            fresh.c.identifier,
+            fresh.c.scorecard,
+            fresh.c.level,
+            fresh.c.level_rank,
+            fresh.c.rules,
+            fresh.c.version,
+            fresh.c.entity_at,
+        ),
+    )
+    excluded = insert.excluded
+    upsert = insert.on_conflict_do_update(
+        index_elements=["org_id", "blueprint", "identifier", "scorecard"],
+        set_={
+            "level": excluded.level,
+            "level_rank": excluded.level_rank,
+            "rules": excluded.rules,
+            "version": excluded.version,
+            "entity_at": excluded.entity_at,
+            "evaluated_at": sa.func.now(),
+        },
+        where=sa.and_(
+            sa.tuple_(RESULTS.c.version, RESULTS.c.entity_at)
+            <= sa.tuple_(excluded.version, excluded.entity_at),
+            sa.tuple_(RESULTS.c.level, RESULTS.c.rules, RESULTS.c.version, RESULTS.c.entity_at)
+            != sa.tuple_(excluded.level, excluded.rules, excluded.version, excluded.entity_at),
+        ),
+    ).returning(sa.literal(1))
+    written = upsert.cte("written")
+    gone = RESULTS.delete().where(
+        RESULTS.c.org_id == sa.bindparam(None, scope.org_id, type_=RESULTS.c.org_id.type),
+        RESULTS.c.blueprint == sa.bindparam(None, blueprint),
+        RESULTS.c.scorecard
+        == sa.any_(
+            sa.cast(
+                sa.bindparam(None, [c.identifier for c in cards], type_=ARRAY(sa.String)),
+                ARRAY(sa.String),
+            )
+        ),
+        ~sa.exists().where(
+            fresh.c.scorecard == RESULTS.c.scorecard, fresh.c.identifier == RESULTS.c.identifier
+        ),
+    )
+    if only_ids:
+        gone = gone.where(
+            RESULTS.c.identifier
+            == sa.any_(sa.cast(sa.bindparam(_IDS, type_=ARRAY(sa.String)), ARRAY(sa.String)))
+        )
+    statement: sa.Delete = gone.add_cte(fresh).add_cte(written)
+    return statement
+
+
+# Per (org, blueprint): the blueprint version the cards were read at, the cards, and the
+# statement that evaluates them for given entities. A scorecard change counts up the
+# blueprint's version, which entity writes check.
+_CACHE_SIZE = 1024
+_cached: OrderedDict[tuple[uuid.UUID, str], tuple[Any, list[Card], Any]] = OrderedDict()
+
+
+async def evaluate_entities(tx: Tx, blueprint: dict[str, Any], identifiers: list[str]) -> None:
+    """Re-evaluates the blueprint's scorecards for entities just written, in the writer's
+    transaction (an entity's results change with it)."""
+    if not identifiers:
+        return
+    assert tx.org_id is not None
+    key = (tx.org_id, blueprint["identifier"])
+    cached = _cached.get(key)
+    if cached is None or cached[0] != blueprint["version"]:
+        cards = await _load_cards(tx, blueprint["identifier"])
+        statement = None
+        if cards:
+            try:
+                statement = await _statement(tx, blueprint["identifier"], cards, only_ids=True)
+            except Invalid as exc:
+                # A rule no longer applies to the blueprint (a property renamed or removed
+                # since): the write goes ahead, the scorecard's results wait for its fix.
+                log.warning(
+                    "scorecard no longer compiles",
+                    extra={"blueprint": blueprint["identifier"], "error": exc.message},
+                )
+        cached = (blueprint["version"], cards, statement)
+        _cached[key] = cached
+        if len(_cached) > _CACHE_SIZE:
+            _cached.popitem(last=False)
+    _cached.move_to_end(key)
+    statement = cached[2]
+    if statement is not None:
+        await run_bounded(tx, statement, {_IDS: identifiers})
+
+
+async def _statement(tx: Tx, blueprint: str, cards: list[Card], *, only_ids: bool) -> Any:
+    scope = await scope_for(tx, blueprint, None)
+    try:
+        return evaluation(scope, blueprint, cards, only_ids=only_ids)
+    except Invalid:
+        # Remembered definitions older than a rule: compile against the committed ones.
+        scope = await fresh_scope(tx, blueprint, None)
+        return evaluation(scope, blueprint, cards, only_ids=only_ids)
+
+
+async def evaluate_blueprint(tx: Tx, blueprint: str, only: list[str] | None = None) -> int:
+    """Evaluates the blueprint's scorecards (or the named ones) for all of its entities and
+    marks the versions evaluated; returns how many scorecards were evaluated."""
+    cards = await _load_cards(tx, blueprint, only)
+    if not cards:
+        return 0
+    scope = await fresh_scope(tx, blueprint, None)
+    try:
+        statement = evaluation(scope, blueprint, cards, only_ids=False)
+    except Invalid as exc:
+        # A blueprint change left a rule that no longer applies (a removed property): its
+        # results stay as they were until the scorecard is changed.
+        log.warning(
+            "scorecard no longer compiles",
+            extra={"blueprint": blueprint, "error": exc.message},
+        )
+        await _mark(tx, blueprint, cards)
+        return 0
+    await run_bounded(tx, statement)
+    await _mark(tx, blueprint, cards)
+    return len(cards)
+
+
+async def _mark(tx: Tx, blueprint: str, cards: list[Card]) -> None:
+    for card in cards:
+        await tx.execute(
+            "UPDATE scorecards SET evaluated_version = greatest(evaluated_version, $4) "
+            "WHERE org_id = $1 AND blueprint = $2 AND identifier = $3",
+            tx.org_id,
+            blueprint,
+            card.identifier,
+            card.version,
+        )
+
+
+async def evaluate_pending(db: Database) -> int:
+    """The worker's pass: every scorecard whose stored results lag its definition is
+    evaluated for its whole blueprint (one tenant transaction per blueprint). Returns how
+    many scorecards were evaluated."""
+    async with db.system() as tx:
+        pending = await tx.fetch(
+            "SELECT org_id, blueprint, array_agg(identifier ORDER BY identifier) AS cards "
+            "FROM scorecards WHERE evaluated_version < version "
+            "GROUP BY org_id, blueprint ORDER BY min(updated_at)"
+        )
+    done = 0
+    for row in pending:
+        async with db.tenant(row["org_id"]) as tx:
+            done += await evaluate_blueprint(tx, row["blueprint"], list(row["cards"]))
+    if done:
+        log.info("scorecards evaluated", extra={"scorecards": done})
+    return done

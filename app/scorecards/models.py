@@ -1,0 +1,85 @@
+"""Scorecard definitions and their stored results. Every key leads with org_id."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, ForeignKeyConstraint, Index, Integer, String, func
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base
+
+
+def _ts() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Scorecard(Base):
+    """A scorecard of a blueprint. `version` counts its changes; `evaluated_version` is the
+    version whose results are stored for every entity (the scorecard is `evaluating` while
+    they differ)."""
+
+    __tablename__ = "scorecards"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "blueprint"],
+            ["blueprints.org_id", "blueprints.identifier"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    identifier: Mapped[str] = mapped_column(String(100), primary_key=True)
+    title: Mapped[str] = mapped_column(String(200), nullable=False)
+    levels: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    rules: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    filter: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    evaluated_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    created_at: Mapped[datetime] = _ts()
+    created_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    updated_at: Mapped[datetime] = _ts()
+    updated_by: Mapped[str] = mapped_column(String(200), nullable=False)
+
+
+class ScorecardResult(Base):
+    """One entity's standing on one scorecard: its level (and the level's rank, 0 = the base
+    level) and each rule's status, as evaluated from the entity's state at `entity_at` under
+    the scorecard's `version` (a later evaluation never loses to an older one)."""
+
+    __tablename__ = "scorecard_results"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "blueprint", "scorecard"],
+            ["scorecards.org_id", "scorecards.blueprint", "scorecards.identifier"],
+            ondelete="CASCADE",
+        ),
+        ForeignKeyConstraint(
+            ["org_id", "blueprint", "identifier"],
+            ["entities.org_id", "entities.blueprint", "entities.identifier"],
+            ondelete="CASCADE",
+        ),
+        # A scorecard's results by level: summaries, and searches by level.
+        Index(
+            "ix_scorecard_results_scorecard",
+            "org_id",
+            "blueprint",
+            "scorecard",
+            "level_rank",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    identifier: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    scorecard: Mapped[str] = mapped_column(String(100), primary_key=True)
+    level: Mapped[str] = mapped_column(String(100), nullable=False)
+    level_rank: Mapped[int] = mapped_column(Integer, nullable=False)
+    rules: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    entity_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    evaluated_at: Mapped[datetime] = _ts()

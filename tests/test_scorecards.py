@@ -1,0 +1,465 @@
+"""Scorecards: Port's definitions and routes, level semantics evaluated in SQL, results on
+entities kept current by writes and by the background evaluation, and tenancy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from app.db.database import Database
+from app.scorecards.evaluate import evaluate_pending
+from tests.conftest import Org, OrgFactory
+
+SERVICE = {
+    "identifier": "service",
+    "title": "Service",
+    "schema": {
+        "properties": {
+            "owner": {"type": "string"},
+            "coverage": {"type": "number"},
+            "onCall": {"type": "boolean"},
+            "tier": {"type": "string"},
+        }
+    },
+    "relations": {"team": {"target": "team", "required": False, "many": False}},
+}
+
+READINESS = {
+    "identifier": "readiness",
+    "title": "Production readiness",
+    "rules": [
+        {
+            "identifier": "hasOwner",
+            "title": "Has an owner",
+            "level": "Bronze",
+            "query": {
+                "combinator": "and",
+                "conditions": [{"property": "owner", "operator": "isNotEmpty"}],
+            },
+        },
+        {
+            "identifier": "covered",
+            "title": "Coverage over 50",
+            "level": "Silver",
+            "query": {
+                "combinator": "and",
+                "conditions": [{"property": "coverage", "operator": ">", "value": 50}],
+            },
+        },
+        {
+            "identifier": "onCall",
+            "title": "On call",
+            "level": "Silver",
+            "query": {
+                "combinator": "and",
+                "conditions": [{"property": "onCall", "operator": "=", "value": True}],
+            },
+        },
+        {
+            "identifier": "hasTeam",
+            "title": "Belongs to a team",
+            "level": "Gold",
+            "query": {
+                "combinator": "and",
+                "conditions": [{"relation": "team", "operator": "isEmpty", "not": True}],
+            },
+        },
+    ],
+}
+
+
+async def _post(client: httpx.AsyncClient, org: Org, path: str, body: Any) -> httpx.Response:
+    return await client.post(path, json=body, headers=org.headers)
+
+
+async def _catalog(client: httpx.AsyncClient, org: Org) -> None:
+    for body in ({"identifier": "team", "title": "Team", "schema": {"properties": {}}}, SERVICE):
+        r = await _post(client, org, "/v1/blueprints", body)
+        assert r.status_code == 201, r.text
+    r = await _post(
+        client, org, "/v1/blueprints/team/entities/bulk", {"entities": [{"identifier": "core"}]}
+    )
+    assert r.status_code == 200, r.text
+    entities = [
+        # every rule: Gold
+        {
+            "identifier": "gold",
+            "properties": {"owner": "ana", "coverage": 90, "onCall": True},
+            "relations": {"team": "core"},
+        },
+        # Bronze and Silver, no team: Silver
+        {"identifier": "silver", "properties": {"owner": "bo", "coverage": 70, "onCall": True}},
+        # Silver's rules and Gold's, but no owner: stays at the base level
+        {
+            "identifier": "basic",
+            "properties": {"coverage": 99, "onCall": True},
+            "relations": {"team": "core"},
+        },
+        # an owner only: Bronze
+        {"identifier": "bronze", "properties": {"owner": "cy", "coverage": 10}},
+    ]
+    r = await _post(client, org, "/v1/blueprints/service/entities/bulk", {"entities": entities})
+    assert r.status_code == 200, r.text
+
+
+async def _levels(client: httpx.AsyncClient, org: Org, scorecard: str) -> dict[str, str | None]:
+    r = await client.get("/v1/blueprints/service/entities", headers=org.headers)
+    assert r.status_code == 200, r.text
+    return {
+        e["identifier"]: (e.get("scorecards") or {}).get(scorecard, {}).get("level")
+        for e in r.json()["entities"]
+    }
+
+
+async def test_scorecard_routes_in_ports_shapes(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    created = r.json()["scorecard"]
+    assert created["identifier"] == "readiness" and created["blueprint"] == "service"
+    assert [level["title"] for level in created["levels"]] == ["Basic", "Bronze", "Silver", "Gold"]
+    assert created["levels"][0]["color"] == "paleBlue" and created["state"] == "evaluating"
+    assert [rule["identifier"] for rule in created["rules"]] == [
+        "hasOwner",
+        "covered",
+        "onCall",
+        "hasTeam",
+    ]
+    for key in ("createdAt", "createdBy", "updatedAt", "updatedBy"):
+        assert created[key]
+    again = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert again.status_code == 409 and again.json()["ok"] is False
+    one = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert one.status_code == 200 and one.json()["scorecard"]["title"] == "Production readiness"
+    listed = await client.get("/v1/blueprints/service/scorecards", headers=org.headers)
+    assert [s["identifier"] for s in listed.json()["scorecards"]] == ["readiness"]
+    every = await client.get("/v1/scorecards", headers=org.headers)
+    assert [s["identifier"] for s in every.json()["scorecards"]] == ["readiness"]
+    renamed = await client.put(
+        "/v1/blueprints/service/scorecards/readiness",
+        json={**READINESS, "title": "Readiness"},
+        headers=org.headers,
+    )
+    assert renamed.status_code == 200 and renamed.json()["scorecard"]["title"] == "Readiness"
+    # PUT on the collection: the given set becomes the whole set.
+    docs = {**READINESS, "identifier": "docs", "title": "Docs", "rules": []}
+    r = await client.put("/v1/blueprints/service/scorecards", json=[docs], headers=org.headers)
+    assert r.status_code == 200, r.text
+    assert [s["identifier"] for s in r.json()["scorecards"]] == ["docs"]
+    gone = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert gone.status_code == 404 and gone.json()["error"] == "not_found"
+    r = await client.delete("/v1/blueprints/service/scorecards/docs", headers=org.headers)
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    r = await client.delete("/v1/blueprints/service/scorecards/docs", headers=org.headers)
+    assert r.status_code == 404
+    r = await client.get("/v1/blueprints/nope/scorecards", headers=org.headers)
+    assert r.status_code == 404
+
+
+async def test_a_definition_that_cannot_apply_is_a_422_naming_it(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+
+    def with_rule(**changes: Any) -> dict[str, Any]:
+        rule = {**READINESS["rules"][1], **changes}  # type: ignore[index]
+        return {**READINESS, "rules": [rule]}
+
+    cases = [
+        (with_rule(level="Platinum"), "/rules/0/level"),
+        (with_rule(level="Basic"), "/rules/0/level"),
+        (
+            with_rule(
+                query={
+                    "combinator": "and",
+                    "conditions": [{"property": "nope", "operator": "=", "value": 1}],
+                }
+            ),
+            "/rules/0/query/conditions/0/property",
+        ),
+        (
+            with_rule(
+                query={
+                    "combinator": "and",
+                    "conditions": [{"property": "onCall", "operator": ">", "value": 1}],
+                }
+            ),
+            "/rules/0/query/conditions/0/operator",
+        ),
+        (
+            with_rule(
+                query={
+                    "combinator": "and",
+                    "conditions": [{"property": "coverage", "operator": ">", "value": "high"}],
+                }
+            ),
+            "/rules/0/query/conditions/0/value",
+        ),
+        (with_rule(query={"combinator": "and", "conditions": []}), "/rules/0/query/conditions"),
+        ({**READINESS, "levels": [{"title": "Only", "color": "nope"}]}, "/levels/0/color"),
+        (
+            {
+                **READINESS,
+                "filter": {
+                    "combinator": "and",
+                    "conditions": [{"property": "tier", "operator": ">", "value": 1}],
+                },
+            },
+            "/filter/conditions/0/operator",
+        ),
+        ({**READINESS, "identifier": "bad id!"}, "/identifier"),
+    ]
+    for body, pointer in cases:
+        r = await _post(client, org, "/v1/blueprints/service/scorecards", body)
+        assert r.status_code == 422, (pointer, r.text)
+        assert pointer in [d["pointer"] for d in r.json()["details"]], (pointer, r.text)
+    r = await client.get("/v1/blueprints/service/scorecards", headers=org.headers)
+    assert r.json()["scorecards"] == []
+
+
+async def test_levels_are_reached_only_with_every_lower_level(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    assert await evaluate_pending(db) >= 1
+    state = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert state.json()["scorecard"]["state"] == "ready"
+    assert await _levels(client, org, "readiness") == {
+        "gold": "Gold",
+        "silver": "Silver",
+        "basic": "Basic",
+        "bronze": "Bronze",
+    }
+    r = await client.get("/v1/blueprints/service/entities/basic", headers=org.headers)
+    result = r.json()["entity"]["scorecards"]["readiness"]
+    assert result["level"] == "Basic"
+    assert result["rules"] == [
+        {"identifier": "hasOwner", "status": "FAILURE", "level": "Bronze"},
+        {"identifier": "covered", "status": "SUCCESS", "level": "Silver"},
+        {"identifier": "onCall", "status": "SUCCESS", "level": "Silver"},
+        {"identifier": "hasTeam", "status": "SUCCESS", "level": "Gold"},
+    ]
+
+
+async def test_entity_writes_keep_results_current(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    # No background step: the write itself re-evaluates.
+    r = await client.patch(
+        "/v1/blueprints/service/entities/gold",
+        json={"properties": {"coverage": 20}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints/service/entities?upsert=true",
+        {"identifier": "new", "properties": {"owner": "di"}},
+    )
+    assert r.status_code == 201, r.text
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints/service/entities/bulk?upsert=true&merge=true",
+        {"entities": [{"identifier": "basic", "properties": {"owner": "eve"}}]},
+    )
+    assert r.status_code == 200, r.text
+    levels = await _levels(client, org, "readiness")
+    assert levels["gold"] == "Bronze" and levels["new"] == "Bronze" and levels["basic"] == "Gold"
+    r = await client.delete(
+        "/v1/blueprints/service/entities/new?delete_dependents=false", headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    async with db.tenant(org.org_id) as tx:
+        left = await tx.fetchval("SELECT count(*) FROM scorecard_results WHERE identifier = 'new'")
+    assert left == 0
+
+
+async def test_rule_edits_and_filters_are_evaluated_in_the_background(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    # Gold now also needs coverage above 95, and only services with an owner count.
+    stricter = {
+        **READINESS,
+        "filter": {
+            "combinator": "and",
+            "conditions": [{"property": "owner", "operator": "isNotEmpty"}],
+        },
+        "rules": [
+            *READINESS["rules"],  # type: ignore[misc]
+            {
+                "identifier": "excellent",
+                "title": "Coverage over 95",
+                "level": "Gold",
+                "query": {
+                    "combinator": "and",
+                    "conditions": [{"property": "coverage", "operator": ">", "value": 95}],
+                },
+            },
+        ],
+    }
+    r = await client.put(
+        "/v1/blueprints/service/scorecards/readiness", json=stricter, headers=org.headers
+    )
+    assert r.status_code == 200 and r.json()["scorecard"]["state"] == "evaluating", r.text
+    assert await _levels(client, org, "readiness") == {
+        "gold": "Gold",  # the old results until the evaluation
+        "silver": "Silver",
+        "basic": "Basic",
+        "bronze": "Bronze",
+    }
+    await evaluate_pending(db)
+    assert await _levels(client, org, "readiness") == {
+        "gold": "Silver",
+        "silver": "Silver",
+        "basic": None,  # no owner: outside the filter, no result
+        "bronze": "Bronze",
+    }
+    # A write that brings an entity into the filter gives it a result at once.
+    r = await client.patch(
+        "/v1/blueprints/service/entities/basic",
+        json={"properties": {"owner": "fay"}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    assert (await _levels(client, org, "readiness"))["basic"] == "Gold"
+    # A blueprint change marks its scorecards for evaluation.
+    r = await client.put(
+        "/v1/blueprints/service",
+        json={**SERVICE, "title": "Services"},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert r.json()["scorecard"]["state"] == "evaluating"
+    await evaluate_pending(db)
+    r = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert r.json()["scorecard"]["state"] == "ready"
+
+
+async def test_rules_over_aggregation_properties(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """ "Has at least one deployment": a rule over an aggregation property."""
+    org = await make_org()
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints",
+        {"identifier": "service", "title": "Service", "schema": {"properties": {}}},
+    )
+    assert r.status_code == 201, r.text
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints",
+        {
+            "identifier": "deployment",
+            "title": "Deployment",
+            "schema": {"properties": {}},
+            "relations": {"service": {"target": "service", "required": True, "many": False}},
+        },
+    )
+    assert r.status_code == 201, r.text
+    aggregations = {
+        "deployments": {
+            "title": "Deployments",
+            "target": "deployment",
+            "calculationSpec": {"calculationBy": "entities", "func": "count"},
+        }
+    }
+    r = await client.patch(
+        "/v1/blueprints/service",
+        json={"aggregationProperties": aggregations},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints/service/entities/bulk",
+        {"entities": [{"identifier": "api"}, {"identifier": "web"}]},
+    )
+    assert r.status_code == 200, r.text
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints/deployment/entities",
+        {"identifier": "api-1", "relations": {"service": "api"}},
+    )
+    assert r.status_code == 201, r.text
+    card = {
+        "identifier": "shipping",
+        "title": "Shipping",
+        "levels": [{"title": "No", "color": "red"}, {"title": "Yes", "color": "green"}],
+        "rules": [
+            {
+                "identifier": "deployed",
+                "title": "Deployed at least once",
+                "level": "Yes",
+                "query": {
+                    "combinator": "and",
+                    "conditions": [{"property": "deployments", "operator": ">=", "value": 1}],
+                },
+            }
+        ],
+    }
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", card)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    assert await _levels(client, org, "shipping") == {"api": "Yes", "web": "No"}
+
+
+async def test_scorecards_never_cross_tenants(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    ours, theirs = await make_org(), await make_org()
+    await _catalog(client, ours)
+    await _catalog(client, theirs)
+    r = await _post(client, ours, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    r = await client.get("/v1/scorecards", headers=theirs.headers)
+    assert r.json()["scorecards"] == []
+    r = await client.get("/v1/blueprints/service/scorecards/readiness", headers=theirs.headers)
+    assert r.status_code == 404
+    for method in ("put", "delete"):
+        r = await client.request(
+            method,
+            "/v1/blueprints/service/scorecards/readiness",
+            json=READINESS if method == "put" else None,
+            headers=theirs.headers,
+        )
+        assert r.status_code == 404, (method, r.text)
+    assert set((await _levels(client, theirs, "readiness")).values()) == {None}
+    # Theirs has the same name, evaluated from their own entities only.
+    r = await _post(client, theirs, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    r = await client.patch(
+        "/v1/blueprints/service/entities/gold",
+        json={"properties": {"owner": None}},
+        headers=theirs.headers,
+    )
+    assert r.status_code == 200, r.text
+    await evaluate_pending(db)
+    assert (await _levels(client, theirs, "readiness"))["gold"] == "Basic"
+    assert (await _levels(client, ours, "readiness"))["gold"] == "Gold"
