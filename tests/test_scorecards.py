@@ -463,3 +463,66 @@ async def test_scorecards_never_cross_tenants(
     await evaluate_pending(db)
     assert (await _levels(client, theirs, "readiness"))["gold"] == "Basic"
     assert (await _levels(client, ours, "readiness"))["gold"] == "Gold"
+
+
+async def test_results_are_searchable(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+
+    async def found(*rules: dict[str, Any]) -> list[str] | httpx.Response:
+        r = await _post(
+            client,
+            org,
+            "/v1/blueprints/service/entities/search",
+            {"query": {"combinator": "and", "rules": list(rules)}},
+        )
+        if r.status_code != 200:
+            return r
+        return sorted(e["identifier"] for e in r.json()["entities"])
+
+    level = "scorecards.readiness.level"
+    assert await found({"property": level, "operator": "=", "value": "Silver"}) == ["silver"]
+    assert await found({"property": level, "operator": ">=", "value": "Silver"}) == [
+        "gold",
+        "silver",
+    ]
+    assert await found({"property": level, "operator": "<", "value": "Bronze"}) == ["basic"]
+    assert await found({"property": level, "operator": "in", "value": ["Basic", "Gold"]}) == [
+        "basic",
+        "gold",
+    ]
+    assert await found({"property": level, "operator": "!=", "value": "Gold"}) == [
+        "basic",
+        "bronze",
+        "silver",
+    ]
+    rule = "scorecards.readiness.rules.hasOwner"
+    assert await found({"property": rule, "operator": "=", "value": "FAILURE"}) == ["basic"]
+    # Across blueprints too.
+    r = await _post(
+        client,
+        org,
+        "/v1/entities/search",
+        {"combinator": "and", "rules": [{"property": level, "operator": "=", "value": "Gold"}]},
+    )
+    assert [e["identifier"] for e in r.json()["entities"]] == ["gold"]
+    for bad, pointer in (
+        ({"property": level, "operator": "=", "value": "Platinum"}, "/rules/0/value"),
+        (
+            {"property": "scorecards.nope.level", "operator": "=", "value": "Gold"},
+            "/rules/0/property",
+        ),
+        (
+            {"property": "scorecards.readiness.rules.nope", "operator": "=", "value": "SUCCESS"},
+            "/rules/0/property",
+        ),
+        ({"property": rule, "operator": ">", "value": "SUCCESS"}, "/rules/0/operator"),
+    ):
+        response = await found(bad)
+        assert isinstance(response, httpx.Response) and response.status_code == 422, bad
+        assert pointer in [d["pointer"] for d in response.json()["details"]], response.text

@@ -35,6 +35,16 @@ _BLUEPRINT_RELATIONS = BlueprintRelation.__table__
 # Aliases are built once: SQLAlchemy builds an alias's column collection on first use,
 # which cost ~1 ms per alias per request. Each is used once per (sub)query level.
 _LINK = _RELATIONS.alias("rl")
+_SCORECARD_RESULTS = sa.table(
+    "scorecard_results",
+    sa.column("org_id"),
+    sa.column("blueprint"),
+    sa.column("identifier"),
+    sa.column("scorecard"),
+    sa.column("level"),
+    sa.column("level_rank"),
+    sa.column("rules", JSONB),
+)
 _WALK_FIRST = _RELATIONS.alias("w_first")
 _WALK_NEXT = _RELATIONS.alias("w_next")
 _WALK_FIRST_DEF = _BLUEPRINT_RELATIONS.alias("w_first_def")
@@ -331,6 +341,8 @@ class Compiler:
             return self._time(column, prop, operator, value, pointer)
         if prop.startswith("$"):
             raise self._problem(_ptr(pointer, "property"), f"unknown meta-property {prop!r}")
+        if prop.startswith("scorecards."):
+            return self._scorecard(prop, operator, value, "value" in rule, pointer)
         found = self._field(prop)
         if found is not None:
             return self._property(found, operator, value, "value" in rule, pointer)
@@ -814,6 +826,80 @@ class Compiler:
                 return sa.true()
         key = sa.tuple_(self.e.c.blueprint, self.e.c.identifier)
         return sa.or_(*(key.in_(walk) for walk in walks))
+
+    # -- scorecard results --------------------------------------------------------------
+
+    def _scorecard(
+        self, prop: str, op: str, value: Any, has_value: bool, pointer: str
+    ) -> ColumnElement[bool]:
+        """`scorecards.<id>.level` (=, !=, in, notIn, and >, >=, <, <= by the order of the
+        scorecard's levels; isEmpty: no result) and `scorecards.<id>.rules.<rule>`
+        (= / != "SUCCESS" | "FAILURE"), on the stored results (app.scorecards)."""
+        parts = prop.split(".")
+        where = _ptr(pointer, "property")
+        if len(parts) == 3 and parts[2] == "level":
+            kind = "level"
+        elif len(parts) == 4 and parts[2] == "rules":
+            kind = "rule"
+        else:
+            raise self._problem(
+                where, "use scorecards.<scorecard>.level or scorecards.<scorecard>.rules.<rule>"
+            )
+        card_id = parts[1]
+        cards = {
+            bp: self.scope.blueprints[bp].get("scorecards", {}).get(card_id)
+            for bp in self.scope.searched
+        }
+        cards = {bp: card for bp, card in cards.items() if card is not None}
+        if not cards:
+            raise self._problem(where, f"no searched blueprint has a scorecard {card_id!r}")
+        results = _SCORECARD_RESULTS.alias()
+        own = sa.and_(
+            results.c.org_id == self.e.c.org_id,
+            results.c.blueprint == self.e.c.blueprint,
+            results.c.identifier == self.e.c.identifier,
+            results.c.scorecard == _bind(card_id),
+        )
+        if op in ("isEmpty", "isNotEmpty"):
+            scored = sa.exists().where(own)
+            return _not(scored) if op == "isEmpty" else scored
+        if not has_value:
+            raise self._problem(_ptr(pointer, "value"), f"operator {op!r} needs a value")
+        if kind == "rule":
+            rule = parts[3]
+            if not any(rule in card["rules"] for card in cards.values()):
+                raise self._problem(where, f"scorecard {card_id!r} has no rule {rule!r}")
+            if op not in ("=", "!=") or value not in ("SUCCESS", "FAILURE"):
+                raise self._problem(
+                    _ptr(pointer, "operator"),
+                    'rule results compare with = / != "SUCCESS" | "FAILURE"',
+                )
+            status = results.c.rules.op("@>", is_comparison=True)(
+                _jsonb([{"identifier": rule, "status": value}])
+            )
+            found = sa.exists().where(own, status)
+            return found if op == "=" else _not(found)
+        names = sorted({level for card in cards.values() for level in card["levels"]})
+        values = value if op in ("in", "notIn") else [value]
+        if not isinstance(values, list) or not values or not all(v in names for v in values):
+            raise self._problem(
+                _ptr(pointer, "value"), f"levels of {card_id!r}: {', '.join(names)}"
+            )
+        if op in ("=", "!=", "in", "notIn"):
+            found = sa.exists().where(own, results.c.level == sa.any_(_text_array(values)))
+            return found if op in ("=", "in") else _not(found)
+        if op in (">", ">=", "<", "<="):
+            # By each blueprint's own order of the scorecard's levels.
+            ranked = [
+                sa.and_(
+                    results.c.blueprint == _bind(bp),
+                    _compare(results.c.level_rank, op, _bind(card["levels"].index(value))),
+                )
+                for bp, card in cards.items()
+                if value in card["levels"]
+            ]
+            return sa.exists().where(own, sa.or_(*ranked))
+        raise self._problem(_ptr(pointer, "operator"), f"{op!r} does not apply to levels")
 
     # -- matchAny: a path of relations ---------------------------------------------------
 

@@ -83,6 +83,19 @@ _scopes: OrderedDict[uuid.UUID, tuple[str, dict[str, dict[str, Any]]]] = Ordered
 async def _load_definitions(tx: Tx) -> tuple[str, dict[str, dict[str, Any]]]:
     assert tx.org_id is not None
     everything = {bp["identifier"]: bp for bp in await bp_service.list_all(tx)}
+    for bp in everything.values():
+        bp["scorecards"] = {}
+    # Scorecards (their levels and rules: rules on results name them). A scorecard change
+    # counts up its blueprint's version, so the fingerprint covers them too.
+    for row in await tx.fetch(
+        "SELECT blueprint, identifier, levels, rules FROM scorecards WHERE org_id = $1",
+        tx.org_id,
+    ):
+        if row["blueprint"] in everything:
+            everything[row["blueprint"]]["scorecards"][row["identifier"]] = {
+                "levels": [level["title"] for level in row["levels"]],
+                "rules": [rule["identifier"] for rule in row["rules"]],
+            }
     fingerprint = str(await tx.fetchval(_FINGERPRINT_SQL.format(org="$1"), tx.org_id))
     _scopes[tx.org_id] = (fingerprint, everything)
     _scopes.move_to_end(tx.org_id)
