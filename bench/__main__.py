@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-SCENARIOS = ["bench.org_read", "bench.catalog_bulk", "bench.search"]
+SCENARIOS = ["bench.org_read", "bench.catalog_bulk", "bench.search", "bench.scorecards"]
 
 
 async def main(names: list[str]) -> int:

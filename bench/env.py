@@ -128,11 +128,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(settings: Settings) -> Iterator[int]:
-    """Runs bench.server (the real app + a bare route) in its own process."""
+def served(settings: Settings, *, worker: bool = True) -> Iterator[int]:
+    """Runs bench.server (the real app + a bare route) in its own process (with its
+    in-process worker unless `worker=False`)."""
     port = free_port()
     env = {
         **os.environ,
+        **({} if worker else {"PORTOLAN_BENCH_NO_WORKER": "1"}),
         "PORTOLAN_DATABASE_URL": settings.database_url or "",
         "PORTOLAN_REDIS_URL": settings.redis_url or "",
         "PORTOLAN_LOG_LEVEL": "WARNING",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import uvicorn
@@ -10,8 +11,9 @@ from app.config import get_settings
 from app.kit.runtime import settle_heap
 from app.main import create_app
 
-# As `portolan serve` runs it: with the in-process worker and its scheduled upkeep.
-app = create_app(get_settings(), with_worker=True)
+# As `portolan serve` runs it: with the in-process worker and its scheduled upkeep (unless a
+# scenario times the worker's jobs itself).
+app = create_app(get_settings(), with_worker=not os.environ.get("PORTOLAN_BENCH_NO_WORKER"))
 
 
 @app.get("/bench/bare", include_in_schema=False)

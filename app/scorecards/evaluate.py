@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from app.db.database import Database, Tx
@@ -37,7 +38,7 @@ log = logging.getLogger("portolan.scorecards")
 
 RESULTS: sa.Table = ScorecardResult.__table__  # type: ignore[assignment]
 _IDS = "score_ids"
-_JSON_ARGS = 90  # jsonb_build_array takes at most 100 arguments: chunks of this many
+_STORED = RESULTS.alias("stored")
 
 
 @dataclass(frozen=True)
@@ -72,152 +73,157 @@ async def _load_cards(tx: Tx, blueprint: str, only: list[str] | None = None) -> 
 
 
 def _rule_flags(scope: Scope, card: Card) -> list[Any]:
+    """One boolean per rule: its conditions hold (unknown values fail)."""
     flags = []
     for index, rule in enumerate(card.rules):
-        condition = Compiler(scope).compile(to_rules(rule["query"]))
+        condition = Compiler(scope, scan=True).compile(to_rules(rule["query"]))
         flags.append(sa.func.coalesce(condition, sa.false()).label(f"r{index}"))
     return flags
 
 
-def _json_array(items: list[Any]) -> Any:
-    if not items:
-        return sa.cast(sa.literal("[]"), JSONB)
-    parts = [
-        sa.func.jsonb_build_array(*items[i : i + _JSON_ARGS], type_=JSONB)
-        for i in range(0, len(items), _JSON_ARGS)
-    ]
-    out: Any = parts[0]
-    for part in parts[1:]:
-        out = out.op("||")(part)
-    return out
-
-
-def card_select(scope: Scope, blueprint: str, card: Card, *, only_ids: bool) -> sa.Select[Any]:
-    """(scorecard, identifier, level, level_rank, rules, version, entity_at) of the entities
-    the card applies to (those named by the `score_ids` parameter, with `only_ids`)."""
+def card_select(
+    scope: Scope, blueprint: str, card: Card, *, only_ids: bool, fenced: bool = True
+) -> sa.Select[Any]:
+    """(scorecard, identifier, level_rank, passed, version, entity_at) of the entities the
+    card applies to (those named by the `score_ids` parameter, with `only_ids`).
+    `fenced=False`: let the planner merge the rules into what reads them (for a query that
+    reads only the level: it then stops at a level's first failing rule)."""
     where = [
         E.c.org_id == sa.bindparam(None, scope.org_id),
         E.c.blueprint == sa.bindparam(None, blueprint),
     ]
     if only_ids:
-        where.append(
-            E.c.identifier
-            == sa.any_(sa.cast(sa.bindparam(_IDS, type_=ARRAY(sa.String)), ARRAY(sa.String)))
-        )
+        where.append(E.c.identifier == sa.any_(_ids_param()))
     if card.filter is not None:
-        where.append(Compiler(scope).compile(to_rules(card.filter)))
-    inner = (
-        sa.select(E.c.identifier, E.c.updated_at, *_rule_flags(scope, card))
-        .where(*where)
-        .subquery("scored")
+        where.append(Compiler(scope, scan=True).compile(to_rules(card.filter)))
+    inner_select = sa.select(E.c.identifier, E.c.updated_at, *_rule_flags(scope, card)).where(
+        *where
     )
+    if fenced:
+        # OFFSET 0 keeps the planner from merging this subquery into the outer one, which
+        # would copy every rule into both the level and the outcomes (each ran twice).
+        inner_select = inner_select.offset(0)
+    inner = inner_select.subquery("scored")
     by_level: list[list[Any]] = [[] for _ in card.levels]
     for index, rule in enumerate(card.rules):
         by_level[card.levels.index(rule["level"])].append(inner.c[f"r{index}"])
-    rank_whens = []
-    name_whens = []
-    for rank in range(1, len(card.levels)):
-        failed = sa.not_(sa.and_(sa.true(), *by_level[rank]))
-        rank_whens.append((failed, rank - 1))
-        name_whens.append((failed, card.levels[rank - 1]))
-    top = len(card.levels) - 1
-    rank_expr: Any = sa.case(*rank_whens, else_=top) if rank_whens else sa.literal(top)
-    name_expr: Any = (
-        sa.case(*name_whens, else_=card.levels[top])
-        if name_whens
-        else sa.literal(card.levels[top], sa.String)
-    )
-    statuses = [
-        sa.func.jsonb_build_object(
-            "identifier",
-            rule["identifier"],
-            "status",
-            sa.case((inner.c[f"r{index}"], "SUCCESS"), else_="FAILURE"),
-            "level",
-            rule["level"],
-            type_=JSONB,
-        )
-        for index, rule in enumerate(card.rules)
+    whens = [
+        (sa.not_(sa.and_(sa.true(), *by_level[rank])), rank - 1)
+        for rank in range(1, len(card.levels))
     ]
+    top = len(card.levels) - 1
+    rank_expr: Any = sa.case(*whens, else_=top) if whens else sa.literal(top)
+    flags = [inner.c[f"r{index}"] for index in range(len(card.rules))]
+    passed: Any = (
+        postgresql.array(flags, type_=sa.Boolean) if flags else sa.literal_column("'{}'::boolean[]")
+    )
     return sa.select(
         sa.literal(card.identifier, sa.String).label("scorecard"),
         inner.c.identifier,
-        name_expr.label("level"),
-        rank_expr.label("level_rank"),
-        _json_array(statuses).label("rules"),
+        sa.cast(rank_expr, sa.SmallInteger).label("level_rank"),
+        passed.label("passed"),
         sa.literal(card.version, sa.Integer).label("version"),
         inner.c.updated_at.label("entity_at"),
     )
 
 
-def evaluation(scope: Scope, blueprint: str, cards: list[Card], *, only_ids: bool) -> sa.Delete:
-    """The one statement that evaluates `cards` and stores the results."""
+def _ids_param() -> Any:
+    return sa.cast(sa.bindparam(_IDS, type_=ARRAY(sa.String)), ARRAY(sa.String))
+
+
+def evaluation(scope: Scope, blueprint: str, cards: list[Card], *, only_ids: bool) -> sa.Insert:
+    """The one statement that evaluates `cards` and stores the results: an upsert, and —
+    for scorecards with a filter — a delete of the results of entities it no longer takes
+    (a data-modifying CTE of the same statement)."""
     fresh = sa.union_all(
         *(card_select(scope, blueprint, card, only_ids=only_ids) for card in cards)
-    ).cte("fresh")
+    ).subquery("fresh")
     insert = pg_insert(RESULTS).from_select(
         [
             "org_id",
             "blueprint",
             "identifier",
             "scorecard",
-            "level",
             "level_rank",
-            "rules",
+            "passed",
             "version",
             "entity_at",
         ],
+        # Only results that change go on to the upsert (a re-evaluation mostly changes
+        # few): the stored ones are joined first, which costs far less than the upsert's
+        # conflict handling for every row.
         sa.select(
             sa.bindparam(None, scope.org_id, type_=RESULTS.c.org_id.type),
             sa.literal(blueprint, sa.String),
             fresh.c.identifier,
             fresh.c.scorecard,
-            fresh.c.level,
             fresh.c.level_rank,
-            fresh.c.rules,
+            fresh.c.passed,
             fresh.c.version,
             fresh.c.entity_at,
+        )
+        .select_from(
+            fresh.outerjoin(
+                _STORED,
+                sa.and_(
+                    _STORED.c.org_id == sa.bindparam(None, scope.org_id),
+                    _STORED.c.blueprint == sa.bindparam(None, blueprint),
+                    _STORED.c.identifier == fresh.c.identifier,
+                    _STORED.c.scorecard == fresh.c.scorecard,
+                ),
+            )
+        )
+        .where(
+            sa.or_(
+                _STORED.c.identifier.is_(None),
+                sa.and_(
+                    sa.tuple_(_STORED.c.level_rank, _STORED.c.passed)
+                    != sa.tuple_(fresh.c.level_rank, fresh.c.passed),
+                    sa.tuple_(_STORED.c.version, _STORED.c.entity_at)
+                    <= sa.tuple_(fresh.c.version, fresh.c.entity_at),
+                ),
+            )
         ),
     )
     excluded = insert.excluded
     upsert = insert.on_conflict_do_update(
         index_elements=["org_id", "blueprint", "identifier", "scorecard"],
         set_={
-            "level": excluded.level,
             "level_rank": excluded.level_rank,
-            "rules": excluded.rules,
+            "passed": excluded.passed,
             "version": excluded.version,
             "entity_at": excluded.entity_at,
-            "evaluated_at": sa.func.now(),
         },
+        # Only what changed is written, and never from an older evaluation.
         where=sa.and_(
             sa.tuple_(RESULTS.c.version, RESULTS.c.entity_at)
             <= sa.tuple_(excluded.version, excluded.entity_at),
-            sa.tuple_(RESULTS.c.level, RESULTS.c.rules, RESULTS.c.version, RESULTS.c.entity_at)
-            != sa.tuple_(excluded.level, excluded.rules, excluded.version, excluded.entity_at),
+            sa.tuple_(RESULTS.c.level_rank, RESULTS.c.passed)
+            != sa.tuple_(excluded.level_rank, excluded.passed),
         ),
-    ).returning(sa.literal(1))
-    written = upsert.cte("written")
+    )
+    filtered = [card for card in cards if card.filter is not None]
+    if not filtered:
+        return upsert
+    # Results of entities a filter no longer takes: each checked against its entity.
+    left_out = []
+    for card in filtered:
+        assert card.filter is not None
+        outside = sa.exists().where(
+            E.c.org_id == RESULTS.c.org_id,
+            E.c.blueprint == RESULTS.c.blueprint,
+            E.c.identifier == RESULTS.c.identifier,
+            sa.not_(sa.func.coalesce(Compiler(scope).compile(to_rules(card.filter)), sa.false())),
+        )
+        left_out.append(sa.and_(RESULTS.c.scorecard == card.identifier, outside))
     gone = RESULTS.delete().where(
         RESULTS.c.org_id == sa.bindparam(None, scope.org_id, type_=RESULTS.c.org_id.type),
         RESULTS.c.blueprint == sa.bindparam(None, blueprint),
-        RESULTS.c.scorecard
-        == sa.any_(
-            sa.cast(
-                sa.bindparam(None, [c.identifier for c in cards], type_=ARRAY(sa.String)),
-                ARRAY(sa.String),
-            )
-        ),
-        ~sa.exists().where(
-            fresh.c.scorecard == RESULTS.c.scorecard, fresh.c.identifier == RESULTS.c.identifier
-        ),
+        sa.or_(*left_out),
     )
     if only_ids:
-        gone = gone.where(
-            RESULTS.c.identifier
-            == sa.any_(sa.cast(sa.bindparam(_IDS, type_=ARRAY(sa.String)), ARRAY(sa.String)))
-        )
-    statement: sa.Delete = gone.add_cte(fresh).add_cte(written)
+        gone = gone.where(RESULTS.c.identifier == sa.any_(_ids_param()))
+    statement: sa.Insert = upsert.add_cte(gone.returning(sa.literal(1)).cte("left_out"))
     return statement
 
 

@@ -6,7 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKeyConstraint, Index, Integer, String, func
+from sqlalchemy import (
+    ARRAY,
+    Boolean,
+    DateTime,
+    ForeignKeyConstraint,
+    Integer,
+    SmallInteger,
+    String,
+    func,
+)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -47,39 +56,22 @@ class Scorecard(Base):
 
 
 class ScorecardResult(Base):
-    """One entity's standing on one scorecard: its level (and the level's rank, 0 = the base
-    level) and each rule's status, as evaluated from the entity's state at `entity_at` under
-    the scorecard's `version` (a later evaluation never loses to an older one)."""
+    """One entity's standing on one scorecard: the rank of its level (0 = the base level) and
+    whether each rule passed (in the definition's order), as evaluated from the entity's
+    state at `entity_at` under the scorecard's `version` (a later evaluation never loses to
+    an older one). Level and rule names come from the definition when results are read.
+
+    Kept narrow and without foreign keys: a full evaluation writes a row per entity, and a
+    foreign-key check per row cost as much as the rest of the write. An entity's results go
+    with it through a statement trigger on entities (migration 0007); a scorecard's are
+    deleted with it by the service."""
 
     __tablename__ = "scorecard_results"
-    __table_args__ = (
-        ForeignKeyConstraint(
-            ["org_id", "blueprint", "scorecard"],
-            ["scorecards.org_id", "scorecards.blueprint", "scorecards.identifier"],
-            ondelete="CASCADE",
-        ),
-        ForeignKeyConstraint(
-            ["org_id", "blueprint", "identifier"],
-            ["entities.org_id", "entities.blueprint", "entities.identifier"],
-            ondelete="CASCADE",
-        ),
-        # A scorecard's results by level: summaries, and searches by level.
-        Index(
-            "ix_scorecard_results_scorecard",
-            "org_id",
-            "blueprint",
-            "scorecard",
-            "level_rank",
-        ),
-    )
-
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
     identifier: Mapped[str] = mapped_column(String(1000), primary_key=True)
     scorecard: Mapped[str] = mapped_column(String(100), primary_key=True)
-    level: Mapped[str] = mapped_column(String(100), nullable=False)
-    level_rank: Mapped[int] = mapped_column(Integer, nullable=False)
-    rules: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    level_rank: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    passed: Mapped[list[bool]] = mapped_column(ARRAY(Boolean), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     entity_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    evaluated_at: Mapped[datetime] = _ts()

@@ -171,13 +171,14 @@ async def replace_all(tx: Tx, actor: str, blueprint: str, bodies: Any) -> list[d
         details.append({"pointer": "/", "message": "a scorecard identifier appears twice"})
     if details:
         raise Invalid("The scorecards are invalid", details=details)
-    await tx.execute(
+    dropped = await tx.fetch(
         "DELETE FROM scorecards WHERE org_id = $1 AND blueprint = $2 "
-        "AND NOT identifier = ANY($3::varchar[])",
+        "AND NOT identifier = ANY($3::varchar[]) RETURNING identifier",
         tx.org_id,
         blueprint,
         ids,
     )
+    await _drop_results(tx, blueprint, [r["identifier"] for r in dropped])
     for sc in wanted:
         if not await _update(tx, actor, blueprint, sc):
             await _insert(tx, actor, blueprint, sc)
@@ -195,4 +196,15 @@ async def delete(tx: Tx, blueprint: str, identifier: str) -> None:
     )
     if not status.endswith(" 1"):
         raise NotFound(f"Scorecard {identifier!r} of blueprint {blueprint!r} was not found")
+    await _drop_results(tx, blueprint, [identifier])
     await _changed(tx, blueprint)
+
+
+async def _drop_results(tx: Tx, blueprint: str, identifiers: list[str]) -> None:
+    await tx.execute(
+        "DELETE FROM scorecard_results WHERE org_id = $1 AND blueprint = $2 "
+        "AND scorecard = ANY($3::varchar[])",
+        tx.org_id,
+        blueprint,
+        identifiers,
+    )

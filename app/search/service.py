@@ -46,8 +46,8 @@ _TITLED_LINKS: sa.Label[Any] = sa.literal_column(
 
 # Each entity's scorecard results (app.scorecards), in Port's shape.
 _SCORECARDS: sa.Label[Any] = sa.literal_column(
-    "(SELECT jsonb_object_agg(s.scorecard, jsonb_build_object('level', s.level,"
-    " 'rules', s.rules)) FROM scorecard_results s WHERE s.org_id = e.org_id"
+    "(SELECT jsonb_object_agg(s.scorecard, jsonb_build_array(s.level_rank, s.passed))"
+    " FROM scorecard_results s WHERE s.org_id = e.org_id"
     " AND s.blueprint = e.blueprint AND s.identifier = e.identifier)"
 ).label("scorecards")
 
@@ -95,6 +95,7 @@ async def _load_definitions(tx: Tx) -> tuple[str, dict[str, dict[str, Any]]]:
             everything[row["blueprint"]]["scorecards"][row["identifier"]] = {
                 "levels": [level["title"] for level in row["levels"]],
                 "rules": [rule["identifier"] for rule in row["rules"]],
+                "rule_levels": [rule["level"] for rule in row["rules"]],
             }
     fingerprint = str(await tx.fetchval(_FINGERPRINT_SQL.format(org="$1"), tx.org_id))
     _scopes[tx.org_id] = (fingerprint, everything)
@@ -433,9 +434,10 @@ class Search:
             if team is not None:  # ownership inherited through a relation path
                 state["team"] = team
             state["properties"] = {**state["properties"], **derived}
-        entity = to_api(self.scope.blueprints[row["blueprint"]], state)
+        blueprint = self.scope.blueprints[row["blueprint"]]
+        entity = to_api(blueprint, state)
         if row["scorecards"]:
-            entity["scorecards"] = row["scorecards"]
+            entity["scorecards"] = scorecards_of(blueprint, row["scorecards"])
         return entity
 
     async def stream(self, db: Database, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
@@ -448,6 +450,24 @@ class Search:
                 yield entity
             if after is None:
                 return
+
+
+def scorecards_of(blueprint: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """Stored results ({scorecard: [level rank, rule outcomes]}) in Port's shape, named by
+    the scorecards' definitions: {scorecard: {level, rules: [{identifier, status, level}]}}."""
+    out: dict[str, Any] = {}
+    for card_id, (rank, passed) in stored.items():
+        card = blueprint.get("scorecards", {}).get(card_id)
+        if card is None or not 0 <= rank < len(card["levels"]):
+            continue  # deleted or redefined meanwhile: its results are about to go
+        out[card_id] = {
+            "level": card["levels"][rank],
+            "rules": [
+                {"identifier": rule, "status": "SUCCESS" if ok else "FAILURE", "level": level}
+                for rule, level, ok in zip(card["rules"], card["rule_levels"], passed, strict=False)
+            ],
+        }
+    return out
 
 
 async def run_bounded(
