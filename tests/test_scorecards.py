@@ -526,3 +526,110 @@ async def test_results_are_searchable(
         response = await found(bad)
         assert isinstance(response, httpx.Response) and response.status_code == 422, bad
         assert pointer in [d["pointer"] for d in response.json()["details"]], response.text
+
+
+async def test_dry_run_tells_who_would_move_without_saving(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    # Coverage for Silver raised to 80: `silver` (70) falls to Bronze; the owner rule
+    # dropped: `basic` (no owner) rises to Gold.
+    proposal = {
+        **READINESS,
+        "rules": [
+            {
+                **READINESS["rules"][1],  # type: ignore[index]
+                "query": {
+                    "combinator": "and",
+                    "conditions": [{"property": "coverage", "operator": ">", "value": 80}],
+                },
+            },
+            *READINESS["rules"][2:],  # type: ignore[index]
+        ],
+    }
+    r = await _post(client, org, "/v1/blueprints/service/scorecards/readiness/dry-run", proposal)
+    assert r.status_code == 200, r.text
+    dry = r.json()["dryRun"]
+    assert (dry["up"], dry["down"], dry["same"], dry["new"], dry["removed"]) == (1, 1, 2, 0, 0)
+    assert {(m["identifier"], m["from"], m["to"], m["change"]) for m in dry["moved"]} == {
+        ("basic", "Basic", "Gold", "up"),
+        ("silver", "Silver", "Bronze", "down"),
+    }
+    assert {lv["level"]: lv["count"] for lv in dry["levels"]} == {
+        "Basic": 0,
+        "Bronze": 2,  # `bronze` keeps its level: Bronze has no rules left
+        "Silver": 0,
+        "Gold": 2,
+    }
+    # Nothing was saved.
+    assert (await _levels(client, org, "readiness"))["silver"] == "Silver"
+    r = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert r.json()["scorecard"]["rules"] == READINESS["rules"]
+    # A proposal that cannot apply is a 422, like a definition.
+    bad = {**READINESS, "rules": [{**READINESS["rules"][0], "level": "Platinum"}]}  # type: ignore[index]
+    r = await _post(client, org, "/v1/blueprints/service/scorecards/readiness/dry-run", bad)
+    assert r.status_code == 422, r.text
+
+
+async def test_summary_and_daily_trend(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    from datetime import date
+
+    from app.scorecards.insight import snapshot_all
+
+    org = await make_org()
+    await _catalog(client, org)
+    r = await client.patch(
+        "/v1/blueprints/service/entities/gold", json={"team": ["core"]}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    r = await client.get("/v1/blueprints/service/scorecards/readiness/summary", headers=org.headers)
+    assert r.status_code == 200, r.text
+    summary = r.json()["summary"]
+    assert summary["entities"] == 4 and summary["state"] == "ready"
+    assert {lv["level"]: lv["count"] for lv in summary["levels"]} == {
+        "Basic": 1,
+        "Bronze": 1,
+        "Silver": 1,
+        "Gold": 1,
+    }
+    teams = {t["team"]: {lv["level"]: lv["count"] for lv in t["levels"]} for t in summary["teams"]}
+    assert teams["core"]["Gold"] == 1 and sum(teams[None].values()) == 3
+    rates = {rule["identifier"]: rule for rule in summary["rules"]}
+    assert rates["hasOwner"]["passed"] == 3 and rates["hasOwner"]["total"] == 4
+    assert rates["hasOwner"]["passRate"] == 0.75
+    # Two days of snapshots: the trend lists them in order, within from..to.
+    assert await snapshot_all(db, date(2026, 11, 1)) >= 1
+    r = await client.patch(
+        "/v1/blueprints/service/entities/basic",
+        json={"properties": {"owner": "x"}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    await snapshot_all(db, date(2026, 11, 2))
+    r = await client.get(
+        "/v1/blueprints/service/scorecards/readiness/summary?from=2026-11-01&to=2026-11-02",
+        headers=org.headers,
+    )
+    trend = r.json()["summary"]["trend"]
+    assert [point["day"] for point in trend] == ["2026-11-01", "2026-11-02"]
+    gold = [{lv["level"]: lv["count"] for lv in p["levels"]}["Gold"] for p in trend]
+    assert gold == [1, 2]
+    r = await client.get(
+        "/v1/blueprints/service/scorecards/readiness/summary?from=2026-11-05&to=2026-11-01",
+        headers=org.headers,
+    )
+    assert r.status_code == 422
+    other = await make_org()
+    r = await client.get(
+        "/v1/blueprints/service/scorecards/readiness/summary", headers=other.headers
+    )
+    assert r.status_code == 404

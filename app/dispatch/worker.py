@@ -14,6 +14,7 @@ from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
 from app.scorecards.evaluate import evaluate_pending
+from app.scorecards.insight import snapshot_all
 from app.search import indexes
 
 log = logging.getLogger("portolan.worker")
@@ -44,6 +45,11 @@ async def evaluate_scorecards(ctx: dict[str, Any]) -> int:
     return await evaluate_pending(ctx["db"])
 
 
+async def snapshot_scorecards(ctx: dict[str, Any]) -> int:
+    """Keeps today's summary of every scorecard (the trend's point for the day)."""
+    return await snapshot_all(ctx["db"])
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await Database.connect(ctx["settings"])
 
@@ -55,6 +61,8 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 JOB_FUNCTIONS = [ping]
 CRON_JOBS = [
+    # Hourly, so a day always has its point (the last pass of the day stands).
+    cron(snapshot_scorecards, minute=7, second=0, run_at_startup=True, timeout=3600),
     cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True),
     cron(
         evaluate_scorecards,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     ARRAY,
     Boolean,
+    Date,
     DateTime,
     ForeignKeyConstraint,
     Integer,
@@ -75,3 +76,23 @@ class ScorecardResult(Base):
     passed: Mapped[list[bool]] = mapped_column(ARRAY(Boolean), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     entity_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ScorecardSnapshot(Base):
+    """A scorecard's summary as it stood on a day (one per day: the trend)."""
+
+    __tablename__ = "scorecard_snapshots"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "blueprint", "scorecard"],
+            ["scorecards.org_id", "scorecards.blueprint", "scorecards.identifier"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    scorecard: Mapped[str] = mapped_column(String(100), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    taken_at: Mapped[datetime] = _ts()

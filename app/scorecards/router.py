@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, Path
+from fastapi import Body, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
-from app.scorecards import service
+from app.scorecards import insight, service
 
 router = api_router(tags=["Scorecards"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
@@ -27,12 +27,13 @@ class Level(BaseModel):
 
 
 class ScorecardRule(BaseModel):
+    """A rule (and its `description`, when it has one)."""
+
     model_config = ConfigDict(extra="allow")
 
     identifier: str
     title: str
     level: str
-    description: str | None = None
     query: dict[str, Any] = Field(description="{combinator: and|or, conditions: [...]}")
 
 
@@ -173,3 +174,102 @@ async def delete_scorecard(
 )
 async def list_scorecards(tenant: CurrentTenant) -> Any:
     return {"ok": True, "scorecards": await service.list_all(tenant.tx)}
+
+
+class LevelCount(BaseModel):
+    level: str
+    count: int
+
+
+class Moved(BaseModel):
+    identifier: str
+    from_: str | None = Field(alias="from")
+    to: str | None
+    change: Literal["up", "down", "new", "removed"]
+
+
+class DryRun(BaseModel):
+    scorecard: str
+    entities: int = Field(description="entities the proposed scorecard would apply to")
+    levels: list[LevelCount]
+    up: int
+    down: int
+    same: int
+    new: int = Field(description="entities without a result now that would get one")
+    removed: int = Field(description="entities with a result now that would lose it")
+    moved: list[Moved] = Field(description="the first 1,000 entities that would change")
+    movedTruncated: bool
+
+
+class DryRunResponse(BaseModel):
+    ok: Literal[True] = True
+    dryRun: DryRun
+
+
+class TeamLevels(BaseModel):
+    team: str | None
+    levels: list[LevelCount]
+
+
+class RuleRate(BaseModel):
+    identifier: str
+    level: str
+    passed: int
+    total: int
+    passRate: float | None
+
+
+class TrendPoint(BaseModel):
+    day: str
+    entities: int
+    levels: list[LevelCount]
+    rules: list[RuleRate]
+
+
+class Summary(BaseModel):
+    scorecard: str
+    state: Literal["ready", "evaluating"]
+    entities: int
+    levels: list[LevelCount]
+    teams: list[TeamLevels]
+    rules: list[RuleRate]
+    trend: list[TrendPoint] = Field(description="one snapshot a day, from..to")
+
+
+class SummaryResponse(BaseModel):
+    ok: Literal[True] = True
+    summary: Summary
+
+
+@router.post(
+    "/v1/blueprints/{blueprint}/scorecards/{identifier}/dry-run",
+    response_model=DryRunResponse,
+    responses=ERRORS_AUTHED,
+    summary="What a proposed definition would change, without saving it",
+)
+async def dry_run_scorecard(
+    blueprint: BlueprintId, identifier: ScorecardId, body: ScorecardBody, tenant: CurrentTenant
+) -> Any:
+    result = await insight.dry_run(tenant.tx, blueprint, identifier, _raw(body))
+    return {"ok": True, "dryRun": result}
+
+
+@router.get(
+    "/v1/blueprints/{blueprint}/scorecards/{identifier}/summary",
+    response_model=SummaryResponse,
+    responses=ERRORS_AUTHED,
+    summary="Entities per level and team, rule pass rates, and the daily trend",
+)
+async def scorecard_summary(
+    blueprint: BlueprintId,
+    identifier: ScorecardId,
+    tenant: CurrentTenant,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+) -> Any:
+    start, end = insight.default_range()
+    start = insight.parse_day(from_, start, "from")
+    end = insight.parse_day(to, end, "to")
+    current = await insight.summary(tenant.tx, blueprint, identifier)
+    current["trend"] = await insight.trend(tenant.tx, blueprint, identifier, start, end)
+    return {"ok": True, "summary": current}

@@ -1,4 +1,4 @@
-"""Scorecards: definitions per blueprint, and each entity's stored result.
+"""Scorecards: definitions per blueprint, each entity's stored result, daily summaries.
 
 Revision ID: 0007
 Revises: 0006
@@ -87,7 +87,25 @@ def upgrade() -> None:
         "REFERENCING OLD TABLE AS gone FOR EACH STATEMENT "
         "EXECUTE FUNCTION portolan_drop_scorecard_results()"
     )
-    for table in ("scorecards", "scorecard_results"):
+    op.create_table(
+        "scorecard_snapshots",
+        sa.Column("org_id", postgresql.UUID(as_uuid=True), nullable=False),
+        sa.Column("blueprint", sa.String(100), nullable=False),
+        sa.Column("scorecard", sa.String(100), nullable=False),
+        sa.Column("day", sa.Date(), nullable=False),
+        sa.Column("summary", JSONB, nullable=False),
+        _ts("taken_at"),
+        sa.ForeignKeyConstraint(
+            ["org_id", "blueprint", "scorecard"],
+            ["scorecards.org_id", "scorecards.blueprint", "scorecards.identifier"],
+            name="fk_scorecard_snapshots_org_id_blueprint_scorecard_scorecards",
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint(
+            "org_id", "blueprint", "scorecard", "day", name="pk_scorecard_snapshots"
+        ),
+    )
+    for table in ("scorecards", "scorecard_results", "scorecard_snapshots"):
         for statement in rls.fence_table(table):
             op.execute(statement)
 
@@ -95,5 +113,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TRIGGER tr_entities_drop_scorecard_results ON entities")
     op.execute("DROP FUNCTION portolan_drop_scorecard_results()")
+    op.drop_table("scorecard_snapshots")
     op.drop_table("scorecard_results")
     op.drop_table("scorecards")
