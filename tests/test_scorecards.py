@@ -427,6 +427,25 @@ async def test_rules_over_aggregation_properties(
     assert r.status_code == 201, r.text
     await evaluate_pending(db)
     assert await _levels(client, org, "shipping") == {"api": "Yes", "web": "No"}
+    # A new deployment of `web` concerns the service's scorecard: it is evaluated again
+    # in the background (the service itself was not written).
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints/deployment/entities",
+        {"identifier": "web-1", "relations": {"service": "web"}},
+    )
+    assert r.status_code == 201, r.text
+    assert await evaluate_pending(db) >= 1
+    assert await _levels(client, org, "shipping") == {"api": "Yes", "web": "Yes"}
+    r = await client.delete(
+        "/v1/blueprints/deployment/entities/api-1?delete_dependents=false", headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    assert await evaluate_pending(db) >= 1
+    assert await _levels(client, org, "shipping") == {"api": "No", "web": "Yes"}
+    # Nothing left to do once evaluated.
+    assert await evaluate_pending(db) == 0
 
 
 async def test_scorecards_never_cross_tenants(

@@ -728,6 +728,10 @@ async def delete_many(
             bp,
             sorted(idents),
         )
+        # Scorecards elsewhere that count or mirror these entities are evaluated again.
+        from app.scorecards.evaluate import request_refresh
+
+        await request_refresh(tx, bp)
     return sorted(existing)
 
 

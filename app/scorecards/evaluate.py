@@ -234,11 +234,84 @@ _CACHE_SIZE = 1024
 _cached: OrderedDict[tuple[uuid.UUID, str], tuple[Any, list[Card], Any]] = OrderedDict()
 
 
+def _reaches(scope: Scope, blueprint: str, name: str) -> set[str]:
+    """The other blueprints whose entities a property of `blueprint` reads: a mirror's
+    path, an aggregation's target, inherited ownership's path."""
+    definition = scope.blueprints.get(blueprint) or {}
+    paths: list[str] = []
+    mirror = (definition.get("mirrorProperties") or {}).get(name)
+    if isinstance(mirror, dict):
+        paths.append(str(mirror.get("path", "")).rsplit(".", 1)[0])
+    ownership = definition.get("ownership") or {}
+    if name == "$team" and ownership.get("type") == "Inherited":
+        paths.append(str(ownership.get("path", "")))
+    found: set[str] = set()
+    aggregation = (definition.get("aggregationProperties") or {}).get(name)
+    if isinstance(aggregation, dict) and isinstance(aggregation.get("target"), str):
+        found.add(aggregation["target"])
+    for path in paths:
+        current = blueprint
+        for hop in filter(None, path.split(".")):
+            relation = (scope.blueprints.get(current) or {}).get("relations", {}).get(hop)
+            if relation is None:
+                break
+            current = relation["target"]
+            found.add(current)
+    return found
+
+
+_DEPENDENTS_SIZE = 4096
+_dependents: OrderedDict[tuple[uuid.UUID, str | None, str], list[tuple[str, str]]] = OrderedDict()
+
+
+def dependents(scope: Scope, written: str) -> list[tuple[str, str]]:
+    """(blueprint, scorecard) of every scorecard whose rules read entities of `written`
+    through relations (remembered per org definitions' fingerprint)."""
+    key = (scope.org_id, scope.fingerprint, written)
+    found = _dependents.get(key)
+    if found is None:
+        found = _dependents[key] = _find_dependents(scope, written)
+        if len(_dependents) > _DEPENDENTS_SIZE:
+            _dependents.popitem(last=False)
+    return found
+
+
+def _find_dependents(scope: Scope, written: str) -> list[tuple[str, str]]:
+    out = []
+    for bp, definition in scope.blueprints.items():
+        for card_id, card in (definition.get("scorecards") or {}).items():
+            if any(written in _reaches(scope, bp, name) for name in card.get("reads", [])):
+                out.append((bp, card_id))
+    return out
+
+
+async def request_refresh(tx: Tx, blueprint: str) -> None:
+    """Entities of `blueprint` changed: the scorecards that read them through relations are
+    evaluated again by the worker (flagged without waiting on a lock held elsewhere)."""
+    scope = await scope_for(tx, blueprint, None)
+    concerned = dependents(scope, blueprint)
+    if not concerned:
+        return
+    # A row another writer is flagging (locked) is skipped: it will be flagged anyway, and
+    # concurrent writes never queue behind each other here.
+    await tx.execute(
+        "UPDATE scorecards SET refresh_requested = true WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM scorecards WHERE org_id = $1 "
+        "AND (blueprint, identifier) IN (SELECT * FROM unnest($2::text[], $3::text[])) "
+        "AND NOT refresh_requested FOR UPDATE SKIP LOCKED))",
+        tx.org_id,
+        [bp for bp, _ in concerned],
+        [card for _, card in concerned],
+    )
+
+
 async def evaluate_entities(tx: Tx, blueprint: dict[str, Any], identifiers: list[str]) -> None:
     """Re-evaluates the blueprint's scorecards for entities just written, in the writer's
-    transaction (an entity's results change with it)."""
+    transaction (an entity's results change with it), and asks for the re-evaluation of
+    scorecards elsewhere that read these entities through relations."""
     if not identifiers:
         return
+    await request_refresh(tx, blueprint["identifier"])
     assert tx.org_id is not None
     key = (tx.org_id, blueprint["identifier"])
     cached = _cached.get(key)
@@ -315,10 +388,15 @@ async def evaluate_pending(db: Database) -> int:
     evaluated for its whole blueprint (one tenant transaction per blueprint). Returns how
     many scorecards were evaluated."""
     async with db.system() as tx:
+        # Refresh requests are taken (cleared) in this short transaction: one made while the
+        # evaluation below runs stays for the next pass, and no writer waits on these rows.
         pending = await tx.fetch(
-            "SELECT org_id, blueprint, array_agg(identifier ORDER BY identifier) AS cards "
-            "FROM scorecards WHERE evaluated_version < version "
-            "GROUP BY org_id, blueprint ORDER BY min(updated_at)"
+            "WITH taken AS (UPDATE scorecards SET refresh_requested = false "
+            "WHERE refresh_requested RETURNING org_id, blueprint, identifier) "
+            "SELECT org_id, blueprint, array_agg(DISTINCT identifier) AS cards FROM ("
+            "SELECT org_id, blueprint, identifier FROM taken UNION ALL "
+            "SELECT org_id, blueprint, identifier FROM scorecards "
+            "WHERE evaluated_version < version) p GROUP BY org_id, blueprint"
         )
     done = 0
     for row in pending:

@@ -50,6 +50,9 @@ class Scorecard(Base):
     filter: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     evaluated_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Entities its rules read through relations (mirror / aggregation properties) changed:
+    # the worker evaluates it again for the whole blueprint.
+    refresh_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     created_at: Mapped[datetime] = _ts()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
     updated_at: Mapped[datetime] = _ts()

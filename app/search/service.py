@@ -88,14 +88,24 @@ async def _load_definitions(tx: Tx) -> tuple[str, dict[str, dict[str, Any]]]:
     # Scorecards (their levels and rules: rules on results name them). A scorecard change
     # counts up its blueprint's version, so the fingerprint covers them too.
     for row in await tx.fetch(
-        "SELECT blueprint, identifier, levels, rules FROM scorecards WHERE org_id = $1",
+        "SELECT blueprint, identifier, levels, rules, filter FROM scorecards WHERE org_id = $1",
         tx.org_id,
     ):
         if row["blueprint"] in everything:
+            queries = [rule["query"] for rule in row["rules"]] + [row["filter"] or {}]
             everything[row["blueprint"]]["scorecards"][row["identifier"]] = {
                 "levels": [level["title"] for level in row["levels"]],
                 "rules": [rule["identifier"] for rule in row["rules"]],
                 "rule_levels": [rule["level"] for rule in row["rules"]],
+                # What the rules read (for what other entities' changes concern them).
+                "reads": sorted(
+                    {
+                        str(c.get("property") or c.get("relation"))
+                        for query in queries
+                        for c in query.get("conditions") or []
+                        if isinstance(c, dict)
+                    }
+                ),
             }
     fingerprint = str(await tx.fetchval(_FINGERPRINT_SQL.format(org="$1"), tx.org_id))
     _scopes[tx.org_id] = (fingerprint, everything)

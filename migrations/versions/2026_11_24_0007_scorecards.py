@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("filter", JSONB, nullable=True),
         sa.Column("version", sa.Integer(), server_default="1", nullable=False),
         sa.Column("evaluated_version", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("refresh_requested", sa.Boolean(), server_default="false", nullable=False),
         _ts("created_at"),
         sa.Column("created_by", sa.String(200), nullable=False),
         _ts("updated_at"),
