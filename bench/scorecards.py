@@ -127,10 +127,9 @@ async def _fill(url: str, org_id: uuid.UUID, blueprint: str, count: int) -> None
 
 
 async def _timed_evaluation(db: Database, org_id: uuid.UUID) -> float:
-    async with db.tenant(org_id) as tx:
-        started = time.perf_counter()
-        assert await evaluate_blueprint(tx, "service") == 1
-        return time.perf_counter() - started
+    started = time.perf_counter()
+    assert await evaluate_blueprint(db, org_id, "service") == 1
+    return time.perf_counter() - started
 
 
 async def _bare(db: Database, org_id: uuid.UUID) -> tuple[float, dict[str, int]]:

@@ -652,3 +652,33 @@ async def test_summary_and_daily_trend(
         "/v1/blueprints/service/scorecards/readiness/summary", headers=other.headers
     )
     assert r.status_code == 404
+
+
+async def test_a_first_evaluation_meets_results_written_meanwhile(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """A new scorecard's first evaluation inserts without conflict handling; an entity
+    written before it ran already has a result, and the evaluation then upserts."""
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    r = await client.patch(
+        "/v1/blueprints/service/entities/bronze",
+        json={"properties": {"coverage": 60, "onCall": True}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    assert await _levels(client, org, "readiness") == {
+        "gold": None,
+        "silver": None,
+        "basic": None,
+        "bronze": "Silver",  # evaluated by its write
+    }
+    await evaluate_pending(db)
+    assert await _levels(client, org, "readiness") == {
+        "gold": "Gold",
+        "silver": "Silver",
+        "basic": "Basic",
+        "bronze": "Silver",
+    }

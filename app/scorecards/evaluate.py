@@ -16,12 +16,14 @@ and the results of entities the filter no longer takes are deleted — all in on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -48,6 +50,7 @@ class Card:
     rules: list[dict[str, Any]]
     filter: dict[str, Any] | None
     version: int
+    evaluated: int = 0  # the version whose results are stored (0: never evaluated)
 
 
 def _card(row: Any) -> Card:
@@ -57,12 +60,13 @@ def _card(row: Any) -> Card:
         rules=list(row["rules"]),
         filter=row["filter"],
         version=int(row["version"]),
+        evaluated=int(row["evaluated_version"]),
     )
 
 
 async def _load_cards(tx: Tx, blueprint: str, only: list[str] | None = None) -> list[Card]:
     rows = await tx.fetch(
-        "SELECT identifier, levels, rules, filter, version FROM scorecards "
+        "SELECT identifier, levels, rules, filter, version, evaluated_version FROM scorecards "
         "WHERE org_id = $1 AND blueprint = $2 "
         "AND ($3::varchar[] IS NULL OR identifier = ANY($3::varchar[])) ORDER BY identifier",
         tx.org_id,
@@ -82,7 +86,13 @@ def _rule_flags(scope: Scope, card: Card) -> list[Any]:
 
 
 def card_select(
-    scope: Scope, blueprint: str, card: Card, *, only_ids: bool, fenced: bool = True
+    scope: Scope,
+    blueprint: str,
+    card: Card,
+    *,
+    only_ids: bool,
+    fenced: bool = True,
+    ranged: bool = False,
 ) -> sa.Select[Any]:
     """(scorecard, identifier, level_rank, passed, version, entity_at) of the entities the
     card applies to (those named by the `score_ids` parameter, with `only_ids`).
@@ -94,6 +104,8 @@ def card_select(
     ]
     if only_ids:
         where.append(E.c.identifier == sa.any_(_ids_param()))
+    if ranged:
+        where.append(_in_range(E.c.identifier))
     if card.filter is not None:
         where.append(Compiler(scope, scan=True).compile(to_rules(card.filter)))
     inner_select = sa.select(E.c.identifier, E.c.updated_at, *_rule_flags(scope, card)).where(
@@ -127,16 +139,34 @@ def card_select(
     )
 
 
+def _in_range(identifier: Any) -> Any:
+    """`range_from` <= identifier < `range_to` (either end open when its value is null)."""
+    low = sa.bindparam("range_from", type_=sa.String)
+    high = sa.bindparam("range_to", type_=sa.String)
+    return sa.and_(
+        sa.or_(sa.cast(low, sa.Text).is_(None), identifier >= low),
+        sa.or_(sa.cast(high, sa.Text).is_(None), identifier < high),
+    )
+
+
 def _ids_param() -> Any:
     return sa.cast(sa.bindparam(_IDS, type_=ARRAY(sa.String)), ARRAY(sa.String))
 
 
-def evaluation(scope: Scope, blueprint: str, cards: list[Card], *, only_ids: bool) -> sa.Insert:
+def evaluation(
+    scope: Scope,
+    blueprint: str,
+    cards: list[Card],
+    *,
+    only_ids: bool,
+    ranged: bool = False,
+    plain: bool = False,
+) -> sa.Insert:
     """The one statement that evaluates `cards` and stores the results: an upsert, and —
     for scorecards with a filter — a delete of the results of entities it no longer takes
     (a data-modifying CTE of the same statement)."""
     fresh = sa.union_all(
-        *(card_select(scope, blueprint, card, only_ids=only_ids) for card in cards)
+        *(card_select(scope, blueprint, card, only_ids=only_ids, ranged=ranged) for card in cards)
     ).subquery("fresh")
     insert = pg_insert(RESULTS).from_select(
         [
@@ -185,6 +215,11 @@ def evaluation(scope: Scope, blueprint: str, cards: list[Card], *, only_ids: boo
             )
         ),
     )
+    if plain:
+        # No stored results to meet (a first evaluation): a plain INSERT, about half the
+        # cost of one that handles conflicts. A conflict (a result an entity write stored
+        # meanwhile) fails it, and the caller runs the upsert instead.
+        return insert
     excluded = insert.excluded
     upsert = insert.on_conflict_do_update(
         index_elements=["org_id", "blueprint", "identifier", "scorecard"],
@@ -223,6 +258,8 @@ def evaluation(scope: Scope, blueprint: str, cards: list[Card], *, only_ids: boo
     )
     if only_ids:
         gone = gone.where(RESULTS.c.identifier == sa.any_(_ids_param()))
+    if ranged:
+        gone = gone.where(_in_range(RESULTS.c.identifier))
     statement: sa.Insert = upsert.add_cte(gone.returning(sa.literal(1)).cte("left_out"))
     return statement
 
@@ -348,26 +385,79 @@ async def _statement(tx: Tx, blueprint: str, cards: list[Card], *, only_ids: boo
         return evaluation(scope, blueprint, cards, only_ids=only_ids)
 
 
-async def evaluate_blueprint(tx: Tx, blueprint: str, only: list[str] | None = None) -> int:
+# A whole blueprint is evaluated in this many identifier ranges at once (each its own
+# statement and transaction), once it holds PART_SIZE entities per range: the statement
+# writes, and PostgreSQL runs no writing statement in parallel by itself.
+PARALLEL = 2
+PART_SIZE = 20_000
+
+
+async def evaluate_blueprint(
+    db: Database, org_id: uuid.UUID, blueprint: str, only: list[str] | None = None
+) -> int:
     """Evaluates the blueprint's scorecards (or the named ones) for all of its entities and
     marks the versions evaluated; returns how many scorecards were evaluated."""
-    cards = await _load_cards(tx, blueprint, only)
-    if not cards:
-        return 0
-    scope = await fresh_scope(tx, blueprint, None)
-    try:
-        statement = evaluation(scope, blueprint, cards, only_ids=False)
-    except Invalid as exc:
-        # A blueprint change left a rule that no longer applies (a removed property): its
-        # results stay as they were until the scorecard is changed.
-        log.warning(
-            "scorecard no longer compiles",
-            extra={"blueprint": blueprint, "error": exc.message},
+    async with db.tenant(org_id) as tx:
+        cards = await _load_cards(tx, blueprint, only)
+        if not cards:
+            return 0
+        scope = await fresh_scope(tx, blueprint, None)
+        try:
+            statement = evaluation(scope, blueprint, cards, only_ids=False, ranged=True)
+            first = evaluation(scope, blueprint, cards, only_ids=False, ranged=True, plain=True)
+        except Invalid as exc:
+            # A blueprint change left a rule that no longer applies (a removed property):
+            # its results stay as they were until the scorecard is changed.
+            log.warning(
+                "scorecard no longer compiles",
+                extra={"blueprint": blueprint, "error": exc.message},
+            )
+            await _mark(tx, blueprint, cards)
+            return 0
+        size = int(
+            await tx.fetchval(
+                "SELECT count(*) FROM entities WHERE org_id = $1 AND blueprint = $2",
+                org_id,
+                blueprint,
+            )
         )
+        parts = max(1, min(PARALLEL, size // PART_SIZE))
+        fresh = all(card.evaluated == 0 for card in cards) and not await tx.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM scorecard_results WHERE org_id = $1 "
+            "AND blueprint = $2 AND scorecard = ANY($3::varchar[]))",
+            org_id,
+            blueprint,
+            [card.identifier for card in cards],
+        )
+        edges: list[str | None] = [None]
+        for k in range(1, parts):
+            edges.append(
+                await tx.fetchval(
+                    "SELECT identifier FROM entities WHERE org_id = $1 AND blueprint = $2 "
+                    "ORDER BY identifier OFFSET $3 LIMIT 1",
+                    org_id,
+                    blueprint,
+                    size * k // parts,
+                )
+            )
+        edges.append(None)
+
+    async def part(low: str | None, high: str | None) -> None:
+        values = {"range_from": low, "range_to": high}
+        async with db.tenant(org_id) as tx:
+            if fresh:
+                await tx.execute("SAVEPOINT first_evaluation")
+                try:
+                    await run_bounded(tx, first, values)
+                except asyncpg.UniqueViolationError:
+                    await tx.execute("ROLLBACK TO SAVEPOINT first_evaluation")
+                else:
+                    return
+            await run_bounded(tx, statement, values)
+
+    await asyncio.gather(*(part(edges[i], edges[i + 1]) for i in range(parts)))
+    async with db.tenant(org_id) as tx:
         await _mark(tx, blueprint, cards)
-        return 0
-    await run_bounded(tx, statement)
-    await _mark(tx, blueprint, cards)
     return len(cards)
 
 
@@ -400,8 +490,7 @@ async def evaluate_pending(db: Database) -> int:
         )
     done = 0
     for row in pending:
-        async with db.tenant(row["org_id"]) as tx:
-            done += await evaluate_blueprint(tx, row["blueprint"], list(row["cards"]))
+        done += await evaluate_blueprint(db, row["org_id"], row["blueprint"], list(row["cards"]))
     if done:
         log.info("scorecards evaluated", extra={"scorecards": done})
     return done
