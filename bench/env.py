@@ -231,3 +231,33 @@ async def settle_range_indexes(url: str) -> int:
         )
     finally:
         await conn.close()
+
+
+# The columns of an `entities` row as the benches COPY them, in this order.
+ENTITY_COLUMNS = [
+    "org_id",
+    "blueprint",
+    "identifier",
+    "title",
+    "team",
+    "properties",
+    "datasource",
+    "created_at",
+    "created_by",
+    "updated_at",
+    "updated_by",
+]
+
+
+async def copy_connection(url: str) -> asyncpg.Connection:
+    """A connection for loading rows with binary COPY (jsonb's binary form is a version
+    byte and the text)."""
+    conn = await asyncpg.connect(url)
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: b"\x01" + json.dumps(value).encode(),
+        decoder=lambda data: json.loads(data[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+    return conn

@@ -20,7 +20,6 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import httpx
 import sqlalchemy as sa
 
@@ -29,7 +28,15 @@ from app.scorecards.evaluate import _load_cards, card_select, evaluate_blueprint
 from app.search.service import fresh_scope, run_bounded
 from bench.catalog_bulk import PROPERTIES
 from bench.catalog_bulk import entity as catalog_entity
-from bench.env import load, new_org, pin_database_backends, scratch_settings, served
+from bench.env import (
+    ENTITY_COLUMNS,
+    copy_connection,
+    load,
+    new_org,
+    pin_database_backends,
+    scratch_settings,
+    served,
+)
 
 ENTITIES = int(os.environ.get("PORTOLAN_BENCH_SCORECARD_ENTITIES", "100000"))
 SECONDS = float(os.environ.get("PORTOLAN_BENCH_SECONDS", "3"))
@@ -77,15 +84,8 @@ async def _fill(url: str, org_id: uuid.UUID, blueprint: str, count: int) -> None
     """`count` entities of the catalog bench's shape, straight into the table (COPY)."""
     rnd = random.Random(11)
     now = datetime.now(UTC)
-    conn = await asyncpg.connect(url)
+    conn = await copy_connection(url)
     try:
-        await conn.set_type_codec(
-            "jsonb",
-            encoder=lambda value: b"\x01" + json.dumps(value).encode(),
-            decoder=lambda data: json.loads(data[1:]),
-            schema="pg_catalog",
-            format="binary",
-        )
         rows = []
         for i in range(count):
             one = catalog_entity(i, rnd)
@@ -104,23 +104,7 @@ async def _fill(url: str, org_id: uuid.UUID, blueprint: str, count: int) -> None
                     "bench",
                 )
             )
-        await conn.copy_records_to_table(
-            "entities",
-            records=rows,
-            columns=[
-                "org_id",
-                "blueprint",
-                "identifier",
-                "title",
-                "team",
-                "properties",
-                "datasource",
-                "created_at",
-                "created_by",
-                "updated_at",
-                "updated_by",
-            ],
-        )
+        await conn.copy_records_to_table("entities", records=rows, columns=ENTITY_COLUMNS)
         await conn.execute("VACUUM ANALYZE entities")
     finally:
         await conn.close()

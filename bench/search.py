@@ -27,6 +27,8 @@ from app.search.service import Search, scope_for
 from bench.catalog_bulk import PROPERTIES
 from bench.catalog_bulk import entity as catalog_entity
 from bench.env import (
+    ENTITY_COLUMNS,
+    copy_connection,
     new_org,
     pin_database_backends,
     scratch_settings,
@@ -110,29 +112,8 @@ async def _fill(url: str, org_id: uuid.UUID, seed: int) -> None:
     its 'parent' svc i//2, a binary tree for multi-hop walks) and teams."""
     rnd = random.Random(seed)
     now = datetime.now(UTC)
-    conn = await asyncpg.connect(url)
+    conn = await copy_connection(url)
     try:
-        # COPY is binary: jsonb's binary form is a version byte and the text
-        await conn.set_type_codec(
-            "jsonb",
-            encoder=lambda value: b"\x01" + json.dumps(value).encode(),
-            decoder=lambda data: json.loads(data[1:]),
-            schema="pg_catalog",
-            format="binary",
-        )
-        columns = [
-            "org_id",
-            "blueprint",
-            "identifier",
-            "title",
-            "team",
-            "properties",
-            "datasource",
-            "created_at",
-            "created_by",
-            "updated_at",
-            "updated_by",
-        ]
         teams = [
             (org_id, "team", f"team-{t}", f"Team {t}", [], {}, None, now, "bench", now, "bench")
             for t in range(TEAMS)
@@ -156,7 +137,9 @@ async def _fill(url: str, org_id: uuid.UUID, seed: int) -> None:
                     "bench",
                 )
             )
-        await conn.copy_records_to_table("entities", records=teams + services, columns=columns)
+        await conn.copy_records_to_table(
+            "entities", records=teams + services, columns=ENTITY_COLUMNS
+        )
         links = [
             (org_id, "service", f"svc-{i:06d}", "team", f"team-{i % TEAMS}", "team")
             for i in range(PER_ORG)

@@ -103,6 +103,16 @@ async def _catalog(client: httpx.AsyncClient, org: Org) -> None:
     assert r.status_code == 200, r.text
 
 
+async def _graded(client: httpx.AsyncClient, make_org: OrgFactory, db: Database) -> Org:
+    """An org with the catalog and READINESS, evaluated."""
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+    return org
+
+
 async def _levels(client: httpx.AsyncClient, org: Org, scorecard: str) -> dict[str, str | None]:
     r = await client.get("/v1/blueprints/service/entities", headers=org.headers)
     assert r.status_code == 200, r.text
@@ -252,11 +262,7 @@ async def test_levels_are_reached_only_with_every_lower_level(
 async def test_entity_writes_keep_results_current(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
-    org = await make_org()
-    await _catalog(client, org)
-    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
-    assert r.status_code == 201, r.text
-    await evaluate_pending(db)
+    org = await _graded(client, make_org, db)
     # No background step: the write itself re-evaluates.
     r = await client.patch(
         "/v1/blueprints/service/entities/gold",
@@ -292,11 +298,7 @@ async def test_entity_writes_keep_results_current(
 async def test_rule_edits_and_filters_are_evaluated_in_the_background(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
-    org = await make_org()
-    await _catalog(client, org)
-    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
-    assert r.status_code == 201, r.text
-    await evaluate_pending(db)
+    org = await _graded(client, make_org, db)
     # Gold now also needs coverage above 95, and only services with an owner count.
     stricter = {
         **READINESS,
@@ -487,11 +489,7 @@ async def test_scorecards_never_cross_tenants(
 async def test_results_are_searchable(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
-    org = await make_org()
-    await _catalog(client, org)
-    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
-    assert r.status_code == 201, r.text
-    await evaluate_pending(db)
+    org = await _graded(client, make_org, db)
 
     async def found(*rules: dict[str, Any]) -> list[str] | httpx.Response:
         r = await _post(
@@ -550,11 +548,7 @@ async def test_results_are_searchable(
 async def test_dry_run_tells_who_would_move_without_saving(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
-    org = await make_org()
-    await _catalog(client, org)
-    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
-    assert r.status_code == 201, r.text
-    await evaluate_pending(db)
+    org = await _graded(client, make_org, db)
     # Coverage for Silver raised to 80: `silver` (70) falls to Bronze; the owner rule
     # dropped: `basic` (no owner) rises to Gold.
     proposal = {
