@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from app.config import Settings, get_settings
+from app.kit.crypto import cipher_for
 from app.kit.logging import configure_logging
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Portolan developer portal")
@@ -110,7 +111,7 @@ async def _ensure_demo_org(settings: Settings) -> None:
                     "was created."
                 )
                 return
-            created = await service.create_org(tx, name="demo")
+            created = await service.create_org(tx, name="demo", cipher=cipher_for(settings))
         creds_file = settings.data_dir / "demo-credentials.json"
         creds_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(creds_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -166,7 +167,7 @@ async def _create_org(settings: Settings, name: str) -> dict[str, str]:
     db = await Database.connect(settings)
     try:
         async with db.system() as tx:
-            created = await service.create_org(tx, name=name)
+            created = await service.create_org(tx, name=name, cipher=cipher_for(settings))
         return created.as_dict()
     finally:
         await db.close()

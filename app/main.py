@@ -23,6 +23,7 @@ from app.orgs.router import router as orgs_router
 from app.scorecards.router import router as scorecard_router
 from app.search import calc
 from app.search.router import router as search_router
+from app.secrets.router import router as secrets_router
 
 DESCRIPTION = (
     "Portolan is a multi-tenant internal developer portal backend. Its `/v1` API follows "
@@ -85,4 +86,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(search_router)
     app.include_router(entity_router)
     app.include_router(scorecard_router)
+    app.include_router(secrets_router)
     return app

@@ -23,6 +23,7 @@ import httpx
 from app.cli import run_migrations
 from app.config import Settings
 from app.db.database import Database
+from app.kit.crypto import cipher_for
 from app.orgs import service as org_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,11 @@ async def new_org(
 ) -> tuple[uuid.UUID, dict[str, str]]:
     """An org with its blueprints, and headers carrying its access token."""
     async with db.system() as tx:
-        created = await org_service.create_org(tx, name=name)
+        created = await org_service.create_org(
+            tx,
+            name=name,
+            cipher=cipher_for(Settings(_env_file=None)),  # type: ignore[call-arg]
+        )
     token = (
         await http.post(
             "/v1/auth/access_token",

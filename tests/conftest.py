@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from app.cli import run_migrations
 from app.config import Settings
 from app.db.database import Database
+from app.kit.crypto import cipher_for
 from app.main import create_app
 from app.orgs import service as org_service
 
@@ -163,13 +164,13 @@ OrgFactory = Callable[..., Awaitable[Org]]
 
 
 @pytest.fixture
-def make_org(db: Database, client: httpx.AsyncClient) -> OrgFactory:
+def make_org(db: Database, client: httpx.AsyncClient, settings: Settings) -> OrgFactory:
     """Creates an organization through the service and signs in through the API."""
 
     async def _make(name: str | None = None) -> Org:
         name = name or f"org-{uuid.uuid4().hex[:8]}"
         async with db.system() as tx:
-            created = await org_service.create_org(tx, name=name)
+            created = await org_service.create_org(tx, name=name, cipher=cipher_for(settings))
         response = await client.post(
             "/v1/auth/access_token",
             json={"clientId": created.client_id, "clientSecret": created.client_secret},

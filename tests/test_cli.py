@@ -39,7 +39,7 @@ async def test_org_create_json_prints_credentials_that_work(
     result = _run(settings, "org", "create", "Initech", "--json")
     assert result.returncode == 0, result.stderr
     created = json.loads(result.stdout)
-    assert set(created) == {"orgId", "name", "clientId", "clientSecret"}
+    assert set(created) == {"orgId", "name", "clientId", "clientSecret", "signingSecret"}
     token = await client.post(
         "/v1/auth/access_token",
         json={"clientId": created["clientId"], "clientSecret": created["clientSecret"]},

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.auth.principal import CurrentTenant
 from app.config import Settings
 from app.db.routing import api_router
+from app.kit.crypto import cipher_for
 from app.kit.errors import Forbidden, Unauthorized
 from app.kit.openapi import ERRORS_AUTHED
 from app.orgs import service
@@ -67,10 +68,13 @@ async def require_platform_token(
 )
 async def create_organization(body: OrgCreateRequest, request: Request) -> OrgCreatedResponse:
     async with request.app.state.db.system() as tx:
-        created = await service.create_org(tx, name=body.name)
+        created = await service.create_org(
+            tx, name=body.name, cipher=cipher_for(request.app.state.settings)
+        )
     return OrgCreatedResponse(
         orgId=created.org_id,
         name=created.name,
         clientId=created.client_id,
         clientSecret=created.client_secret,
+        signingSecret=created.signing_secret,
     )

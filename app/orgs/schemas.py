@@ -36,3 +36,4 @@ class OrgCreatedResponse(BaseModel):
     name: str
     clientId: str
     clientSecret: str
+    signingSecret: str = Field(description="the key outbound webhooks are signed with")

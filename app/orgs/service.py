@@ -8,8 +8,10 @@ from datetime import datetime
 
 from app.auth import service as auth_service
 from app.db.database import Tx, bind_org
+from app.kit.crypto import Cipher
 from app.kit.errors import Invalid, NotFound
 from app.kit.ids import new_uuid
+from app.secrets.service import new_signing_secret
 
 MAX_NAME = 200
 
@@ -20,6 +22,7 @@ class CreatedOrg:
     name: str
     client_id: str
     client_secret: str
+    signing_secret: str
 
     def as_dict(self) -> dict[str, str]:
         return {
@@ -27,6 +30,7 @@ class CreatedOrg:
             "name": self.name,
             "clientId": self.client_id,
             "clientSecret": self.client_secret,
+            "signingSecret": self.signing_secret,
         }
 
 
@@ -45,18 +49,28 @@ def clean_name(name: str) -> str:
     return name
 
 
-async def create_org(tx: Tx, *, name: str) -> CreatedOrg:
+async def create_org(tx: Tx, *, name: str, cipher: Cipher) -> CreatedOrg:
     """Operator work on a system transaction: binds app.org_id to the new org so its rows
     pass the tenant policies' WITH CHECK whatever the login role is."""
     name = clean_name(name)
     org_id = new_uuid()
     await bind_org(tx, org_id)
-    await tx.execute("INSERT INTO organizations (id, name) VALUES ($1, $2)", org_id, name)
+    signing_secret = new_signing_secret()
+    await tx.execute(
+        "INSERT INTO organizations (id, name, signing_secret_encrypted) VALUES ($1, $2, $3)",
+        org_id,
+        name,
+        cipher.encrypt(signing_secret),
+    )
     cred = await auth_service.create_credential(
         tx, org_id=org_id, name="default", roles=[auth_service.ADMIN_ROLE]
     )
     return CreatedOrg(
-        org_id=org_id, name=name, client_id=cred.client_id, client_secret=cred.client_secret
+        org_id=org_id,
+        name=name,
+        client_id=cred.client_id,
+        client_secret=cred.client_secret,
+        signing_secret=signing_secret,
     )
 
 

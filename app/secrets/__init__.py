@@ -1,0 +1,1 @@
+"""Organization secrets (Port's /v1/organization/secrets) and webhook signing secrets."""
