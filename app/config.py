@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)
     platform_token: SecretStr | None = SecretStr(DEV_PLATFORM_TOKEN)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Hosts or CIDRs outbound calls may reach although they are private or loopback
+    # (app/dispatch/outbound.py), comma-separated: `127.0.0.1/32,hooks.internal`.
+    outbound_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     token_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
     token_issuer: str = "portolan"  # noqa: S105 - a name, not a secret
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     queue_name: str = Field(default="portolan:queue", min_length=1)
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "outbound_allow", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
