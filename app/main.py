@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from app import __version__
+from app.actions.router import router as action_router
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
 from app.catalog.entity_router import router as entity_router
@@ -87,4 +88,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(entity_router)
     app.include_router(scorecard_router)
     app.include_router(secrets_router)
+    app.include_router(action_router)
     return app

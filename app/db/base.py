@@ -20,6 +20,7 @@ class Base(DeclarativeBase):
 
 def import_models() -> None:
     """Import every domain's models so Base.metadata is complete (alembic, tests)."""
+    from app.actions import models as action_models  # noqa: F401
     from app.auth import models as auth_models  # noqa: F401
     from app.catalog import models as catalog_models  # noqa: F401
     from app.orgs import models as org_models  # noqa: F401

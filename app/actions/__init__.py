@@ -1,0 +1,1 @@
+"""Self-service actions and automations: definitions (runs and dispatch build on them)."""

@@ -1,0 +1,130 @@
+"""Action routes (Port's shapes): /v1/actions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Path, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.actions import service
+from app.auth.principal import CurrentTenant
+from app.db.routing import api_router
+from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+
+router = api_router(prefix="/v1/actions", tags=["Actions"])
+ActionId = Annotated[str, Path(min_length=1, max_length=100)]
+Names = Annotated[list[str] | None, Query(max_length=100)]
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "An action with this identifier exists"}
+}
+
+
+class ActionBody(BaseModel):
+    """Port's action: `trigger` (self-service with `operation`, `blueprintIdentifier`,
+    `userInputs`, `condition`; or automation with an `event` and a jq `condition`),
+    `invocationMethod` (WEBHOOK, GITHUB, GITLAB, UPSERT_ENTITY), `requiredApproval`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    identifier: str | None = Field(default=None, max_length=100)
+    title: str | None = None
+    icon: str | None = None
+    description: str | None = None
+    trigger: Any = None
+    invocationMethod: Any = None
+    requiredApproval: Any = Field(default=None, description="true, false or {type: ANY|ALL}")
+    approvalNotification: Any = None
+    publish: Any = Field(default=None, description="true or false")
+    allowAnyoneToViewRuns: Any = Field(default=None, description="true or false")
+
+
+class Action(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    identifier: str
+    trigger: dict[str, Any]
+    invocationMethod: dict[str, Any]
+    requiredApproval: bool | dict[str, Any]
+    publish: bool
+    createdAt: datetime
+    createdBy: str
+    updatedAt: datetime
+    updatedBy: str
+
+
+class ActionResponse(BaseModel):
+    ok: Literal[True] = True
+    action: Action
+
+
+class ActionListResponse(BaseModel):
+    ok: Literal[True] = True
+    actions: list[Action]
+
+
+class OkResponse(BaseModel):
+    ok: Literal[True] = True
+
+
+def _raw(body: ActionBody) -> dict[str, Any]:
+    return body.model_dump(exclude_unset=True)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ActionResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Create an action",
+)
+async def create_action(body: ActionBody, tenant: CurrentTenant) -> Any:
+    created = await service.create(tenant.tx, tenant.principal.subject, _raw(body))
+    return {"ok": True, "action": created}
+
+
+@router.get("", response_model=ActionListResponse, responses=ERRORS_AUTHED, summary="List actions")
+async def list_actions(
+    tenant: CurrentTenant,
+    action_identifier: Names = None,
+    blueprint_identifier: Names = None,
+    operation: Names = None,
+    published: bool | None = None,
+    trigger_type: Literal["self-service", "automation"] | None = None,
+) -> Any:
+    actions = await service.list_all(
+        tenant.tx,
+        identifiers=action_identifier,
+        blueprints=blueprint_identifier,
+        operations=operation,
+        published=published,
+        trigger_type=trigger_type,
+    )
+    return {"ok": True, "actions": actions}
+
+
+@router.get(
+    "/{identifier}", response_model=ActionResponse, responses=ERRORS_AUTHED, summary="Get an action"
+)
+async def get_action(identifier: ActionId, tenant: CurrentTenant) -> Any:
+    return {"ok": True, "action": await service.get(tenant.tx, identifier)}
+
+
+@router.put(
+    "/{identifier}",
+    response_model=ActionResponse,
+    responses=ERRORS_AUTHED,
+    summary="Replace an action",
+)
+async def replace_action(identifier: ActionId, body: ActionBody, tenant: CurrentTenant) -> Any:
+    updated = await service.replace(tenant.tx, tenant.principal.subject, identifier, _raw(body))
+    return {"ok": True, "action": updated}
+
+
+@router.delete(
+    "/{identifier}", response_model=OkResponse, responses=ERRORS_AUTHED, summary="Delete an action"
+)
+async def delete_action(identifier: ActionId, tenant: CurrentTenant) -> Any:
+    await service.delete(tenant.tx, identifier)
+    return {"ok": True}
