@@ -16,12 +16,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from app.catalog.validation import Problems
+from app.catalog.validation import Problems, check_jq, valid_action_identifier
 from app.kit.errors import Invalid
 from app.search.compiler import Compiler, Scope
 
-MAX_IDENTIFIER = 100
-_ACTION_CHARS = frozenset("0123456789@_.+:=-")
 OPERATIONS = ("CREATE", "DAY-2", "DELETE")
 INPUT_TYPES = ("string", "number", "boolean", "object", "array")
 INPUT_FORMATS = (
@@ -60,16 +58,6 @@ _KEYS = {
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
 
 
-def valid_action_identifier(value: Any) -> bool:
-    """Port's `^(?!\\.{1,2}$)[\\p{L}0-9@_.+:=-]+$`, at most 100 characters."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_IDENTIFIER
-        and value not in (".", "..")
-        and all(ch.isalpha() or ch in _ACTION_CHARS for ch in value)
-    )
-
-
 def normalise(body: Any, scope: Scope) -> dict[str, Any]:
     """The definition as stored, or Invalid naming every problem."""
     problems = Problems()
@@ -79,7 +67,9 @@ def normalise(body: Any, scope: Scope) -> dict[str, Any]:
     unknown = sorted(set(body) - _KEYS)
     if unknown:
         problems.add("/", f"unknown field(s) {', '.join(unknown)}")
-    if not valid_action_identifier(body.get("identifier")):
+    if not isinstance(body.get("identifier"), str) or not valid_action_identifier(
+        body["identifier"]
+    ):
         problems.add(
             "/identifier", "identifier: letters, digits, @_.+:=- (at most 100), not . or .."
         )
@@ -213,7 +203,9 @@ def _automation(trigger: dict[str, Any], scope: Scope, problems: Problems) -> No
                     "/trigger/event/propertyIdentifier", "a timer property of the blueprint"
                 )
     elif kind in RUN_EVENTS:
-        if not valid_action_identifier(event.get("actionIdentifier")):
+        if not isinstance(event.get("actionIdentifier"), str) or not valid_action_identifier(
+            event["actionIdentifier"]
+        ):
             problems.add("/trigger/event/actionIdentifier", "the action whose runs trigger this")
     else:
         names = ", ".join((*ENTITY_EVENTS, TIMER_EVENT, *RUN_EVENTS))
@@ -295,15 +287,10 @@ def _templates(value: Any, pointer: str, problems: Problems) -> None:
 
 
 def _jq(expression: Any, pointer: str, problems: Problems) -> None:
-    import jq
-
     if not isinstance(expression, str) or not expression.strip():
         problems.add(pointer, "a jq expression is required")
         return
-    try:
-        jq.compile(expression)
-    except ValueError as exc:
-        problems.add(pointer, f"not a valid jq expression: {exc}")
+    check_jq(expression, pointer, problems)
 
 
 def _approval(body: dict[str, Any], problems: Problems) -> None:

@@ -6,15 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKeyConstraint, String, Text, func
+from sqlalchemy import Boolean, ForeignKeyConstraint, String, Text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
-
-
-def _ts() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+from app.db.base import Base, timestamp
 
 
 class Action(Base):
@@ -32,7 +28,7 @@ class Action(Base):
     approval_notification: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     publish: Mapped[bool] = mapped_column(Boolean, nullable=False)
     allow_anyone_to_view_runs: Mapped[bool | None] = mapped_column(Boolean)
-    created_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
-    updated_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = timestamp()
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False)

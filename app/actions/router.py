@@ -11,14 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.actions import service
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
-from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 
 router = api_router(prefix="/v1/actions", tags=["Actions"])
 ActionId = Annotated[str, Path(min_length=1, max_length=100)]
 Names = Annotated[list[str] | None, Query(max_length=100)]
-_CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "An action with this identifier exists"}
-}
+_CONFLICT = conflict("An action with this identifier exists")
 
 
 class ActionBody(BaseModel):
@@ -62,10 +60,6 @@ class ActionResponse(BaseModel):
 class ActionListResponse(BaseModel):
     ok: Literal[True] = True
     actions: list[Action]
-
-
-class OkResponse(BaseModel):
-    ok: Literal[True] = True
 
 
 def _raw(body: ActionBody) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from typing import Any
 import asyncpg
 
 from app.actions.definitions import normalise
+from app.catalog.validation import check_url_identifier
 from app.db.database import Tx
-from app.kit.errors import Conflict, Invalid, NotFound
+from app.kit.errors import Conflict, NotFound
 from app.search.service import fresh_scope
 
 _SELECT = """
@@ -80,8 +81,7 @@ async def create(tx: Tx, actor: str, body: Any) -> dict[str, Any]:
 
 
 async def replace(tx: Tx, actor: str, identifier: str, body: Any) -> dict[str, Any]:
-    if isinstance(body, dict) and body.get("identifier") not in (None, identifier):
-        raise Invalid("The identifier in the body does not match the URL")
+    check_url_identifier(body, identifier)
     action = await _normalised(
         tx, {**body, "identifier": identifier} if isinstance(body, dict) else body
     )

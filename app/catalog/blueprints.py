@@ -340,8 +340,7 @@ def _type_label(pair: tuple[Any, Any]) -> str:
 
 async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> dict[str, Any]:
     current = to_api(await get_row(tx, identifier, lock=True))
-    if body.get("identifier") not in (None, identifier):
-        raise Invalid("The identifier in the body does not match the URL")
+    v.check_url_identifier(body, identifier)
     definition = normalise({**body, "identifier": identifier})
     _check_compatible(current, definition)
     await _check_targets(tx, identifier, definition)
@@ -578,8 +577,7 @@ def _rename_head(path: str, old: str, new: str) -> str:
 async def patch(tx: Tx, actor: str, identifier: str, changes: dict[str, Any]) -> dict[str, Any]:
     """Top-level keys given replace the stored ones; the rest are kept."""
     current = to_api(await get_row(tx, identifier, lock=True))
-    if changes.get("identifier") not in (None, identifier):
-        raise Invalid("The identifier in the body does not match the URL")
+    v.check_url_identifier(changes, identifier)
     merged = {k: current.get(k) for k in DEFINITION_KEYS}
     merged.update({k: val for k, val in changes.items() if k in DEFINITION_KEYS})
     return await replace(tx, actor, identifier, merged)

@@ -11,23 +11,17 @@ from sqlalchemy import (
     ARRAY,
     BigInteger,
     Boolean,
-    DateTime,
     ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
     String,
     Text,
-    func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
-
-
-def _ts() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+from app.db.base import Base, timestamp
 
 
 class Blueprint(Base):
@@ -48,9 +42,9 @@ class Blueprint(Base):
     team_inheritance: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     changelog_destination: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
-    created_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
-    updated_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = timestamp()
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False)
 
 
@@ -103,9 +97,9 @@ class Entity(Base):
     team: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
     properties: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     datasource: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
-    updated_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = timestamp()
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False)
 
 
@@ -173,7 +167,7 @@ class EntityEvent(Base):
     actor: Mapped[str] = mapped_column(String(200), nullable=False)
     origin: Mapped[str] = mapped_column(String(40), nullable=False)
     run_id: Mapped[str | None] = mapped_column(String(200))
-    at: Mapped[datetime] = _ts()
+    at: Mapped[datetime] = timestamp()
 
 
 class CatalogMigration(Base):
@@ -190,5 +184,5 @@ class CatalogMigration(Base):
     mapping: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     success_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     failure_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
-    created_at: Mapped[datetime] = _ts()
-    updated_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = timestamp()
+    updated_at: Mapped[datetime] = timestamp()

@@ -20,13 +20,11 @@ from app.catalog.schemas import (
     RenameRelationBody,
 )
 from app.db.routing import api_router
-from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+from app.kit.openapi import ERRORS_AUTHED, conflict
 
 router = api_router(prefix="/v1/blueprints", tags=["Blueprints"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
-_CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "Conflicts with existing data"}
-}
+_CONFLICT = conflict("Conflicts with existing data")
 
 
 def _body(model: BlueprintBody | BlueprintPatchBody) -> dict[str, Any]:

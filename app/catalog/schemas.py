@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.kit.openapi import OkResponse as OkResponse
+
 JsonObject = dict[str, Any]
 
 
@@ -80,10 +82,6 @@ class BlueprintResponse(BaseModel):
 class BlueprintListResponse(BaseModel):
     ok: Literal[True] = True
     blueprints: list[BlueprintOut]
-
-
-class OkResponse(BaseModel):
-    ok: Literal[True] = True
 
 
 class EntityOut(BaseModel):

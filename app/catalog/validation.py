@@ -91,6 +91,7 @@ ITEM_TYPES = ("string", "number", "boolean", "object", "array")
 _KEY_RE = re.compile(r"^[A-Za-z0-9@_=\-]+$")  # property / relation identifiers (Port's)
 _BLUEPRINT_CHARS = frozenset("0123456789@_.+:\\/-")
 _ENTITY_CHARS = _BLUEPRINT_CHARS | {"="}
+_ACTION_CHARS = frozenset("0123456789@_.+:=-")
 MAX_IDENTIFIER = 100
 MAX_ENTITY_IDENTIFIER = 1000
 
@@ -109,6 +110,17 @@ def valid_blueprint_identifier(value: str) -> bool:
 def valid_entity_identifier(value: str) -> bool:
     """As for blueprints, plus `=`, at most 1000 characters."""
     return _valid_identifier(value, _ENTITY_CHARS, MAX_ENTITY_IDENTIFIER)
+
+
+def valid_action_identifier(value: str) -> bool:
+    """Actions: letters, digits and `@_.+:=-` (no slashes), at most 100 characters."""
+    return _valid_identifier(value, _ACTION_CHARS, MAX_IDENTIFIER)
+
+
+def check_url_identifier(body: Any, identifier: str) -> None:
+    """A body naming a different identifier than its URL is refused."""
+    if isinstance(body, dict) and body.get("identifier") not in (None, identifier):
+        raise Invalid("The identifier in the body does not match the URL")
 
 
 def valid_key(value: str) -> bool:
@@ -505,12 +517,12 @@ def check_calculation_properties(calcs: Any, problems: Problems) -> None:
         if not isinstance(calc.get("calculation"), str) or not calc["calculation"].strip():
             problems.add(_join(pointer, "calculation"), "calculation must be a jq expression")
         else:
-            _check_jq(calc["calculation"], _join(pointer, "calculation"), problems)
+            check_jq(calc["calculation"], _join(pointer, "calculation"), problems)
         if calc.get("type") not in PROPERTY_TYPES:
             problems.add(_join(pointer, "type"), f"type must be one of {', '.join(PROPERTY_TYPES)}")
 
 
-def _check_jq(expression: str, pointer: str, problems: Problems) -> None:
+def check_jq(expression: str, pointer: str, problems: Problems) -> None:
     import jq
 
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import MetaData
-from sqlalchemy.orm import DeclarativeBase
+from datetime import datetime
+
+from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -16,6 +18,11 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def timestamp() -> Mapped[datetime]:
+    """A `timestamptz NOT NULL DEFAULT now()` column (created_at, updated_at...)."""
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
 def import_models() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -31,3 +31,14 @@ ERRORS_AUTHED: dict[int | str, dict[str, Any]] = {
     403: _err("Not allowed"),
     404: _err("A resource with the provided identifier was not found"),
 }
+
+
+def conflict(description: str) -> dict[int | str, dict[str, Any]]:
+    """A route's 409 (an identifier that exists, data in the way)."""
+    return {409: _err(description)}
+
+
+class OkResponse(BaseModel):
+    """`{"ok": true}`: what a delete answers."""
+
+    ok: Literal[True] = True

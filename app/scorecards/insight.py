@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from app.catalog.validation import check_url_identifier
 from app.db.database import Database, Tx
 from app.kit.errors import Invalid
 from app.scorecards import service
@@ -27,8 +28,7 @@ MAX_TREND_DAYS = 366
 
 
 async def dry_run(tx: Tx, blueprint: str, identifier: str, body: Any) -> dict[str, Any]:
-    if isinstance(body, dict) and body.get("identifier") not in (None, identifier):
-        raise Invalid("The identifier in the body does not match the URL")
+    check_url_identifier(body, identifier)
     scope = await fresh_scope(tx, blueprint, None)
     proposed = normalise(
         {**body, "identifier": identifier} if isinstance(body, dict) else body, blueprint, scope

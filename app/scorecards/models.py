@@ -15,16 +15,11 @@ from sqlalchemy import (
     Integer,
     SmallInteger,
     String,
-    func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
-
-
-def _ts() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+from app.db.base import Base, timestamp
 
 
 class Scorecard(Base):
@@ -53,9 +48,9 @@ class Scorecard(Base):
     # Entities its rules read through relations (mirror / aggregation properties) changed:
     # the worker evaluates it again for the whole blueprint.
     refresh_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
-    created_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
-    updated_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = timestamp()
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False)
 
 
@@ -98,4 +93,4 @@ class ScorecardSnapshot(Base):
     scorecard: Mapped[str] = mapped_column(String(100), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     summary: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
-    taken_at: Mapped[datetime] = _ts()
+    taken_at: Mapped[datetime] = timestamp()

@@ -10,15 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
-from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.scorecards import insight, service
 
 router = api_router(tags=["Scorecards"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
 ScorecardId = Annotated[str, Path(min_length=1, max_length=100)]
-_CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "A scorecard with this identifier exists"}
-}
+_CONFLICT = conflict("A scorecard with this identifier exists")
 
 
 class Level(BaseModel):
@@ -75,10 +73,6 @@ class ScorecardResponse(BaseModel):
 class ScorecardListResponse(BaseModel):
     ok: Literal[True] = True
     scorecards: list[Scorecard]
-
-
-class OkResponse(BaseModel):
-    ok: Literal[True] = True
 
 
 def _raw(body: ScorecardBody) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from app.catalog import blueprints as bp_service
+from app.catalog.validation import check_url_identifier
 from app.db.database import Tx
 from app.kit.errors import Conflict, Invalid, NotFound
 from app.scorecards.definitions import normalise
@@ -140,8 +141,7 @@ async def create(tx: Tx, actor: str, blueprint: str, body: Any) -> dict[str, Any
 
 
 async def replace(tx: Tx, actor: str, blueprint: str, identifier: str, body: Any) -> dict[str, Any]:
-    if isinstance(body, dict) and body.get("identifier") not in (None, identifier):
-        raise Invalid("The identifier in the body does not match the URL")
+    check_url_identifier(body, identifier)
     sc = await _prepare(
         tx, blueprint, {**body, "identifier": identifier} if isinstance(body, dict) else body
     )

@@ -5,15 +5,11 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKeyConstraint, String, Text, func
+from sqlalchemy import ForeignKeyConstraint, String, Text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
-
-
-def _ts() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+from app.db.base import Base, timestamp
 
 
 class OrgSecret(Base):
@@ -25,7 +21,7 @@ class OrgSecret(Base):
     # Fernet token of the value (app.kit.crypto); the value itself is never stored.
     value_encrypted: Mapped[str] = mapped_column(Text, nullable=False)
     description: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = _ts()
+    created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
-    updated_at: Mapped[datetime] = _ts()
+    updated_at: Mapped[datetime] = timestamp()
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False)

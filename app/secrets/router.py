@@ -11,14 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
 from app.kit.crypto import Cipher, cipher_for
-from app.kit.openapi import ERRORS_AUTHED, ErrorBody
+from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.secrets import service
 
 router = api_router(prefix="/v1/organization", tags=["Organization"])
 SecretName = Annotated[str, Path(min_length=1, max_length=100)]
-_CONFLICT: dict[int | str, dict[str, Any]] = {
-    409: {"model": ErrorBody, "description": "A secret with this name exists"}
-}
+_CONFLICT = conflict("A secret with this name exists")
 
 
 def _cipher(request: Request) -> Cipher:
@@ -55,10 +53,6 @@ class SecretResponse(BaseModel):
 class SecretListResponse(BaseModel):
     ok: Literal[True] = True
     secrets: list[Secret]
-
-
-class OkResponse(BaseModel):
-    ok: Literal[True] = True
 
 
 class SigningSecretResponse(BaseModel):
