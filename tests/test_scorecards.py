@@ -472,6 +472,19 @@ async def test_scorecards_never_cross_tenants(
         )
         assert r.status_code == 404, (method, r.text)
     assert set((await _levels(client, theirs, "readiness")).values()) == {None}
+    # Their dry run, summary and set replacement reach only their own (none) scorecards.
+    r = await _post(
+        client, theirs, "/v1/blueprints/service/scorecards/readiness/dry-run", READINESS
+    )
+    assert r.status_code == 200 and r.json()["dryRun"]["new"] == 4, r.text  # theirs: no results
+    r = await client.get(
+        "/v1/blueprints/service/scorecards/readiness/summary", headers=theirs.headers
+    )
+    assert r.status_code == 404
+    r = await client.put("/v1/blueprints/service/scorecards", json=[], headers=theirs.headers)
+    assert r.status_code == 200 and r.json()["scorecards"] == []
+    r = await client.get("/v1/blueprints/service/scorecards", headers=ours.headers)
+    assert [s["identifier"] for s in r.json()["scorecards"]] == ["readiness"]
     # Theirs has the same name, evaluated from their own entities only.
     r = await _post(client, theirs, "/v1/blueprints/service/scorecards", READINESS)
     assert r.status_code == 201, r.text

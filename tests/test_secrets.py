@@ -82,6 +82,16 @@ async def test_secrets_never_cross_tenants(client: httpx.AsyncClient, make_org: 
             method, "/v1/organization/secrets/TOKEN", json=body, headers=theirs.headers
         )
         assert r.status_code == 404, (method, r.text)
+    # Each org reads its own signing secret.
+    ours_key = (await client.get("/v1/organization/signing-secret", headers=ours.headers)).json()
+    theirs_key = (
+        await client.get("/v1/organization/signing-secret", headers=theirs.headers)
+    ).json()
+    assert ours_key["signingSecret"] != theirs_key["signingSecret"]
+    rotated = await client.post("/v1/organization/signing-secret/rotate", headers=theirs.headers)
+    assert rotated.status_code == 200
+    again = await client.get("/v1/organization/signing-secret", headers=ours.headers)
+    assert again.json()["signingSecret"] == ours_key["signingSecret"]
     # The same name is theirs to use.
     r = await client.post(
         "/v1/organization/secrets",

@@ -363,11 +363,8 @@ class Search:
         assert self._windowed is not None
         return self.statement(None, limit, self._windowed)
 
-    def values(self, window: bool = False) -> dict[str, Any]:
-        """The named parameters of `statement()` (or, `window`, of `window_statement()`)."""
-        if window:
-            assert self._windowed is not None
-            return self._windowed.values
+    def values(self) -> dict[str, Any]:
+        """The named parameters of `statement()` (`window_values` has the window's)."""
         return self.parts.values
 
     def window_values(self, start: str | None) -> dict[str, Any]:
