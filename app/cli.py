@@ -130,12 +130,12 @@ async def _ensure_demo_org(settings: Settings) -> None:
 @cli.command()
 def worker() -> None:
     """Run a standalone arq worker."""
-    from app.dispatch.worker import build_worker
+    from app.dispatch.worker import run_standalone
     from app.kit.runtime import settle_heap
 
-    built = build_worker(_settings_with_services(), handle_signals=True)
+    settings = _settings_with_services()
     settle_heap()
-    built.run()
+    asyncio.run(run_standalone(settings))
 
 
 @org_cli.command("create")

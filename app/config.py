@@ -59,6 +59,21 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     queue_name: str = Field(default="portolan:queue", min_length=1)
 
+    # Dispatch of action runs (app/dispatch): where GitHub's and GitLab's APIs are (GitHub
+    # Enterprise / self-managed GitLab), how long one call may take, how transient failures
+    # are retried (exponential backoff from the base, with jitter, capped), and how long a
+    # worker's claim on a run lasts before the sweeper hands the run to another worker.
+    github_api_url: str = "https://api.github.com"
+    gitlab_api_url: str = "https://gitlab.com/api/v4"
+    dispatch_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    dispatch_retry_base_seconds: float = Field(default=2.0, gt=0, le=3600)
+    dispatch_retry_max_seconds: float = Field(default=300.0, gt=0, le=86400)
+    dispatch_max_attempts: int = Field(default=8, ge=1, le=100)
+    dispatch_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # A run handed to the queue but not claimed by a worker within this is handed again
+    # (the queue lost it: Redis restarted empty, or its worker died before claiming it).
+    dispatch_requeue_seconds: float = Field(default=30.0, gt=0, le=3600)
+
     @field_validator("cors_origins", "outbound_allow", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

@@ -11,12 +11,14 @@ from redis.asyncio import Redis
 
 from app import __version__
 from app.actions.router import router as action_router
+from app.actions.run_router import router as run_router
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
 from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
 from app.db.database import Database
+from app.dispatch import templates
 from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.ops.router import router as ops_router
@@ -57,6 +59,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
             await redis.aclose()
             await db.close()
             calc.shutdown()
+            templates.shutdown()
 
     app = FastAPI(
         title="Portolan",
@@ -88,5 +91,6 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(entity_router)
     app.include_router(scorecard_router)
     app.include_router(secrets_router)
+    app.include_router(run_router)  # before the action routes: /v1/actions/runs
     app.include_router(action_router)
     return app

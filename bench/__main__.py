@@ -6,7 +6,13 @@ import asyncio
 import importlib
 import sys
 
-SCENARIOS = ["bench.org_read", "bench.catalog_bulk", "bench.search", "bench.scorecards"]
+SCENARIOS = [
+    "bench.org_read",
+    "bench.catalog_bulk",
+    "bench.search",
+    "bench.scorecards",
+    "bench.dispatch",
+]
 
 
 async def main(names: list[str]) -> int:

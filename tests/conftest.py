@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from app.cli import run_migrations
 from app.config import Settings
 from app.db.database import Database
+from app.dispatch.worker import InProcessWorker
 from app.kit.crypto import cipher_for
 from app.main import create_app
 from app.orgs import service as org_service
@@ -198,3 +199,37 @@ def fresh_settings(settings: Settings) -> Callable[..., Settings]:
         return settings.model_copy(update=overrides)
 
     return _make
+
+
+def dispatch_settings(settings: Settings, **overrides: Any) -> Settings:
+    """Settings for a test's worker: its own queue, 127.0.0.1 allowed (the receivers in
+    tests/receivers.py), short retry delays and leases."""
+    return settings.model_copy(
+        update={
+            "queue_name": f"portolan-test:{uuid.uuid4().hex}",
+            "outbound_allow": ["127.0.0.1/32"],
+            "dispatch_retry_base_seconds": 0.05,
+            "dispatch_retry_max_seconds": 0.5,
+            "dispatch_lease_seconds": 5.0,
+            "dispatch_timeout_seconds": 3.0,
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture
+async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Settings]]:
+    """Starts in-process workers (relay, arq worker, sweeper) with dispatch_settings and
+    the given overrides; stops them after the test."""
+    started: list[InProcessWorker] = []
+
+    def _start(**overrides: Any) -> Settings:
+        configured = dispatch_settings(settings, **overrides)
+        worker = InProcessWorker(configured)
+        worker.start()
+        started.append(worker)
+        return configured
+
+    yield _start
+    for worker in started:
+        await worker.stop()

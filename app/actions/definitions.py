@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from app.catalog.validation import Problems, check_jq, valid_action_identifier
+from app.catalog.validation import Problems, check_jq, check_pattern, valid_action_identifier
 from app.kit.errors import Invalid
 from app.search.compiler import Compiler, Scope
 
@@ -162,6 +162,8 @@ def _inputs(inputs: Any, scope: Scope, problems: Problems) -> None:
         ):
             holder = spec if fmt == "entity" else spec.get("items") or {}
             _blueprint(holder.get("blueprint"), f"{pointer}/blueprint", scope, problems)
+        if "pattern" in spec:
+            check_pattern(spec["pattern"], f"{pointer}/pattern", problems)
         enum = spec.get("enum")
         if enum is not None and (not isinstance(enum, list) or not enum):
             problems.add(f"{pointer}/enum", "enum must be a non-empty list")

@@ -299,6 +299,21 @@ async def _load_checked(
     return {row["identifier"]: row_state(row) for row in rows if row["identifier"] is not None}
 
 
+async def check_run(tx: Tx, run_id: str) -> None:
+    """Changes made with `?run_id=` are tied to the run (their events carry it), which they
+    may be only while the run is IN_PROGRESS (Port's rule)."""
+    status = await tx.fetchval(
+        "SELECT status FROM action_runs WHERE org_id = $1 AND id = $2", tx.org_id, run_id
+    )
+    if status is None:
+        raise Invalid(f"Run {run_id!r} was not found", code="run_not_found")
+    if status != "IN_PROGRESS":
+        raise Invalid(
+            f"Run {run_id!r} is {status}: changes are tied to a run only while it is IN_PROGRESS",
+            code="run_not_in_progress",
+        )
+
+
 async def write(
     tx: Tx,
     blueprint_id: str,
@@ -318,6 +333,8 @@ async def write(
     writes nothing. Only rows that will change are locked (in identifier order) and
     re-evaluated; new rows are inserted with ON CONFLICT DO NOTHING, and any that a
     concurrent writer created first are re-evaluated against the committed row."""
+    if flags.run_id is not None:
+        await check_run(tx, flags.run_id)
     for attempt in range(3):
         blueprint = await _definition(tx, blueprint_id, attempt)
         try:
@@ -660,6 +677,8 @@ async def delete_many(
 ) -> list[str]:
     """Delete entities; those that others need through a required relation are refused
     (409) unless `delete_dependents`, which deletes the dependents too, recursively."""
+    if run_id is not None:
+        await check_run(tx, run_id)
     await bp_service.get_with_version(tx, blueprint_id)
     existing = await _load_existing(tx, blueprint_id, sorted(set(identifiers)), lock=True)
     if not existing:

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
+import signal
+import uuid
 from typing import Any
 
 from arq.connections import RedisSettings
 from arq.cron import cron
-from arq.worker import Worker
+from arq.typing import WorkerCoroutine
+from arq.worker import Function, Worker, func
 
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
+from app.dispatch import client, templates
+from app.dispatch.relay import Relay
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
 from app.search import indexes
@@ -50,6 +57,20 @@ async def snapshot_scorecards(ctx: dict[str, Any]) -> int:
     return await snapshot_all(ctx["db"])
 
 
+async def dispatch_run(ctx: dict[str, Any], org_id: str, run_id: str, attempt: int) -> str:
+    """One attempt at a run's invocation (see app.dispatch.runner)."""
+    from app.dispatch import runner
+
+    return await runner.dispatch(ctx["settings"], ctx["db"], uuid.UUID(org_id), run_id, attempt)
+
+
+async def sweep_runs(ctx: dict[str, Any]) -> int:
+    """Runs whose worker died mid-dispatch (lease expired) are dispatched again."""
+    from app.dispatch import runner
+
+    return await runner.sweep_expired(ctx["settings"], ctx["db"])
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await Database.connect(ctx["settings"])
 
@@ -59,8 +80,14 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         await ctx["db"].close()
 
 
-JOB_FUNCTIONS = [ping]
+JOB_FUNCTIONS: list[Function | WorkerCoroutine] = [
+    ping,
+    # A dispatch's outcome lives on the run; its job result only needs to outlive a
+    # duplicate enqueue of the same job id by a little.
+    func(dispatch_run, keep_result=60),
+]
 CRON_JOBS = [
+    cron(sweep_runs, second=set(range(3, 60, 5)), run_at_startup=True),
     # Hourly, so a day always has its point (the last pass of the day stands).
     cron(snapshot_scorecards, minute=7, second=0, run_at_startup=True, timeout=3600),
     cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True),
@@ -96,27 +123,80 @@ def build_worker(settings: Settings, *, handle_signals: bool) -> Worker:
         queue_name=settings.queue_name,
         handle_signals=handle_signals,
         max_jobs=50,
+        # How often an idle worker looks for jobs: a run waits for the next look (arq's
+        # default, 0.5 s, would be most of a dispatch's latency).
+        poll_delay=0.02,
         job_timeout=300,
         keep_result=3600,
         health_check_interval=30,
     )
 
 
-class InProcessWorker:
-    """Runs the arq worker as a task on the API's event loop (`serve` without --no-worker)."""
+class Supervisor:
+    """A worker process's dispatch machinery: the outbox relay, and the arq worker started
+    again whenever it stops on an error (arq's poll loop ends when Redis is unreachable;
+    the runs wait in PostgreSQL meanwhile). Runs until cancelled."""
 
     def __init__(self, settings: Settings) -> None:
-        self._worker = build_worker(settings, handle_signals=False)
+        self.settings = settings
+        self._worker: Worker | None = None
+
+    async def run(self) -> None:
+        db = await Database.connect(self.settings)
+        relay = Relay(self.settings, db)
+        relay.start()
+        failures = 0
+        try:
+            while True:
+                self._worker = build_worker(self.settings, handle_signals=False)
+                started = asyncio.get_running_loop().time()
+                try:
+                    await self._worker.async_run()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("worker stopped: %s (%s); starting again", type(exc).__name__, exc)
+                finally:
+                    await self._close_worker()
+                ran = asyncio.get_running_loop().time() - started
+                failures = 0 if ran > 30 else failures + 1
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0))  # noqa: S311
+        finally:
+            await relay.stop()
+            await db.close()
+            await client.aclose_shared()
+            templates.shutdown()
+
+    async def _close_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                await worker.close()
+
+
+class InProcessWorker:
+    """Runs the supervised worker as a task on the API's event loop (`serve` without
+    --no-worker), or alone (`portolan worker`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._supervisor = Supervisor(settings)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._worker.async_run(), name="arq-worker")
+        self._task = asyncio.create_task(self._supervisor.run(), name="portolan-worker")
 
     async def stop(self) -> None:
-        await self._worker.close()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: S110 - shutting down
-                pass
+
+
+async def run_standalone(settings: Settings) -> None:
+    """`portolan worker`: until SIGINT or SIGTERM."""
+    task = asyncio.create_task(Supervisor(settings).run(), name="portolan-worker")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

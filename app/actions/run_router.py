@@ -1,0 +1,316 @@
+"""Run routes (Port's shapes): execute an action, approve, report progress, read logs.
+
+Included before the action routes, so `/v1/actions/runs` is not read as an action named
+"runs".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Header, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import StreamingResponse
+
+from app.actions import runs
+from app.auth.principal import CurrentTenant
+from app.db.database import Database
+from app.db.routing import api_router
+from app.kit.errors import Invalid
+from app.kit.openapi import ERRORS_AUTHED, conflict
+from app.kit.responses import json_response, to_json
+
+router = api_router(prefix="/v1/actions", tags=["Action runs"])
+ActionId = Annotated[str, Path(min_length=1, max_length=100)]
+RunId = Annotated[str, Path(min_length=1, max_length=40)]
+_STREAM_POLL_SECONDS = 0.25
+_STREAM_HEARTBEAT_SECONDS = 15.0
+
+
+class RunBody(BaseModel):
+    """`properties`: the action's user inputs; `entity`: the entity a DAY-2 or DELETE action
+    runs on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    properties: dict[str, Any] = Field(default_factory=dict)
+    entity: str | None = Field(default=None, max_length=1000)
+
+
+class RunAction(BaseModel):
+    identifier: str
+    title: str | None = None
+    icon: str | None = None
+    deleted: bool
+
+
+class Run(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    status: Literal["IN_PROGRESS", "SUCCESS", "FAILURE", "WAITING_FOR_APPROVAL", "DECLINED"]
+    action: RunAction
+    properties: dict[str, Any]
+    source: Literal["UI", "API", "AUTOMATION"]
+    requiredApproval: Any
+    createdAt: datetime
+    updatedAt: datetime
+    createdBy: str
+
+
+class RunResponse(BaseModel):
+    ok: Literal[True] = True
+    run: Run
+
+
+class RunListResponse(BaseModel):
+    ok: Literal[True] = True
+    runs: list[Run]
+
+
+class RunPatch(BaseModel):
+    """Each key given overrides its previous value; `status` ends the run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["SUCCESS", "FAILURE"] | None = None
+    statusLabel: str | None = Field(default=None, max_length=500)
+    link: str | list[str] | None = None
+    summary: str | None = Field(default=None, max_length=20_000)
+    externalRunId: str | None = Field(default=None, max_length=200)
+    message: str | None = Field(default=None, description="Deprecated: a log line")
+
+
+class ApprovalBody(BaseModel):
+    status: Literal["APPROVE", "DECLINE"]
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class LogBody(BaseModel):
+    message: str = Field(min_length=1, max_length=20_000)
+    terminationStatus: Literal["SUCCESS", "FAILURE"] | None = None
+    statusLabel: str | None = Field(default=None, max_length=500)
+
+
+class RunLog(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    runId: str
+    message: str
+    createdBy: str
+    createdAt: datetime
+
+
+class RunLogResponse(BaseModel):
+    ok: Literal[True] = True
+    runLog: RunLog
+
+
+class RunLogListResponse(BaseModel):
+    ok: Literal[True] = True
+    runLogs: list[RunLog]
+
+
+_IDEMPOTENCY = conflict("The Idempotency-Key was used for a different request")
+
+
+@router.post(
+    "/{identifier}/runs",
+    status_code=202,
+    response_model=RunResponse,
+    responses={**ERRORS_AUTHED, **_IDEMPOTENCY},
+    summary="Run an action",
+)
+async def create_run(
+    identifier: ActionId,
+    body: RunBody,
+    tenant: CurrentTenant,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    """202 with the run: it is recorded and queued (or waits for approval). A repeated
+    `Idempotency-Key` (same caller, same request) answers the first run again."""
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise Invalid("Idempotency-Key must not be blank")
+    run, _ = await runs.create(
+        tenant.tx,
+        tenant.principal.subject,
+        identifier,
+        body.model_dump(exclude_unset=True),
+        idempotency_key=idempotency_key,
+    )
+    return json_response({"ok": True, "run": run}, status_code=202)
+
+
+@router.get(
+    "/runs", response_model=RunListResponse, responses=ERRORS_AUTHED, summary="List action runs"
+)
+async def list_runs(
+    tenant: CurrentTenant,
+    action: Annotated[str | None, Query(max_length=100)] = None,
+    entity: Annotated[str | None, Query(max_length=1000)] = None,
+    blueprint: Annotated[str | None, Query(max_length=100)] = None,
+    active: bool | None = None,
+    status: Annotated[
+        list[Literal["IN_PROGRESS", "SUCCESS", "FAILURE", "WAITING_FOR_APPROVAL", "DECLINED"]]
+        | None,
+        Query(),
+    ] = None,
+    user_id: Annotated[str | None, Query(max_length=200)] = None,
+    user_email: Annotated[str | None, Query(max_length=200)] = None,
+    external_run_id: Annotated[str | None, Query(max_length=200)] = None,
+    source: Annotated[list[Literal["UI", "API", "AUTOMATION"]] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Any:
+    """Newest first. `active`: waiting for approval or in progress."""
+    found = await runs.list_runs(
+        tenant.tx,
+        action=action,
+        entity=entity,
+        blueprint=blueprint,
+        active=active,
+        statuses=list(status) if status else None,
+        user=user_id or user_email,
+        external_run_id=external_run_id,
+        sources=list(source) if source else None,
+        limit=limit,
+    )
+    return json_response({"ok": True, "runs": found})
+
+
+@router.get(
+    "/runs/{run_id}", response_model=RunResponse, responses=ERRORS_AUTHED, summary="Get a run"
+)
+async def get_run(run_id: RunId, tenant: CurrentTenant) -> Any:
+    return json_response({"ok": True, "run": await runs.get(tenant.tx, run_id)})
+
+
+@router.patch(
+    "/runs/{run_id}",
+    response_model=RunResponse,
+    responses=ERRORS_AUTHED,
+    summary="Report a run's progress",
+)
+async def patch_run(run_id: RunId, body: RunPatch, tenant: CurrentTenant) -> Any:
+    updated = await runs.update(
+        tenant.tx, tenant.principal.subject, run_id, body.model_dump(exclude_unset=True)
+    )
+    return json_response({"ok": True, "run": updated})
+
+
+@router.patch(
+    "/runs/{run_id}/approval",
+    status_code=201,
+    response_model=RunResponse,
+    responses=ERRORS_AUTHED,
+    summary="Approve or decline a run",
+)
+async def decide_run(run_id: RunId, body: ApprovalBody, tenant: CurrentTenant) -> Any:
+    decided = await runs.decide(
+        tenant.tx, tenant.principal.subject, run_id, body.status, body.description
+    )
+    return json_response({"ok": True, "run": decided}, status_code=201)
+
+
+@router.post(
+    "/runs/{run_id}/logs",
+    status_code=201,
+    response_model=RunLogResponse,
+    responses={**ERRORS_AUTHED, **conflict("The run already has a terminating log")},
+    summary="Add a log line to a run",
+)
+async def add_log(run_id: RunId, body: LogBody, tenant: CurrentTenant) -> Any:
+    """A log with `terminationStatus` ends the run; a run has one at most."""
+    written = await runs.add_log(
+        tenant.tx,
+        tenant.principal.subject,
+        run_id,
+        body.message,
+        body.terminationStatus,
+        body.statusLabel,
+    )
+    return json_response({"ok": True, "runLog": written}, status_code=201)
+
+
+@router.get(
+    "/runs/{run_id}/logs",
+    response_model=RunLogListResponse,
+    responses=ERRORS_AUTHED,
+    summary="A run's logs",
+)
+async def list_logs(
+    run_id: RunId,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=50)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Any:
+    found = await runs.logs(tenant.tx, run_id, limit=limit, offset=offset)
+    return json_response({"ok": True, "runLogs": found})
+
+
+@router.get(
+    "/runs/{run_id}/logs/stream",
+    responses={
+        **ERRORS_AUTHED,
+        200: {
+            "description": "Server-sent events: `log` (a run log), `status` (the run when "
+            "its status changes) and a final `end` once the run has ended.",
+            "content": {"text/event-stream": {}},
+        },
+    },
+    summary="Follow a run's logs live (server-sent events)",
+)
+async def stream_logs(
+    run_id: RunId,
+    request: Request,
+    tenant: CurrentTenant,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+) -> Any:
+    """Every log so far, then new ones as they are written; `Last-Event-ID` resumes after
+    the log it names. Ends after the run has ended and its last logs are sent."""
+    await runs.get(tenant.tx, run_id)  # 404 before the stream starts
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    db: Database = request.app.state.db
+    org_id = tenant.org_id
+
+    async def events() -> AsyncIterator[bytes]:
+        seen = after
+        status: str | None = None
+        idle = 0.0
+        while True:
+            async with db.tenant(org_id) as tx:
+                found = await runs.logs(tx, run_id, limit=50, after=seen)
+                run = await runs.get(tx, run_id)
+            for entry in found:
+                seen = int(entry["id"])
+                yield _event("log", to_json(entry), entry["id"])
+            if run["status"] != status:
+                status = run["status"]
+                yield _event("status", to_json(run))
+            if run["status"] in runs.ENDED and len(found) < 50:
+                yield _event("end", to_json({"status": run["status"]}))
+                return
+            if found:
+                idle = 0.0
+                continue
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(_STREAM_POLL_SECONDS)
+            idle += _STREAM_POLL_SECONDS
+            if idle >= _STREAM_HEARTBEAT_SECONDS:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _event(name: str, data: bytes, event_id: str | None = None) -> bytes:
+    head = f"event: {name}\n" + (f"id: {event_id}\n" if event_id else "")
+    return head.encode() + b"data: " + data + b"\n\n"

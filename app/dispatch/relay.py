@@ -1,0 +1,169 @@
+"""The outbox relay: hands dispatchable runs from PostgreSQL to the arq queue.
+
+A run becomes dispatchable in the transaction that records it (or approves it, or schedules
+its retry) by an outbox row; the same transaction sends `NOTIFY portolan_dispatch`, which
+PostgreSQL delivers only on commit. The relay wakes on that notification (or every second,
+or when a delayed row falls due), takes due rows with `FOR UPDATE SKIP LOCKED` (several
+workers relay side by side without taking the same rows), enqueues one arq job per row and
+marks the rows relayed in the same transaction. A row is deleted by the worker's claim of
+its run (app/dispatch/runner.py), not by the relay.
+
+Redis is only the transport. When it is unreachable the enqueue fails, the transaction
+rolls back, the rows stay, and the relay tries again with backoff. When Redis loses a job
+(it restarted empty) or a worker died holding one before claiming the run, no claim comes:
+after `PORTOLAN_DISPATCH_REQUEUE_SECONDS` the relay hands the row to the queue again, under
+a new job id. However many jobs an attempt gets, the claim (a conditional update) lets one
+of them run it, so a receiver sees one delivery per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import asyncpg
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from app.actions.runs import NOTIFY_CHANNEL
+from app.config import Settings
+from app.db.database import Database
+
+log = logging.getLogger("portolan.dispatch")
+BATCH = 200
+_IDLE_WAIT = 1.0
+_BACKOFF_MAX = 5.0
+
+
+def job_id(run_id: str, attempt: int, relays: int = 0) -> str:
+    """The arq job id of a run's attempt: the run id for the first, `<run id>:<n>` after,
+    and `.<k>` behind it when the relay hands the same attempt to the queue again."""
+    base = run_id if attempt == 1 else f"{run_id}:{attempt}"
+    return base if relays == 0 else f"{base}.{relays}"
+
+
+async def relay_once(
+    db: Database, pool: ArqRedis, *, requeue_seconds: float, batch: int = BATCH
+) -> int:
+    """Hand the due outbox rows to the queue; how many were handed."""
+    async with db.system() as tx:
+        rows = await tx.fetch(
+            "SELECT org_id, id, run_id, attempt, relays FROM dispatch_outbox "
+            "WHERE available_at <= now() AND (relayed_at IS NULL "
+            "OR relayed_at < now() - make_interval(secs => $2)) "
+            "ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            batch,
+            requeue_seconds,
+        )
+        for row in rows:
+            await pool.enqueue_job(
+                "dispatch_run",
+                str(row["org_id"]),
+                row["run_id"],
+                row["attempt"],
+                _job_id=job_id(row["run_id"], row["attempt"], row["relays"]),
+            )
+        if rows:
+            await tx.execute(
+                "UPDATE dispatch_outbox o SET relayed_at = now(), relays = relays + 1 "
+                "FROM unnest($1::uuid[], $2::bigint[]) AS d(o, i) "
+                "WHERE o.org_id = d.o AND o.id = d.i",
+                [r["org_id"] for r in rows],
+                [r["id"] for r in rows],
+            )
+    return len(rows)
+
+
+async def _seconds_to_next(db: Database, requeue_seconds: float) -> float | None:
+    async with db.system() as tx:
+        value = await tx.fetchval(
+            "SELECT extract(epoch FROM min(CASE WHEN relayed_at IS NULL THEN available_at "
+            "ELSE relayed_at + make_interval(secs => $1) END) - now()) FROM dispatch_outbox",
+            requeue_seconds,
+        )
+    return None if value is None else max(0.0, float(value))
+
+
+class Relay:
+    """The relay loop of one worker process (start / stop)."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+        self._pool: ArqRedis | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatch-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._close_listener()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.aclose()
+            self._pool = None
+
+    async def _queue(self) -> ArqRedis:
+        if self._pool is None:
+            assert self._settings.redis_url is not None
+            target = RedisSettings.from_dsn(self._settings.redis_url)
+            target.conn_retries = 0  # the relay's own loop retries, with backoff
+            self._pool = await create_pool(target, default_queue_name=self._settings.queue_name)
+        return self._pool
+
+    def _notified(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        assert self._settings.database_url is not None
+        self._listener = await asyncpg.connect(
+            self._settings.database_url, server_settings={"application_name": "portolan-relay"}
+        )
+        await self._listener.add_listener(NOTIFY_CHANNEL, self._notified)
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            wait = _IDLE_WAIT
+            try:
+                await self._listen()
+                self._wake.clear()
+                requeue = self._settings.dispatch_requeue_seconds
+                moved = await relay_once(self._db, await self._queue(), requeue_seconds=requeue)
+                failures = 0
+                if moved >= BATCH:
+                    continue  # more are due
+                due = await _seconds_to_next(self._db, requeue)
+                if due is not None:
+                    wait = min(wait, due)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis or PostgreSQL unreachable: keep the rows, retry
+                failures += 1
+                wait = min(_BACKOFF_MAX, 0.1 * 2**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning(
+                    "dispatch relay: %s (%s); retrying in %.1f s",
+                    type(exc).__name__,
+                    exc,
+                    wait,
+                )
+                await self._close_listener()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)

@@ -1,0 +1,348 @@
+"""One attempt at dispatching a run: claim it, render its invocation, invoke, record.
+
+arq runs a job at least once, so the claim is a conditional update: it succeeds only for a
+run still IN_PROGRESS whose dispatch waits for exactly this attempt (`attempts` is the
+attempt before it). A second job for the same attempt, a job for a run the backend already
+finished, or one for a declined run claims nothing and does nothing. The claim holds a lease
+(`PORTOLAN_DISPATCH_LEASE_SECONDS`); the sweeper (`sweep_expired`) hands a run whose lease
+ran out (its worker died) to a new attempt.
+
+Outcomes are recorded under the claim: a success or failure ends the run with a log line;
+`accepted` leaves it IN_PROGRESS for the backend to report; a transient failure schedules
+the next attempt through the outbox after an exponential backoff with jitter, until
+`PORTOLAN_DISPATCH_MAX_ATTEMPTS`, when the run ends in FAILURE. UPSERT_ENTITY writes the
+entity and ends the run in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from app.actions import runs
+from app.catalog import entities
+from app.config import Settings
+from app.db.database import Database, Tx
+from app.dispatch import invokers, templates
+from app.dispatch.outbound import Allowed
+from app.kit.crypto import cipher_for
+from app.kit.errors import PortolanError
+from app.secrets import service as secrets_service
+
+log = logging.getLogger("portolan.dispatch")
+WORKER = "portolan-dispatcher"
+_MAX_RESPONSE_LOG = 500
+
+
+@dataclass
+class Claim:
+    org_id: uuid.UUID
+    run: asyncpg.Record
+    token: uuid.UUID
+
+
+async def claim(
+    db: Database, org_id: uuid.UUID, run_id: str, attempt: int, lease: float
+) -> Claim | None:
+    token = uuid.uuid4()
+    async with db.tenant(org_id) as tx:
+        row = await tx.fetchrow(
+            "UPDATE action_runs SET dispatch_state = 'dispatching', attempts = attempts + 1, "
+            "claim = $3, lease_until = now() + make_interval(secs => $4), "
+            "next_attempt_at = NULL, updated_at = now() "
+            "WHERE org_id = $1 AND id = $2 AND status = 'IN_PROGRESS' "
+            "AND dispatch_state IN ('queued', 'retrying') AND attempts = $5 - 1 "
+            "RETURNING *",
+            org_id,
+            run_id,
+            token,
+            lease,
+            attempt,
+        )
+        # The attempt's outbox row (and any older one) is done with, claimed or not: a
+        # failed claim means another job took this attempt or the run moved past it.
+        await tx.execute(
+            "DELETE FROM dispatch_outbox WHERE org_id = $1 AND run_id = $2 AND attempt <= $3",
+            org_id,
+            run_id,
+            attempt,
+        )
+    return None if row is None else Claim(org_id, row, token)
+
+
+def trigger_data(run: asyncpg.Record, secrets: dict[str, str]) -> dict[str, Any]:
+    """What `{{ jq }}` templates see (Port's trigger data)."""
+    definition = run["definition"]
+    context = run["context"]
+    inputs = dict(run["properties"])
+    inputs.update({k: v for k, v in (context.get("inputEntities") or {}).items()})
+    return {
+        "inputs": inputs,
+        "trigger": context.get("trigger") or {},
+        "entity": context.get("entity") or {},
+        "action": {
+            "identifier": definition["identifier"],
+            "blueprint": definition["trigger"].get("blueprintIdentifier"),
+            "encryptedProperties": [],
+        },
+        "run": {"id": run["id"]},
+        "event": context.get("event"),
+        "secrets": secrets,
+    }
+
+
+def redact(value: Any, secrets: list[str]) -> Any:
+    """The value with every secret that was rendered into it replaced."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return templates.redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+async def _record(
+    db: Database,
+    held: Claim,
+    *,
+    state: str,
+    message: str,
+    status: str | None = None,
+    fields: dict[str, Any] | None = None,
+    retry_in: float | None = None,
+) -> bool:
+    """Write an attempt's outcome under its claim; False when the claim was lost (the
+    backend finished the run first, or the lease expired and another attempt began)."""
+    fields = fields or {}
+    run_id = held.run["id"]
+    async with db.tenant(held.org_id) as tx:
+        done = await tx.fetchval(
+            "UPDATE action_runs SET dispatch_state = $4, status = coalesce($5, status), "
+            "ended_at = CASE WHEN $5 IS NULL THEN ended_at ELSE now() END, "
+            "claim = NULL, lease_until = NULL, "
+            "next_attempt_at = CASE WHEN $6::float8 IS NULL THEN NULL "
+            "ELSE now() + make_interval(secs => $6) END, "
+            "link = coalesce($7::jsonb, link), external_run_id = coalesce($8, external_run_id), "
+            "response = coalesce($9::jsonb, response), payload = coalesce($10::jsonb, payload), "
+            "updated_at = now(), updated_by = $11 "
+            "WHERE org_id = $1 AND id = $2 AND claim = $3 AND dispatch_state = 'dispatching' "
+            "AND status = 'IN_PROGRESS' RETURNING attempts",
+            held.org_id,
+            run_id,
+            held.token,
+            state,
+            status,
+            retry_in,
+            fields.get("link"),
+            fields.get("external_run_id"),
+            fields.get("response"),
+            fields.get("payload"),
+            WORKER,
+        )
+        if done is None:
+            return False
+        await runs.log(tx, run_id, WORKER, message)
+        if retry_in is not None:
+            await runs.queue(tx, run_id, int(done) + 1, retry_in)
+    return True
+
+
+def backoff(settings: Settings, attempt: int, retry_after: float | None) -> float:
+    """Exponential from the base, capped, with jitter (half to all of the step); never
+    sooner than the receiver's Retry-After."""
+    step = min(
+        settings.dispatch_retry_max_seconds,
+        settings.dispatch_retry_base_seconds * float(2 ** max(0, attempt - 1)),
+    )
+    delay = step * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.dispatch_retry_max_seconds))
+    return delay
+
+
+async def dispatch(
+    settings: Settings, db: Database, org_id: uuid.UUID, run_id: str, attempt: int
+) -> str:
+    """Run one attempt of a run; what happened, in a word (for the job's result)."""
+    held = await claim(db, org_id, run_id, attempt, settings.dispatch_lease_seconds)
+    if held is None:
+        return "skipped"
+    run = held.run
+    method: dict[str, Any] = run["definition"]["invocationMethod"]
+    cipher = cipher_for(settings)
+    async with db.tenant(org_id) as tx:
+        wanted = templates.referenced_secrets(method)
+        kind = method.get("type")
+        if kind == "GITHUB":
+            wanted.add(method.get("tokenSecret") or "GITHUB_TOKEN")
+        elif kind == "GITLAB":
+            wanted.add(method.get("tokenSecret") or "GITLAB_TRIGGER_TOKEN")
+        known = await secrets_service.reveal(tx, cipher) if wanted else {}
+        signing = await secrets_service.signing_secret(tx, cipher) if kind == "WEBHOOK" else ""
+    missing = sorted(name for name in templates.referenced_secrets(method) if name not in known)
+    if missing:
+        return await _fail(db, held, f"secret {missing[0]} is not defined in the organization")
+    data = trigger_data(run, {k: v for k, v in known.items() if k in wanted})
+    shown = [v for k, v in known.items() if k in wanted and v]
+    try:
+        rendered = await templates.render({k: v for k, v in method.items() if k != "type"}, data)
+    except templates.TemplateError as exc:
+        return await _fail(db, held, f"the invocation's template failed: {exc}")
+    if not isinstance(rendered, dict):
+        return await _fail(db, held, "the invocation did not render to an object")
+    rendered["type"] = kind
+    if kind == "UPSERT_ENTITY":
+        return await _upsert_entity(db, held, rendered)
+    if kind == "WEBHOOK" and "body" not in method:
+        rendered["body"] = {k: v for k, v in data.items() if k != "secrets"}
+    context = invokers.Context(
+        run_id=run_id,
+        signing_secret=signing,
+        secrets={k: v for k, v in known.items() if k in wanted},
+        allowed=Allowed.parse(settings.outbound_allow),
+        github_api_url=settings.github_api_url,
+        gitlab_api_url=settings.gitlab_api_url,
+        timeout=settings.dispatch_timeout_seconds,
+        inputs=dict(run["properties"]),
+    )
+    outcome = await invokers.invoke(rendered, context)
+    payload = redact(rendered, shown)
+    message = redact(outcome.message, shown)
+    fields = {
+        "payload": payload,
+        "link": outcome.link,
+        "external_run_id": outcome.external_run_id,
+        "response": redact(outcome.response, shown),
+    }
+    if outcome.state == "success":
+        await _record(db, held, state="done", status="SUCCESS", message=message, fields=fields)
+    elif outcome.state == "failure":
+        await _record(db, held, state="done", status="FAILURE", message=message, fields=fields)
+    elif outcome.state == "accepted":
+        await _record(db, held, state="delivered", message=message, fields=fields)
+    else:
+        attempts = int(run["attempts"])
+        if attempts >= settings.dispatch_max_attempts:
+            await _record(
+                db,
+                held,
+                state="done",
+                status="FAILURE",
+                message=f"{message}; gave up after {attempts} attempts",
+                fields=fields,
+            )
+            return "failure"
+        delay = backoff(settings, attempts, outcome.retry_after)
+        await _record(
+            db,
+            held,
+            state="retrying",
+            message=f"{message}; attempt {attempts} of {settings.dispatch_max_attempts}, "
+            f"next in {delay:.1f} s",
+            fields=fields,
+            retry_in=delay,
+        )
+    return outcome.state
+
+
+async def _fail(db: Database, held: Claim, message: str) -> str:
+    await _record(db, held, state="done", status="FAILURE", message=message)
+    return "failure"
+
+
+async def _upsert_entity(db: Database, held: Claim, rendered: dict[str, Any]) -> str:
+    """Write the mapped entity and end the run, in one transaction (so a retried job finds
+    the run ended and writes nothing twice)."""
+    mapping = rendered.get("mapping")
+    blueprint = rendered.get("blueprintIdentifier")
+    if not isinstance(mapping, dict) or not isinstance(blueprint, str):
+        return await _fail(db, held, "the UPSERT_ENTITY mapping did not render to an entity")
+    run = held.run
+    writer = entities.Writer(actor=run["created_by"], origin="ACTION", datasource=None)
+    flags = entities.WriteFlags(upsert=True, merge=True, run_id=run["id"])
+    try:
+        async with db.tenant(held.org_id) as tx:
+            outcome = (await entities.write(tx, blueprint, [mapping], flags, writer))[0]
+            if outcome.error is not None:
+                raise outcome.error
+            ended = await _end_in(tx, held, "SUCCESS", _upserted(blueprint, outcome))
+            if not ended:
+                raise _ClaimLost()
+    except _ClaimLost:
+        return "skipped"
+    except PortolanError as exc:
+        return await _fail(db, held, f"the entity could not be written: {exc.message}")
+    return "success"
+
+
+class _ClaimLost(Exception):
+    """The run was finished elsewhere while this attempt ran: undo this attempt's write."""
+
+
+def _upserted(blueprint: str, outcome: entities.Outcome) -> str:
+    verb = "created" if outcome.created else "updated"
+    return f"Entity {outcome.identifier!r} of blueprint {blueprint!r} {verb}"
+
+
+async def _end_in(tx: Tx, held: Claim, status: str, message: str) -> bool:
+    done = await tx.fetchval(
+        "UPDATE action_runs SET dispatch_state = 'done', status = $4, ended_at = now(), "
+        "claim = NULL, lease_until = NULL, updated_at = now(), updated_by = $5 "
+        "WHERE org_id = $1 AND id = $2 AND claim = $3 AND dispatch_state = 'dispatching' "
+        "AND status = 'IN_PROGRESS' RETURNING id",
+        held.org_id,
+        held.run["id"],
+        held.token,
+        status,
+        WORKER,
+    )
+    if done is None:
+        return False
+    await runs.log(tx, held.run["id"], WORKER, message)
+    return True
+
+
+async def sweep_expired(settings: Settings, db: Database) -> int:
+    """Runs whose worker's lease ran out go to a new attempt (or end in FAILURE after the
+    last one); how many were swept."""
+    async with db.system() as tx:
+        rows = await tx.fetch(
+            "UPDATE action_runs SET dispatch_state = CASE WHEN attempts >= $1 THEN 'done' "
+            "ELSE 'retrying' END, "
+            "status = CASE WHEN attempts >= $1 THEN 'FAILURE' ELSE status END, "
+            "ended_at = CASE WHEN attempts >= $1 THEN now() ELSE ended_at END, "
+            "claim = NULL, lease_until = NULL, updated_at = now(), updated_by = $2 "
+            "WHERE dispatch_state = 'dispatching' AND lease_until < now() "
+            "AND status = 'IN_PROGRESS' RETURNING org_id, id, attempts, dispatch_state",
+            settings.dispatch_max_attempts,
+            WORKER,
+        )
+        for row in rows:
+            gave_up = row["dispatch_state"] == "done"
+            await tx.execute(
+                "INSERT INTO action_run_logs (org_id, run_id, message, created_by) "
+                "VALUES ($1, $2, $3, $4)",
+                row["org_id"],
+                row["id"],
+                f"attempt {row['attempts']} did not finish (its worker stopped)"
+                + ("; gave up" if gave_up else "; dispatching again"),
+                WORKER,
+            )
+            if not gave_up:
+                await tx.execute(
+                    "INSERT INTO dispatch_outbox (org_id, run_id, attempt) VALUES ($1, $2, $3)",
+                    row["org_id"],
+                    row["id"],
+                    row["attempts"] + 1,
+                )
+        if rows:
+            await tx.execute(f"NOTIFY {runs.NOTIFY_CHANNEL}")
+    return len(rows)

@@ -1,0 +1,514 @@
+"""Action runs through the API (no worker here; dispatch is tests/test_dispatch.py): inputs
+checked with every bad one named, Idempotency-Key, approvals, progress reports, logs and
+their live stream, entity writes tied to a run, list filters, and tenancy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+
+from app.db.database import Database
+from tests.conftest import Org, OrgFactory
+
+SERVICE = {
+    "identifier": "service",
+    "title": "Service",
+    "schema": {"properties": {"tier": {"type": "string"}, "lang": {"type": "string"}}},
+}
+
+CREATE = {
+    "identifier": "create-service",
+    "title": "Create service",
+    "trigger": {
+        "type": "self-service",
+        "operation": "CREATE",
+        "blueprintIdentifier": "service",
+        "userInputs": {
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z-]+$", "maxLength": 20},
+                "replicas": {"type": "number", "minimum": 1, "maximum": 10, "default": 2},
+                "language": {"type": "string", "enum": ["go", "python"]},
+                "owner": {"type": "string", "format": "email"},
+                "depends": {
+                    "type": "array",
+                    "items": {"type": "string", "format": "entity", "blueprint": "service"},
+                },
+                "config": {"type": "object"},
+            },
+            "required": ["name", "language"],
+        },
+    },
+    "invocationMethod": {
+        "type": "WEBHOOK",
+        "url": "http://127.0.0.1:9/create",
+        "body": {"name": "{{ .inputs.name }}", "run": "{{ .run.id }}"},
+    },
+}
+
+DEPLOY = {
+    "identifier": "deploy",
+    "trigger": {
+        "type": "self-service",
+        "operation": "DAY-2",
+        "blueprintIdentifier": "service",
+        "userInputs": {"properties": {"version": {"type": "string"}}},
+        "condition": {
+            "type": "SEARCH",
+            "combinator": "and",
+            "rules": [{"property": "tier", "operator": "=", "value": "1"}],
+        },
+    },
+    "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/deploy"},
+    "requiredApproval": True,
+}
+
+
+async def _setup(client: httpx.AsyncClient, org: Org) -> None:
+    for path, body in (
+        ("/v1/blueprints", SERVICE),
+        ("/v1/actions", CREATE),
+        ("/v1/actions", DEPLOY),
+    ):
+        r = await client.post(path, json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+    for ident, tier in (("api", "1"), ("web", "2")):
+        r = await client.post(
+            "/v1/blueprints/service/entities",
+            json={"identifier": ident, "title": ident.upper(), "properties": {"tier": tier}},
+            headers=org.headers,
+        )
+        assert r.status_code == 201, r.text
+
+
+async def _run(
+    client: httpx.AsyncClient, org: Org, action: str, body: dict[str, Any], **headers: str
+) -> httpx.Response:
+    return await client.post(
+        f"/v1/actions/{action}/runs", json=body, headers={**org.headers, **headers}
+    )
+
+
+GOOD = {"properties": {"name": "billing", "language": "go", "owner": "a@example.com"}}
+
+
+async def _outbox(db: Database, org: Org, run_id: str) -> list[int]:
+    async with db.system() as tx:
+        rows = await tx.fetch(
+            "SELECT attempt FROM dispatch_outbox WHERE org_id = $1 AND run_id = $2",
+            org.org_id,
+            run_id,
+        )
+    return [r["attempt"] for r in rows]
+
+
+async def test_a_run_is_recorded_queued_and_answered_202(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    r = await _run(client, org, "create-service", GOOD)
+    assert r.status_code == 202, r.text
+    run = r.json()["run"]
+    assert r.json()["ok"] is True
+    assert run["id"].startswith("r_") and run["status"] == "IN_PROGRESS"
+    assert run["action"] == {
+        "identifier": "create-service",
+        "title": "Create service",
+        "icon": None,
+        "deleted": False,
+    }
+    assert run["source"] == "API" and run["requiredApproval"] is False
+    # The default is applied; what was sent is kept too.
+    assert run["properties"] == {**GOOD["properties"], "replicas": 2}
+    assert run["rawProperties"] == GOOD["properties"]
+    assert run["blueprint"]["identifier"] == "service" and "entity" not in run
+    assert run["pendingExecution"] is True
+    # The outbox row was written with the run.
+    assert await _outbox(db, org, run["id"]) == [1]
+    got = await client.get(f"/v1/actions/runs/{run['id']}", headers=org.headers)
+    assert got.status_code == 200 and got.json()["run"]["id"] == run["id"]
+
+
+async def test_every_bad_input_is_named(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    bad = {
+        "properties": {
+            "name": "Not Valid!",
+            "replicas": 50,
+            "language": "cobol",
+            "owner": "not-an-email",
+            "depends": ["api", "ghost"],
+            "config": "text",
+            "extra": 1,
+        }
+    }
+    r = await _run(client, org, "create-service", bad)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["ok"] is False and body["error"] == "invalid_request"
+    pointers = {d["pointer"] for d in body["details"]}
+    assert {
+        "/properties/name",
+        "/properties/replicas",
+        "/properties/language",
+        "/properties/owner",
+        "/properties/config",
+        "/properties/extra",
+    } <= pointers
+    missing = await _run(client, org, "create-service", {"properties": {"name": "x"}})
+    assert missing.status_code == 422
+    assert {
+        "pointer": "/properties/language",
+        "message": "'language' is required",
+    } in missing.json()["details"]
+    # Entity inputs name entities that exist.
+    ghost = await _run(
+        client,
+        org,
+        "create-service",
+        {"properties": {**GOOD["properties"], "depends": ["api", "ghost"]}},
+    )
+    assert ghost.status_code == 422
+    assert ghost.json()["details"] == [
+        {
+            "pointer": "/properties/depends",
+            "message": "entity 'ghost' of blueprint 'service' not found",
+        }
+    ]
+    ok = await _run(
+        client, org, "create-service", {"properties": {**GOOD["properties"], "depends": ["api"]}}
+    )
+    assert ok.status_code == 202, ok.text
+    # Not an object at all.
+    r = await client.post(
+        "/v1/actions/create-service/runs", json={"properties": [1]}, headers=org.headers
+    )
+    assert r.status_code == 422 and r.json()["ok"] is False
+    r = await _run(client, org, "no-such-action", GOOD)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = await _run(client, org, "create-service", {**GOOD, "entity": "api"})
+    assert r.status_code == 422
+
+
+async def test_day2_runs_on_an_entity_that_meets_the_condition(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    r = await _run(client, org, "deploy", {"properties": {"version": "v1"}})
+    assert r.status_code == 422 and r.json()["details"][0]["pointer"] == "/entity"
+    r = await _run(client, org, "deploy", {"properties": {}, "entity": "ghost"})
+    assert r.status_code == 422 and "not found" in r.json()["message"]
+    r = await _run(client, org, "deploy", {"properties": {}, "entity": "web"})
+    assert r.status_code == 422 and r.json()["error"] == "condition_not_met"
+    r = await _run(client, org, "deploy", {"properties": {"version": "v1"}, "entity": "api"})
+    assert r.status_code == 202, r.text
+    run = r.json()["run"]
+    assert run["entity"] == {"identifier": "api", "title": "API", "icon": None, "deleted": False}
+
+
+async def test_idempotency_key_answers_the_first_run(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    first = await _run(client, org, "create-service", GOOD, **{"Idempotency-Key": "k-1"})
+    again = await _run(client, org, "create-service", GOOD, **{"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["run"]["id"] == again.json()["run"]["id"]
+    assert await _outbox(db, org, first.json()["run"]["id"]) == [1]
+    other = await _run(
+        client,
+        org,
+        "create-service",
+        {"properties": {**GOOD["properties"], "name": "other"}},
+        **{"Idempotency-Key": "k-1"},
+    )
+    assert other.status_code == 409 and other.json()["error"] == "idempotency_key_reused"
+    # Concurrent requests with one key make one run.
+    answers = await asyncio.gather(
+        *(_run(client, org, "create-service", GOOD, **{"Idempotency-Key": "k-2"}) for _ in range(5))
+    )
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["run"]["id"] for a in answers}) == 1
+    listed = await client.get("/v1/actions/runs?action=create-service", headers=org.headers)
+    assert len(listed.json()["runs"]) == 2
+
+
+async def test_approval_queues_or_declines(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    runs = []
+    for _ in range(2):
+        r = await _run(client, org, "deploy", {"properties": {}, "entity": "api"})
+        assert r.status_code == 202
+        assert r.json()["run"]["status"] == "WAITING_FOR_APPROVAL"
+        runs.append(r.json()["run"]["id"])
+        assert await _outbox(db, org, runs[-1]) == []
+    # A waiting run cannot be reported on.
+    r = await client.patch(
+        f"/v1/actions/runs/{runs[0]}", json={"status": "SUCCESS"}, headers=org.headers
+    )
+    assert r.status_code == 422
+    r = await client.patch(
+        f"/v1/actions/runs/{runs[0]}/approval",
+        json={"status": "APPROVE", "description": "ship it"},
+        headers=org.headers,
+    )
+    assert r.status_code == 201, r.text
+    approved = r.json()["run"]
+    assert approved["status"] == "IN_PROGRESS"
+    assert approved["approval"]["state"] == "APPROVED"
+    assert approved["approval"]["description"] == "ship it"
+    assert await _outbox(db, org, runs[0]) == [1]
+    r = await client.patch(
+        f"/v1/actions/runs/{runs[1]}/approval", json={"status": "DECLINE"}, headers=org.headers
+    )
+    assert r.status_code == 201
+    declined = r.json()["run"]
+    assert declined["status"] == "DECLINED" and declined["endedAt"] is not None
+    assert await _outbox(db, org, runs[1]) == []
+    # Decided once.
+    r = await client.patch(
+        f"/v1/actions/runs/{runs[1]}/approval", json={"status": "APPROVE"}, headers=org.headers
+    )
+    assert r.status_code == 422 and r.json()["error"] == "run_not_waiting"
+    r = await client.patch(
+        f"/v1/actions/runs/{runs[1]}/approval", json={"status": "MAYBE"}, headers=org.headers
+    )
+    assert r.status_code == 422
+    logs = await client.get(f"/v1/actions/runs/{runs[0]}/logs", headers=org.headers)
+    assert [entry["message"] for entry in logs.json()["runLogs"]][-1].startswith(
+        "The run was approved by"
+    )
+
+
+async def test_progress_reports_and_logs(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    url = f"/v1/actions/runs/{run_id}"
+    r = await client.patch(url, json={"statusLabel": "Cloning"}, headers=org.headers)
+    assert r.status_code == 200
+    assert r.json()["run"]["status"] == "IN_PROGRESS"
+    assert r.json()["run"]["statusLabel"] == "Cloning"
+    r = await client.patch(
+        url,
+        json={
+            "link": ["https://ci.example.com/1", "https://ci.example.com/2"],
+            "externalRunId": "e-9",
+        },
+        headers=org.headers,
+    )
+    assert r.json()["run"]["link"] == ["https://ci.example.com/1", "https://ci.example.com/2"]
+    assert r.json()["run"]["statusLabel"] == "Cloning"  # untouched keys stay
+    r = await client.patch(url, json={"link": "https://ci.example.com/3"}, headers=org.headers)
+    assert r.json()["run"]["link"] == "https://ci.example.com/3"
+    r = await client.patch(url, json={"status": "DONE"}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["ok"] is False
+    r = await client.patch(url, json={"link": 5}, headers=org.headers)
+    assert r.status_code == 422
+    for i in range(3):
+        r = await client.post(f"{url}/logs", json={"message": f"step {i}"}, headers=org.headers)
+        assert r.status_code == 201, r.text
+        assert r.json()["runLog"]["message"] == f"step {i}"
+        assert r.json()["runLog"]["runId"] == run_id
+    r = await client.post(
+        f"{url}/logs",
+        json={"message": "done", "terminationStatus": "SUCCESS", "statusLabel": "Created"},
+        headers=org.headers,
+    )
+    assert r.status_code == 201
+    run = (await client.get(url, headers=org.headers)).json()["run"]
+    assert run["status"] == "SUCCESS" and run["statusLabel"] == "Created"
+    assert run["endedAt"] is not None and run["pendingExecution"] is False
+    r = await client.post(
+        f"{url}/logs",
+        json={"message": "again", "terminationStatus": "FAILURE"},
+        headers=org.headers,
+    )
+    assert r.status_code == 409 and r.json()["error"] == "run_already_terminated"
+    r = await client.patch(url, json={"status": "FAILURE"}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["error"] == "run_ended"
+    page = await client.get(f"{url}/logs?limit=2&offset=1", headers=org.headers)
+    assert [e["message"] for e in page.json()["runLogs"]] == ["step 1", "step 2"]
+    r = await client.get(f"{url}/logs?limit=51", headers=org.headers)
+    assert r.status_code == 422
+
+
+async def test_list_filters(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    a = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    b = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    c = (await _run(client, org, "deploy", {"properties": {}, "entity": "api"})).json()["run"]["id"]
+    await client.patch(
+        f"/v1/actions/runs/{a}",
+        json={"status": "FAILURE", "externalRunId": "gh-1"},
+        headers=org.headers,
+    )
+
+    async def ids(query: str) -> list[str]:
+        r = await client.get(f"/v1/actions/runs?{query}", headers=org.headers)
+        assert r.status_code == 200, r.text
+        return [run["id"] for run in r.json()["runs"]]
+
+    assert await ids("") == [c, b, a]
+    assert await ids("action=deploy") == [c]
+    assert await ids("active=true") == [c, b]
+    assert await ids("active=false") == [a]
+    assert await ids("status=FAILURE&status=WAITING_FOR_APPROVAL") == [c, a]
+    assert await ids("entity=api") == [c]
+    assert await ids("blueprint=service&limit=1") == [c]
+    assert await ids("external_run_id=gh-1") == [a]
+    assert await ids("source=AUTOMATION") == []
+    assert await ids(f"user_id={org.client_id}") == [c, b, a]
+    assert await ids("user_id=someone-else") == []
+    r = await client.get("/v1/actions/runs?limit=0", headers=org.headers)
+    assert r.status_code == 422
+
+
+async def test_entity_writes_are_tied_to_a_run_in_progress(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    r = await client.post(
+        f"/v1/blueprints/service/entities?run_id={run_id}",
+        json={"identifier": "billing", "properties": {"tier": "3"}},
+        headers=org.headers,
+    )
+    assert r.status_code == 201, r.text
+    async with db.system() as tx:
+        tied = await tx.fetchval(
+            "SELECT run_id FROM entity_events WHERE org_id = $1 AND identifier = 'billing'",
+            org.org_id,
+        )
+    assert tied == run_id
+    await client.patch(
+        f"/v1/actions/runs/{run_id}", json={"status": "SUCCESS"}, headers=org.headers
+    )
+    r = await client.post(
+        f"/v1/blueprints/service/entities?run_id={run_id}&upsert=true",
+        json={"identifier": "billing", "properties": {"tier": "4"}},
+        headers=org.headers,
+    )
+    assert r.status_code == 422 and r.json()["error"] == "run_not_in_progress"
+    r = await client.delete(
+        f"/v1/blueprints/service/entities/billing?run_id={run_id}", headers=org.headers
+    )
+    assert r.status_code == 422
+    r = await client.post(
+        "/v1/blueprints/service/entities?run_id=r_nope",
+        json={"identifier": "x", "properties": {}},
+        headers=org.headers,
+    )
+    assert r.status_code == 422 and r.json()["error"] == "run_not_found"
+
+
+async def test_automations_are_not_run_by_hand(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    automation = {
+        "identifier": "on-create",
+        "trigger": {
+            "type": "automation",
+            "event": {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
+    }
+    assert (
+        await client.post("/v1/actions", json=automation, headers=org.headers)
+    ).status_code == 201
+    r = await _run(client, org, "on-create", {"properties": {}})
+    assert r.status_code == 422 and r.json()["error"] == "not_self_service"
+
+
+async def test_log_stream_sends_logs_then_ends(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    url = f"/v1/actions/runs/{run_id}/logs"
+    await client.post(url, json={"message": "before the stream"}, headers=org.headers)
+
+    async def follow() -> str:
+        async with client.stream("GET", f"{url}/stream", headers=org.headers) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return (await response.aread()).decode()
+
+    reader = asyncio.create_task(follow())
+    await asyncio.sleep(0.3)
+    await client.post(url, json={"message": "during the stream"}, headers=org.headers)
+    await client.post(
+        url, json={"message": "finished", "terminationStatus": "SUCCESS"}, headers=org.headers
+    )
+    text = await asyncio.wait_for(reader, 10)
+    events = [block for block in text.split("\n\n") if block.strip()]
+    logs = [json.loads(e.split("data: ", 1)[1]) for e in events if e.startswith("event: log")]
+    assert [entry["message"] for entry in logs] == [
+        "before the stream",
+        "during the stream",
+        "finished",
+    ]
+    assert events[-1].startswith("event: end") and '"SUCCESS"' in events[-1]
+    # Resume after the second log.
+    async with client.stream(
+        "GET", f"{url}/stream", headers={**org.headers, "Last-Event-ID": logs[1]["id"]}
+    ) as response:
+        resumed = (await response.aread()).decode()
+    assert "during the stream" not in resumed and "finished" in resumed
+    missing = await client.get("/v1/actions/runs/r_missing/logs/stream", headers=org.headers)
+    assert missing.status_code == 404 and missing.json()["ok"] is False
+
+
+async def test_runs_are_private_to_their_org(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    owner, other = await make_org(), await make_org()
+    await _setup(client, owner)
+    run_id = (await _run(client, owner, "create-service", GOOD)).json()["run"]["id"]
+    waiting = (await _run(client, owner, "deploy", {"properties": {}, "entity": "api"})).json()[
+        "run"
+    ]["id"]
+    h = other.headers
+    assert (await client.get(f"/v1/actions/runs/{run_id}", headers=h)).status_code == 404
+    assert (
+        await client.patch(f"/v1/actions/runs/{run_id}", json={"status": "SUCCESS"}, headers=h)
+    ).status_code == 404
+    assert (
+        await client.post(f"/v1/actions/runs/{run_id}/logs", json={"message": "x"}, headers=h)
+    ).status_code == 404
+    assert (await client.get(f"/v1/actions/runs/{run_id}/logs", headers=h)).status_code == 404
+    assert (
+        await client.get(f"/v1/actions/runs/{run_id}/logs/stream", headers=h)
+    ).status_code == 404
+    assert (
+        await client.patch(
+            f"/v1/actions/runs/{waiting}/approval", json={"status": "APPROVE"}, headers=h
+        )
+    ).status_code == 404
+    assert (await client.get("/v1/actions/runs", headers=h)).json()["runs"] == []
+    assert (await _run(client, other, "create-service", GOOD)).status_code == 404
+    r = await client.post(
+        f"/v1/blueprints/service/entities?run_id={run_id}",
+        json={"identifier": "x", "properties": {}},
+        headers=h,
+    )
+    assert r.status_code in (404, 422)
+    # The owner's run is untouched.
+    run = (await client.get(f"/v1/actions/runs/{run_id}", headers=owner.headers)).json()["run"]
+    assert run["status"] == "IN_PROGRESS"
+    logs = (await client.get(f"/v1/actions/runs/{run_id}/logs", headers=owner.headers)).json()
+    assert logs["runLogs"] == []
