@@ -24,6 +24,7 @@ import asyncpg
 
 from app.actions import inputs
 from app.db.database import Tx
+from app.dispatch import templates
 from app.kit.errors import Conflict, Invalid, NotFound
 from app.search.service import prepare
 
@@ -152,8 +153,6 @@ async def _required_by_jq(user_inputs: dict[str, Any], raw: dict[str, Any]) -> l
     required = user_inputs.get("required")
     if not isinstance(required, dict):
         return None
-    from app.dispatch import templates
-
     try:
         value = await templates.render("{{ " + required["jqQuery"] + " }}", {"form": raw})
     except templates.TemplateError as exc:

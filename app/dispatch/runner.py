@@ -30,7 +30,7 @@ from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import invokers, templates
 from app.dispatch.outbound import Allowed
-from app.kit.crypto import cipher_for
+from app.kit.crypto import Cipher, cipher_for
 from app.kit.errors import PortolanError
 from app.secrets import service as secrets_service
 
@@ -44,35 +44,54 @@ class Claim:
     org_id: uuid.UUID
     run: asyncpg.Record
     token: uuid.UUID
+    secrets: dict[str, str]  # the org's secrets the invocation names, decrypted
+    signing_secret: str  # for webhooks ("" otherwise)
+
+
+def wanted_secrets(method: dict[str, Any]) -> set[str]:
+    """The secrets an invocation reads: those its templates name, and its token."""
+    wanted = templates.referenced_secrets(method)
+    if method.get("type") == "GITHUB":
+        wanted.add(method.get("tokenSecret") or "GITHUB_TOKEN")
+    elif method.get("type") == "GITLAB":
+        wanted.add(method.get("tokenSecret") or "GITLAB_TRIGGER_TOKEN")
+    return wanted
 
 
 async def claim(
-    db: Database, org_id: uuid.UUID, run_id: str, attempt: int, lease: float
+    db: Database, cipher: Cipher, org_id: uuid.UUID, run_id: str, attempt: int, lease: float
 ) -> Claim | None:
+    """Claim the run for this attempt and read the secrets it needs, in one transaction.
+    The attempt's outbox row (and any older one) is deleted whether or not the claim
+    succeeds: a failed claim means another job took this attempt or the run moved on."""
     token = uuid.uuid4()
     async with db.tenant(org_id) as tx:
         row = await tx.fetchrow(
-            "UPDATE action_runs SET dispatch_state = 'dispatching', attempts = attempts + 1, "
-            "claim = $3, lease_until = now() + make_interval(secs => $4), "
+            "WITH claimed AS (UPDATE action_runs SET dispatch_state = 'dispatching', "
+            "attempts = attempts + 1, claim = $3, lease_until = now() + make_interval(secs => $4), "
             "next_attempt_at = NULL, updated_at = now() "
             "WHERE org_id = $1 AND id = $2 AND status = 'IN_PROGRESS' "
-            "AND dispatch_state IN ('queued', 'retrying') AND attempts = $5 - 1 "
-            "RETURNING *",
+            "AND dispatch_state IN ('queued', 'retrying') AND attempts = $5 - 1 RETURNING *), "
+            "done AS (DELETE FROM dispatch_outbox WHERE org_id = $1 AND run_id = $2 "
+            "AND attempt <= $5) "
+            "SELECT * FROM claimed",
             org_id,
             run_id,
             token,
             lease,
             attempt,
         )
-        # The attempt's outbox row (and any older one) is done with, claimed or not: a
-        # failed claim means another job took this attempt or the run moved past it.
-        await tx.execute(
-            "DELETE FROM dispatch_outbox WHERE org_id = $1 AND run_id = $2 AND attempt <= $3",
-            org_id,
-            run_id,
-            attempt,
+        if row is None:
+            return None
+        method: dict[str, Any] = row["definition"]["invocationMethod"]
+        wanted = wanted_secrets(method)
+        known = await secrets_service.reveal(tx, cipher, names=wanted) if wanted else {}
+        signing = (
+            await secrets_service.signing_secret(tx, cipher)
+            if method.get("type") == "WEBHOOK"
+            else ""
         )
-    return None if row is None else Claim(org_id, row, token)
+    return Claim(org_id, row, token, known, signing)
 
 
 def trigger_data(run: asyncpg.Record, secrets: dict[str, str]) -> dict[str, Any]:
@@ -125,7 +144,8 @@ async def _record(
     run_id = held.run["id"]
     async with db.tenant(held.org_id) as tx:
         done = await tx.fetchval(
-            "UPDATE action_runs SET dispatch_state = $4, status = coalesce($5, status), "
+            "WITH ended AS (UPDATE action_runs SET dispatch_state = $4, "
+            "status = coalesce($5, status), "
             "ended_at = CASE WHEN $5 IS NULL THEN ended_at ELSE now() END, "
             "claim = NULL, lease_until = NULL, "
             "next_attempt_at = CASE WHEN $6::float8 IS NULL THEN NULL "
@@ -134,7 +154,10 @@ async def _record(
             "response = coalesce($9::jsonb, response), payload = coalesce($10::jsonb, payload), "
             "updated_at = now(), updated_by = $11 "
             "WHERE org_id = $1 AND id = $2 AND claim = $3 AND dispatch_state = 'dispatching' "
-            "AND status = 'IN_PROGRESS' RETURNING attempts",
+            "AND status = 'IN_PROGRESS' RETURNING attempts), "
+            "logged AS (INSERT INTO action_run_logs (org_id, run_id, message, created_by) "
+            "SELECT $1, $2, $12, $11 FROM ended) "
+            "SELECT attempts FROM ended",
             held.org_id,
             run_id,
             held.token,
@@ -146,10 +169,10 @@ async def _record(
             fields.get("response"),
             fields.get("payload"),
             WORKER,
+            message,
         )
         if done is None:
             return False
-        await runs.log(tx, run_id, WORKER, message)
         if retry_in is not None:
             await runs.queue(tx, run_id, int(done) + 1, retry_in)
     return True
@@ -172,26 +195,19 @@ async def dispatch(
     settings: Settings, db: Database, org_id: uuid.UUID, run_id: str, attempt: int
 ) -> str:
     """Run one attempt of a run; what happened, in a word (for the job's result)."""
-    held = await claim(db, org_id, run_id, attempt, settings.dispatch_lease_seconds)
+    cipher = cipher_for(settings)
+    held = await claim(db, cipher, org_id, run_id, attempt, settings.dispatch_lease_seconds)
     if held is None:
         return "skipped"
     run = held.run
     method: dict[str, Any] = run["definition"]["invocationMethod"]
-    cipher = cipher_for(settings)
-    async with db.tenant(org_id) as tx:
-        wanted = templates.referenced_secrets(method)
-        kind = method.get("type")
-        if kind == "GITHUB":
-            wanted.add(method.get("tokenSecret") or "GITHUB_TOKEN")
-        elif kind == "GITLAB":
-            wanted.add(method.get("tokenSecret") or "GITLAB_TRIGGER_TOKEN")
-        known = await secrets_service.reveal(tx, cipher) if wanted else {}
-        signing = await secrets_service.signing_secret(tx, cipher) if kind == "WEBHOOK" else ""
+    kind = method.get("type")
+    known, signing = held.secrets, held.signing_secret
     missing = sorted(name for name in templates.referenced_secrets(method) if name not in known)
     if missing:
         return await _fail(db, held, f"secret {missing[0]} is not defined in the organization")
-    data = trigger_data(run, {k: v for k, v in known.items() if k in wanted})
-    shown = [v for k, v in known.items() if k in wanted and v]
+    data = trigger_data(run, known)
+    shown = [v for v in known.values() if v]
     try:
         rendered = await templates.render({k: v for k, v in method.items() if k != "type"}, data)
     except templates.TemplateError as exc:
@@ -206,7 +222,7 @@ async def dispatch(
     context = invokers.Context(
         run_id=run_id,
         signing_secret=signing,
-        secrets={k: v for k, v in known.items() if k in wanted},
+        secrets=known,
         allowed=Allowed.parse(settings.outbound_allow),
         github_api_url=settings.github_api_url,
         gitlab_api_url=settings.gitlab_api_url,

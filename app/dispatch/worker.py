@@ -18,7 +18,7 @@ from arq.worker import Function, Worker, func
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
-from app.dispatch import client, templates
+from app.dispatch import client, runner, templates
 from app.dispatch.relay import Relay
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
@@ -59,15 +59,11 @@ async def snapshot_scorecards(ctx: dict[str, Any]) -> int:
 
 async def dispatch_run(ctx: dict[str, Any], org_id: str, run_id: str, attempt: int) -> str:
     """One attempt at a run's invocation (see app.dispatch.runner)."""
-    from app.dispatch import runner
-
     return await runner.dispatch(ctx["settings"], ctx["db"], uuid.UUID(org_id), run_id, attempt)
 
 
 async def sweep_runs(ctx: dict[str, Any]) -> int:
     """Runs whose worker died mid-dispatch (lease expired) are dispatched again."""
-    from app.dispatch import runner
-
     return await runner.sweep_expired(ctx["settings"], ctx["db"])
 
 

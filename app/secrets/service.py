@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets as token_source
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -112,10 +113,13 @@ async def delete(tx: Tx, name: str) -> None:
         raise NotFound(f"Secret {name!r} was not found")
 
 
-async def reveal(tx: Tx, cipher: Cipher) -> dict[str, str]:
-    """Every secret of the org by name, decrypted: for invocation templates only."""
+async def reveal(tx: Tx, cipher: Cipher, *, names: Collection[str] | None = None) -> dict[str, str]:
+    """The org's secrets (those named, or all) by name, decrypted: for invocations only."""
     rows = await tx.fetch(
-        "SELECT name, value_encrypted FROM org_secrets WHERE org_id = $1", tx.org_id
+        "SELECT name, value_encrypted FROM org_secrets WHERE org_id = $1 "
+        "AND ($2::text[] IS NULL OR name = ANY($2::text[]))",
+        tx.org_id,
+        None if names is None else sorted(names),
     )
     return {r["name"]: cipher.decrypt(r["value_encrypted"]) for r in rows}
 
