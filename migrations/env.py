@@ -6,12 +6,14 @@ import asyncio
 
 from alembic import context
 from sqlalchemy import pool
+from sqlalchemy.dialects.postgresql.base import ischema_names
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.db.base import Base, import_models
+from app.db.base import XID8, Base, import_models
 
 import_models()
+ischema_names["xid8"] = XID8  # so the reflected event columns compare with the models
 target_metadata = Base.metadata
 config = context.config
 

@@ -11,7 +11,9 @@ import pytest
 from app.db.database import Database
 from tests.conftest import OrgFactory
 
-GLOBAL_TABLES = {"alembic_version"}
+# event_feed_cursors: the event feed's position in transaction ids, not a tenant's data
+# (a reference table when distributed).
+GLOBAL_TABLES = {"alembic_version", "event_feed_cursors"}
 
 
 @pytest.fixture

@@ -258,13 +258,6 @@ async def create(
     checked = inputs.check(user_inputs, raw, await _required_by_jq(user_inputs, raw))
     input_entities = await _input_entities(tx, checked)
     now = datetime.now(UTC)
-    definition = {
-        "identifier": action["identifier"],
-        "title": action["title"],
-        "icon": action["icon"],
-        "trigger": trigger,
-        "invocationMethod": action["invocation_method"],
-    }
     context = {
         "trigger": {
             "by": {"orgId": str(tx.org_id), "userId": actor},
@@ -274,6 +267,52 @@ async def create(
         },
         "entity": entity,
         "inputEntities": input_entities,
+    }
+    run_id = await insert_run(
+        tx,
+        actor=actor,
+        action=action,
+        properties=checked.properties,
+        raw_properties=raw,
+        blueprint=blueprint,
+        entity=entity["identifier"] if entity else None,
+        context=context,
+        source=source,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    if run_id is None:
+        # Another request with the same key committed first.
+        assert idempotency_key is not None
+        earlier = await _by_key(tx, actor, idempotency_key, request_hash)
+        if earlier is None:
+            raise Conflict("A run with this Idempotency-Key is being created; retry")
+        return earlier, False
+    return await get(tx, run_id), True
+
+
+async def insert_run(
+    tx: Tx,
+    *,
+    actor: str,
+    action: asyncpg.Record,
+    properties: dict[str, Any],
+    blueprint: str | None,
+    entity: str | None,
+    context: dict[str, Any],
+    source: str,
+    idempotency_key: str | None = None,
+    raw_properties: dict[str, Any] | None = None,
+    request_hash: str | None = None,
+) -> str | None:
+    """Record a run of `action` (its definition kept as it is now) and queue it, or leave it
+    waiting for approval; its id, or None when the idempotency key already made one."""
+    definition = {
+        "identifier": action["identifier"],
+        "title": action["title"],
+        "icon": action["icon"],
+        "trigger": action["trigger"],
+        "invocationMethod": action["invocation_method"],
     }
     approval = action["required_approval"]
     waits = approval is True or isinstance(approval, dict)
@@ -287,12 +326,12 @@ async def create(
         "DO NOTHING RETURNING id",
         tx.org_id,
         run_id,
-        action_id,
+        action["identifier"],
         definition,
         blueprint,
-        entity["identifier"] if entity else None,
-        checked.properties,
-        raw,
+        entity,
+        properties,
+        properties if raw_properties is None else raw_properties,
         context,
         source,
         "WAITING_FOR_APPROVAL" if waits else "IN_PROGRESS",
@@ -303,17 +342,12 @@ async def create(
         actor,
     )
     if inserted is None:
-        # Another request with the same key committed first.
-        assert idempotency_key is not None
-        earlier = await _by_key(tx, actor, idempotency_key, request_hash)
-        if earlier is None:
-            raise Conflict("A run with this Idempotency-Key is being created; retry")
-        return earlier, False
+        return None
     if waits:
         await log(tx, run_id, actor, "The run waits for approval")
     else:
         await queue(tx, run_id, 1)
-    return await get(tx, run_id), True
+    return run_id
 
 
 async def _by_key(tx: Tx, actor: str, key: str, request_hash: str) -> dict[str, Any] | None:

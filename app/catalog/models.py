@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base, timestamp
+from app.db.base import Base, current_xid, timestamp
 
 
 class Blueprint(Base):
@@ -155,6 +155,7 @@ class EntityEvent(Base):
     __table_args__ = (
         ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
         Index("ix_entity_events_entity", "org_id", "blueprint", "identifier", "id"),
+        Index("ix_entity_events_xid", "xid"),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -168,6 +169,7 @@ class EntityEvent(Base):
     origin: Mapped[str] = mapped_column(String(40), nullable=False)
     run_id: Mapped[str | None] = mapped_column(String(200))
     at: Mapped[datetime] = timestamp()
+    xid: Mapped[str] = current_xid()
 
 
 class CatalogMigration(Base):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy import DateTime, MetaData, func, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import UserDefinedType
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -20,6 +21,20 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class XID8(UserDefinedType[str]):
+    """PostgreSQL's 64-bit transaction id (`xid8`), as the event feed stamps events."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return "xid8"
+
+
+def current_xid() -> Mapped[str]:
+    """An `xid8 NOT NULL DEFAULT pg_current_xact_id()` column: the writing transaction."""
+    return mapped_column(XID8(), nullable=False, server_default=text("pg_current_xact_id()"))
+
+
 def timestamp() -> Mapped[datetime]:
     """A `timestamptz NOT NULL DEFAULT now()` column (created_at, updated_at...)."""
     return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
@@ -29,6 +44,7 @@ def import_models() -> None:
     """Import every domain's models so Base.metadata is complete (alembic, tests)."""
     from app.actions import models as action_models  # noqa: F401
     from app.auth import models as auth_models  # noqa: F401
+    from app.automations import models as automation_models  # noqa: F401
     from app.catalog import models as catalog_models  # noqa: F401
     from app.orgs import models as org_models  # noqa: F401
     from app.scorecards import models as scorecard_models  # noqa: F401

@@ -15,6 +15,8 @@ from arq.cron import cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func
 
+from app.automations import timers
+from app.automations.feed import EventFeed
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
@@ -62,6 +64,11 @@ async def dispatch_run(ctx: dict[str, Any], org_id: str, run_id: str, attempt: i
     return await runner.dispatch(ctx["settings"], ctx["db"], uuid.UUID(org_id), run_id, attempt)
 
 
+async def fire_timers(ctx: dict[str, Any]) -> int:
+    """TIMER_PROPERTY_EXPIRED automations for timers that passed since the last look."""
+    return await timers.fire_expired(ctx["db"])
+
+
 async def sweep_runs(ctx: dict[str, Any]) -> int:
     """Runs whose worker died mid-dispatch (lease expired) are dispatched again."""
     return await runner.sweep_expired(ctx["settings"], ctx["db"])
@@ -83,6 +90,7 @@ JOB_FUNCTIONS: list[Function | WorkerCoroutine] = [
     func(dispatch_run, keep_result=60),
 ]
 CRON_JOBS = [
+    cron(fire_timers, second=set(range(0, 60, 5)), run_at_startup=True),
     cron(sweep_runs, second=set(range(3, 60, 5)), run_at_startup=True),
     # Hourly, so a day always has its point (the last pass of the day stands).
     cron(snapshot_scorecards, minute=7, second=0, run_at_startup=True, timeout=3600),
@@ -141,6 +149,8 @@ class Supervisor:
         db = await Database.connect(self.settings)
         relay = Relay(self.settings, db)
         relay.start()
+        feed = EventFeed(self.settings, db)
+        feed.start()
         failures = 0
         try:
             while True:
@@ -158,6 +168,7 @@ class Supervisor:
                 failures = 0 if ran > 30 else failures + 1
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0))  # noqa: S311
         finally:
+            await feed.stop()
             await relay.stop()
             await db.close()
             await client.aclose_shared()

@@ -8,7 +8,8 @@ compare `portolan_number(properties, 'p')` / `portolan_time(properties, 'p')`
 and the search statement's own `org_id = ... AND blueprint = ...` lets the planner use it.
 
 Which properties are indexed, from the blueprint schema:
-- `"indexed": true` on a number or date-time property: always;
+- `"indexed": true` on a number or date-time property, and every `timer` property (the
+  timer automations' query): always;
 - `"indexed": false`: never;
 - neither: once the blueprint holds `range_index_min_entities` entities (a small blueprint
   is read quickly without one, and every index costs each write to its entities). An
@@ -106,7 +107,9 @@ def wanted_by(
         flag = prop.get("indexed")
         if kind is None or flag is False:
             continue
-        (always if flag is True else automatic).append(RangeIndex(org_id, blueprint, name, kind))
+        # Timers always: TIMER_PROPERTY_EXPIRED automations find expiries through it.
+        wanted = flag is True or prop.get("format") == "timer"
+        (always if wanted else automatic).append(RangeIndex(org_id, blueprint, name, kind))
     return always, automatic
 
 

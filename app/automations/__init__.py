@@ -1,0 +1,1 @@
+"""Automations: actions whose runs the catalog's and runs' own events create."""

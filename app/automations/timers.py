@@ -1,0 +1,129 @@
+"""TIMER_PROPERTY_EXPIRED: a `timer` property's time passing starts its automations.
+
+Every `timer` property has a range index on `portolan_time(properties, 'p')`
+(app/search/indexes.py), so a pass asks that index for the entities whose timer fell in
+(checked_until, now] — it never scans a blueprint. `timer_cursors` keeps `checked_until` per
+(org, blueprint, property), moved in the transaction that creates the runs; each run also
+carries a key made of the automation, the entity and the expiry, so an expiry makes one run
+per automation however often a pass is retried. A timer property's first pass starts its
+cursor at that moment: timers that passed before then do not fire, nor do timers written
+already in the past.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from app.automations.feed import condition_holds, create_automation_run
+from app.db.database import Database, Tx
+
+EVENT = "TIMER_PROPERTY_EXPIRED"
+
+
+def _key(entity: str, prop: str, expiry: datetime) -> str:
+    digest = hashlib.sha256(f"{entity}\n{prop}\n{expiry.isoformat()}".encode()).hexdigest()
+    return f"timer:{digest[:40]}"
+
+
+def _event(
+    org_id: Any, blueprint: str, prop: str, entity: dict[str, Any], at: datetime
+) -> dict[str, Any]:
+    return {
+        "action": "TIMER_PROPERTY_EXPIRED",
+        "resourceType": "entity",
+        "trigger": {
+            "by": {"orgId": str(org_id), "userId": "timer"},
+            "origin": "TIMER",
+            "at": at.isoformat().replace("+00:00", "Z"),
+        },
+        "context": {
+            "blueprintIdentifier": blueprint,
+            "entityIdentifier": entity["identifier"],
+            "propertyIdentifier": prop,
+        },
+        "diff": {"before": entity, "after": entity},
+    }
+
+
+async def fire_expired(db: Database) -> int:
+    """One pass over every timer automation; how many runs it made."""
+    async with db.system() as tx:
+        rows = await tx.fetch(
+            "SELECT org_id, identifier, title, icon, trigger, invocation_method, "
+            "required_approval FROM actions WHERE publish AND trigger->>'type' = 'automation' "
+            "AND trigger->'event'->>'type' = $1",
+            EVENT,
+        )
+    groups: dict[tuple[Any, str, str], list[Any]] = defaultdict(list)
+    for row in rows:
+        event = row["trigger"]["event"]
+        groups[(row["org_id"], event["blueprintIdentifier"], event["propertyIdentifier"])].append(
+            row
+        )
+    made = 0
+    for (org_id, blueprint, prop), automations in groups.items():
+        async with db.system(org_id) as tx:
+            made += await _fire_property(Tx(tx.conn, org_id), blueprint, prop, automations)
+    return made
+
+
+async def _fire_property(tx: Tx, blueprint: str, prop: str, automations: list[Any]) -> int:
+    cursor = await tx.fetchrow(
+        "SELECT checked_until, now() AS now FROM timer_cursors "
+        "WHERE org_id = $1 AND blueprint = $2 AND property = $3 FOR UPDATE SKIP LOCKED",
+        tx.org_id,
+        blueprint,
+        prop,
+    )
+    if cursor is None:
+        await tx.execute(
+            "INSERT INTO timer_cursors (org_id, blueprint, property, checked_until) "
+            "VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
+            tx.org_id,
+            blueprint,
+            prop,
+        )
+        return 0
+    # The same expression as the range index's, and its predicate: the index answers this.
+    expired = await tx.fetch(
+        "SELECT identifier, title, icon, team, properties, "
+        "portolan_time(properties, $3) AS expiry FROM entities "
+        "WHERE org_id = $1 AND blueprint = $2 AND portolan_time(properties, $3) IS NOT NULL "
+        "AND portolan_time(properties, $3) > $4 AND portolan_time(properties, $3) <= $5 "
+        "ORDER BY portolan_time(properties, $3), identifier",
+        tx.org_id,
+        blueprint,
+        prop,
+        cursor["checked_until"],
+        cursor["now"],
+    )
+    made = 0
+    for row in expired:
+        entity = {
+            "identifier": row["identifier"],
+            "blueprint": blueprint,
+            "title": row["title"],
+            "icon": row["icon"],
+            "team": row["team"],
+            "properties": row["properties"],
+        }
+        data = _event(tx.org_id, blueprint, prop, entity, row["expiry"])
+        for automation in automations:
+            if not await condition_holds(automation, data):
+                continue
+            key = _key(row["identifier"], prop, row["expiry"])
+            made += (
+                await create_automation_run(tx, automation, data, entity, key, depth=0)
+            ) is not None
+    await tx.execute(
+        "UPDATE timer_cursors SET checked_until = $4 "
+        "WHERE org_id = $1 AND blueprint = $2 AND property = $3",
+        tx.org_id,
+        blueprint,
+        prop,
+        cursor["now"],
+    )
+    return made

@@ -1,0 +1,376 @@
+"""Automations: entity and run events (and timers) create runs through the event feed, once
+per (automation, event), never for a rolled-back change, and per tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from app.automations import timers
+from app.automations.feed import process_once
+from app.catalog import entities
+from app.config import Settings
+from app.db.database import Database
+from app.search import indexes
+from tests.conftest import Org, OrgFactory
+from tests.receivers import WebhookReceiver
+from tests.test_dispatch import signing_secret, wait_run
+from tests.test_dispatch_faults import worker_process  # noqa: F401 - a fixture
+
+SERVICE = {
+    "identifier": "service",
+    "title": "Service",
+    "schema": {
+        "properties": {
+            "tier": {"type": "string"},
+            "expires": {"type": "string", "format": "timer"},
+        }
+    },
+}
+
+
+def automation(
+    identifier: str,
+    event: dict[str, Any],
+    url: str = "http://127.0.0.1:9/none",
+    condition: list[str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    trigger: dict[str, Any] = {"type": "automation", "event": event}
+    if condition is not None:
+        trigger["condition"] = {"type": "JQ", "expressions": condition, "combinator": "and"}
+    return {
+        "identifier": identifier,
+        "trigger": trigger,
+        "invocationMethod": {
+            "type": "WEBHOOK",
+            "url": url,
+            "body": {
+                "run": "{{ .run.id }}",
+                "entity": "{{ .event.context.entityIdentifier }}",
+                "before": "{{ .event.diff.before.properties.tier }}",
+                "after": "{{ .event.diff.after.properties.tier }}",
+            },
+        },
+        **extra,
+    }
+
+
+async def _post(client: httpx.AsyncClient, org: Org, path: str, body: Any) -> Any:
+    r = await client.post(path, json=body, headers=org.headers)
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+async def _entity(client: httpx.AsyncClient, org: Org, ident: str, **props: Any) -> None:
+    await _post(
+        client,
+        org,
+        "/v1/blueprints/service/entities?upsert=true&merge=true",
+        {"identifier": ident, "properties": props},
+    )
+
+
+async def _runs(client: httpx.AsyncClient, org: Org, action: str) -> list[dict[str, Any]]:
+    r = await client.get(f"/v1/actions/runs?action={action}", headers=org.headers)
+    return list(r.json()["runs"])
+
+
+async def _feed(db: Database) -> int:
+    """Passes until the feed has read everything committed so far."""
+    made = 0
+    for _ in range(5):
+        made += await process_once(db)
+    return made
+
+
+@pytest.fixture
+async def feed_started(db: Database) -> None:
+    await process_once(db)  # the cursor exists from here on
+
+
+async def test_entity_updated_fires_once_per_matching_change(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation(
+            "tier-changed",
+            {"type": "ENTITY_UPDATED", "blueprintIdentifier": "service"},
+            condition=[".diff.before.properties.tier != .diff.after.properties.tier"],
+        ),
+    )
+    await _entity(client, org, "api", tier="1")  # created: not an update
+    await _entity(client, org, "api", tier="2")  # matches
+    await _entity(client, org, "api", tier="2")  # unchanged: no event at all
+    await _entity(client, org, "api", tier="3")  # matches
+    await _post(client, org, "/v1/blueprints/service/entities?upsert=true", {"identifier": "web"})
+    await _feed(db)
+    await _feed(db)  # reading again makes nothing more
+    found = await _runs(client, org, "tier-changed")
+    assert len(found) == 2
+    assert {r["source"] for r in found} == {"AUTOMATION"}
+    assert {r["entity"]["identifier"] for r in found} == {"api"}
+
+
+async def test_a_rolled_back_change_fires_nothing(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation("on-create", {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"}),
+    )
+    writer = entities.Writer(actor="test", origin="API", datasource=None)
+
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort):
+        async with db.tenant(org.org_id) as tx:
+            outcome = await entities.write(
+                tx, "service", [{"identifier": "ghost"}], entities.WriteFlags(), writer
+            )
+            assert outcome[0].error is None
+            # The event row exists inside the transaction...
+            assert await tx.fetchval(
+                "SELECT count(*) FROM entity_events WHERE org_id = $1", org.org_id
+            )
+            await _feed(db)  # ...while the feed reads, it is not yet committed
+            raise Abort
+    await _entity(client, org, "real")
+    await _feed(db)
+    found = await _runs(client, org, "on-create")
+    assert [r["entity"]["identifier"] for r in found] == ["real"]
+
+
+async def test_create_delete_and_any_change(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    for ident, kind in (
+        ("c", "ENTITY_CREATED"),
+        ("d", "ENTITY_DELETED"),
+        ("a", "ANY_ENTITY_CHANGE"),
+    ):
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation(ident, {"type": kind, "blueprintIdentifier": "service"}),
+        )
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation(
+            "off", {"type": "ANY_ENTITY_CHANGE", "blueprintIdentifier": "service"}, publish=False
+        ),
+    )
+    await _entity(client, org, "x", tier="1")
+    await _entity(client, org, "x", tier="2")
+    r = await client.delete("/v1/blueprints/service/entities/x", headers=org.headers)
+    assert r.status_code == 200
+    await _feed(db)
+    assert len(await _runs(client, org, "c")) == 1
+    assert len(await _runs(client, org, "d")) == 1
+    assert len(await _runs(client, org, "a")) == 3
+    assert await _runs(client, org, "off") == []
+
+
+async def test_run_events_fire_and_never_loop(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    deploy = {
+        "identifier": "deploy",
+        "trigger": {
+            "type": "self-service",
+            "operation": "CREATE",
+            "userInputs": {"properties": {}},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/deploy"},
+    }
+    await _post(client, org, "/v1/actions", deploy)
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation(
+            "on-deploy-failed",
+            {"type": "RUN_UPDATED", "actionIdentifier": "deploy"},
+            condition=['.diff.after.status == "FAILURE"'],
+        ),
+    )
+    # Watches every run of itself: must not feed on its own runs.
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation("self", {"type": "ANY_RUN_CHANGE", "actionIdentifier": "self"}),
+    )
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation("on-deploy", {"type": "RUN_CREATED", "actionIdentifier": "deploy"}),
+    )
+    r = await client.post("/v1/actions/deploy/runs", json={"properties": {}}, headers=org.headers)
+    run_id = r.json()["run"]["id"]
+    await client.patch(
+        f"/v1/actions/runs/{run_id}", json={"statusLabel": "going"}, headers=org.headers
+    )
+    await client.patch(
+        f"/v1/actions/runs/{run_id}", json={"status": "FAILURE"}, headers=org.headers
+    )
+    await _feed(db)
+    assert len(await _runs(client, org, "on-deploy")) == 1
+    failed = await _runs(client, org, "on-deploy-failed")
+    assert len(failed) == 1
+    assert await _runs(client, org, "self") == []
+
+
+async def test_automations_stay_in_their_org(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    one, two = await make_org(), await make_org()
+    for org in (one, two):
+        await _post(client, org, "/v1/blueprints", SERVICE)
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation("watch", {"type": "ANY_ENTITY_CHANGE", "blueprintIdentifier": "service"}),
+        )
+    await _entity(client, one, "only-in-one")
+    await _feed(db)
+    assert len(await _runs(client, one, "watch")) == 1
+    assert await _runs(client, two, "watch") == []
+
+
+async def test_delivered_to_the_receiver_with_the_event(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    start_worker: Callable[..., Settings],
+    db: Database,
+    feed_started: None,
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation(
+                "notify", {"type": "ENTITY_UPDATED", "blueprintIdentifier": "service"}, receiver.url
+            ),
+        )
+        await _entity(client, org, "api", tier="1")
+        start_worker()
+        await _entity(client, org, "api", tier="2")
+        deliveries = await receiver.wait_for(1, timeout=20)
+        body = deliveries[0].body
+        assert body["entity"] == "api" and body["before"] == "1" and body["after"] == "2"
+        run = await wait_run(client, org, body["run"], lambda r: r["pendingExecution"] is False)
+        assert run["source"] == "AUTOMATION"
+
+
+async def test_timer_expiry_fires_once_through_its_index(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, settings: Settings
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation(
+            "expired",
+            {
+                "type": "TIMER_PROPERTY_EXPIRED",
+                "blueprintIdentifier": "service",
+                "propertyIdentifier": "expires",
+            },
+        ),
+    )
+    await timers.fire_expired(db)  # the property's cursor starts now
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    await _entity(client, org, "soon", expires=soon)
+    await _entity(client, org, "later", expires=later)
+    assert await timers.fire_expired(db) == 0  # not yet
+    await asyncio.sleep(1.2)
+    assert await timers.fire_expired(db) >= 1
+    assert await timers.fire_expired(db) == 0
+    found = await _runs(client, org, "expired")
+    assert [r["entity"]["identifier"] for r in found] == ["soon"]
+    # The timer property has its range index, and the expiry query can use it.
+    assert settings.database_url is not None
+    await indexes.reconcile(settings.database_url, min_entities=10**9, orgs=[org.org_id])
+    async with db.system(org.org_id) as tx:
+        await tx.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in await tx.fetch(
+                "EXPLAIN SELECT identifier FROM entities WHERE org_id = $1 AND blueprint = "
+                "'service' AND portolan_time(properties, 'expires') IS NOT NULL AND "
+                "portolan_time(properties, 'expires') > now() - interval '1 minute' "
+                "AND portolan_time(properties, 'expires') <= now()",
+                org.org_id,
+            )
+        )
+    assert "ixr_" in plan, plan
+
+
+async def test_fires_once_per_change_when_the_worker_is_killed(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    worker_process: Callable[..., subprocess.Popen[bytes]],  # noqa: F811
+    db: Database,
+    feed_started: None,
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    queue = f"portolan-test:auto-kill-{time.monotonic_ns()}"
+    with WebhookReceiver(await signing_secret(client, org), delay=0.3) as receiver:
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation(
+                "every-update",
+                {"type": "ENTITY_UPDATED", "blueprintIdentifier": "service"},
+                receiver.url,
+            ),
+        )
+        await _entity(client, org, "svc", tier="0")
+        first = worker_process(PORTOLAN_QUEUE_NAME=queue)
+        for i in range(1, 31):
+            await _entity(client, org, "svc", tier=str(i))
+            if i == 15:
+                await receiver.wait_requests(3, timeout=30)
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+                worker_process(PORTOLAN_QUEUE_NAME=queue)
+        await receiver.wait_unique(30, timeout=90)
+        runs = await _runs(client, org, "every-update")
+        assert len(runs) == 30  # one run per change, none twice
+        assert {d.body["after"] for d in receiver.deliveries} == {str(i) for i in range(1, 31)}
