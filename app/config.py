@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     # (the queue lost it: Redis restarted empty, or its worker died before claiming it).
     dispatch_requeue_seconds: float = Field(default=30.0, gt=0, le=3600)
 
+    # Incoming webhooks (app/webhooks): the largest event body one takes (Port's limit is
+    # 512 KiB; a body over max_body_bytes is refused before it), and how many days events
+    # are kept once they were processed.
+    webhook_max_body_bytes: int = Field(default=512 * 1024, ge=1024)
+    webhook_event_retention_days: int = Field(default=7, ge=1, le=3650)
+
     @field_validator("cors_origins", "outbound_allow", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

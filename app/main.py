@@ -27,6 +27,7 @@ from app.scorecards.router import router as scorecard_router
 from app.search import calc
 from app.search.router import router as search_router
 from app.secrets.router import router as secrets_router
+from app.webhooks.router import router as webhook_router
 
 DESCRIPTION = (
     "Portolan is a multi-tenant internal developer portal backend. Its `/v1` API follows "
@@ -93,4 +94,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(secrets_router)
     app.include_router(run_router)  # before the action routes: /v1/actions/runs
     app.include_router(action_router)
+    app.include_router(webhook_router)
     return app

@@ -12,6 +12,7 @@ SCENARIOS = [
     "bench.search",
     "bench.scorecards",
     "bench.dispatch",
+    "bench.events",
 ]
 
 

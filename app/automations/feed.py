@@ -37,6 +37,7 @@ from typing import Any
 import asyncpg
 
 from app.actions import runs
+from app.automations import changelog
 from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import templates
@@ -282,6 +283,7 @@ async def process_once(db: Database) -> int:
         )
         events = [item[3] for item in ordered]
         made = await _fire(tx, events)
+        await changelog.enqueue(tx, events)
         await tx.execute(
             "UPDATE event_feed_cursors SET horizon = $2, updated_at = now() WHERE feed = $1",
             FEED,

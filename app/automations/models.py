@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
@@ -68,3 +69,36 @@ class TimerCursor(Base):
     blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
     property: Mapped[str] = mapped_column(String(100), primary_key=True)
     checked_until: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ChangelogDelivery(Base):
+    """One entity change on its way to its blueprint's changelog destination
+    (app/automations/changelog.py): pending -> sending -> delivered | failed."""
+
+    __tablename__ = "changelog_deliveries"
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
+        Index(
+            "ix_changelog_deliveries_open",
+            "org_id",
+            "blueprint",
+            "entity",
+            "id",
+            postgresql_where=text("state IN ('pending', 'sending')"),
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), nullable=False)
+    entity: Mapped[str] = mapped_column(String(1000), nullable=False)
+    event_key: Mapped[str] = mapped_column(String(40), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    state: Mapped[str] = mapped_column(String(20), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = timestamp()
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = timestamp()
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

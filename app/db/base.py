@@ -49,3 +49,4 @@ def import_models() -> None:
     from app.orgs import models as org_models  # noqa: F401
     from app.scorecards import models as scorecard_models  # noqa: F401
     from app.secrets import models as secret_models  # noqa: F401
+    from app.webhooks import models as webhook_models  # noqa: F401

@@ -16,6 +16,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func
 
 from app.automations import timers
+from app.automations.changelog import ChangelogSender
 from app.automations.feed import EventFeed
 from app.config import Settings
 from app.db.database import Database
@@ -25,6 +26,11 @@ from app.dispatch.relay import Relay
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
 from app.search import indexes
+from app.webhooks.jobs import (
+    process_pending_webhook_events,
+    process_webhook_events,
+    prune_webhook_events,
+)
 
 log = logging.getLogger("portolan.worker")
 
@@ -88,8 +94,11 @@ JOB_FUNCTIONS: list[Function | WorkerCoroutine] = [
     # A dispatch's outcome lives on the run; its job result only needs to outlive a
     # duplicate enqueue of the same job id by a little.
     func(dispatch_run, keep_result=60),
+    func(process_webhook_events, keep_result=60),
 ]
 CRON_JOBS = [
+    cron(process_pending_webhook_events, second=set(range(0, 60, 2)), run_at_startup=True),
+    cron(prune_webhook_events, minute=41, second=30, run_at_startup=True, timeout=3600),
     cron(fire_timers, second=set(range(0, 60, 5)), run_at_startup=True),
     cron(sweep_runs, second=set(range(3, 60, 5)), run_at_startup=True),
     # Hourly, so a day always has its point (the last pass of the day stands).
@@ -151,6 +160,8 @@ class Supervisor:
         relay.start()
         feed = EventFeed(self.settings, db)
         feed.start()
+        sender = ChangelogSender(self.settings, db)
+        sender.start()
         failures = 0
         try:
             while True:
@@ -168,6 +179,7 @@ class Supervisor:
                 failures = 0 if ran > 30 else failures + 1
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0))  # noqa: S311
         finally:
+            await sender.stop()
             await feed.stop()
             await relay.stop()
             await db.close()

@@ -1,0 +1,180 @@
+"""Changelog destinations: a blueprint's `changelogDestination {"type": "WEBHOOK", "url"}`
+receives every change of its entities, signed like action webhooks, in commit order per
+entity.
+
+The event feed (app/automations/feed.py) reads each committed change once; for a blueprint
+with a destination it adds a delivery row in the same transaction that moves its cursor.
+Per entity, ids of events follow commit order (a change waits for the entity's row lock,
+so the next change's event is written after the previous one committed), and deliveries
+are made in id order: the sender only takes the oldest undelivered delivery of an entity,
+and the next one waits until it is delivered (or has failed for good). Entities are
+independent: one entity's failing receiver does not hold up another's.
+
+A delivery is claimed with a lease (its worker's death hands it back), sent outside any
+transaction, and recorded: 2xx delivered; another 4xx failed (the reason kept); timeouts,
+connection errors, 408, 429 and 5xx retried with backoff until the last attempt. The body is
+the event's data (`{action, resourceType, trigger, context, diff: {before, after}}`); the
+`webhook-id` header is the delivery's id, the same on every attempt, so receivers dedupe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from app.config import Settings
+from app.db.database import Database, Tx
+from app.dispatch import invokers
+from app.dispatch.outbound import Allowed
+from app.dispatch.runner import backoff
+from app.kit.crypto import cipher_for
+from app.secrets import service as secrets_service
+
+log = logging.getLogger("portolan.changelog")
+POLL_SECONDS = 0.1
+BATCH = 50
+
+
+async def enqueue(tx: Tx, events: Iterable[Any]) -> int:
+    """Delivery rows for the entity events whose blueprint has a changelog destination."""
+    entity_events = [e for e in events if e.data.get("resourceType") == "entity"]
+    if not entity_events:
+        return 0
+    pairs = sorted({(str(e.org_id), e.scope) for e in entity_events})
+    rows = await tx.fetch(
+        "SELECT org_id, identifier, changelog_destination FROM blueprints "
+        "WHERE (org_id::text, identifier) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
+        "AND changelog_destination IS NOT NULL",
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    urls = {
+        (str(r["org_id"]), r["identifier"]): r["changelog_destination"].get("url")
+        for r in rows
+        if (r["changelog_destination"] or {}).get("type") == "WEBHOOK"
+    }
+    wanted = [e for e in entity_events if urls.get((str(e.org_id), e.scope))]
+    if not wanted:
+        return 0
+    await tx.execute(
+        "INSERT INTO changelog_deliveries (org_id, blueprint, entity, event_key, url, body) "
+        "SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::jsonb[])",
+        [e.org_id for e in wanted],
+        [e.scope for e in wanted],
+        [e.data["context"]["entityIdentifier"] for e in wanted],
+        [e.key for e in wanted],
+        [urls[(str(e.org_id), e.scope)] for e in wanted],
+        [e.data for e in wanted],
+    )
+    return len(wanted)
+
+
+async def claim(db: Database, lease: float, batch: int = BATCH) -> list[asyncpg.Record]:
+    """The oldest undelivered delivery of each entity that has one due (at most `batch`),
+    claimed for `lease` seconds. Expired claims count as undelivered again."""
+    async with db.system() as tx:
+        return await tx.fetch(
+            "WITH heads AS ("
+            " SELECT d.org_id, d.id FROM changelog_deliveries d"
+            " WHERE d.state IN ('pending', 'sending')"
+            " AND NOT EXISTS (SELECT 1 FROM changelog_deliveries p"
+            "   WHERE p.org_id = d.org_id AND p.blueprint = d.blueprint"
+            "   AND p.entity = d.entity AND p.state IN ('pending', 'sending') AND p.id < d.id)"
+            " AND (d.state = 'pending' AND d.next_attempt_at <= now()"
+            "      OR d.state = 'sending' AND d.lease_until < now())"
+            " ORDER BY d.id LIMIT $1 FOR UPDATE OF d SKIP LOCKED)"
+            " UPDATE changelog_deliveries c SET state = 'sending', attempts = attempts + 1,"
+            " lease_until = now() + make_interval(secs => $2)"
+            " FROM heads WHERE c.org_id = heads.org_id AND c.id = heads.id"
+            " RETURNING c.*",
+            batch,
+            lease,
+        )
+
+
+async def _record(
+    db: Database, row: asyncpg.Record, state: str, message: str, retry_in: float | None
+) -> None:
+    async with db.system() as tx:
+        await tx.execute(
+            "UPDATE changelog_deliveries SET state = $3, last_error = $4, lease_until = NULL, "
+            "next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at "
+            "ELSE now() + make_interval(secs => $5) END, "
+            "delivered_at = CASE WHEN $3::varchar = 'delivered' THEN now() END "
+            "WHERE org_id = $1 AND id = $2 AND state = 'sending' AND attempts = $6",
+            row["org_id"],
+            row["id"],
+            state,
+            message,
+            retry_in,
+            row["attempts"],
+        )
+
+
+async def send(settings: Settings, db: Database, row: asyncpg.Record) -> str:
+    """Deliver one claimed row; its new state."""
+    cipher = cipher_for(settings)
+    async with db.system(row["org_id"]) as tx:
+        bound = Tx(tx.conn, row["org_id"])
+        signing = await secrets_service.signing_secret(bound, cipher)
+    context = invokers.Context(
+        run_id=f"chg_{row['id']}",
+        signing_secret=signing,
+        secrets={},
+        allowed=Allowed.parse(settings.outbound_allow),
+        github_api_url=settings.github_api_url,
+        gitlab_api_url=settings.gitlab_api_url,
+        timeout=settings.dispatch_timeout_seconds,
+        inputs={},
+    )
+    method = {"type": "WEBHOOK", "url": row["url"], "body": row["body"], "synchronized": True}
+    outcome = await invokers.invoke(method, context)
+    if outcome.state == "success":
+        state, retry_in = "delivered", None
+    elif outcome.state == "retry" and row["attempts"] < settings.dispatch_max_attempts:
+        state, retry_in = "pending", backoff(settings, row["attempts"], outcome.retry_after)
+    else:
+        state, retry_in = "failed", None
+    await _record(db, row, state, outcome.message, retry_in)
+    return state
+
+
+class ChangelogSender:
+    """The sender's loop in a worker process (start / stop)."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="changelog-sender")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                rows = await claim(self._db, self._settings.dispatch_lease_seconds)
+                if rows:
+                    await asyncio.gather(*(send(self._settings, self._db, r) for r in rows))
+                failures = 0
+                wait = 0.0 if len(rows) >= BATCH else POLL_SECONDS
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                wait = min(5.0, POLL_SECONDS * 2**failures)
+                log.exception("changelog delivery pass failed; again in %.1f s", wait)
+            await asyncio.sleep(wait)
