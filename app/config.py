@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(default=512 * 1024, ge=1024)
     webhook_event_retention_days: int = Field(default=7, ge=1, le=3650)
 
+    # Rate limits (app/kit/ratelimit.py): requests per organization and route class per
+    # period, token buckets in Redis. Defaults: Port's published per-org figures.
+    rate_limit_enabled: bool = True
+    rate_limit_period_seconds: int = Field(default=300, ge=1, le=86400)
+    rate_limit_entity_reads: int = Field(default=35_000, ge=1)
+    rate_limit_entity_writes: int = Field(default=35_000, ge=1)
+    rate_limit_search: int = Field(default=15_000, ge=1)
+    rate_limit_other: int = Field(default=15_000, ge=1)
+
     @field_validator("cors_origins", "outbound_allow", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

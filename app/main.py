@@ -21,6 +21,7 @@ from app.db.database import Database
 from app.dispatch import templates
 from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
+from app.kit.ratelimit import Limiter
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
 from app.scorecards.router import router as scorecard_router
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
         redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379")
         app.state.db = db
         app.state.redis = redis
+        app.state.limiter = Limiter(settings)
         worker = InProcessWorker(settings) if with_worker else None
         if worker is not None:
             worker.start()
@@ -57,6 +59,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
         finally:
             if worker is not None:
                 await worker.stop()
+            await app.state.limiter.close()
             await redis.aclose()
             await db.close()
             calc.shutdown()
@@ -79,7 +82,14 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
             allow_credentials=True,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
-            expose_headers=["X-Request-Id"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "X-RateLimit-Period",
+                "Retry-After",
+            ],
         )
     # Added last, so outermost: every response (CORS preflights too) carries a request id.
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)

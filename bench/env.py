@@ -144,6 +144,11 @@ def served(settings: Settings, *, worker: bool = True) -> Iterator[int]:
         "PORTOLAN_REDIS_URL": settings.redis_url or "",
         "PORTOLAN_LOG_LEVEL": "WARNING",
         "PORTOLAN_ENV": "test",
+        # Limits on, so their cost is in every figure, but far above what a scenario sends.
+        **{
+            f"PORTOLAN_RATE_LIMIT_{kind}": "1000000000"
+            for kind in ("ENTITY_READS", "ENTITY_WRITES", "SEARCH", "OTHER")
+        },
     }
     LOG_PATH.parent.mkdir(parents=True, exist_ok=True)
     log = LOG_PATH.open("ab")

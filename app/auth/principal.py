@@ -13,6 +13,7 @@ from app.auth.tokens import TokenService
 from app.db.database import Tx
 from app.db.routing import open_request_tx
 from app.kit.errors import Unauthorized
+from app.kit.ratelimit import enforce
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,9 @@ class _Bearer(HTTPBearer):
 
 class BearerAuth(_Bearer):
     async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
-        return _principal_from(request)
+        principal = _principal_from(request)
+        await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
+        return principal
 
 
 class TenantAuth(_Bearer):
@@ -78,6 +81,7 @@ class TenantAuth(_Bearer):
 
     async def __call__(self, request: Request) -> Tenant:  # type: ignore[override]
         principal = _principal_from(request)
+        await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
         tx = await open_request_tx(request, request.app.state.db, principal.org_id)
         return Tenant(principal=principal, tx=tx)
 

@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.kit.errors import PortolanError, error_body
 from app.kit.logging import request_id_var
+from app.kit.ratelimit import STATE_KEY as RATE_LIMIT_STATE
+from app.kit.ratelimit import RateLimited
 
 log = logging.getLogger("portolan.http")
 
@@ -89,7 +91,11 @@ class RequestContextMiddleware:
                     return
                 response_started[0] = True
                 status_holder[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), rid_header]
+                extra = [rid_header]
+                verdict = scope.get("state", {}).get(RATE_LIMIT_STATE)
+                if verdict is not None:
+                    extra += verdict.headers()
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         async def send_error(status: int, body: dict[str, Any]) -> None:
@@ -205,7 +211,8 @@ def allowed_methods(routes: Iterable[BaseRoute], path: str) -> list[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PortolanError)
     async def _domain_error(request: Request, exc: PortolanError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(asyncpg.IntegrityConstraintViolationError)
     async def _integrity_error(

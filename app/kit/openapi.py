@@ -30,6 +30,7 @@ ERRORS_AUTHED: dict[int | str, dict[str, Any]] = {
     **ERRORS_PUBLIC,
     403: _err("Not allowed"),
     404: _err("A resource with the provided identifier was not found"),
+    429: _err("The organization's rate limit for this kind of request is reached (Retry-After)"),
 }
 
 

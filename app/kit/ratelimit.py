@@ -1,0 +1,171 @@
+"""Rate limits: a token bucket per organization and route class, kept in Redis.
+
+Classes: `entity_reads` (GET of entities), `entity_writes` (creating, changing, deleting
+entities), `search` (entity searches and aggregations), `other` (everything else that an
+organization's token calls). Each bucket holds `limit` tokens and refills at
+`limit / period` per second; a request takes one. The bucket lives in Redis (one Lua call
+per request, atomic, Redis's clock), so every API replica shares it.
+
+Every limited response carries `x-ratelimit-limit`, `x-ratelimit-remaining`,
+`x-ratelimit-reset` (seconds until the bucket is full again) and `x-ratelimit-period`
+(seconds); over the limit the answer is 429 with `Retry-After` (seconds until a token is
+back). When Redis cannot be reached the API keeps serving — the limit is not enforced
+(fail open), which is logged, and Redis is left alone for a few seconds before it is tried
+again, so an outage costs no request a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.kit.errors import PortolanError
+
+log = logging.getLogger("portolan.ratelimit")
+STATE_KEY = "portolan_ratelimit"
+_RETRY_REDIS_AFTER = 5.0
+
+# KEYS[1] bucket; ARGV: capacity, refill per second. Returns {allowed, tokens left (floor),
+# ms until full, ms until one token}. The bucket expires once it would be full anyway.
+_SCRIPT = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local now = redis.call('TIME')
+local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+if tokens == nil then
+  tokens = capacity
+  at = t
+end
+tokens = math.min(capacity, tokens + (t - at) * rate / 1000)
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(t))
+local full_ms = math.ceil((capacity - tokens) * 1000 / rate)
+redis.call('PEXPIRE', KEYS[1], full_ms + 1000)
+local next_ms = 0
+if tokens < 1 then
+  next_ms = math.ceil((1 - tokens) * 1000 / rate)
+end
+return {allowed, math.floor(tokens), full_ms, next_ms}
+"""
+
+
+class RateLimited(PortolanError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: int
+    period: int
+    retry_after: int
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The response headers that tell the caller where its bucket stands."""
+        return [
+            (b"x-ratelimit-limit", str(self.limit).encode()),
+            (b"x-ratelimit-remaining", str(self.remaining).encode()),
+            (b"x-ratelimit-reset", str(self.reset).encode()),
+            (b"x-ratelimit-period", str(self.period).encode()),
+        ]
+
+
+def route_class(method: str, path: str) -> str:
+    """The class of a route, from its method and path template."""
+    if path.endswith(("/entities/search", "/entities/aggregate")):
+        return "search"
+    if path.startswith("/v1/blueprints/{blueprint}/") and (
+        "/entities" in path or path.endswith("/all-entities")
+    ):
+        return "entity_reads" if method in ("GET", "HEAD") else "entity_writes"
+    return "other"
+
+
+class Limiter:
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.rate_limit_enabled
+        self.period = settings.rate_limit_period_seconds
+        self.limits = {
+            "entity_reads": settings.rate_limit_entity_reads,
+            "entity_writes": settings.rate_limit_entity_writes,
+            "search": settings.rate_limit_search,
+            "other": settings.rate_limit_other,
+        }
+        self._redis = Redis.from_url(
+            settings.redis_url or "redis://127.0.0.1:6379",
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
+        self._script: Any = self._redis.register_script(_SCRIPT)
+        self._down_until = 0.0
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def take(self, org_id: uuid.UUID, kind: str) -> Verdict | None:
+        """One token of the org's bucket for the class (the verdict says whether there was
+        one); None when limits are off or Redis is unreachable (fail open)."""
+        if not self.enabled or time.monotonic() < self._down_until:
+            return None
+        limit = self.limits[kind]
+        try:
+            allowed, remaining, full_ms, next_ms = await self._script(
+                keys=[f"portolan:rl:{org_id}:{kind}"], args=[limit, limit / self.period]
+            )
+        except Exception as exc:  # any Redis failure: serve, and say so
+            self._down_until = time.monotonic() + _RETRY_REDIS_AFTER
+            log.warning(
+                "rate limits not enforced for %.0f s: Redis unreachable (%s)",
+                _RETRY_REDIS_AFTER,
+                type(exc).__name__,
+            )
+            return None
+        return Verdict(
+            allowed=bool(allowed),
+            limit=limit,
+            remaining=int(remaining),
+            reset=math.ceil(int(full_ms) / 1000),
+            period=self.period,
+            retry_after=max(1, math.ceil(int(next_ms) / 1000)),
+        )
+
+
+async def enforce(
+    scope: MutableMapping[str, Any], limiter: Limiter, org_id: uuid.UUID, method: str
+) -> None:
+    """Take a token for the request (its class from the matched route), note the verdict
+    for the response headers, and raise RateLimited when there was none."""
+    route = scope.get("route")
+    kind = route_class(method, getattr(route, "path", "") or scope.get("path", ""))
+    verdict = await limiter.take(org_id, kind)
+    if verdict is None:
+        return
+    scope.setdefault("state", {})[STATE_KEY] = verdict
+    if not verdict.allowed:
+        raise RateLimited(
+            f"Rate limit of {verdict.limit} {kind.replace('_', ' ')} requests per "
+            f"{verdict.period} s reached for this organization",
+            retry_after=verdict.retry_after,
+        )
