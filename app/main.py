@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from app import __version__
 from app.actions.router import router as action_router
 from app.actions.run_router import router as run_router
+from app.audit.router import router as audit_router
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
 from app.catalog.entity_router import router as entity_router
@@ -104,5 +105,6 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(secrets_router)
     app.include_router(run_router)  # before the action routes: /v1/actions/runs
     app.include_router(action_router)
+    app.include_router(audit_router)
     app.include_router(webhook_router)
     return app

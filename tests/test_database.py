@@ -63,9 +63,9 @@ async def test_only_single_entity_routes_use_generic_plans(
     seen: list[bool] = []
     original = db.begin_tenant
 
-    async def recording(org_id: Any, *, generic_plans: bool = False) -> Any:
+    async def recording(org_id: Any, *, generic_plans: bool = False, **kwargs: Any) -> Any:
         seen.append(generic_plans)
-        return await original(org_id, generic_plans=generic_plans)
+        return await original(org_id, generic_plans=generic_plans, **kwargs)
 
     bp = {"identifier": "svc", "title": "Svc", "schema": {"properties": {}}}
     one = {"identifier": "a"}

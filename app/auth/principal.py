@@ -82,7 +82,9 @@ class TenantAuth(_Bearer):
     async def __call__(self, request: Request) -> Tenant:  # type: ignore[override]
         principal = _principal_from(request)
         await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
-        tx = await open_request_tx(request, request.app.state.db, principal.org_id)
+        tx = await open_request_tx(
+            request, request.app.state.db, principal.org_id, actor=principal.subject
+        )
         return Tenant(principal=principal, tx=tx)
 
 

@@ -43,6 +43,7 @@ def timestamp() -> Mapped[datetime]:
 def import_models() -> None:
     """Import every domain's models so Base.metadata is complete (alembic, tests)."""
     from app.actions import models as action_models  # noqa: F401
+    from app.audit import models as audit_models  # noqa: F401
     from app.auth import models as auth_models  # noqa: F401
     from app.automations import models as automation_models  # noqa: F401
     from app.catalog import models as catalog_models  # noqa: F401

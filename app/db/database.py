@@ -26,6 +26,9 @@ from app.db.pool import ConnectionPool
 from app.db.rls import APP_ROLE, ORG_SETTING
 
 Query = str | ClauseElement
+# Who is changing things in a transaction, for the audit log's triggers (migration 0014).
+ACTOR_SETTING = "portolan.actor"
+ORIGIN_SETTING = "portolan.origin"
 _DIALECT = sa_asyncpg.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -64,14 +67,33 @@ def compile_query(
     return compiled.string, [params[name] for name in compiled.positiontup or []]
 
 
-def _begin_sql(org_id: uuid.UUID | None, *, as_app_role: bool, generic_plans: bool = False) -> str:
+def _literal(value: str) -> str:
+    """A string as an SQL literal (standard_conforming_strings: only quotes are special)."""
+    if "\x00" in value:
+        raise ValueError("NUL in a session setting")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _begin_sql(
+    org_id: uuid.UUID | None,
+    *,
+    as_app_role: bool,
+    generic_plans: bool = False,
+    actor: str | None = None,
+    origin: str | None = None,
+) -> str:
     # One simple-query round trip opens the transaction and binds it. The org id is a
-    # parsed uuid.UUID rendered canonically, so nothing caller-supplied reaches the SQL.
+    # parsed uuid.UUID rendered canonically; the actor and origin (read by the audit log's
+    # triggers) are quoted literals.
     parts = ["BEGIN"]
     if as_app_role:
         parts.append(f"SET LOCAL ROLE {APP_ROLE}")
     if org_id is not None:
         parts.append(f"SET LOCAL {ORG_SETTING} = '{uuid.UUID(str(org_id))}'")
+    if actor is not None:
+        parts.append(f"SET LOCAL {ACTOR_SETTING} = {_literal(actor)}")
+    if origin is not None:
+        parts.append(f"SET LOCAL {ORIGIN_SETTING} = {_literal(origin)}")
     if generic_plans:
         parts.append("SET LOCAL plan_cache_mode = force_generic_plan")
     return "; ".join(parts)
@@ -161,7 +183,12 @@ class Database:
             self.pool.release(conn)
 
     async def begin_tenant(
-        self, org_id: uuid.UUID, *, generic_plans: bool = False
+        self,
+        org_id: uuid.UUID,
+        *,
+        generic_plans: bool = False,
+        actor: str | None = None,
+        origin: str | None = None,
     ) -> tuple[Tx, Any]:
         """Open a tenant transaction; the caller must `finish` it (used by the request
         dependency, which commits between the endpoint and the response).
@@ -171,7 +198,15 @@ class Database:
         few rows through their keys, where a plan is the same whatever the values."""
         conn = await self.pool.acquire()
         try:
-            await conn.execute(_begin_sql(org_id, as_app_role=True, generic_plans=generic_plans))
+            await conn.execute(
+                _begin_sql(
+                    org_id,
+                    as_app_role=True,
+                    generic_plans=generic_plans,
+                    actor=actor,
+                    origin=origin,
+                )
+            )
         except BaseException:
             self.pool.release(conn)
             raise

@@ -73,16 +73,27 @@ async def _finish(request: Request, *, commit: bool) -> None:
         await db.finish(conn, commit=commit)
 
 
-async def open_request_tx(request: Request, db: Database, org_id: Any) -> Tx:
+async def open_request_tx(
+    request: Request, db: Database, org_id: Any, actor: str | None = None
+) -> Tx:
     """Open the request's tenant transaction (once per request)."""
     if _STATE_KEY in request.scope:
         raise RuntimeError("the request transaction is already open")
     route = request.scope.get("route")
     if not isinstance(route, TransactionRoute):
         raise RuntimeError("tenant routes must use TransactionRoute (see api_router)")
-    tx, conn = await db.begin_tenant(org_id, generic_plans=route.generic_plans)
+    tx, conn = await db.begin_tenant(
+        org_id, generic_plans=route.generic_plans, actor=actor, origin=request_origin(request)
+    )
     request.scope[_STATE_KEY] = (db, conn)
     return tx
+
+
+def request_origin(request: Request) -> str:
+    """Where a request comes from, for the audit log: Port's Ocean integrations say so in
+    their User-Agent; everything else is the API."""
+    agent = request.headers.get("user-agent", "")
+    return "INTEGRATION" if agent.startswith("port-ocean/") else "API"
 
 
 def api_router(**kwargs: Any) -> APIRouter:

@@ -1,0 +1,154 @@
+"""`GET /v1/audit-log`: the organization's changes, newest first, for Admins.
+
+Entries are written by triggers in the transaction of each change (migration 0014): who
+(`trigger.by.userId`, the caller's subject; `system` for the service's own work), from
+where (`trigger.origin`: API, INTEGRATION for Port's Ocean, WEBHOOK, ACTION for a run's
+entity upsert, SYSTEM), what (`resourceType`, `identifier`, `context`), the `action`
+(CREATE, UPDATE, DELETE), `status` and the `diff` (before / after; secrets and credentials
+by metadata only). A change that fails is rolled back with its entry, so entries are
+SUCCESS. Filters combine with AND; pages follow `next`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict
+
+from app.auth.principal import CurrentTenant
+from app.db.routing import api_router
+from app.kit.errors import Forbidden, Invalid
+from app.kit.openapi import ERRORS_AUTHED
+from app.kit.responses import json_response
+
+router = api_router(tags=["Audit log"])
+Resource = Literal[
+    "blueprint", "entity", "scorecard", "action", "run", "webhook", "secret", "credential"
+]
+
+
+class AuditEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    identifier: str | None
+    resourceType: str
+    action: Literal["CREATE", "UPDATE", "DELETE"]
+    status: Literal["SUCCESS", "FAILURE"]
+    trigger: dict[str, Any]
+    context: dict[str, Any]
+    diff: dict[str, Any]
+    timestamp: datetime
+
+
+class AuditLogResponse(BaseModel):
+    ok: Literal[True] = True
+    audits: list[AuditEntry]
+    next: str | None = None
+
+
+def _cursor(row: asyncpg.Record) -> str:
+    raw = json.dumps([row["at"].isoformat(), row["id"]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _position(cursor: str) -> tuple[datetime, int]:
+    try:
+        at, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(at), int(ident)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise Invalid("`next` is not a cursor this route gave") from exc
+
+
+def _shape(row: asyncpg.Record) -> dict[str, Any]:
+    context: dict[str, Any] = {}
+    if row["blueprint"] is not None:
+        context["blueprint"] = row["blueprint"]
+    if row["resource"] == "entity":
+        context["entity"] = row["identifier"]
+    if row["run_id"] is not None:
+        context["runId"] = row["run_id"]
+    return {
+        "id": str(row["id"]),
+        "identifier": row["identifier"],
+        "resourceType": row["resource"],
+        "action": row["action"],
+        "status": row["status"],
+        "trigger": {
+            "by": {"orgId": str(row["org_id"]), "userId": row["actor"]},
+            "origin": row["origin"],
+            "at": row["at"],
+        },
+        "context": context,
+        "diff": row["diff"],
+        "timestamp": row["at"],
+    }
+
+
+@router.get(
+    "/v1/audit-log",
+    response_model=AuditLogResponse,
+    responses=ERRORS_AUTHED,
+    summary="The organization's audit log (Admins)",
+)
+async def audit_log(
+    tenant: CurrentTenant,
+    identifier: Annotated[str | None, Query(max_length=1000)] = None,
+    entity: Annotated[str | None, Query(max_length=1000)] = None,
+    blueprint: Annotated[str | None, Query(max_length=100)] = None,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
+    resources: Annotated[list[Resource] | None, Query()] = None,
+    origin: Annotated[list[str] | None, Query(max_length=20)] = None,
+    action: Literal["CREATE", "UPDATE", "DELETE"] | None = None,
+    status: Literal["SUCCESS", "FAILURE"] | None = None,
+    from_: Annotated[datetime | None, Query(alias="from")] = None,
+    to: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    next: Annotated[str | None, Query(max_length=200)] = None,
+) -> Any:
+    """Newest first. `entity` names an entity (with `blueprint`, of that blueprint);
+    `identifier` any resource's identifier; `resources`, `origin` repeatable; `from` / `to`
+    ISO 8601 times; `next`: the cursor of the previous page."""
+    if not tenant.principal.is_admin:
+        raise Forbidden("Reading the audit log requires the Admin role", code="forbidden")
+    after = _position(next) if next else None
+    rows = await tenant.tx.fetch(
+        "SELECT * FROM audit_log WHERE org_id = $1"
+        " AND ($2::text IS NULL OR identifier = $2)"
+        " AND ($3::text IS NULL OR (resource = 'entity' AND identifier = $3))"
+        " AND ($4::text IS NULL OR blueprint = $4)"
+        " AND ($5::text IS NULL OR run_id = $5)"
+        " AND ($6::text[] IS NULL OR resource = ANY($6::text[]))"
+        " AND ($7::text[] IS NULL OR origin = ANY($7::text[]))"
+        " AND ($8::text IS NULL OR action = $8)"
+        " AND ($9::text IS NULL OR status = $9)"
+        " AND ($10::timestamptz IS NULL OR at >= $10)"
+        " AND ($11::timestamptz IS NULL OR at <= $11)"
+        " AND ($12::timestamptz IS NULL OR (at, id) < ($12, $13::bigint))"
+        " ORDER BY at DESC, id DESC LIMIT $14",
+        tenant.org_id,
+        identifier,
+        entity,
+        blueprint,
+        run_id,
+        resources,
+        origin,
+        action,
+        status,
+        from_,
+        to,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    page = rows[:limit]
+    body: dict[str, Any] = {"ok": True, "audits": [_shape(r) for r in page]}
+    if len(rows) > limit:
+        body["next"] = _cursor(page[-1])
+    return json_response(body)

@@ -1,0 +1,168 @@
+"""The audit log: every change recorded in the transaction of the change (none for a
+rolled-back one), who and from where, secrets by metadata only, Port's filters, cursor
+pages, Admins only, one org's log only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from app.auth.service import create_credential
+from app.db.database import Database
+from tests.conftest import Org, OrgFactory
+
+SERVICE = {
+    "identifier": "service",
+    "title": "Service",
+    "schema": {"properties": {"tier": {"type": "string"}}},
+}
+
+
+async def _audits(client: httpx.AsyncClient, org: Org, query: str = "") -> dict[str, Any]:
+    r = await client.get(f"/v1/audit-log?{query}", headers=org.headers)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def test_changes_are_recorded_with_actor_origin_and_diff(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    h = org.headers
+    assert (await client.post("/v1/blueprints", json=SERVICE, headers=h)).status_code == 201
+    await client.post(
+        "/v1/blueprints/service/entities",
+        json={"identifier": "api", "properties": {"tier": "1"}},
+        headers={**h, "User-Agent": "port-ocean/0.12.9"},
+    )
+    await client.patch(
+        "/v1/blueprints/service/entities/api", json={"properties": {"tier": "2"}}, headers=h
+    )
+    await client.post(
+        "/v1/organization/secrets",
+        json={"secretName": "TOKEN", "secretValue": "very-secret-value"},
+        headers=h,
+    )
+    await client.delete("/v1/blueprints/service/entities/api", headers=h)
+    audits = (await _audits(client, org))["audits"]
+    kinds = [(a["resourceType"], a["action"], a["identifier"]) for a in audits]
+    assert kinds == [
+        ("entity", "DELETE", "api"),
+        ("secret", "CREATE", "TOKEN"),
+        ("entity", "UPDATE", "api"),
+        ("entity", "CREATE", "api"),
+        ("blueprint", "CREATE", "service"),
+        ("credential", "CREATE", org.client_id),  # made with the org, by the service
+    ]
+    assert {a["status"] for a in audits} == {"SUCCESS"}
+    assert {a["trigger"]["by"]["userId"] for a in audits[:-1]} == {org.client_id}
+    assert audits[-1]["trigger"] == {**audits[-1]["trigger"], "origin": "SYSTEM"}
+    assert audits[-1]["trigger"]["by"]["userId"] == "system"
+    assert "secret_hash" not in audits[-1]["diff"]["after"]
+    created = audits[3]
+    assert created["trigger"]["origin"] == "INTEGRATION"
+    assert created["context"] == {"blueprint": "service", "entity": "api"}
+    update = audits[2]
+    assert update["diff"]["before"]["properties"] == {"tier": "1"}
+    assert update["diff"]["after"]["properties"] == {"tier": "2"}
+    assert audits[4]["trigger"]["origin"] == "API"
+    # Secrets by metadata only.
+    secret = audits[1]
+    assert "very-secret-value" not in str(audits)
+    assert "value_encrypted" not in secret["diff"]["after"]
+    assert secret["diff"]["after"]["name"] == "TOKEN"
+
+
+async def test_a_failed_change_leaves_no_entry(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await client.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+    r = await client.post(
+        "/v1/blueprints/service/entities",
+        json={"identifier": "bad", "properties": {"tier": 5}},
+        headers=org.headers,
+    )
+    assert r.status_code == 422
+    audits = (await _audits(client, org, "resources=entity"))["audits"]
+    assert audits == []
+
+
+async def test_filters_and_pages(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    h = org.headers
+    await client.post("/v1/blueprints", json=SERVICE, headers=h)
+    for i in range(5):
+        await client.post(
+            "/v1/blueprints/service/entities?upsert=true",
+            json={"identifier": f"e{i}", "properties": {"tier": str(i)}},
+            headers=h,
+        )
+    assert len((await _audits(client, org, "entity=e3"))["audits"]) == 1
+    assert len((await _audits(client, org, "identifier=service"))["audits"]) == 1
+    assert len((await _audits(client, org, "resources=entity&action=CREATE"))["audits"]) == 5
+    assert (await _audits(client, org, "resources=run"))["audits"] == []
+    assert len((await _audits(client, org, "blueprint=service&resources=blueprint"))["audits"]) == 1
+    assert (await _audits(client, org, "status=FAILURE"))["audits"] == []
+    assert (await _audits(client, org, "from=2100-01-01T00:00:00Z"))["audits"] == []
+    seen: list[str] = []
+    page = await _audits(client, org, "limit=2")
+    while True:
+        seen += [a["id"] for a in page["audits"]]
+        if "next" not in page:
+            break
+        page = await _audits(client, org, f"limit=2&next={page['next']}")
+    assert len(seen) == len(set(seen)) == 7  # the org's credential, the blueprint, 5 entities
+    r = await client.get("/v1/audit-log?next=garbage", headers=h)
+    assert r.status_code == 422 and r.json()["ok"] is False
+    r = await client.get("/v1/audit-log?resources=nonsense", headers=h)
+    assert r.status_code == 422
+
+
+async def test_runs_and_actions_are_recorded(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    h = org.headers
+    action = {
+        "identifier": "deploy",
+        "trigger": {
+            "type": "self-service",
+            "operation": "CREATE",
+            "userInputs": {"properties": {}},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
+    }
+    assert (await client.post("/v1/actions", json=action, headers=h)).status_code == 201
+    run_id = (
+        await client.post("/v1/actions/deploy/runs", json={"properties": {}}, headers=h)
+    ).json()["run"]["id"]
+    await client.patch(f"/v1/actions/runs/{run_id}", json={"status": "SUCCESS"}, headers=h)
+    runs = (await _audits(client, org, f"run_id={run_id}"))["audits"]
+    assert [a["action"] for a in runs] == ["UPDATE", "CREATE"]
+    assert runs[0]["diff"]["after"]["status"] == "SUCCESS"
+    assert "definition" not in runs[0]["diff"]["after"]
+    actions = (await _audits(client, org, "resources=action"))["audits"]
+    assert [a["identifier"] for a in actions] == ["deploy"]
+
+
+async def test_only_admins_of_the_org_read_it(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    owner, other = await make_org(), await make_org()
+    await client.post("/v1/blueprints", json=SERVICE, headers=owner.headers)
+    theirs = (await _audits(client, other))["audits"]
+    assert [(a["resourceType"], a["identifier"]) for a in theirs] == [
+        ("credential", other.client_id)
+    ]
+    async with db.system(owner.org_id) as tx:
+        member = await create_credential(tx, org_id=owner.org_id, name="ci", roles=["Member"])
+    r = await client.post(
+        "/v1/auth/access_token",
+        json={"clientId": member.client_id, "clientSecret": member.client_secret},
+    )
+    token = r.json()["accessToken"]
+    r = await client.get("/v1/audit-log", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 403 and r.json()["ok"] is False
+    assert "Admin" in r.json()["message"]
