@@ -35,6 +35,7 @@ log = logging.getLogger("portolan.dispatch")
 BATCH = 200
 _IDLE_WAIT = 1.0
 _BACKOFF_MAX = 5.0
+_PASS_SECONDS = 30.0
 
 
 def job_id(run_id: str, attempt: int, relays: int = 0) -> str:
@@ -111,6 +112,13 @@ class Relay:
                 await self._pool.aclose()
             self._pool = None
 
+    async def _drop_queue(self) -> None:
+        """Forget the Redis pool after a failure: the next pass connects afresh."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            closing = asyncio.create_task(pool.aclose())
+            await asyncio.wait({closing}, timeout=1.0)
+
     async def _queue(self) -> ArqRedis:
         if self._pool is None:
             assert self._settings.redis_url is not None
@@ -145,7 +153,11 @@ class Relay:
                 await self._listen()
                 self._wake.clear()
                 requeue = self._settings.dispatch_requeue_seconds
-                moved = await relay_once(self._db, await self._queue(), requeue_seconds=requeue)
+                # Bounded: a call stuck on a dead connection must not stop the relay.
+                moved = await asyncio.wait_for(
+                    relay_once(self._db, await self._queue(), requeue_seconds=requeue),
+                    timeout=_PASS_SECONDS,
+                )
                 failures = 0
                 if moved >= BATCH:
                     continue  # more are due
@@ -156,6 +168,7 @@ class Relay:
                 raise
             except Exception as exc:  # Redis or PostgreSQL unreachable: keep the rows, retry
                 failures += 1
+                await self._drop_queue()
                 wait = min(_BACKOFF_MAX, 0.1 * 2**failures) * random.uniform(0.5, 1.0)  # noqa: S311
                 log.warning(
                     "dispatch relay: %s (%s); retrying in %.1f s",

@@ -33,6 +33,7 @@ from app.webhooks.jobs import (
 )
 
 log = logging.getLogger("portolan.worker")
+_CLOSE_SECONDS = 10.0
 
 
 async def ping(ctx: dict[str, Any], value: str) -> str:
@@ -85,8 +86,9 @@ async def _startup(ctx: dict[str, Any]) -> None:
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
-    if "db" in ctx:
-        await ctx["db"].close()
+    db = ctx.pop("db", None)
+    if db is not None:
+        await db.close()
 
 
 JOB_FUNCTIONS: list[Function | WorkerCoroutine] = [
@@ -187,10 +189,29 @@ class Supervisor:
             templates.shutdown()
 
     async def _close_worker(self) -> None:
+        """Stop arq's worker, within a time limit: with Redis gone its close cannot finish
+        (it deletes its health key and closes its pool there), and a stuck close would
+        stop the supervisor from ever starting a new worker."""
         worker, self._worker = self._worker, None
-        if worker is not None:
+        if worker is None:
+            return
+        # Not wait_for: it waits for a cancelled close to finish, which a close stuck on a
+        # dead connection may never do. A close still running after the limit is left.
+        closing = asyncio.create_task(worker.close(), name="arq-close")
+        done, _ = await asyncio.wait({closing}, timeout=_CLOSE_SECONDS)
+        if not done:
+            log.warning("worker did not close within %.0f s; starting a new one", _CLOSE_SECONDS)
+        elif closing.cancelled():
+            # arq's close gathers the jobs it has just cancelled, and so ends cancelled
+            # itself: that is its close, not this supervisor being stopped.
+            log.info("worker closed (its running jobs were cancelled)")
+        elif closing.exception() is not None:
+            log.warning("worker did not close cleanly: %s", type(closing.exception()).__name__)
+        db = worker.ctx.get("db")
+        if db is not None:  # on_shutdown did not run
+            worker.ctx.pop("db", None)
             with contextlib.suppress(Exception):
-                await worker.close()
+                await db.close()
 
 
 class InProcessWorker:
