@@ -13,6 +13,7 @@ from app import __version__
 from app.actions.router import router as action_router
 from app.actions.run_router import router as run_router
 from app.audit.router import router as audit_router
+from app.auth.apps import router as apps_router
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
 from app.catalog.entity_router import router as entity_router
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
 
     app.include_router(ops_router)
     app.include_router(auth_router)
+    app.include_router(apps_router)
     app.include_router(orgs_router)
     app.include_router(catalog_router)
     app.include_router(search_router)

@@ -1,0 +1,114 @@
+"""Machine credentials (`/v1/apps`): Admins create, list, change, rotate and delete them; the
+secret is shown once; roles are checked; the last Admin credential stays; per org."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import Org, OrgFactory
+
+
+async def _token(client: httpx.AsyncClient, client_id: str, secret: str) -> httpx.Response:
+    return await client.post(
+        "/v1/auth/access_token", json={"clientId": client_id, "clientSecret": secret}
+    )
+
+
+async def _bearer(client: httpx.AsyncClient, client_id: str, secret: str) -> dict[str, str]:
+    r = await _token(client, client_id, secret)
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['accessToken']}"}
+
+
+async def test_create_use_rotate_and_delete(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    r = await client.post("/v1/apps", json={"name": "ci", "roles": ["Member"]}, headers=org.headers)
+    assert r.status_code == 201, r.text
+    made = r.json()["app"]
+    assert made["name"] == "ci" and made["roles"] == ["Member"] and made["secret"]
+    member = await _bearer(client, made["clientId"], made["secret"])
+    # A Member reads the catalog but manages no credentials.
+    assert (await client.get("/v1/blueprints", headers=member)).status_code == 200
+    r = await client.get("/v1/apps", headers=member)
+    assert r.status_code == 403 and r.json()["ok"] is False
+    listed = (await client.get("/v1/apps", headers=org.headers)).json()["apps"]
+    assert {a["clientId"] for a in listed} == {org.client_id, made["clientId"]}
+    assert all("secret" not in a for a in listed)
+    r = await client.post(f"/v1/apps/{made['clientId']}/rotate-secret", headers=org.headers)
+    fresh = r.json()["app"]["secret"]
+    assert fresh != made["secret"]
+    assert (await _token(client, made["clientId"], made["secret"])).status_code == 401
+    assert (await _token(client, made["clientId"], fresh)).status_code == 200
+    r = await client.put(
+        f"/v1/apps/{made['clientId']}", json={"roles": ["Admin"]}, headers=org.headers
+    )
+    assert r.json()["app"]["roles"] == ["Admin"]
+    assert (await client.delete(f"/v1/apps/{made['clientId']}", headers=org.headers)).json() == {
+        "ok": True
+    }
+    assert (await _token(client, made["clientId"], fresh)).status_code == 401
+    assert (
+        await client.delete(f"/v1/apps/{made['clientId']}", headers=org.headers)
+    ).status_code == 404
+
+
+async def test_roles_are_checked(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    r = await client.post("/v1/apps", json={"name": "x", "roles": ["Root"]}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["details"][0]["pointer"] == "/roles/0"
+    r = await client.post(
+        "/v1/apps", json={"name": "x", "roles": ["service-moderator"]}, headers=org.headers
+    )
+    assert r.status_code == 422
+    await client.post(
+        "/v1/blueprints",
+        json={"identifier": "service", "title": "S", "schema": {}},
+        headers=org.headers,
+    )
+    r = await client.post(
+        "/v1/apps", json={"name": "x", "roles": ["service-moderator"]}, headers=org.headers
+    )
+    assert r.status_code == 201
+    r = await client.post(
+        "/v1/apps", json={"name": "x", "roles": ["Admin"], "org_id": "x"}, headers=org.headers
+    )
+    assert r.status_code == 422  # no mass assignment
+
+
+async def test_the_last_admin_credential_stays(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    r = await client.delete(f"/v1/apps/{org.client_id}", headers=org.headers)
+    assert r.status_code == 409 and r.json()["error"] == "last_admin_credential"
+    r = await client.put(
+        f"/v1/apps/{org.client_id}", json={"roles": ["Member"]}, headers=org.headers
+    )
+    assert r.status_code == 409
+    second = (
+        await client.post("/v1/apps", json={"name": "a2", "roles": ["Admin"]}, headers=org.headers)
+    ).json()["app"]
+    r = await client.delete(f"/v1/apps/{org.client_id}", headers=org.headers)
+    assert r.status_code == 200
+    assert second["roles"] == ["Admin"]
+
+
+async def test_apps_are_per_org(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    one, two = await make_org(), await make_org()
+
+    async def try_all(org: Org, target: str) -> list[int]:
+        return [
+            (
+                await client.put(f"/v1/apps/{target}", json={"name": "z"}, headers=org.headers)
+            ).status_code,
+            (
+                await client.post(f"/v1/apps/{target}/rotate-secret", headers=org.headers)
+            ).status_code,
+            (await client.delete(f"/v1/apps/{target}", headers=org.headers)).status_code,
+        ]
+
+    assert await try_all(two, one.client_id) == [404, 404, 404]
+    listed = (await client.get("/v1/apps", headers=two.headers)).json()["apps"]
+    assert [a["clientId"] for a in listed] == [two.client_id]
