@@ -178,3 +178,21 @@ async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> 
     response = await client.request("OPTIONS", "/v1/blueprints")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, POST"
+
+
+async def test_security_headers_on_every_response(client: httpx.AsyncClient) -> None:
+    """No sniffing, framing, referrer or caching; the API allows no active content (CSP);
+    the docs page keeps its scripts."""
+    for response in (
+        await client.get("/healthz"),
+        await client.get("/v1/organization"),  # 401
+        await client.get("/v1/nowhere"),  # 404
+    ):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    docs = await client.get("/docs")
+    assert docs.status_code == 200
+    assert "content-security-policy" not in docs.headers
