@@ -142,6 +142,7 @@ def served(settings: Settings, *, worker: bool = True) -> Iterator[int]:
         **({} if worker else {"PORTOLAN_BENCH_NO_WORKER": "1"}),
         "PORTOLAN_DATABASE_URL": settings.database_url or "",
         "PORTOLAN_REDIS_URL": settings.redis_url or "",
+        "PORTOLAN_QUEUE_NAME": settings.queue_name,
         "PORTOLAN_LOG_LEVEL": "WARNING",
         "PORTOLAN_ENV": "test",
         # Limits on, so their cost is in every figure, but far above what a scenario sends.

@@ -1,6 +1,8 @@
 """Incoming webhooks: Port's definition shapes, signed ingest (GitHub sha256, GitLab plain
 token), body limits, replays, mappings applied by the worker (itemsToParse, filter,
-delete), jq errors recorded on the event, exactly-once processing, and tenancy."""
+delete), jq errors recorded on the event, exactly-once processing, batches of events
+(arrival order, errors kept to their event, failed batches, poisoned events), and
+tenancy."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -1017,3 +1020,528 @@ async def test_hmac_algorithms_without_a_prefix(
     wrong = hmac.new(b"k3y", raw, getattr(hashlib, other)).hexdigest()
     r = await client.post(ingest_path(webhook), content=raw, headers={"X-Signature": wrong})
     assert r.status_code == 401
+
+
+# ---------------------------------------------------------------------------------------
+# Batches: several events applied in one transaction
+
+
+LABEL_WEBHOOK: dict[str, Any] = {
+    "identifier": "labels",
+    "title": "Labels",
+    "mappings": [
+        {
+            "blueprint": "label",
+            "filter": '.body.op == "upsert"',
+            "entity": {
+                "identifier": ".body.name",
+                "properties": {"color": ".body.color | ascii_downcase", "rank": ".body.rank"},
+            },
+        },
+        {
+            "blueprint": "label",
+            "operation": "delete",
+            "filter": '.body.op == "delete"',
+            "entity": {"identifier": ".body.name"},
+        },
+    ],
+}
+
+
+def upsert(name: str, color: Any, rank: Any = 1) -> dict[str, Any]:
+    return {"op": "upsert", "name": name, "color": color, "rank": rank}
+
+
+async def post_events(
+    client: httpx.AsyncClient, webhook: dict[str, Any], bodies: list[Any]
+) -> list[str]:
+    ids = []
+    for body in bodies:
+        r = await client.post(ingest_path(webhook), json=body)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["eventId"])
+    return ids
+
+
+async def event_rows(db: Database, org: Org, ids: list[str]) -> list[dict[str, Any]]:
+    async with db.system() as tx:
+        rows = await tx.fetch(
+            "SELECT id, status, attempts, outcome FROM webhook_events "
+            "WHERE org_id = $1 AND id = ANY($2::varchar[])",
+            org.org_id,
+            ids,
+        )
+    by_id = {row["id"]: dict(row) for row in rows}
+    return [by_id[event_id] for event_id in ids]
+
+
+def operations(row: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(e["identifier"], e["operation"]) for e in row["outcome"]["entities"]]
+
+
+@pytest.fixture
+def render_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every templates.render call the processing makes (the value rendered)."""
+    calls: list[Any] = []
+    real = processing.render
+
+    async def counting(value: Any, data: dict[str, Any], pointer: str = "") -> Any:
+        calls.append(value)
+        return await real(value, data, pointer)
+
+    monkeypatch.setattr(processing, "render", counting)
+    return calls
+
+
+async def test_a_batch_applies_its_events_in_arrival_order(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, render_calls: list[Any]
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(client, org, LABEL_WEBHOOK)
+    ids = await post_events(
+        client,
+        webhook,
+        [
+            upsert("a", "RED", 1),
+            upsert("b", "GREY"),
+            upsert("a", "BLUE", 2),
+            {"op": "delete", "name": "b"},
+            upsert("b", "BLACK", 5),
+            upsert("a", "GREEN", 3),
+            {"op": "delete", "name": "never-was"},
+        ],
+    )
+    assert await processing.process_webhook(db, org.org_id, "labels") == len(ids)
+    # One batch: every expression of the mappings was evaluated for all events at once.
+    assert len(render_calls) == 1
+    rows = await event_rows(db, org, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("processed", 1)] * len(ids)
+    assert [operations(r) for r in rows] == [
+        [("a", "create")],
+        [("b", "create")],
+        [("a", "update")],
+        [("b", "delete")],
+        [("b", "create")],
+        [("a", "update")],
+        [],
+    ]
+    r = await entity(client, org, "label", "a")
+    assert r.json()["entity"]["properties"] == {"color": "green", "rank": 3}
+    r = await entity(client, org, "label", "b")
+    assert r.json()["entity"]["properties"] == {"color": "black", "rank": 5}
+    async with db.system() as tx:
+        history = await tx.fetch(
+            "SELECT identifier, action, after->'properties'->>'color' AS color "
+            "FROM entity_events WHERE org_id = $1 AND blueprint = 'label' ORDER BY id",
+            org.org_id,
+        )
+    by_entity: dict[str, list[tuple[str, str | None]]] = {}
+    for row in history:
+        by_entity.setdefault(row["identifier"], []).append((row["action"], row["color"]))
+    assert by_entity["a"] == [("CREATE", "red"), ("UPDATE", "blue"), ("UPDATE", "green")]
+    assert [action for action, _ in by_entity["b"]] == ["CREATE", "DELETE", "CREATE"]
+    assert by_entity["b"][-1] == ("CREATE", "black")
+    # Applied once: another pass finds nothing and writes nothing.
+    assert await processing.process_webhook(db, org.org_id, "labels") == 0
+    async with db.system() as tx:
+        again = await tx.fetchval(
+            "SELECT count(*) FROM entity_events WHERE org_id = $1", org.org_id
+        )
+    assert again == len(history)
+
+
+async def test_an_entity_named_by_a_relation_is_written_in_order(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(
+        client,
+        org,
+        {
+            "identifier": "prs",
+            "title": "PRs",
+            "mappings": [
+                {
+                    "blueprint": "repository",
+                    "filter": ".body.url != null",
+                    "entity": {"identifier": ".body.repo", "properties": {"url": ".body.url"}},
+                },
+                {
+                    "blueprint": "pullRequest",
+                    "filter": ".body.pr != null",
+                    "entity": {
+                        "identifier": ".body.pr",
+                        "relations": {"repository": ".body.repo"},
+                    },
+                },
+            ],
+        },
+    )
+    # The pull request names a repository that does not exist yet (created bare for
+    # the relation); the next event writes the repository itself.
+    ids = await post_events(
+        client,
+        webhook,
+        [{"pr": "pr-1", "repo": "portolan"}, {"repo": "portolan", "url": "https://x"}],
+    )
+    assert await processing.process_webhook(db, org.org_id, "prs") == 2
+    first, second = await event_rows(db, org, ids)
+    assert operations(first) == [("pr-1", "create")]
+    assert operations(second) == [("portolan", "update")]
+    r = await entity(client, org, "repository", "portolan")
+    assert r.json()["entity"]["properties"] == {"url": "https://x"}
+    r = await entity(client, org, "pullRequest", "pr-1")
+    assert r.json()["entity"]["relations"] == {"repository": "portolan"}
+
+
+async def test_an_error_in_one_event_of_a_batch_leaves_the_others_applied(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, render_calls: list[Any]
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(client, org, LABEL_WEBHOOK)
+    ids = await post_events(
+        client,
+        webhook,
+        [
+            upsert("one", "AAA"),
+            upsert("jq-fails", 7),  # ascii_downcase of a number
+            upsert("refused", "BBB", "high"),  # rank must be a number
+            upsert("two", "CCC"),
+            {"op": "upsert", "name": 12, "color": "DDD"},  # identifier not a string
+        ],
+    )
+    assert await processing.process_webhook(db, org.org_id, "labels") == len(ids)
+    one, jq_fails, refused, two, numbered = await event_rows(db, org, ids)
+    assert one["status"] == "processed" and operations(one) == [("one", "create")]
+    assert two["status"] == "processed" and operations(two) == [("two", "create")]
+    assert jq_fails["status"] == "failed" and operations(jq_fails) == []
+    assert jq_fails["outcome"]["errors"] == [
+        {
+            "mapping": 0,
+            "item": None,
+            "pointer": "/mappings/0/entity/properties/color",
+            "message": "jq error: explode input must be a string",
+        }
+    ]
+    [error] = refused["outcome"]["errors"]
+    assert refused["status"] == "failed" and operations(refused) == []
+    assert error["mapping"] == 0 and error["item"] is None
+    assert error["pointer"] == "/mappings/0"
+    assert error["blueprint"] == "label" and error["identifier"] == "refused"
+    assert "rank" in error["message"]
+    [error] = numbered["outcome"]["errors"]
+    assert error["pointer"] == "/mappings/0/entity/identifier"
+    assert "tostring" in error["message"]
+    assert (await entity(client, org, "label", "refused")).status_code == 404
+    assert (await entity(client, org, "label", "two")).status_code == 200
+    # The batch was rendered at once; only the event whose jq failed again, on its own
+    # (for the error's pointer and message).
+    assert len(render_calls) == 2
+
+
+async def test_a_write_the_database_refuses_fails_only_its_event(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(client, org, LABEL_WEBHOOK)
+    real = processing.entities.write
+
+    async def write(tx: Any, blueprint: str, raws: list[Any], *args: Any) -> Any:
+        if any(raw.get("identifier") == "refused" for raw in raws):
+            await tx.execute("SELECT 1 / 0")  # aborts the transaction, as a refusal would
+        return await real(tx, blueprint, raws, *args)
+
+    monkeypatch.setattr(processing.entities, "write", write)
+    ids = await post_events(
+        client, webhook, [upsert("before", "A"), upsert("refused", "B"), upsert("after", "C")]
+    )
+    assert await processing.process_webhook(db, org.org_id, "labels") == 3
+    before, refused, after = await event_rows(db, org, ids)
+    assert before["status"] == after["status"] == "processed"
+    assert operations(before) == [("before", "create")]
+    assert operations(after) == [("after", "create")]
+    [error] = refused["outcome"]["errors"]
+    assert refused["status"] == "failed"
+    assert error["identifier"] == "refused" and error["pointer"] == "/mappings/0"
+    assert error["message"].startswith("the database refused the write: division by zero")
+
+
+async def test_a_batch_too_large_to_render_at_once_is_rendered_event_by_event(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, render_calls: list[Any]
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(
+        client,
+        org,
+        {
+            "identifier": "bulky",
+            "title": "Bulky",
+            "mappings": [
+                {
+                    "blueprint": "label",
+                    "itemsToParse": ".body.labels",
+                    "entity": {"identifier": ".item.name", "title": ".item.name"},
+                }
+            ],
+        },
+    )
+    # Each event's items are ~400 KB: together they are over the jq output limit.
+    bodies = [
+        {"labels": [{"name": f"e{n}-{i}", "pad": "x" * 4000} for i in range(100)]} for n in range(3)
+    ]
+    bodies.insert(1, {"labels": "not a list"})
+    ids = await post_events(client, webhook, bodies)
+    assert await processing.process_webhook(db, org.org_id, "bulky") == 4
+    rows = await event_rows(db, org, ids)
+    assert [r["status"] for r in rows] == ["processed", "failed", "processed", "processed"]
+    assert rows[1]["outcome"]["errors"][0]["pointer"] == "/mappings/0/itemsToParse"
+    assert len(rows[3]["outcome"]["entities"]) == 100
+    r = await client.get("/v1/blueprints/label/entities-count", headers=org.headers)
+    assert r.json()["count"] == 300
+    # The batch once, then each event on its own (items, then its entities).
+    assert len(render_calls) == 1 + 3 * 2 + 1
+
+
+async def test_a_pass_already_running_takes_the_events_of_later_calls(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(client, org, LABEL_WEBHOOK)
+    ids = await post_events(client, webhook, [upsert("first", "A")])
+    real = processing.render
+    later: list[int] = []
+
+    async def render_and_ingest(value: Any, data: dict[str, Any], pointer: str = "") -> Any:
+        if not later:
+            # While the pass renders its first batch, another event arrives and its job
+            # runs: the job leaves it to the running pass.
+            ids.extend(await post_events(client, webhook, [upsert("second", "B")]))
+            later.append(await processing.process_webhook(db, org.org_id, "labels"))
+        return await real(value, data, pointer)
+
+    monkeypatch.setattr(processing, "render", render_and_ingest)
+    assert await processing.process_webhook(db, org.org_id, "labels") == 2
+    assert later == [0]
+    assert [r["status"] for r in await event_rows(db, org, ids)] == ["processed"] * 2
+
+
+async def test_passes_of_two_processes_apply_each_event_once(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(client, org, LABEL_WEBHOOK)
+    ids = await post_events(client, webhook, [upsert(f"l{n}", "A", n) for n in range(30)])
+    real = processing.render
+
+    async def slow(value: Any, data: dict[str, Any], pointer: str = "") -> Any:
+        await asyncio.sleep(0.2)  # the pass holds its batch a while
+        return await real(value, data, pointer)
+
+    monkeypatch.setattr(processing, "render", slow)
+    other = await Database.connect(settings)  # as another worker process would
+    try:
+        counts = await asyncio.gather(
+            *(
+                processing._run_pass(database, org.org_id, "labels", 10, processing._Pass())
+                for database in (db, other, db, other)
+            )
+        )
+    finally:
+        await other.close()
+    assert sorted(counts) == [0, 0, 0, 10]  # one pass held the webhook, the rest skipped it
+    # What is left is taken by later passes; nothing is applied twice.
+    while await processing.process_webhook(db, org.org_id, "labels"):
+        pass
+    rows = await event_rows(db, org, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("processed", 1)] * 30
+    async with db.system() as tx:
+        writes = await tx.fetchval(
+            "SELECT count(*) FROM entity_events WHERE org_id = $1", org.org_id
+        )
+    assert writes == 30
+
+
+async def test_a_poisoned_event_fails_alone_and_the_webhook_moves_on(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(client, org, LABEL_WEBHOOK)
+    real = processing.entities.write
+
+    async def write(tx: Any, blueprint: str, raws: list[Any], *args: Any) -> Any:
+        if any(raw.get("identifier") == "poison" for raw in raws):
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return await real(tx, blueprint, raws, *args)
+
+    monkeypatch.setattr(processing.entities, "write", write)
+    ids = await post_events(
+        client, webhook, [upsert("a", "A"), upsert("poison", "P"), upsert("b", "B")]
+    )
+    # The batch fails as a whole: every event counts an attempt and stays pending.
+    assert await processing.process_webhook(db, org.org_id, "labels") == 0
+    rows = await event_rows(db, org, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 1)] * 3
+    # Then one at a time: the poisoned event fails alone until it is marked failed.
+    passes = 0
+    while any(r["status"] == "pending" for r in rows):
+        passes += 1
+        assert passes <= 10, rows
+        await processing.process_webhook(db, org.org_id, "labels")
+        rows = await event_rows(db, org, ids)
+    a, poison, b = rows
+    assert (a["status"], a["attempts"]) == ("processed", 2)
+    assert (b["status"], b["attempts"]) == ("processed", 2)
+    assert (poison["status"], poison["attempts"]) == ("failed", processing.MAX_ATTEMPTS)
+    assert "DeadlockDetectedError" in poison["outcome"]["errors"][0]["message"]
+    assert (await entity(client, org, "label", "b")).status_code == 200
+    assert (await entity(client, org, "label", "poison")).status_code == 404
+
+
+async def test_rendering_event_by_event_stops_at_a_time_budget(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    render_calls: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(
+        client,
+        org,
+        {
+            "identifier": "bulky",
+            "title": "Bulky",
+            "mappings": [
+                {
+                    "blueprint": "label",
+                    "itemsToParse": ".body.labels",
+                    "entity": {"identifier": ".item.name"},
+                }
+            ],
+        },
+    )
+    bodies = [
+        {"labels": [{"name": f"e{n}-{i}", "pad": "x" * 4000} for i in range(100)]} for n in range(3)
+    ]
+    ids = await post_events(client, webhook, bodies)
+    monkeypatch.setattr(processing, "RENDER_ALONE_SECONDS", 0.0)
+    assert await processing.process_webhook(db, org.org_id, "bulky") == 3
+    # The three together are over the jq output limit: the first is rendered on its
+    # own, the budget is spent, and the other two make the next batch (together).
+    assert len(render_calls) == 1 + 2 + 2
+    rows = await event_rows(db, org, ids)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("processed", 1)] * 3
+    async with db.system() as tx:
+        batches = await tx.fetchval(
+            "SELECT count(DISTINCT processed_at) FROM webhook_events WHERE org_id = $1",
+            org.org_id,
+        )
+    assert batches == 2
+
+
+async def test_the_periodic_pass_leaves_a_failing_webhook_until_its_next_run(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    failing = await _create(client, org, LABEL_WEBHOOK)
+    working = await _create(client, org, {**LABEL_WEBHOOK, "identifier": "working"})
+    real = processing.entities.write
+
+    async def write(tx: Any, blueprint: str, raws: list[Any], *args: Any) -> Any:
+        if any(raw.get("identifier") == "poison" for raw in raws):
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return await real(tx, blueprint, raws, *args)
+
+    monkeypatch.setattr(processing.entities, "write", write)
+    monkeypatch.setattr(processing, "LOOK_AGAIN_SECONDS", 0.01)
+    [poison] = await post_events(client, failing, [upsert("poison", "P")])
+    [first] = await post_events(client, working, [upsert("w1", "A")])
+    assert await processing.process_pending(db) >= 1
+    # It looked again (the working webhook had events) without trying the failing one.
+    [failed, applied] = await event_rows(db, org, [poison, first])
+    assert (failed["status"], failed["attempts"]) == ("pending", 1)
+    assert applied["status"] == "processed"
+    await processing.process_pending(db)
+    [failed] = await event_rows(db, org, [poison])
+    assert failed["attempts"] == 2
+
+
+async def test_item_errors_in_a_batch_name_their_event_mapping_and_item(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, render_calls: list[Any]
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(
+        client,
+        org,
+        {
+            "identifier": "items",
+            "title": "Items",
+            "mappings": [
+                {
+                    "blueprint": "label",
+                    "itemsToParse": ".body.labels",
+                    "filter": ".item.skip != true",
+                    "entity": {
+                        "identifier": ".item.name",
+                        "properties": {"color": ".item.color | ascii_downcase"},
+                    },
+                }
+            ],
+        },
+    )
+    ids = await post_events(
+        client,
+        webhook,
+        [
+            {"labels": [{"name": "a", "color": "A"}, {"name": "b", "color": 1}]},
+            {"labels": [{"name": "c", "color": 2, "skip": True}, {"name": "d", "color": "D"}]},
+            {"labels": None},
+        ],
+    )
+    assert await processing.process_webhook(db, org.org_id, "items") == 3
+    first, second, third = await event_rows(db, org, ids)
+    assert first["status"] == "failed"
+    assert first["outcome"]["entities"] == [
+        {"mapping": 0, "item": 0, "blueprint": "label", "identifier": "a", "operation": "create"}
+    ]
+    assert first["outcome"]["errors"] == [
+        {
+            "mapping": 0,
+            "item": 1,
+            "pointer": "/mappings/0/entity/properties/color",
+            "message": "jq error: explode input must be a string",
+        }
+    ]
+    # An item the filter drops does not fail on its entity's jq.
+    assert second["status"] == "processed"
+    assert [(e["item"], e["identifier"]) for e in second["outcome"]["entities"]] == [(1, "d")]
+    assert third["status"] == "processed" and third["outcome"] == {"entities": [], "errors": []}
+    # itemsToParse for the batch, the rest for the batch, the failing item on its own.
+    assert len(render_calls) == 3
