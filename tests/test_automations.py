@@ -85,11 +85,22 @@ async def _runs(client: httpx.AsyncClient, org: Org, action: str) -> list[dict[s
 
 
 async def _feed(db: Database) -> int:
-    """Passes until the feed has read everything committed so far."""
+    """Passes until the feed has read every transaction that ended before this call (its
+    horizon waits for any transaction still open on the server, so it may take a moment)."""
+    async with db.system() as tx:
+        goal = int(await tx.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
     made = 0
-    for _ in range(5):
+    deadline = time.monotonic() + 30
+    while True:
         made += await process_once(db)
-    return made
+        async with db.system() as tx:
+            horizon = await tx.fetchval(
+                "SELECT horizon FROM event_feed_cursors WHERE feed = 'automations'"
+            )
+        if horizon is not None and int(horizon) >= goal:
+            return made
+        assert time.monotonic() < deadline, f"the feed's horizon stayed below {goal}"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -151,7 +162,8 @@ async def test_a_rolled_back_change_fires_nothing(
             assert await tx.fetchval(
                 "SELECT count(*) FROM entity_events WHERE org_id = $1", org.org_id
             )
-            await _feed(db)  # ...while the feed reads, it is not yet committed
+            for _ in range(3):  # ...while the feed reads: it is not committed yet
+                await process_once(db)
             raise Abort
     await _entity(client, org, "real")
     await _feed(db)

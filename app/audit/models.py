@@ -1,4 +1,5 @@
-"""The audit log's table, written only by triggers (migration 0014)."""
+"""The audit log's table, written only by triggers (migration 0014). Entity changes are
+read from the catalog's entity events (migration 0015)."""
 
 from __future__ import annotations
 

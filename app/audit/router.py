@@ -54,14 +54,16 @@ class AuditLogResponse(BaseModel):
 
 
 def _cursor(row: asyncpg.Record) -> str:
-    raw = json.dumps([row["at"].isoformat(), row["id"]]).encode()
+    raw = json.dumps([row["at"].isoformat(), row["src"], row["id"]]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _position(cursor: str) -> tuple[datetime, int]:
+def _position(cursor: str) -> tuple[datetime, str, int]:
     try:
-        at, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), int(ident)
+        at, src, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if src not in ("a", "e"):
+            raise ValueError(src)
+        return datetime.fromisoformat(at), str(src), int(ident)
     except (ValueError, TypeError, binascii.Error) as exc:
         raise Invalid("`next` is not a cursor this route gave") from exc
 
@@ -75,7 +77,7 @@ def _shape(row: asyncpg.Record) -> dict[str, Any]:
     if row["run_id"] is not None:
         context["runId"] = row["run_id"]
     return {
-        "id": str(row["id"]),
+        "id": f"{row['src']}{row['id']}",
         "identifier": row["identifier"],
         "resourceType": row["resource"],
         "action": row["action"],
@@ -119,7 +121,16 @@ async def audit_log(
         raise Forbidden("Reading the audit log requires the Admin role", code="forbidden")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
-        "SELECT * FROM audit_log WHERE org_id = $1"
+        # Entity changes are the catalog's entity events; the rest is audit_log. The
+        # filters apply to both (PostgreSQL pushes them into each branch).
+        "SELECT * FROM ("
+        " SELECT 'a' AS src, id, org_id, at, actor, origin, resource, identifier, blueprint,"
+        "  run_id, action, status, diff FROM audit_log WHERE org_id = $1"
+        " UNION ALL"
+        " SELECT 'e', id, org_id, at, actor, origin, 'entity', identifier, blueprint, run_id,"
+        "  action, 'SUCCESS', jsonb_build_object('before', before, 'after', after)"
+        "  FROM entity_events WHERE org_id = $1"
+        ") x WHERE true"
         " AND ($2::text IS NULL OR identifier = $2)"
         " AND ($3::text IS NULL OR (resource = 'entity' AND identifier = $3))"
         " AND ($4::text IS NULL OR blueprint = $4)"
@@ -130,8 +141,8 @@ async def audit_log(
         " AND ($9::text IS NULL OR status = $9)"
         " AND ($10::timestamptz IS NULL OR at >= $10)"
         " AND ($11::timestamptz IS NULL OR at <= $11)"
-        " AND ($12::timestamptz IS NULL OR (at, id) < ($12, $13::bigint))"
-        " ORDER BY at DESC, id DESC LIMIT $14",
+        " AND ($12::timestamptz IS NULL OR (at, src, id) < ($12, $13::text, $14::bigint))"
+        " ORDER BY at DESC, src DESC, id DESC LIMIT $15",
         tenant.org_id,
         identifier,
         entity,
@@ -145,6 +156,7 @@ async def audit_log(
         to,
         after[0] if after else None,
         after[1] if after else None,
+        after[2] if after else None,
         limit + 1,
     )
     page = rows[:limit]
