@@ -225,7 +225,19 @@ async def _fire(tx: Tx, events: list[Event]) -> int:
     return made
 
 
-async def _slice(tx: Tx, table: str, start: str, end: str) -> tuple[list[asyncpg.Record], str]:
+async def _interested(tx: Tx) -> list[Any]:
+    """The orgs whose events anything reads: published automations or a blueprint with a
+    changelog destination. Other orgs' events are passed over unread."""
+    rows = await tx.fetch(
+        "SELECT org_id FROM actions WHERE publish AND trigger->>'type' = 'automation' "
+        "UNION SELECT org_id FROM blueprints WHERE changelog_destination IS NOT NULL"
+    )
+    return [r["org_id"] for r in rows]
+
+
+async def _slice(
+    tx: Tx, table: str, start: str, end: str, orgs: list[Any]
+) -> tuple[list[asyncpg.Record], str]:
     """The events of the transactions in [start, end) — at most about BATCH of them: when
     there are more, the slice ends at a transaction boundary (a transaction is read whole)
     and the returned end says where."""
@@ -237,10 +249,11 @@ async def _slice(tx: Tx, table: str, start: str, end: str) -> tuple[list[asyncpg
     )
     rows = await tx.fetch(
         f"{select} WHERE e.xid >= $1::text::xid8 AND e.xid < $2::text::xid8 "
-        "ORDER BY e.xid, e.id LIMIT $3",
+        "AND e.org_id = ANY($4::uuid[]) ORDER BY e.xid, e.id LIMIT $3",
         start,
         end,
         BATCH + 1,
+        orgs,
     )
     if len(rows) <= BATCH:
         return rows, end
@@ -249,7 +262,11 @@ async def _slice(tx: Tx, table: str, start: str, end: str) -> tuple[list[asyncpg
     if kept:
         return kept, last
     # One transaction wrote more than a batch: read it whole.
-    whole = await tx.fetch(f"{select} WHERE e.xid = $1::text::xid8 ORDER BY e.id", last)
+    whole = await tx.fetch(
+        f"{select} WHERE e.xid = $1::text::xid8 AND e.org_id = ANY($2::uuid[]) ORDER BY e.id",
+        last,
+        orgs,
+    )
     return whole, str(int(last) + 1)
 
 
@@ -272,8 +289,13 @@ async def process_once(db: Database) -> int:
         start = str(row["horizon"])
         if int(horizon) <= int(start):
             return 0
-        entity_rows, entity_end = await _slice(tx, "entity_events", start, horizon)
-        run_rows, end = await _slice(tx, "run_events", start, entity_end)
+        orgs = await _interested(tx)
+        if orgs:
+            entity_rows, entity_end = await _slice(tx, "entity_events", start, horizon, orgs)
+            run_rows, end = await _slice(tx, "run_events", start, entity_end, orgs)
+        else:
+            entity_rows, run_rows, entity_end = [], [], horizon
+            end = horizon
         if end != entity_end:  # the run slice was cut shorter: entity events that far too
             entity_rows = [r for r in entity_rows if int(str(r["xid"])) < int(end)]
         ordered = sorted(
