@@ -20,7 +20,6 @@ the event's data (`{action, resourceType, trigger, context, diff: {before, after
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +32,7 @@ from app.dispatch import invokers
 from app.dispatch.outbound import Allowed
 from app.dispatch.runner import backoff
 from app.kit.crypto import cipher_for
+from app.kit.loops import PollingLoop
 from app.secrets import service as secrets_service
 
 log = logging.getLogger("portolan.changelog")
@@ -145,36 +145,13 @@ async def send(settings: Settings, db: Database, row: asyncpg.Record) -> str:
     return state
 
 
-class ChangelogSender:
-    """The sender's loop in a worker process (start / stop)."""
+def changelog_sender(settings: Settings, db: Database) -> PollingLoop:
+    """The sender's loop in a worker process: a claimed batch is sent in parallel."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
-        self._settings = settings
-        self._db = db
-        self._task: asyncio.Task[None] | None = None
+    async def step() -> bool:
+        rows = await claim(db, settings.dispatch_lease_seconds)
+        if rows:
+            await asyncio.gather(*(send(settings, db, r) for r in rows))
+        return len(rows) >= BATCH
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="changelog-sender")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                rows = await claim(self._db, self._settings.dispatch_lease_seconds)
-                if rows:
-                    await asyncio.gather(*(send(self._settings, self._db, r) for r in rows))
-                failures = 0
-                wait = 0.0 if len(rows) >= BATCH else POLL_SECONDS
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                failures += 1
-                wait = min(5.0, POLL_SECONDS * 2**failures)
-                log.exception("changelog delivery pass failed; again in %.1f s", wait)
-            await asyncio.sleep(wait)
+    return PollingLoop("changelog delivery", step, poll_seconds=POLL_SECONDS, log=log)

@@ -27,8 +27,6 @@ and automations wait for it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,9 +36,9 @@ import asyncpg
 
 from app.actions import runs
 from app.automations import changelog
-from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import templates
+from app.kit.loops import PollingLoop
 
 log = logging.getLogger("portolan.automations")
 FEED = "automations"
@@ -314,34 +312,11 @@ async def process_once(db: Database) -> int:
     return made
 
 
-class EventFeed:
-    """The feed's loop in a worker process (start / stop)."""
+def event_feed(db: Database) -> PollingLoop:
+    """The feed's loop in a worker process."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
-        self._settings = settings
-        self._db = db
-        self._task: asyncio.Task[None] | None = None
+    async def step() -> bool:
+        await process_once(db)
+        return False
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-feed")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await process_once(self._db)
-                failures = 0
-                wait = POLL_SECONDS
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                failures += 1
-                wait = min(5.0, POLL_SECONDS * 2**failures)
-                log.exception("event feed pass failed; again in %.1f s", wait)
-            await asyncio.sleep(wait)
+    return PollingLoop("event feed", step, poll_seconds=POLL_SECONDS, log=log)

@@ -99,7 +99,7 @@ def trigger_data(run: asyncpg.Record, secrets: dict[str, str]) -> dict[str, Any]
     definition = run["definition"]
     context = run["context"]
     inputs = dict(run["properties"])
-    inputs.update({k: v for k, v in (context.get("inputEntities") or {}).items()})
+    inputs.update(context.get("inputEntities") or {})
     return {
         "inputs": inputs,
         "trigger": context.get("trigger") or {},

@@ -16,8 +16,8 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func
 
 from app.automations import timers
-from app.automations.changelog import ChangelogSender
-from app.automations.feed import EventFeed
+from app.automations.changelog import changelog_sender
+from app.automations.feed import event_feed
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
@@ -160,9 +160,9 @@ class Supervisor:
         db = await Database.connect(self.settings)
         relay = Relay(self.settings, db)
         relay.start()
-        feed = EventFeed(self.settings, db)
+        feed = event_feed(db)
         feed.start()
-        sender = ChangelogSender(self.settings, db)
+        sender = changelog_sender(self.settings, db)
         sender.start()
         failures = 0
         try:
