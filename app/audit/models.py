@@ -27,7 +27,7 @@ class AuditEntry(Base):
     at: Mapped[datetime] = timestamp()
     actor: Mapped[str] = mapped_column(String(200), nullable=False)
     origin: Mapped[str] = mapped_column(String(40), nullable=False)
-    resource: Mapped[str] = mapped_column(String(20), nullable=False)
+    resource: Mapped[str] = mapped_column(String(40), nullable=False)
     identifier: Mapped[str | None] = mapped_column(Text)
     blueprint: Mapped[str | None] = mapped_column(String(100))
     run_id: Mapped[str | None] = mapped_column(String(200))

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ARRAY, DateTime, ForeignKeyConstraint, LargeBinary, String, func
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    ForeignKeyConstraint,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
+from app.db.base import Base, timestamp
 
 
 class Credential(Base):
@@ -24,3 +33,62 @@ class Credential(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+
+
+class BlueprintPermissions(Base):
+    """Who may register, update and unregister a blueprint's entities. No row: defaults."""
+
+    __tablename__ = "blueprint_permissions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "blueprint"],
+            ["blueprints.org_id", "blueprints.identifier"],
+            ondelete="CASCADE",
+            onupdate="CASCADE",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    permissions: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    updated_at: Mapped[datetime] = timestamp()
+
+
+class ActionPermissions(Base):
+    """Who may execute and approve an action. No row: defaults."""
+
+    __tablename__ = "action_permissions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "action"],
+            ["actions.org_id", "actions.identifier"],
+            ondelete="CASCADE",
+            onupdate="CASCADE",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    action: Mapped[str] = mapped_column(String(100), primary_key=True)
+    permissions: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    updated_at: Mapped[datetime] = timestamp()
+
+
+class OidcConfig(Base):
+    """An org's identity provider. A token's (issuer, audience) names one org."""
+
+    __tablename__ = "oidc_configs"
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
+        UniqueConstraint("issuer", "audience"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(500), nullable=False)
+    audience: Mapped[str] = mapped_column(String(500), nullable=False)
+    jwks_uri: Mapped[str] = mapped_column(String(2000), nullable=False)
+    email_claim: Mapped[str] = mapped_column(String(100), nullable=False)
+    name_claim: Mapped[str] = mapped_column(String(100), nullable=False)
+    groups_claim: Mapped[str | None] = mapped_column(String(100))
+    group_teams: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    group_roles: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    updated_at: Mapped[datetime] = timestamp()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -18,10 +18,16 @@ from app.kit.ratelimit import enforce
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """The caller. `kind` is "app" (a machine credential: roles from the credential) or
+    "user" (a person: roles and teams read from the users table on every request, so a
+    change applies at once). `email` is set for users."""
+
     org_id: uuid.UUID
     subject: str
     kind: str
     roles: tuple[str, ...]
+    teams: tuple[str, ...] = ()
+    email: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -40,7 +46,7 @@ class Tenant:
         return self.principal.org_id
 
 
-def _principal_from(request: Request) -> Principal:
+async def _principal_from(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -49,7 +55,32 @@ def _principal_from(request: Request) -> Principal:
     tokens: TokenService = request.app.state.tokens
     claims = tokens.verify(token)
     return Principal(
-        org_id=claims.org_id, subject=claims.subject, kind=claims.kind, roles=claims.roles
+        org_id=claims.org_id,
+        subject=claims.subject,
+        kind=claims.kind,
+        roles=claims.roles,
+        email=claims.subject if claims.kind == "user" else None,
+    )
+
+
+# A user's roles (given + from the identity provider) and teams, in one statement.
+_USER_ACCESS = (
+    "SELECT u.status, u.roles || u.idp_roles AS roles, ARRAY("
+    " SELECT DISTINCT t.name FROM team_members m JOIN teams t"
+    " ON t.org_id = m.org_id AND t.id = m.team_id"
+    " WHERE m.org_id = u.org_id AND m.user_id = u.id ORDER BY t.name) AS teams "
+    "FROM users u WHERE u.org_id = $1 AND u.email = $2"
+)
+
+
+async def _with_user_access(principal: Principal, tx: Tx) -> Principal:
+    row = await tx.fetchrow(_USER_ACCESS, principal.org_id, principal.email)
+    if row is None or row["status"] == "Disabled":
+        raise Unauthorized("The user is not a member of the organization", code="unknown_user")
+    return replace(
+        principal,
+        roles=tuple(dict.fromkeys(row["roles"])),
+        teams=tuple(row["teams"]),
     )
 
 
@@ -67,27 +98,20 @@ class _Bearer(HTTPBearer):
         )
 
 
-class BearerAuth(_Bearer):
-    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
-        principal = _principal_from(request)
-        await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
-        return principal
-
-
 class TenantAuth(_Bearer):
     """Authenticates and opens the request's transaction as the app role with the caller's
     org bound. TransactionRoute commits it after the endpoint returns and before the
     response is sent; errors roll it back."""
 
     async def __call__(self, request: Request) -> Tenant:  # type: ignore[override]
-        principal = _principal_from(request)
+        principal = await _principal_from(request)
         await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
         tx = await open_request_tx(
             request, request.app.state.db, principal.org_id, actor=principal.subject
         )
+        if principal.kind == "user":
+            principal = await _with_user_access(principal, tx)
         return Tenant(principal=principal, tx=tx)
 
 
-authenticate = BearerAuth()
-CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
 CurrentTenant = Annotated[Tenant, Depends(TenantAuth())]

@@ -5,11 +5,21 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import DateTime, String, Text, func
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db.base import Base
+from app.db.base import Base, timestamp
 
 
 class Organization(Base):
@@ -25,3 +35,77 @@ class Organization(Base):
     )
     # The key outbound webhooks are signed with (app.secrets), encrypted (app.kit.crypto).
     signing_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+
+
+class User(Base):
+    """A person of the organization: invited by an Admin or provisioned on first sign-in.
+
+    `roles` are the ones given through the API; `idp_roles` the ones the identity
+    provider's groups map to at the last sign-in. A user holds both."""
+
+    __tablename__ = "users"
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
+        UniqueConstraint("org_id", "email"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+    email: Mapped[str] = mapped_column(String(320), nullable=False)
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    picture: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="Invited")
+    roles: Mapped[list[str]] = mapped_column(
+        ARRAY(String(120)), nullable=False, server_default="{}"
+    )
+    idp_roles: Mapped[list[str]] = mapped_column(
+        ARRAY(String(120)), nullable=False, server_default="{}"
+    )
+    providers: Mapped[list[str]] = mapped_column(
+        ARRAY(String(40)), nullable=False, server_default="{}"
+    )
+    created_at: Mapped[datetime] = timestamp()
+    updated_at: Mapped[datetime] = timestamp()
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Team(Base):
+    __tablename__ = "teams"
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
+        UniqueConstraint("org_id", "name"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str] = mapped_column(String(40), nullable=False, server_default="Port")
+    created_at: Mapped[datetime] = timestamp()
+    updated_at: Mapped[datetime] = timestamp()
+
+
+class TeamMember(Base):
+    """A user's membership of a team, given through the API (`api`) or by the identity
+    provider's groups at sign-in (`idp`). Either makes the user a member."""
+
+    __tablename__ = "team_members"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "team_id"], ["teams.org_id", "teams.id"], ondelete="CASCADE"
+        ),
+        ForeignKeyConstraint(
+            ["org_id", "user_id"], ["users.org_id", "users.id"], ondelete="CASCADE"
+        ),
+        Index("ix_team_members_org_id_user_id", "org_id", "user_id"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    team_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    source: Mapped[str] = mapped_column(String(10), primary_key=True)
