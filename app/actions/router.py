@@ -9,6 +9,7 @@ from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.actions import service
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
@@ -62,6 +63,18 @@ class ActionListResponse(BaseModel):
     actions: list[Action]
 
 
+def _blueprint_of(action: dict[str, Any]) -> str | None:
+    """The blueprint an action belongs to (its moderators manage it), if any."""
+    trigger = action.get("trigger")
+    if not isinstance(trigger, dict):
+        return None
+    event = trigger.get("event")
+    found = trigger.get("blueprintIdentifier") or (
+        event.get("blueprintIdentifier") if isinstance(event, dict) else None
+    )
+    return found if isinstance(found, str) else None
+
+
 def _raw(body: ActionBody) -> dict[str, Any]:
     return body.model_dump(exclude_unset=True)
 
@@ -74,7 +87,9 @@ def _raw(body: ActionBody) -> dict[str, Any]:
     summary="Create an action",
 )
 async def create_action(body: ActionBody, tenant: CurrentTenant) -> Any:
-    created = await service.create(tenant.tx, tenant.principal.subject, _raw(body))
+    raw = _raw(body)
+    permissions.require(tenant.principal, "actions.manage", blueprint=_blueprint_of(raw))
+    created = await service.create(tenant.tx, tenant.principal.subject, raw)
     return {"ok": True, "action": created}
 
 
@@ -112,7 +127,11 @@ async def get_action(identifier: ActionId, tenant: CurrentTenant) -> Any:
     summary="Replace an action",
 )
 async def replace_action(identifier: ActionId, body: ActionBody, tenant: CurrentTenant) -> Any:
-    updated = await service.replace(tenant.tx, tenant.principal.subject, identifier, _raw(body))
+    raw = _raw(body)
+    current = await service.get(tenant.tx, identifier)
+    for blueprint in (_blueprint_of(current), _blueprint_of(raw)):
+        permissions.require(tenant.principal, "actions.manage", blueprint=blueprint)
+    updated = await service.replace(tenant.tx, tenant.principal.subject, identifier, raw)
     return {"ok": True, "action": updated}
 
 
@@ -120,5 +139,49 @@ async def replace_action(identifier: ActionId, body: ActionBody, tenant: Current
     "/{identifier}", response_model=OkResponse, responses=ERRORS_AUTHED, summary="Delete an action"
 )
 async def delete_action(identifier: ActionId, tenant: CurrentTenant) -> Any:
+    current = await service.get(tenant.tx, identifier)
+    permissions.require(tenant.principal, "actions.manage", blueprint=_blueprint_of(current))
     await service.delete(tenant.tx, identifier)
     return {"ok": True}
+
+
+class ActionPermissionsResponse(BaseModel):
+    ok: Literal[True] = True
+    permissions: dict[str, Any] = Field(
+        description="`{execute: {users, roles, teams, ownedByTeam, policy}, approve: {users, "
+        "roles, teams, policy}}`"
+    )
+
+
+@router.get(
+    "/{identifier}/permissions",
+    response_model=ActionPermissionsResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Permissions"],
+    summary="Who may execute and approve the action",
+)
+async def get_action_permissions(identifier: ActionId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "actions.permissions.read")
+    action = await service.get(tenant.tx, identifier)
+    perms = await permissions.action_permissions(tenant.tx, action)
+    return {"ok": True, "permissions": perms.to_api()}
+
+
+@router.patch(
+    "/{identifier}/permissions",
+    response_model=ActionPermissionsResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Permissions"],
+    summary="Change who may execute and approve the action",
+)
+async def patch_action_permissions(
+    identifier: ActionId, body: dict[str, Any], tenant: CurrentTenant
+) -> Any:
+    """Each block given replaces the keys it names; others keep their values. Roles, teams
+    and users named must exist; `policy` (dynamic permissions) cannot be set."""
+    action = await service.get(tenant.tx, identifier)
+    permissions.require(
+        tenant.principal, "actions.permissions.update", blueprint=_blueprint_of(action)
+    )
+    perms = await permissions.update_action_permissions(tenant.tx, action, body)
+    return {"ok": True, "permissions": perms.to_api()}

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
 from app.actions import runs
-from app.auth.principal import CurrentTenant
+from app.auth import permissions
+from app.auth.principal import CurrentTenant, Tenant
 from app.db.database import Database
 from app.db.routing import api_router
 from app.kit.errors import Invalid
@@ -141,6 +142,7 @@ async def create_run(
         identifier,
         body.model_dump(exclude_unset=True),
         idempotency_key=idempotency_key,
+        principal=tenant.principal,
     )
     return json_response({"ok": True, "run": run}, status_code=202)
 
@@ -165,7 +167,13 @@ async def list_runs(
     source: Annotated[list[Literal["UI", "API", "AUTOMATION"]] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Any:
-    """Newest first. `active`: waiting for approval or in progress."""
+    """Newest first. `active`: waiting for approval or in progress. Admins see every run;
+    others see the runs they started (and read the ones they may approve by id)."""
+    user = user_id or user_email
+    if not permissions.allows(tenant.principal, "runs.readAll"):
+        if user is not None and user != tenant.principal.subject:
+            raise permissions.Denied("runs.readAll")
+        user = tenant.principal.subject
     found = await runs.list_runs(
         tenant.tx,
         action=action,
@@ -173,7 +181,7 @@ async def list_runs(
         blueprint=blueprint,
         active=active,
         statuses=list(status) if status else None,
-        user=user_id or user_email,
+        user=user,
         external_run_id=external_run_id,
         sources=list(source) if source else None,
         limit=limit,
@@ -185,7 +193,27 @@ async def list_runs(
     "/runs/{run_id}", response_model=RunResponse, responses=ERRORS_AUTHED, summary="Get a run"
 )
 async def get_run(run_id: RunId, tenant: CurrentTenant) -> Any:
-    return json_response({"ok": True, "run": await runs.get(tenant.tx, run_id)})
+    return json_response({"ok": True, "run": await _readable(tenant, run_id)})
+
+
+async def _readable(tenant: Tenant, run_id: str) -> dict[str, Any]:
+    """The run, if the caller may read it: Admins, whoever started it, its approvers."""
+    run = await runs.get(tenant.tx, run_id)
+    principal = tenant.principal
+    if permissions.allows(principal, "runs.readAll") or run["createdBy"] == principal.subject:
+        return run
+    if await permissions.may_approve(tenant.tx, principal, run["action"]):
+        return run
+    raise permissions.Denied("runs.readAll", f"run {run_id!r}")
+
+
+async def _reportable(tenant: Tenant, run_id: str) -> None:
+    """Progress is reported by Admins' credentials (the CI that runs the action) or by whoever
+    started the run."""
+    run = await runs.get(tenant.tx, run_id)
+    principal = tenant.principal
+    if not permissions.allows(principal, "runs.report") and run["createdBy"] != principal.subject:
+        raise permissions.Denied("runs.report", f"run {run_id!r}")
 
 
 @router.patch(
@@ -195,6 +223,7 @@ async def get_run(run_id: RunId, tenant: CurrentTenant) -> Any:
     summary="Report a run's progress",
 )
 async def patch_run(run_id: RunId, body: RunPatch, tenant: CurrentTenant) -> Any:
+    await _reportable(tenant, run_id)
     updated = await runs.update(
         tenant.tx, tenant.principal.subject, run_id, body.model_dump(exclude_unset=True)
     )
@@ -209,9 +238,7 @@ async def patch_run(run_id: RunId, body: RunPatch, tenant: CurrentTenant) -> Any
     summary="Approve or decline a run",
 )
 async def decide_run(run_id: RunId, body: ApprovalBody, tenant: CurrentTenant) -> Any:
-    decided = await runs.decide(
-        tenant.tx, tenant.principal.subject, run_id, body.status, body.description
-    )
+    decided = await runs.decide(tenant.tx, tenant.principal, run_id, body.status, body.description)
     return json_response({"ok": True, "run": decided}, status_code=201)
 
 
@@ -224,6 +251,7 @@ async def decide_run(run_id: RunId, body: ApprovalBody, tenant: CurrentTenant) -
 )
 async def add_log(run_id: RunId, body: LogBody, tenant: CurrentTenant) -> Any:
     """A log with `terminationStatus` ends the run; a run has one at most."""
+    await _reportable(tenant, run_id)
     written = await runs.add_log(
         tenant.tx,
         tenant.principal.subject,
@@ -247,6 +275,7 @@ async def list_logs(
     limit: Annotated[int, Query(ge=1, le=50)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Any:
+    await _readable(tenant, run_id)
     found = await runs.logs(tenant.tx, run_id, limit=limit, offset=offset)
     return json_response({"ok": True, "runLogs": found})
 
@@ -271,7 +300,7 @@ async def stream_logs(
 ) -> Any:
     """Every log so far, then new ones as they are written; `Last-Event-ID` resumes after
     the log it names. Ends after the run has ended and its last logs are sent."""
-    await runs.get(tenant.tx, run_id)  # 404 before the stream starts
+    await _readable(tenant, run_id)  # 404 / 403 before the stream starts
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     db: Database = request.app.state.db
     org_id = tenant.org_id

@@ -23,6 +23,8 @@ from typing import Any
 import asyncpg
 
 from app.actions import inputs
+from app.auth import permissions
+from app.auth.principal import Principal
 from app.db.database import Tx
 from app.dispatch import templates
 from app.kit.errors import Conflict, Invalid, NotFound
@@ -46,6 +48,10 @@ LEFT JOIN blueprints b ON b.org_id = r.org_id AND b.identifier = r.blueprint
 LEFT JOIN entities e ON e.org_id = r.org_id AND e.blueprint = r.blueprint
      AND e.identifier = r.entity
 """
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def new_run_id() -> str:
@@ -222,8 +228,10 @@ async def create(
     *,
     source: str = "API",
     idempotency_key: str | None = None,
+    principal: Principal | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """The new run (and True), or for a repeated Idempotency-Key the first run (and False)."""
+    """The new run (and True), or for a repeated Idempotency-Key the first run (and False).
+    With a `principal`, it must hold the action's execute permission."""
     if not isinstance(body, dict):
         raise Invalid("A run is {properties: {...}, entity?}")
     request_hash = _hash(action_id, body)
@@ -254,6 +262,8 @@ async def create(
     blueprint: str | None = trigger.get("blueprintIdentifier")
     operation = trigger.get("operation")
     entity = await _target_entity(tx, action_id, trigger, body.get("entity"))
+    if principal is not None:
+        await permissions.require_execute(tx, principal, dict(action), entity, blueprint)
     user_inputs = trigger.get("userInputs") or {}
     checked = inputs.check(user_inputs, raw, await _required_by_jq(user_inputs, raw))
     input_entities = await _input_entities(tx, checked)
@@ -598,9 +608,12 @@ async def logs(
 
 
 async def decide(
-    tx: Tx, actor: str, run_id: str, decision: Any, description: Any
+    tx: Tx, principal: Principal, run_id: str, decision: Any, description: Any
 ) -> dict[str, Any]:
-    """Approve (the run is queued) or decline (it ends DECLINED) a waiting run."""
+    """Approve or decline a waiting run, as one of the action's approvers. A decline ends it
+    DECLINED. An approval queues it, except under `requiredApproval: {type: "ALL"}`: then it
+    waits until every approver the action's approve block names has approved (the set is
+    read at each decision; an action whose block names no user needs one approval)."""
     if decision not in ("APPROVE", "DECLINE"):
         raise Invalid(
             "status is APPROVE or DECLINE", details=[{"pointer": "/status", "message": "invalid"}]
@@ -608,16 +621,48 @@ async def decide(
     if description is not None and not isinstance(description, str):
         raise Invalid("description must be a string")
     row = await _row(tx, run_id, lock=True)
+    action = {"identifier": row["action"]}
+    if not await permissions.may_approve(tx, principal, action):
+        raise permissions.Denied("actions.approve", f"action {row['action']!r}")
     if row["status"] != "WAITING_FOR_APPROVAL":
         raise Invalid(
             f"Run {run_id!r} is {row['status']}; only a run waiting for approval is decided",
             code="run_not_waiting",
         )
+    actor = principal.subject
+    previous = row["approval"] or {}
+    given = [a for a in previous.get("approvals", []) if a.get("userId") != actor]
+    given.append(
+        {"userId": actor, "decision": decision, "description": description, "at": _now_iso()}
+    )
     approved = decision == "APPROVE"
-    approval = {
+    pending: list[str] = []
+    required = row["required_approval"]
+    if approved and isinstance(required, dict) and required.get("type") == "ALL":
+        done = {a["userId"] for a in given if a["decision"] == "APPROVE"}
+        pending = sorted(await permissions.approvers(tx, action) - done)
+    if approved and pending:
+        await tx.execute(
+            "UPDATE action_runs SET approval = $3, updated_at = now(), updated_by = $4 "
+            "WHERE org_id = $1 AND id = $2",
+            tx.org_id,
+            run_id,
+            {"state": "PENDING", "approvals": given, "pending": pending},
+            actor,
+        )
+        note = f": {description}" if description else ""
+        await log(
+            tx,
+            run_id,
+            actor,
+            f"Approved by {actor}{note}; waiting for {len(pending)} more approver(s)",
+        )
+        return await get(tx, run_id)
+    approval: dict[str, Any] = {
         "state": "APPROVED" if approved else "DECLINED",
         "userId": actor,
         "description": description,
+        "approvals": given,
     }
     await tx.execute(
         "UPDATE action_runs SET status = $3, approval = $4, dispatch_state = $5, "

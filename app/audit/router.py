@@ -21,9 +21,10 @@ import asyncpg
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
-from app.kit.errors import Forbidden, Invalid
+from app.kit.errors import Invalid
 from app.kit.openapi import ERRORS_AUTHED
 from app.kit.responses import json_response
 
@@ -117,8 +118,7 @@ async def audit_log(
     """Newest first. `entity` names an entity (with `blueprint`, of that blueprint);
     `identifier` any resource's identifier; `resources`, `origin` repeatable; `from` / `to`
     ISO 8601 times; `next`: the cursor of the previous page."""
-    if not tenant.principal.is_admin:
-        raise Forbidden("Reading the audit log requires the Admin role", code="forbidden")
+    permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
         # Entity changes are the catalog's entity events; the rest is audit_log. The

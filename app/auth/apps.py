@@ -15,11 +15,12 @@ import asyncpg
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant, Tenant
 from app.auth.service import ADMIN_ROLE, _hash_secret, create_credential
 from app.db.database import Tx
 from app.db.routing import api_router
-from app.kit.errors import Conflict, Forbidden, Invalid, NotFound
+from app.kit.errors import Conflict, Invalid, NotFound
 from app.kit.ids import new_secret
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.kit.responses import json_response
@@ -32,7 +33,6 @@ _SELECT = (
     "WHERE org_id = $1 AND client_id = $2"
 )
 _LOCKED = _SELECT + " FOR UPDATE"
-_MODERATOR_SUFFIX = "-moderator"
 
 
 class AppBody(BaseModel):
@@ -82,29 +82,20 @@ def _shape(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
 
 
 def _admin(tenant: Tenant) -> Tx:
-    if not tenant.principal.is_admin:
-        raise Forbidden("Managing credentials requires the Admin role", code="forbidden")
+    permissions.require(tenant.principal, "apps.manage")
     return tenant.tx
 
 
 async def _check_roles(tx: Tx, roles: list[str]) -> list[str]:
-    blueprints = {
-        r["identifier"]
-        for r in await tx.fetch("SELECT identifier FROM blueprints WHERE org_id = $1", tx.org_id)
-    }
-    problems = []
-    for i, role in enumerate(roles):
-        moderated = role.removesuffix(_MODERATOR_SUFFIX)
-        if role in (ADMIN_ROLE, MEMBER_ROLE):
-            continue
-        if role.endswith(_MODERATOR_SUFFIX) and moderated in blueprints:
-            continue
-        problems.append(
-            {
-                "pointer": f"/roles/{i}",
-                "message": f"{role!r} is not Admin, Member or <blueprint>-moderator of a blueprint",
-            }
-        )
+    known = await permissions.known_roles(tx)
+    problems = [
+        {
+            "pointer": f"/roles/{i}",
+            "message": f"{role!r} is not Admin, Member or <blueprint>-moderator of a blueprint",
+        }
+        for i, role in enumerate(roles)
+        if role not in known
+    ]
     if problems:
         raise Invalid(f"Unknown role(s): {problems[0]['message']}", details=problems)
     return sorted(set(roles))

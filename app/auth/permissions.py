@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from app.kit.errors import Forbidden, Invalid, NotFound
+from app.kit.errors import Forbidden, Invalid
 
 if TYPE_CHECKING:
     from app.auth.principal import Principal
@@ -39,10 +39,10 @@ def moderator(blueprint: str) -> str:
 class Denied(Forbidden):
     code = "missing_permission"
 
-    def __init__(self, permission: str, resource: str | None = None) -> None:
+    def __init__(self, permission: str, resource: str | None = None, hint: str = "") -> None:
         where = f" on {resource}" if resource else ""
         super().__init__(
-            f"Missing permission {permission!r}{where}",
+            f"Missing permission {permission!r}{where}{hint}",
             details={"permission": permission, "resource": resource},
         )
         self.permission = permission
@@ -101,7 +101,13 @@ def require(principal: Principal, operation: str, *, blueprint: str | None = Non
     """Raise Denied unless the principal may perform the org-level `operation` (on
     `blueprint`, for the operations its moderators hold)."""
     if not allows(principal, operation, blueprint=blueprint):
-        raise Denied(operation, f"blueprint {blueprint!r}" if blueprint else None)
+        holder = OPERATIONS[operation]
+        hint = (
+            " (held by Admins)"
+            if holder == "admin" or blueprint is None
+            else f" (held by Admins and the {moderator(blueprint)} role)"
+        )
+        raise Denied(operation, f"blueprint {blueprint!r}" if blueprint else None, hint)
 
 
 def granted_operations(principal: Principal, moderated: Iterable[str]) -> dict[str, Any]:
@@ -497,7 +503,8 @@ class _Owners:
         if not self._path:
             return set(state.get("team") or [])
         first, *rest = self._path
-        targets = list((state.get("relations") or {}).get(first) or [])
+        linked = (state.get("relations") or {}).get(first) or []
+        targets = [linked] if isinstance(linked, str) else list(linked)
         if not targets:
             return set()
         blueprint = self._definition["relations"][first]["target"]
@@ -606,30 +613,26 @@ async def update_action_permissions(
 
 
 async def require_execute(
-    tx: Tx, principal: Principal, action: dict[str, Any], entity: dict[str, Any] | None
+    tx: Tx,
+    principal: Principal,
+    action: dict[str, Any],
+    entity: dict[str, Any] | None,
+    blueprint: str | None,
 ) -> None:
-    """May the principal run the action (on `entity`, for DAY-2 / DELETE actions)?"""
+    """May the principal run the action (on `entity` of `blueprint`, for DAY-2 and DELETE
+    actions, where `ownedByTeam` lets the entity's owners run it)?"""
     if principal.is_admin:
         return
     perms = await action_permissions(tx, action)
     if perms.execute.grants(principal):
         return
-    if perms.execute.owned_by_team and entity is not None:
-        definition = await _entity_blueprint(tx, entity)
-        if definition is not None and set(principal.teams) & await _Owners(tx, definition).of(
-            entity
-        ):
+    if perms.execute.owned_by_team and entity is not None and blueprint is not None:
+        from app.catalog import blueprints as bp_service  # the catalog imports this module
+
+        definition = await bp_service.get(tx, blueprint)
+        if set(principal.teams) & await _Owners(tx, definition).of(entity):
             return
     raise Denied("actions.execute", f"action {action['identifier']!r}")
-
-
-async def _entity_blueprint(tx: Tx, entity: dict[str, Any]) -> dict[str, Any] | None:
-    from app.catalog import blueprints as bp_service  # the catalog imports this module
-
-    try:
-        return await bp_service.get(tx, entity["blueprint"])
-    except NotFound:  # a vanished blueprint owns nothing
-        return None
 
 
 async def may_approve(tx: Tx, principal: Principal, action: dict[str, Any]) -> bool:
@@ -641,7 +644,7 @@ async def may_approve(tx: Tx, principal: Principal, action: dict[str, Any]) -> b
 
 async def approvers(tx: Tx, action: dict[str, Any]) -> set[str]:
     """The users (emails) the action's approve block names: listed users, members of listed
-    teams, and holders of listed roles (Admins always). An `ALL` approval waits for each."""
+    teams, and holders of listed roles. An `ALL` approval waits for each of them."""
     perms = await action_permissions(tx, action)
     rows = await tx.fetch(
         "SELECT u.email FROM users u WHERE u.org_id = $1 AND u.status <> 'Disabled' AND ("
@@ -652,7 +655,7 @@ async def approvers(tx: Tx, action: dict[str, Any]) -> set[str]:
         "   WHERE m.org_id = u.org_id AND m.user_id = u.id AND t.name = ANY($4::varchar[])))",
         tx.org_id,
         [u.lower() for u in perms.approve.users],
-        [ADMIN, *perms.approve.roles],
+        list(perms.approve.roles),
         list(perms.approve.teams),
     )
     return {r["email"] for r in rows}

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from app.auth.permissions import EntityChange, EntityGuard
 from app.catalog import blueprints as bp_service
 from app.catalog.validation import valid_entity_identifier
 from app.catalog.validators import EntityValidator, validator_for
@@ -40,9 +41,13 @@ class WriteFlags:
 
 @dataclass(frozen=True, slots=True)
 class Writer:
+    """Who writes. `guard` checks each change against the blueprint's permissions; None
+    (automations, incoming webhooks, the action runner) writes with the org's authority."""
+
     actor: str
     origin: str
     datasource: str | None
+    guard: EntityGuard | None = None
 
 
 @dataclass(slots=True)
@@ -375,6 +380,7 @@ async def _write(
     else:
         existing = await _load_existing(tx, blueprint_id, keys, lock=lock_first)
     _evaluate(live, existing, blueprint, validator, flags)
+    await _guard(tx, blueprint, live, writer)
     pending = [i for i in live if i.error is None and i.changed]
     if flags.validation_only:
         await _resolve_targets(tx, blueprint, pending, flags, writer)
@@ -391,6 +397,7 @@ async def _write(
                 tx, blueprint_id, [i.identifier for i in stale], lock=True
             )
             _evaluate(stale, locked, blueprint, validator, flags)
+            await _guard(tx, blueprint, stale, writer)
             pending = [i for i in pending if i.error is None and i.changed]
         lock_first = False
         await _resolve_targets(tx, blueprint, pending, flags, writer)
@@ -401,6 +408,7 @@ async def _write(
         # Created by a concurrent writer since we looked: evaluate against that row.
         fresh = await _load_existing(tx, blueprint_id, [i.identifier for i in lost], lock=True)
         _evaluate(lost, fresh, blueprint, validator, flags)
+        await _guard(tx, blueprint, lost, writer)
         pending = [i for i in lost if i.error is None and i.changed]
     if not flags.validation_only:
         written = [i.identifier for i in items if i.error is None and i.changed]
@@ -462,6 +470,22 @@ def _evaluate(
             item.before = current
         except PortolanError as exc:
             item.error = exc
+
+
+async def _guard(tx: Tx, blueprint: dict[str, Any], items: list[Item], writer: Writer) -> None:
+    """Refuse the changes the writer may not make (each item keeps its own 403)."""
+    if writer.guard is None:
+        return
+    changes = [
+        EntityChange(i.index, i.identifier, i.before, i.state)
+        for i in items
+        if i.error is None and i.changed
+    ]
+    refused = await writer.guard.check(tx, blueprint, changes)
+    for item in items:
+        denied = refused.get(item.index)
+        if denied is not None:
+            item.error = denied
 
 
 def _check_required_relations(blueprint: dict[str, Any], relations: dict[str, Any]) -> None:
@@ -725,6 +749,16 @@ async def delete_many(
         if bp != blueprint_id:
             for ident, state in (await _load_existing(tx, bp, sorted(idents), lock=True)).items():
                 doomed[(bp, ident)] = state
+        if writer.guard is not None:
+            definition = await bp_service.get(tx, bp)
+            changes = [
+                EntityChange(n, ident, doomed[(bp, ident)], None)
+                for n, ident in enumerate(sorted(idents))
+            ]
+            refused = await writer.guard.check(tx, definition, changes)
+            if refused:
+                raise refused[min(refused)]
+    for bp, idents in sorted(by_bp.items()):
         await tx.execute(
             """
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant, Tenant
 from app.catalog import entities, migrations
 from app.catalog.schemas import (
@@ -42,7 +43,10 @@ _MAX_DATASOURCE = 500
 def _writer(request: Request, tenant: Tenant) -> entities.Writer:
     agent = request.headers.get("user-agent", "")[:_MAX_DATASOURCE] or None
     origin = "INTEGRATION" if agent and agent.startswith("port-ocean/") else "API"
-    return entities.Writer(actor=tenant.principal.subject, origin=origin, datasource=agent)
+    principal = tenant.principal
+    # Admins may write anything: no guard to consult.
+    guard = None if principal.is_admin else permissions.EntityGuard(principal)
+    return entities.Writer(actor=principal.subject, origin=origin, datasource=agent, guard=guard)
 
 
 async def _write_flags(
@@ -366,6 +370,9 @@ async def delete_all_entities(
     tenant: CurrentTenant,
     delete_blueprint: bool = False,
 ) -> Any:
+    permissions.require(tenant.principal, "entities.unregisterAll", blueprint=blueprint)
+    if delete_blueprint:
+        permissions.require(tenant.principal, "blueprints.delete")
     migration_id = await migrations.delete_all_entities(
         tenant.tx, blueprint, delete_blueprint=delete_blueprint, writer=_writer(request, tenant)
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
+from pydantic import BaseModel, Field
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.catalog import blueprints
 from app.catalog.schemas import (
@@ -39,6 +41,7 @@ def _body(model: BlueprintBody | BlueprintPatchBody) -> dict[str, Any]:
     summary="Create a blueprint",
 )
 async def create_blueprint(body: BlueprintBody, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "blueprints.create")
     created = await blueprints.create(tenant.tx, tenant.principal.subject, _body(body))
     return {"ok": True, "blueprint": created}
 
@@ -69,6 +72,7 @@ async def get_blueprint(identifier: BlueprintId, tenant: CurrentTenant) -> Any:
 async def replace_blueprint(
     identifier: BlueprintId, body: BlueprintReplaceBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "blueprints.update", blueprint=identifier)
     updated = await blueprints.replace(tenant.tx, tenant.principal.subject, identifier, _body(body))
     return {"ok": True, "blueprint": updated}
 
@@ -82,6 +86,7 @@ async def replace_blueprint(
 async def patch_blueprint(
     identifier: BlueprintId, body: BlueprintPatchBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "blueprints.update", blueprint=identifier)
     updated = await blueprints.patch(tenant.tx, tenant.principal.subject, identifier, _body(body))
     return {"ok": True, "blueprint": updated}
 
@@ -93,6 +98,7 @@ async def patch_blueprint(
     summary="Delete a blueprint (refused while it has entities or is a relation target)",
 )
 async def delete_blueprint(identifier: BlueprintId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "blueprints.delete")
     await blueprints.delete(tenant.tx, identifier)
     return {"ok": True}
 
@@ -109,6 +115,7 @@ NameInPath = Annotated[str, Path(min_length=1, max_length=100)]
 async def rename_property(
     identifier: BlueprintId, name: NameInPath, body: RenamePropertyBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "blueprints.update", blueprint=identifier)
     updated = await blueprints.rename_property(
         tenant.tx, tenant.principal.subject, identifier, name, body.newPropertyName
     )
@@ -124,6 +131,7 @@ async def rename_property(
 async def rename_relation(
     identifier: BlueprintId, name: NameInPath, body: RenameRelationBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "blueprints.update", blueprint=identifier)
     updated = await blueprints.rename_relation(
         tenant.tx, tenant.principal.subject, identifier, name, body.newRelationIdentifier
     )
@@ -139,7 +147,51 @@ async def rename_relation(
 async def rename_mirror(
     identifier: BlueprintId, name: NameInPath, body: RenameMirrorBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "blueprints.update", blueprint=identifier)
     updated = await blueprints.rename_mirror(
         tenant.tx, tenant.principal.subject, identifier, name, body.newMirrorName
     )
     return {"ok": True, "blueprint": updated}
+
+
+class PermissionsResponse(BaseModel):
+    ok: Literal[True] = True
+    permissions: dict[str, Any] = Field(
+        description="`{entities: {read, register, update, unregister, updateProperties: "
+        "{property: block}, updateRelations: {relation: block}}}`; a block is "
+        "`{users, roles, teams, ownedByTeam}`. A property or relation without a block of "
+        "its own follows `update`."
+    )
+
+
+@router.get(
+    "/{identifier}/permissions",
+    response_model=PermissionsResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Permissions"],
+    summary="Who may register, update and unregister the blueprint's entities",
+)
+async def get_permissions(identifier: BlueprintId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "blueprints.permissions.read", blueprint=identifier)
+    definition = await blueprints.get(tenant.tx, identifier)
+    perms = await permissions.blueprint_permissions(tenant.tx, identifier)
+    return {"ok": True, "permissions": perms.to_api(definition)}
+
+
+@router.patch(
+    "/{identifier}/permissions",
+    response_model=PermissionsResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Permissions"],
+    summary="Change who may register, update and unregister the blueprint's entities",
+)
+async def patch_permissions(
+    identifier: BlueprintId, body: dict[str, Any], tenant: CurrentTenant
+) -> Any:
+    """Each block given replaces the keys it names (`users`, `roles`, `teams`,
+    `ownedByTeam`); blocks and keys not given keep their values. Roles, teams and users named
+    must exist. `read` cannot be restricted, nor `policy` set."""
+    permissions.require(tenant.principal, "blueprints.permissions.update", blueprint=identifier)
+    definition = await blueprints.get(tenant.tx, identifier)
+    perms = await permissions.update_blueprint_permissions(tenant.tx, definition, body)
+    return {"ok": True, "permissions": perms.to_api(definition)}

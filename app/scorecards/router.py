@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
@@ -89,6 +90,7 @@ def _raw(body: ScorecardBody) -> dict[str, Any]:
 async def create_scorecard(
     blueprint: BlueprintId, body: ScorecardBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.manage", blueprint=blueprint)
     created = await service.create(tenant.tx, tenant.principal.subject, blueprint, _raw(body))
     return {"ok": True, "scorecard": created}
 
@@ -104,6 +106,7 @@ async def replace_scorecards(
     tenant: CurrentTenant,
     body: Annotated[list[ScorecardBody], Body(max_length=100)],
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.manage", blueprint=blueprint)
     replaced = await service.replace_all(
         tenant.tx, tenant.principal.subject, blueprint, [_raw(b) for b in body]
     )
@@ -141,6 +144,7 @@ async def get_scorecard(
 async def replace_scorecard(
     blueprint: BlueprintId, identifier: ScorecardId, body: ScorecardBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.manage", blueprint=blueprint)
     updated = await service.replace(
         tenant.tx, tenant.principal.subject, blueprint, identifier, _raw(body)
     )
@@ -156,6 +160,7 @@ async def replace_scorecard(
 async def delete_scorecard(
     blueprint: BlueprintId, identifier: ScorecardId, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.manage", blueprint=blueprint)
     await service.delete(tenant.tx, blueprint, identifier)
     return {"ok": True}
 

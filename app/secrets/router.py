@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
 from app.kit.crypto import Cipher, cipher_for
@@ -70,6 +71,7 @@ class SigningSecretResponse(BaseModel):
     summary="Create a secret (its value is encrypted and never returned)",
 )
 async def create_secret(body: SecretBody, tenant: CurrentTenant, request: Request) -> Any:
+    permissions.require(tenant.principal, "secrets.manage")
     created = await service.create(
         tenant.tx,
         _cipher(request),
@@ -88,6 +90,7 @@ async def create_secret(body: SecretBody, tenant: CurrentTenant, request: Reques
     summary="The organization's secrets (names and descriptions)",
 )
 async def list_secrets(tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "secrets.read")
     return {"ok": True, "secrets": await service.list_all(tenant.tx)}
 
 
@@ -98,6 +101,7 @@ async def list_secrets(tenant: CurrentTenant) -> Any:
     summary="A secret (without its value)",
 )
 async def get_secret(name: SecretName, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "secrets.read")
     return {"ok": True, "secret": await service.get(tenant.tx, name)}
 
 
@@ -110,6 +114,7 @@ async def get_secret(name: SecretName, tenant: CurrentTenant) -> Any:
 async def update_secret(
     name: SecretName, body: SecretPatchBody, tenant: CurrentTenant, request: Request
 ) -> Any:
+    permissions.require(tenant.principal, "secrets.manage")
     changes = body.model_dump(exclude_unset=True)
     updated = await service.update(
         tenant.tx, _cipher(request), tenant.principal.subject, name, changes
@@ -124,6 +129,7 @@ async def update_secret(
     summary="Delete a secret",
 )
 async def delete_secret(name: SecretName, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "secrets.manage")
     await service.delete(tenant.tx, name)
     return {"ok": True}
 
@@ -135,6 +141,7 @@ async def delete_secret(name: SecretName, tenant: CurrentTenant) -> Any:
     summary="The key outbound webhooks are signed with",
 )
 async def get_signing_secret(tenant: CurrentTenant, request: Request) -> Any:
+    permissions.require(tenant.principal, "organization.signingSecret")
     return {"ok": True, "signingSecret": await service.signing_secret(tenant.tx, _cipher(request))}
 
 
@@ -145,5 +152,6 @@ async def get_signing_secret(tenant: CurrentTenant, request: Request) -> Any:
     summary="Replace the signing secret (the old one stops signing at once)",
 )
 async def rotate_signing_secret(tenant: CurrentTenant, request: Request) -> Any:
+    permissions.require(tenant.principal, "organization.signingSecret")
     fresh = await service.rotate_signing_secret(tenant.tx, _cipher(request))
     return {"ok": True, "signingSecret": fresh}

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import BackgroundTasks, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.config import Settings
 from app.db.routing import api_router
@@ -184,6 +185,7 @@ async def ingest_event(
     summary="Create a webhook",
 )
 async def create_webhook(body: WebhookBody, tenant: CurrentTenant, request: Request) -> Any:
+    permissions.require(tenant.principal, "webhooks.manage")
     created = await service.create(
         tenant.tx,
         _cipher(request),
@@ -202,6 +204,7 @@ async def create_webhook(body: WebhookBody, tenant: CurrentTenant, request: Requ
     summary="List webhooks",
 )
 async def list_webhooks(tenant: CurrentTenant, request: Request) -> Any:
+    permissions.require(tenant.principal, "webhooks.read")
     webhooks = await service.list_all(tenant.tx, _settings(request).public_url)
     return {"ok": True, "integrations": webhooks}
 
@@ -214,6 +217,7 @@ async def list_webhooks(tenant: CurrentTenant, request: Request) -> Any:
     summary="Get a webhook",
 )
 async def get_webhook(identifier: WebhookId, tenant: CurrentTenant, request: Request) -> Any:
+    permissions.require(tenant.principal, "webhooks.read")
     webhook = await service.get(tenant.tx, identifier, _settings(request).public_url)
     return {"ok": True, "integration": webhook}
 
@@ -228,6 +232,7 @@ async def get_webhook(identifier: WebhookId, tenant: CurrentTenant, request: Req
 async def replace_webhook(
     identifier: WebhookId, body: WebhookBody, tenant: CurrentTenant, request: Request
 ) -> Any:
+    permissions.require(tenant.principal, "webhooks.manage")
     updated = await service.replace(
         tenant.tx,
         _cipher(request),
@@ -249,6 +254,7 @@ async def replace_webhook(
 async def patch_webhook(
     identifier: WebhookId, body: WebhookBody, tenant: CurrentTenant, request: Request
 ) -> Any:
+    permissions.require(tenant.principal, "webhooks.manage")
     updated = await service.patch(
         tenant.tx,
         _cipher(request),
@@ -267,6 +273,7 @@ async def patch_webhook(
     summary="Delete a webhook and its events",
 )
 async def delete_webhook(identifier: WebhookId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "webhooks.manage")
     await service.delete(tenant.tx, identifier)
     return {"ok": True}
 
@@ -282,5 +289,6 @@ async def list_webhook_events(
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Any:
+    permissions.require(tenant.principal, "webhooks.read")
     events = await service.list_events(tenant.tx, identifier, limit)
     return {"ok": True, "events": events}
