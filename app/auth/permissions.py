@@ -659,3 +659,79 @@ async def approvers(tx: Tx, action: dict[str, Any]) -> set[str]:
         list(perms.approve.teams),
     )
     return {r["email"] for r in rows}
+
+
+# ------------------------------------------------------------------------------------------
+# Effective permissions (GET /v1/auth/me)
+
+Reach = Literal["all", "ownedByTeam", "none"]
+
+
+def _reach(block: Block, principal: Principal) -> Reach:
+    if block.grants(principal):
+        return "all"
+    if block.owned_by_team and principal.teams:
+        return "ownedByTeam"
+    return "none"
+
+
+async def effective(tx: Tx, principal: Principal) -> dict[str, Any]:
+    """Everything the principal may do, as a SPA needs it to draw its menus: org-level
+    operations, per blueprint the entity permissions (`all`, `ownedByTeam`: only entities
+    their teams own, `none`), per action whether they may execute and approve it."""
+    from app.catalog import blueprints as bp_service  # the catalog imports this module
+
+    definitions = await bp_service.list_all(tx)
+    stored_bp = {
+        r["blueprint"]: r["permissions"]
+        for r in await tx.fetch(
+            "SELECT blueprint, permissions FROM blueprint_permissions WHERE org_id = $1",
+            tx.org_id,
+        )
+    }
+    moderated = [d["identifier"] for d in definitions]
+    granted = granted_operations(principal, moderated)
+    blueprints: dict[str, Any] = {}
+    for definition in definitions:
+        identifier = definition["identifier"]
+        perms = _blueprint_permissions(identifier, stored_bp.get(identifier))
+        full = principal.is_admin or moderator(identifier) in principal.roles
+
+        def reach(block: Block, full: bool = full) -> Reach:
+            return "all" if full else _reach(block, principal)
+
+        blueprints[identifier] = {
+            "operations": granted["blueprints"].get(identifier, []),
+            "entities": {
+                "read": "all",
+                "register": reach(perms.register),
+                "update": reach(perms.update),
+                "unregister": reach(perms.unregister),
+                "updateProperties": {
+                    p: reach(perms.property_block(p))
+                    for p in sorted(definition.get("schema", {}).get("properties", {}))
+                },
+                "updateRelations": {
+                    r: reach(perms.relation_block(r)) for r in sorted(definition["relations"])
+                },
+            },
+        }
+    stored_actions = {
+        r["action"]: r["permissions"]
+        for r in await tx.fetch(
+            "SELECT action, permissions FROM action_permissions WHERE org_id = $1", tx.org_id
+        )
+    }
+    actions: dict[str, Any] = {}
+    for row in await tx.fetch(
+        "SELECT identifier FROM actions WHERE org_id = $1 AND trigger->>'type' = 'self-service' "
+        "ORDER BY identifier",
+        tx.org_id,
+    ):
+        action = {"identifier": row["identifier"]}
+        perms_a = _action_permissions(action, stored_actions.get(row["identifier"]))
+        actions[row["identifier"]] = {
+            "execute": "all" if principal.is_admin else _reach(perms_a.execute, principal),
+            "approve": principal.is_admin or perms_a.approve.grants(principal),
+        }
+    return {"operations": granted["operations"], "blueprints": blueprints, "actions": actions}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Any, Literal
 
-from app.auth import service
+from fastapi import Request
+from pydantic import BaseModel, Field
+
+from app.auth import permissions, service
+from app.auth.principal import CurrentTenant
 from app.auth.schemas import AccessTokenRequest, AccessTokenResponse
 from app.db.routing import api_router
-from app.kit.openapi import ERRORS_PUBLIC
+from app.kit.openapi import ERRORS_AUTHED, ERRORS_PUBLIC
 
 router = api_router(prefix="/v1/auth", tags=["Authentication"])
 
@@ -26,3 +30,48 @@ async def create_access_token(body: AccessTokenRequest, request: Request) -> Acc
             tx, tokens, org_id=org_id, client_id=body.clientId, client_secret=body.clientSecret
         )
     return AccessTokenResponse(accessToken=token, expiresIn=tokens.ttl)
+
+
+class Me(BaseModel):
+    kind: Literal["app", "user"]
+    subject: str = Field(description="The credential's client id, or the user's email")
+    email: str | None
+    organization: dict[str, Any] = Field(description="`{id, name}`")
+    roles: list[str]
+    teams: list[str]
+    permissions: dict[str, Any] = Field(
+        description="`operations`: org-level operations held; `blueprints`: per blueprint the "
+        "operations held there and the entity permissions (`all`, `ownedByTeam`: only "
+        "entities the caller's teams own, `none`); `actions`: per self-service action, "
+        "`execute` (`all`, `ownedByTeam`, `none`) and `approve`"
+    )
+
+
+class MeResponse(BaseModel):
+    ok: Literal[True] = True
+    me: Me
+
+
+@router.get(
+    "/me",
+    response_model=MeResponse,
+    responses=ERRORS_AUTHED,
+    summary="Who am I: organization, roles, teams and effective permissions",
+)
+async def me(tenant: CurrentTenant) -> Any:
+    principal = tenant.principal
+    org_name = await tenant.tx.fetchval(
+        "SELECT name FROM organizations WHERE id = $1", tenant.org_id
+    )
+    return {
+        "ok": True,
+        "me": {
+            "kind": principal.kind,
+            "subject": principal.subject,
+            "email": principal.email,
+            "organization": {"id": str(tenant.org_id), "name": org_name},
+            "roles": list(principal.roles),
+            "teams": list(principal.teams),
+            "permissions": await permissions.effective(tenant.tx, principal),
+        },
+    }
