@@ -3,6 +3,8 @@ secret is shown once; roles are checked; the last Admin credential stays; per or
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from tests.conftest import Org, OrgFactory
@@ -112,3 +114,43 @@ async def test_apps_are_per_org(client: httpx.AsyncClient, make_org: OrgFactory)
     assert await try_all(two, one.client_id) == [404, 404, 404]
     listed = (await client.get("/v1/apps", headers=two.headers)).json()["apps"]
     assert [a["clientId"] for a in listed] == [two.client_id]
+
+
+async def test_tokens_end_with_their_credential(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    made = (
+        await client.post("/v1/apps", json={"name": "ci", "roles": ["Member"]}, headers=org.headers)
+    ).json()["app"]
+    old = await _bearer(client, made["clientId"], made["secret"])
+    assert (await client.get("/v1/blueprints", headers=old)).status_code == 200
+    # Tokens carry whole seconds: the rotation must come in a later second than the token.
+    await asyncio.sleep(1.1)
+    r = await client.post(f"/v1/apps/{made['clientId']}/rotate-secret", headers=org.headers)
+    fresh_secret = r.json()["app"]["secret"]
+    r = await client.get("/v1/blueprints", headers=old)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    fresh = await _bearer(client, made["clientId"], fresh_secret)
+    assert (await client.get("/v1/blueprints", headers=fresh)).status_code == 200
+    # Changing the roles ends the tokens that carry the old ones.
+    await asyncio.sleep(1.1)
+    r = await client.put(
+        f"/v1/apps/{made['clientId']}", json={"roles": ["Admin"]}, headers=org.headers
+    )
+    assert r.status_code == 200
+    assert (await client.get("/v1/blueprints", headers=fresh)).status_code == 401
+    admin = await _bearer(client, made["clientId"], fresh_secret)
+    assert (await client.get("/v1/audit-log", headers=admin)).status_code == 200
+    # A deleted credential's tokens stop at once.
+    assert (await client.delete(f"/v1/apps/{made['clientId']}", headers=org.headers)).is_success
+    assert (await client.get("/v1/blueprints", headers=admin)).status_code == 401
+    # The rotation and the role change are in the audit log (the secret's hash is not).
+    r = await client.get(
+        "/v1/audit-log",
+        params={"resources": "credential", "identifier": made["clientId"]},
+        headers=org.headers,
+    )
+    actions = [a["action"] for a in r.json()["audits"]]
+    assert actions.count("UPDATE") == 2 and "DELETE" in actions and "CREATE" in actions
+    assert "secret_hash" not in r.text

@@ -164,7 +164,10 @@ async def change_app(app_id: AppId, body: AppPatch, tenant: CurrentTenant) -> An
     if roles is not None and ADMIN_ROLE in current["roles"] and ADMIN_ROLE not in roles:
         await _keep_an_admin(tx, app_id)
     await tx.execute(
-        "UPDATE credentials SET name = coalesce($3, name), roles = coalesce($4, roles) "
+        # Tokens carry their roles: changing the roles ends the tokens issued before.
+        "UPDATE credentials SET name = coalesce($3, name), roles = coalesce($4, roles), "
+        "tokens_valid_after = CASE WHEN $4::varchar[] IS DISTINCT FROM roles "
+        "THEN date_trunc('second', now()) ELSE tokens_valid_after END "
         "WHERE org_id = $1 AND client_id = $2",
         tx.org_id,
         app_id,
@@ -186,7 +189,8 @@ async def rotate_secret(app_id: AppId, tenant: CurrentTenant) -> Any:
     await _row(tx, app_id, lock=True)
     secret = new_secret()
     await tx.execute(
-        "UPDATE credentials SET secret_hash = $3 WHERE org_id = $1 AND client_id = $2",
+        "UPDATE credentials SET secret_hash = $3, tokens_valid_after = date_trunc('second', now()) "
+        "WHERE org_id = $1 AND client_id = $2",
         tx.org_id,
         app_id,
         _hash_secret(secret),

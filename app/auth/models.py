@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
@@ -32,6 +33,10 @@ class Credential(Base):
     roles: Mapped[list[str]] = mapped_column(ARRAY(String(120)), nullable=False)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    # Tokens issued before this (whole seconds) are refused: set when the secret rotates.
+    tokens_valid_after: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("date_trunc('second', now())")
     )
 
 

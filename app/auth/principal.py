@@ -46,7 +46,8 @@ class Tenant:
         return self.principal.org_id
 
 
-async def _principal_from(request: Request) -> Principal:
+async def _principal_from(request: Request) -> tuple[Principal, int]:
+    """The caller, and when its token was issued."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -54,13 +55,14 @@ async def _principal_from(request: Request) -> Principal:
         raise Unauthorized("A bearer access token is required", code="unauthorized")
     tokens: TokenService = request.app.state.tokens
     claims = tokens.verify(token)
-    return Principal(
+    principal = Principal(
         org_id=claims.org_id,
         subject=claims.subject,
         kind=claims.kind,
         roles=claims.roles,
         email=claims.subject if claims.kind == "user" else None,
     )
+    return principal, claims.issued_at
 
 
 # A user's roles (given + from the identity provider) and teams, in one statement.
@@ -104,10 +106,17 @@ class TenantAuth(_Bearer):
     response is sent; errors roll it back."""
 
     async def __call__(self, request: Request) -> Tenant:  # type: ignore[override]
-        principal = await _principal_from(request)
+        principal, issued_at = await _principal_from(request)
         await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
+        # A machine credential's token is good while the credential exists and its secret
+        # has not been rotated since: checked by the transaction's opening statement.
+        credential = (principal.subject, issued_at) if principal.kind == "app" else None
         tx = await open_request_tx(
-            request, request.app.state.db, principal.org_id, actor=principal.subject
+            request,
+            request.app.state.db,
+            principal.org_id,
+            actor=principal.subject,
+            credential=credential,
         )
         if principal.kind == "user":
             principal = await _with_user_access(principal, tx)

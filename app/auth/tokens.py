@@ -42,6 +42,7 @@ class TokenClaims:
     kind: str
     roles: tuple[str, ...]
     expires_at: int
+    issued_at: int = 0
 
 
 _CACHE_SIZE = 10_000
@@ -118,6 +119,7 @@ class TokenService:
                 kind=str(claims.get("kind", "app")),
                 roles=tuple(roles),
                 expires_at=int(claims["exp"]),
+                issued_at=int(claims["iat"]),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise Unauthorized("The access token is invalid", code="invalid_token") from exc

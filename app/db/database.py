@@ -24,6 +24,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from app.config import Settings
 from app.db.pool import ConnectionPool
 from app.db.rls import APP_ROLE, ORG_SETTING
+from app.kit.errors import Unauthorized
 
 Query = str | ClauseElement
 # Who is changing things in a transaction, for the audit log's triggers (migration 0014).
@@ -81,6 +82,7 @@ def _begin_sql(
     generic_plans: bool = False,
     actor: str | None = None,
     origin: str | None = None,
+    credential: tuple[str, int] | None = None,
 ) -> str:
     # One simple-query round trip opens the transaction and binds it. The org id is a
     # parsed uuid.UUID rendered canonically; the actor and origin (read by the audit log's
@@ -96,6 +98,10 @@ def _begin_sql(
         parts.append(f"SET LOCAL {ORIGIN_SETTING} = {_literal(origin)}")
     if generic_plans:
         parts.append("SET LOCAL plan_cache_mode = force_generic_plan")
+    if credential is not None:
+        # Checked in the same round trip: raises when the credential is gone or rotated.
+        client_id, issued_at = credential
+        parts.append(f"SELECT portolan_credential_valid({_literal(client_id)}, {int(issued_at)})")
     return "; ".join(parts)
 
 
@@ -189,6 +195,7 @@ class Database:
         generic_plans: bool = False,
         actor: str | None = None,
         origin: str | None = None,
+        credential: tuple[str, int] | None = None,
     ) -> tuple[Tx, Any]:
         """Open a tenant transaction; the caller must `finish` it (used by the request
         dependency, which commits between the endpoint and the response).
@@ -205,8 +212,14 @@ class Database:
                     generic_plans=generic_plans,
                     actor=actor,
                     origin=origin,
+                    credential=credential,
                 )
             )
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:
+            await self.finish(conn, commit=False)
+            raise Unauthorized(
+                "The credential was deleted or its secret rotated", code="invalid_token"
+            ) from exc
         except BaseException:
             self.pool.release(conn)
             raise

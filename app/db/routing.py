@@ -74,7 +74,11 @@ async def _finish(request: Request, *, commit: bool) -> None:
 
 
 async def open_request_tx(
-    request: Request, db: Database, org_id: Any, actor: str | None = None
+    request: Request,
+    db: Database,
+    org_id: Any,
+    actor: str | None = None,
+    credential: tuple[str, int] | None = None,
 ) -> Tx:
     """Open the request's tenant transaction (once per request)."""
     if _STATE_KEY in request.scope:
@@ -83,7 +87,11 @@ async def open_request_tx(
     if not isinstance(route, TransactionRoute):
         raise RuntimeError("tenant routes must use TransactionRoute (see api_router)")
     tx, conn = await db.begin_tenant(
-        org_id, generic_plans=route.generic_plans, actor=actor, origin=request_origin(request)
+        org_id,
+        generic_plans=route.generic_plans,
+        actor=actor,
+        origin=request_origin(request),
+        credential=credential,
     )
     request.scope[_STATE_KEY] = (db, conn)
     return tx
