@@ -751,3 +751,25 @@ async def test_permission_changes_are_in_the_audit_log(
     ]
     assert rows[0]["actor"] == org.client_id
     assert rows[0]["diff"]["after"]["permissions"]["entities"]["register"]["ownedByTeam"] is True
+
+
+async def test_a_moderator_holds_what_members_hold(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
+) -> None:
+    org = await make_org()
+    for path, body in (
+        ("/v1/blueprints", SYSTEM),
+        ("/v1/blueprints", SERVICE),
+        ("/v1/actions", OPEN),
+    ):
+        await ok(client, "POST", path, org, json=body)
+    await add_user(db, org.org_id, "mo@example.com", roles=["service-moderator"])
+    await add_user(db, org.org_id, "nobody@example.com", roles=[])
+    mo = user_headers(app, org.org_id, "mo@example.com")
+    nobody = user_headers(app, org.org_id, "nobody@example.com")
+    # `open` is executable by Members (the default): a moderator without the Member role too,
+    # a user holding no role not.
+    r = await client.post("/v1/actions/open/runs", json={"properties": {}}, headers=mo)
+    assert r.status_code == 202, r.text
+    r = await client.post("/v1/actions/open/runs", json={"properties": {}}, headers=nobody)
+    assert r.status_code == 403

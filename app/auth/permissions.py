@@ -147,8 +147,11 @@ class Block:
         return doc
 
     def grants(self, principal: Principal) -> bool:
-        """Granted whatever the entity (role, user or team listed)."""
+        """Granted whatever the entity (role, user or team listed). Roles rank Admin >
+        moderator > Member: a block open to Members is open to moderators too."""
         if principal.is_admin or any(role in self.roles for role in principal.roles):
+            return True
+        if MEMBER in self.roles and any(r.endswith(MODERATOR_SUFFIX) for r in principal.roles):
             return True
         if principal.email is not None and principal.email in self.users:
             return True
