@@ -499,3 +499,202 @@ async def test_api2_access_tokens_and_secrets_never_reach_the_logs(
     signature = token.rsplit(".", 1)[1]
     for secret in (signature, org.client_secret, SECRET_VALUE):
         assert secret not in logged
+
+
+# ---------------------------------------------------------------------------------------
+# API3: Broken object property level authorization.
+# test_apps refuses `org_id` on credentials; test_secrets and test_webhooks keep secret
+# values and the webhook secret out of their own answers. Here: server-owned fields sent
+# on every writable resource are refused or ignored, and no answer anywhere carries a
+# stored secret.
+
+FORGED: dict[str, Any] = {
+    "org_id": "00000000-0000-0000-0000-000000000000",
+    "orgId": "00000000-0000-0000-0000-000000000000",
+    "_orgId": "00000000-0000-0000-0000-000000000000",
+    "createdBy": "forged-user",
+    "updatedBy": "forged-user",
+    "createdAt": "2001-01-01T00:00:00Z",
+    "updatedAt": "2001-01-01T00:00:00Z",
+    "id": "forged-id",
+}
+
+
+def _no_forgery(obj: Any, org: Org) -> None:
+    text = json.dumps(obj)
+    assert "forged" not in text and "2001-01-01" not in text, text
+    assert "00000000-0000-0000-0000-000000000000" not in text, text
+
+
+async def _stored_orgs(db: Database, table: str, where: str, *args: Any) -> set[uuid.UUID]:
+    async with db.system() as tx:
+        rows = await tx.fetch(f"SELECT org_id FROM {table} WHERE {where}", *args)
+    return {r["org_id"] for r in rows}
+
+
+async def test_api3_server_owned_fields_on_blueprints_and_entities(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    h = org.headers
+    r = await client.post("/v1/blueprints", json={**SERVICE, **FORGED}, headers=h)
+    assert r.status_code in (201, 422), r.text
+    if r.status_code == 201:
+        _no_forgery(r.json(), org)
+    else:
+        await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=h))
+    for method, path in (("PUT", "/v1/blueprints/service"), ("PATCH", "/v1/blueprints/service")):
+        r = await client.request(method, path, json={**SERVICE, **FORGED}, headers=h)
+        assert r.status_code in (200, 422), r.text
+    stored = await _ok(await client.get("/v1/blueprints/service", headers=h))
+    _no_forgery(stored, org)
+    await _ok(
+        await client.post(
+            "/v1/blueprints/service/entities",
+            json={"identifier": "api", "properties": {"tier": "1"}},
+            headers=h,
+        )
+    )
+    # One field at a time, so each is refused (or ignored) on its own account.
+    for name, value in FORGED.items():
+        entity = {"identifier": "api", "properties": {"tier": "2"}, name: value}
+        writes = [
+            ("POST", "/v1/blueprints/service/entities?upsert=true", entity),
+            ("POST", "/v1/blueprints/service/entities?upsert=true&merge=true", entity),
+            ("PUT", "/v1/blueprints/service/entities/api", entity),
+            ("PATCH", "/v1/blueprints/service/entities/api", entity),
+            ("POST", "/v1/blueprints/service/entities/bulk", {"entities": [entity]}),
+        ]
+        for method, path, body in writes:
+            r = await client.request(method, path, json=body, headers=h)
+            assert r.status_code in (200, 201, 207, 422), (name, path, r.text)
+            _no_forgery(r.json().get("entity") or r.json().get("entities"), org)
+    got = (await _ok(await client.get("/v1/blueprints/service/entities/api", headers=h)))["entity"]
+    _no_forgery(got, org)
+    assert got["createdBy"] == got["updatedBy"] == org.client_id
+    assert got["properties"] == {"tier": "1"}
+    forged_org = uuid.UUID(FORGED["org_id"])
+    for table in ("entities", "blueprints", "entity_events"):
+        assert await _stored_orgs(db, table, "org_id = $1", forged_org) == set()
+
+
+async def test_api3_server_owned_fields_on_actions_runs_and_webhooks(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    h = org.headers
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=h))
+    await _ok(
+        await client.post("/v1/blueprints/service/entities", json={"identifier": "api"}, headers=h)
+    )
+    action = {**DEPLOY, "requiredApproval": False, **FORGED}
+    for method, path in (("POST", "/v1/actions"), ("PUT", "/v1/actions/deploy")):
+        r = await client.request(method, path, json=action, headers=h)
+        assert r.status_code in (200, 201, 422), (path, r.text)
+        if r.status_code == 422:
+            body = {**DEPLOY, "requiredApproval": False}
+            await _ok(await client.request(method, path, json=body, headers=h))
+    _no_forgery(await _ok(await client.get("/v1/actions/deploy", headers=h)), org)
+    run_body = {
+        "properties": {"version": "1"},
+        "entity": "api",
+        "status": "SUCCESS",
+        "source": "AUTOMATION",
+        "requiredApproval": False,
+        **FORGED,
+    }
+    r = await client.post("/v1/actions/deploy/runs", json=run_body, headers=h)
+    assert r.status_code in (202, 422), r.text
+    if r.status_code == 422:
+        r = await client.post(
+            "/v1/actions/deploy/runs",
+            json={"properties": {"version": "1"}, "entity": "api"},
+            headers=h,
+        )
+    run = r.json()["run"]
+    assert (run["status"], run["source"]) == ("IN_PROGRESS", "API")
+    _no_forgery(run, org)
+    r = await client.patch(
+        f"/v1/actions/runs/{run['id']}",
+        json={"statusLabel": "ok", "source": "UI", "action": {"identifier": "other"}, **FORGED},
+        headers=h,
+    )
+    assert r.status_code in (200, 422), r.text
+    stored = (await _ok(await client.get(f"/v1/actions/runs/{run['id']}", headers=h)))["run"]
+    _no_forgery(stored, org)
+    assert stored["id"] == run["id"] and stored["source"] == "API"
+    assert stored["action"]["identifier"] == "deploy"
+    assert stored["createdBy"] == org.client_id
+    hook = {**HOOK, **FORGED, "webhookKey": "chosen-by-the-caller-0123456789", "url": "http://x/"}
+    for method, path in (
+        ("POST", "/v1/webhooks"),
+        ("PUT", "/v1/webhooks/hook"),
+        ("PATCH", "/v1/webhooks/hook"),
+    ):
+        r = await client.request(method, path, json=hook, headers=h)
+        assert r.status_code in (200, 201, 422), (path, r.text)
+        if r.status_code == 422 and method == "POST":
+            await _ok(await client.post("/v1/webhooks", json=HOOK, headers=h))
+    stored_hook = (await _ok(await client.get("/v1/webhooks/hook", headers=h)))["integration"]
+    _no_forgery(stored_hook, org)
+    assert stored_hook["webhookKey"] != "chosen-by-the-caller-0123456789"
+    assert stored_hook["url"].startswith("http://127.0.0.1:8000/") or stored_hook["url"].endswith(
+        stored_hook["webhookKey"]
+    )
+
+
+async def test_api3_no_answer_carries_a_stored_secret(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    h = org.headers
+    signing = (await _ok(await client.get("/v1/organization/signing-secret", headers=h)))[
+        "signingSecret"
+    ]
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=h))
+    await _ok(await client.post("/v1/webhooks", json=HOOK, headers=h))
+    await _ok(
+        await client.post(
+            "/v1/organization/secrets",
+            json={"secretName": "TOKEN", "secretValue": SECRET_VALUE},
+            headers=h,
+        )
+    )
+    deploy = {
+        **DEPLOY,
+        "invocationMethod": {
+            **DEPLOY["invocationMethod"],
+            "headers": {"X": "{{ .secrets.TOKEN }}"},
+        },
+    }
+    await _ok(await client.post("/v1/actions", json=deploy, headers=h))
+    async with db.system() as tx:
+        hashes = [
+            bytes(r["secret_hash"]).hex()
+            for r in await tx.fetch(
+                "SELECT secret_hash FROM credentials WHERE org_id = $1", org.org_id
+            )
+        ]
+    answers = []
+    for path in (
+        "/v1/organization",
+        "/v1/webhooks",
+        "/v1/webhooks/hook",
+        "/v1/organization/secrets",
+        "/v1/organization/secrets/TOKEN",
+        "/v1/apps",
+        "/v1/actions",
+        "/v1/actions/deploy",
+        "/v1/audit-log?limit=1000",
+    ):
+        r = await client.get(path, headers=h)
+        assert r.status_code == 200, (path, r.text)
+        answers.append(r.text)
+    answers.append((await client.patch("/v1/webhooks/hook", json={"title": "T"}, headers=h)).text)
+    answers.append(
+        (await client.put("/v1/apps/" + org.client_id, json={"name": "n"}, headers=h)).text
+    )
+    text = "\n".join(answers)
+    for secret in (HOOK_SECRET, SECRET_VALUE, signing, org.client_secret, *hashes):
+        assert secret not in text
+    assert "secret_hash" not in text and "secretHash" not in text
