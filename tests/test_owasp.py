@@ -702,3 +702,135 @@ async def test_api3_no_answer_carries_a_stored_secret(
     for secret in (HOOK_SECRET, SECRET_VALUE, signing, org.client_secret, *hashes):
         assert secret not in text
     assert "secret_hash" not in text and "secretHash" not in text
+
+
+# ---------------------------------------------------------------------------------------
+# API4: Unrestricted resource consumption.
+# test_http covers 413 on the token exchange (declared and chunked); test_entities 1000
+# entities per bulk write; test_search `limit` 1..1000; test_webhooks the ingest limit and
+# `limit` on events; test_ratelimit the per-org buckets. Here: the body limit on
+# authenticated writes, the other list and bulk caps, deep nesting on every JSON route
+# kind, and queries with too many rules.
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _deep_raw(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+async def test_api4_oversized_authenticated_writes_are_413_json(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=org.headers))
+    blob = "x" * (1024 * 1024)
+    for path, body in (
+        (
+            "/v1/blueprints/service/entities/bulk",
+            {"entities": [{"identifier": "a", "title": blob}]},
+        ),
+        ("/v1/blueprints/service/entities", {"identifier": "a", "title": blob}),
+        ("/v1/actions", {**DEPLOY, "description": blob}),
+    ):
+        r = await client.post(path, json=body, headers=org.headers)
+        assert r.status_code == 413, (path, r.text[:200])
+        assert r.json()["error"] == "payload_too_large"
+    count = await client.get("/v1/blueprints/service/entities-count", headers=org.headers)
+    assert count.json()["count"] == 0
+
+
+async def test_api4_list_and_bulk_caps(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    h = org.headers
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=h))
+    for path in (
+        "/v1/audit-log?limit=1001",
+        "/v1/audit-log?limit=0",
+        "/v1/actions/runs?limit=1001",
+        "/v1/actions/runs?limit=-1",
+        "/v1/webhooks/any/events?limit=101",
+    ):
+        r = await client.get(path, headers=h)
+        assert r.status_code == 422, (path, r.text)
+    r = await client.post(
+        "/v1/blueprints/service/bulk/entities/delete",
+        json={"entities": [f"e{n}" for n in range(101)]},
+        headers=h,
+    )
+    assert r.status_code == 422, r.text
+    r = await client.post(
+        "/v1/blueprints/service/entities/bulk",
+        json={"entities": [{"identifier": f"e{n}"} for n in range(1001)]},
+        headers=h,
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert (await client.get("/v1/blueprints/service/entities-count", headers=h)).json()[
+        "count"
+    ] == 0
+
+
+@pytest.mark.parametrize("depth", [200, 5000])
+async def test_api4_deeply_nested_bodies_are_4xx_never_500(
+    client: httpx.AsyncClient, make_org: OrgFactory, depth: int
+) -> None:
+    org = await make_org()
+    h = {**org.headers, "Content-Type": "application/json"}
+    free = {
+        "identifier": "service",
+        "title": "S",
+        "schema": {"properties": {"tier": {"type": "object"}}},
+    }
+    await _ok(await client.post("/v1/blueprints", json=free, headers=org.headers))
+    deep = _deep_raw(depth)
+    bodies = {
+        "/v1/blueprints": b'{"identifier":"deep","title":"D","schema":' + deep + b"}",
+        "/v1/blueprints/service/entities": b'{"identifier":"d","properties":{"tier":'
+        + deep
+        + b"}}",
+        "/v1/blueprints/service/entities/bulk": b'{"entities":[' + deep + b"]}",
+        "/v1/actions": b'{"identifier":"deep","trigger":' + deep + b"}",
+        "/v1/webhooks": b'{"title":"deep","mappings":' + deep + b"}",
+        "/v1/entities/search": b'{"combinator":"and","rules":[' + deep + b"]}",
+        "/v1/blueprints/service/scorecards": b'{"identifier":"s","title":"S","rules":'
+        + deep
+        + b"}",
+        "/v1/auth/access_token": deep,
+    }
+    for path, raw in bodies.items():
+        r = await client.post(path, content=raw, headers=h)
+        if path == "/v1/blueprints/service/entities" and r.status_code == 201:
+            continue  # an object property may nest; reads below must still work
+        assert 400 <= r.status_code < 500 or r.status_code == 207, (depth, path, r.text[:200])
+        assert r.json()["ok"] is False
+        assert r.json().get("entities", []) == []
+    # Stored nesting stays readable and searchable: nothing written above breaks reads.
+    for path in ("/v1/blueprints/service/entities", "/v1/blueprints/service/entities-count"):
+        assert (await client.get(path, headers=org.headers)).status_code == 200
+
+
+async def test_api4_nested_query_groups_and_many_rules_are_bounded(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=org.headers))
+    rule = {"property": "tier", "operator": "=", "value": "1"}
+    group: dict[str, Any] = {"combinator": "and", "rules": [rule]}
+    for _ in range(100):
+        group = {"combinator": "or", "rules": [group]}
+    many = {"combinator": "or", "rules": [rule] * 10_000}
+    for path, query in (
+        ("/v1/entities/search", group),
+        ("/v1/entities/search", many),
+        ("/v1/blueprints/service/entities/search", {"query": many}),
+        ("/v1/entities/aggregate", {"func": "count", "query": many}),
+    ):
+        started = time.monotonic()
+        r = await client.post(path, json=query, headers=org.headers)
+        assert r.status_code == 422, (path, r.text[:300])
+        assert time.monotonic() - started < 5
