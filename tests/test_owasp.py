@@ -834,3 +834,44 @@ async def test_api4_nested_query_groups_and_many_rules_are_bounded(
         r = await client.post(path, json=query, headers=org.headers)
         assert r.status_code == 422, (path, r.text[:300])
         assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------------------------------
+# API6: Unrestricted access to sensitive business flows.
+# test_runs covers Idempotency-Key replays (same answer, one outbox row), a reused key with
+# another body (409) and concurrent requests with one key. Here: a key is the caller's
+# org's alone - another org sending the same key gets its own run, never the first one -
+# and one key cannot start a second run of another action.
+
+
+async def test_api6_idempotency_keys_are_per_org_and_per_action(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    one, two = await make_org(), await make_org()
+    action = {**DEPLOY, "requiredApproval": False}
+    other_action = {**action, "identifier": "rollback", "title": "Rollback"}
+    for org in (one, two):
+        await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=org.headers))
+        await _ok(
+            await client.post(
+                "/v1/blueprints/service/entities", json={"identifier": "api"}, headers=org.headers
+            )
+        )
+        for body in (action, other_action):
+            await _ok(await client.post("/v1/actions", json=body, headers=org.headers))
+    body = {"properties": {"version": "1"}, "entity": "api"}
+    key = {"Idempotency-Key": "deploy-" + uuid.uuid4().hex}
+    first = await client.post("/v1/actions/deploy/runs", json=body, headers={**one.headers, **key})
+    theirs = await client.post("/v1/actions/deploy/runs", json=body, headers={**two.headers, **key})
+    assert first.status_code == theirs.status_code == 202
+    assert first.json()["run"]["id"] != theirs.json()["run"]["id"]
+    runs_of_two = (await client.get("/v1/actions/runs", headers=two.headers)).json()["runs"]
+    assert [r["id"] for r in runs_of_two] == [theirs.json()["run"]["id"]]
+    again = await client.post(
+        "/v1/actions/rollback/runs", json=body, headers={**one.headers, **key}
+    )
+    assert again.status_code in (202, 409), again.text
+    if again.status_code == 202:
+        assert again.json()["run"]["action"]["identifier"] == "rollback"
+    listed = (await client.get("/v1/actions/runs", headers=one.headers)).json()["runs"]
+    assert len(listed) == (2 if again.status_code == 202 else 1)
