@@ -5,12 +5,13 @@ operations matrix of its own module."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +22,13 @@ from jose import jwt
 
 from app.config import Settings
 from app.db.database import Database
+from app.dispatch import outbound
+from app.dispatch.client import Client
+from app.dispatch.outbound import Allowed, Refused
 from app.kit.crypto import cipher_for
 from app.orgs import service as org_service
 from tests.conftest import SECRET_KEY, Org, OrgFactory
+from tests.receivers import WebhookReceiver
 
 SERVICE: dict[str, Any] = {
     "identifier": "service",
@@ -875,3 +880,134 @@ async def test_api6_idempotency_keys_are_per_org_and_per_action(
         assert again.json()["run"]["action"]["identifier"] == "rollback"
     listed = (await client.get("/v1/actions/runs", headers=one.headers)).json()["runs"]
     assert len(listed) == (2 if again.status_code == 202 else 1)
+
+
+# ---------------------------------------------------------------------------------------
+# API7: Server side request forgery.
+# test_outbound covers the guard on literal private, loopback, link-local, IPv4-mapped and
+# NAT64 addresses and `localhost`; test_invokers the client (address pinning, no
+# redirects followed, a 301 to 10.0.0.1 a failure); test_dispatch a WEBHOOK run to
+# 169.254.169.254 and to 127.0.0.1. The GitHub and GitLab API URLs are operator settings,
+# not tenant input, and go through the same client. Here: the other spellings of private
+# addresses, and both tenant-given URLs that the worker calls (action invocations and
+# changelog destinations) refused end to end when nothing is allowed.
+
+PRIVATE_SPELLINGS = [
+    "http://2130706433/",  # 127.0.0.1 as one decimal number
+    "http://0177.0.0.1/",  # octal
+    "http://0x7f.0.0.1/",  # hexadecimal
+    "http://0x7f000001/",
+    "http://127.1/",  # short form
+    "http://0/",  # 0.0.0.0
+    "http://017700000001/",
+    "http://[::ffff:7f00:1]/",  # IPv4-mapped, hex words
+    "http://[0:0:0:0:0:ffff:127.0.0.1]/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://[::]/",
+    "http://[fe80::1%25eth0]/",  # link-local with a zone
+    "http://169.254.169.254./",  # trailing dot
+    "http://0251.0376.0251.0376/",  # 169.254.169.254 in octal
+    "http://2852039166/",  # 169.254.169.254 as a number
+    "http://10.0.0.1/",
+    "http://167772161/",  # 10.0.0.1 as a number
+    "http://LOCALHOST/",
+    "http://localhost./",
+    "http://ip6-localhost/",
+]
+
+
+@pytest.mark.parametrize("url", PRIVATE_SPELLINGS)
+async def test_api7_every_spelling_of_a_private_address_is_refused(url: str) -> None:
+    with pytest.raises(Refused):
+        await outbound.check(url, Allowed.parse(None))
+
+
+@pytest.mark.parametrize("url", PRIVATE_SPELLINGS)
+async def test_api7_the_client_sends_nothing_to_a_private_spelling(url: str) -> None:
+    async with Client() as http:
+        with pytest.raises((Refused, httpx.InvalidURL)):
+            await http.send(
+                "POST", url, headers={}, content=b"{}", allowed=Allowed.parse(None), timeout=2
+            )
+
+
+async def test_api7_an_allowed_network_does_not_open_its_neighbours() -> None:
+    allowed = Allowed.parse("127.0.0.1/32")
+    for url in ("http://127.0.0.2/", "http://0x7f000002/", "http://[::1]/", "http://10.0.0.1/"):
+        with pytest.raises(Refused):
+            await outbound.check(url, allowed)
+
+
+async def test_api7_tenant_urls_to_the_services_own_network_are_never_called(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    start_worker: Callable[..., Settings],
+    db: Database,
+) -> None:
+    org = await make_org()
+    secret = (await _ok(await client.get("/v1/organization/signing-secret", headers=org.headers)))[
+        "signingSecret"
+    ]
+    with WebhookReceiver(secret) as receiver:
+        port = receiver.port
+        spellings = [
+            f"http://localhost:{port}/hook",
+            f"http://2130706433:{port}/hook",
+            f"http://0x7f.0.0.1:{port}/hook",
+            f"http://[::ffff:127.0.0.1]:{port}/hook",
+        ]
+        blueprint = {**SERVICE, "changelogDestination": {"type": "WEBHOOK", "url": spellings[0]}}
+        await _ok(await client.post("/v1/blueprints", json=blueprint, headers=org.headers))
+        for n, url in enumerate(spellings):
+            action = {
+                **DEPLOY,
+                "identifier": f"hook-{n}",
+                "requiredApproval": False,
+                "trigger": {**DEPLOY["trigger"], "operation": "CREATE"},
+                "invocationMethod": {"type": "WEBHOOK", "url": url},
+            }
+            await _ok(await client.post("/v1/actions", json=action, headers=org.headers))
+        start_worker(outbound_allow=[])
+        runs = [
+            (
+                await _ok(
+                    await client.post(
+                        f"/v1/actions/hook-{n}/runs", json={"properties": {}}, headers=org.headers
+                    )
+                )
+            )["run"]["id"]
+            for n in range(len(spellings))
+        ]
+        await _ok(
+            await client.post(
+                "/v1/blueprints/service/entities", json={"identifier": "api"}, headers=org.headers
+            )
+        )
+        deadline = time.monotonic() + 20
+        for run_id in runs:
+            while True:
+                run = (
+                    await _ok(await client.get(f"/v1/actions/runs/{run_id}", headers=org.headers))
+                )["run"]
+                if run["status"] != "IN_PROGRESS":
+                    break
+                assert time.monotonic() < deadline, run
+                await asyncio.sleep(0.05)
+            assert run["status"] == "FAILURE"
+            logs = (
+                await _ok(await client.get(f"/v1/actions/runs/{run_id}/logs", headers=org.headers))
+            )["runLogs"]
+            assert any("PORTOLAN_OUTBOUND_ALLOW" in entry["message"] for entry in logs)
+        while True:
+            async with db.system() as tx:
+                states = await tx.fetch(
+                    "SELECT state, last_error FROM changelog_deliveries WHERE org_id = $1",
+                    org.org_id,
+                )
+            if states and all(s["state"] != "pending" for s in states):
+                break
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.05)
+        assert [s["state"] for s in states] == ["failed"]
+        assert "PORTOLAN_OUTBOUND_ALLOW" in states[0]["last_error"]
+        assert receiver.requests == []
