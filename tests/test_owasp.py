@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from app.dispatch import outbound
 from app.dispatch.client import Client
 from app.dispatch.outbound import Allowed, Refused
 from app.kit.crypto import cipher_for
+from app.main import create_app
 from app.orgs import service as org_service
 from tests.conftest import SECRET_KEY, Org, OrgFactory
 from tests.receivers import WebhookReceiver
@@ -1011,3 +1013,165 @@ async def test_api7_tenant_urls_to_the_services_own_network_are_never_called(
         assert [s["state"] for s in states] == ["failed"]
         assert "PORTOLAN_OUTBOUND_ALLOW" in states[0]["last_error"]
         assert receiver.requests == []
+
+
+# ---------------------------------------------------------------------------------------
+# API8: Security misconfiguration.
+# test_http covers a CORS preflight from the configured origin and from another one, the
+# security headers on a 200, a 401 and a 404, a 500 from a broken database handle, and
+# JSON 404 / 405 bodies. Here: CORS on actual requests and when no origin is configured,
+# lookalike origins, the headers on every other kind of answer, and a failure inside an
+# endpoint (after its transaction opened) that leaves nothing written and tells nothing.
+
+
+@asynccontextmanager
+async def _app_client(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://portolan.test") as c:
+            yield application, c
+
+
+def _cors_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("access-control-")}
+
+
+async def test_api8_cors_echoes_only_the_configured_origin(
+    make_org: OrgFactory, fresh_settings: Callable[..., Settings]
+) -> None:
+    org = await make_org()
+    allowed = "https://spa.example.org"
+    settings = fresh_settings(cors_origins=[allowed])
+    async with _app_client(settings) as (_, http):
+        r = await http.get("/v1/organization", headers={**org.headers, "Origin": allowed})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == allowed
+        assert "origin" in r.headers.get("vary", "").lower()
+        for foreign in (
+            "https://evil.example.net",
+            "https://spa.example.org.evil.net",
+            "http://spa.example.org",
+            "https://spa.example.org:8443",
+            "null",
+        ):
+            r = await http.get("/v1/organization", headers={**org.headers, "Origin": foreign})
+            assert "access-control-allow-origin" not in r.headers, foreign
+            pre = await http.options(
+                "/v1/organization",
+                headers={"Origin": foreign, "Access-Control-Request-Method": "GET"},
+            )
+            assert pre.headers.get("access-control-allow-origin") in (None, ""), foreign
+            assert foreign not in pre.text
+
+
+async def test_api8_no_cors_headers_without_configured_origins(
+    make_org: OrgFactory, fresh_settings: Callable[..., Settings]
+) -> None:
+    org = await make_org()
+    async with _app_client(fresh_settings(cors_origins=[])) as (_, http):
+        origin = "https://portal.example.com"
+        answers = [
+            await http.get("/v1/organization", headers={**org.headers, "Origin": origin}),
+            await http.options(
+                "/v1/organization",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "DELETE",
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            ),
+        ]
+        for r in answers:
+            assert _cors_headers(r) == {}, r.headers
+        assert answers[1].status_code == 405 and answers[1].json()["ok"] is False
+
+
+def _secured(response: httpx.Response) -> bool:
+    h = response.headers
+    return (
+        h.get("x-content-type-options") == "nosniff"
+        and h.get("x-frame-options") == "DENY"
+        and h.get("referrer-policy") == "no-referrer"
+        and h.get("cache-control") == "no-store"
+        and h.get("content-security-policy", "").startswith("default-src 'none'")
+        and len(h.get("x-request-id", "")) > 0
+    )
+
+
+async def test_api8_security_headers_on_every_kind_of_answer(
+    client: httpx.AsyncClient, make_org: OrgFactory, fresh_settings: Callable[..., Settings]
+) -> None:
+    org = await make_org()
+    h = org.headers
+    answers = {
+        "201": await client.post("/v1/blueprints", json=SERVICE, headers=h),
+        "200 authed": await client.get("/v1/blueprints/service", headers=h),
+        "200 stream": await client.get("/v1/blueprints/service/entities", headers=h),
+        "400": await client.post(
+            "/v1/blueprints", content=b"{", headers={**h, "Content-Type": "application/json"}
+        ),
+        "403": await client.post("/v1/platform/orgs", json={"name": "x"}, headers=h),
+        "405": await client.patch("/v1/actions/runs", headers=h),
+        "409": await client.post("/v1/blueprints", json=SERVICE, headers=h),
+        "413": await client.post("/v1/blueprints", content=b"x" * (1024 * 1024 + 1), headers=h),
+        "422": await client.post("/v1/blueprints", json={}, headers=h),
+        "preflight": await client.options(
+            "/v1/blueprints",
+            headers={
+                "Origin": "https://portal.example.com",
+                "Access-Control-Request-Method": "GET",
+            },
+        ),
+        "ingest 404": await client.post("/v1/webhooks/ingest/" + "k" * 40, json={}),
+        "openapi": await client.get("/openapi.json"),
+    }
+    async with _app_client(fresh_settings(rate_limit_other=1)) as (_, limited):
+        await limited.get("/v1/organization", headers=h)
+        answers["429"] = await limited.get("/v1/organization", headers=h)
+    assert answers["429"].status_code == 429
+    assert answers["403"].status_code in (401, 403)
+    for name, response in answers.items():
+        assert _secured(response), (name, response.status_code, dict(response.headers))
+
+
+async def test_api8_a_failure_inside_an_endpoint_is_a_bare_500_and_rolls_back(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    fresh_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    org = await make_org()
+    from app.catalog import blueprints
+
+    real_create = blueprints.create
+
+    async def create_then_fail(*args: Any, **kwargs: Any) -> Any:
+        await real_create(*args, **kwargs)
+        raise RuntimeError("internal detail: /srv/portolan password=hunter2")
+
+    monkeypatch.setattr(blueprints, "create", create_then_fail)
+    async with _app_client(fresh_settings()) as (application, http):
+
+        @application.get("/v1/test-only/boom")
+        async def boom() -> None:
+            raise ValueError("internal detail: boom at line 42")
+
+        answers = [
+            await http.post("/v1/blueprints", json=SERVICE, headers=org.headers),
+            await http.get("/v1/test-only/boom"),
+        ]
+        for r in answers:
+            assert r.status_code == 500
+            assert r.json() == {
+                "ok": False,
+                "error": "internal_error",
+                "message": "Internal server error",
+            }
+            assert "internal detail" not in r.text and "Traceback" not in r.text
+            assert _secured(r)
+    monkeypatch.undo()
+    listed = await client.get("/v1/blueprints", headers=org.headers)
+    assert listed.json()["blueprints"] == []
+    assert "internal detail" in caplog.text  # the operator still sees it
