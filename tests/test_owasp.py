@@ -1236,7 +1236,6 @@ async def test_api9_no_route_outside_the_inventory_answers(
         "/v0/organization",
         "/v2/organization",
         "/docs/oauth2-redirect",
-        "/metrics/",
         "/.env",
         "/v1/../v1/organization/../../.env",
         "/v1/platform/orgs/list",
