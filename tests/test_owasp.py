@@ -10,6 +10,8 @@ import base64
 import json
 import logging
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,14 +29,15 @@ from jose import jwt
 from app.config import Settings
 from app.db.database import Database
 from app.dispatch import outbound
-from app.dispatch.client import Client
+from app.dispatch.client import READ_LIMIT_BYTES, Client
+from app.dispatch.invokers import Context, invoke
 from app.dispatch.outbound import Allowed, Refused
 from app.kit.crypto import cipher_for
 from app.kit.http import iter_routes
 from app.main import create_app
 from app.orgs import service as org_service
 from tests.conftest import SECRET_KEY, Org, OrgFactory
-from tests.receivers import WebhookReceiver
+from tests.receivers import GitHubReceiver, GitLabReceiver, WebhookReceiver
 
 SERVICE: dict[str, Any] = {
     "identifier": "service",
@@ -1249,3 +1252,160 @@ async def test_api9_no_route_outside_the_inventory_answers(
 
 def test_api9_the_app_does_not_run_in_debug_mode(app: FastAPI) -> None:
     assert app.debug is False
+
+
+# ---------------------------------------------------------------------------------------
+# API10: Unsafe consumption of APIs.
+# test_invokers covers redirects (not followed), timeouts, a dripping server, a 64 KiB cap
+# on a synchronized webhook's kept answer, plain-text answers, secrets echoed back masked,
+# and GitHub's / GitLab's error shapes; test_webhooks jq errors, poisoned events and the
+# ingest's own limits. Here: an endless or huge answer is read only up to the client's
+# limit, non-JSON garbage from each kind of receiver ends as one short log line, and
+# incoming payloads that look like code stay data.
+
+
+def _endless_server(stop: threading.Event) -> socket.socket:
+    """Answers 200 and then streams body bytes for as long as it is read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n")
+            chunk = b"<p>" + b"A" * 65536
+            while not stop.is_set():
+                try:
+                    conn.sendall(chunk)
+                except OSError:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+async def test_api10_an_endless_answer_is_read_up_to_the_limit() -> None:
+    stop = threading.Event()
+    listener = _endless_server(stop)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    try:
+        async with Client() as http:
+            started = time.monotonic()
+            response = await http.send(
+                "GET",
+                url,
+                headers={},
+                content=None,
+                allowed=Allowed.parse("127.0.0.1/32"),
+                timeout=5,
+            )
+        assert time.monotonic() - started < 5
+        assert 0 < len(response.content) <= READ_LIMIT_BYTES
+    finally:
+        stop.set()
+        listener.close()
+
+
+async def test_api10_garbage_answers_end_as_one_short_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    garbage = ("<html>" + "\u202e\r\n\x00 junk " * 200_000 + "</html>").encode("utf-8", "replace")
+    local = Allowed.parse("127.0.0.1/32")
+    secrets = {"GITHUB_TOKEN": "ghp_" + "t" * 36, "GITLAB_TRIGGER_TOKEN": "glptt-" + "t" * 20}
+    with (
+        WebhookReceiver("whsec_" + "c2VjcmV0" * 4) as hook,
+        GitHubReceiver({secrets["GITHUB_TOKEN"]}, {("acme", "repo", "ci.yml")}) as github,
+        GitLabReceiver({"g/p": secrets["GITLAB_TRIGGER_TOKEN"]}, refs={"main"}) as gitlab,
+    ):
+        hook.fail_next(1, 400, body=garbage)
+        github.fail_next(1, 422, body=garbage)
+        gitlab.fail_next(1, 400, body=garbage)
+        async with Client() as http:
+            methods = [
+                {"type": "WEBHOOK", "url": hook.url},
+                {"type": "WEBHOOK", "url": hook.url, "synchronized": True},
+                {"type": "GITHUB", "org": "acme", "repo": "repo", "workflow": "ci.yml"},
+                {"type": "GITLAB", "projectName": "p", "groupName": "g"},
+            ]
+            hook.fail_next(1, 200, body=garbage)  # the synchronized call's answer
+            for method in methods:
+                outcome = await invoke(
+                    method,
+                    Context(
+                        run_id="r_owasp",
+                        signing_secret="whsec_" + "c2VjcmV0" * 4,
+                        secrets=secrets,
+                        allowed=local,
+                        github_api_url=github.url,
+                        gitlab_api_url=gitlab.api_url,
+                        timeout=5,
+                        inputs={},
+                        client=http,
+                    ),
+                )
+                assert len(outcome.message) <= 500, (method, outcome.message[:100])
+                assert "\n" not in outcome.message
+                if isinstance(outcome.response, str):
+                    assert len(outcome.response) <= 64 * 1024
+    assert len(hook.requests) == 2 and len(github.requests) == len(gitlab.requests) == 1
+    assert len(caplog.text) < 20_000
+
+
+async def _until_ended(client: httpx.AsyncClient, org: Org, run_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while True:
+        r = await client.get(f"/v1/actions/runs/{run_id}", headers=org.headers)
+        run: dict[str, Any] = r.json()["run"]
+        if run["status"] in ("SUCCESS", "FAILURE"):
+            return run
+        assert time.monotonic() < deadline, run
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, b"bad \x00 request\r\n\x1b[31m"),
+        (200, b'{"deployed": "v1\\u0000", "\\u0000": 1}'),
+        (200, b"plain \x00 text \xff\xfe"),
+        (500, b"\x00" * 10_000),
+    ],
+)
+async def test_api10_nul_and_control_bytes_in_an_answer_end_the_run_cleanly(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    start_worker: Callable[..., Settings],
+    status: int,
+    body: bytes,
+) -> None:
+    # PostgreSQL text and jsonb hold no NUL: an answer carrying one must still end the run
+    # with its log line instead of failing every attempt to record it.
+    org = await make_org()
+    secret = (await _ok(await client.get("/v1/organization/signing-secret", headers=org.headers)))[
+        "signingSecret"
+    ]
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=org.headers))
+    with WebhookReceiver(secret) as receiver:
+        action = {
+            **DEPLOY,
+            "requiredApproval": False,
+            "trigger": {**DEPLOY["trigger"], "operation": "CREATE"},
+            "invocationMethod": {"type": "WEBHOOK", "url": receiver.url, "synchronized": True},
+        }
+        await _ok(await client.post("/v1/actions", json=action, headers=org.headers))
+        receiver.fail_until(time.monotonic() + 60, status, body=body)
+        start_worker(dispatch_max_attempts=2)
+        run_id = (
+            await _ok(
+                await client.post(
+                    "/v1/actions/deploy/runs", json={"properties": {}}, headers=org.headers
+                )
+            )
+        )["run"]["id"]
+        run = await _until_ended(client, org, run_id)
+    assert run["status"] == ("SUCCESS" if status == 200 else "FAILURE")
+    logs = (await _ok(await client.get(f"/v1/actions/runs/{run_id}/logs", headers=org.headers)))[
+        "runLogs"
+    ]
+    assert logs and all("\x00" not in entry["message"] for entry in logs)
