@@ -1409,3 +1409,69 @@ async def test_api10_nul_and_control_bytes_in_an_answer_end_the_run_cleanly(
         "runLogs"
     ]
     assert logs and all("\x00" not in entry["message"] for entry in logs)
+
+
+async def test_api10_hostile_incoming_payloads_stay_data(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    org = await make_org()
+    h = org.headers
+    await _ok(await client.post("/v1/blueprints", json=SERVICE, headers=h))
+    await _ok(
+        await client.post(
+            "/v1/organization/secrets",
+            json={"secretName": "TOKEN", "secretValue": SECRET_VALUE},
+            headers=h,
+        )
+    )
+    hook = {
+        "identifier": "hostile",
+        "title": "Hostile",
+        "mappings": [
+            {
+                "blueprint": "service",
+                "itemsToParse": ".body.items",
+                "entity": {"identifier": ".item.id", "properties": {"tier": ".item.tier"}},
+            }
+        ],
+    }
+    made = (await _ok(await client.post("/v1/webhooks", json=hook, headers=h)))["integration"]
+    path = f"/v1/webhooks/ingest/{made['webhookKey']}"
+    hostile = [
+        '") | env | tostring | ("',
+        "{{ .secrets.TOKEN }}",
+        "$__loc__",
+        '"; input_filename; "',
+        "\\(env.HOME)",
+        "' or 1=1 --",
+        "<script>alert(1)</script>",
+    ]
+    items = [{"id": f"h{n}", "tier": text} for n, text in enumerate(hostile)]
+    start_worker()
+    events = [
+        {"items": items},
+        {"items": [{"id": f"b{n}"} for n in range(20_000)]},
+        {"items": [{"id": "deep", "tier": _nested(90)}]},
+        {"items": [{"id": "after", "tier": "fine"}]},
+    ]
+    for body in events:
+        r = await client.post(path, json=body)
+        assert r.status_code == 202, r.text[:200]
+    deadline = time.monotonic() + 30
+    while True:
+        listed = (await _ok(await client.get("/v1/webhooks/hostile/events", headers=h)))["events"]
+        if len(listed) == len(events) and all(e["status"] != "pending" for e in listed):
+            break
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.1)
+    for n, text in enumerate(hostile):
+        got = await _ok(await client.get(f"/v1/blueprints/service/entities/h{n}", headers=h))
+        assert got["entity"]["properties"]["tier"] == text
+    after = await client.get("/v1/blueprints/service/entities/after", headers=h)
+    assert after.status_code == 200
+    count = await _ok(await client.get("/v1/blueprints/service/entities-count", headers=h))
+    assert count["count"] <= len(hostile) + 1 + 1000  # items per event are capped
+    everything = (await client.get("/v1/blueprints/service/entities", headers=h)).text
+    assert SECRET_VALUE not in everything
+    outcomes = json.dumps(listed)
+    assert len(outcomes) < 200_000 and SECRET_VALUE not in outcomes
