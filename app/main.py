@@ -73,6 +73,9 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_url="/openapi.json",
+        # The API's only scheme is a bearer token: Swagger UI needs no OAuth2 redirect page
+        # (an undocumented route that would run its script without the API's CSP).
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
 

@@ -491,5 +491,18 @@ async def invoke(method: dict[str, Any], ctx: Context) -> Outcome:
         except httpx.HTTPError as exc:
             outcome = _transport(exc, what, ctx.timeout)
     # Masked before it is cut to length, so no part of a secret survives the cut.
-    outcome.message = _one_line(redact(outcome.message, _secret_values(ctx)))
+    outcome.message = _without_nul(_one_line(redact(outcome.message, _secret_values(ctx))))
+    outcome.response = _without_nul(outcome.response)
     return outcome
+
+
+def _without_nul(value: Any) -> Any:
+    """The value with NUL characters replaced: PostgreSQL's text and jsonb cannot hold
+    them, and a receiver's answer (kept as the run's response and log line) may."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
