@@ -432,11 +432,6 @@ async def test_api2_a_token_for_an_org_that_does_not_exist_gets_no_500(
     assert r.status_code == 401 or r.json()["apps"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app tokens are checked by signature only: a deleted org or credential keeps "
-    "its tokens until they expire",
-)
 async def test_api2_tokens_of_a_deleted_credential_or_org_are_401(
     client: httpx.AsyncClient, make_org: OrgFactory, app: FastAPI
 ) -> None:
