@@ -96,6 +96,16 @@ class Settings(BaseSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        # Credentials are allowed cross-origin, so a wildcard would hand every site the
+        # caller's session: origins are named one by one.
+        for origin in value:
+            if "*" in origin or not origin.startswith(("http://", "https://")):
+                raise ValueError(f"PORTOLAN_CORS_ORIGINS: {origin!r} is not an http(s) origin")
+        return value
+
     @field_validator("encryption_key")
     @classmethod
     def _check_fernet_key(cls, value: SecretStr) -> SecretStr:

@@ -69,6 +69,13 @@ def test_cors_origins_read_from_a_comma_separated_env(monkeypatch: pytest.Monkey
     assert _settings().cors_origins == ["https://a.example", "https://b.example"]
 
 
+@pytest.mark.parametrize("origin", ["*", "https://*.example", "a.example", "null"])
+def test_cors_origins_are_named_one_by_one(monkeypatch: pytest.MonkeyPatch, origin: str) -> None:
+    monkeypatch.setenv("PORTOLAN_CORS_ORIGINS", origin)
+    with pytest.raises(ValidationError, match="not an http"):
+        _settings()
+
+
 def test_secrets_are_not_in_the_settings_repr() -> None:
     s = _settings(**PROD_OK)
     assert "k" * 48 not in repr(s) and "p" * 40 not in repr(s)
