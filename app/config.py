@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(default=512 * 1024, ge=1024)
     webhook_event_retention_days: int = Field(default=7, ge=1, le=3650)
 
+    # Sign-in with OpenID Connect (app/auth/verifier.py, docs/identity.md): how long each
+    # process keeps an org's identity-provider settings and a JWKS, the least time between
+    # two fetches of one JWKS (an unknown `kid` fetches it again, at most this often, so a
+    # flood of made-up key ids cannot hammer the provider), the clock skew allowed on
+    # `exp` / `nbf` / `iat`, and how long one JWKS fetch may take.
+    oidc_config_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+    oidc_jwks_cache_seconds: float = Field(default=600.0, ge=1, le=86400)
+    oidc_jwks_refetch_seconds: float = Field(default=5.0, ge=0, le=3600)
+    oidc_leeway_seconds: int = Field(default=10, ge=0, le=60)
+    oidc_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
     # Rate limits (app/kit/ratelimit.py): requests per organization and route class per
     # period, token buckets in Redis. Defaults: Port's published per-org figures.
     rate_limit_enabled: bool = True

@@ -13,14 +13,18 @@ from app import __version__
 from app.actions.router import router as action_router
 from app.actions.run_router import router as run_router
 from app.audit.router import router as audit_router
+from app.auth import jwks
 from app.auth.apps import router as apps_router
+from app.auth.oidc_router import router as oidc_router
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
+from app.auth.verifier import Verifier
 from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
 from app.db.database import Database
 from app.dispatch import templates
+from app.dispatch.client import Client
 from app.dispatch.worker import InProcessWorker
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.kit.ratelimit import Limiter
@@ -49,6 +53,9 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
         settings: Settings = app.state.settings
         app.state.tokens = TokenService(settings)
         db = await Database.connect(settings)
+        app.state.verifier = Verifier(
+            settings, app.state.tokens, db, Client(read_limit=jwks.READ_LIMIT_BYTES)
+        )
         redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379")
         app.state.db = db
         app.state.redis = redis
@@ -62,6 +69,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
             if worker is not None:
                 await worker.stop()
             await app.state.limiter.close()
+            await app.state.verifier.aclose()
             await redis.aclose()
             await db.close()
             calc.shutdown()
@@ -103,6 +111,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(auth_router)
     app.include_router(apps_router)
     app.include_router(orgs_router)
+    app.include_router(oidc_router)
     app.include_router(catalog_router)
     app.include_router(search_router)
     app.include_router(entity_router)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
-from app.auth.tokens import TokenService
+from app.auth.verifier import Verifier
 from app.db.database import Tx
 from app.db.routing import open_request_tx
 from app.kit.errors import Unauthorized
@@ -53,16 +53,16 @@ async def _principal_from(request: Request) -> tuple[Principal, int]:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("A bearer access token is required", code="unauthorized")
-    tokens: TokenService = request.app.state.tokens
-    claims = tokens.verify(token)
+    verifier: Verifier = request.app.state.verifier
+    identity = await verifier.verify(token)
     principal = Principal(
-        org_id=claims.org_id,
-        subject=claims.subject,
-        kind=claims.kind,
-        roles=claims.roles,
-        email=claims.subject if claims.kind == "user" else None,
+        org_id=identity.org_id,
+        subject=identity.subject,
+        kind=identity.kind,
+        roles=identity.roles,
+        email=identity.email,
     )
-    return principal, claims.issued_at
+    return principal, identity.issued_at
 
 
 # A user's roles (given + from the identity provider) and teams, in one statement.

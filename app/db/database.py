@@ -232,9 +232,12 @@ class Database:
             self.pool.release(conn)
 
     @asynccontextmanager
-    async def tenant(self, org_id: uuid.UUID) -> AsyncIterator[Tx]:
-        """A unit of work as the app role with `org_id` bound: commit on success."""
-        tx, conn = await self.begin_tenant(org_id)
+    async def tenant(
+        self, org_id: uuid.UUID, *, actor: str | None = None, origin: str | None = None
+    ) -> AsyncIterator[Tx]:
+        """A unit of work as the app role with `org_id` bound: commit on success. `actor`
+        and `origin`: who and where from, for the audit log (default: the system)."""
+        tx, conn = await self.begin_tenant(org_id, actor=actor, origin=origin)
         ok = False
         try:
             yield tx
