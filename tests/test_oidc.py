@@ -197,6 +197,17 @@ async def test_http_urls_only_for_allowed_hosts(
     assert "https" in r.json()["message"]
 
 
+async def test_malformed_urls_are_422(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    body = {"issuer": "https://[::1", "audience": AUDIENCE, "jwksUri": "ftp://keys.example"}
+    r = await client.put("/v1/organization/oidc", json=body, headers=org.headers)
+    assert r.status_code == 422
+    assert [d["message"] for d in r.json()["details"]] == [
+        "issuer is not a URL",
+        "jwksUri must be an https URL",
+    ]
+
+
 async def test_jwks_uri_must_answer_a_key_set(
     sso: httpx.AsyncClient, make_org: OrgFactory, idp: IdentityProvider
 ) -> None:
@@ -425,6 +436,19 @@ async def test_a_flood_of_unknown_kids_fetches_the_key_set_at_most_once(
         )
         assert r.status_code == 401
         assert idp.jwks_requests - before <= 1
+
+
+async def test_known_keys_keep_working_while_the_provider_is_down(
+    fresh_settings: Callable[..., Settings], make_org: OrgFactory, idp: IdentityProvider
+) -> None:
+    settings = _sso_settings(fresh_settings, oidc_jwks_cache_seconds=1.0)
+    async with _serve(settings) as sso:
+        org = await make_org()
+        await _configured(sso, org, idp)
+        idp.stop()
+        await asyncio.sleep(1.1)  # the key set is stale: fetching it again fails
+        token = idp.token(AUDIENCE, _email())
+        assert (await sso.get("/v1/blueprints", headers=_bearer(token))).status_code == 200
 
 
 async def test_orgs_sharing_an_issuer_each_get_their_own_user_and_data(

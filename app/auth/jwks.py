@@ -74,7 +74,7 @@ async def fetch(
             )
     except TimeoutError as exc:
         raise JwksError(f"no answer within {timeout:g} s") from exc
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         raise JwksError(f"the request failed ({type(exc).__name__})") from exc
     if response.status_code != 200:
         raise JwksError(f"the answer was HTTP {response.status_code}, not 200")

@@ -125,7 +125,10 @@ def _http_allowed(host: str, allowed: outbound.Allowed) -> bool:
 
 
 def _url_problem(url: str, allowed: outbound.Allowed, *, what: str) -> str | None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"{what} is not a URL"
     host = (parts.hostname or "").lower().rstrip(".")
     if parts.scheme not in ("https", "http") or not host:
         return f"{what} must be an https URL"
@@ -142,7 +145,7 @@ async def _check(
     problems: list[dict[str, str]] = []
     problem = _url_problem(draft.issuer, allowed, what="issuer")
     if problem is None:
-        parts = urlsplit(draft.issuer)
+        parts = urlsplit(draft.issuer)  # parsed once already
         if parts.query or parts.fragment:
             problem = "issuer must not have a query or fragment"
         elif draft.issuer == own_issuer:

@@ -1,4 +1,4 @@
-"""The one outbound HTTP client of dispatch (webhooks, GitHub, GitLab).
+"""The one outbound HTTP client (webhooks, GitHub, GitLab, identity providers' key sets).
 
 Every call passes the guard first (`outbound.check`, which raises `outbound.Refused`) and
 then connects to the address the guard checked, never to a second lookup's answer: the

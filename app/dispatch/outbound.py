@@ -1,5 +1,5 @@
-"""The guard on every outbound URL (webhooks, GitHub, GitLab): no request to the service's
-own network unless an operator allowed it.
+"""The guard on every outbound URL (webhooks, GitHub, GitLab, identity providers' key
+sets): no request to the service's own network unless an operator allowed it.
 
 A URL's host is resolved, and every address it resolves to must be public: loopback,
 private, link-local, unique-local, multicast, reserved and unspecified addresses are
