@@ -500,6 +500,10 @@ async def test_groups_give_teams_and_roles_and_a_later_sign_in_takes_them_back(
     email = _email()
     first = _bearer(idp.token(AUDIENCE, email, groups=["eng", "ops", "admins", "other"]))
     assert (await sso.get("/v1/organization/oidc", headers=first)).status_code == 200
+    me = (await sso.get("/v1/auth/me", headers=first)).json()["me"]
+    assert (me["kind"], me["subject"], me["email"]) == ("user", email, email)
+    assert sorted(me["roles"]) == ["Admin", "Member"]
+    assert me["teams"] == ["Engineering", "Operations"]
     user = await _user(db, org.org_id, email)
     assert user is not None and list(user["idp_roles"]) == ["Admin"]
     assert await _memberships(db, org.org_id, email) == {
