@@ -773,3 +773,21 @@ async def test_a_moderator_holds_what_members_hold(
     assert r.status_code == 202, r.text
     r = await client.post("/v1/actions/open/runs", json={"properties": {}}, headers=nobody)
     assert r.status_code == 403
+
+
+async def test_people_write_from_the_ui_and_machines_from_the_api(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
+) -> None:
+    org = await make_org()
+    await ok(client, "POST", "/v1/blueprints", org, json=SYSTEM)
+    await add_user(db, org.org_id, "ann@example.com", roles=["Admin"])
+    ann = user_headers(app, org.org_id, "ann@example.com")
+    r = await client.post("/v1/blueprints/system/entities", json={"identifier": "a"}, headers=ann)
+    assert r.status_code == 201, r.text
+    await ok(client, "POST", "/v1/blueprints/system/entities", org, json={"identifier": "b"})
+    r = await client.get("/v1/audit-log", params={"resources": "entity"}, headers=org.headers)
+    seen = {
+        (a["identifier"], a["trigger"]["origin"], a["trigger"]["by"]["userId"])
+        for a in r.json()["audits"]
+    }
+    assert seen == {("a", "UI", "ann@example.com"), ("b", "API", org.client_id)}

@@ -2,8 +2,9 @@
 
 Entries are written by triggers in the transaction of each change (migration 0014): who
 (`trigger.by.userId`, the caller's subject; `system` for the service's own work), from
-where (`trigger.origin`: API, INTEGRATION for Port's Ocean, WEBHOOK, ACTION for a run's
-entity upsert, SYSTEM), what (`resourceType`, `identifier`, `context`), the `action`
+where (`trigger.origin`: API for machine credentials, UI for people signed in, INTEGRATION for
+Port's Ocean, SSO for a sign-in's provisioning, WEBHOOK, ACTION for a run's entity upsert,
+SYSTEM), what (`resourceType`, `identifier`, `context`), the `action`
 (CREATE, UPDATE, DELETE), `status` and the `diff` (before / after; secrets and credentials
 by metadata only). A change that fails is rolled back with its entry, so entries are
 SUCCESS. Filters combine with AND; pages follow `next`.

@@ -33,6 +33,12 @@ class Principal:
     def is_admin(self) -> bool:
         return "Admin" in self.roles
 
+    @property
+    def origin(self) -> str | None:
+        """The audit log's origin when the caller settles it: people sign in through the
+        SPA (`UI`); machine credentials leave it to the request (API or INTEGRATION)."""
+        return "UI" if self.kind == "user" else None
+
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
@@ -117,6 +123,7 @@ class TenantAuth(_Bearer):
             principal.org_id,
             actor=principal.subject,
             credential=credential,
+            origin=principal.origin,
         )
         if principal.kind == "user":
             principal = await _with_user_access(principal, tx)

@@ -42,7 +42,9 @@ _MAX_DATASOURCE = 500
 
 def _writer(request: Request, tenant: Tenant) -> entities.Writer:
     agent = request.headers.get("user-agent", "")[:_MAX_DATASOURCE] or None
-    origin = "INTEGRATION" if agent and agent.startswith("port-ocean/") else "API"
+    origin = tenant.principal.origin or (
+        "INTEGRATION" if agent and agent.startswith("port-ocean/") else "API"
+    )
     principal = tenant.principal
     # Admins may write anything: no guard to consult.
     guard = None if principal.is_admin else permissions.EntityGuard(principal)

@@ -79,6 +79,7 @@ async def open_request_tx(
     org_id: Any,
     actor: str | None = None,
     credential: tuple[str, int] | None = None,
+    origin: str | None = None,
 ) -> Tx:
     """Open the request's tenant transaction (once per request)."""
     if _STATE_KEY in request.scope:
@@ -90,7 +91,7 @@ async def open_request_tx(
         org_id,
         generic_plans=route.generic_plans,
         actor=actor,
-        origin=request_origin(request),
+        origin=origin or request_origin(request),
         credential=credential,
     )
     request.scope[_STATE_KEY] = (db, conn)
