@@ -30,6 +30,7 @@ from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.kit.ratelimit import Limiter
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
+from app.people.router import teams_router, users_router
 from app.scorecards.router import router as scorecard_router
 from app.search import calc
 from app.search.router import router as search_router
@@ -112,6 +113,8 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(apps_router)
     app.include_router(orgs_router)
     app.include_router(oidc_router)
+    app.include_router(users_router)
+    app.include_router(teams_router)
     app.include_router(catalog_router)
     app.include_router(search_router)
     app.include_router(entity_router)

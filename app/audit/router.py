@@ -31,7 +31,19 @@ from app.kit.responses import json_response
 
 router = api_router(tags=["Audit log"])
 Resource = Literal[
-    "blueprint", "entity", "scorecard", "action", "run", "webhook", "secret", "credential"
+    "blueprint",
+    "entity",
+    "scorecard",
+    "action",
+    "run",
+    "webhook",
+    "secret",
+    "credential",
+    "user",
+    "team",
+    "blueprint-permissions",
+    "action-permissions",
+    "oidc",
 ]
 
 
