@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.auth.service import create_credential
 from app.db.database import Database
+from app.scorecards.evaluate import evaluate_pending
 from tests.conftest import Org, OrgFactory
 
 
@@ -373,6 +374,42 @@ async def test_renaming_and_deleting_a_team_updates_entities(
     assert await _entity_team(client, org, "web") == []
     # The other organization's entities keep their teams.
     assert await _entity_team(client, other, "api") == ["alpha", "beta"]
+
+
+async def test_deleting_a_team_regrades_scorecards_that_read_teams(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _service_blueprint(client, org)
+    await _team(client, org, "alpha")
+    await _entity(client, org, "api", ["alpha"])
+    card = {
+        "identifier": "owned",
+        "title": "Owned",
+        "rules": [
+            {
+                "identifier": "hasTeam",
+                "title": "Belongs to alpha",
+                "level": "Bronze",
+                "query": {
+                    "combinator": "and",
+                    "conditions": [{"property": "$team", "operator": "=", "value": "alpha"}],
+                },
+            }
+        ],
+    }
+    r = await client.post("/v1/blueprints/service/scorecards", json=card, headers=org.headers)
+    assert r.status_code == 201, r.text
+    await evaluate_pending(db)
+
+    async def level() -> str:
+        r = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
+        return str(r.json()["entity"]["scorecards"]["owned"]["level"])
+
+    assert await level() == "Gold"  # no rule above Bronze
+    assert (await client.delete("/v1/teams/alpha", headers=org.headers)).status_code == 200
+    await evaluate_pending(db)
+    assert await level() == "Basic"
 
 
 # ------------------------------------------------------------------------------------------
