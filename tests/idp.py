@@ -76,6 +76,9 @@ class IdentityProvider(Receiver):
         self.keys: dict[str, SigningKey] = {}
         self.published: list[str] = []
         self.jwks_body: Any = None
+        # Ports are reused within a run while earlier tests' settings stay in the database:
+        # each provider names itself uniquely, as real tenants of one provider do.
+        self.realm = uuid.uuid4().hex[:12]
 
     def add(self, key: SigningKey, *, publish: bool = True) -> SigningKey:
         self.keys[key.kid] = key
@@ -98,7 +101,7 @@ class IdentityProvider(Receiver):
 
     @property
     def issuer(self) -> str:
-        return self.url
+        return f"{self.url}/realms/{self.realm}"
 
     @property
     def jwks_uri(self) -> str:
