@@ -485,3 +485,22 @@ async def test_a_user_of_one_org_is_refused_by_another(
     ).status_code == 200
     r = await client.get("/v1/users", headers=_user_headers(app, b, "ada@example.com"))
     assert r.status_code == 401 and r.json()["ok"] is False
+
+
+async def test_renaming_and_deleting_a_team_carries_into_permission_blocks(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _service_blueprint(client, org)
+    for name in ("alpha", "beta"):
+        await _team(client, org, name)
+    r = await client.patch(
+        "/v1/blueprints/service/permissions",
+        json={"entities": {"register": {"teams": ["alpha", "beta"]}}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    await client.patch("/v1/teams/alpha", json={"name": "zeta"}, headers=org.headers)
+    await client.delete("/v1/teams/beta", headers=org.headers)
+    r = await client.get("/v1/blueprints/service/permissions", headers=org.headers)
+    assert r.json()["permissions"]["entities"]["register"]["teams"] == ["zeta"]

@@ -738,3 +738,38 @@ async def effective(tx: Tx, principal: Principal) -> dict[str, Any]:
             "approve": principal.is_admin or perms_a.approve.grants(principal),
         }
     return {"operations": granted["operations"], "blueprints": blueprints, "actions": actions}
+
+
+# ------------------------------------------------------------------------------------------
+# Teams renamed or deleted
+
+
+def _retitled(doc: Any, old: str, new: str | None) -> Any:
+    if isinstance(doc, dict):
+        out = {k: _retitled(v, old, new) for k, v in doc.items()}
+        teams = doc.get("teams")
+        if isinstance(teams, list) and old in teams:
+            renamed = [new if t == old else t for t in teams if new is not None or t != old]
+            out["teams"] = list(dict.fromkeys(renamed))
+        return out
+    return doc
+
+
+async def rename_team(tx: Tx, old: str, new: str | None) -> None:
+    """Carry a team's new name (or its deletion: `new` None) into every permission block
+    that names it, so a block keeps meaning the same people."""
+    for table, key in (("blueprint_permissions", "blueprint"), ("action_permissions", "action")):
+        rows = await tx.fetch(
+            f"SELECT {key} AS key, permissions FROM {table} WHERE org_id = $1 FOR UPDATE",  # noqa: S608 - constant names
+            tx.org_id,
+        )
+        for row in rows:
+            doc = _retitled(row["permissions"], old, new)
+            if doc != row["permissions"]:
+                await tx.execute(
+                    f"UPDATE {table} SET permissions = $3, updated_at = now() "  # noqa: S608
+                    f"WHERE org_id = $1 AND {key} = $2",
+                    tx.org_id,
+                    row["key"],
+                    doc,
+                )

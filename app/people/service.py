@@ -436,6 +436,7 @@ async def update_team(
         await _entities_changed(
             tx, await tx.fetchval(_RENAME_IN_ENTITIES, tx.org_id, row["name"], new_name)
         )
+        await permissions.rename_team(tx, row["name"], new_name)
     if user_ids is not None:
         changed = await _set_team_members(tx, row["id"], user_ids) or changed
     if changed:
@@ -452,3 +453,4 @@ async def delete_team(tx: Tx, name: str) -> None:
     row = await _team_row(tx, name, lock=True)
     await tx.execute("DELETE FROM teams WHERE org_id = $1 AND id = $2", tx.org_id, row["id"])
     await _entities_changed(tx, await tx.fetchval(_REMOVE_FROM_ENTITIES, tx.org_id, row["name"]))
+    await permissions.rename_team(tx, row["name"], None)
