@@ -5,14 +5,18 @@ the classification says, with a 403 naming the permission."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from app.db.database import Database
+from app.kit.http import iter_routes
 from tests.conftest import Org, OrgFactory
 from tests.test_permissions import add_user, app_headers, ok, user_headers
 
@@ -308,3 +312,31 @@ async def test_a_moderator_holds_its_blueprints_routes(
         if r.status_code in (401, 403) or r.status_code >= 500:
             wrong.append(f"{method} {path}: the moderator got {r.status_code} {r.text[:200]}")
     assert wrong == [], "\n".join(wrong)
+
+
+# What counts as asking the permission module: a direct call, or the helpers that ask it
+# for their route (entity writes through their guard, runs through their checks).
+_ASKS = (
+    "permissions.",
+    "_writer(request, tenant)",
+    "_rewrite(",
+    "_readable(tenant",
+    "_reportable(tenant",
+    "principal=tenant.principal",
+    "runs.decide(tenant.tx, tenant.principal",
+    "_admin(tenant)",
+)
+
+
+def test_every_tenant_route_asks_the_permission_module(app: FastAPI) -> None:
+    silent = []
+    for route in iter_routes(app.routes):
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
+        if all(ACCESS.get((m, path)) == "public" for m in route.methods):
+            continue
+        source = inspect.getsource(route.endpoint)
+        if not any(marker in source for marker in _ASKS):
+            silent.append(f"{sorted(route.methods)} {path}")
+    assert silent == []

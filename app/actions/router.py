@@ -102,6 +102,7 @@ async def list_actions(
     published: bool | None = None,
     trigger_type: Literal["self-service", "automation"] | None = None,
 ) -> Any:
+    permissions.require(tenant.principal, "actions.read")
     actions = await service.list_all(
         tenant.tx,
         identifiers=action_identifier,
@@ -117,6 +118,7 @@ async def list_actions(
     "/{identifier}", response_model=ActionResponse, responses=ERRORS_AUTHED, summary="Get an action"
 )
 async def get_action(identifier: ActionId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "actions.read")
     return {"ok": True, "action": await service.get(tenant.tx, identifier)}
 
 

@@ -153,6 +153,7 @@ def _bulk_error(index: int, identifier: str, error: PortolanError) -> dict[str, 
     summary="Count a blueprint's entities",
 )
 async def count_entities(blueprint: BlueprintId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "entities.read")
     return {"ok": True, "count": await entities.count(tenant.tx, blueprint)}
 
 
@@ -171,6 +172,7 @@ async def list_entities(
     exclude_calculated_properties: bool = False,
     attach_title_to_relation: AttachTitles = False,
 ) -> Any:
+    permissions.require(tenant.principal, "entities.read")
     search = await prepare(
         tenant.tx,
         blueprint,
@@ -207,6 +209,7 @@ async def get_entity(
     attach_title_to_relation: AttachTitles = False,
 ) -> Any:
     """Read through search, so the entity carries its derived properties."""
+    permissions.require(tenant.principal, "entities.read")
     rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
     search = await prepare(
         tenant.tx,
@@ -391,4 +394,5 @@ async def delete_all_entities(
 async def get_migration(
     migration_id: Annotated[str, Path(min_length=1, max_length=64)], tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "entities.read")
     return {"ok": True, "migration": await migrations.get(tenant.tx, migration_id)}

@@ -50,6 +50,7 @@ async def create_blueprint(body: BlueprintBody, tenant: CurrentTenant) -> Any:
     "", response_model=BlueprintListResponse, responses=ERRORS_AUTHED, summary="List blueprints"
 )
 async def list_blueprints(tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "blueprints.read")
     return {"ok": True, "blueprints": await blueprints.list_all(tenant.tx)}
 
 
@@ -60,6 +61,7 @@ async def list_blueprints(tenant: CurrentTenant) -> Any:
     summary="Get a blueprint",
 )
 async def get_blueprint(identifier: BlueprintId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "blueprints.read")
     return {"ok": True, "blueprint": await blueprints.get(tenant.tx, identifier)}
 
 

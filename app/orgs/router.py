@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.config import Settings
 from app.db.routing import api_router
@@ -35,6 +36,7 @@ _platform_bearer = HTTPBearer(
     summary="Get organization details",
 )
 async def get_organization(tenant: CurrentTenant) -> OrganizationResponse:
+    permissions.require(tenant.principal, "organization.read")
     org = await service.get_org(tenant.tx, tenant.org_id)
     return OrganizationResponse(
         organization=OrganizationOut(

@@ -120,6 +120,7 @@ async def replace_scorecards(
     summary="A blueprint's scorecards",
 )
 async def list_blueprint_scorecards(blueprint: BlueprintId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "scorecards.read")
     return {"ok": True, "scorecards": await service.list_for(tenant.tx, blueprint)}
 
 
@@ -132,6 +133,7 @@ async def list_blueprint_scorecards(blueprint: BlueprintId, tenant: CurrentTenan
 async def get_scorecard(
     blueprint: BlueprintId, identifier: ScorecardId, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.read")
     return {"ok": True, "scorecard": await service.get(tenant.tx, blueprint, identifier)}
 
 
@@ -172,6 +174,7 @@ async def delete_scorecard(
     summary="Every scorecard of the organization",
 )
 async def list_scorecards(tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "scorecards.read")
     return {"ok": True, "scorecards": await service.list_all(tenant.tx)}
 
 
@@ -249,6 +252,7 @@ class SummaryResponse(BaseModel):
 async def dry_run_scorecard(
     blueprint: BlueprintId, identifier: ScorecardId, body: ScorecardBody, tenant: CurrentTenant
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.read")
     result = await insight.dry_run(tenant.tx, blueprint, identifier, _raw(body))
     return {"ok": True, "dryRun": result}
 
@@ -266,6 +270,7 @@ async def scorecard_summary(
     from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
     to: Annotated[str | None, Query(max_length=40)] = None,
 ) -> Any:
+    permissions.require(tenant.principal, "scorecards.read")
     start, end = insight.default_range()
     start = insight.parse_day(from_, start, "from")
     end = insight.parse_day(to, end, "to")

@@ -9,6 +9,7 @@ from fastapi import Body, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.catalog.entities import FieldFilter
 from app.db.database import Database
@@ -116,6 +117,7 @@ async def search_blueprint(
     exclude_calculated_properties: bool = False,
     attach_title_to_relation: AttachTitles = False,
 ) -> Response:
+    permissions.require(tenant.principal, "entities.read")
     body = body or BlueprintSearchBody()
     query = body.query.model_dump() if body.query is not None else None
     search = await prepare(
@@ -170,6 +172,7 @@ class AggregateResult(BaseModel):
     summary="Aggregate over a query: count, sum, average, min, max, median, value counts",
 )
 async def aggregate_entities(tenant: CurrentTenant, body: AggregateBody) -> Response:
+    permissions.require(tenant.principal, "entities.read")
     raw = body.model_dump(exclude_none=True)
     scope = await fresh_scope(tenant.tx, None, raw["query"])
     return json_response(await aggregate(tenant.tx, scope, raw))
@@ -190,6 +193,7 @@ async def search_all(
     exclude_calculated_properties: bool = False,
     attach_title_to_relation: AttachTitles = False,
 ) -> Response:
+    permissions.require(tenant.principal, "entities.read")
     query = body.model_dump()
     search = await prepare(
         tenant.tx,
