@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,3 +238,66 @@ async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Settin
     yield _start
     for worker in started:
         await worker.stop()
+
+
+@dataclass
+class LiveServer:
+    """`portolan serve` (API and in-process worker) as a real process on 127.0.0.1, on the
+    test run's database. Tokens from `make_org` work against it (same secret key)."""
+
+    url: str
+    port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTOLAN_")}
+    env.update(
+        PORTOLAN_ENV="test",
+        PORTOLAN_DATABASE_URL=settings.database_url or "",
+        PORTOLAN_REDIS_URL=settings.redis_url or "",
+        PORTOLAN_SECRET_KEY=SECRET_KEY,
+        PORTOLAN_PLATFORM_TOKEN=PLATFORM_TOKEN,
+        PORTOLAN_QUEUE_NAME=f"portolan-test:{uuid.uuid4().hex}",
+        PORTOLAN_LOG_LEVEL="WARNING",
+        PORTOLAN_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        PORTOLAN_OUTBOUND_ALLOW="127.0.0.1/32",
+    )
+    log = tempfile.NamedTemporaryFile(prefix="portolan-live-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited: {Path(log.name).read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("the server did not become ready")
+            time.sleep(0.2)
+        yield LiveServer(url=f"http://127.0.0.1:{port}", port=port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        os.unlink(log.name)
