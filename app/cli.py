@@ -1,4 +1,4 @@
-"""The `portolan` command: up, serve, worker, migrate, org, openapi."""
+"""The `portolan` command: up, serve, worker, migrate, org, openapi, apply, export."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ import json
 import os
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import httpx
 import typer
 
 from app.config import Settings, get_settings
 from app.kit.crypto import cipher_for
 from app.kit.logging import configure_logging
+
+if TYPE_CHECKING:
+    from app.remote import Client
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Portolan developer portal")
 org_cli = typer.Typer(no_args_is_help=True, help="Organizations (tenants)")
@@ -171,6 +176,87 @@ async def _create_org(settings: Settings, name: str) -> dict[str, str]:
         return created.as_dict()
     finally:
         await db.close()
+
+
+STARTER_PATHS = [REPO_ROOT / name for name in ("blueprints", "scorecards", "actions")]
+
+
+def _remote_client() -> Client:
+    from app.remote import Client, Credentials
+
+    try:
+        credentials = Credentials.from_env()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    return Client(credentials)
+
+
+@cli.command()
+def apply(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or directories of blueprints, scorecards, actions")
+    ],
+    org: Annotated[
+        str | None,
+        typer.Option(help="Refuse unless the credentials belong to this org (id or name)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; write nothing")
+    ] = False,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Also delete what the files do not define")
+    ] = False,
+) -> None:
+    """Make the org's blueprints, scorecards and actions match files (JSON or YAML).
+
+    Credentials: PORTOLAN_URL, PORTOLAN_CLIENT_ID, PORTOLAN_CLIENT_SECRET. Exit codes: 0
+    applied (or nothing to do), 1 a write was refused, 2 invalid files or refused plan
+    (nothing written), 3 wrong org, credentials or server (nothing written).
+    """
+    from app.catalog_code.apply import run
+
+    with _remote_client() as client:
+        code = run(client, paths, org=org, dry_run=dry_run, prune=prune)
+    raise typer.Exit(code)
+
+
+class ExportFormat(StrEnum):
+    yaml = "yaml"
+    json = "json"
+
+
+@cli.command()
+def export(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write blueprints/, scorecards/, actions/")
+    ],
+    org: Annotated[
+        str | None,
+        typer.Option(help="Refuse unless the credentials belong to this org (id or name)"),
+    ] = None,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="File format")] = ExportFormat.yaml,
+) -> None:
+    """Write the org's blueprints, scorecards and actions as files `portolan apply` reads."""
+    from app.catalog_code.export import export as run_export
+    from app.catalog_code.plan import org_mismatch
+    from app.remote import ApiError
+
+    with _remote_client() as client:
+        try:
+            if org is not None:
+                mismatch = org_mismatch(client.get("/v1/organization")["organization"], org)
+                if mismatch:
+                    typer.echo(f"error: {mismatch.replace('applied', 'exported')}", err=True)
+                    raise typer.Exit(3)
+            done = run_export(client, directory, fmt=fmt.value)
+        except (ApiError, httpx.HTTPError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(3) from exc
+    typer.echo(
+        f"Exported {len(done.written)} file(s) of organization {done.organization.get('name')} "
+        f"to {directory}" + (f"; removed {len(done.removed)} stale file(s)" if done.removed else "")
+    )
 
 
 def render_openapi() -> str:

@@ -1,0 +1,2 @@
+"""Catalog as code: blueprints, scorecards and actions kept as files (`portolan apply`,
+`portolan export`)."""
