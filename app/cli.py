@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -27,6 +29,8 @@ cli.add_typer(org_cli, name="org")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "openapi" / "openapi.json"
+# The starter catalog `portolan up` applies to the demo organization it creates.
+STARTER_PATHS = [REPO_ROOT / name for name in ("blueprints", "scorecards", "actions")]
 
 
 def _settings_with_services() -> Settings:
@@ -99,11 +103,49 @@ def up(
     """Set up and serve: services (embedded when no URLs), migrations, demo org, API + worker."""
     settings = _settings_with_services()
     run_migrations(settings)
-    asyncio.run(_ensure_demo_org(settings))
+    created = asyncio.run(_ensure_demo_org(settings))
+    if created is not None:
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        threading.Thread(
+            target=_seed_demo_org,
+            args=(f"http://{local}:{port}", created),
+            name="seed-demo-org",
+            daemon=True,
+        ).start()
     _serve(settings, host, port, True)
 
 
-async def _ensure_demo_org(settings: Settings) -> None:
+def _seed_demo_org(url: str, created: dict[str, str]) -> None:
+    """Once the server answers, apply the starter catalog to the new demo organization
+    through the API, as `portolan apply` would."""
+    from app.catalog_code.apply import run
+    from app.remote import Client, Credentials
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    credentials = Credentials(
+        url=url, client_id=created["clientId"], client_secret=created["clientSecret"]
+    )
+    typer.echo("Applying the starter catalog (blueprints/, scorecards/, actions/) to demo:")
+    try:
+        with Client(credentials) as client:
+            code = run(client, STARTER_PATHS, org=created["orgId"])
+    except Exception as exc:  # the server keeps serving; the catalog can be applied later
+        typer.echo(f"warning: the starter catalog was not applied: {exc}", err=True)
+        return
+    finally:
+        sys.stdout.flush()
+    if code != 0:
+        typer.echo("warning: the starter catalog was not fully applied (see above)", err=True)
+
+
+async def _ensure_demo_org(settings: Settings) -> dict[str, str] | None:
     from app.db.database import Database
     from app.orgs import service
 
@@ -115,7 +157,7 @@ async def _ensure_demo_org(settings: Settings) -> None:
                     "An organization exists already; its credentials were printed when it "
                     "was created."
                 )
-                return
+                return None
             created = await service.create_org(tx, name="demo", cipher=cipher_for(settings))
         creds_file = settings.data_dir / "demo-credentials.json"
         creds_file.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +170,7 @@ async def _ensure_demo_org(settings: Settings) -> None:
         )
         typer.echo(json.dumps(created.as_dict(), indent=2))
         sys.stdout.flush()  # the server runs next; a piped stdout must not hold these back
+        return created.as_dict()
     finally:
         await db.close()
 
@@ -176,9 +219,6 @@ async def _create_org(settings: Settings, name: str) -> dict[str, str]:
         return created.as_dict()
     finally:
         await db.close()
-
-
-STARTER_PATHS = [REPO_ROOT / name for name in ("blueprints", "scorecards", "actions")]
 
 
 def _remote_client() -> Client:

@@ -98,7 +98,9 @@ async def test_serve_runs_the_api_and_an_in_process_worker(settings: Settings) -
         assert proc.wait(30) == 0
 
 
-def test_up_with_no_urls_starts_embedded_servers_and_a_working_demo_org(tmp_path: Path) -> None:
+def test_up_with_no_urls_starts_embedded_servers_and_a_demo_org_with_the_starter_catalog(
+    tmp_path: Path,
+) -> None:
     port = _free_port()
     env = _clean_env(PORTOLAN_DATA_DIR=str(tmp_path / "data"), PORTOLAN_LOG_LEVEL="WARNING")
     with _process(["up", "--port", str(port)], env) as proc:
@@ -120,8 +122,24 @@ def test_up_with_no_urls_starts_embedded_servers_and_a_working_demo_org(tmp_path
             f"{base}/v1/auth/access_token",
             json={"clientId": creds["clientId"], "clientSecret": creds["clientSecret"]},
         ).json()["accessToken"]
-        org = httpx.get(f"{base}/v1/organization", headers={"Authorization": f"Bearer {token}"})
+        headers = {"Authorization": f"Bearer {token}"}
+        org = httpx.get(f"{base}/v1/organization", headers=headers)
         assert org.json()["organization"]["id"] == creds["orgId"]
+        while "Applied:" not in printed:
+            assert time.monotonic() < deadline and proc.poll() is None, printed
+            time.sleep(0.2)
+            printed = "".join(lines)
+        assert "Applied: 8 created" in printed, printed
+        blueprints = httpx.get(f"{base}/v1/blueprints", headers=headers).json()["blueprints"]
+        assert sorted(b["identifier"] for b in blueprints) == [
+            "deployment",
+            "environment",
+            "incident",
+            "service",
+            "team",
+        ]
+        actions = httpx.get(f"{base}/v1/actions", headers=headers).json()["actions"]
+        assert sorted(a["identifier"] for a in actions) == ["create-service", "deploy"]
         saved = json.loads((tmp_path / "data" / "demo-credentials.json").read_text())
         assert saved == creds
         proc.send_signal(signal.SIGTERM)
