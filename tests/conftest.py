@@ -242,8 +242,10 @@ async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Settin
 
 @dataclass
 class LiveServer:
-    """`portolan serve` (API and in-process worker) as a real process on 127.0.0.1, on the
-    test run's database. Tokens from `make_org` work against it (same secret key)."""
+    """`portolan serve` (the API, without a worker) as a real process on 127.0.0.1, on the
+    test run's database. Tokens from `make_org` work against it (same secret key). It runs
+    for the rest of the session, so it has no worker: one would claim the outbox rows,
+    runs and index work of tests that run their own worker."""
 
     url: str
     port: int
@@ -269,10 +271,11 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
         PORTOLAN_LOG_LEVEL="WARNING",
         PORTOLAN_PUBLIC_URL=f"http://127.0.0.1:{port}",
         PORTOLAN_OUTBOUND_ALLOW="127.0.0.1/32",
+        PORTOLAN_DB_POOL_SIZE="4",
     )
     log = tempfile.NamedTemporaryFile(prefix="portolan-live-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--no-worker"],
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=log,
