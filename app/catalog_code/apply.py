@@ -138,7 +138,7 @@ def print_plan(out: Console, plan: Plan) -> None:
     width = max((len(c.label) for c in plan.changes), default=0)
     for change in plan.changes:
         detail = f"  ({', '.join(change.keys)})" if change.op == "update" else ""
-        line = f"  {_SYMBOLS[change.op]} {change.op:<9} {change.label:<{width}}{detail}"
+        line = f"  {_SYMBOLS[change.op]} {change.op:<9} {change.label:<{width}}{detail}".rstrip()
         out.print(line, style=_STYLES[change.op], markup=False)
     out.print(
         f"Plan: {plan.count('create')} to create, {plan.count('update')} to update, "
