@@ -1,4 +1,4 @@
-"""The `portolan` command: up, serve, worker, migrate, org, openapi, apply, export."""
+"""The `portolan` command: up, serve, worker, migrate, org, openapi, apply, export, import."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="Portolan developer portal")
 org_cli = typer.Typer(no_args_is_help=True, help="Organizations (tenants)")
 cli.add_typer(org_cli, name="org")
+import_cli = typer.Typer(no_args_is_help=True, help="Import catalogs from other tools")
+cli.add_typer(import_cli, name="import")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "openapi" / "openapi.json"
@@ -323,6 +325,33 @@ def openapi(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(rendered)
     typer.echo(f"wrote {path}")
+
+
+@import_cli.command("backstage")
+def import_backstage(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="catalog-info.yaml files or directories (searched recursively)"),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only report what would change; write nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    url: Annotated[str | None, typer.Option(help="Portolan's URL (default: $PORTOLAN_URL)")] = None,
+) -> None:
+    """Import Backstage catalog files through the API (PORTOLAN_CLIENT_ID / _SECRET)."""
+    from app.backstage.importer import import_catalog
+    from app.remote import Client, Credentials
+
+    try:
+        credentials = Credentials.from_env(url)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    with Client(credentials) as client:
+        report = import_catalog(client, paths, dry_run=dry_run)
+    typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.render())
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:
