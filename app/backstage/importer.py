@@ -96,9 +96,8 @@ class Report:
         if self.problems:
             lines.append(f"Not imported ({len(self.problems)}):")
             for p in self.problems:
-                where = p.where()
-                subject = f" {p.ref}:" if p.ref else ""
-                lines.append(f"  {where} [{p.code}]{subject} {p.message}".replace("  [", " ["))
+                parts = [p.where(), f"[{p.code}]", f"{p.ref}:" if p.ref else "", p.message]
+                lines.append("  " + " ".join(part for part in parts if part))
         if self.errors:
             lines.append(f"API errors ({len(self.errors)}):")
             lines.extend(f"  {e}" for e in self.errors)
