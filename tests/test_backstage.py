@@ -336,3 +336,56 @@ async def test_the_command_fails_when_nothing_is_importable(
     assert done.returncode == 1
     assert "Nothing to import." in done.stdout
     assert (await _call(live_server, org, "GET", "/v1/blueprints"))["blueprints"] == []
+
+
+async def test_a_property_of_another_type_is_reported_and_left_alone(
+    live_server: LiveServer, make_org: OrgFactory
+) -> None:
+    org = await _org_with_payments_team(make_org, live_server)
+    await _call(
+        live_server,
+        org,
+        "POST",
+        "/v1/blueprints",
+        {
+            "identifier": "domain",
+            "title": "Domain",
+            "schema": {"properties": {"tags": {"type": "string"}}},
+        },
+    )
+    report = await _import(live_server, org)
+    conflicts = [p for p in report.problems if p.code == "conflict"]
+    assert [p.message.split(":")[0] for p in conflicts] == ["blueprint domain"]
+    assert report.exit_code == 0
+    bp = (await _call(live_server, org, "GET", "/v1/blueprints/domain"))["blueprint"]
+    assert bp["schema"]["properties"]["tags"] == {"type": "string"}
+    assert (await _entities(live_server, org, "domain"))["commerce"]["relations"] == {
+        "subdomainOf": None
+    }
+
+
+async def test_entities_the_api_refuses_fail_the_import(
+    live_server: LiveServer, make_org: OrgFactory
+) -> None:
+    org = await _org_with_payments_team(make_org, live_server)
+    await _call(
+        live_server,
+        org,
+        "POST",
+        "/v1/blueprints",
+        {
+            "identifier": "domain",
+            "title": "Domain",
+            "schema": {"properties": {"budget": {"type": "number"}}, "required": ["budget"]},
+        },
+    )
+    report = await _import(live_server, org)
+    assert report.entities["domain"].failed == 1
+    assert len(report.errors) == 1 and "domain:default/commerce" in report.errors[0]
+    assert report.exit_code == 1
+    assert report.entities["component"].created == 3  # the rest went in
+    unlinked = [p for p in report.problems if p.code == "unlinked"]
+    assert [p.ref for p in unlinked] == ["system:default/checkout"]
+    assert (await _entities(live_server, org, "system"))["checkout"]["relations"] == {
+        "domain": None
+    }

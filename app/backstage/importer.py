@@ -438,9 +438,10 @@ class Importer:
                     body = dict(w.payload)
                     later: dict[str, Any] = {}
                     now: dict[str, Any] = {}
-                    for name, value in w.payload["relations"].items():
-                        targets = value if isinstance(value, list) else [value] if value else []
+                    for name, given in w.payload["relations"].items():
                         target_bp = relation_targets[name]
+                        value = self._without_failed(w, name, given, target_bp, failed_any)
+                        targets = value if isinstance(value, list) else [value] if value else []
                         waiting = [
                             t
                             for t in targets
@@ -459,9 +460,37 @@ class Importer:
             for start in range(0, len(linkable), BULK_LIMIT):
                 part = linkable[start : start + BULK_LIMIT]
                 bodies = [
-                    {"identifier": w.payload["identifier"], "relations": rels} for w, rels in part
+                    {
+                        "identifier": w.payload["identifier"],
+                        "relations": {
+                            name: self._without_failed(
+                                w, name, value, BLUEPRINTS[bp].relations[name].target, failed_any
+                            )
+                            for name, value in rels.items()
+                        },
+                    }
+                    for w, rels in part
                 ]
-                self._bulk(bp, [w for w, _ in part], bodies)
+                failed_any |= self._bulk(bp, [w for w, _ in part], bodies)
+
+    def _without_failed(
+        self, w: EntityWrite, name: str, value: Any, target_bp: str, failed: set[tuple[str, str]]
+    ) -> Any:
+        """A link to an entity the server refused is left out (and reported) rather than
+        failing this entity too."""
+        targets = value if isinstance(value, list) else [value] if value else []
+        refused = [t for t in targets if (target_bp, t) in failed]
+        if not refused:
+            return value
+        for t in refused:
+            self.report.problems.append(
+                w.entity.origin.problem(
+                    "unlinked", f"relation {name} to {target_bp} {t}: that entity was refused"
+                )
+            )
+        if isinstance(value, list):
+            return [t for t in value if t not in refused] or None
+        return None
 
     def _bulk(
         self, bp: str, chunk: list[EntityWrite], bodies: list[dict[str, Any]]
