@@ -389,3 +389,20 @@ async def test_entities_the_api_refuses_fail_the_import(
     assert (await _entities(live_server, org, "system"))["checkout"]["relations"] == {
         "domain": None
     }
+
+
+def test_location_globs_are_followed_and_urls_reported(tmp_path: Path) -> None:
+    from app.backstage.reader import read
+
+    (tmp_path / "teams" / "web").mkdir(parents=True)
+    (tmp_path / "teams" / "web" / "catalog-info.yaml").write_text(
+        "apiVersion: backstage.io/v1alpha1\nkind: Group\nmetadata: {name: web}\nspec: {type: team}\n"
+    )
+    location = tmp_path / "all.yaml"
+    location.write_text(
+        "apiVersion: backstage.io/v1alpha1\nkind: Location\nmetadata: {name: all}\n"
+        "spec:\n  targets: ['./teams/**/catalog-info.yaml', 'https://example.com/c.yaml']\n"
+    )
+    reading = read([location, tmp_path / "teams"])
+    assert [d.kind for d in reading.documents] == ["Location", "Group"]
+    assert [(p.code, p.document) for p in reading.problems] == [("location-not-followed", 1)]

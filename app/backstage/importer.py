@@ -298,10 +298,17 @@ class Importer:
 
     def _sync_users(self, catalog: Catalog, teams: dict[tuple[str, str, str], str]) -> None:
         server = {u["email"].lower(): u for u in self.client.get("/v1/users")["users"]}
+        seen: set[str] = set()
         for user in catalog.users.values():
+            if user.email in seen:
+                self.report.problems.append(
+                    user.origin.problem("duplicate", f"another User has the email {user.email}")
+                )
+                continue
+            seen.add(user.email)
             wanted: set[str] = set()
             for group, origin in user.groups:
-                what = "spec.memberOf" if origin is user.origin else "a Group's spec.members:"
+                what = "spec.memberOf" if origin is user.origin else "spec.members"
                 name = self._team_of(group, teams, origin, what)
                 if name is not None:
                     wanted.add(name)
@@ -341,12 +348,13 @@ class Importer:
         return self._entities[bp]
 
     def _resolve(self, link: Link, catalog: Catalog, origin: Origin) -> str | None:
-        mine = catalog.entities.get(link.ref.key)
-        if mine is not None:
-            return mine.identifier
+        # The server's spelling first: identifiers are case-sensitive, Backstage refs are not.
         theirs = self._server_entities(link.blueprint).get(link.ref.identifier.lower())
         if theirs is not None:
             return str(theirs["identifier"])
+        mine = catalog.entities.get(link.ref.key)
+        if mine is not None:
+            return mine.identifier
         self.report.problems.append(
             origin.problem(
                 "dangling-ref", f"{link.field} {link.ref}: not in the input and not on the server"

@@ -251,7 +251,9 @@ _KNOWN_METADATA = {
     "tags",
     "links",
 }
-_SERVER_METADATA = {"uid", "etag", "generation"}  # set by a Backstage server, not by authors
+# Set by a Backstage server, not by authors (found in exported catalogs); top-level
+# `relations` and `status` are computed by it too.
+_SERVER_METADATA = {"uid", "etag", "generation"}
 _GROUP_SPEC = {"type", "profile", "parent", "children", "members"}
 _USER_SPEC = {"profile", "memberOf"}
 
@@ -490,7 +492,7 @@ def _entity(document: Document, ref: Ref, problems: list[Problem]) -> MappedEnti
     if unknown_spec:
         extra["spec"] = unknown_spec
     for key, value in document.body.items():
-        if key not in ("apiVersion", "kind", "metadata", "spec"):
+        if key not in ("apiVersion", "kind", "metadata", "spec", "relations", "status"):
             extra[key] = value
     props["backstage"] = _jsonable(extra) if extra else None
     title = metadata.get("title") if isinstance(metadata.get("title"), str) else None

@@ -13,7 +13,6 @@ import yaml
 
 API_VERSIONS = ("backstage.io/v1alpha1", "backstage.io/v1beta1")
 YAML_SUFFIXES = (".yaml", ".yml")
-_REMOTE_PREFIXES = ("http://", "https://", "git://", "ssh://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +64,10 @@ class Reading:
 
 def _display(path: Path) -> str:
     try:
-        return os.path.relpath(path)
+        relative = os.path.relpath(path)
     except ValueError:  # another drive (Windows)
         return str(path)
+    return str(path.resolve()) if relative.startswith("..") else relative
 
 
 def _expand(path: Path) -> list[Path]:
@@ -144,7 +144,7 @@ def _location_targets(document: Document, reading: Reading) -> list[Path]:
     for target in targets:
         if not isinstance(target, str) or not target.strip():
             continue
-        if target.startswith(_REMOTE_PREFIXES) or spec.get("type") == "url":
+        if "://" in target:
             reading.problems.append(
                 Problem(
                     "location-not-followed",
