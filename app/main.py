@@ -26,6 +26,7 @@ from app.db.database import Database
 from app.dispatch import templates
 from app.dispatch.client import Client
 from app.dispatch.worker import InProcessWorker
+from app.integrations.router import router as integration_router
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.kit.ratelimit import Limiter
 from app.ops.router import router as ops_router
@@ -124,4 +125,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(action_router)
     app.include_router(audit_router)
     app.include_router(webhook_router)
+    app.include_router(integration_router)
     return app

@@ -69,6 +69,8 @@ OPERATIONS: dict[str, Holder] = {
     "secrets.manage": "admin",
     "webhooks.read": "admin",
     "webhooks.manage": "admin",
+    "integrations.read": "admin",
+    "integrations.manage": "admin",
     "blueprints.read": "everyone",
     "blueprints.create": "admin",
     "blueprints.update": "moderator",

@@ -48,6 +48,9 @@ class Writer:
     origin: str
     datasource: str | None
     guard: EntityGuard | None = None
+    # Port's Ocean integrations map properties their blueprint may not declare (Port keeps
+    # the declared ones); every other writer is told about such a property (422).
+    drop_undeclared: bool = False
 
 
 @dataclass(slots=True)
@@ -365,6 +368,10 @@ async def _write(
     for item in items:
         try:
             _parse(item, blueprint)
+            if writer.drop_undeclared and item.properties:
+                item.properties = {
+                    k: v for k, v in item.properties.items() if k in validator.declared
+                }
             if item.identifier in seen:
                 raise Invalid(f"Entity {item.identifier!r} appears more than once in the request")
             seen.add(item.identifier)

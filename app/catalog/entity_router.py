@@ -48,7 +48,13 @@ def _writer(request: Request, tenant: Tenant) -> entities.Writer:
     principal = tenant.principal
     # Admins may write anything: no guard to consult.
     guard = None if principal.is_admin else permissions.EntityGuard(principal)
-    return entities.Writer(actor=principal.subject, origin=origin, datasource=agent, guard=guard)
+    return entities.Writer(
+        actor=principal.subject,
+        origin=origin,
+        datasource=agent,
+        guard=guard,
+        drop_undeclared=bool(agent and agent.startswith("port-ocean/")),
+    )
 
 
 async def _write_flags(

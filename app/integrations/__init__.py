@@ -1,0 +1,1 @@
+"""Integrations: Port's Ocean integrations, their mapping, resync state, examples and logs."""
