@@ -3,9 +3,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Port's Ocean framework for the end-to-end test (tests/test_ocean.py): it needs pydantic 1,
+# so it gets a virtualenv of its own.
+OCEAN_VENV := .venv-ocean
+OCEAN_REQUIREMENTS := tests/ocean_integration/requirements.txt
+OCEAN_STAMP := $(OCEAN_VENV)/.installed-stamp
 SRC := app tests bench migrations
 
-.PHONY: install run test lint typecheck openapi openapi-check pytest bench fmt clean
+.PHONY: install install-ocean run test lint typecheck openapi openapi-check pytest bench fmt clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,14 +18,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
+$(OCEAN_STAMP): $(OCEAN_REQUIREMENTS)
+	$(PYTHON) -m venv $(OCEAN_VENV)
+	$(OCEAN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OCEAN_VENV)/bin/python -m pip install --quiet -r $(OCEAN_REQUIREMENTS)
+	touch $(OCEAN_STAMP)
+
 install: $(STAMP)
+
+## Port's Ocean in .venv-ocean, for the suite's end-to-end test (make test installs it).
+install-ocean: $(OCEAN_STAMP)
 
 ## Set up and serve on 127.0.0.1:8000 (embedded PostgreSQL/Redis unless URLs are set).
 run: install
 	$(BIN)/portolan up
 
 ## Set up and run the whole suite: lint, types, OpenAPI freshness, pytest (+ API fuzzing).
-test: install lint typecheck openapi-check pytest
+test: install install-ocean lint typecheck openapi-check pytest
 
 lint:
 	$(BIN)/ruff check $(SRC)
@@ -46,4 +60,4 @@ fmt: install
 	$(BIN)/ruff check --fix $(SRC)
 
 clean:
-	rm -rf $(VENV) .portolan .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OCEAN_VENV) .portolan .pytest_cache .mypy_cache .ruff_cache
