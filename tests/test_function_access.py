@@ -66,6 +66,18 @@ ACCESS: dict[tuple[str, str], str] = {
     ("PATCH", "/v1/webhooks/{identifier}"): "admin",
     ("DELETE", "/v1/webhooks/{identifier}"): "admin",
     ("GET", "/v1/webhooks/{identifier}/events"): "admin",
+    ("GET", "/v1/integration"): "admin",
+    ("POST", "/v1/integration"): "admin",
+    ("GET", "/v1/integration/{identifier}"): "admin",
+    ("PATCH", "/v1/integration/{identifier}"): "admin",
+    ("DELETE", "/v1/integration/{identifier}"): "admin",
+    ("DELETE", "/v1/integrations/{identifier}"): "admin",
+    ("PATCH", "/v1/integration/{identifier}/config"): "admin",
+    ("PATCH", "/v1/integration/{identifier}/resync-state"): "admin",
+    ("GET", "/v1/integration/{identifier}/kinds/{kind}/examples"): "admin",
+    ("POST", "/v1/integration/{identifier}/kinds/{kind}/examples"): "admin",
+    ("GET", "/v1/integration/{identifier}/logs"): "admin",
+    ("POST", "/v1/integration-logs/{ingestId}"): "admin",
     ("GET", "/v1/blueprints"): "member",
     ("POST", "/v1/blueprints"): "admin",
     ("GET", "/v1/blueprints/{identifier}"): "member",
@@ -153,6 +165,7 @@ SCORECARD = {
     ],
 }
 WEBHOOK = {"identifier": "wh", "title": "Hook", "mappings": []}
+INTEGRATION = {"installationId": "ocean", "installationAppType": "fake", "version": "1.0.0"}
 
 
 def _documented() -> set[tuple[str, str]]:
@@ -172,6 +185,7 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
         ("/v1/actions", ACTION),
         ("/v1/blueprints/service/scorecards", SCORECARD),
         ("/v1/webhooks", WEBHOOK),
+        ("/v1/integration", INTEGRATION),
         ("/v1/organization/secrets", {"secretName": "s1", "secretValue": "v"}),
         ("/v1/teams", {"name": "alpha"}),
         ("/v1/users/invite", {"invitee": {"email": "u@example.com"}}),
@@ -180,10 +194,12 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
         await ok(client, "POST", path, org, json=body)
     run = await ok(client, "POST", "/v1/actions/open/runs", org, json={"properties": {}})
     migration = await ok(client, "DELETE", "/v1/blueprints/scratch/all-entities", org)
+    integration = await ok(client, "GET", "/v1/integration/ocean", org)
     return {
         "run_id": run["run"]["id"],
         "migration_id": migration["migrationId"],
         "app_id": org.client_id,
+        "ingest_id": integration["integration"]["logAttributes"]["ingestId"],
     }
 
 
@@ -198,6 +214,8 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
     identifier = {
         "/v1/actions": "open",
         "/v1/webhooks": "wh",
+        "/v1/integration": "ocean",
+        "/v1/integrations": "ocean",
         "/v1/blueprints/{blueprint}/scorecards": "sc",
         "/v1/blueprints/{blueprint}/entities": "e1",
     }.get(path.split("/{identifier}")[0], "service")
@@ -210,6 +228,8 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         app_id=ids["app_id"],
         user_email="u@example.com",
         webhookKey="nope",
+        kind="person",
+        ingestId=ids["ingest_id"],
     )
     bodies: dict[tuple[str, str], Any] = {
         ("PUT", "/v1/organization/oidc"): {
@@ -229,6 +249,12 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/webhooks"): {**WEBHOOK, "identifier": "wh2"},
         ("PUT", "/v1/webhooks/{identifier}"): WEBHOOK,
         ("PATCH", "/v1/webhooks/{identifier}"): {"title": "Renamed"},
+        ("POST", "/v1/integration"): {**INTEGRATION, "installationId": "ocean2"},
+        ("PATCH", "/v1/integration/{identifier}"): {"version": "1.0.1"},
+        ("PATCH", "/v1/integration/{identifier}/config"): {"config": {"resources": []}},
+        ("PATCH", "/v1/integration/{identifier}/resync-state"): {"status": "running"},
+        ("POST", "/v1/integration/{identifier}/kinds/{kind}/examples"): {"examples": [{"a": 1}]},
+        ("POST", "/v1/integration-logs/{ingestId}"): {"logs": [{"message": "hi"}]},
         ("POST", "/v1/blueprints"): {**SYSTEM, "identifier": "other", "title": "Other"},
         ("PUT", "/v1/blueprints/{identifier}"): SERVICE,
         ("PATCH", "/v1/blueprints/{identifier}"): {"title": "Renamed"},
