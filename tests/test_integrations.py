@@ -338,3 +338,124 @@ async def test_an_integration_is_found_by_its_log_ingest_id(
     )
     assert r.status_code == 200, r.text
     assert r.json()["integration"]["identifier"] == "ocean-1"
+
+
+# ------------------------------------------------------------------------------------------
+# What Ocean 0.12.9 needs of the catalog, as it sends it
+
+OCEAN_UA = "port-ocean/fake-integration/0.1.0/ocean-1/exporter"
+PERSON = {
+    "identifier": "person",
+    "title": "Person",
+    "schema": {"properties": {"age": {"type": "number"}}},
+}
+
+
+async def _ocean_upsert(
+    client: httpx.AsyncClient, org: Org, entity: dict[str, Any]
+) -> httpx.Response:
+    return await client.post(
+        "/v1/blueprints/person/entities",
+        headers={**org.headers, "User-Agent": OCEAN_UA},
+        params={
+            "upsert": "true",
+            "merge": "true",
+            "create_missing_related_entities": "true",
+            "validation_only": "false",
+        },
+        json=entity,
+    )
+
+
+async def test_oceans_nested_batch_search_finds_its_own_entities(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    assert (
+        await client.post("/v1/blueprints", headers=org.headers, json=PERSON)
+    ).status_code == 201
+    for name in ("ann", "bob", "cid"):
+        r = await _ocean_upsert(client, org, {"identifier": name, "blueprint": "person"})
+        assert r.status_code in (200, 201), r.text
+    r = await client.post(
+        "/v1/blueprints/person/entities", headers=org.headers, json={"identifier": "dan"}
+    )
+    assert r.status_code == 201
+    datasource = {
+        "combinator": "and",
+        "rules": [
+            {
+                "property": "$datasource",
+                "operator": "contains",
+                "value": "port-ocean/fake-integration/",
+            },
+            {"property": "$datasource", "operator": "contains", "value": "/ocean-1/exporter"},
+        ],
+    }
+    batch = {
+        "combinator": "and",
+        "rules": [
+            {
+                "combinator": "or",
+                "rules": [
+                    {
+                        "combinator": "and",
+                        "rules": [
+                            {"property": "$identifier", "operator": "=", "value": name},
+                            {"property": "$blueprint", "operator": "=", "value": "person"},
+                        ],
+                    }
+                    for name in ("ann", "cid", "dan")
+                ],
+            },
+            datasource,
+        ],
+    }
+    r = await client.post(
+        "/v1/entities/search",
+        headers={**org.headers, "User-Agent": OCEAN_UA},
+        params=[
+            ("exclude_calculated_properties", "true"),
+            ("include", "blueprint"),
+            ("include", "identifier"),
+        ],
+        json=batch,
+    )
+    assert r.status_code == 200, r.text
+    found = r.json()["entities"]
+    assert sorted(e["identifier"] for e in found) == ["ann", "cid"]
+    assert all(set(e) == {"identifier", "blueprint"} for e in found)
+
+
+async def test_an_ocean_write_keeps_only_declared_properties(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await client.post("/v1/blueprints", headers=org.headers, json=PERSON)
+    r = await _ocean_upsert(
+        client,
+        org,
+        {"identifier": "ann", "blueprint": "person", "properties": {"age": 3, "badge": "x"}},
+    )
+    assert r.status_code in (200, 201), r.text
+    assert r.json()["entity"]["properties"] == {"age": 3}
+    r = await client.post(
+        "/v1/blueprints/person/entities",
+        headers=org.headers,
+        json={"identifier": "bob", "properties": {"badge": "x"}},
+    )
+    assert r.status_code == 422
+
+
+async def test_deleting_a_missing_entity_is_a_json_404(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await client.post("/v1/blueprints", headers=org.headers, json=PERSON)
+    r = await client.delete(
+        f"/v1/blueprints/person/entities/{quote_plus('a/b c')}",
+        headers={**org.headers, "User-Agent": OCEAN_UA},
+        params={"delete_dependents": "true"},
+    )
+    assert r.status_code == 404
+    assert r.json()["ok"] is False and r.json()["error"] == "not_found"
