@@ -249,6 +249,7 @@ class LiveServer:
 
     url: str
     port: int
+    log: Path  # the server's output, for a failing test to show
 
 
 def _free_port() -> int:
@@ -294,7 +295,7 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
             if time.monotonic() > deadline:
                 raise AssertionError("the server did not become ready")
             time.sleep(0.2)
-        yield LiveServer(url=f"http://127.0.0.1:{port}", port=port)
+        yield LiveServer(url=f"http://127.0.0.1:{port}", port=port, log=Path(log.name))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

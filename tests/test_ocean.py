@@ -77,7 +77,9 @@ def _sail(server: LiveServer, org: Org, identifier: str, people: int) -> str:
         check=False,
     )
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-5000:]
+    assert done.returncode == 0, (
+        output[-5000:] + "\n--- portolan serve ---\n" + server.log.read_text()[-5000:]
+    )
     return output
 
 
