@@ -43,7 +43,7 @@ TIMER_EVENT = "TIMER_PROPERTY_EXPIRED"
 METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
 SUPPORTED = ("WEBHOOK", "GITHUB", "GITLAB", "UPSERT_ENTITY")
 UNSUPPORTED = ("AZURE_DEVOPS", "KAFKA", "INTEGRATION_ACTION")
-_KEYS = {
+DEFINITION_KEYS = (
     "identifier",
     "title",
     "icon",
@@ -54,7 +54,8 @@ _KEYS = {
     "approvalNotification",
     "publish",
     "allowAnyoneToViewRuns",
-}
+)
+_KEYS = frozenset(DEFINITION_KEYS)
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
 
 

@@ -11,34 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from app.actions import definitions as action_definitions
+from app.catalog.blueprints import DEFINITION_KEYS
 from app.catalog.blueprints import normalise as normalise_blueprint
 
-BLUEPRINT_KEYS = (
-    "identifier",
-    "title",
-    "icon",
-    "description",
-    "schema",
-    "relations",
-    "mirrorProperties",
-    "calculationProperties",
-    "aggregationProperties",
-    "ownership",
-    "teamInheritance",
-    "changelogDestination",
-)
-ACTION_KEYS = (
-    "identifier",
-    "title",
-    "icon",
-    "description",
-    "trigger",
-    "invocationMethod",
-    "requiredApproval",
-    "approvalNotification",
-    "publish",
-    "allowAnyoneToViewRuns",
-)
+BLUEPRINT_KEYS = DEFINITION_KEYS
+ACTION_KEYS = action_definitions.DEFINITION_KEYS
 SCORECARD_KEYS = ("identifier", "title", "levels", "rules", "filter")
 RULE_KEYS = ("identifier", "title", "description", "level", "query")
 DEFAULT_LEVELS = [
