@@ -20,7 +20,7 @@ from app.auth.principal import CurrentTenant, Tenant
 from app.auth.service import ADMIN_ROLE, _hash_secret, create_credential
 from app.db.database import Tx
 from app.db.routing import api_router
-from app.kit.errors import Conflict, Invalid, NotFound
+from app.kit.errors import Conflict, NotFound
 from app.kit.ids import new_secret
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.kit.responses import json_response
@@ -87,17 +87,7 @@ def _admin(tenant: Tenant) -> Tx:
 
 
 async def _check_roles(tx: Tx, roles: list[str]) -> list[str]:
-    known = await permissions.known_roles(tx)
-    problems = [
-        {
-            "pointer": f"/roles/{i}",
-            "message": f"{role!r} is not Admin, Member or <blueprint>-moderator of a blueprint",
-        }
-        for i, role in enumerate(roles)
-        if role not in known
-    ]
-    if problems:
-        raise Invalid(f"Unknown role(s): {problems[0]['message']}", details=problems)
+    await permissions.check_roles(tx, roles, "/roles")
     return sorted(set(roles))
 
 

@@ -252,8 +252,17 @@ async def known_roles(tx: Tx) -> set[str]:
     return {ADMIN, MEMBER} | {moderator(r["identifier"]) for r in rows}
 
 
-def valid_role(role: str, roles: set[str]) -> bool:
-    return role in roles
+async def check_roles(tx: Tx, roles: Sequence[str], pointer: str) -> None:
+    """Every role must exist: Admin, Member, or `<blueprint>-moderator` of a blueprint."""
+    known = await known_roles(tx)
+    bad = [(i, r) for i, r in enumerate(roles) if r not in known]
+    if bad:
+        names = ", ".join(repr(r) for _, r in bad)
+        raise Invalid(
+            f"Unknown role(s): {names} (roles are Admin, Member or <blueprint>-moderator of "
+            "an existing blueprint)",
+            details=[{"pointer": f"{pointer}/{i}", "message": f"no role {r!r}"} for i, r in bad],
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -545,11 +554,8 @@ WHERE w.depth = cardinality($4::varchar[])
 # Action permissions
 
 
-def _default_action(action: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "execute": {"users": [], "roles": [ADMIN, MEMBER], "teams": [], "ownedByTeam": False},
-        "approve": {"users": [], "roles": [ADMIN], "teams": []},
-    }
+_DEFAULT_EXECUTE = {"users": [], "roles": [ADMIN, MEMBER], "teams": [], "ownedByTeam": False}
+_DEFAULT_APPROVE = {"users": [], "roles": [ADMIN], "teams": []}
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,11 +571,10 @@ class ActionPermissions:
 
 
 def _action_permissions(action: dict[str, Any], stored: dict[str, Any] | None) -> ActionPermissions:
-    defaults = _default_action(action)
     stored = stored or {}
     return ActionPermissions(
-        execute=_block({**defaults["execute"], **stored.get("execute", {})}),
-        approve=_block({**defaults["approve"], **stored.get("approve", {})}),
+        execute=_block({**_DEFAULT_EXECUTE, **stored.get("execute", {})}),
+        approve=_block({**_DEFAULT_APPROVE, **stored.get("approve", {})}),
     )
 
 

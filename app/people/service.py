@@ -125,50 +125,37 @@ async def get_user(tx: Tx, email: str) -> dict[str, Any]:
 
 
 async def _check_roles(tx: Tx, roles: Sequence[str], pointer: str) -> list[str]:
-    known = await permissions.known_roles(tx)
-    bad = [(i, r) for i, r in enumerate(roles) if not permissions.valid_role(r, known)]
-    if bad:
-        names = ", ".join(repr(r) for _, r in bad)
-        raise Invalid(
-            f"Unknown role(s): {names} (roles are Admin, Member or <blueprint>-moderator of "
-            "an existing blueprint)",
-            details=[{"pointer": f"{pointer}/{i}", "message": f"no role {r!r}"} for i, r in bad],
-        )
+    await permissions.check_roles(tx, roles, pointer)
     return list(dict.fromkeys(roles))
 
 
-async def _team_ids(tx: Tx, names: Sequence[str], pointer: str) -> list[uuid.UUID]:
-    names = list(dict.fromkeys(names))
-    rows = await tx.fetch(
-        "SELECT name, id FROM teams WHERE org_id = $1 AND name = ANY($2::varchar[])",
-        tx.org_id,
-        names,
-    )
-    found = {r["name"]: r["id"] for r in rows}
-    missing = [n for n in names if n not in found]
+# Teams by name, users by (lower-cased) email: the ids of those named, or Invalid naming
+# every one that does not exist.
+_LOOKUPS = {
+    "team": "SELECT name AS key, id FROM teams WHERE org_id = $1 AND name = ANY($2::varchar[])",
+    "user": "SELECT email AS key, id FROM users WHERE org_id = $1 AND email = ANY($2::varchar[])",
+}
+
+
+async def _ids(tx: Tx, kind: str, keys: Sequence[str], pointer: str) -> list[uuid.UUID]:
+    keys = list(dict.fromkeys(keys))
+    rows = await tx.fetch(_LOOKUPS[kind], tx.org_id, keys)
+    found = {r["key"]: r["id"] for r in rows}
+    missing = [k for k in keys if k not in found]
     if missing:
         raise Invalid(
-            f"Unknown team(s): {', '.join(repr(n) for n in missing)}",
-            details=[{"pointer": pointer, "message": f"no team {n!r}"} for n in missing],
+            f"Unknown {kind}(s): {', '.join(repr(k) for k in missing)}",
+            details=[{"pointer": pointer, "message": f"no {kind} {k!r}"} for k in missing],
         )
-    return [found[n] for n in names]
+    return [found[k] for k in keys]
+
+
+async def _team_ids(tx: Tx, names: Sequence[str], pointer: str) -> list[uuid.UUID]:
+    return await _ids(tx, "team", names, pointer)
 
 
 async def _user_ids(tx: Tx, emails: Sequence[str], pointer: str) -> list[uuid.UUID]:
-    emails = list(dict.fromkeys(e.lower() for e in emails))
-    rows = await tx.fetch(
-        "SELECT email, id FROM users WHERE org_id = $1 AND email = ANY($2::varchar[])",
-        tx.org_id,
-        emails,
-    )
-    found = {r["email"]: r["id"] for r in rows}
-    missing = [e for e in emails if e not in found]
-    if missing:
-        raise Invalid(
-            f"Unknown user(s): {', '.join(repr(e) for e in missing)}",
-            details=[{"pointer": pointer, "message": f"no user {e!r}"} for e in missing],
-        )
-    return [found[e] for e in emails]
+    return await _ids(tx, "user", [e.lower() for e in emails], pointer)
 
 
 async def _set_user_teams(tx: Tx, user_id: uuid.UUID, team_ids: list[uuid.UUID]) -> bool:
