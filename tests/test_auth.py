@@ -9,6 +9,8 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
+from fastapi import FastAPI
 from jose import jwt
 
 from tests.conftest import SECRET_KEY, OrgFactory
@@ -156,6 +158,35 @@ async def test_tokens_missing_a_required_claim_are_401(
         token = jwt.encode(_claims(org.org_id, **{claim: None}), SECRET_KEY, "HS256")
         response = await _org_status(client, token)
         assert response.status_code == 401, claim
+
+
+async def test_token_of_an_unknown_kind_is_401(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    # Signed with our key, but neither a machine credential ("app", checked against its
+    # credential) nor a person ("user", checked against the users table): such a token
+    # would skip both checks, so it is no caller at all.
+    org = await make_org()
+    for kind in ("robot", "App", "USER", "", " app", None, 1, ["app"], {"kind": "app"}):
+        token = jwt.encode(_claims(org.org_id, sub=org.client_id, kind=kind), SECRET_KEY, "HS256")
+        for path in ("/v1/auth/me", "/v1/organization"):
+            response = await client.get(path, headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 401, (kind, path, response.text)
+            assert response.json() == {
+                "ok": False,
+                "error": "invalid_token",
+                "message": "The access token is invalid",
+            }, (kind, path)
+    # The same token with a known kind is a caller (the refusal is the kind alone).
+    token = jwt.encode(_claims(org.org_id, sub=org.client_id), SECRET_KEY, "HS256")
+    response = await client.get("/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["me"]["kind"] == "app"
+
+
+async def test_tokens_are_issued_only_for_known_kinds(app: FastAPI) -> None:
+    with pytest.raises(ValueError, match="kind"):
+        app.state.tokens.issue(org_id=uuid.uuid4(), subject="x", kind="robot", roles=[])
 
 
 async def test_other_algorithm_with_the_right_key_is_401(

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
+from app.auth.tokens import Kind, is_kind
 from app.auth.verifier import Verifier
 from app.db.database import Tx
 from app.db.routing import open_request_tx
@@ -24,7 +25,7 @@ class Principal:
 
     org_id: uuid.UUID
     subject: str
-    kind: str
+    kind: Kind
     roles: tuple[str, ...]
     teams: tuple[str, ...] = ()
     email: str | None = None
@@ -61,6 +62,8 @@ async def _principal_from(request: Request) -> tuple[Principal, int]:
         raise Unauthorized("A bearer access token is required", code="unauthorized")
     verifier: Verifier = request.app.state.verifier
     identity = await verifier.verify(token)
+    if not is_kind(identity.kind):  # the verifier refuses these; never a caller regardless
+        raise Unauthorized("The access token is invalid", code="invalid_token")
     principal = Principal(
         org_id=identity.org_id,
         subject=identity.subject,
@@ -115,8 +118,15 @@ class TenantAuth(_Bearer):
         principal, issued_at = await _principal_from(request)
         await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
         # A machine credential's token is good while the credential exists and its secret
-        # has not been rotated since: checked by the transaction's opening statement.
-        credential = (principal.subject, issued_at) if principal.kind == "app" else None
+        # has not been rotated since: checked by the transaction's opening statement. A
+        # user's is good while the user is an active member: checked right after. Every
+        # kind has its check; there is no kind without one.
+        if principal.kind == "app":
+            credential: tuple[str, int] | None = (principal.subject, issued_at)
+        elif principal.kind == "user":
+            credential = None
+        else:
+            raise Unauthorized("The access token is invalid", code="invalid_token")
         tx = await open_request_tx(
             request,
             request.app.state.db,

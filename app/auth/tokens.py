@@ -11,12 +11,18 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeGuard, get_args
 
 from jose import ExpiredSignatureError, JWTError, jwt
 
 from app.config import Settings
 from app.kit.errors import Unauthorized
+
+# Who a token speaks for: a machine credential ("app": checked against its credential on
+# every request) or a person ("user": checked against the users table on every request).
+# Nothing else is a caller: a token of any other kind, or of none, is refused.
+Kind = Literal["app", "user"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 ALGORITHM = "HS256"
 ALLOWED_ALGORITHMS = (ALGORITHM,)
@@ -39,13 +45,17 @@ _REQUIRED = {
 class TokenClaims:
     org_id: uuid.UUID
     subject: str
-    kind: str
+    kind: Kind
     roles: tuple[str, ...]
     expires_at: int
     issued_at: int = 0
 
 
 _CACHE_SIZE = 10_000
+
+
+def is_kind(value: object) -> TypeGuard[Kind]:
+    return isinstance(value, str) and value in KINDS
 
 
 class TokenService:
@@ -59,7 +69,9 @@ class TokenService:
         # signature included: a forged or altered token is never a hit.
         self._verified: OrderedDict[str, TokenClaims] = OrderedDict()
 
-    def issue(self, *, org_id: uuid.UUID, subject: str, kind: str, roles: list[str]) -> str:
+    def issue(self, *, org_id: uuid.UUID, subject: str, kind: Kind, roles: list[str]) -> str:
+        if not is_kind(kind):
+            raise ValueError(f"not a kind of caller: {kind!r}")
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self._issuer,
@@ -113,10 +125,13 @@ class TokenService:
             roles = claims.get("roles") or []
             if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
                 raise ValueError("roles")
+            kind = claims.get("kind")
+            if not is_kind(kind):
+                raise ValueError("kind")
             return TokenClaims(
                 org_id=org_id,
                 subject=str(claims["sub"]),
-                kind=str(claims.get("kind", "app")),
+                kind=kind,
                 roles=tuple(roles),
                 expires_at=int(claims["exp"]),
                 issued_at=int(claims["iat"]),

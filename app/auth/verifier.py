@@ -35,7 +35,7 @@ from app.auth.jwks import KEY_TYPES, Jwk, JwksCache
 from app.auth.jwks import fetch as fetch_jwks
 from app.auth.oidc import Provider, lookup
 from app.auth.tokens import ALLOWED_ALGORITHMS as OWN_ALGORITHMS
-from app.auth.tokens import TokenService
+from app.auth.tokens import Kind, TokenService
 from app.config import Settings
 from app.db.database import Database
 from app.dispatch import outbound
@@ -55,7 +55,7 @@ class Identity:
 
     org_id: uuid.UUID
     subject: str
-    kind: str
+    kind: Kind
     roles: tuple[str, ...]
     email: str | None
     issued_at: int = 0
