@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # Number and date-time properties get a range index (app/search/indexes.py) once their
     # blueprint holds this many entities, unless their schema says `"indexed": false`.
     range_index_min_entities: int = Field(default=10_000, ge=1)
+    # At most this many range indexes per organization: every index on the shared entities
+    # table is weighed when any tenant's statement is planned. Beyond it, properties are
+    # not indexed (logged; flagged and timer properties first).
+    range_index_max_per_org: int = Field(default=30, ge=0)
     log_level: str = "INFO"
     queue_name: str = Field(default="portolan:queue", min_length=1)
 
@@ -79,6 +83,12 @@ class Settings(BaseSettings):
     # are kept once they were processed.
     webhook_max_body_bytes: int = Field(default=512 * 1024, ge=1024)
     webhook_event_retention_days: int = Field(default=7, ge=1, le=3650)
+    # Events one webhook, and all of an organization's webhooks together, may hand in per
+    # period (token buckets in Redis, app/kit/ratelimit.py); past either: 429 with
+    # Retry-After, the event not stored.
+    webhook_rate_limit_per_webhook: int = Field(default=1200, ge=1)
+    webhook_rate_limit_per_org: int = Field(default=3000, ge=1)
+    webhook_rate_limit_period_seconds: int = Field(default=60, ge=1, le=86400)
 
     # Sign-in with OpenID Connect (app/auth/verifier.py, docs/identity.md): how long each
     # process keeps an org's identity-provider settings and a JWKS, the least time between

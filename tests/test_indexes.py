@@ -371,3 +371,47 @@ async def test_range_indexes_are_per_tenant(
         )
         plan = "\n".join(r[0] for r in await tx.fetch("EXPLAIN " + sql, *args))
     assert name not in plan
+
+
+async def test_an_orgs_range_indexes_are_capped(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One org's many indexes slow every tenant's planning: beyond its cap, properties are
+    not indexed, and what was left out is logged and reported; another org keeps its own."""
+    noisy, quiet = await make_org(), await make_org()
+    props: dict[str, Any] = {f"n{i}": {"type": "number", "indexed": True} for i in range(6)}
+    props["expires"] = {"type": "string", "format": "timer"}
+    await _create(
+        client, noisy, {"identifier": "service", "title": "S", "schema": {"properties": props}}
+    )
+    await _create(client, quiet, _blueprint(coverage=True))
+    assert settings.database_url is not None
+    caplog.set_level(logging.WARNING, logger="portolan.indexes")
+    done = await indexes.reconcile(
+        settings.database_url, min_entities=10**9, max_per_org=3, orgs=[noisy.org_id, quiet.org_id]
+    )
+    built = await _indexes(db, noisy)
+    assert len(built) == 3, list(built)
+    # Flagged and timer properties in property order: expires, n0, n1.
+    names = ("expires", "n0", "n1", "n2", "n3", "n4", "n5")
+    assert {p for p in names if any(f"'{p}'::text" in d for d in built.values())} == {
+        "expires",
+        "n0",
+        "n1",
+    }
+    assert sorted(c.rsplit(".", 1)[1] for c in done.capped) == ["n2", "n3", "n4", "n5"]
+    assert all(f"{noisy.org_id}/service." in c for c in done.capped)
+    assert _indexed_properties(await _indexes(db, quiet)) == {"coverage"}
+    (logged,) = [r for r in caplog.records if "cap" in r.getMessage()]
+    assert len(logged.capped) == 4  # type: ignore[attr-defined]
+    # A lower cap drops what is now beyond it.
+    again = await indexes.reconcile(
+        settings.database_url, min_entities=10**9, max_per_org=1, orgs=[noisy.org_id]
+    )
+    assert len(again.dropped) == 2 and len(await _indexes(db, noisy)) == 1
+    # The setting reaches the worker's job.
+    assert settings.range_index_max_per_org == 30

@@ -51,9 +51,16 @@ async def maintain_range_indexes(ctx: dict[str, Any]) -> dict[str, int]:
     settings: Settings = ctx["settings"]
     assert settings.database_url is not None
     done = await indexes.reconcile(
-        settings.database_url, min_entities=settings.range_index_min_entities
+        settings.database_url,
+        min_entities=settings.range_index_min_entities,
+        max_per_org=settings.range_index_max_per_org,
     )
-    return {"created": len(done.created), "dropped": len(done.dropped), "failed": len(done.failed)}
+    return {
+        "created": len(done.created),
+        "dropped": len(done.dropped),
+        "failed": len(done.failed),
+        "capped": len(done.capped),
+    }
 
 
 async def evaluate_scorecards(ctx: dict[str, Any]) -> int:

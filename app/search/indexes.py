@@ -15,6 +15,13 @@ Which properties are indexed, from the blueprint schema:
   is read quickly without one, and every index costs each write to its entities). An
   automatic index stays when its blueprint shrinks again.
 
+Every index on the shared `entities` table is weighed by the planner for every tenant's
+statements, so an organization gets at most `range_index_max_per_org` of them
+(PORTOLAN_RANGE_INDEX_MAX_PER_ORG). Flagged and timer properties go first, then automatic
+ones, each in blueprint and property order; the properties beyond the cap are not indexed
+(an index beyond a lowered cap is dropped), logged with the org, and listed in the pass's
+`capped`.
+
 `reconcile` compares what the blueprints want with the `ixr_*` indexes that exist, and
 builds or drops the difference with `CREATE/DROP INDEX CONCURRENTLY`, which block neither
 reads nor writes. A build that is interrupted leaves an invalid index: the next pass drops
@@ -118,14 +125,21 @@ class Reconciled:
     created: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    # Properties left without the index they asked for: their org is at its cap.
+    capped: list[str] = field(default_factory=list)
     skipped: bool = False  # another process was reconciling
 
 
 async def reconcile(
-    database_url: str, *, min_entities: int, orgs: Collection[uuid.UUID] | None = None
+    database_url: str,
+    *,
+    min_entities: int,
+    max_per_org: int | None = None,
+    orgs: Collection[uuid.UUID] | None = None,
 ) -> Reconciled:
     """One pass: build the range indexes the blueprints want and drop the others (of the
-    given orgs only, when `orgs` is given)."""
+    given orgs only, when `orgs` is given); at most `max_per_org` per organization (None:
+    no cap)."""
     done = Reconciled()
     conn = await asyncpg.connect(
         database_url,
@@ -145,7 +159,9 @@ async def reconcile(
             for r in await conn.fetch(_EXISTING_SQL)
             if prefixes is None or str(r["name"]).startswith(prefixes)
         }
-        wanted = await _wanted(conn, existing, min_entities, orgs)
+        wanted, done.capped = _capped(
+            await _wanted(conn, existing, min_entities, orgs), max_per_org
+        )
         for name, valid in sorted(existing.items()):
             if name in wanted and valid:
                 continue
@@ -174,6 +190,11 @@ async def reconcile(
         await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
     finally:
         await conn.close()
+    if done.capped:
+        log.warning(
+            "range indexes over the organization's cap are not built",
+            extra={"cap": max_per_org, "capped": done.capped},
+        )
     if done.created or done.dropped:
         log.info(
             "range indexes reconciled",
@@ -183,13 +204,33 @@ async def reconcile(
     return done
 
 
+def _capped(
+    wanted: dict[str, tuple[bool, RangeIndex]], cap: int | None
+) -> tuple[dict[str, RangeIndex], list[str]]:
+    """The wanted indexes within each org's cap, and what is left out (described)."""
+    by_org: dict[uuid.UUID, list[tuple[bool, RangeIndex]]] = {}
+    for flagged, index in wanted.values():
+        by_org.setdefault(index.org_id, []).append((flagged, index))
+    kept: dict[str, RangeIndex] = {}
+    left: list[str] = []
+    for org_id in sorted(by_org, key=str):
+        ranked = sorted(
+            by_org[org_id], key=lambda item: (not item[0], item[1].blueprint, item[1].prop)
+        )
+        within = ranked if cap is None else ranked[:cap]
+        kept.update((index.name, index) for _, index in within)
+        left.extend(index.describe() for _, index in ranked[len(within) :])
+    return kept, left
+
+
 async def _wanted(
     conn: asyncpg.Connection,
     existing: dict[str, bool],
     min_entities: int,
     orgs: Collection[uuid.UUID] | None,
-) -> dict[str, RangeIndex]:
-    wanted: dict[str, RangeIndex] = {}
+) -> dict[str, tuple[bool, RangeIndex]]:
+    """name -> (asked for by a flag or a timer, the index)."""
+    wanted: dict[str, tuple[bool, RangeIndex]] = {}
     rows = await conn.fetch(
         "SELECT org_id, identifier, schema FROM public.blueprints "
         "WHERE $1::uuid[] IS NULL OR org_id = ANY($1::uuid[])",
@@ -199,11 +240,11 @@ async def _wanted(
         schema = json.loads(row["schema"])  # jsonb arrives as text on a plain connection
         always, automatic = wanted_by(row["org_id"], row["identifier"], schema)
         for index in always:
-            wanted[index.name] = index
+            wanted[index.name] = (True, index)
         pending = [index for index in automatic if index.name not in existing]
-        wanted.update((index.name, index) for index in automatic if index.name in existing)
+        wanted.update((index.name, (False, index)) for index in automatic if index.name in existing)
         if pending and await _holds_at_least(conn, row["org_id"], row["identifier"], min_entities):
-            wanted.update((index.name, index) for index in pending)
+            wanted.update((index.name, (False, index)) for index in pending)
     return wanted
 
 
