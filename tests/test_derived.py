@@ -385,3 +385,54 @@ async def test_calculation_properties_cannot_be_searched(
     )
     r = await _found(client, org, [{"property": "label", "operator": "=", "value": "api"}])
     assert r.status_code == 422 and "calculation" in r.json()["message"]
+
+
+async def test_related_to_search_beside_an_aggregation_that_walks_related_to(
+    client: httpx.AsyncClient, org: Org, make_org: OrgFactory
+) -> None:
+    # The team blueprint counts the services related (any number of hops) to group g1; a
+    # relatedTo search over teams compiles its own walk in the same statement.
+    aggs = {
+        "groupServices": {
+            "title": "Services of g1",
+            "target": "service",
+            "calculationSpec": {"func": "count", "calculationBy": "entities"},
+            "query": {
+                "combinator": "and",
+                "rules": [
+                    {
+                        "operator": "relatedTo",
+                        "blueprint": "group",
+                        "value": "g1",
+                        "direction": "downstream",
+                    }
+                ],
+            },
+        }
+    }
+    r = await client.patch(
+        "/v1/blueprints/team", json={"aggregationProperties": aggs}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    related = {
+        "combinator": "and",
+        "rules": [
+            {"operator": "relatedTo", "blueprint": "group", "value": "g1", "maxHops": 3},
+        ],
+    }
+    r = await client.post(
+        "/v1/blueprints/team/entities/search", json={"query": related}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    found = {e["identifier"]: e["properties"] for e in r.json()["entities"]}
+    assert found == {"core": {"slack": "#core", "groupServices": 1}}
+    # Across blueprints the answer is streamed: it must arrive whole.
+    r = await client.post("/v1/entities/search", json=related, headers=org.headers)
+    assert r.status_code == 200, r.text
+    streamed = r.json()["entities"]
+    assert {e["identifier"] for e in streamed} == {"core", "api", "d0", "d1", "d2"}
+    assert [e["properties"]["groupServices"] for e in streamed if e["blueprint"] == "team"] == [1]
+    # Another tenant with the same catalog shape sees none of these entities.
+    other = await make_org()
+    r = await client.post("/v1/entities/search", json=related, headers=other.headers)
+    assert r.status_code == 422 or r.json()["entities"] == [], r.text

@@ -13,6 +13,7 @@ with a recursive CTE, up to 15 hops.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -173,6 +174,12 @@ class Scope:
     fingerprint: str | None = None
     # The blueprint of the URL (blueprint routes), or None (searches across blueprints).
     fixed: str | None = None
+    # Numbers the queries compiled inside derived properties (an aggregation's `query`), so
+    # their walks' CTEs and parameters are named apart from the statement's own and from
+    # each other's: one statement holds them all. Shared with the scopes made from this one.
+    nested: itertools.count[int] = field(
+        default_factory=lambda: itertools.count(1), compare=False, repr=False
+    )
 
 
 @dataclass
@@ -234,7 +241,13 @@ def _number(value: Any) -> Decimal | None:
 
 class Compiler:
     def __init__(
-        self, scope: Scope, entity: Any = None, *, joins: bool = False, scan: bool = False
+        self,
+        scope: Scope,
+        entity: Any = None,
+        *,
+        joins: bool = False,
+        scan: bool = False,
+        namespace: str = "",
     ) -> None:
         """`entity`: the alias of `entities` the rules apply to (`e` unless given).
 
@@ -258,6 +271,9 @@ class Compiler:
         self.problems = Problems()
         self._rules = 0
         self._walks = 0
+        # Prefix of this compiler's walk names (CTEs, subqueries, parameters): a query
+        # compiled inside another's statement (see derived) gets its own.
+        self._namespace = namespace
         self._docs: dict[int, dict[str, Any]] = {}
 
     # -- entry points -------------------------------------------------------------------
@@ -807,7 +823,7 @@ class Compiler:
             raise self._problem(_ptr(pointer, "maxHops"), f"maxHops must be 1..{MAX_HOPS}")
         ways = tuple(way for way in ("upstream", "downstream") if direction in (None, way))
         self._walks += 1
-        slot = self._walks
+        slot = f"{self._namespace}{self._walks}"
         values = {
             f"rt{slot}{way[0]}_{name}": value
             for way in ways
@@ -1070,7 +1086,7 @@ class Compiler:
                 continue
             self._walks += 1
             walk = one.add_columns(sa.literal(1).label("depth")).cte(
-                name=f"path_{self._walks}", recursive=True
+                name=f"path_{self._namespace}{self._walks}", recursive=True
             )
             again = _RELATIONS.alias()
             near2 = (again.c.source_blueprint, again.c.source_identifier)
@@ -1121,13 +1137,13 @@ class Compiler:
 
 
 @functools.lru_cache(maxsize=256)
-def _walk_shape(slot: int, way: str, required: bool | None, recursive: bool) -> Any:
+def _walk_shape(slot: str, way: str, required: bool | None, recursive: bool) -> Any:
     """A walk's shape, built once: its values are bound by name when it runs."""
     return _build_walk(slot, way, required, recursive)
 
 
 def _build_walk(
-    slot: int,
+    slot: str,
     way: str,
     required: bool | None,
     recursive: bool,
@@ -1210,7 +1226,7 @@ def _build_walk(
 
 
 @functools.lru_cache(maxsize=256)
-def _related_set(slot: int, ways: tuple[str, ...], required: bool | None, recursive: bool) -> Any:
+def _related_set(slot: str, ways: tuple[str, ...], required: bool | None, recursive: bool) -> Any:
     """The related entities of a relatedTo rule, each once, as a subquery to join."""
     walks = [_walk_shape(slot, way, required, recursive) for way in ways]
     found: Any = walks[0].distinct() if len(walks) == 1 else sa.union(*walks)

@@ -154,8 +154,11 @@ def _aggregation(scope: Scope, bp: str, entity: Any, agg: dict[str, Any]) -> Col
     ]
     if agg.get("query"):
         try:
-            sub = Scope(scope.org_id, scope.blueprints, [str(target_bp)], scope.now)
-            where.append(Compiler(sub, target).compile(agg["query"]))
+            sub = Scope(
+                scope.org_id, scope.blueprints, [str(target_bp)], scope.now, nested=scope.nested
+            )
+            namespace = f"d{next(scope.nested)}_"
+            where.append(Compiler(sub, target, namespace=namespace).compile(agg["query"]))
         except PortolanError:
             return sa.null()  # the query no longer fits the target's schema
     spec = agg.get("calculationSpec") or {}
