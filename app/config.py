@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     webhook_event_retention_days: int = Field(default=7, ge=1, le=3650)
     # Events one webhook, and all of an organization's webhooks together, may hand in per
     # period (token buckets in Redis, app/kit/ratelimit.py); past either: 429 with
+    # Changelog deliveries (app/automations/changelog.py) in flight at once per worker
+    # process: in all, and of one organization (a slow receiver holds only its org's).
+    changelog_concurrency: int = Field(default=50, ge=1, le=1000)
+    changelog_org_concurrency: int = Field(default=4, ge=1, le=1000)
     # Retry-After, the event not stored.
     webhook_rate_limit_per_webhook: int = Field(default=1200, ge=1)
     webhook_rate_limit_per_org: int = Field(default=3000, ge=1)

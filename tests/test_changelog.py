@@ -139,3 +139,35 @@ async def test_only_the_blueprints_own_org_is_sent(
         await asyncio.sleep(0.5)
         idents = [b["context"]["entityIdentifier"] for b in _accepted(receiver)]
         assert idents == ["mine"]
+
+
+async def test_a_slow_receiver_does_not_hold_up_another_orgs_deliveries(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    """B's 60 changes go to a receiver that answers after 2.5 s, A's one change to a prompt
+    receiver: A's arrives while B's are still being sent (B holds only its own turns)."""
+    a, b = await make_org(), await make_org()
+    with (
+        WebhookReceiver(await signing_secret(client, a)) as fast,
+        WebhookReceiver(await signing_secret(client, b), delay=2.5) as slow,
+    ):
+        for org, receiver in ((a, fast), (b, slow)):
+            r = await client.post(
+                "/v1/blueprints", json=_blueprint(receiver.url), headers=org.headers
+            )
+            assert r.status_code == 201, r.text
+        r = await client.post(
+            "/v1/blueprints/service/entities/bulk",
+            json={"entities": [{"identifier": f"b{i}", "properties": {}} for i in range(60)]},
+            headers=b.headers,
+        )
+        assert r.status_code in (200, 207), r.text
+        await _change(client, a, "a", "1")
+        start_worker(changelog_org_concurrency=3)
+        await _wait(fast, 1)
+        # B's receiver has seen its org's first turns only, none of them answered yet
+        # (before: a whole batch of 50 of B's was sent and waited for first).
+        assert len(slow.requests) <= 6, len(slow.requests)
+        assert _accepted(slow) == []
+        await slow.wait_requests(6, timeout=20)
+        assert len(slow.requests) < 60  # still going

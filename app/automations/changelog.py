@@ -10,6 +10,12 @@ are made in id order: the sender only takes the oldest undelivered delivery of a
 and the next one waits until it is delivered (or has failed for good). Entities are
 independent: one entity's failing receiver does not hold up another's.
 
+Tenants share the sender fairly: each delivery is its own task, at most
+`changelog_org_concurrency` of an organization's are in flight at once and at most
+`changelog_concurrency` in all, and a claim takes the orgs' oldest deliveries in turns
+(every org's first, then every org's second, ...). A slow receiver holds only its own
+org's turns; another org's deliveries are claimed and sent meanwhile.
+
 A delivery is claimed with a lease (its worker's death hands it back), sent outside any
 transaction, and recorded: 2xx delivered; another 4xx failed (the reason kept); timeouts,
 connection errors, 408, 429 and 5xx retried with backoff until the last attempt. The body is
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,9 +82,19 @@ async def enqueue(tx: Tx, events: Iterable[Any]) -> int:
     return len(wanted)
 
 
-async def claim(db: Database, lease: float, batch: int = BATCH) -> list[asyncpg.Record]:
+async def claim(
+    db: Database,
+    lease: float,
+    batch: int = BATCH,
+    *,
+    per_org: int | None = None,
+    busy: dict[uuid.UUID, int] | None = None,
+) -> list[asyncpg.Record]:
     """The oldest undelivered delivery of each entity that has one due (at most `batch`),
-    claimed for `lease` seconds. Expired claims count as undelivered again."""
+    claimed for `lease` seconds. Expired claims count as undelivered again. Orgs take
+    turns: every org's oldest first, then every org's second, ...; with `per_org`, an org
+    gets at most that many less what it has `busy` (in flight already)."""
+    busy = busy or {}
     async with db.system() as tx:
         return await tx.fetch(
             "WITH heads AS ("
@@ -87,14 +104,33 @@ async def claim(db: Database, lease: float, batch: int = BATCH) -> list[asyncpg.
             "   WHERE p.org_id = d.org_id AND p.blueprint = d.blueprint"
             "   AND p.entity = d.entity AND p.state IN ('pending', 'sending') AND p.id < d.id)"
             " AND (d.state = 'pending' AND d.next_attempt_at <= now()"
-            "      OR d.state = 'sending' AND d.lease_until < now())"
-            " ORDER BY d.id LIMIT $1 FOR UPDATE OF d SKIP LOCKED)"
+            "      OR d.state = 'sending' AND d.lease_until < now())),"
+            " turns AS ("
+            " SELECT h.org_id, h.id,"
+            " row_number() OVER (PARTITION BY h.org_id ORDER BY h.id) AS turn"
+            " FROM heads h),"
+            " room AS ("
+            " SELECT b.org_id, b.n FROM unnest($3::uuid[], $4::int[]) AS b(org_id, n)),"
+            " chosen AS ("
+            " SELECT t.org_id, t.id FROM turns t LEFT JOIN room r ON r.org_id = t.org_id"
+            " WHERE $5::int IS NULL OR t.turn <= $5::int - coalesce(r.n, 0)"
+            " ORDER BY t.turn, t.id LIMIT $1),"
+            " locked AS ("
+            " SELECT c.org_id, c.id FROM changelog_deliveries c"
+            " WHERE (c.org_id, c.id) IN (SELECT org_id, id FROM chosen)"
+            " FOR UPDATE SKIP LOCKED)"
             " UPDATE changelog_deliveries c SET state = 'sending', attempts = attempts + 1,"
             " lease_until = now() + make_interval(secs => $2)"
-            " FROM heads WHERE c.org_id = heads.org_id AND c.id = heads.id"
+            " FROM locked WHERE c.org_id = locked.org_id AND c.id = locked.id"
+            # Claimed meanwhile by another sender (its lease is live): not again.
+            " AND (c.state = 'pending' AND c.next_attempt_at <= now()"
+            "      OR c.state = 'sending' AND c.lease_until < now())"
             " RETURNING c.*",
             batch,
             lease,
+            list(busy),
+            list(busy.values()),
+            per_org,
         )
 
 
@@ -145,13 +181,73 @@ async def send(settings: Settings, db: Database, row: asyncpg.Record) -> str:
     return state
 
 
-def changelog_sender(settings: Settings, db: Database) -> PollingLoop:
-    """The sender's loop in a worker process: a claimed batch is sent in parallel."""
+class Sender:
+    """The sender in a worker process: each claimed delivery is its own task; at most
+    `changelog_org_concurrency` of an org's in flight and `changelog_concurrency` in all."""
 
-    async def step() -> bool:
-        rows = await claim(db, settings.dispatch_lease_seconds)
-        if rows:
-            await asyncio.gather(*(send(settings, db, r) for r in rows))
-        return len(rows) >= BATCH
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.in_flight: dict[asyncio.Task[str], uuid.UUID] = {}
 
-    return PollingLoop("changelog delivery", step, poll_seconds=POLL_SECONDS, log=log)
+    def busy(self) -> dict[uuid.UUID, int]:
+        counts: dict[uuid.UUID, int] = {}
+        for org_id in self.in_flight.values():
+            counts[org_id] = counts.get(org_id, 0) + 1
+        return counts
+
+    async def step(self) -> bool:
+        """Claims what the free slots allow and starts sending it; True when every slot
+        was filled (more may be waiting)."""
+        free = self.settings.changelog_concurrency - len(self.in_flight)
+        if free <= 0:
+            return False
+        rows = await claim(
+            self.db,
+            self.settings.dispatch_lease_seconds,
+            free,
+            per_org=self.settings.changelog_org_concurrency,
+            busy=self.busy(),
+        )
+        for row in rows:
+            task = asyncio.create_task(self._send(row), name=f"changelog-{row['id']}")
+            self.in_flight[task] = row["org_id"]
+            task.add_done_callback(self._done)
+        return len(rows) >= free
+
+    async def _send(self, row: asyncpg.Record) -> str:
+        try:
+            return await send(self.settings, self.db, row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Its lease runs out and it is claimed again.
+            log.exception("changelog delivery %s failed", row["id"])
+            return "error"
+
+    def _done(self, task: asyncio.Task[str]) -> None:
+        self.in_flight.pop(task, None)
+
+    async def stop(self) -> None:
+        """Cancels the deliveries in flight (their leases hand them back)."""
+        tasks = list(self.in_flight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class SenderLoop(PollingLoop):
+    """The sender's polling loop; stopping it stops its deliveries in flight."""
+
+    def __init__(self, sender: Sender) -> None:
+        super().__init__("changelog delivery", sender.step, poll_seconds=POLL_SECONDS, log=log)
+        self.sender = sender
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.sender.stop()
+
+
+def changelog_sender(settings: Settings, db: Database) -> SenderLoop:
+    """The sender's loop in a worker process."""
+    return SenderLoop(Sender(settings, db))
