@@ -202,16 +202,24 @@ _SELECT_WITH_LINKS = (
 )
 
 
+# Rows a write changes are locked FOR NO KEY UPDATE (an UPDATE's own lock): it does not
+# conflict with the FOR KEY SHARE that other writers take on the entities they link to (see
+# _resolve_targets, and every foreign key check), so writers that link to each other's rows
+# do not wait on each other. Rows about to be deleted are locked FOR UPDATE.
+_FOR_WRITE = " FOR NO KEY UPDATE OF e"
+_FOR_DELETE = " FOR UPDATE OF e"
+
+
 async def _load_existing(
-    tx: Tx, blueprint: str, identifiers: list[str], *, lock: bool
+    tx: Tx, blueprint: str, identifiers: list[str], *, lock: bool, deleting: bool = False
 ) -> dict[str, dict[str, Any]]:
     if not identifiers:
         return {}
-    # FOR UPDATE OF e: lock the entity rows only.
+    # OF e: lock the entity rows only.
     rows = await tx.fetch(
         _SELECT_WITH_LINKS
         + "AND e.identifier = ANY($3::varchar[]) ORDER BY e.identifier"
-        + (" FOR UPDATE OF e" if lock else ""),
+        + ((_FOR_DELETE if deleting else _FOR_WRITE) if lock else ""),
         tx.org_id,
         blueprint,
         identifiers,
@@ -296,7 +304,7 @@ async def _load_checked(
         "FROM blueprints b LEFT JOIN LATERAL ("
         + _SELECT_WITH_LINKS
         + "AND e.identifier = ANY($3::varchar[]) ORDER BY e.identifier"
-        + (" FOR UPDATE OF e" if lock else "")
+        + (_FOR_WRITE if lock else "")
         + ") x ON true WHERE b.org_id = $1 AND b.identifier = $2",
         tx.org_id,
         blueprint["identifier"],
@@ -524,10 +532,15 @@ async def _resolve_targets(
     pairs = [(bp, ident) for bp, idents in sorted(wanted.items()) for ident in sorted(idents)]
     if not pairs:
         return
+    # FOR KEY SHARE: a target deleted by a concurrent transaction is waited for and then
+    # missing here (a per-item 404), instead of failing the links' foreign key later and
+    # with it the whole request; and one found stays until this transaction ends. The lock
+    # does not conflict with other writers' updates of the targets (FOR NO KEY UPDATE).
     rows = await tx.fetch(
         "SELECT e.blueprint, e.identifier FROM entities e "
         "JOIN unnest($2::varchar[], $3::varchar[]) AS w(bp, ident) "
-        "ON e.blueprint = w.bp AND e.identifier = w.ident WHERE e.org_id = $1",
+        "ON e.blueprint = w.bp AND e.identifier = w.ident WHERE e.org_id = $1 "
+        "ORDER BY e.blueprint, e.identifier FOR KEY SHARE OF e",
         tx.org_id,
         [p[0] for p in pairs],
         [p[1] for p in pairs],
@@ -711,7 +724,9 @@ async def delete_many(
     if run_id is not None:
         await check_run(tx, run_id)
     await bp_service.get_with_version(tx, blueprint_id)
-    existing = await _load_existing(tx, blueprint_id, sorted(set(identifiers)), lock=True)
+    existing = await _load_existing(
+        tx, blueprint_id, sorted(set(identifiers)), lock=True, deleting=True
+    )
     if not existing:
         return []
     doomed: dict[tuple[str, str], dict[str, Any]] = {
@@ -754,7 +769,8 @@ async def delete_many(
         by_bp.setdefault(bp, []).append(ident)
     for bp, idents in sorted(by_bp.items()):
         if bp != blueprint_id:
-            for ident, state in (await _load_existing(tx, bp, sorted(idents), lock=True)).items():
+            loaded = await _load_existing(tx, bp, sorted(idents), lock=True, deleting=True)
+            for ident, state in loaded.items():
                 doomed[(bp, ident)] = state
         if writer.guard is not None:
             definition = await bp_service.get(tx, bp)
