@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=20, ge=0)
     # Any one statement (a search, an aggregation, a bulk write) is stopped after this.
     statement_timeout_ms: int = Field(default=15_000, ge=100)
+    # A request whose transaction PostgreSQL aborts for a deadlock or a serialization
+    # failure is run again from the start, up to this many attempts in all; then 503 with
+    # Retry-After (app/db/routing.py).
+    db_retry_attempts: int = Field(default=4, ge=1, le=20)
+    # Tenants' jq (app/kit/sandbox.py): child processes in all, children one org may hold
+    # at once, seconds of a child per evaluation, seconds a call may wait for its turn,
+    # calls one org may have waiting.
+    jq_processes: int = Field(default=2, ge=1, le=64)
+    jq_per_org: int = Field(default=1, ge=1, le=64)
+    jq_time_limit_seconds: float = Field(default=2.0, gt=0, le=60)
+    jq_max_wait_seconds: float = Field(default=10.0, gt=0, le=300)
+    jq_max_queued_per_org: int = Field(default=200, ge=1)
     # Number and date-time properties get a range index (app/search/indexes.py) once their
     # blueprint holds this many entities, unless their schema says `"indexed": false`.
     range_index_min_entities: int = Field(default=10_000, ge=1)
@@ -77,6 +89,10 @@ class Settings(BaseSettings):
     # A run handed to the queue but not claimed by a worker within this is handed again
     # (the queue lost it: Redis restarted empty, or its worker died before claiming it).
     dispatch_requeue_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Changelog deliveries (app/automations/changelog.py) in flight at once per worker
+    # process: in all, and of one organization (a slow receiver holds only its org's).
+    changelog_concurrency: int = Field(default=50, ge=1, le=1000)
+    changelog_org_concurrency: int = Field(default=4, ge=1, le=1000)
 
     # Incoming webhooks (app/webhooks): the largest event body one takes (Port's limit is
     # 512 KiB; a body over max_body_bytes is refused before it), and how many days events
@@ -85,10 +101,6 @@ class Settings(BaseSettings):
     webhook_event_retention_days: int = Field(default=7, ge=1, le=3650)
     # Events one webhook, and all of an organization's webhooks together, may hand in per
     # period (token buckets in Redis, app/kit/ratelimit.py); past either: 429 with
-    # Changelog deliveries (app/automations/changelog.py) in flight at once per worker
-    # process: in all, and of one organization (a slow receiver holds only its org's).
-    changelog_concurrency: int = Field(default=50, ge=1, le=1000)
-    changelog_org_concurrency: int = Field(default=4, ge=1, le=1000)
     # Retry-After, the event not stored.
     webhook_rate_limit_per_webhook: int = Field(default=1200, ge=1)
     webhook_rate_limit_per_org: int = Field(default=3000, ge=1)

@@ -23,17 +23,16 @@ from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
 from app.db.database import Database
-from app.dispatch import templates
 from app.dispatch.client import Client
 from app.dispatch.worker import InProcessWorker
 from app.integrations.router import router as integration_router
+from app.kit import sandbox
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.kit.ratelimit import Limiter
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
 from app.people.router import teams_router, users_router
 from app.scorecards.router import router as scorecard_router
-from app.search import calc
 from app.search.router import router as search_router
 from app.secrets.router import router as secrets_router
 from app.webhooks.router import router as webhook_router
@@ -53,6 +52,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Read from app.state at start-up, so a test can point a built app elsewhere.
         settings: Settings = app.state.settings
+        sandbox.configure(settings)
         app.state.tokens = TokenService(settings)
         db = await Database.connect(settings)
         app.state.verifier = Verifier(
@@ -74,8 +74,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
             await app.state.verifier.aclose()
             await redis.aclose()
             await db.close()
-            calc.shutdown()
-            templates.shutdown()
+            sandbox.shutdown()
 
     app = FastAPI(
         title="Portolan",

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from app.dispatch import templates
+from app.kit import sandbox
 from app.dispatch.templates import TemplateError, redact, referenced_secrets, render
 
+ORG = "org-templates"
 DATA: dict[str, Any] = {
     "inputs": {
         "name": "api",
@@ -43,7 +44,7 @@ async def test_a_single_template_keeps_the_json_type() -> None:
         "missing": "{{ .inputs.absent }}",
         "computed": "{{ .inputs.count * 2 + 1 }}",
     }
-    assert await render(value, DATA) == {
+    assert await render(value, DATA, org=ORG) == {
         "name": "api",
         "count": 3,
         "ratio": 0.5,
@@ -61,12 +62,12 @@ async def test_mixed_text_interpolates_each_result() -> None:
         "svc={{ .inputs.name }} n={{ .inputs.count }} on={{ .inputs.enabled }} "
         "none=[{{ .inputs.nothing }}] tags={{ .inputs.tags }} owner={{ .inputs.owner }}"
     )
-    assert await render(value, DATA) == (
+    assert await render(value, DATA, org=ORG) == (
         'svc=api n=3 on=true none=[] tags=["a","b"] owner={"team":"core","size":4}'
     )
     # Two templates side by side are a string, not one expression spanning both.
-    assert await render("{{ .inputs.count }}{{ .inputs.count }}", DATA) == "33"
-    assert await render("{{ .inputs.name }} and {{ .run.id }}", DATA) == "api and r_123"
+    assert await render("{{ .inputs.count }}{{ .inputs.count }}", DATA, org=ORG) == "33"
+    assert await render("{{ .inputs.name }} and {{ .run.id }}", DATA, org=ORG) == "api and r_123"
 
 
 async def test_non_strings_and_plain_strings_pass_through() -> None:
@@ -78,8 +79,8 @@ async def test_non_strings_and_plain_strings_pass_through() -> None:
         "s": "no templates { here }",
         "l": [],
     }
-    assert await render(value, DATA) == value
-    out = await render(value, DATA)
+    assert await render(value, DATA, org=ORG) == value
+    out = await render(value, DATA, org=ORG)
     assert out is not value
 
 
@@ -91,7 +92,7 @@ async def test_nested_lists_and_objects_are_rendered() -> None:
             7,
         ]
     }
-    assert await render(value, DATA) == {"items": [3, ["api", {"deep": "b"}], 7]}
+    assert await render(value, DATA, org=ORG) == {"items": [3, ["api", {"deep": "b"}], 7]}
 
 
 async def test_key_templates_name_the_key_and_null_drops_the_pair() -> None:
@@ -104,7 +105,7 @@ async def test_key_templates_name_the_key_and_null_drops_the_pair() -> None:
         # A dropped pair's value is not evaluated, so its error does not matter.
         "{{ null }}": '{{ error("never seen") }}',
     }
-    assert await render(value, DATA) == {
+    assert await render(value, DATA, org=ORG) == {
         "region": "eu-west-1",
         "on": 3,
         "prefix-api": 1,
@@ -119,59 +120,59 @@ async def test_spread_value_merges_an_object_into_its_parent() -> None:
         "after": "{{ .run.id }}",
         "nested": {"{{ spreadValue() }}": {"literal": "{{ .inputs.name }}"}, "x": 0},
     }
-    assert await render(value, DATA) == {
+    assert await render(value, DATA, org=ORG) == {
         "before": 1,
         "team": "core",
         "size": 4,
         "after": "r_123",
         "nested": {"literal": "api", "x": 0},
     }
-    assert await render({"{{ spreadValue() }}": "{{ null }}", "a": 1}, DATA) == {"a": 1}
+    assert await render({"{{ spreadValue() }}": "{{ null }}", "a": 1}, DATA, org=ORG) == {"a": 1}
     with pytest.raises(TemplateError) as info:
-        await render({"body": {"{{ spreadValue() }}": "{{ .inputs.tags }}"}}, DATA)
+        await render({"body": {"{{ spreadValue() }}": "{{ .inputs.tags }}"}}, DATA, org=ORG)
     assert info.value.pointer == "/body/{{ spreadValue() }}"
     assert "spreadValue() needs an object" in str(info.value)
 
 
 async def test_jq_output_rules() -> None:
-    assert await render("{{ empty }}", DATA) is None
-    assert await render("{{ .inputs.tags[] }}", DATA) == "a"  # the first output
-    assert await render('{{ 1, error("later") }}', DATA) == 1
-    assert await render("{{ .inputs.tags | length }}", DATA) == 2
+    assert await render("{{ empty }}", DATA, org=ORG) is None
+    assert await render("{{ .inputs.tags[] }}", DATA, org=ORG) == "a"  # the first output
+    assert await render('{{ 1, error("later") }}', DATA, org=ORG) == 1
+    assert await render("{{ .inputs.tags | length }}", DATA, org=ORG) == 2
 
 
 async def test_compile_and_runtime_errors_name_the_pointer() -> None:
     with pytest.raises(TemplateError) as info:
-        await render({"name": "{{ .inputs.name | }}"}, DATA, "/body")
+        await render({"name": "{{ .inputs.name | }}"}, DATA, "/body", org=ORG)
     assert info.value.pointer == "/body/name"
     assert str(info.value).startswith("/body/name: jq error: syntax error")
     assert "\n" not in str(info.value)
 
     with pytest.raises(TemplateError) as info:
-        await render({"a/b": {"c~d": ["ok", "x {{ .inputs.name | tonumber }}"]}}, DATA, "/url")
+        await render({"a/b": {"c~d": ["ok", "x {{ .inputs.name | tonumber }}"]}}, DATA, "/url", org=ORG)
     assert info.value.pointer == "/url/a~1b/c~0d/1"
     assert "jq error: " in str(info.value) and "cannot be parsed as a number" in str(info.value)
 
     with pytest.raises(TemplateError) as info:
-        await render({"{{ .inputs.name | keys }}": 1}, DATA)
+        await render({"{{ .inputs.name | keys }}": 1}, DATA, org=ORG)
     assert info.value.pointer == "/{{ .inputs.name | keys }}"
 
     with pytest.raises(TemplateError, match="the template is empty"):
-        await render({"x": "{{ }}"}, DATA)
+        await render({"x": "{{ }}"}, DATA, org=ORG)
 
     with pytest.raises(TemplateError) as info:
-        await render("{{ .inputs.count | error }}", DATA)
+        await render("{{ .inputs.count | error }}", DATA, org=ORG)
     assert str(info.value) == "jq error: 3"
 
 
 async def test_error_messages_mask_secret_values() -> None:
     with pytest.raises(TemplateError) as info:
-        await render({"h": "{{ .secrets.API_TOKEN | tonumber }}"}, DATA)
+        await render({"h": "{{ .secrets.API_TOKEN | tonumber }}"}, DATA, org=ORG)
     assert "tok-0123456789abcdef" not in str(info.value)
     assert "tok-01234" not in str(info.value)  # jq's truncated form is masked too
     assert "***" in str(info.value)
     with pytest.raises(TemplateError) as info:
-        await render({"h": "{{ . | error }}"}, DATA)
+        await render({"h": "{{ . | error }}"}, DATA, org=ORG)
     assert "tok-0123456789abcdef" not in str(info.value)
     assert "dashed-secret-value" not in str(info.value)
     assert redact("a dashed-se... b", ["dashed-secret-value"]) == "a ***... b"
@@ -179,27 +180,27 @@ async def test_error_messages_mask_secret_values() -> None:
 
 @pytest.mark.parametrize("program", ["def f: f; f", "[repeat(1)]", "last(range(1e12))"])
 async def test_runaway_jq_ends_in_an_error_within_the_time_limit(program: str) -> None:
-    await render("{{ 1 }}", DATA)  # a child is up
+    await render("{{ 1 }}", DATA, org=ORG)  # a child is up
     started = time.monotonic()
     with pytest.raises(TemplateError) as info:
-        await render({"body": {"x": "{{ " + program + " }}"}}, DATA)
+        await render({"body": {"x": "{{ " + program + " }}"}}, DATA, org=ORG)
     elapsed = time.monotonic() - started
-    assert elapsed < templates.TIME_LIMIT_SECONDS + 1.5
+    assert elapsed < sandbox.limits().time_limit + 1.5
     assert info.value.pointer == "/body/x"
     assert "ran longer than" in str(info.value)
     # The evaluator is usable again right away.
-    assert await render("{{ .inputs.count }}", DATA) == 3
+    assert await render("{{ .inputs.count }}", DATA, org=ORG) == 3
 
 
 async def test_a_runaway_template_does_not_fail_other_renders() -> None:
     async def good() -> list[Any]:
         out = []
         for _ in range(20):
-            out.append(await render({"n": "{{ .inputs.count }}"}, DATA))
+            out.append(await render({"n": "{{ .inputs.count }}"}, DATA, org=ORG))
             await asyncio.sleep(0.05)
         return out
 
-    bad = asyncio.create_task(render("{{ def f: f; f }}", DATA))
+    bad = asyncio.create_task(render("{{ def f: f; f }}", DATA, org=ORG))
     results = await good()
     assert results == [{"n": 3}] * 20
     with pytest.raises(TemplateError):
@@ -209,45 +210,47 @@ async def test_a_runaway_template_does_not_fail_other_renders() -> None:
 async def test_templates_do_not_see_the_service_environment() -> None:
     os.environ["PORTOLAN_TEMPLATE_CANARY"] = "should-not-leak"
     try:
-        templates.shutdown()  # new children start with the canary in the parent's env
-        assert await render("{{ env | length }}", DATA) == 0
-        assert await render("{{ $ENV.PORTOLAN_TEMPLATE_CANARY }}", DATA) is None
+        sandbox.shutdown()  # new children start with the canary in the parent's env
+        assert await render("{{ env | length }}", DATA, org=ORG) == 0
+        assert await render("{{ $ENV.PORTOLAN_TEMPLATE_CANARY }}", DATA, org=ORG) is None
     finally:
         del os.environ["PORTOLAN_TEMPLATE_CANARY"]
 
 
 async def test_modules_cannot_be_loaded() -> None:
-    with pytest.raises(TemplateError, match="module not found"):
-        await render('{{ import "/etc/passwd" as $p; $p }}', DATA)
+    with pytest.raises(TemplateError, match="modules are not available"):
+        await render('{{ import "/etc/passwd" as $p; $p }}', DATA, org=ORG)
 
 
 async def test_results_larger_than_the_limit_are_errors() -> None:
     with pytest.raises(TemplateError, match="larger than"):
-        await render('{{ [range(200000)] | map("xxxxxxxxxx") }}', DATA)
+        await render('{{ [range(200000)] | map("xxxxxxxxxx") }}', DATA, org=ORG)
 
 
 async def test_data_is_sent_as_json() -> None:
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    out = await render("{{ .entity.createdAt }}", {"entity": {"createdAt": when}})
+    out = await render("{{ .entity.createdAt }}", {"entity": {"createdAt": when}}, org=ORG)
     assert out == "2026-01-02T03:04:05Z"
 
 
 async def test_one_round_trip_per_render(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
-    real = templates._call
+    real = sandbox.evaluate
 
-    async def counting(expressions: list[str], document: str) -> list[tuple[bool, Any]]:
-        calls.append(expressions)
-        return await real(expressions, document)
+    async def counting(
+        org: object, programs: list[str], documents: list[str], **kw: Any
+    ) -> list[list[tuple[bool, Any]]]:
+        calls.append(programs)
+        return await real(org, programs, documents, **kw)
 
-    monkeypatch.setattr(templates, "_call", counting)
+    monkeypatch.setattr(sandbox, "evaluate", counting)
     value: dict[str, Any] = {f"k{i}": "{{ .inputs.count }} {{ .inputs.name }}" for i in range(50)}
     value["{{ .inputs.key }}"] = ["{{ .run.id }}"] * 10
-    out = await render(value, DATA)
+    out = await render(value, DATA, org=ORG)
     assert out["k49"] == "3 api" and out["region"] == ["r_123"] * 10
     assert len(calls) == 1
     assert sorted(calls[0]) == [".inputs.count", ".inputs.key", ".inputs.name", ".run.id"]
-    await render({"plain": 1, "text": "no templates"}, DATA)
+    await render({"plain": 1, "text": "no templates"}, DATA, org=ORG)
     assert len(calls) == 1  # nothing to evaluate, no round trip
 
 

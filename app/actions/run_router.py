@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 
 from app.actions import runs
 from app.auth import permissions
-from app.auth.principal import CurrentTenant, Tenant
+from app.auth.principal import CurrentTenant, DeferredTenant, Tenant
 from app.db.database import Database
 from app.db.routing import api_router
 from app.kit.errors import Invalid
@@ -129,20 +129,28 @@ _IDEMPOTENCY = conflict("The Idempotency-Key was used for a different request")
 async def create_run(
     identifier: ActionId,
     body: RunBody,
-    tenant: CurrentTenant,
+    caller: DeferredTenant,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
     """202 with the run: it is recorded and queued (or waits for approval). A repeated
     `Idempotency-Key` (same caller, same request) answers the first run again."""
     if idempotency_key is not None and not idempotency_key.strip():
         raise Invalid("Idempotency-Key must not be blank")
+    payload = body.model_dump(exclude_unset=True)
+    # The action's `required` jq runs before the transaction opens: no connection waits
+    # on a child process.
+    required = await runs.prepare_required(
+        caller.request.app.state.db, caller.principal.org_id, identifier, payload
+    )
+    tenant = await caller.open()
     run, _ = await runs.create(
         tenant.tx,
         tenant.principal.subject,
         identifier,
-        body.model_dump(exclude_unset=True),
+        payload,
         idempotency_key=idempotency_key,
         principal=tenant.principal,
+        required=required,
     )
     return json_response({"ok": True, "run": run}, status_code=202)
 

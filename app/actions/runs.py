@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +27,7 @@ import asyncpg
 from app.actions import inputs
 from app.auth import permissions
 from app.auth.principal import Principal
-from app.db.database import Tx
+from app.db.database import Database, Tx
 from app.dispatch import templates
 from app.kit.errors import Conflict, Invalid, NotFound
 from app.search.service import prepare
@@ -34,6 +36,7 @@ ACTIVE = ("IN_PROGRESS", "WAITING_FOR_APPROVAL")
 ENDED = ("SUCCESS", "FAILURE", "DECLINED")
 SOURCES = ("UI", "API", "AUTOMATION")
 NOTIFY_CHANNEL = "portolan_dispatch"
+AUTOMATION_ACTOR = "automation"  # who starts an automation's runs
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _ENTITY_KEYS = ("identifier", "title", "icon", "team", "properties", "relations", "blueprint")
 
@@ -155,17 +158,42 @@ async def _matches_condition(
     return bool(found)
 
 
-async def _required_by_jq(user_inputs: dict[str, Any], raw: dict[str, Any]) -> list[str] | None:
-    required = user_inputs.get("required")
-    if not isinstance(required, dict):
+@dataclass(frozen=True)
+class Required:
+    """An action's `required: {jqQuery}` and what it gave for a run's inputs, evaluated
+    before the run's transaction opens (no connection is held while jq runs)."""
+
+    query: str
+    names: list[str]
+
+
+def _required_query(trigger: dict[str, Any]) -> str | None:
+    required = (trigger.get("userInputs") or {}).get("required")
+    return str(required["jqQuery"]) if isinstance(required, dict) else None
+
+
+async def prepare_required(
+    db: Database, org_id: uuid.UUID, action_id: str, body: Any
+) -> Required | None:
+    """Read the action's `required` jqQuery in a short transaction of its own, then
+    evaluate it over the run's inputs with no connection held; None when it has none."""
+    async with db.tenant(org_id) as tx:
+        trigger = await tx.fetchval(
+            "SELECT trigger FROM actions WHERE org_id = $1 AND identifier = $2",
+            org_id,
+            action_id,
+        )
+    query = _required_query(trigger) if isinstance(trigger, dict) else None
+    if query is None:
         return None
+    raw = body.get("properties", {}) if isinstance(body, dict) else {}
     try:
-        value = await templates.render("{{ " + required["jqQuery"] + " }}", {"form": raw})
+        value = await templates.render("{{ " + query + " }}", {"form": raw}, org=org_id)
     except templates.TemplateError as exc:
         raise Invalid(f"The action's required jqQuery failed: {exc}") from exc
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Invalid("The action's required jqQuery must give a list of input names")
-    return list(value)
+    return Required(query, list(value))
 
 
 async def queue(tx: Tx, run_id: str, attempt: int, delay_seconds: float = 0.0) -> None:
@@ -229,9 +257,11 @@ async def create(
     source: str = "API",
     idempotency_key: str | None = None,
     principal: Principal | None = None,
+    required: Required | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The new run (and True), or for a repeated Idempotency-Key the first run (and False).
-    With a `principal`, it must hold the action's execute permission."""
+    With a `principal`, it must hold the action's execute permission. An action with a
+    `required` jqQuery needs `required` from prepare_required."""
     if not isinstance(body, dict):
         raise Invalid("A run is {properties: {...}, entity?}")
     request_hash = _hash(action_id, body)
@@ -265,7 +295,10 @@ async def create(
     if principal is not None:
         await permissions.require_execute(tx, principal, dict(action), entity, blueprint)
     user_inputs = trigger.get("userInputs") or {}
-    checked = inputs.check(user_inputs, raw, await _required_by_jq(user_inputs, raw))
+    query = _required_query(trigger)
+    if query is not None and (required is None or required.query != query):
+        raise Conflict("The action changed while the run was being created; retry")
+    checked = inputs.check(user_inputs, raw, required.names if query and required else None)
     input_entities = await _input_entities(tx, checked)
     now = datetime.now(UTC)
     context = {

@@ -141,3 +141,59 @@ class TenantAuth(_Bearer):
 
 
 CurrentTenant = Annotated[Tenant, Depends(TenantAuth())]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A caller whose request transaction is opened later, by `open()`: for endpoints that
+    must await work outside the database first (a tenant's jq) without holding a
+    connection meanwhile."""
+
+    principal: Principal
+    request: Request
+    issued_at: int
+
+    async def open(self) -> Tenant:
+        principal = self.principal
+        credential = (principal.subject, self.issued_at) if principal.kind == "app" else None
+        tx = await open_request_tx(
+            self.request,
+            self.request.app.state.db,
+            principal.org_id,
+            actor=principal.subject,
+            credential=credential,
+            origin=principal.origin,
+        )
+        if principal.kind == "user":
+            principal = await _with_user_access(principal, tx)
+        return Tenant(principal=principal, tx=tx)
+
+
+class DeferredTenantAuth(_Bearer):
+    """Authenticates and takes the rate limit's token like TenantAuth, but leaves opening
+    the transaction to the endpoint (`Deferred.open`)."""
+
+    async def __call__(self, request: Request) -> Deferred:  # type: ignore[override]
+        principal, issued_at = await _principal_from(request)
+        await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
+        return Deferred(principal=principal, request=request, issued_at=issued_at)
+
+
+DeferredTenant = Annotated[Deferred, Depends(DeferredTenantAuth())]
+
+
+async def principal_of(tx: Tx, subject: str) -> Principal | None:
+    """The org's member behind a subject as it stands now, for work done later in its name
+    (an action run's entity writes): a machine credential by client id, or a user by
+    email, with today's roles and teams; None when it is gone or disabled."""
+    assert tx.org_id is not None
+    roles = await tx.fetchval(
+        "SELECT roles FROM credentials WHERE org_id = $1 AND client_id = $2", tx.org_id, subject
+    )
+    if roles is not None:
+        return Principal(org_id=tx.org_id, subject=subject, kind="app", roles=tuple(roles))
+    person = Principal(org_id=tx.org_id, subject=subject, kind="user", roles=(), email=subject)
+    try:
+        return await _with_user_access(person, tx)
+    except Unauthorized:
+        return None

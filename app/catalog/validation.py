@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema_rs
 
 from app.kit.errors import Invalid
+from app.kit.jq_child import module_directive
 
 PROPERTY_TYPES = ("string", "number", "boolean", "object", "array")
 STRING_FORMATS = (
@@ -525,6 +526,11 @@ def check_calculation_properties(calcs: Any, problems: Problems) -> None:
 def check_jq(expression: str, pointer: str, problems: Problems) -> None:
     import jq
 
+    directive = module_directive(expression)
+    if directive is not None:
+        # Modules are files: tenants' jq sees its input and nothing else.
+        problems.add(pointer, f"jq modules are not available ({directive})")
+        return
     try:
         jq.compile(expression)
     except ValueError as exc:

@@ -16,6 +16,7 @@ entity and ends the run in one transaction.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import uuid
@@ -25,13 +26,16 @@ from typing import Any
 import asyncpg
 
 from app.actions import runs
+from app.actions.runs import AUTOMATION_ACTOR
+from app.auth.permissions import EntityGuard
+from app.auth.principal import principal_of
 from app.catalog import entities
 from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import invokers, templates
 from app.dispatch.outbound import Allowed
 from app.kit.crypto import Cipher, cipher_for
-from app.kit.errors import PortolanError
+from app.kit.errors import Forbidden, PortolanError
 from app.secrets import service as secrets_service
 
 log = logging.getLogger("portolan.dispatch")
@@ -49,7 +53,10 @@ class Claim:
 
 
 def wanted_secrets(method: dict[str, Any]) -> set[str]:
-    """The secrets an invocation reads: those its templates name, and its token."""
+    """The secrets an invocation reads: those its templates name, and its token. An
+    UPSERT_ENTITY run reads none: what it writes, tenants read back."""
+    if method.get("type") == "UPSERT_ENTITY":
+        return set()
     wanted = templates.referenced_secrets(method)
     if method.get("type") == "GITHUB":
         wanted.add(method.get("tokenSecret") or "GITHUB_TOKEN")
@@ -203,22 +210,55 @@ async def dispatch(
     method: dict[str, Any] = run["definition"]["invocationMethod"]
     kind = method.get("type")
     known, signing = held.secrets, held.signing_secret
-    missing = sorted(name for name in templates.referenced_secrets(method) if name not in known)
+    named = templates.referenced_secrets(method)
+    template = {k: v for k, v in method.items() if k != "type"}
+    if kind == "UPSERT_ENTITY":
+        if named:
+            return await _fail(
+                db,
+                held,
+                f"secret {sorted(named)[0]} cannot be used by UPSERT_ENTITY: secrets go into "
+                "outbound requests only, never into an entity",
+            )
+        try:
+            rendered = await templates.render(template, trigger_data(run, {}), org=org_id)
+        except templates.TemplateError as exc:
+            return await _fail(db, held, f"the invocation's template failed: {exc}")
+        if not isinstance(rendered, dict):
+            return await _fail(db, held, "the invocation did not render to an object")
+        return await _upsert_entity(db, held, rendered)
+    missing = sorted(name for name in named if name not in known)
     if missing:
         return await _fail(db, held, f"secret {missing[0]} is not defined in the organization")
-    data = trigger_data(run, known)
+    # Templates see the secrets they name (not the invoker's token unless named). Readers
+    # of the run see the invocation rendered with every secret replaced by a mask, so no
+    # value derived from a secret (encoded, hashed, cut) is ever stored or shown.
+    data = trigger_data(run, {name: known[name] for name in named})
+    masked = trigger_data(run, dict.fromkeys(named, templates.MASK))
     shown = [v for v in known.values() if v]
     try:
-        rendered = await templates.render({k: v for k, v in method.items() if k != "type"}, data)
-    except templates.TemplateError as exc:
-        return await _fail(db, held, f"the invocation's template failed: {exc}")
-    if not isinstance(rendered, dict):
+        rendered = await templates.render(template, data, org=org_id)
+    except templates.TemplateError:
+        # jq's message could carry a secret-derived value: say what the masked render says.
+        try:
+            await templates.render(template, masked, org=org_id)
+            reason = "it failed with the organization's secret values (the message is withheld)"
+        except templates.TemplateError as exc:
+            reason = str(exc)
+        return await _fail(db, held, f"the invocation's template failed: {reason}")
+    try:
+        payload = (
+            await templates.render(template, masked, org=org_id)
+            if named
+            else copy.deepcopy(rendered)
+        )
+    except templates.TemplateError:
+        payload = dict(template)  # shown as written when the mask cannot stand in
+    if not isinstance(rendered, dict) or not isinstance(payload, dict):
         return await _fail(db, held, "the invocation did not render to an object")
-    rendered["type"] = kind
-    if kind == "UPSERT_ENTITY":
-        return await _upsert_entity(db, held, rendered)
+    rendered["type"] = payload["type"] = kind
     if kind == "WEBHOOK" and "body" not in method:
-        rendered["body"] = {k: v for k, v in data.items() if k != "secrets"}
+        rendered["body"] = payload["body"] = {k: v for k, v in data.items() if k != "secrets"}
     context = invokers.Context(
         run_id=run_id,
         signing_secret=signing,
@@ -230,7 +270,6 @@ async def dispatch(
         inputs=dict(run["properties"]),
     )
     outcome = await invokers.invoke(rendered, context)
-    payload = redact(rendered, shown)
     message = redact(outcome.message, shown)
     fields = {
         "payload": payload,
@@ -282,10 +321,13 @@ async def _upsert_entity(db: Database, held: Claim, rendered: dict[str, Any]) ->
     if not isinstance(mapping, dict) or not isinstance(blueprint, str):
         return await _fail(db, held, "the UPSERT_ENTITY mapping did not render to an entity")
     run = held.run
-    writer = entities.Writer(actor=run["created_by"], origin="ACTION", datasource=None)
     flags = entities.WriteFlags(upsert=True, merge=True, run_id=run["id"])
     try:
         async with db.tenant(held.org_id) as tx:
+            guard = await _authority(tx, run)
+            writer = entities.Writer(
+                actor=run["created_by"], origin="ACTION", datasource=None, guard=guard
+            )
             outcome = (await entities.write(tx, blueprint, [mapping], flags, writer))[0]
             if outcome.error is not None:
                 raise outcome.error
@@ -297,6 +339,27 @@ async def _upsert_entity(db: Database, held: Claim, rendered: dict[str, Any]) ->
     except PortolanError as exc:
         return await _fail(db, held, f"the entity could not be written: {exc.message}")
     return "success"
+
+
+async def _authority(tx: Tx, run: asyncpg.Record) -> EntityGuard | None:
+    """Whose permissions a run's entity write needs, judged against the written entity's
+    own blueprint: the run's starter as it stands now, or for an automation's run, the
+    member who last saved the automation. None: an Admin's (no check needed)."""
+    subject: str | None = run["created_by"]
+    if subject == AUTOMATION_ACTOR:
+        subject = await tx.fetchval(
+            "SELECT updated_by FROM actions WHERE org_id = $1 AND identifier = $2",
+            tx.org_id,
+            run["definition"]["identifier"],
+        )
+    principal = await principal_of(tx, subject) if subject else None
+    if principal is None:
+        raise Forbidden(
+            f"{subject!r} is no longer a member of the organization: the run's entity cannot "
+            "be written in its name",
+            code="missing_permission",
+        )
+    return None if principal.is_admin else EntityGuard(principal)
 
 
 class _ClaimLost(Exception):

@@ -21,8 +21,9 @@ from app.automations.feed import event_feed
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
-from app.dispatch import client, runner, templates
+from app.dispatch import client, runner
 from app.dispatch.relay import Relay
+from app.kit import sandbox
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
 from app.search import indexes
@@ -164,6 +165,7 @@ class Supervisor:
         self._worker: Worker | None = None
 
     async def run(self) -> None:
+        sandbox.configure(self.settings)
         db = await Database.connect(self.settings)
         relay = Relay(self.settings, db)
         relay.start()
@@ -193,7 +195,7 @@ class Supervisor:
             await relay.stop()
             await db.close()
             await client.aclose_shared()
-            templates.shutdown()
+            sandbox.shutdown()
 
     async def _close_worker(self) -> None:
         """Stop arq's worker, within a time limit: with Redis gone its close cannot finish

@@ -1,28 +1,24 @@
-"""calculationProperties: jq over the entity, evaluated in a separate process.
+"""calculationProperties: jq over the entity, evaluated in the jq sandbox.
 
-jq runs in C and cannot be interrupted from Python, so a page's calculations go to a small
-process pool; a batch that runs past its time limit has its process killed and every value
-of the batch becomes null with an error entry. An output larger than the size limit, a jq
-error, or a result of the wrong type makes that one value null with an error entry. A
-request never fails because of a calculation.
-
-The jq programs and the entities travel as JSON; the child keeps compiled programs.
+A page's entities go to the sandbox (app/kit/sandbox.py) in chunks, each a call with its
+own time limit, so one org's large page takes turns with other orgs' work. A chunk that
+runs past its time limit (or crashes its child) makes every value of that chunk and of the
+rest of the page null, each named in the entity's `calculationErrors` `{property: reason}`;
+an output larger than the size limit, a jq error, more than one result, or a result of the
+wrong type makes that one value null with an error entry. When no evaluation turn comes in
+time, the read fails with 503 and Retry-After: a value is never null without a reason.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pydantic_core
 
-TIME_LIMIT_SECONDS = 2.0
+from app.kit import sandbox
+
 OUTPUT_LIMIT_BYTES = 64 * 1024
-_WORKERS = 2
+CHUNK = 100  # entities per sandbox call
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -32,91 +28,57 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "array": (list,),
 }
 
-_pool: ProcessPoolExecutor | None = None
-_compiled: dict[str, Any] = {}  # in the child: jq expression -> compiled program
+
+def _value(kind: str, outcome: tuple[bool, Any]) -> tuple[Any, str | None]:
+    ok, found = outcome
+    if not ok:
+        return None, str(found)
+    if len(found) > 1:
+        return None, "the expression gave more than one result"
+    value = found[0] if found else None
+    wanted = _TYPES.get(kind)
+    if value is not None and wanted is not None:
+        if not isinstance(value, wanted) or (kind == "number" and isinstance(value, bool)):
+            return None, f"the result is not of type {kind}"
+    return value, None
 
 
-def _evaluate(programs: list[tuple[str, str, str]], docs: list[Any]) -> list[dict[str, Any]]:
-    """In the child: for each entity, {property: [value, error or None]}."""
-    import jq
-
-    out: list[dict[str, Any]] = []
-    for doc in docs:
-        results: dict[str, Any] = {}
-        for name, expression, kind in programs:
-            try:
-                program = _compiled.get(expression)
-                if program is None:
-                    program = _compiled[expression] = jq.compile(expression)
-                found = program.input_value(doc).all()
-                value = found[0] if len(found) == 1 else (found or None)
-                if len(found) > 1:
-                    raise ValueError(f"the expression gave {len(found)} results, not one")
-                if len(json.dumps(value)) > OUTPUT_LIMIT_BYTES:
-                    raise ValueError(f"the result is larger than {OUTPUT_LIMIT_BYTES} bytes")
-                wanted = _TYPES.get(kind)
-                if value is not None and wanted is not None:
-                    if not isinstance(value, wanted) or (
-                        kind == "number" and isinstance(value, bool)
-                    ):
-                        raise ValueError(f"the result is not of type {kind}")
-                results[name] = [value, None]
-            except Exception as exc:
-                results[name] = [None, str(exc)[:500]]
-        out.append(results)
-    return out
-
-
-def _get_pool() -> ProcessPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ProcessPoolExecutor(
-            max_workers=_WORKERS, mp_context=multiprocessing.get_context("spawn")
-        )
-    return _pool
-
-
-def _discard_pool() -> None:
-    """Kill the pool's processes (one is stuck past its time limit) and start afresh."""
-    global _pool
-    pool, _pool = _pool, None
-    if pool is None:
-        return
-    for process in list(getattr(pool, "_processes", {}).values()):
-        process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def shutdown() -> None:
-    _discard_pool()
-
-
-async def calculate(blueprint: dict[str, Any], entities: list[dict[str, Any]]) -> None:
+async def calculate(
+    blueprint: dict[str, Any], entities: list[dict[str, Any]], *, org: object
+) -> None:
     """Adds each calculation property of `blueprint` to the entities' properties (in
-    place); failures are null values listed in the entity's `calculationErrors`."""
+    place); failures are null values listed in the entity's `calculationErrors`. Raises
+    sandbox.Busy (a 503) when the sandbox gives the org no turn in time."""
     calcs = blueprint.get("calculationProperties") or {}
     if not calcs or not entities:
         return
-    programs = [
-        (name, str(calc.get("calculation", "")), str(calc.get("type", "")))
-        for name, calc in sorted(calcs.items())
-    ]
-    # The entity as the API writes it (dates included), so `.createdAt` reads the same.
-    docs = [json.loads(pydantic_core.to_json(entity)) for entity in entities]
-    loop = asyncio.get_running_loop()
-    try:
-        results = await asyncio.wait_for(
-            loop.run_in_executor(_get_pool(), _evaluate, programs, docs), TIME_LIMIT_SECONDS
-        )
-    except (TimeoutError, BrokenProcessPool):
-        _discard_pool()
-        message = f"the calculation ran longer than {TIME_LIMIT_SECONDS:g} s"
-        results = [{name: [None, message] for name, _, _ in programs} for _ in entities]
-    for entity, result in zip(entities, results, strict=True):
-        errors = {name: error for name, (_, error) in result.items() if error is not None}
-        entity["properties"] = {
-            **entity["properties"],
-            **{name: value for name, (value, _) in result.items()},
-        }
-        if errors:
-            entity["calculationErrors"] = errors
+    names = sorted(calcs)
+    programs = [str(calcs[name].get("calculation", "")) for name in names]
+    kinds = [str(calcs[name].get("type", "")) for name in names]
+    failed: str | None = None
+    for start in range(0, len(entities), CHUNK):
+        chunk = entities[start : start + CHUNK]
+        rows: list[list[tuple[bool, Any]]] | None = None
+        if failed is None:
+            # The entity as the API writes it (dates included), so `.createdAt` reads the same.
+            docs = [pydantic_core.to_json(entity).decode() for entity in chunk]
+            try:
+                rows = await sandbox.evaluate(
+                    org, programs, docs, outputs=2, output_limit=OUTPUT_LIMIT_BYTES
+                )
+            except sandbox.TimeLimit:
+                limit = sandbox.limits().time_limit
+                failed = f"the calculation ran longer than {limit:g} s"
+            except sandbox.Crashed as exc:
+                failed = str(exc)
+        for index, entity in enumerate(chunk):
+            values: dict[str, Any] = {}
+            errors: dict[str, str] = {}
+            for column, (name, kind) in enumerate(zip(names, kinds, strict=True)):
+                outcome = rows[index][column] if rows is not None else (False, failed)
+                values[name], error = _value(kind, outcome)
+                if error is not None:
+                    errors[name] = error
+            entity["properties"] = {**entity["properties"], **values}
+            if errors:
+                entity["calculationErrors"] = errors

@@ -145,18 +145,25 @@ async def prepare(
     compile against them is tried once more against the committed definitions."""
     scope = await scope_for(tx, blueprint, query)
     try:
-        return Search(scope, query, calculated=calculated, titles=titles, windowed=windowed)
+        search = Search(scope, query, calculated=calculated, titles=titles, windowed=windowed)
     except Invalid:
         fresh = await _load_definitions(tx)
         if fresh[0] == scope.fingerprint:
             raise
-        return Search(
+        search = Search(
             _scope(scope.org_id, fresh, blueprint, query),
             query,
             calculated=calculated,
             titles=titles,
             windowed=windowed,
         )
+    if not search.uses_window:
+        # Compiled to SQL now, inside the request: a streamed search sends its headers
+        # before its first page runs, and a statement that cannot be built must be an error
+        # the client sees, not a body that breaks off. The compiled form is cached by its
+        # shape, so the first page reuses it.
+        compile_query(search.statement(None, _PAGE + 1), (), search.values())
+    return search
 
 
 def _scope(
@@ -428,7 +435,9 @@ class Search:
         if self.calculated:
             for bp in self.scope.searched:
                 await calculate(
-                    self.scope.blueprints[bp], [e for e in found if e["blueprint"] == bp]
+                    self.scope.blueprints[bp],
+                    [e for e in found if e["blueprint"] == bp],
+                    org=self.scope.org_id,
                 )
         last = (rows[-1]["blueprint"], rows[-1]["identifier"]) if more and rows else None
         return found, last

@@ -7,7 +7,8 @@ service.new_webhook_key) and the webhook; no bearer token is involved. In order:
    says or when it is absent).
 2. The webhook is looked up by its key in the org's own transaction (404 for an unknown
    key), the signature is checked over the raw bytes in constant time (401), and a
-   disabled webhook refuses the event (409).
+   disabled webhook refuses the event (409). Then the event takes a token of its webhook's
+   and of its organization's rate limit (429 with Retry-After, nothing stored: limits.py).
 3. The body must be a JSON document (400); the headers kept for the mappings leave out
    credentials (Authorization, Cookie, the signature header).
 4. `requestIdentifierPath` (jq) names the request: a request whose identifier the
@@ -42,6 +43,7 @@ from app.dispatch import templates
 from app.kit.crypto import Cipher
 from app.kit.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized
 from app.webhooks.definitions import template_of
+from app.webhooks.limits import take_event_tokens
 from app.webhooks.service import org_of_webhook_key
 
 log = logging.getLogger("portolan.webhooks")
@@ -212,12 +214,12 @@ def query_params(request: Request) -> dict[str, Any]:
 
 
 async def request_identifier(
-    path: str, data: dict[str, Any]
+    path: str, data: dict[str, Any], *, org: object
 ) -> tuple[str | None, dict[str, Any] | None]:
     """(the request's identifier or None, the error when the jq failed)."""
     try:
         value = await templates.render(
-            template_of(path), data, pointer="/security/requestIdentifierPath"
+            template_of(path), data, pointer="/security/requestIdentifierPath", org=org
         )
     except templates.TemplateError as exc:
         return None, {"mapping": None, "item": None, "pointer": exc.pointer, "message": exc.message}
@@ -254,6 +256,7 @@ async def accept(
         raise Conflict(
             f"Webhook {identifier!r} is disabled: the event was dropped", code="webhook_disabled"
         )
+    await take_event_tokens(request.scope, request.app.state.limiter, org_id, identifier)
     body = parse_body(raw)
     signature_header = security.get("signatureHeaderName") if secret is not None else None
     headers = kept_headers(request, signature_header)
@@ -265,7 +268,7 @@ async def accept(
     path = security.get("requestIdentifierPath")
     if path:
         data = {"body": body, "headers": headers, "queryParams": params}
-        request_id, error = await request_identifier(path, data)
+        request_id, error = await request_identifier(path, data, org=org_id)
         if error is not None:
             errors.append(error)
     outcome = {"entities": [], "errors": errors} if errors else None

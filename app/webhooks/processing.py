@@ -300,18 +300,19 @@ async def _rendered_entity(
     item: int | None,
     rendered: _Rendered,
     *,
+    org: object,
     kept: bool = False,
 ) -> dict[str, Any] | None:
     """One item's entity rendered on its own; None when the filter drops it or an error
     was recorded. `kept`: the filter is known to give something other than false."""
     base = f"/mappings/{mapping.index}"
     try:
-        result = await render(mapping.template, data, base)
+        result = await render(mapping.template, data, base, org=org)
     except TemplateError as exc:
         if mapping.has_filter and not kept and exc.pointer != base + "/filter":
             # An item the filter drops does not fail on its entity's jq.
             try:
-                passed = await render(mapping.template["filter"], data, base + "/filter")
+                passed = await render(mapping.template["filter"], data, base + "/filter", org=org)
             except TemplateError as filter_exc:
                 rendered.error(mapping.index, item, filter_exc.pointer, filter_exc.message)
                 return None
@@ -323,18 +324,22 @@ async def _rendered_entity(
 
 
 async def _items_alone(
-    mapping: Mapping, data: dict[str, Any], rendered: _Rendered
+    mapping: Mapping, data: dict[str, Any], rendered: _Rendered, *, org: object
 ) -> list[Any] | None:
     assert mapping.items is not None
     try:
-        items = await render(mapping.items, data, f"/mappings/{mapping.index}/itemsToParse")
+        items = await render(
+            mapping.items, data, f"/mappings/{mapping.index}/itemsToParse", org=org
+        )
     except TemplateError as exc:
         rendered.error(mapping.index, None, exc.pointer, exc.message)
         return None
     return _items_checked(mapping, items, rendered)
 
 
-async def _render_alone(mappings: list[Mapping | None], data: dict[str, Any]) -> _Rendered:
+async def _render_alone(
+    mappings: list[Mapping | None], data: dict[str, Any], *, org: object
+) -> _Rendered:
     """One event's mappings, one render per context."""
     rendered = _Rendered()
     for mapping in mappings:
@@ -342,11 +347,11 @@ async def _render_alone(mappings: list[Mapping | None], data: dict[str, Any]) ->
             continue
         contexts: list[tuple[int | None, dict[str, Any]]] = [(None, data)]
         if mapping.items is not None:
-            items = await _items_alone(mapping, data, rendered)
+            items = await _items_alone(mapping, data, rendered, org=org)
             contexts = [(i, {**data, "item": item}) for i, item in enumerate(items or [])]
         found = rendered.found.setdefault(mapping.index, [])
         for item, context in contexts:
-            entity = await _rendered_entity(mapping, context, item, rendered)
+            entity = await _rendered_entity(mapping, context, item, rendered, org=org)
             if entity is not None:
                 found.append((item, entity))
     return rendered
@@ -446,7 +451,9 @@ def _answers(value: Any, count: int) -> list[list[Any]]:
     return value
 
 
-async def _render_together(mappings: list[Mapping | None], events: list[_Event]) -> list[_Rendered]:
+async def _render_together(
+    mappings: list[Mapping | None], events: list[_Event], *, org: object
+) -> list[_Rendered]:
     """Every event's mappings, each expression evaluated for the whole batch at once.
     Raises TemplateError or _Unexpected when the batched evaluation cannot be used."""
     rendered = [_Rendered() for _ in events]
@@ -459,14 +466,14 @@ async def _render_together(mappings: list[Mapping | None], events: list[_Event])
     items: dict[tuple[int, int], list[Any]] = {}  # (mapping, event position) -> items
     if with_items:
         programs = [_program(_expression(m.items), None) for m in with_items]
-        results = await render(programs, document)
+        results = await render(programs, document, org=org)
         for mapping, result in zip(with_items, results, strict=True):
             for position, answer in enumerate(_answers(result, len(events))):
                 if answer[0]:
                     checked = _items_checked(mapping, answer[1], rendered[position])
                 else:
                     data = events[position].data
-                    checked = await _items_alone(mapping, data, rendered[position])
+                    checked = await _items_alone(mapping, data, rendered[position], org=org)
                 items[(mapping.index, position)] = checked or []
 
     # The contexts of each mapping: (event position, item index, item).
@@ -495,7 +502,7 @@ async def _render_together(mappings: list[Mapping | None], events: list[_Event])
         slots[mapping.index] = len(programs)
         expressions = ([plan.filter] if plan.filter is not None else []) + plan.leaves
         programs.extend(_program(expression, key) for expression in expressions)
-    results = await render(programs, document) if programs else []
+    results = await render(programs, document, org=org) if programs else []
     for mapping in live:
         at = slots.get(mapping.index)
         if at is None:
@@ -515,7 +522,7 @@ async def _render_together(mappings: list[Mapping | None], events: list[_Event])
                 context = data if item is None else {**data, "item": value}
                 kept = plan.filter is not None and answers[0][0] is True
                 entity = await _rendered_entity(
-                    mapping, context, item, rendered[position], kept=kept
+                    mapping, context, item, rendered[position], org=org, kept=kept
                 )
             else:
                 values = [answer[1] for answer in answers]
@@ -529,12 +536,14 @@ async def _render_together(mappings: list[Mapping | None], events: list[_Event])
     return rendered
 
 
-async def _render_batch(mappings: list[Mapping | None], events: list[_Event]) -> int:
+async def _render_batch(
+    mappings: list[Mapping | None], events: list[_Event], *, org: object
+) -> int:
     """Render the batch into its events: together, or event by event when that fails.
     How many of the events (the first ones) were rendered: event by event, the batch is
     cut once RENDER_ALONE_SECONDS have passed, and the rest waits for the next batch."""
     try:
-        together = await _render_together(mappings, events)
+        together = await _render_together(mappings, events, org=org)
     except (TemplateError, _Unexpected) as exc:
         log.info("webhook events rendered one at a time", extra={"reason": str(exc)[:200]})
         started = time.monotonic()
@@ -542,9 +551,9 @@ async def _render_batch(mappings: list[Mapping | None], events: list[_Event]) ->
             if count and time.monotonic() - started > RENDER_ALONE_SECONDS:
                 return count
             try:
-                [rendered] = await _render_together(mappings, [event])
+                [rendered] = await _render_together(mappings, [event], org=org)
             except (TemplateError, _Unexpected):
-                rendered = await _render_alone(mappings, event.data)
+                rendered = await _render_alone(mappings, event.data, org=org)
             event.take(mappings, rendered)
         return len(events)
     for event, rendered in zip(events, together, strict=True):
@@ -695,7 +704,7 @@ async def apply(
                 event.outcome.error(
                     (index, 0, -1), index, None, f"/mappings/{index}", "the mapping cannot be read"
                 )
-    events = events[: await _render_batch(compiled, events)]
+    events = events[: await _render_batch(compiled, events, org=tx.org_id)]
     writer = Writer(actor=f"webhook:{webhook}", origin="WEBHOOK", datasource=None)
     for level in _levels([op for event in events for op in event.ops]):
         if level[0].mapping.delete:

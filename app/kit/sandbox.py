@@ -1,0 +1,349 @@
+"""Where tenants' jq runs: confined child processes, a time limit, fair turns across orgs.
+
+Every place that evaluates a tenant's jq (calculation properties, automation conditions,
+action and webhook templates, a run's `required` query) calls `evaluate`, which:
+
+- runs the programs in a child process (app/kit/jq_child.py) started with an empty
+  environment in an empty directory, holding no secret, with no module system: `$ENV`,
+  `env`, files, `input`/`inputs` beyond the document give nothing;
+- gives each call `time_limit` seconds of the child's time (waiting for a turn is not
+  counted); a child past its limit is killed and the call raises `TimeLimit`;
+- hands out the children fairly: an org holds at most `per_org` children at once, and a
+  freed child goes to the org that has waited longest for a turn (round robin over orgs, in
+  order of arrival within an org), so one org's slow programs delay another org's by at most
+  one call per child; a call that waits longer than `max_wait`, or arrives while its org
+  already has `max_queued` calls waiting, raises `Busy` (a 503 for a request);
+- never holds anything of the caller's but the call: callers must not hold a database
+  connection while they await it.
+
+Children are plain processes behind pipes, usable from any event loop or thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from app.kit.errors import Unavailable
+from app.kit.jq_child import module_directive
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+__all__ = [
+    "Busy",
+    "Crashed",
+    "Limits",
+    "SandboxError",
+    "TimeLimit",
+    "configure",
+    "evaluate",
+    "module_directive",
+    "shutdown",
+]
+
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jq_child.py")
+
+Result = tuple[bool, Any]  # (True, [outputs]) or (False, "jq's message")
+
+
+class SandboxError(Exception):
+    """A call that gave no results: past its time limit, a crashed child, or no turn."""
+
+
+class TimeLimit(SandboxError):
+    pass
+
+
+class Crashed(SandboxError):
+    pass
+
+
+class Busy(SandboxError, Unavailable):
+    """No turn came in time: for a request, a 503 with Retry-After."""
+
+    code = "evaluation_busy"
+
+    def __init__(self, message: str) -> None:
+        Unavailable.__init__(self, message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    processes: int = 2  # children in all
+    per_org: int = 1  # children one org may hold at once
+    time_limit: float = 2.0  # seconds of a child per call
+    max_wait: float = 10.0  # seconds a call may wait for its turn
+    max_queued: int = 200  # calls one org may have waiting
+
+
+class _Child:
+    """One confined process; a call is one frame out and one frame back."""
+
+    def __init__(self, workdir: str) -> None:
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
+            [sys.executable, "-I", "-B", _CHILD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={},
+            cwd=workdir,
+            close_fds=True,
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self._in = self.process.stdin
+        self._out = self.process.stdout.fileno()
+
+    def call(self, payload: bytes, time_limit: float) -> bytes:
+        deadline = time.monotonic() + time_limit
+        try:
+            self._in.write(len(payload).to_bytes(4, "big") + payload)
+            self._in.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise Crashed("the evaluation stopped (out of memory or a crash)") from exc
+        size = int.from_bytes(self._read(4, deadline), "big")
+        return self._read(size, deadline)
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        chunks: list[bytes] = []
+        while size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._out], [], [], left)[0]:
+                raise TimeLimit
+            chunk = os.read(self._out, min(size, 1 << 20))
+            if not chunk:
+                raise Crashed("the evaluation stopped (out of memory or a crash)")
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        try:
+            self.process.kill()
+        except OSError:
+            pass
+        self.process.wait(timeout=5)
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@dataclass(eq=False)
+class _Ticket:
+    org: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    arrived: float
+
+
+class _Pool:
+    """The children and whose turn it is. Thread-safe: callers may live on any loop."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._idle: list[_Child] = []
+        self._busy: dict[str, int] = collections.defaultdict(int)  # org -> children held
+        self._held = 0
+        self._waiting: collections.OrderedDict[str, collections.deque[_Ticket]] = (
+            collections.OrderedDict()
+        )
+        self._workdir = tempfile.mkdtemp(prefix="portolan-jq-")
+        self._executor = ThreadPoolExecutor(
+            max_workers=limits.processes, thread_name_prefix="portolan-jq"
+        )
+        self._closed = False
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def _may_start(self, org: str) -> bool:
+        return self._held < self.limits.processes and self._busy[org] < self.limits.per_org
+
+    def _grant(self, org: str) -> None:
+        self._held += 1
+        self._busy[org] += 1
+
+    async def turn(self, org: str) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._closed:
+                raise Busy("the evaluation service is stopping")
+            queue = self._waiting.get(org)
+            if not queue and self._may_start(org):
+                self._grant(org)
+                return
+            if queue is not None and len(queue) >= self.limits.max_queued:
+                raise Busy("too many evaluations are waiting for this organization")
+            ticket = _Ticket(org, loop, loop.create_future(), time.monotonic())
+            self._waiting.setdefault(org, collections.deque()).append(ticket)
+        try:
+            await asyncio.wait_for(ticket.future, self.limits.max_wait)
+        except BaseException as exc:
+            with self._lock:
+                queue = self._waiting.get(org)
+                queued = queue is not None and ticket in queue
+                if queue is not None and queued:
+                    queue.remove(ticket)
+                    if not queue:
+                        del self._waiting[org]
+            if not queued:  # the turn came as the caller gave up: hand it on
+                self.done(org)
+            if isinstance(exc, TimeoutError):
+                raise Busy("no evaluation turn came within the time allowed") from None
+            raise
+
+    def done(self, org: str) -> None:
+        """Give the turn back, and hand it to the org that waited longest."""
+        with self._lock:
+            self._held -= 1
+            self._busy[org] -= 1
+            if not self._busy[org]:
+                del self._busy[org]
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        for waiting_org in list(self._waiting):
+            if self._held >= self.limits.processes:
+                return
+            if self._busy[waiting_org] >= self.limits.per_org:
+                continue
+            queue = self._waiting[waiting_org]
+            ticket = queue.popleft()
+            if not queue:
+                del self._waiting[waiting_org]
+            else:  # the org goes to the back of the line
+                self._waiting.move_to_end(waiting_org)
+            self._grant(waiting_org)
+            try:
+                ticket.loop.call_soon_threadsafe(_set, ticket.future)
+            except RuntimeError:  # its loop is gone: nobody waits for this turn
+                self._held -= 1
+                self._busy[waiting_org] -= 1
+
+    # -- children -------------------------------------------------------------------------
+
+    def _take(self) -> _Child:
+        with self._lock:
+            while self._idle:
+                child = self._idle.pop()
+                if child.alive():
+                    return child
+                child.kill()
+        return _Child(self._workdir)
+
+    def run(self, payload: bytes) -> bytes:
+        """Blocking, in one of the pool's threads: one call on one child."""
+        child = self._take()
+        healthy = False
+        try:
+            reply = child.call(payload, self.limits.time_limit)
+            healthy = True
+            return reply
+        finally:
+            if healthy and not self._closed:
+                with self._lock:
+                    self._idle.append(child)
+            else:
+                child.kill()
+
+    async def call(self, org: str, payload: bytes) -> bytes:
+        await self.turn(org)
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self.run, payload)
+        finally:
+            self.done(org)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for child in idle:
+            child.kill()
+        self._executor.shutdown(wait=False)
+        try:
+            os.rmdir(self._workdir)
+        except OSError:
+            pass
+
+
+def _set(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_limits = Limits()
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def configure(settings: Settings) -> None:
+    """Set the limits from the settings (at start-up); a change stops running children."""
+    global _limits
+    wanted = Limits(
+        processes=settings.jq_processes,
+        per_org=min(settings.jq_per_org, settings.jq_processes),
+        time_limit=settings.jq_time_limit_seconds,
+        max_wait=settings.jq_max_wait_seconds,
+        max_queued=settings.jq_max_queued_per_org,
+    )
+    if wanted != _limits:
+        _limits = wanted
+        shutdown()
+
+
+def limits() -> Limits:
+    return _limits
+
+
+def _get_pool() -> _Pool:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = _Pool(_limits)
+        return _pool
+
+
+def shutdown() -> None:
+    """Stop the children (started again on demand)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.close()
+
+
+async def evaluate(
+    org: object,
+    programs: Sequence[str],
+    documents: Sequence[str],
+    *,
+    outputs: int,
+    output_limit: int,
+) -> list[list[Result]]:
+    """For each document (compact JSON text), for each program: (True, its first `outputs`
+    outputs) or (False, jq's message). `org` is the tenant the programs belong to. Raises
+    TimeLimit, Crashed or Busy when the call as a whole gave nothing."""
+    if not programs or not documents:
+        return [[] for _ in documents]
+    documents = [d.replace("\n", " ") if "\n" in d else d for d in documents]
+    header = json.dumps({"p": list(programs), "n": outputs, "o": output_limit})
+    payload = "\n".join([header, *documents]).encode()
+    reply = await _get_pool().call(str(org), payload)
+    decoded: list[list[list[Any]]] = json.loads(reply)
+    return [[(bool(ok), value) for ok, value in row] for row in decoded]
