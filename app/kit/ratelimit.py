@@ -2,9 +2,11 @@
 
 Classes: `entity_reads` (GET of entities), `entity_writes` (creating, changing, deleting
 entities), `search` (entity searches and aggregations), `other` (everything else that an
-organization's token calls). Each bucket holds `limit` tokens and refills at
-`limit / period` per second; a request takes one. The bucket lives in Redis (one Lua call
-per request, atomic, Redis's clock), so every API replica shares it.
+organization's token calls). Incoming webhook events have two more: `webhook_events` (one
+bucket per webhook) and `webhook_events_org` (one per organization, all its webhooks), with
+their own period. Each bucket holds `limit` tokens and refills at `limit / period` per
+second; a request takes one. The bucket lives in Redis (one Lua call per request, atomic,
+Redis's clock), so every API replica shares it.
 
 Every limited response carries `x-ratelimit-limit`, `x-ratelimit-remaining`,
 `x-ratelimit-reset` (seconds until the bucket is full again) and `x-ratelimit-period`
@@ -112,6 +114,12 @@ class Limiter:
             "entity_writes": settings.rate_limit_entity_writes,
             "search": settings.rate_limit_search,
             "other": settings.rate_limit_other,
+            "webhook_events": settings.webhook_rate_limit_per_webhook,
+            "webhook_events_org": settings.webhook_rate_limit_per_org,
+        }
+        self.periods = {
+            "webhook_events": settings.webhook_rate_limit_period_seconds,
+            "webhook_events_org": settings.webhook_rate_limit_period_seconds,
         }
         self._redis = Redis.from_url(
             settings.redis_url or "redis://127.0.0.1:6379",
@@ -124,15 +132,18 @@ class Limiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def take(self, org_id: uuid.UUID, kind: str) -> Verdict | None:
+    async def take(self, org_id: uuid.UUID, kind: str, part: str | None = None) -> Verdict | None:
         """One token of the org's bucket for the class (the verdict says whether there was
-        one); None when limits are off or Redis is unreachable (fail open)."""
+        one); None when limits are off or Redis is unreachable (fail open). `part` names
+        one of the org's buckets of the class (a webhook's, for `webhook_events`)."""
         if not self.enabled or time.monotonic() < self._down_until:
             return None
         limit = self.limits[kind]
+        period = self.periods.get(kind, self.period)
+        key = f"portolan:rl:{org_id}:{kind}" + ("" if part is None else f":{part}")
         try:
             allowed, remaining, full_ms, next_ms = await self._script(
-                keys=[f"portolan:rl:{org_id}:{kind}"], args=[limit, limit / self.period]
+                keys=[key], args=[limit, limit / period]
             )
         except Exception as exc:  # any Redis failure: serve, and say so
             self._down_until = time.monotonic() + _RETRY_REDIS_AFTER
@@ -147,7 +158,7 @@ class Limiter:
             limit=limit,
             remaining=int(remaining),
             reset=math.ceil(int(full_ms) / 1000),
-            period=self.period,
+            period=period,
             retry_after=max(1, math.ceil(int(next_ms) / 1000)),
         )
 

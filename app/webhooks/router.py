@@ -148,6 +148,10 @@ _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     409: _err("The webhook is disabled: the event was dropped"),
     413: _err("The body is larger than the webhook limit (512 KiB)"),
     422: _err("The request does not match the route's schema"),
+    429: _err(
+        "Too many events for the webhook or its organization: not stored, send it again "
+        "after Retry-After seconds"
+    ),
 }
 
 
