@@ -4,12 +4,17 @@ concurrent bulk writers, refused connections, and text PostgreSQL cannot store."
 from __future__ import annotations
 
 import asyncio
+import uuid
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from app.catalog import entities
+from app.config import Settings
 from app.db.database import Database
+from app.db.rls import APP_ROLE
 from tests.conftest import Org, OrgFactory
 
 
@@ -94,3 +99,155 @@ async def test_a_target_deleted_during_a_bulk_write_fails_only_its_items(
     assert all("t007" in e["message"] for e in body["errors"])
     count = await client.get("/v1/blueprints/service/entities-count", headers=org.headers)
     assert count.json()["count"] == 297
+
+
+async def _deadlock_a_bulk_write(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> httpx.Response:
+    """A real deadlock: the request locks services a, b (in that order) while another
+    transaction holds b and then asks for a. PostgreSQL aborts the request's transaction
+    (the other one waits longer before it checks for deadlocks)."""
+    r = await client.post(
+        "/v1/blueprints/service/entities/bulk",
+        json={"entities": [{"identifier": "a"}, {"identifier": "b"}]},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    changed = [
+        {"identifier": "a", "properties": {"language": "go"}},
+        {"identifier": "b", "properties": {"language": "go"}},
+    ]
+    lock = "SELECT 1 FROM entities WHERE org_id = $1 AND blueprint = 'service' AND identifier = $2 FOR UPDATE"
+    async with db.system(org.org_id) as tx:
+        await tx.execute("SET LOCAL deadlock_timeout = '10s'")
+        await tx.fetch(lock, org.org_id, "b")
+        bulk = asyncio.create_task(
+            client.post(
+                "/v1/blueprints/service/entities/bulk",
+                json={"entities": changed},
+                headers=org.headers,
+                params={"upsert": "true"},
+            )
+        )
+        await _wait_for_lock_wait(db)
+        await tx.fetch(lock, org.org_id, "a")  # granted once the request's tx is aborted
+    return await asyncio.wait_for(bulk, 30)
+
+
+async def test_a_deadlocked_request_is_run_again(
+    client: httpx.AsyncClient, org: Org, db: Database
+) -> None:
+    r = await _deadlock_a_bulk_write(client, org, db)
+    assert r.status_code == 200, r.text
+    async with db.tenant(org.org_id) as tx:
+        rows = await tx.fetch(
+            "SELECT identifier, properties FROM entities WHERE blueprint = 'service' "
+            "ORDER BY identifier"
+        )
+        updates = await tx.fetchval(
+            "SELECT count(*) FROM entity_events WHERE blueprint = 'service' AND action = 'UPDATE'"
+        )
+    assert [(row["identifier"], row["properties"]) for row in rows] == [
+        ("a", {"language": "go"}),
+        ("b", {"language": "go"}),
+    ]
+    assert updates == 2  # the aborted attempt left nothing behind
+
+
+async def test_a_deadlock_past_the_retries_is_a_503_with_retry_after(
+    client: httpx.AsyncClient, org: Org, db: Database, settings: Settings
+) -> None:
+    attempts = settings.db_retry_attempts
+    settings.db_retry_attempts = 1
+    try:
+        r = await _deadlock_a_bulk_write(client, org, db)
+    finally:
+        settings.db_retry_attempts = attempts
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["ok"] is False and r.json()["error"] == "transaction_conflict"
+    assert "deadlock" not in r.text
+
+
+async def test_concurrent_bulk_upserts_linking_each_others_batches_never_fail(
+    client: httpx.AsyncClient, org: Org, make_org: OrgFactory
+) -> None:
+    """4 writers, batches of 500 upserts whose `many` relations point at entities of the
+    other writers' batches, created when missing: no request may fail."""
+    writers, rounds, size = 4, 4, 500
+
+    def batch(w: int, r: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "identifier": f"w{w}-{i:03d}",
+                "properties": {"language": f"round-{r}"},
+                "relations": {
+                    "dependsOn": [
+                        f"w{(w + 1) % writers}-{(i + r) % size:03d}",
+                        f"w{(w + 2) % writers}-{(i * 7 + r) % size:03d}",
+                        f"w{(w + 3) % writers}-{(size - 1 - i + r) % size:03d}",
+                    ]
+                },
+            }
+            for i in range(size)
+        ]
+
+    async def write(w: int, r: int) -> httpx.Response:
+        return await client.post(
+            "/v1/blueprints/service/entities/bulk",
+            json={"entities": batch(w, r)},
+            headers=org.headers,
+            params={"upsert": "true", "create_missing_related_entities": "true"},
+        )
+
+    statuses: list[int] = []
+    for r in range(rounds):
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(write(w, r) for w in range(writers))), 120
+        )
+        statuses += [a.status_code for a in answers]
+        for answer in answers:
+            assert answer.status_code == 200, answer.text
+    assert statuses == [200] * (writers * rounds)
+    # The last round's links are the stored ones.
+    got = await client.get("/v1/blueprints/service/entities/w0-010", headers=org.headers)
+    assert got.json()["entity"]["relations"]["dependsOn"] == sorted(
+        [f"w1-{13:03d}", f"w2-{73:03d}", f"w3-{492:03d}"]
+    )
+    # Another tenant's catalog of the same shape holds none of them.
+    other = await make_org()
+    await _blueprints(client, other)
+    count = await client.get("/v1/blueprints/service/entities-count", headers=other.headers)
+    assert count.json()["count"] == 0
+
+
+async def test_refused_database_connections_are_a_503_with_retry_after(
+    client: httpx.AsyncClient, org: Org, db: Database, app: FastAPI, settings: Settings
+) -> None:
+    """PostgreSQL refusing a connection (53300, too many clients: here the role's
+    CONNECTION LIMIT) is a 503 with Retry-After, and the next request is served."""
+    role = f"portolan_limited_{uuid.uuid4().hex[:10]}"
+    async with db.system() as tx:
+        await tx.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+        await tx.execute(f"GRANT {APP_ROLE} TO {role}")
+    url = settings.database_url
+    assert url is not None
+    limited_url = url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+    assert limited_url != url
+    limited = await Database.connect(settings.model_copy(update={"database_url": limited_url}))
+    held = await limited.pool.acquire()  # the role's one connection
+    app.state.db = limited
+    try:
+        r = await client.get("/v1/blueprints", headers=org.headers)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "2"
+        assert r.json()["ok"] is False and r.json()["error"] == "unavailable"
+        limited.pool.release(held)
+        r = await client.get("/v1/blueprints", headers=org.headers)
+        assert r.status_code == 200, r.text
+        assert {bp["identifier"] for bp in r.json()["blueprints"]} == {"team", "service"}
+    finally:
+        app.state.db = db
+        await limited.close()
+        async with db.system() as tx:
+            await tx.execute(f"DROP ROLE {role}")

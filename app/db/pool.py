@@ -21,6 +21,9 @@ from app.kit.errors import Unavailable
 
 Init = Callable[[asyncpg.Connection], Awaitable[None]]
 
+_REFUSED = (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError)
+REFUSED_RETRY_AFTER_SECONDS = 2
+
 
 class ConnectionPool:
     def __init__(
@@ -56,7 +59,15 @@ class ConnectionPool:
         return len(self._idle)
 
     async def _connect(self) -> asyncpg.Connection:
-        conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
+        try:
+            conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
+        except _REFUSED as exc:
+            # PostgreSQL is there but takes no more connections now (53300 too many
+            # clients, 57P03 starting up or shutting down): the client may try again.
+            raise Unavailable(
+                "The database takes no more connections right now; try again",
+                retry_after=REFUSED_RETRY_AFTER_SECONDS,
+            ) from exc
         try:
             if self._init is not None:
                 await self._init(conn)

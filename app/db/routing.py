@@ -8,19 +8,33 @@ dependency exit-stack machinery on every request, which cost ~20% of a simple re
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import asyncpg
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
 from app.db.database import Database, Tx
+from app.kit.errors import Unavailable
+
+log = logging.getLogger("portolan.db")
 
 _STATE_KEY = "portolan_tx"
 
 
 _GENERIC_PLANS = "__portolan_generic_plans__"
+_NO_RETRY = "__portolan_no_retry__"
+
+# PostgreSQL aborted the transaction only because of its timing with others (SQLSTATE
+# 40P01, 40001): the same request run again from the start may well succeed.
+RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# Seconds a client is told to wait when the retries are spent (Retry-After).
+RETRY_AFTER_SECONDS = 1
 
 
 def _not_a_json_number(name: str) -> Any:
@@ -45,25 +59,64 @@ def key_lookups(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
 
 
+def no_retry(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks an endpoint that must not run twice for one request (it acts outside its
+    transaction before it can fail): a deadlock or serialization failure is then a 503
+    at once. Apply it below the route decorator."""
+    setattr(endpoint, _NO_RETRY, True)
+    return endpoint
+
+
 class TransactionRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         self.generic_plans = bool(getattr(endpoint, _GENERIC_PLANS, False))
+        self.retry = not getattr(endpoint, _NO_RETRY, False)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
+            # One request object for every attempt: its body is read once and kept.
             request = StrictJSONRequest(request.scope, request.receive)
-            try:
-                response = await handler(request)
-            except BaseException:
-                await _finish(request, commit=False)
-                raise
-            await _finish(request, commit=True)
-            return response
+            attempts = _attempts(request) if self.retry else 1
+            attempt = 1
+            while True:
+                try:
+                    response = await handler(request)
+                    await _finish(request, commit=True)
+                    return response
+                except RETRYABLE as exc:
+                    # The transaction is rolled back whole; nothing of this attempt stays.
+                    await _finish(request, commit=False)
+                    if attempt >= attempts:
+                        log.warning(
+                            "transaction aborted, retries spent",
+                            extra={"sqlstate": exc.sqlstate, "attempts": attempt},
+                        )
+                        raise Unavailable(
+                            "The change collided with concurrent changes and was not made; "
+                            "try again",
+                            code="transaction_conflict",
+                            retry_after=RETRY_AFTER_SECONDS,
+                        ) from exc
+                    log.info(
+                        "transaction aborted, run again",
+                        extra={"sqlstate": exc.sqlstate, "attempt": attempt},
+                    )
+                    # Writers that collided start again apart: 10-40 ms, then twice that.
+                    await asyncio.sleep(random.uniform(0.01, 0.04) * 2 ** (attempt - 1))  # noqa: S311
+                    attempt += 1
+                except BaseException:
+                    await _finish(request, commit=False)
+                    raise
 
         return handle
+
+
+def _attempts(request: Request) -> int:
+    settings = getattr(request.app.state, "settings", None)
+    return int(getattr(settings, "db_retry_attempts", 4))
 
 
 async def _finish(request: Request, *, commit: bool) -> None:

@@ -10,13 +10,24 @@ class PortolanError(Exception):
 
     status_code: int = 400
     code: str = "bad_request"
+    # Seconds the client should wait before trying again (sent as Retry-After), if any.
+    retry_after: int | None = None
 
-    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Any = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message, self.details)
@@ -65,5 +76,9 @@ class Invalid(PortolanError):
 
 
 class Unavailable(PortolanError):
+    """The service cannot answer now (database connections, collisions with concurrent
+    writers); answered with Retry-After."""
+
     status_code = 503
     code = "unavailable"
+    retry_after = 1

@@ -22,7 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.kit.errors import PortolanError, error_body
 from app.kit.logging import request_id_var
 from app.kit.ratelimit import STATE_KEY as RATE_LIMIT_STATE
-from app.kit.ratelimit import RateLimited
 
 log = logging.getLogger("portolan.http")
 
@@ -232,7 +231,8 @@ def allowed_methods(routes: Iterable[BaseRoute], path: str) -> list[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PortolanError)
     async def _domain_error(request: Request, exc: PortolanError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        retry_after = exc.retry_after
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(asyncpg.IntegrityConstraintViolationError)
