@@ -24,6 +24,10 @@ _COMMON: dict[int | str, dict[str, Any]] = {
     400: _err("Malformed request (e.g. body is not JSON)"),
     413: _err("Request body is too large"),
     422: _err("The request does not match the route's schema"),
+    503: _err(
+        "The database cannot take the request now (no connection free or accepted, or the "
+        "change kept colliding with concurrent changes): try again after Retry-After"
+    ),
 }
 ERRORS_PUBLIC: dict[int | str, dict[str, Any]] = {**_COMMON, 401: _err("Not authenticated")}
 ERRORS_AUTHED: dict[int | str, dict[str, Any]] = {
