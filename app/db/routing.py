@@ -4,6 +4,12 @@
 response is rendered, the transaction commits, and only then is the response sent; any
 error rolls it back. Doing this in the route (instead of a yield dependency) avoids the
 dependency exit-stack machinery on every request, which cost ~20% of a simple read.
+
+A transaction PostgreSQL aborts only for its timing with others (a deadlock, a
+serialization failure) is rolled back and the whole request runs again, dependencies
+included, from the same request object (its body is read once): everything a request
+changes is in its transaction, so an aborted attempt leaves nothing behind. After
+`db_retry_attempts` attempts the answer is 503 with Retry-After, never a 500.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ _STATE_KEY = "portolan_tx"
 
 
 _GENERIC_PLANS = "__portolan_generic_plans__"
-_NO_RETRY = "__portolan_no_retry__"
 
 # PostgreSQL aborted the transaction only because of its timing with others (SQLSTATE
 # 40P01, 40001): the same request run again from the start may well succeed.
@@ -59,19 +64,10 @@ def key_lookups(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
 
 
-def no_retry(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-    """Marks an endpoint that must not run twice for one request (it acts outside its
-    transaction before it can fail): a deadlock or serialization failure is then a 503
-    at once. Apply it below the route decorator."""
-    setattr(endpoint, _NO_RETRY, True)
-    return endpoint
-
-
 class TransactionRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         self.generic_plans = bool(getattr(endpoint, _GENERIC_PLANS, False))
-        self.retry = not getattr(endpoint, _NO_RETRY, False)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -79,7 +75,6 @@ class TransactionRoute(APIRoute):
         async def handle(request: Request) -> Response:
             # One request object for every attempt: its body is read once and kept.
             request = StrictJSONRequest(request.scope, request.receive)
-            attempts = _attempts(request) if self.retry else 1
             attempt = 1
             while True:
                 try:
@@ -89,7 +84,7 @@ class TransactionRoute(APIRoute):
                 except RETRYABLE as exc:
                     # The transaction is rolled back whole; nothing of this attempt stays.
                     await _finish(request, commit=False)
-                    if attempt >= attempts:
+                    if attempt >= _attempts(request):
                         log.warning(
                             "transaction aborted, retries spent",
                             extra={"sqlstate": exc.sqlstate, "attempts": attempt},
