@@ -149,7 +149,9 @@ async def test_compile_and_runtime_errors_name_the_pointer() -> None:
     assert "\n" not in str(info.value)
 
     with pytest.raises(TemplateError) as info:
-        await render({"a/b": {"c~d": ["ok", "x {{ .inputs.name | tonumber }}"]}}, DATA, "/url", org=ORG)
+        await render(
+            {"a/b": {"c~d": ["ok", "x {{ .inputs.name | tonumber }}"]}}, DATA, "/url", org=ORG
+        )
     assert info.value.pointer == "/url/a~1b/c~0d/1"
     assert "jq error: " in str(info.value) and "cannot be parsed as a number" in str(info.value)
 

@@ -1,0 +1,473 @@
+"""Tenants' jq sees only its input, under a time limit, with fair turns across orgs.
+
+A table of escapes (environment, files, modules, other inputs, stderr, halting, locations)
+runs against every evaluation site: the sandbox itself, action templates, a run's
+`required` query, automation conditions, incoming-webhook mappings and calculation
+properties. Then the process itself (an empty environment from its first instruction), the
+time limit, and what one org's slow programs do to another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.automations.feed import condition_holds
+from app.config import Settings
+from app.db.database import Database
+from app.dispatch.templates import TemplateError, render
+from app.kit import sandbox
+from app.search.calc import calculate
+from app.webhooks.definitions import compile_mapping
+from app.webhooks.processing import _render_alone
+from tests.conftest import OrgFactory
+from tests.receivers import WebhookReceiver
+from tests.test_dispatch import (
+    add_secret,
+    catalog,
+    define,
+    ended,
+    run_logs,
+    self_service,
+    signing_secret,
+    start_run,
+    wait_run,
+)
+
+CANARY = "portolan-canary-" + "7f3a9c"
+INPUT = {"name": "api", "n": 2}
+
+
+@pytest.fixture
+def canary_env() -> Iterator[None]:
+    """The service's environment holds a secret-looking canary; children started afresh."""
+    os.environ["PORTOLAN_SECRET_KEY_CANARY"] = CANARY
+    sandbox.shutdown()
+    try:
+        yield
+    finally:
+        del os.environ["PORTOLAN_SECRET_KEY_CANARY"]
+        sandbox.shutdown()
+
+
+# (program, what it must give: a value, or ERROR for a refusal/failure)
+ERROR = object()
+ESCAPES: list[tuple[str, Any]] = [
+    ("$ENV", {}),
+    ("env", {}),
+    ("$ENV.PORTOLAN_SECRET_KEY_CANARY", None),
+    ('$ENV | getpath(["PORTOLAN_SECRET_KEY_CANARY"])', None),
+    ('env | to_entries | map(.value) | join(",")', ""),
+    ("input_filename", None),
+    ("[inputs]", []),
+    ("input", ERROR),
+    ('import "data" as $d; $d', ERROR),
+    ('include "lib"; .', ERROR),
+    ('# hidden\n  import "/etc/passwd" as $p; $p', ERROR),
+    ('module {a: 1}; import "x" as $x; $x', ERROR),
+    ('"data" | modulemeta', ERROR),
+    ("get_search_list", []),
+    ("[get_jq_origin, get_prog_origin]", []),
+    ("$__loc__", {"file": "<top-level>", "line": 1}),
+    ("$__prog_args", ERROR),
+    ("[debug, stderr] | length", 2),
+    ('"bye" | halt_error', None),
+    ("input_line_number", ERROR),
+]
+
+
+def _expected(found: Any, wanted: Any) -> None:
+    text = json.dumps(found, default=str)
+    assert CANARY not in text
+    if wanted is ERROR:
+        assert isinstance(found, Exception), f"expected a refusal, got {found!r}"
+    else:
+        assert found == wanted
+
+
+async def _via_sandbox(org: str, program: str) -> Any:
+    [[(ok, outputs)]] = await sandbox.evaluate(
+        org, [program], [json.dumps(INPUT)], outputs=1, output_limit=65536
+    )
+    if not ok:
+        return RuntimeError(outputs)
+    return outputs[0] if outputs else None
+
+
+async def _via_template(org: str, program: str) -> Any:
+    try:
+        return await render("{{ " + program + " }}", {"inputs": INPUT}, org=org)
+    except TemplateError as exc:
+        return exc
+
+
+async def _via_condition(org: str, program: str) -> Any:
+    # An automation condition is true when its jq gives something other than null/false:
+    # compared against the same program's truth in the sandbox.
+    automation = {
+        "identifier": "auto",
+        "org_id": org,
+        "trigger": {"condition": {"type": "JQ", "expressions": [program], "combinator": "and"}},
+    }
+    return await condition_holds(automation, {"inputs": INPUT})  # type: ignore[arg-type]
+
+
+async def _via_webhook_mapping(org: str, program: str) -> Any:
+    mapping = compile_mapping(
+        0,
+        {
+            "blueprint": "service",
+            "entity": {"identifier": '"x"', "properties": {"value": program}},
+        },
+    )
+    rendered = await _render_alone([mapping], {"body": INPUT}, org=org)
+    if rendered.errors:
+        return RuntimeError(rendered.errors)
+    [(_, entity)] = rendered.found[0]
+    return entity["properties"]["value"]
+
+
+async def _via_calculation(org: str, program: str) -> Any:
+    entity: dict[str, Any] = {"identifier": "x", "blueprint": "service", "properties": INPUT}
+    blueprint = {"calculationProperties": {"value": {"calculation": program, "type": "object"}}}
+    # The type is not checked for the escape table: read the raw outcome.
+    blueprint["calculationProperties"]["value"]["type"] = ""
+    await calculate(blueprint, [entity], org=org)
+    if "calculationErrors" in entity:
+        return RuntimeError(entity["calculationErrors"])
+    return entity["properties"]["value"]
+
+
+SITES: dict[str, Callable[[str, str], Any]] = {
+    "sandbox": _via_sandbox,
+    "action-template": _via_template,
+    "webhook-mapping": _via_webhook_mapping,
+    "calculation": _via_calculation,
+}
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+async def test_every_site_sees_only_its_input(site: str, canary_env: None) -> None:
+    for program, wanted in ESCAPES:
+        found = await SITES[site]("org-escapes", program)
+        try:
+            _expected(found, wanted)
+        except AssertionError as exc:
+            raise AssertionError(f"{site}: {program!r} gave {found!r}") from exc
+
+
+async def test_automation_conditions_see_only_their_input(canary_env: None) -> None:
+    for program, _ in ESCAPES:
+        truth = await _via_condition("org-escapes", program)
+        reference = await _via_sandbox("org-escapes", program)
+        expected = False if isinstance(reference, Exception) else reference not in (None, False)
+        assert truth is expected, program
+    # The canary would make this true if conditions could read the environment.
+    assert await _via_condition("org-escapes", f'$ENV | tostring | test("{CANARY}")') is False
+
+
+def test_a_jq_process_starts_with_an_empty_environment(canary_env: None) -> None:
+    async def start_one() -> int:
+        await _via_sandbox("org-env", "1")
+        pool = sandbox._get_pool()
+        return pool._idle[0].process.pid
+
+    pid = asyncio.run(start_one())
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert environ == b""  # not cleared later: never given one
+    assert Path(f"/proc/{pid}/cwd").resolve() != Path.cwd().resolve()
+    assert list(Path(f"/proc/{pid}/cwd").iterdir()) == []
+    sandbox.shutdown()
+
+
+async def test_definitions_refuse_jq_modules(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    blueprint = {
+        "identifier": "svc",
+        "title": "Service",
+        "schema": {"properties": {}},
+        "calculationProperties": {
+            "leak": {"calculation": 'import "openapi/openapi" as $d; $d', "type": "object"}
+        },
+    }
+    r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
+    assert r.status_code == 422, r.text
+    assert "modules are not available" in r.text
+
+
+async def test_a_calculation_cannot_read_the_service_keys(
+    client: httpx.AsyncClient, make_org: OrgFactory, settings: Settings
+) -> None:
+    org = await make_org()
+    blueprint = {
+        "identifier": "svc",
+        "title": "Service",
+        "schema": {"properties": {}},
+        "calculationProperties": {
+            "env": {"calculation": "$ENV | tostring", "type": "string"},
+            "env2": {"calculation": "env | tostring", "type": "string"},
+        },
+    }
+    r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/blueprints/svc/entities", json={"identifier": "a"}, headers=org.headers
+    )
+    assert r.status_code == 201, r.text
+    r = await client.get("/v1/blueprints/svc/entities/a", headers=org.headers)
+    props = r.json()["entity"]["properties"]
+    assert props == {"env": "{}", "env2": "{}"}
+    assert settings.secret_key.get_secret_value() not in r.text
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets in runs
+
+
+async def test_upsert_entity_runs_cannot_write_secrets_into_entities(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    org = await make_org()
+    await catalog(client, org)
+    await add_secret(client, org, "DB_PASSWORD", "hunter2-very-secret")
+    for identifier, title in (
+        ("direct", "{{ .secrets.DB_PASSWORD }}"),
+        ("encoded", "{{ .secrets.DB_PASSWORD | @base64 }}"),
+        ("whole", "{{ .secrets | tostring }}"),
+        ("path", '{{ getpath(["secrets"]) | tostring }}'),
+    ):
+        await define(
+            client,
+            org,
+            self_service(
+                identifier,
+                {
+                    "type": "UPSERT_ENTITY",
+                    "blueprintIdentifier": "service",
+                    "mapping": {"identifier": identifier, "title": title},
+                },
+            ),
+        )
+    start_worker()
+    for identifier in ("direct", "encoded", "whole", "path"):
+        run_id = await start_run(client, org, identifier, {"name": "x"})
+        run = await wait_run(client, org, run_id, ended)
+        r = await client.get(f"/v1/blueprints/service/entities/{identifier}", headers=org.headers)
+        text = r.text + json.dumps(run) + json.dumps(await run_logs(client, org, run_id))
+        assert "hunter2" not in text and "aHVudGVyM" not in text, identifier
+    # Named secrets fail the run; reached indirectly, there are none to reach.
+    r = await client.get("/v1/blueprints/service/entities/whole", headers=org.headers)
+    assert r.json()["entity"]["title"] == "{}"
+
+
+async def test_upsert_entity_runs_write_only_where_their_starter_may(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    app: Any,
+    start_worker: Callable[..., Settings],
+) -> None:
+    from tests.test_permissions import add_user, user_headers
+
+    org = await make_org()
+    await catalog(client, org)
+    r = await client.post(
+        "/v1/blueprints",
+        json={"identifier": "secretstore", "title": "Locked", "schema": {"properties": {}}},
+        headers=org.headers,
+    )
+    assert r.status_code == 201, r.text
+    await add_user(db, org.org_id, "mod@example.com", roles=["Member", "service-moderator"])
+    moderator = user_headers(app, org.org_id, "mod@example.com")
+    # The moderator is refused a direct write into the other blueprint...
+    r = await client.post(
+        "/v1/blueprints/secretstore/entities", json={"identifier": "x"}, headers=moderator
+    )
+    assert r.status_code == 403, r.text
+    # ...and an action of its own blueprint cannot write there either.
+    action = self_service(
+        "sneak",
+        {
+            "type": "UPSERT_ENTITY",
+            "blueprintIdentifier": "secretstore",
+            "mapping": {"identifier": "planted"},
+        },
+    )
+    r = await client.post("/v1/actions", json=action, headers=moderator)
+    assert r.status_code == 201, r.text
+    start_worker()
+    r = await client.post(
+        "/v1/actions/sneak/runs", json={"properties": {"name": "x"}}, headers=moderator
+    )
+    assert r.status_code == 202, r.text
+    run = await wait_run(client, org, r.json()["run"]["id"], ended)
+    assert run["status"] == "FAILURE"
+    r = await client.get("/v1/blueprints/secretstore/entities/planted", headers=org.headers)
+    assert r.status_code == 404
+    # The same run started by an Admin writes.
+    run_id = await start_run(client, org, "sneak", {"name": "x"})
+    assert (await wait_run(client, org, run_id, ended))["status"] == "SUCCESS"
+
+
+async def test_run_payloads_and_logs_carry_no_transformed_secret(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    import base64
+
+    org = await make_org()
+    await catalog(client, org)
+    await add_secret(client, org, "PASSWORD", "pa55-word-value")
+    basic = base64.b64encode(b"bot:pa55-word-value").decode()
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        await define(
+            client,
+            org,
+            self_service(
+                "basic",
+                {
+                    "type": "WEBHOOK",
+                    "url": receiver.url + "/hook",
+                    "synchronized": True,
+                    "headers": {
+                        "Authorization": 'Basic {{ "bot:" + .secrets.PASSWORD | @base64 }}',
+                    },
+                    "body": {"cut": "{{ .secrets.PASSWORD[2:] }}", "name": "{{ .inputs.name }}"},
+                },
+            ),
+        )
+        await define(
+            client,
+            org,
+            self_service(
+                "failing",
+                {
+                    "type": "WEBHOOK",
+                    "url": receiver.url + "/hook",
+                    "body": {"x": "{{ .secrets.PASSWORD | @base64 | error }}"},
+                },
+            ),
+        )
+        start_worker()
+        run_id = await start_run(client, org, "basic", {"name": "svc"})
+        await receiver.wait_for(1, timeout=15)
+        assert receiver.deliveries[0].headers["authorization"] == f"Basic {basic}"
+        run = await wait_run(client, org, run_id, ended)
+        shown = json.dumps(run) + json.dumps(await run_logs(client, org, run_id))
+        assert basic not in shown and "55-word-value" not in shown
+        assert (
+            run["payload"]["headers"]["Authorization"]
+            == "Basic " + base64.b64encode(b"bot:***").decode()
+        )
+        assert run["payload"]["body"]["name"] == "svc"
+        failing = await start_run(client, org, "failing", {"name": "svc"})
+        run = await wait_run(client, org, failing, ended)
+        logs = await run_logs(client, org, failing)
+        assert run["status"] == "FAILURE"
+        encoded = base64.b64encode(b"pa55-word-value").decode()
+        assert encoded not in json.dumps(run) + json.dumps(logs)
+
+
+# ---------------------------------------------------------------------------------------
+# Time, connections and fairness
+
+
+async def test_a_runs_required_jq_holds_no_connection_while_it_runs(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await catalog(client, org)
+    action = self_service("slow", {"type": "WEBHOOK", "url": "https://example.test/x"})
+    action["trigger"]["userInputs"]["required"] = {
+        "jqQuery": "[limit(1; repeat(1))] | until(false; .) | []"
+    }
+    await define(client, org, action)
+    started = asyncio.create_task(
+        client.post("/v1/actions/slow/runs", json={"properties": {}}, headers=org.headers)
+    )
+    waiting: list[int] = []
+    async with db.system() as tx:
+        database = await tx.fetchval("SELECT current_database()")
+    deadline = time.monotonic() + sandbox.limits().time_limit * 0.8
+    await asyncio.sleep(0.3)
+    while time.monotonic() < deadline and not started.done():
+        async with db.system() as tx:
+            waiting.append(
+                await tx.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                    "AND state = 'idle in transaction'",
+                    database,
+                )
+            )
+        await asyncio.sleep(0.1)
+    r = await started
+    assert waiting, "the evaluation ended before it could be watched"
+    assert max(waiting) == 0, waiting
+    assert r.status_code == 422 and "longer than" in r.json()["message"]
+
+
+async def test_one_orgs_slow_jq_does_not_hold_up_another_org() -> None:
+    slow = "def f: f; f"
+    stuck = [asyncio.create_task(_via_template("org-noisy", slow)) for _ in range(6)]
+    await asyncio.sleep(0.2)  # the noisy org holds its share of the children
+    started = time.monotonic()
+    for _ in range(5):
+        assert await _via_template("org-quiet", ".inputs.n") == 2
+    quiet = time.monotonic() - started
+    assert not all(task.done() for task in stuck)  # the noisy org is still waiting or running
+    assert quiet < sandbox.limits().time_limit  # never waited for a noisy call to end
+    # Each noisy call ends at its time limit (or, queued too long, is told to come back).
+    results = await asyncio.gather(*stuck, return_exceptions=True)
+    assert all(isinstance(found, TemplateError | sandbox.Busy) for found in results)
+
+
+async def test_one_orgs_slow_calculations_do_not_null_another_orgs_values() -> None:
+    noisy_bp = {"calculationProperties": {"v": {"calculation": "def f: f; f", "type": "number"}}}
+    quiet_bp = {
+        "calculationProperties": {"v": {"calculation": ".properties.n * 2", "type": "number"}}
+    }
+    noisy = [
+        asyncio.create_task(
+            calculate(noisy_bp, [{"properties": {"n": 1}} for _ in range(5)], org="org-b")
+        )
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.2)
+    for _ in range(5):
+        entities: list[dict[str, Any]] = [{"properties": {"n": i}} for i in range(50)]
+        await calculate(quiet_bp, entities, org="org-a")
+        assert [e["properties"]["v"] for e in entities] == [i * 2 for i in range(50)]
+        assert not any("calculationErrors" in e for e in entities)
+    await asyncio.gather(*noisy)
+
+
+async def test_a_calculation_past_its_time_limit_is_an_error_the_caller_sees() -> None:
+    bp = {"calculationProperties": {"v": {"calculation": "def f: f; f", "type": "number"}}}
+    entities: list[dict[str, Any]] = [{"properties": {}}]
+    await calculate(bp, entities, org="org-slow")
+    assert entities[0]["properties"]["v"] is None
+    assert "longer than" in entities[0]["calculationErrors"]["v"]
+
+
+async def test_an_org_over_its_queue_cap_is_told_to_come_back() -> None:
+    sandbox.configure(
+        Settings(jq_processes=1, jq_per_org=1, jq_max_queued_per_org=2, jq_time_limit_seconds=1)
+    )
+    try:
+        slow = [asyncio.create_task(_via_template("org-flood", "def f: f; f")) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(sandbox.Busy) as info:
+            await render("{{ 1 }}", {}, org="org-flood")
+        assert info.value.status_code == 503
+        await asyncio.gather(*slow)
+    finally:
+        sandbox.configure(Settings())
