@@ -112,12 +112,9 @@ async def _via_template(org: str, program: str) -> Any:
 async def _via_condition(org: str, program: str) -> Any:
     # An automation condition is true when its jq gives something other than null/false:
     # compared against the same program's truth in the sandbox.
-    automation = {
-        "identifier": "auto",
-        "org_id": org,
-        "trigger": {"condition": {"type": "JQ", "expressions": [program], "combinator": "and"}},
-    }
-    return await condition_holds(automation, {"inputs": INPUT})  # type: ignore[arg-type]
+    condition = {"type": "JQ", "expressions": [program], "combinator": "and"}
+    automation = {"identifier": "auto", "trigger": {"condition": condition}}
+    return await condition_holds(automation, {"inputs": INPUT}, org)  # type: ignore[arg-type]
 
 
 async def _via_webhook_mapping(org: str, program: str) -> Any:
