@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # Events one webhook, and all of an organization's webhooks together, may hand in per
     # period (token buckets in Redis, app/kit/ratelimit.py); past either: 429 with
     # Retry-After, the event not stored.
+    # The event feed (app/automations/feed.py): organizations' passes at once per worker
+    # process, and conditions of one organization evaluated at once.
+    automation_concurrency: int = Field(default=8, ge=1, le=1000)
+    automation_org_concurrency: int = Field(default=2, ge=1, le=100)
     webhook_rate_limit_per_webhook: int = Field(default=1200, ge=1)
     webhook_rate_limit_per_org: int = Field(default=3000, ge=1)
     webhook_rate_limit_period_seconds: int = Field(default=60, ge=1, le=86400)

@@ -94,8 +94,10 @@ async def _feed(db: Database) -> int:
     while True:
         made += await process_once(db)
         async with db.system() as tx:
+            # The floor and every org's cursor.
             horizon = await tx.fetchval(
-                "SELECT horizon FROM event_feed_cursors WHERE feed = 'automations'"
+                "SELECT min(horizon::xid8)::text FROM event_feed_cursors "
+                "WHERE feed = 'automations' OR feed LIKE 'automations/%'"
             )
         if horizon is not None and int(horizon) >= goal:
             return made
@@ -386,3 +388,48 @@ async def test_fires_once_per_change_when_the_worker_is_killed(
         runs = await _runs(client, org, "every-update")
         assert len(runs) == 30  # one run per change, none twice
         assert {d.body["after"] for d in receiver.deliveries} == {str(i) for i in range(1, 31)}
+
+
+async def test_a_slow_condition_holds_up_only_its_own_org(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    start_worker: Callable[..., Settings],
+    db: Database,
+    feed_started: None,
+) -> None:
+    """B's condition runs until the jq time limit on each of 12 changes; A's automation
+    fires while B's events are still being evaluated (one global loop made A wait for
+    all of B's: 12 x 2 s)."""
+    a, b = await make_org(), await make_org()
+    for org, condition in ((a, ["true"]), (b, ["[limit(1; range(1e12) | select(. < 0))] == []"])):
+        await _post(client, org, "/v1/blueprints", SERVICE)
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation(
+                "watch",
+                {"type": "ANY_ENTITY_CHANGE", "blueprintIdentifier": "service"},
+                condition=condition,
+            ),
+        )
+    for i in range(12):
+        await _entity(client, b, f"b{i}", tier=str(i))
+    await _entity(client, a, "a0", tier="1")
+    async with db.system() as tx:
+        b_last = int(
+            await tx.fetchval(
+                "SELECT max(xid)::text FROM entity_events WHERE org_id = $1", b.org_id
+            )
+        )
+    start_worker()
+    deadline = time.monotonic() + 20
+    while not await _runs(client, a, "watch"):
+        assert time.monotonic() < deadline, "A's automation did not fire"
+        await asyncio.sleep(0.1)
+    async with db.system() as tx:
+        b_cursor = await tx.fetchval(
+            "SELECT horizon FROM event_feed_cursors WHERE org_id = $1", b.org_id
+        )
+    assert int(b_cursor) <= b_last, "B's events were all evaluated before A's"
+    assert await _runs(client, b, "watch") == []  # B's condition never holds

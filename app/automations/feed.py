@@ -9,12 +9,24 @@ events are visible) or rolled back (they never will be). The feed keeps that hor
 cursor (`event_feed_cursors`) and each pass reads the events of the transactions between the
 old horizon and the new one: every committed change once, a rolled-back one never.
 
-A pass runs in one transaction: it locks the cursor (a second worker's pass skips the
-round), evaluates the automations of the events' orgs, creates their runs (source
-AUTOMATION, with an outbox row each: app/actions/runs.py), and moves the cursor. Were the
-pass to fail, nothing of it stays and the next pass reads the same events again; each run
-also carries a key made of the automation and the event (a unique index), so an event
-makes at most one run per automation.
+Organizations take turns: each has its own cursor (`automations/<org>`), and one org's
+pass never waits for another's. A tick of the feed (every 100 ms in each worker process)
+computes the horizon, gives orgs that newly have automations or a changelog destination a
+cursor (starting at the floor: the previous tick's horizon), moves the cursors of orgs
+with no events in their range straight to the horizon, and claims, least recently served
+first, the cursors of orgs that have events, each with a lease (one pass per org at a time,
+across processes). At most `automation_concurrency` passes run at once per process, each
+evaluating at most `automation_org_concurrency` of its org's conditions at once.
+
+A pass holds no transaction while conditions are evaluated (an open transaction would hold
+back every org's horizon): it reads its org's events and automations in one short
+transaction, evaluates, then in another creates the runs (source AUTOMATION, with an
+outbox row each: app/actions/runs.py), adds the changelog deliveries and moves its cursor,
+only while its lease is still its own. A pass spends about `PASS_SECONDS` on conditions and
+then stops at a transaction boundary (the rest waits for its org's next turn), so a slow
+condition holds up only its own org. Were a pass to fail, nothing of it stays and the next
+reads the same events again; each run also carries a key made of the automation and the
+event (a unique index), so an event makes at most one run per automation.
 
 An automation matches an event of its `event` (ENTITY_CREATED / ENTITY_UPDATED /
 ENTITY_DELETED / ANY_ENTITY_CHANGE on its blueprint, RUN_CREATED / RUN_UPDATED /
@@ -27,22 +39,30 @@ and automations wait for it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from app.actions import runs
 from app.automations import changelog
-from app.db.database import Database, Tx
+from app.config import Settings
+from app.db.database import Database, Tx, bind_org
 from app.dispatch import templates
 from app.kit.loops import PollingLoop
 
 log = logging.getLogger("portolan.automations")
 FEED = "automations"
 BATCH = 2000
+LEASE_SECONDS = 15.0
+PASS_SECONDS = 2.0
+CONCURRENCY = 8
+ORG_CONCURRENCY = 2
 MAX_CHAIN = 5
 POLL_SECONDS = 0.1
 _ENTITY_TYPES = {
@@ -153,9 +173,12 @@ def _matches(automation: asyncpg.Record, event: Event) -> bool:
     return event.caused_by != automation["identifier"] and event.depth < MAX_CHAIN
 
 
-async def condition_holds(automation: asyncpg.Record, data: dict[str, Any]) -> bool:
+async def condition_holds(
+    automation: asyncpg.Record, data: dict[str, Any], org_id: uuid.UUID | None
+) -> bool:
     """The automation's jq condition over the event data (no condition: true). A jq error
-    is logged and counts as false."""
+    is logged and counts as false; a failure to evaluate at all (no turn in the jq
+    processes) is raised, and the event is read again on the org's next turn."""
     condition = automation["trigger"].get("condition")
     if not condition:
         return True
@@ -163,7 +186,7 @@ async def condition_holds(automation: asyncpg.Record, data: dict[str, Any]) -> b
     if not expressions:
         return True
     try:
-        values = await templates.render(["{{ " + e + " }}" for e in expressions], data)
+        values = await templates.render(["{{ " + e + " }}" for e in expressions], data, org=org_id)
     except templates.TemplateError as exc:
         log.warning(
             "automation %s: its condition failed on an event: %s", automation["identifier"], exc
@@ -202,25 +225,6 @@ async def create_automation_run(
         source="AUTOMATION",
         idempotency_key=f"{automation['identifier']}/{key}",
     )
-
-
-async def _fire(tx: Tx, events: list[Event]) -> int:
-    if not events:
-        return 0
-    automations = await _automations(tx, sorted({e.org_id for e in events}, key=str))
-    made = 0
-    for event in events:
-        for automation in automations.get(event.org_id, ()):
-            if not _matches(automation, event):
-                continue
-            if not await condition_holds(automation, event.data):
-                continue
-            bound = Tx(tx.conn, event.org_id)
-            run_id = await create_automation_run(
-                bound, automation, event.data, event.entity, event.key, event.depth
-            )
-            made += run_id is not None
-    return made
 
 
 async def _interested(tx: Tx) -> list[Any]:
@@ -268,55 +272,318 @@ async def _slice(
     return whole, str(int(last) + 1)
 
 
-async def process_once(db: Database) -> int:
-    """One pass of the feed; how many automation runs it made."""
+def _feed_key(org_id: uuid.UUID) -> str:
+    return f"{FEED}/{org_id.hex}"
+
+
+@dataclass
+class Claim:
+    """One org's turn: its cursor, leased."""
+
+    org_id: uuid.UUID
+    start: str
+    horizon: str
+    token: uuid.UUID
+
+
+async def plan(db: Database, slots: int, skip: set[uuid.UUID] | None = None) -> list[Claim]:
+    """One tick: cursors for newly interested orgs, idle orgs moved to the horizon, and up
+    to `slots` orgs with events claimed (least recently served first), except `skip`."""
     async with db.system() as tx:
         horizon = await tx.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        row = await tx.fetchrow(
+        floor = await tx.fetchrow(
             "SELECT horizon FROM event_feed_cursors WHERE feed = $1 FOR UPDATE SKIP LOCKED", FEED
         )
-        if row is None:
-            # No cursor yet (the feed starts now), or another pass holds it.
+        if floor is None:
+            # No floor yet (the feed starts now), or another process is ticking.
             await tx.execute(
                 "INSERT INTO event_feed_cursors (feed, horizon) VALUES ($1, $2) "
                 "ON CONFLICT DO NOTHING",
                 FEED,
                 horizon,
             )
-            return 0
-        start = str(row["horizon"])
-        if int(horizon) <= int(start):
-            return 0
+            return []
         orgs = await _interested(tx)
-        if orgs:
-            entity_rows, entity_end = await _slice(tx, "entity_events", start, horizon, orgs)
-            run_rows, end = await _slice(tx, "run_events", start, entity_end, orgs)
-        else:
-            entity_rows, run_rows, entity_end = [], [], horizon
-            end = horizon
+        keys = [_feed_key(org) for org in orgs]
+        # Orgs that no longer read events lose their cursor (one that comes back starts
+        # at the floor, not at old events); new ones start at the floor.
+        await tx.execute(
+            "DELETE FROM event_feed_cursors WHERE org_id IS NOT NULL "
+            "AND NOT (feed = ANY($1::text[])) AND (lease_until IS NULL OR lease_until < now())",
+            keys,
+        )
+        await tx.execute(
+            "INSERT INTO event_feed_cursors (feed, org_id, horizon) "
+            "SELECT * FROM unnest($1::text[], $2::uuid[]), (SELECT $3::text) f "
+            "ON CONFLICT DO NOTHING",
+            keys,
+            orgs,
+            str(floor["horizon"]),
+        )
+        await tx.execute(
+            "UPDATE event_feed_cursors SET horizon = $2, updated_at = now() "
+            "WHERE feed = $1 AND horizon::xid8 < $2::text::xid8",
+            FEED,
+            horizon,
+        )
+        # Orgs without events since their cursor: straight to the horizon.
+        await tx.execute(
+            "UPDATE event_feed_cursors c SET horizon = $2 "
+            "WHERE c.feed = ANY($1::text[]) AND c.horizon::xid8 < $2::text::xid8 "
+            "AND (c.lease_until IS NULL OR c.lease_until < now()) "
+            "AND NOT EXISTS (SELECT 1 FROM entity_events e WHERE e.org_id = c.org_id "
+            "  AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8) "
+            "AND NOT EXISTS (SELECT 1 FROM run_events e WHERE e.org_id = c.org_id "
+            "  AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8)",
+            keys,
+            horizon,
+        )
+        if slots <= 0:
+            return []
+        rows = await tx.fetch(
+            "UPDATE event_feed_cursors c SET lease_until = now() + make_interval(secs => $3), "
+            "lease_token = gen_random_uuid() FROM ("
+            " SELECT feed FROM event_feed_cursors WHERE feed = ANY($1::text[]) "
+            " AND horizon::xid8 < $2::text::xid8 "
+            " AND (lease_until IS NULL OR lease_until < now()) "
+            " AND NOT (org_id = ANY($5::uuid[])) "
+            " ORDER BY updated_at, feed LIMIT $4 FOR UPDATE SKIP LOCKED) t "
+            "WHERE c.feed = t.feed RETURNING c.org_id, c.horizon, c.lease_token",
+            keys,
+            horizon,
+            LEASE_SECONDS,
+            slots,
+            list(skip or ()),
+        )
+    return [Claim(r["org_id"], str(r["horizon"]), horizon, r["lease_token"]) for r in rows]
+
+
+async def _extend(db: Database, claim: Claim) -> bool:
+    async with db.system() as tx:
+        return (
+            await tx.fetchval(
+                "UPDATE event_feed_cursors SET lease_until = now() + make_interval(secs => $3) "
+                "WHERE feed = $1 AND lease_token = $2 RETURNING true",
+                _feed_key(claim.org_id),
+                claim.token,
+                LEASE_SECONDS,
+            )
+            is not None
+        )
+
+
+async def _release(db: Database, claim: Claim) -> None:
+    async with db.system() as tx:
+        await tx.execute(
+            "UPDATE event_feed_cursors SET lease_until = NULL, lease_token = NULL "
+            "WHERE feed = $1 AND lease_token = $2",
+            _feed_key(claim.org_id),
+            claim.token,
+        )
+
+
+@dataclass
+class _Item:
+    """One (event, automation) whose condition is evaluated."""
+
+    xid: int
+    event: Event
+    automation: asyncpg.Record
+    holds: bool | None = None  # None: not evaluated (yet)
+    failed: bool = False
+
+
+@dataclass
+class _Pass:
+    events: list[tuple[int, Event]] = field(default_factory=list)
+    end: str = ""
+
+
+async def _read(db: Database, claim: Claim) -> tuple[_Pass, list[asyncpg.Record]]:
+    """The org's events from its cursor (about BATCH), and its automations."""
+    org = [claim.org_id]
+    read = _Pass()
+    async with db.system() as tx:
+        entity_rows, entity_end = await _slice(tx, "entity_events", claim.start, claim.horizon, org)
+        run_rows, end = await _slice(tx, "run_events", claim.start, entity_end, org)
         if end != entity_end:  # the run slice was cut shorter: entity events that far too
             entity_rows = [r for r in entity_rows if int(str(r["xid"])) < int(end)]
-        ordered = sorted(
-            [(int(str(r["xid"])), 0, r["id"], entity_event(r)) for r in entity_rows]
-            + [(int(str(r["xid"])), 1, r["id"], run_event(r)) for r in run_rows],
-            key=lambda item: item[:3],
+        automations = (await _automations(tx, org)).get(claim.org_id, [])
+    ordered = sorted(
+        [(int(str(r["xid"])), 0, r["id"], entity_event(r)) for r in entity_rows]
+        + [(int(str(r["xid"])), 1, r["id"], run_event(r)) for r in run_rows],
+        key=lambda item: item[:3],
+    )
+    read.events = [(item[0], item[3]) for item in ordered]
+    read.end = end
+    return read, automations
+
+
+async def _evaluate(items: list[_Item], org_id: uuid.UUID, concurrency: int) -> None:
+    """Conditions in order, `concurrency` at once. New ones stop starting after PASS_SECONDS
+    (those of the first transaction always run) or at the first that could not be
+    evaluated."""
+    if not items:
+        return
+    deadline = time.monotonic() + PASS_SECONDS
+    first = items[0].xid
+    queue = iter(items)
+    stop = False
+
+    async def work() -> None:
+        nonlocal stop
+        for item in queue:
+            if stop or (item.xid != first and time.monotonic() > deadline):
+                stop = True
+                return
+            try:
+                item.holds = await condition_holds(item.automation, item.event.data, org_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "automation %s: its condition could not be evaluated now (%s: %s); "
+                    "read again on the org's next turn",
+                    item.automation["identifier"],
+                    type(exc).__name__,
+                    exc,
+                )
+                item.failed = stop = True
+                return
+
+    await asyncio.gather(*(work() for _ in range(max(1, concurrency))))
+
+
+async def run_pass(db: Database, claim: Claim, concurrency: int = ORG_CONCURRENCY) -> int:
+    """One org's turn: its events since its cursor become automation runs and changelog
+    deliveries; the cursor moves as far as was evaluated. Returns how many runs it made."""
+    read, automations = await _read(db, claim)
+    items = [
+        _Item(xid, event, automation)
+        for xid, event in read.events
+        for automation in automations
+        if _matches(automation, event)
+    ]
+    lost = False
+
+    async def keep_lease() -> None:
+        nonlocal lost
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            if not await _extend(db, claim):
+                lost = True
+                return
+
+    keeper = asyncio.create_task(keep_lease())
+    try:
+        await _evaluate(items, claim.org_id, concurrency)
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+    # Where this pass ends: at the first transaction not wholly evaluated, else the slice.
+    unfinished = next((item.xid for item in items if item.holds is None), None)
+    end = read.end if unfinished is None else str(unfinished)
+    if lost or (unfinished is not None and int(end) <= int(claim.start)):
+        await _release(db, claim)
+        return 0
+    made = 0
+    async with db.system() as tx:
+        still = await tx.fetchval(
+            "SELECT true FROM event_feed_cursors WHERE feed = $1 AND lease_token = $2 FOR UPDATE",
+            _feed_key(claim.org_id),
+            claim.token,
         )
-        events = [item[3] for item in ordered]
-        made = await _fire(tx, events)
-        await changelog.enqueue(tx, events)
+        if not still:
+            return 0  # the lease ran out and another pass took the org's turn
+        await bind_org(tx, claim.org_id)
+        bound = Tx(tx.conn, claim.org_id)
+        for item in items:
+            if item.xid >= int(end) or not item.holds:
+                continue
+            run_id = await create_automation_run(
+                bound,
+                item.automation,
+                item.event.data,
+                item.event.entity,
+                item.event.key,
+                item.event.depth,
+            )
+            made += run_id is not None
+        await changelog.enqueue(tx, [event for xid, event in read.events if xid < int(end)])
         await tx.execute(
-            "UPDATE event_feed_cursors SET horizon = $2, updated_at = now() WHERE feed = $1",
-            FEED,
+            "UPDATE event_feed_cursors SET horizon = $2, updated_at = now(), "
+            "lease_until = NULL, lease_token = NULL WHERE feed = $1",
+            _feed_key(claim.org_id),
             end,
         )
     return made
 
 
-def event_feed(db: Database) -> PollingLoop:
-    """The feed's loop in a worker process."""
+async def process_once(
+    db: Database, *, concurrency: int = CONCURRENCY, org_concurrency: int = ORG_CONCURRENCY
+) -> int:
+    """One tick of the feed with every pass it starts awaited; how many automation runs it
+    made."""
+    claims = await plan(db, concurrency)
+    made = await asyncio.gather(*(run_pass(db, c, org_concurrency) for c in claims))
+    return sum(made)
 
-    async def step() -> bool:
-        await process_once(db)
+
+class Feed:
+    """The feed in a worker process: each tick claims orgs' turns for the free slots and
+    runs each as its own task, so a slow org's pass never delays another org's."""
+
+    def __init__(self, db: Database, concurrency: int, org_concurrency: int) -> None:
+        self.db = db
+        self.concurrency = concurrency
+        self.org_concurrency = org_concurrency
+        self.running: dict[asyncio.Task[int], Claim] = {}
+
+    async def step(self) -> bool:
+        free = self.concurrency - len(self.running)
+        busy = {claim.org_id for claim in self.running.values()}
+        for claim in await plan(self.db, free, busy):
+            task = asyncio.create_task(self._pass(claim), name=f"event-feed-{claim.org_id}")
+            self.running[task] = claim
+            task.add_done_callback(self._done)
         return False
 
-    return PollingLoop("event feed", step, poll_seconds=POLL_SECONDS, log=log)
+    async def _pass(self, claim: Claim) -> int:
+        try:
+            return await run_pass(self.db, claim, self.org_concurrency)
+        except asyncio.CancelledError:
+            # Stopping: hand the org's turn back at once rather than at the lease's end.
+            await _release(self.db, claim)
+            raise
+        except Exception:
+            log.exception("event feed: the pass of org %s failed", claim.org_id)
+            await _release(self.db, claim)
+            return 0
+
+    def _done(self, task: asyncio.Task[int]) -> None:
+        self.running.pop(task, None)
+
+    async def stop(self) -> None:
+        tasks = list(self.running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FeedLoop(PollingLoop):
+    """The feed's polling loop; stopping it stops the passes in flight."""
+
+    def __init__(self, feed: Feed) -> None:
+        super().__init__("event feed", feed.step, poll_seconds=POLL_SECONDS, log=log)
+        self.feed = feed
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.feed.stop()
+
+
+def event_feed(db: Database, settings: Settings | None = None) -> FeedLoop:
+    """The feed's loop in a worker process."""
+    concurrency = settings.automation_concurrency if settings else CONCURRENCY
+    org_concurrency = settings.automation_org_concurrency if settings else ORG_CONCURRENCY
+    return FeedLoop(Feed(db, concurrency, org_concurrency))

@@ -50,13 +50,18 @@ class RunEvent(Base):
 
 class EventFeedCursor(Base):
     """Where a feed has read to: every event of a transaction below `horizon` was read.
-    Global: it tracks transactions, not tenants."""
+    A system table: the feed's floor (`automations`, where a newly interested org's cursor
+    starts) and one cursor per organization (`automations/<org hex>`, `org_id` set), each
+    claimed by one pass at a time with a lease (app/automations/feed.py)."""
 
     __tablename__ = "event_feed_cursors"
 
-    feed: Mapped[str] = mapped_column(String(40), primary_key=True)
+    feed: Mapped[str] = mapped_column(String(100), primary_key=True)
     horizon: Mapped[str] = mapped_column(Text, nullable=False)
     updated_at: Mapped[datetime] = timestamp()
+    org_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
 
 
 class TimerCursor(Base):

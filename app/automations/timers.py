@@ -112,7 +112,7 @@ async def _fire_property(tx: Tx, blueprint: str, prop: str, automations: list[An
         }
         data = _event(tx.org_id, blueprint, prop, entity, row["expiry"])
         for automation in automations:
-            if not await condition_holds(automation, data):
+            if not await condition_holds(automation, data, tx.org_id):
                 continue
             key = _key(row["identifier"], prop, row["expiry"])
             made += (

@@ -169,7 +169,7 @@ class Supervisor:
         db = await Database.connect(self.settings)
         relay = Relay(self.settings, db)
         relay.start()
-        feed = event_feed(db)
+        feed = event_feed(db, self.settings)
         feed.start()
         sender = changelog_sender(self.settings, db)
         sender.start()

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     SmallInteger,
     String,
+    Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
@@ -48,6 +49,11 @@ class Scorecard(Base):
     # Entities its rules read through relations (mirror / aggregation properties) changed:
     # the worker evaluates it again for the whole blueprint.
     refresh_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    # The worker's evaluation failing (app/scorecards/evaluate.py): how many times in a row,
+    # the last reason, and when it is tried again (backing off). Cleared by a success.
+    evaluation_failures: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    evaluation_error: Mapped[str | None] = mapped_column(Text)
+    evaluation_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
     updated_at: Mapped[datetime] = timestamp()
