@@ -4,6 +4,7 @@ concurrent bulk writers, refused connections, and text PostgreSQL cannot store."
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -251,3 +252,102 @@ async def test_refused_database_connections_are_a_503_with_retry_after(
         await limited.close()
         async with db.system() as tx:
             await tx.execute(f"DROP ROLE {role}")
+
+
+NUL = "\x00"
+LONE = "\ud800"  # an unpaired surrogate: JSON's "\ud800" escape decodes to it
+
+
+async def _send(
+    client: httpx.AsyncClient, url: str, body: Any, org: Org, **params: str
+) -> httpx.Response:
+    """POST `body` as JSON with every non-ASCII character escaped (as clients send an
+    unpaired surrogate: `\\ud800`)."""
+    return await client.post(
+        url,
+        content=json.dumps(body).encode(),
+        headers={**org.headers, "content-type": "application/json"},
+        params=params,
+    )
+
+
+async def test_unstorable_text_fails_only_its_item_of_a_bulk(
+    client: httpx.AsyncClient, org: Org, make_org: OrgFactory
+) -> None:
+    items: list[dict[str, Any]] = [
+        {"identifier": f"s{i:04d}", "properties": {"language": "go"}} for i in range(1000)
+    ]
+    items[3]["properties"]["language"] = f"go{NUL}"
+    items[10]["title"] = f"title {LONE}"
+    items[20]["properties"] = {f"lang{NUL}": "go"}
+    items[30]["relations"] = {"dependsOn": ["s0001", f"x{LONE}"]}
+    items[40]["team"] = [f"team{NUL}"]
+    items[50]["icon"] = LONE
+    items[60]["properties"]["language"] = "emoji 😀 and \\u0000 as text are fine"
+    r = await _send(client, "/v1/blueprints/service/entities/bulk", {"entities": items}, org)
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert len(body["entities"]) == 994
+    errors = [(e["index"], e["identifier"], e["statusCode"]) for e in body["errors"]]
+    assert errors == [(i, f"s{i:04d}", 422) for i in (3, 10, 20, 30, 40, 50)]
+    pointers = [e["message"].split(":")[0] for e in body["errors"]]
+    assert pointers == [
+        "/properties/language",
+        "/title",
+        "/properties/lang\\u0000",
+        "/relations/dependsOn/1",
+        "/team/0",
+        "/icon",
+    ]
+    got = await client.get("/v1/blueprints/service/entities/s0060", headers=org.headers)
+    assert got.json()["entity"]["properties"]["language"] == items[60]["properties"]["language"]
+    # One entity alone: a 422.
+    r = await _send(
+        client, "/v1/blueprints/service/entities", {"identifier": "one", "title": f"a{LONE}"}, org
+    )
+    assert r.status_code == 422, r.text
+    r = await _send(
+        client, "/v1/blueprints/service/entities", {"identifier": "one", "title": f"a{NUL}b"}, org
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["ok"] is False and r.json()["error"] == "invalid_request"
+    # Past the services' checks (a path parameter): still a 422.
+    for url in ("/v1/blueprints/service/entities/x%00y", "/v1/blueprints/x%ED%A0%80y"):
+        r = await client.get(url, headers=org.headers)
+        assert r.status_code in (404, 422), (url, r.text)
+    r = await client.get("/v1/blueprints/service/entities/x%00y", headers=org.headers)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text
+    # Nothing of it reached another tenant.
+    other = await make_org()
+    await _blueprints(client, other)
+    count = await client.get("/v1/blueprints/service/entities-count", headers=other.headers)
+    assert count.json()["count"] == 0
+
+
+@pytest.mark.parametrize("text", [f"go{NUL}", f"go{LONE}"], ids=["nul", "surrogate"])
+async def test_unstorable_text_in_a_query_filter_is_a_422(
+    client: httpx.AsyncClient, org: Org, text: str
+) -> None:
+    queries: list[dict[str, Any]] = [
+        {"combinator": "and", "rules": [{"property": "language", "operator": "=", "value": text}]},
+        {
+            "combinator": "or",
+            "rules": [
+                {"property": "$title", "operator": "contains", "value": "x"},
+                {"property": "language", "operator": "in", "value": ["go", text]},
+            ],
+        },
+        {
+            "combinator": "and",
+            "rules": [{"operator": "relatedTo", "blueprint": "team", "value": text}],
+        },
+        {"combinator": "and", "rules": [{"property": text, "operator": "isEmpty"}]},
+    ]
+    for query in queries:
+        for r in (
+            await _send(client, "/v1/blueprints/service/entities/search", {"query": query}, org),
+            await _send(client, "/v1/entities/search", query, org),
+            await _send(client, "/v1/entities/aggregate", {"func": "count", "query": query}, org),
+        ):
+            assert r.status_code == 422, (query, r.text)
+            assert r.json()["ok"] is False

@@ -18,7 +18,7 @@ import asyncpg
 
 from app.auth.permissions import EntityChange, EntityGuard
 from app.catalog import blueprints as bp_service
-from app.catalog.validation import valid_entity_identifier
+from app.catalog.validation import UNSTORABLE_TEXT, first_unstorable, valid_entity_identifier
 from app.catalog.validators import EntityValidator, validator_for
 from app.db.database import Tx
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
@@ -90,6 +90,16 @@ def _parse(item: Item, blueprint: dict[str, Any]) -> None:
     )
     if unknown:
         raise Invalid(f"Unknown entity field(s): {', '.join(unknown)}")
+    bad = first_unstorable(raw)
+    if bad is not None:
+        # Refused here, for this item alone: the database would fail the whole statement.
+        named = raw.get("identifier")
+        if isinstance(named, str) and valid_entity_identifier(named):
+            item.identifier = named
+        raise Invalid(
+            f"{bad}: the text {UNSTORABLE_TEXT}",
+            details=[{"pointer": bad, "message": UNSTORABLE_TEXT}],
+        )
     if raw.get("blueprint") not in (None, blueprint["identifier"]):
         raise Invalid(
             f"The entity's blueprint {raw['blueprint']!r} does not match the URL's "

@@ -16,6 +16,7 @@ from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
 
 import jsonschema_rs
+import pydantic_core
 
 from app.kit.errors import Invalid
 from app.kit.jq_child import module_directive
@@ -122,6 +123,63 @@ def check_url_identifier(body: Any, identifier: str) -> None:
     """A body naming a different identifier than its URL is refused."""
     if isinstance(body, dict) and body.get("identifier") not in (None, identifier):
         raise Invalid("The identifier in the body does not match the URL")
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL stores no NUL character (neither in text nor in jsonb) and UTF-8 has no
+    unpaired surrogate (JSON's `\\ud800` escapes decode to one)."""
+    if text.isascii():
+        return "\x00" not in text
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unstorable_text(value: Any, pointer: str = "") -> str | None:
+    """The JSON pointer of the first string (object keys included) in `value` that
+    PostgreSQL cannot store: a NUL character or an unpaired surrogate; None when all are
+    fine."""
+    if isinstance(value, str):
+        return None if _storable(value) else (pointer or "/")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and not _storable(key):
+                return _join(pointer, shown(key))
+            found = unstorable_text(item, _join(pointer, key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = unstorable_text(item, _join(pointer, index))
+            if found is not None:
+                return found
+    return None
+
+
+def shown(text: str) -> str:
+    """`text` with its NUL characters and unpaired surrogates written as escapes, safe to
+    put in an answer."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")
+
+
+def first_unstorable(value: Any) -> str | None:
+    """As unstorable_text, with a fast first look: the value encoded as JSON (which fails
+    on an unpaired surrogate and writes a NUL as `\\u0000`); only a value that fails it
+    is walked for the pointer."""
+    try:
+        encoded = pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError:
+        return unstorable_text(value) or "/"
+    if b"\\u0000" not in encoded:
+        return None
+    return unstorable_text(value)
+
+
+UNSTORABLE_TEXT = "contains a NUL character or an unpaired surrogate, which cannot be stored"
 
 
 def valid_key(value: str) -> bool:

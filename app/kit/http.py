@@ -228,6 +228,19 @@ def allowed_methods(routes: Iterable[BaseRoute], path: str) -> list[str]:
     return sorted(by_template[best])
 
 
+def _unstorable_text(exc: asyncpg.DataError) -> bool:
+    """A NUL character (22021 in text, 22P05 in jsonb) or an unpaired surrogate (asyncpg
+    cannot encode the argument) in what a statement was given."""
+    if isinstance(
+        exc, asyncpg.CharacterNotInRepertoireError | asyncpg.UntranslatableCharacterError
+    ):
+        return True
+    cause = exc.__cause__
+    return isinstance(cause, UnicodeEncodeError) or (
+        isinstance(cause, ValueError) and "surrogates not allowed" in str(cause)
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PortolanError)
     async def _domain_error(request: Request, exc: PortolanError) -> JSONResponse:
@@ -247,6 +260,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body("conflict", "The change conflicts with data that exists"), status_code=409
         )
+
+    @app.exception_handler(asyncpg.DataError)
+    async def _data_error(request: Request, exc: asyncpg.DataError) -> JSONResponse:
+        # Text PostgreSQL cannot store that got past the services' own checks (a path
+        # parameter, say): the client's to fix, so a 422 rather than a 500.
+        if _unstorable_text(exc):
+            return JSONResponse(
+                error_body(
+                    "invalid_request",
+                    "The request holds text with a NUL character or an unpaired surrogate, "
+                    "which cannot be stored",
+                ),
+                status_code=422,
+            )
+        log.error("unhandled data error", exc_info=exc, extra={"path": request.url.path})
+        return JSONResponse(error_body("internal_error", "Internal server error"), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

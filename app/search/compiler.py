@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog.models import BlueprintRelation, Entity, EntityRelation
-from app.catalog.validation import Problems
+from app.catalog.validation import UNSTORABLE_TEXT, Problems, first_unstorable
 
 ENTITIES = Entity.__table__
 E = ENTITIES.alias("e")
@@ -280,6 +280,10 @@ class Compiler:
 
     def compile(self, query: Any, pointer: str = "") -> ColumnElement[bool]:
         """The whole query as one boolean expression; raises Invalid naming every bad rule."""
+        bad = first_unstorable(query)
+        if bad is not None:  # no statement could carry it
+            self.problems.add(pointer + bad if bad != "/" else pointer or "/", UNSTORABLE_TEXT)
+            self.problems.raise_if_any("The search query is invalid")
         try:
             expression = self._group(query, pointer, 0)
         except _Skip:
