@@ -351,3 +351,22 @@ async def test_unstorable_text_in_a_query_filter_is_a_422(
         ):
             assert r.status_code == 422, (query, r.text)
             assert r.json()["ok"] is False
+
+
+async def test_unstorable_text_in_a_blueprint_is_a_422_naming_it(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    for body, pointer in (
+        ({"identifier": "b1", "title": f"x{NUL}", "schema": {"properties": {}}}, "/title"),
+        (
+            {
+                "identifier": "b2",
+                "title": "B2",
+                "schema": {"properties": {"p": {"type": "string", "description": LONE}}},
+            },
+            "/schema/properties/p/description",
+        ),
+    ):
+        r = await _send(client, "/v1/blueprints", body, org)
+        assert r.status_code == 422, r.text
+        assert [d.get("pointer") for d in r.json()["details"]] == [pointer], r.text

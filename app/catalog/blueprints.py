@@ -67,6 +67,10 @@ def normalise(definition: dict[str, Any]) -> dict[str, Any]:
     """Check a whole definition; returns it with defaults filled in, or raises one 422
     listing every problem by JSON pointer."""
     problems = v.Problems()
+    bad = v.first_unstorable(definition)
+    if bad is not None:
+        problems.add(bad, v.UNSTORABLE_TEXT)
+        problems.raise_if_any("The blueprint is invalid")
     identifier = definition.get("identifier")
     if not isinstance(identifier, str) or not v.valid_blueprint_identifier(identifier):
         problems.add(
