@@ -93,6 +93,16 @@ class Settings(BaseSettings):
     # process: in all, and of one organization (a slow receiver holds only its org's).
     changelog_concurrency: int = Field(default=50, ge=1, le=1000)
     changelog_org_concurrency: int = Field(default=4, ge=1, le=1000)
+    # The event feed (app/automations/feed.py): organizations' passes at once per worker
+    # process, and conditions of one organization evaluated at once.
+    automation_concurrency: int = Field(default=8, ge=1, le=1000)
+    automation_org_concurrency: int = Field(default=2, ge=1, le=100)
+    # Scorecard evaluation (app/scorecards/evaluate.py): organizations evaluated at once by
+    # one pass, and the backoff of a failing evaluation (doubling from the base per failure
+    # in a row, up to the max).
+    scorecard_concurrency: int = Field(default=4, ge=1, le=100)
+    scorecard_retry_base_seconds: float = Field(default=30.0, gt=0, le=86400)
+    scorecard_retry_max_seconds: float = Field(default=3600.0, gt=0, le=86400)
 
     # Incoming webhooks (app/webhooks): the largest event body one takes (Port's limit is
     # 512 KiB; a body over max_body_bytes is refused before it), and how many days events
@@ -102,10 +112,6 @@ class Settings(BaseSettings):
     # Events one webhook, and all of an organization's webhooks together, may hand in per
     # period (token buckets in Redis, app/kit/ratelimit.py); past either: 429 with
     # Retry-After, the event not stored.
-    # The event feed (app/automations/feed.py): organizations' passes at once per worker
-    # process, and conditions of one organization evaluated at once.
-    automation_concurrency: int = Field(default=8, ge=1, le=1000)
-    automation_org_concurrency: int = Field(default=2, ge=1, le=100)
     webhook_rate_limit_per_webhook: int = Field(default=1200, ge=1)
     webhook_rate_limit_per_org: int = Field(default=3000, ge=1)
     webhook_rate_limit_period_seconds: int = Field(default=60, ge=1, le=86400)

@@ -3,10 +3,15 @@ entities kept current by writes and by the background evaluation, and tenancy.""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 
+from app.config import Settings
 from app.db.database import Database
 from app.scorecards.evaluate import evaluate_pending
 from tests.conftest import Org, OrgFactory
@@ -689,3 +694,103 @@ async def test_a_first_evaluation_meets_results_written_meanwhile(
         "basic": "Basic",
         "bronze": "Silver",
     }
+
+
+async def _held(settings: Settings, org: Org) -> asyncpg.Connection:
+    """A connection inside a transaction that has inserted (uncommitted) one of the org's
+    results: the org's first evaluation waits on it until its statement times out."""
+    holder = await asyncpg.connect(settings.database_url)
+    await holder.execute("BEGIN")
+    await holder.execute(
+        "INSERT INTO scorecard_results (org_id, blueprint, identifier, scorecard, level_rank, "
+        "passed, version, entity_at) VALUES ($1, 'service', 'gold', 'readiness', 0, '{}', 0, "
+        "now())",
+        org.org_id,
+    )
+    return holder
+
+
+async def _card(client: httpx.AsyncClient, org: Org) -> dict[str, Any]:
+    r = await client.get("/v1/blueprints/service/scorecards/readiness", headers=org.headers)
+    assert r.status_code == 200, r.text
+    return dict(r.json()["scorecard"])
+
+
+async def test_a_failing_scorecard_backs_off_and_other_orgs_are_evaluated(
+    client: httpx.AsyncClient, make_org: OrgFactory, settings: Settings
+) -> None:
+    """B's evaluation runs past the statement timeout: the pass still evaluates A, B's
+    failure is on its scorecard (and not tried again before its backoff), and B is
+    evaluated once the cause is gone."""
+    a, b = await make_org(), await make_org()
+    for org in (a, b):
+        await _catalog(client, org)
+        r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+        assert r.status_code == 201, r.text
+    quick = await Database.connect(settings.model_copy(update={"statement_timeout_ms": 500}))
+    holder = await _held(settings, b)
+    try:
+        await evaluate_pending(quick)  # B's failure ends nothing
+        assert (await _card(client, a))["state"] == "ready"
+        assert (await _levels(client, a, "readiness"))["gold"] == "Gold"
+        failing = await _card(client, b)
+        assert failing["state"] == "failing", failing
+        error = failing["evaluationError"]
+        assert "statement timeout" in error["message"] and error["failures"] == 1
+        retry_at = datetime.fromisoformat(error["retryAt"].replace("Z", "+00:00"))
+        assert retry_at > datetime.now(UTC) + timedelta(seconds=20)
+        # Backing off: the next passes leave B alone (before: started again every pass).
+        started = time.monotonic()
+        assert await evaluate_pending(quick) == 0
+        assert time.monotonic() - started < 0.5
+        assert (await _card(client, b))["evaluationError"]["failures"] == 1
+    finally:
+        await holder.execute("ROLLBACK")
+        await holder.close()
+    async with quick.system() as tx:  # the backoff is over
+        await tx.execute(
+            "UPDATE scorecards SET evaluation_retry_at = now() WHERE org_id = $1", b.org_id
+        )
+    assert await evaluate_pending(quick) == 1
+    healed = await _card(client, b)
+    assert healed["state"] == "ready" and healed.get("evaluationError") is None
+    assert (await _levels(client, b, "readiness"))["gold"] == "Gold"
+    await quick.close()
+
+
+async def test_one_evaluation_per_org_at_a_time_and_others_go_meanwhile(
+    client: httpx.AsyncClient, make_org: OrgFactory, settings: Settings
+) -> None:
+    """While B's evaluation is stuck, later passes do not start it again (one copy, not a
+    new one every 2 s), and A's scorecard is evaluated meanwhile."""
+    a, b = await make_org(), await make_org()
+    for org in (a, b):
+        await _catalog(client, org)
+    r = await _post(client, b, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    slow = await Database.connect(settings.model_copy(update={"statement_timeout_ms": 4000}))
+    holder = await _held(settings, b)
+    try:
+        first = asyncio.create_task(evaluate_pending(slow))
+        await asyncio.sleep(0.5)
+        r = await _post(client, a, "/v1/blueprints/service/scorecards", READINESS)
+        assert r.status_code == 201, r.text
+        second = asyncio.create_task(evaluate_pending(slow))
+        third = asyncio.create_task(evaluate_pending(slow))
+        deadline = time.monotonic() + 3
+        while (await _card(client, a))["state"] != "ready":
+            assert time.monotonic() < deadline, "A waited for B's evaluation"
+            await asyncio.sleep(0.05)
+        assert not first.done()  # B's is still stuck
+        async with slow.system() as tx:
+            waiting = await tx.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query ILIKE '%scorecard_results%'"
+            )
+        assert waiting == 1
+        await asyncio.gather(first, second, third, return_exceptions=True)
+    finally:
+        await holder.execute("ROLLBACK")
+        await holder.close()
+        await slow.close()
+    assert (await _card(client, b))["state"] == "failing"

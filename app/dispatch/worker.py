@@ -65,8 +65,15 @@ async def maintain_range_indexes(ctx: dict[str, Any]) -> dict[str, int]:
 
 
 async def evaluate_scorecards(ctx: dict[str, Any]) -> int:
-    """Evaluates, for whole blueprints, the scorecards whose results lag their definition."""
-    return await evaluate_pending(ctx["db"])
+    """Evaluates, for whole blueprints, the scorecards whose results lag their definition:
+    one pass per org at a time, orgs in turns, failures backed off (app.scorecards.evaluate)."""
+    settings: Settings = ctx["settings"]
+    return await evaluate_pending(
+        ctx["db"],
+        concurrency=settings.scorecard_concurrency,
+        retry_base=settings.scorecard_retry_base_seconds,
+        retry_max=settings.scorecard_retry_max_seconds,
+    )
 
 
 async def snapshot_scorecards(ctx: dict[str, Any]) -> int:

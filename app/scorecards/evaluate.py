@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from app.db.database import Database, Tx
-from app.kit.errors import Invalid
+from app.kit.errors import Invalid, PortolanError
 from app.scorecards.definitions import to_rules
 from app.scorecards.models import ScorecardResult
 from app.search.compiler import Compiler, E, Scope
@@ -462,9 +463,11 @@ async def evaluate_blueprint(
 
 
 async def _mark(tx: Tx, blueprint: str, cards: list[Card]) -> None:
+    """The cards' versions are evaluated (and any earlier failure is over)."""
     for card in cards:
         await tx.execute(
-            "UPDATE scorecards SET evaluated_version = greatest(evaluated_version, $4) "
+            "UPDATE scorecards SET evaluated_version = greatest(evaluated_version, $4), "
+            "evaluation_failures = 0, evaluation_error = NULL, evaluation_retry_at = NULL "
             "WHERE org_id = $1 AND blueprint = $2 AND identifier = $3",
             tx.org_id,
             blueprint,
@@ -473,24 +476,143 @@ async def _mark(tx: Tx, blueprint: str, cards: list[Card]) -> None:
         )
 
 
-async def evaluate_pending(db: Database) -> int:
-    """The worker's pass: every scorecard whose stored results lag its definition is
-    evaluated for its whole blueprint (one tenant transaction per blueprint). Returns how
-    many scorecards were evaluated."""
-    async with db.system() as tx:
-        # Refresh requests are taken (cleared) in this short transaction: one made while the
-        # evaluation below runs stays for the next pass, and no writer waits on these rows.
-        pending = await tx.fetch(
-            "WITH taken AS (UPDATE scorecards SET refresh_requested = false "
-            "WHERE refresh_requested RETURNING org_id, blueprint, identifier) "
-            "SELECT org_id, blueprint, array_agg(DISTINCT identifier) AS cards FROM ("
-            "SELECT org_id, blueprint, identifier FROM taken UNION ALL "
-            "SELECT org_id, blueprint, identifier FROM scorecards "
-            "WHERE evaluated_version < version) p GROUP BY org_id, blueprint"
+# The worker's pass (evaluate_pending). Organizations take turns: each is evaluated by one
+# pass at a time across every worker process (an advisory lock on the org held for its
+# evaluation; a pass finding it held moves on to the next org), at most CONCURRENCY orgs
+# at once per pass, in a new random order each pass. A blueprint whose evaluation fails
+# (a statement past the timeout, a rule that no longer compiles against the data) is not
+# tried again until its backoff has passed: RETRY_BASE_SECONDS doubling per failure in a
+# row, up to RETRY_MAX_SECONDS; the failure is logged and kept on its scorecards
+# (`evaluation_failures`, `evaluation_error`, `evaluation_retry_at`; the API shows the
+# scorecard as `failing` with the reason) and the pass goes on with the other orgs.
+CONCURRENCY = 4
+RETRY_BASE_SECONDS = 30.0
+RETRY_MAX_SECONDS = 3600.0
+_LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended('scorecards/' || $1::text, 0))"
+_PENDING_SQL = (
+    "SELECT org_id, blueprint, array_agg(identifier ORDER BY identifier) AS cards "
+    "FROM scorecards WHERE (refresh_requested OR evaluated_version < version) "
+    "AND (evaluation_retry_at IS NULL OR evaluation_retry_at <= now()) "
+    "AND ($1::uuid IS NULL OR org_id = $1) GROUP BY org_id, blueprint ORDER BY org_id, blueprint"
+)
+
+
+async def _failed(
+    db: Database,
+    org_id: uuid.UUID,
+    blueprint: str,
+    cards: list[str],
+    error: BaseException,
+    retry: tuple[float, float],
+) -> None:
+    message = _describe(error)
+    async with db.tenant(org_id) as tx:
+        rows = await tx.fetch(
+            "UPDATE scorecards SET evaluation_failures = evaluation_failures + 1, "
+            "evaluation_error = $4, refresh_requested = true, "
+            "evaluation_retry_at = now() + make_interval(secs => least($6::float8, "
+            "$5::float8 * power(2, evaluation_failures))) "
+            "WHERE org_id = $1 AND blueprint = $2 AND identifier = ANY($3::varchar[]) "
+            "RETURNING identifier, evaluation_failures, evaluation_retry_at",
+            org_id,
+            blueprint,
+            cards,
+            message,
+            retry[0],
+            retry[1],
         )
-    done = 0
-    for row in pending:
-        done += await evaluate_blueprint(db, row["org_id"], row["blueprint"], list(row["cards"]))
+    log.warning(
+        "scorecard evaluation failed; tried again after a backoff",
+        extra={
+            "org_id": str(org_id),
+            "blueprint": blueprint,
+            "scorecards": cards,
+            "error": message,
+            "failures": max((r["evaluation_failures"] for r in rows), default=0),
+            "retry_at": max((r["evaluation_retry_at"] for r in rows), default=None),
+        },
+    )
+
+
+def _describe(error: BaseException) -> str:
+    """What the tenant is told about a failed evaluation (no internals)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, asyncpg.QueryCanceledError):
+            return (
+                "the evaluation ran past the statement timeout: narrow the scorecard's rules "
+                "or filter (fewer hops, more selective conditions)"
+            )
+        cause = cause.__cause__
+    if isinstance(error, PortolanError):
+        return f"the evaluation failed: {error.message}"[:500]
+    if isinstance(error, asyncpg.PostgresError):
+        return f"the evaluation failed: {error.__class__.__name__}: {error}"[:500]
+    return f"the evaluation failed: {error.__class__.__name__}"
+
+
+async def _evaluate_org(db: Database, org_id: uuid.UUID, retry: tuple[float, float]) -> int | None:
+    """The org's lagging scorecards, one blueprint after another, while holding the org's
+    lock; None when another pass holds it."""
+    async with db.system() as lock:
+        if not await lock.fetchval(_LOCK_SQL, str(org_id)):
+            return None
+        async with db.system() as tx:
+            pending = await tx.fetch(_PENDING_SQL, org_id)
+        done = 0
+        for row in pending:
+            cards = list(row["cards"])
+            async with db.tenant(org_id) as tx:
+                # Refresh requests are taken (cleared) in this short transaction: one made
+                # while the evaluation runs stays for the next pass.
+                await tx.execute(
+                    "UPDATE scorecards SET refresh_requested = false WHERE org_id = $1 "
+                    "AND blueprint = $2 AND identifier = ANY($3::varchar[]) AND refresh_requested",
+                    org_id,
+                    row["blueprint"],
+                    cards,
+                )
+            try:
+                done += await evaluate_blueprint(db, org_id, row["blueprint"], cards)
+            except Exception as exc:  # recorded on the scorecards and logged
+                await _failed(db, org_id, row["blueprint"], cards, exc, retry)
+        return done
+
+
+async def evaluate_pending(
+    db: Database,
+    *,
+    concurrency: int = CONCURRENCY,
+    retry_base: float = RETRY_BASE_SECONDS,
+    retry_max: float = RETRY_MAX_SECONDS,
+) -> int:
+    """The worker's pass: every scorecard whose stored results lag its definition (or that
+    was asked to refresh), and is not backing off from a failure, is evaluated for its whole
+    blueprint. Orgs take turns (see above); one org's failure or slow evaluation never ends
+    or holds up another's. Returns how many scorecards were evaluated."""
+    async with db.system() as tx:
+        orgs = [
+            r["org_id"]
+            for r in await tx.fetch(
+                "SELECT DISTINCT org_id FROM scorecards "
+                "WHERE (refresh_requested OR evaluated_version < version) "
+                "AND (evaluation_retry_at IS NULL OR evaluation_retry_at <= now())"
+            )
+        ]
+    random.shuffle(orgs)
+    slots = asyncio.Semaphore(max(1, concurrency))
+
+    async def turn(org_id: uuid.UUID) -> int:
+        async with slots:
+            try:
+                return await _evaluate_org(db, org_id, (retry_base, retry_max)) or 0
+            except Exception:
+                log.exception(
+                    "scorecard evaluation of an org failed", extra={"org_id": str(org_id)}
+                )
+                return 0
+
+    done = sum(await asyncio.gather(*(turn(org) for org in orgs)))
     if done:
         log.info("scorecards evaluated", extra={"scorecards": done})
     return done

@@ -50,6 +50,15 @@ class ScorecardBody(BaseModel):
     rules: list[Any] = Field(default_factory=list)
 
 
+class EvaluationError(BaseModel):
+    """Why the scorecard's evaluation failed, how many times in a row, and when it is tried
+    again (the wait doubles with each failure)."""
+
+    message: str
+    failures: int
+    retryAt: datetime
+
+
 class Scorecard(BaseModel):
     identifier: str
     title: str
@@ -57,9 +66,11 @@ class Scorecard(BaseModel):
     levels: list[Level]
     rules: list[ScorecardRule]
     filter: dict[str, Any] | None = None
-    state: Literal["ready", "evaluating"] = Field(
-        description="`evaluating` until every entity's result follows this definition"
+    state: Literal["ready", "evaluating", "failing"] = Field(
+        description="`evaluating` until every entity's result follows this definition; "
+        "`failing` while the evaluation keeps failing (see `evaluationError`)"
     )
+    evaluationError: EvaluationError | None = None
     createdAt: datetime
     createdBy: str
     updatedAt: datetime

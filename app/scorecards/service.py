@@ -22,7 +22,8 @@ from app.search.service import fresh_scope
 
 _SELECT = """
 SELECT blueprint, identifier, title, levels, rules, filter, version, evaluated_version,
-       created_at, created_by, updated_at, updated_by
+       created_at, created_by, updated_at, updated_by,
+       evaluation_failures, evaluation_error, evaluation_retry_at
 FROM scorecards
 """
 
@@ -41,6 +42,15 @@ def to_api(row: asyncpg.Record) -> dict[str, Any]:
         # Portolan's: `evaluating` until every entity's result follows this definition.
         "state": "ready" if row["evaluated_version"] >= row["version"] else "evaluating",
     }
+    if row["evaluation_failures"]:
+        # The worker's evaluation keeps failing (app/scorecards/evaluate.py): why, how many
+        # times in a row, and when it is tried again.
+        out["state"] = "failing"
+        out["evaluationError"] = {
+            "message": row["evaluation_error"],
+            "failures": row["evaluation_failures"],
+            "retryAt": row["evaluation_retry_at"],
+        }
     if row["filter"] is not None:
         out["filter"] = row["filter"]
     return out
