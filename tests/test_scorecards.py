@@ -794,3 +794,26 @@ async def test_one_evaluation_per_org_at_a_time_and_others_go_meanwhile(
         await holder.close()
         await slow.close()
     assert (await _card(client, b))["state"] == "failing"
+
+
+async def test_a_changed_definition_is_evaluated_despite_a_backoff(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    r = await _post(client, org, "/v1/blueprints/service/scorecards", READINESS)
+    assert r.status_code == 201, r.text
+    async with db.system() as tx:  # as a failed evaluation leaves it
+        await tx.execute(
+            "UPDATE scorecards SET evaluation_failures = 2, evaluation_error = 'x', "
+            "evaluation_retry_at = now() + interval '1 hour' WHERE org_id = $1",
+            org.org_id,
+        )
+    assert await evaluate_pending(db) == 0
+    assert (await _card(client, org))["state"] == "failing"
+    r = await client.put(
+        "/v1/blueprints/service/scorecards/readiness", json=READINESS, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    assert await evaluate_pending(db) == 1
+    assert (await _card(client, org))["state"] == "ready"

@@ -52,11 +52,12 @@ class ScorecardBody(BaseModel):
 
 class EvaluationError(BaseModel):
     """Why the scorecard's evaluation failed, how many times in a row, and when it is tried
-    again (the wait doubles with each failure)."""
+    again (the wait doubles with each failure; null: on the next pass, e.g. after a
+    change of the definition)."""
 
     message: str
     failures: int
-    retryAt: datetime
+    retryAt: datetime | None
 
 
 class Scorecard(BaseModel):

@@ -117,8 +117,10 @@ async def _insert(tx: Tx, actor: str, blueprint: str, sc: dict[str, Any]) -> Non
 
 async def _update(tx: Tx, actor: str, blueprint: str, sc: dict[str, Any]) -> bool:
     status = await tx.execute(
+        # A changed definition is evaluated at once, even while a failure backs off.
         "UPDATE scorecards SET title = $4, levels = $5, rules = $6, filter = $7, "
-        "version = version + 1, updated_at = now(), updated_by = $8 "
+        "version = version + 1, updated_at = now(), updated_by = $8, "
+        "evaluation_retry_at = NULL "
         "WHERE org_id = $1 AND blueprint = $2 AND identifier = $3",
         tx.org_id,
         blueprint,
