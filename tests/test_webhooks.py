@@ -1085,9 +1085,9 @@ def render_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
     real = processing.render
 
-    async def counting(value: Any, data: dict[str, Any], pointer: str = "") -> Any:
+    async def counting(value: Any, data: dict[str, Any], pointer: str = "", *, org: Any) -> Any:
         calls.append(value)
-        return await real(value, data, pointer)
+        return await real(value, data, pointer, org=org)
 
     monkeypatch.setattr(processing, "render", counting)
     return calls
@@ -1323,13 +1323,15 @@ async def test_a_pass_already_running_takes_the_events_of_later_calls(
     real = processing.render
     later: list[int] = []
 
-    async def render_and_ingest(value: Any, data: dict[str, Any], pointer: str = "") -> Any:
+    async def render_and_ingest(
+        value: Any, data: dict[str, Any], pointer: str = "", **kw: Any
+    ) -> Any:
         if not later:
             # While the pass renders its first batch, another event arrives and its job
             # runs: the job leaves it to the running pass.
             ids.extend(await post_events(client, webhook, [upsert("second", "B")]))
             later.append(await processing.process_webhook(db, org.org_id, "labels"))
-        return await real(value, data, pointer)
+        return await real(value, data, pointer, **kw)
 
     monkeypatch.setattr(processing, "render", render_and_ingest)
     assert await processing.process_webhook(db, org.org_id, "labels") == 2
@@ -1350,9 +1352,9 @@ async def test_passes_of_two_processes_apply_each_event_once(
     ids = await post_events(client, webhook, [upsert(f"l{n}", "A", n) for n in range(30)])
     real = processing.render
 
-    async def slow(value: Any, data: dict[str, Any], pointer: str = "") -> Any:
+    async def slow(value: Any, data: dict[str, Any], pointer: str = "", *, org: Any) -> Any:
         await asyncio.sleep(0.2)  # the pass holds its batch a while
-        return await real(value, data, pointer)
+        return await real(value, data, pointer, org=org)
 
     monkeypatch.setattr(processing, "render", slow)
     other = await Database.connect(settings)  # as another worker process would
