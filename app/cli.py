@@ -71,6 +71,7 @@ def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
     import uvicorn
 
     from app.kit.runtime import settle_heap
+    from app.kit.serving import protocol_for
     from app.main import create_app
 
     app = create_app(settings, with_worker=with_worker)
@@ -78,7 +79,19 @@ def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
     # uvicorn re-raises the signal it caught once it has shut down; with the default
     # SIGTERM action that would kill the process before atexit stops embedded servers.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        proxy_headers=True,
+        # HTTP/1.1 with a capped head and deadlines on what the client sends; no WebSocket
+        # upgrades (no route takes one).
+        http=protocol_for(settings),
+        ws="none",
+        timeout_keep_alive=settings.http_keep_alive_seconds,
+    )
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

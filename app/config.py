@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The HTTP server (app/kit/serving.py), before any authentication: the largest request
+    # head (request line and headers; 431 past it), how long a request's head may take to
+    # arrive (from the connection's opening or the request's first byte; 408 and closed),
+    # how long a request body still being sent may pause, and how long an idle keep-alive
+    # connection stays open.
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    http_body_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    http_keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     # Any one statement (a search, an aggregation, a bulk write) is stopped after this.
