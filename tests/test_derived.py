@@ -436,3 +436,90 @@ async def test_related_to_search_beside_an_aggregation_that_walks_related_to(
     other = await make_org()
     r = await client.post("/v1/entities/search", json=related, headers=other.headers)
     assert r.status_code == 422 or r.json()["entities"] == [], r.text
+
+
+async def test_renames_are_carried_into_other_blueprints_derived_properties(
+    client: httpx.AsyncClient, org: Org, make_org: OrgFactory
+) -> None:
+    other = await make_org()
+    await _setup(client, other)
+    group_aggs = {
+        "services": {
+            "title": "Services",
+            "target": "service",
+            "calculationSpec": {"func": "count", "calculationBy": "entities"},
+            "pathFilter": [{"path": ["owner", "group"]}],
+            "query": {
+                "combinator": "and",
+                "rules": [
+                    {"property": "lang", "operator": "=", "value": "go"},
+                    {"property": "owner", "operator": "=", "value": "core"},
+                    {
+                        "property": {"path": ["owner", "group"]},
+                        "operator": "matchAny",
+                        "value": "g1",
+                    },
+                ],
+            },
+        }
+    }
+    for tenant in (org, other):
+        r = await client.patch(
+            "/v1/blueprints/group",
+            json={"aggregationProperties": group_aggs},
+            headers=tenant.headers,
+        )
+        assert r.status_code == 200, r.text
+
+    async def values() -> tuple[dict[str, Any], dict[str, Any]]:
+        service = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
+        group = await client.get("/v1/blueprints/group/entities/g1", headers=org.headers)
+        return service.json()["entity"]["properties"], group.json()["entity"]["properties"]
+
+    before = await values()
+    assert before[1] == {"tier": 2, "services": 1}
+
+    async def rename(bp: str, kind: str, old: str, new: str) -> None:
+        key = "newPropertyName" if kind == "properties" else "newRelationIdentifier"
+        r = await client.patch(
+            f"/v1/blueprints/{bp}/{kind}/{old}/rename", json={key: new}, headers=org.headers
+        )
+        assert r.status_code == 200, r.text
+
+    await rename("team", "properties", "slack", "chat")  # mirrors' leaves
+    await rename("group", "properties", "tier", "level")  # a leaf two hops away
+    await rename("deployment", "properties", "minutes", "duration")  # measured property
+    await rename("deployment", "properties", "status", "state")  # an aggregation's rule
+    await rename("service", "properties", "lang", "language")  # another blueprint's rule
+    await rename("team", "relations", "group", "parent")  # hops of mirrors, pathFilter, rules
+    await rename("service", "relations", "owner", "lead")
+    await rename("deployment", "relations", "service", "of")
+    after = await values()
+    renamed = {"ownerSlack", "ownerTitle", "groupTier", "usedSlacks", "deployments"}
+    assert {k: after[0][k] for k in renamed} == {k: before[0][k] for k in renamed}
+    assert after[0]["language"] == "go"
+    assert [after[0][k] for k in ("failed", "totalMinutes", "medianMinutes")] == [1, 18, 5]
+    assert after[1] == {"level": 2, "services": 1}
+    service = (await client.get("/v1/blueprints/service", headers=org.headers)).json()["blueprint"]
+    assert service["mirrorProperties"]["groupTier"]["path"] == "lead.parent.level"
+    assert service["mirrorProperties"]["usedSlacks"]["path"] == "uses.chat"
+    assert service["ownership"]["path"] == "lead"
+    failed = service["aggregationProperties"]["failed"]["query"]["rules"][0]
+    assert failed["property"] == "state"
+    spec = service["aggregationProperties"]["totalMinutes"]["calculationSpec"]
+    assert spec["property"] == "duration"
+    group = (await client.get("/v1/blueprints/group", headers=org.headers)).json()["blueprint"]
+    agg = group["aggregationProperties"]["services"]
+    assert agg["pathFilter"] == [{"path": ["lead", "parent"]}]
+    assert [rule["property"] for rule in agg["query"]["rules"]] == [
+        "language",
+        "lead",
+        {"path": ["lead", "parent"]},
+    ]
+    # The other tenant's catalog of the same shape is untouched.
+    theirs = (await client.get("/v1/blueprints/service", headers=other.headers)).json()["blueprint"]
+    assert theirs["mirrorProperties"]["groupTier"]["path"] == "owner.group.tier"
+    props = (await client.get("/v1/blueprints/service/entities/api", headers=other.headers)).json()[
+        "entity"
+    ]["properties"]
+    assert props["groupTier"] == 2 and props["totalMinutes"] == 18

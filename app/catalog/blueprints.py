@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
@@ -455,12 +456,17 @@ async def rename_property(
         "properties": {(new if k == old else k): val for k, val in props.items()},
         "required": [new if r == old else r for r in current["schema"].get("required", [])],
     }
+    carried = await _carry_rename(tx, actor, Renamed(identifier, "property", old, new))
+    own = carried.get(identifier, {})
     await tx.execute(
-        "UPDATE blueprints SET schema = $3, version = version + 1, updated_at = now(), "
-        "updated_by = $4 WHERE org_id = $1 AND identifier = $2",
+        "UPDATE blueprints SET schema = $3, mirror_properties = $4, "
+        "aggregation_properties = $5, version = version + 1, updated_at = now(), "
+        "updated_by = $6 WHERE org_id = $1 AND identifier = $2",
         tx.org_id,
         identifier,
         schema,
+        own.get("mirrorProperties", current["mirrorProperties"]),
+        own.get("aggregationProperties", current["aggregationProperties"]),
         actor,
     )
     await _rescore(tx, identifier)
@@ -484,22 +490,19 @@ async def rename_relation(
         raise NotFound(f"Relation {old!r} is not defined on blueprint {identifier!r}")
     _check_new_name(current, new)
     relations = {(new if k == old else k): val for k, val in current["relations"].items()}
-    mirrors = {
-        name: {**m, "path": _rename_head(m.get("path", ""), old, new)}
-        for name, m in current["mirrorProperties"].items()
-    }
-    ownership = current.get("ownership")
-    if ownership and ownership.get("type") == "Inherited":
-        ownership = {**ownership, "path": _rename_head(ownership.get("path", ""), old, new)}
+    carried = await _carry_rename(tx, actor, Renamed(identifier, "relation", old, new))
+    own = carried.get(identifier, {})
     await tx.execute(
         "UPDATE blueprints SET relations = $3, mirror_properties = $4, ownership = $5, "
-        "version = version + 1, updated_at = now(), updated_by = $6 "
-        "WHERE org_id = $1 AND identifier = $2",
+        "aggregation_properties = $6, team_inheritance = $7, version = version + 1, "
+        "updated_at = now(), updated_by = $8 WHERE org_id = $1 AND identifier = $2",
         tx.org_id,
         identifier,
         relations,
-        mirrors,
-        ownership,
+        own.get("mirrorProperties", current["mirrorProperties"]),
+        own.get("ownership", current.get("ownership")),
+        own.get("aggregationProperties", current["aggregationProperties"]),
+        own.get("teamInheritance", current.get("teamInheritance")),
         actor,
     )
     await _rescore(tx, identifier)
@@ -573,9 +576,185 @@ def _check_new_name(current: dict[str, Any], new: str) -> None:
         raise Conflict(f"{new!r} is already used on blueprint {current['identifier']!r}")
 
 
-def _rename_head(path: str, old: str, new: str) -> str:
-    head, dot, rest = path.partition(".")
-    return f"{new}{dot}{rest}" if head == old else path
+@dataclass(frozen=True, slots=True)
+class Renamed:
+    """A property or relation of `blueprint` renamed from `old` to `new`."""
+
+    blueprint: str
+    kind: Literal["property", "relation"]
+    old: str
+    new: str
+
+
+# The parts of a definition that name other blueprints' properties and relations.
+_DEPENDENT_KEYS = ("mirrorProperties", "aggregationProperties", "ownership", "teamInheritance")
+
+
+async def _carry_rename(tx: Tx, actor: str, renamed: Renamed) -> dict[str, dict[str, Any]]:
+    """Carry a rename into every definition that names the renamed property or relation:
+    mirror property paths (any hop, and the leaf), inherited ownership and team
+    inheritance paths, and aggregation properties (the measured property, `measureTimeBy`,
+    `pathFilter` paths, and the rules of their `query`), in this blueprint and every
+    other one. Other blueprints are updated here (each gets a new version and its
+    scorecards are evaluated again); the changed parts of the renamed blueprint itself
+    are returned under its identifier for the caller's own update.
+
+    Paths are followed through the definitions as they were before the rename, so a hop
+    is renamed only where it is the renamed relation of the renamed blueprint."""
+    known = {bp["identifier"]: bp for bp in await list_all(tx)}
+    changed: dict[str, dict[str, Any]] = {}
+    for bp_id, definition in sorted(known.items()):
+        parts = _renamed_parts(known, bp_id, definition, renamed)
+        if parts:
+            changed[bp_id] = parts
+    for bp_id in sorted(changed):
+        if bp_id == renamed.blueprint:
+            continue
+        # Locked (in identifier order) and looked at again: a change made meanwhile is
+        # kept, not overwritten by what was read above.
+        current = to_api(await get_row(tx, bp_id, lock=True))
+        parts = _renamed_parts(known, bp_id, current, renamed)
+        changed[bp_id] = parts
+        if not parts:
+            continue
+        values = [parts.get(key, current.get(key)) for key in _DEPENDENT_KEYS]
+        await tx.execute(
+            "UPDATE blueprints SET mirror_properties = $3, aggregation_properties = $4, "
+            "ownership = $5, team_inheritance = $6, version = version + 1, "
+            "updated_at = now(), updated_by = $7 WHERE org_id = $1 AND identifier = $2",
+            tx.org_id,
+            bp_id,
+            *values,
+            actor,
+        )
+        await _rescore(tx, bp_id)
+    return changed
+
+
+def _renamed_parts(
+    known: dict[str, dict[str, Any]], bp_id: str, definition: dict[str, Any], renamed: Renamed
+) -> dict[str, Any]:
+    """The parts of `definition` (of blueprint `bp_id`) that change with the rename."""
+    out: dict[str, Any] = {}
+    mirrors = {
+        name: _renamed_mirror(known, bp_id, mirror, renamed)
+        for name, mirror in (definition.get("mirrorProperties") or {}).items()
+    }
+    if mirrors != (definition.get("mirrorProperties") or {}):
+        out["mirrorProperties"] = mirrors
+    aggs = {
+        name: _renamed_aggregation(known, agg, renamed)
+        for name, agg in (definition.get("aggregationProperties") or {}).items()
+    }
+    if aggs != (definition.get("aggregationProperties") or {}):
+        out["aggregationProperties"] = aggs
+    if renamed.kind == "relation":
+        for key in ("ownership", "teamInheritance"):
+            block = definition.get(key)
+            if isinstance(block, dict) and isinstance(block.get("path"), str):
+                hops = block["path"].split(".")
+                walked = _renamed_hops(known, bp_id, hops, renamed)
+                if walked != hops:
+                    out[key] = {**block, "path": ".".join(walked)}
+    return out
+
+
+def _renamed_hops(
+    known: dict[str, dict[str, Any]], start: str, hops: list[Any], renamed: Renamed
+) -> list[Any]:
+    """Relation hops walked from blueprint `start` (each a name, or a `{relation, ...}`
+    step), with the renamed relation renamed where it is reached."""
+    out: list[Any] = []
+    current: str | None = start
+    for hop in hops:
+        name = hop.get("relation") if isinstance(hop, dict) else hop
+        definition = known.get(current or "", {}).get("relations", {}).get(name)
+        if (
+            renamed.kind == "relation"
+            and current == renamed.blueprint
+            and name == renamed.old
+            and definition is not None
+        ):
+            hop = {**hop, "relation": renamed.new} if isinstance(hop, dict) else renamed.new
+        out.append(hop)
+        current = definition["target"] if definition is not None else None
+    return out
+
+
+def _end_of(known: dict[str, dict[str, Any]], start: str, hops: list[str]) -> str | None:
+    current: str | None = start
+    for hop in hops:
+        definition = known.get(current or "", {}).get("relations", {}).get(hop)
+        current = definition["target"] if definition is not None else None
+    return current
+
+
+def _renamed_mirror(
+    known: dict[str, dict[str, Any]], bp_id: str, mirror: Any, renamed: Renamed
+) -> Any:
+    if not isinstance(mirror, dict) or not isinstance(mirror.get("path"), str):
+        return mirror
+    *hops, leaf = mirror["path"].split(".")
+    if renamed.kind == "relation":
+        hops = _renamed_hops(known, bp_id, hops, renamed)
+    elif leaf == renamed.old and _end_of(known, bp_id, hops) == renamed.blueprint and hops:
+        leaf = renamed.new
+    path = ".".join([*hops, leaf])
+    return mirror if path == mirror["path"] else {**mirror, "path": path}
+
+
+def _renamed_aggregation(known: dict[str, dict[str, Any]], agg: Any, renamed: Renamed) -> Any:
+    if not isinstance(agg, dict) or not isinstance(agg.get("target"), str):
+        return agg
+    target = agg["target"]
+    out = dict(agg)
+    spec = agg.get("calculationSpec")
+    if renamed.kind == "property" and target == renamed.blueprint and isinstance(spec, dict):
+        out["calculationSpec"] = {
+            key: (
+                renamed.new if key in ("property", "measureTimeBy") and val == renamed.old else val
+            )
+            for key, val in spec.items()
+        }
+    filters = agg.get("pathFilter")
+    if renamed.kind == "relation" and isinstance(filters, list):
+        out["pathFilter"] = [
+            {**f, "path": _renamed_hops(known, target, f["path"], renamed)}
+            if isinstance(f, dict) and isinstance(f.get("path"), list)
+            else f
+            for f in filters
+        ]
+    if isinstance(agg.get("query"), dict):
+        out["query"] = _renamed_query(known, target, agg["query"], renamed)
+    return agg if out == agg else out
+
+
+def _renamed_query(
+    known: dict[str, dict[str, Any]], searched: str, query: Any, renamed: Renamed
+) -> Any:
+    """A query over entities of `searched` with the renamed name renamed in its rules
+    (properties and relations are both named by a rule's `property`; a `matchAny` path
+    is walked from `fromBlueprint` or the searched blueprint)."""
+    if not isinstance(query, dict):
+        return query
+    if isinstance(query.get("rules"), list):
+        return {
+            **query,
+            "rules": [_renamed_query(known, searched, rule, renamed) for rule in query["rules"]],
+        }
+    prop = query.get("property")
+    if isinstance(prop, str):
+        if searched == renamed.blueprint and prop == renamed.old:
+            return {**query, "property": renamed.new}
+        return query
+    if renamed.kind == "relation" and isinstance(prop, dict) and isinstance(prop.get("path"), list):
+        start = (
+            prop.get("fromBlueprint") if isinstance(prop.get("fromBlueprint"), str) else searched
+        )
+        path = _renamed_hops(known, str(start), prop["path"], renamed)
+        if path != prop["path"]:
+            return {**query, "property": {**prop, "path": path}}
+    return query
 
 
 async def patch(tx: Tx, actor: str, identifier: str, changes: dict[str, Any]) -> dict[str, Any]:
