@@ -370,3 +370,48 @@ async def test_unstorable_text_in_a_blueprint_is_a_422_naming_it(
         r = await _send(client, "/v1/blueprints", body, org)
         assert r.status_code == 422, r.text
         assert [d.get("pointer") for d in r.json()["details"]] == [pointer], r.text
+
+
+async def test_a_streamed_search_failing_on_its_first_page_is_an_error_answer(
+    client: httpx.AsyncClient, org: Org, db: Database, app: FastAPI, settings: Settings
+) -> None:
+    """The first page of a streamed read (across blueprints, or a blueprint's list) runs
+    before the headers are sent: when it fails (here the statement time limit, while
+    another transaction holds a table the page reads), the client gets that error, not a
+    200 whose body breaks off."""
+    r = await client.post(
+        "/v1/blueprints/team/entities/bulk",
+        json={"entities": [{"identifier": "t1"}, {"identifier": "t2"}]},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    quick = await Database.connect(settings.model_copy(update={"statement_timeout_ms": 300}))
+    query = {"combinator": "and", "rules": []}
+    app.state.db = quick
+    try:
+        async with db.system() as tx:
+            await tx.execute("LOCK TABLE scorecard_results IN ACCESS EXCLUSIVE MODE")
+            answers = []
+            for method, url, body in (
+                ("POST", "/v1/entities/search", query),
+                ("GET", "/v1/blueprints/team/entities", None),
+            ):
+                try:
+                    answer = await client.request(method, url, json=body, headers=org.headers)
+                except Exception as exc:  # the body broke off after a 200's headers
+                    raise AssertionError(f"{url}: the answer broke off ({exc!r})") from exc
+                answers.append(answer)
+        for answer in answers:
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["ok"] is False and "time limit" in answer.json()["message"]
+        # Unblocked, the same reads stream every entity.
+        r = await client.post("/v1/entities/search", json=query, headers=org.headers)
+        assert r.status_code == 200 and [e["identifier"] for e in r.json()["entities"]] == [
+            "t1",
+            "t2",
+        ]
+        r = await client.get("/v1/blueprints/team/entities", headers=org.headers)
+        assert r.status_code == 200 and len(r.json()["entities"]) == 2
+    finally:
+        app.state.db = db
+        await quick.close()

@@ -185,6 +185,7 @@ async def list_entities(
         None,
         calculated=not exclude_calculated_properties,
         titles=attach_title_to_relation,
+        streamed=True,
     )
     db: Database = request.app.state.db
     pick = entities.FieldFilter(include or [], exclude or [])

@@ -140,9 +140,13 @@ async def prepare(
     calculated: bool = True,
     titles: bool = False,
     windowed: bool = False,
+    streamed: bool | None = None,
 ) -> Search:
     """A compiled search over the org's blueprints as remembered; a query that does not
-    compile against them is tried once more against the committed definitions."""
+    compile against them is tried once more against the committed definitions.
+
+    `streamed`: the caller will `stream` the search (default: searches across blueprints,
+    which are always streamed); its first page is read here, in `tx`."""
     scope = await scope_for(tx, blueprint, query)
     try:
         search = Search(scope, query, calculated=calculated, titles=titles, windowed=windowed)
@@ -157,12 +161,12 @@ async def prepare(
             titles=titles,
             windowed=windowed,
         )
-    if not search.uses_window:
-        # Compiled to SQL now, inside the request: a streamed search sends its headers
-        # before its first page runs, and a statement that cannot be built must be an error
-        # the client sees, not a body that breaks off. The compiled form is cached by its
-        # shape, so the first page reuses it.
-        compile_query(search.statement(None, _PAGE + 1), (), search.values())
+    if streamed if streamed is not None else blueprint is None:
+        # A streamed answer sends its headers before it reads its pages: its first page is
+        # read now, in the request's transaction, so a search that fails (a statement that
+        # cannot be built or runs past the time limit, a calculation that cannot run) is
+        # the answer's status, not a 200 whose body breaks off. `stream` starts with it.
+        search.first = await search.page(tx, None, _PAGE)
     return search
 
 
@@ -277,6 +281,8 @@ class Search:
         self.calculated = calculated
         self.titles = titles
         self.windowed = windowed
+        # The first page and where it ends, when read before streaming (see prepare).
+        self.first: tuple[list[dict[str, Any]], tuple[str, str] | None] | None = None
         self._build(scope)
 
     def _build(self, scope: Scope) -> None:
@@ -457,8 +463,16 @@ class Search:
         return entity
 
     async def stream(self, db: Database, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
-        """Every match, a page per short transaction (memory stays flat)."""
+        """Every match, a page per short transaction (memory stays flat), starting with
+        the first page read by `prepare` when there is one."""
         after: tuple[str, str] | None = None
+        if self.first is not None:
+            found, after = self.first
+            self.first = None
+            for entity in found:
+                yield entity
+            if after is None:
+                return
         while True:
             async with db.tenant(org_id) as tx:
                 found, after = await self.page(tx, after, _PAGE)
