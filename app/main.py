@@ -95,7 +95,13 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
             allow_origins=settings.cors_origins,
             allow_credentials=True,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-Request-Id",
+                "Idempotency-Key",
+                "X-Portolan-Org",  # the org an identity provider's token signs in to
+            ],
             expose_headers=[
                 "X-Request-Id",
                 "X-RateLimit-Limit",

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from app.auth.service import create_credential
+from app.auth.verifier import NOT_SIGNED_IN
 from app.config import Settings
 from app.db.database import Database
 from app.main import create_app
@@ -250,18 +251,141 @@ async def test_mapped_roles_must_exist(
     assert r.status_code == 422 and r.json()["details"][0]["pointer"] == "/groupsClaim"
 
 
-async def test_issuer_and_audience_of_another_org_is_409(
+def _as(token: str, org: Org | None = None) -> dict[str, str]:
+    """Bearer headers, naming the org (X-Portolan-Org) when given."""
+    headers = _bearer(token)
+    if org is not None:
+        headers["X-Portolan-Org"] = str(org.org_id)
+    return headers
+
+
+async def test_saving_settings_tells_nothing_of_other_orgs(
+    sso: httpx.AsyncClient, make_org: OrgFactory, idp: IdentityProvider
+) -> None:
+    # Another org using the same issuer and audience changes nothing in the answer: no
+    # 409, no hint that the pair is in use.
+    one, two = await make_org(), await make_org()
+    first = await _configure(sso, one, idp)
+    second = await _configure(sso, two, idp)
+    assert first.status_code == second.status_code == 200, second.text
+    strip = lambda r: {k: v for k, v in r.json()["oidc"].items() if k != "updatedAt"}  # noqa: E731
+    assert strip(first) == strip(second)
+    again = await _configure(sso, two, idp)  # saving again: the same
+    assert again.status_code == 200 and strip(again) == strip(first)
+    read = await sso.get("/v1/organization/oidc", headers=two.headers)
+    assert read.status_code == 200 and strip(read) == strip(first)
+    r = await sso.delete("/v1/organization/oidc", headers=one.headers)
+    assert r.status_code == 200
+    assert (await sso.get("/v1/organization/oidc", headers=two.headers)).status_code == 200
+
+
+async def test_the_first_org_to_save_a_pair_locks_no_one_out(
+    sso: httpx.AsyncClient, make_org: OrgFactory, db: Database, idp: IdentityProvider
+) -> None:
+    # A squatter saves the real tenant's issuer, audience and key set before it does.
+    squatter, tenant = await make_org(), await make_org()
+    await _configured(sso, squatter, idp)
+    await _configured(sso, tenant, idp)
+    email = _email()
+    token = idp.token(AUDIENCE, email)
+    # Naming its org, the tenant's user signs in to the tenant, and only there.
+    r = await sso.get("/v1/organization", headers=_as(token, tenant))
+    assert r.status_code == 200, r.text
+    assert r.json()["organization"]["id"] == str(tenant.org_id)
+    assert await _user(db, tenant.org_id, email) is not None
+    assert await _user(db, squatter.org_id, email) is None
+    # Unnamed, a token both orgs' settings verify goes to neither (never a guess).
+    other = _email()
+    r = await sso.get("/v1/organization", headers=_as(idp.token(AUDIENCE, other)))
+    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    assert r.json()["message"] == NOT_SIGNED_IN
+    assert await _user(db, squatter.org_id, other) is None
+    assert await _user(db, tenant.org_id, other) is None
+    # The remembered sign-in stays the tenant's; the squatter's settings do not open its
+    # door: the same token naming the squatter is the squatter's own user (its choice to
+    # trust that provider), never the tenant's.
+    r = await sso.get("/v1/organization", headers=_as(token, tenant))
+    assert r.json()["organization"]["id"] == str(tenant.org_id)
+    r = await sso.get("/v1/organization", headers=_as(token, squatter))
+    assert r.json()["organization"]["id"] == str(squatter.org_id)
+
+
+async def test_a_copycat_with_its_own_keys_neither_takes_nor_blocks_the_tokens(
+    sso: httpx.AsyncClient, make_org: OrgFactory, db: Database, idp: IdentityProvider
+) -> None:
+    # The copycat names the tenant's issuer and audience with a key set of its own, and
+    # signs tokens with that issuer: each org's tokens verify under its own keys only.
+    fake = IdentityProvider()
+    fake.add(rsa_key("k1"))  # the same kid as the tenant's provider
+    with fake:
+        copycat, tenant = await make_org(), await make_org()
+        await _configured(sso, tenant, idp)
+        r = await sso.put(
+            "/v1/organization/oidc",
+            json={"issuer": idp.issuer, "audience": AUDIENCE, "jwksUri": fake.jwks_uri},
+            headers=copycat.headers,
+        )
+        assert r.status_code == 200, r.text
+        email = _email()
+        r = await sso.get("/v1/organization", headers=_bearer(idp.token(AUDIENCE, email)))
+        assert r.status_code == 200, r.text
+        assert r.json()["organization"]["id"] == str(tenant.org_id)
+        forged = fake.token(AUDIENCE, email, iss=idp.issuer)
+        r = await sso.get("/v1/organization", headers=_bearer(forged))
+        assert r.status_code == 200, r.text
+        assert r.json()["organization"]["id"] == str(copycat.org_id)
+        # Naming the tenant, the copycat's token is refused like any other.
+        r = await sso.get("/v1/organization", headers=_as(forged, tenant))
+        assert r.status_code == 401 and r.json()["message"] == NOT_SIGNED_IN
+        tenant_user = await _user(db, tenant.org_id, email)
+        copycat_user = await _user(db, copycat.org_id, email)
+        assert tenant_user is not None and copycat_user is not None
+        assert tenant_user["id"] != copycat_user["id"]
+
+
+async def test_refusals_are_the_same_whether_or_not_another_org_uses_the_issuer(
+    sso: httpx.AsyncClient, make_org: OrgFactory, idp: IdentityProvider
+) -> None:
+    # A prober signs tokens for someone's issuer and audience with keys of its own: the
+    # answers before and after that org saved the pair (named or not) are the same.
+    prober_key = rsa_key("k1")
+    tenant = await make_org()
+
+    async def answers() -> list[tuple[int, Any]]:
+        out = []
+        for kid, org in (("k1", None), ("unknown", None), ("k1", tenant), ("unknown", tenant)):
+            token = idp.token(AUDIENCE, _email(), kid=kid, key=prober_key)
+            r = await sso.get("/v1/organization", headers=_as(token, org))
+            out.append((r.status_code, r.json()))
+        return out
+
+    before = await answers()
+    await _configured(sso, tenant, idp)
+    await asyncio.sleep(0.3)  # past the key set's refetch interval: a fetch is no tell
+    after = await answers()
+    assert before == after
+    assert {status for status, _ in after} == {401}
+    assert {body["message"] for _, body in after} == {NOT_SIGNED_IN}
+
+
+async def test_a_named_org_must_be_the_tokens(
     sso: httpx.AsyncClient, make_org: OrgFactory, idp: IdentityProvider
 ) -> None:
     one, two = await make_org(), await make_org()
+    # Portolan's own tokens carry their org: naming another is refused.
+    assert (await sso.get("/v1/organization", headers=_as(one.token, one))).status_code == 200
+    r = await sso.get("/v1/organization", headers=_as(one.token, two))
+    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    r = await sso.get(
+        "/v1/organization", headers={**_bearer(one.token), "X-Portolan-Org": "not-an-id"}
+    )
+    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    # A provider's token naming an org whose settings are not its provider's.
     await _configured(sso, one, idp)
-    r = await _configure(sso, two, idp)
-    assert r.status_code == 409
-    assert r.json()["ok"] is False and r.json()["error"] == "oidc_issuer_taken"
-    # The same issuer with another audience is another org's.
-    await _configured(sso, two, idp, audience="another-audience")
-    # An org may save its own settings again.
-    await _configured(sso, one, idp)
+    token = idp.token(AUDIENCE, _email())
+    r = await sso.get("/v1/organization", headers=_as(token, two))
+    assert r.status_code == 401 and r.json()["message"] == NOT_SIGNED_IN
+    assert (await sso.get("/v1/organization", headers=_as(token, one))).status_code == 200
 
 
 # -- sign-in ------------------------------------------------------------------------------
@@ -372,11 +496,12 @@ REFUSALS = {
     "HS512 header": "algorithm is not accepted",
     # HS256 is the algorithm of Portolan's own tokens: checked with Portolan's key, it fails.
     "HS256 with the public key": "The access token is invalid",
-    "another key, same kid": "signature does not verify",
-    "RS256 header on an EC key": "signing key is not one of the identity provider's",
+    # Before a signature verifies, every refusal is the same (it tells of no org's settings).
+    "another key, same kid": "No organization signs in",
+    "RS256 header on an EC key": "No organization signs in",
     "unverified email": "has not verified the user's email",
     "no email": "has no 'email' claim",
-    "tampered": "signature does not verify",
+    "tampered": "No organization signs in",
 }
 
 
@@ -480,9 +605,11 @@ async def test_orgs_sharing_an_issuer_each_get_their_own_user_and_data(
     assert one_user is not None and two_user is not None and one_user["id"] != two_user["id"]
     org = await sso.get("/v1/organization", headers=as_two)
     assert org.json()["organization"]["id"] == str(two.org_id)
-    # A token for both audiences names no single org.
+    # A token for both audiences names no single org, unless the request names one.
     both = idp.token(["aud-one", "aud-two"], email)
     assert (await sso.get("/v1/blueprints", headers=_bearer(both))).status_code == 401
+    org = await sso.get("/v1/organization", headers=_as(both, two))
+    assert org.json()["organization"]["id"] == str(two.org_id)
 
 
 async def test_groups_give_teams_and_roles_and_a_later_sign_in_takes_them_back(
@@ -587,3 +714,16 @@ async def test_portolan_tokens_still_work_beside_sso(
     assert (await sso.get("/v1/blueprints", headers=org.headers)).status_code == 200
     r = await sso.get("/v1/blueprints", headers=_bearer("not.a.token"))
     assert r.status_code == 401
+
+
+async def test_browsers_may_name_the_org(client: httpx.AsyncClient) -> None:
+    r = await client.options(
+        "/v1/organization",
+        headers={
+            "Origin": "https://portal.example.com",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, x-portolan-org",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert "x-portolan-org" in r.headers["access-control-allow-headers"].lower()

@@ -10,9 +10,9 @@ from sqlalchemy import (
     ARRAY,
     DateTime,
     ForeignKeyConstraint,
+    Index,
     LargeBinary,
     String,
-    UniqueConstraint,
     func,
     text,
 )
@@ -79,12 +79,13 @@ class ActionPermissions(Base):
 
 
 class OidcConfig(Base):
-    """An org's identity provider. A token's (issuer, audience) names one org."""
+    """An org's identity provider. Orgs may share an (issuer, audience); the index finds
+    the orgs a token without X-Portolan-Org may belong to (app/auth/verifier.py)."""
 
     __tablename__ = "oidc_configs"
     __table_args__ = (
         ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
-        UniqueConstraint("issuer", "audience"),
+        Index("ix_oidc_configs_issuer_audience", "issuer", "audience"),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)

@@ -1,8 +1,10 @@
 """An organization's OpenID Connect identity provider: its settings, checked before they are
 stored (issuer, JWKS URI through the outbound guard and fetched once, mapped roles).
 
-A token's issuer and audience name exactly one organization (a unique key across orgs), so
-the verifier can tell whose user is signing in before it trusts anything in the token.
+Settings are the org's own: any org may save any issuer and audience, whatever other orgs
+saved, and no answer depends on (or tells of) another org's settings. Several orgs may
+share an issuer and audience; the verifier finds a token's org as docs/identity.md says
+(the org the request names, else the one org whose settings the token verifies under).
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
-
 from app.auth import permissions
 from app.auth.jwks import Jwk, JwksError
 from app.db.database import Tx
 from app.dispatch import outbound
-from app.kit.errors import Conflict, Invalid, NotFound
+from app.kit.errors import Invalid, NotFound
 
 FetchKeys = Callable[[str], Awaitable[tuple[Jwk, ...]]]
 
@@ -102,15 +102,25 @@ async def get(tx: Tx) -> Provider:
     return Provider.from_row(row)
 
 
-async def lookup(tx: Tx, issuer: str, audiences: list[str]) -> Provider | None:
-    """The org whose settings name this issuer and one of these audiences (across orgs:
-    `tx` is the operator's). None when none does, or when the audiences name several."""
-    rows = await tx.fetch(
-        _SELECT + " WHERE issuer = $1 AND audience = ANY($2::varchar[])",
-        issuer,
-        audiences,
-    )
-    return Provider.from_row(rows[0]) if len(rows) == 1 else None
+async def matching(tx: Tx, issuer: str, audiences: list[str], *, limit: int) -> list[Provider]:
+    """The settings that name this issuer and one of these audiences, at most `limit`:
+    the bound org's only when `tx` has one, else every org's (`tx` is the operator's)."""
+    if tx.org_id is not None:
+        rows = await tx.fetch(
+            _SELECT + " WHERE org_id = $1 AND issuer = $2 AND audience = ANY($3::varchar[])",
+            tx.org_id,
+            issuer,
+            audiences,
+        )
+    else:
+        rows = await tx.fetch(
+            _SELECT + " WHERE issuer = $1 AND audience = ANY($2::varchar[]) "
+            "ORDER BY org_id LIMIT $3",
+            issuer,
+            audiences,
+            limit,
+        )
+    return [Provider.from_row(row) for row in rows]
 
 
 def _http_allowed(host: str, allowed: outbound.Allowed) -> bool:
@@ -201,32 +211,25 @@ async def put(
             details=[{"pointer": "/jwksUri", "message": str(exc)}],
         ) from exc
     before = await tx.fetchrow(_SELECT + " WHERE org_id = $1 FOR UPDATE", tx.org_id)
-    try:
-        row = await tx.fetchrow(
-            "INSERT INTO oidc_configs (org_id, issuer, audience, jwks_uri, email_claim, "
-            "name_claim, groups_claim, group_teams, group_roles) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-            "ON CONFLICT (org_id) DO UPDATE SET issuer = EXCLUDED.issuer, "
-            "audience = EXCLUDED.audience, jwks_uri = EXCLUDED.jwks_uri, "
-            "email_claim = EXCLUDED.email_claim, name_claim = EXCLUDED.name_claim, "
-            "groups_claim = EXCLUDED.groups_claim, group_teams = EXCLUDED.group_teams, "
-            "group_roles = EXCLUDED.group_roles, updated_at = clock_timestamp()" + _RETURNING,
-            tx.org_id,
-            draft.issuer,
-            draft.audience,
-            draft.jwks_uri,
-            draft.email_claim,
-            draft.name_claim,
-            draft.groups_claim,
-            dict(draft.group_teams or {}),
-            dict(draft.group_roles or {}),
-        )
-    except asyncpg.UniqueViolationError as exc:
-        # Only another org's row can hold this issuer and audience (ours is replaced).
-        raise Conflict(
-            "Another organization signs in with this issuer and audience",
-            code="oidc_issuer_taken",
-        ) from exc
+    row = await tx.fetchrow(
+        "INSERT INTO oidc_configs (org_id, issuer, audience, jwks_uri, email_claim, "
+        "name_claim, groups_claim, group_teams, group_roles) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        "ON CONFLICT (org_id) DO UPDATE SET issuer = EXCLUDED.issuer, "
+        "audience = EXCLUDED.audience, jwks_uri = EXCLUDED.jwks_uri, "
+        "email_claim = EXCLUDED.email_claim, name_claim = EXCLUDED.name_claim, "
+        "groups_claim = EXCLUDED.groups_claim, group_teams = EXCLUDED.group_teams, "
+        "group_roles = EXCLUDED.group_roles, updated_at = clock_timestamp()" + _RETURNING,
+        tx.org_id,
+        draft.issuer,
+        draft.audience,
+        draft.jwks_uri,
+        draft.email_claim,
+        draft.name_claim,
+        draft.groups_claim,
+        dict(draft.group_teams or {}),
+        dict(draft.group_roles or {}),
+    )
     assert row is not None
     return (Provider.from_row(before) if before is not None else None), Provider.from_row(row)
 

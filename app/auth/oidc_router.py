@@ -1,7 +1,8 @@
 """`/v1/organization/oidc`: the organization's OpenID Connect identity provider (Admins).
 
 Tokens the provider issues for the configured audience are accepted as bearer tokens of
-this organization's users (app/auth/verifier.py); docs/identity.md tells how.
+this organization's users (app/auth/verifier.py); docs/identity.md tells how, and how a
+token finds its organization when organizations share an issuer and audience.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from app.auth.verifier import Verifier
 from app.config import Settings
 from app.db.routing import api_router
 from app.dispatch import outbound
-from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
+from app.kit.openapi import ERRORS_AUTHED, OkResponse
 from app.kit.responses import json_response
 
 router = api_router(prefix="/v1/organization", tags=["Organization"])
@@ -111,17 +112,15 @@ async def get_oidc(tenant: CurrentTenant) -> Any:
 @router.put(
     "/oidc",
     response_model=OidcResponse,
-    responses={
-        **ERRORS_AUTHED,
-        **conflict("Another organization signs in with this issuer and audience"),
-    },
+    responses=ERRORS_AUTHED,
     summary="Set the OpenID Connect sign-in settings",
 )
 async def put_oidc(body: OidcBody, tenant: CurrentTenant, request: Request) -> Any:
     """The JWKS URI must pass the outbound URL guard and answer a key set now. Roles in
     `groupRoles` are `Admin`, `Member` or `<blueprint>-moderator` of an existing blueprint.
-    Users signed in under the previous settings are provisioned again on their next
-    request."""
+    Other organizations may use the same issuer and audience (the answer never depends on
+    theirs); requests then name their organization with `X-Portolan-Org`. Users signed in
+    under the previous settings are provisioned again on their next request."""
     permissions.require(tenant.principal, "oidc.update")
     settings: Settings = request.app.state.settings
     verifier = _verifier(request)

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
 from app.auth.tokens import Kind, is_kind
-from app.auth.verifier import Verifier
+from app.auth.verifier import ORG_HEADER, Verifier, org_hint
 from app.db.database import Tx
 from app.db.routing import open_request_tx
 from app.kit.errors import Unauthorized
@@ -61,7 +61,7 @@ async def _principal_from(request: Request) -> tuple[Principal, int]:
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("A bearer access token is required", code="unauthorized")
     verifier: Verifier = request.app.state.verifier
-    identity = await verifier.verify(token)
+    identity = await verifier.verify(token, org_hint(request.headers.get(ORG_HEADER)))
     if not is_kind(identity.kind):  # the verifier refuses these; never a caller regardless
         raise Unauthorized("The access token is invalid", code="invalid_token")
     principal = Principal(

@@ -3,17 +3,32 @@ organization's OpenID Connect identity provider.
 
 An identity-provider token is trusted only after, in this order: its header's `alg` is on
 the allow-list of asymmetric algorithms (never HS*, never `none`, so a provider's public
-key can never serve as an HMAC secret); its unverified `iss` and `aud` name exactly one
-org's settings (looked up across orgs as the operator, remembered briefly); its `kid`
-names a key of that org's JWKS whose type fits the algorithm (an unknown `kid` fetches
-the set again, at most once per interval); the signature verifies with that key; and
-`iss`, `aud`, `exp` (required), `nbf` and `iat` (when present) hold, with a small leeway.
+key can never serve as an HMAC secret); its org is found (below); its `kid` names a key of
+that org's JWKS whose type fits the algorithm (an unknown `kid` fetches the set again, at
+most once per interval); the signature verifies with that key; and `iss`, `aud`, `exp`
+(required), `nbf` and `iat` (when present) hold, with a small leeway.
+
+Its org. Several orgs may use one issuer and audience, so a token's claims alone may not
+name one, and no org's settings may decide another's sign-in:
+
+- A request that names its org (the `X-Portolan-Org` header, the org's id) is verified
+  against that org's settings only; no other org's are read.
+- Otherwise the candidates are the orgs whose settings name the token's `iss` and one of
+  its `aud` (read across orgs as the operator, at most MAX_CANDIDATES, remembered
+  briefly), and the token's org is the one candidate under whose key set its signature
+  verifies. None, or several (orgs that trust the very same keys), or more candidates than
+  the bound: refused, and the request must name its org.
+
+Every refusal before a signature verifies has the same answer, whether no org uses the
+issuer, another org does, or the key or signature is wrong: an answer never tells of
+another org's settings.
 
 A verified token is remembered until it expires, keyed by the whole token (signature
-included), together with the version of the settings it was verified under: a change of
-the settings (seen by every process within PORTOLAN_OIDC_CONFIG_CACHE_SECONDS, at once in
-the process that made it) sends the token through verification and provisioning again.
-The user's roles and teams are never remembered here; the request reads them.
+included) and the org the request named, together with the candidates' settings versions
+it was verified under: a change of any of them (seen by every process within
+PORTOLAN_OIDC_CONFIG_CACHE_SECONDS, at once in the process that made it) sends the token
+through verification and provisioning again. The user's roles and teams are never
+remembered here; the request reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ from jose.exceptions import JOSEError
 from app.auth import provisioning
 from app.auth.jwks import KEY_TYPES, Jwk, JwksCache
 from app.auth.jwks import fetch as fetch_jwks
-from app.auth.oidc import Provider, lookup
+from app.auth.oidc import Provider, matching
 from app.auth.tokens import ALLOWED_ALGORITHMS as OWN_ALGORITHMS
 from app.auth.tokens import Kind, TokenService
 from app.config import Settings
@@ -43,9 +58,19 @@ from app.dispatch.client import Client
 from app.kit.errors import Unauthorized, Unavailable
 
 ALLOWED_ALGORITHMS = tuple(KEY_TYPES)
+ORG_HEADER = "x-portolan-org"
+# Orgs a token without X-Portolan-Org is tried against (each a key-set look-up).
+MAX_CANDIDATES = 10
 _CACHE_SIZE = 10_000
 _MAX_AUDIENCES = 10
 _MAX_CLAIM_CHARS = 500
+# The one answer to every token no org's settings verify (no org uses its issuer and
+# audience, or another org does, or the key or the signature is wrong).
+NOT_SIGNED_IN = (
+    "No organization signs in with the access token (its issuer, audience, signing key or "
+    "signature); when organizations share an identity provider, name yours with the "
+    "X-Portolan-Org header"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +86,31 @@ class Identity:
     issued_at: int = 0
 
 
+# What a token's org was settled by: the org the request named (None: none), the issuer
+# and the audiences.
+_Lookup = tuple[uuid.UUID | None, str, tuple[str, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class _Remembered:
     identity: Identity
     expires_at: int
-    issuer: str
-    audiences: tuple[str, ...]
-    version: datetime
+    lookup: _Lookup
+    versions: tuple[tuple[uuid.UUID, datetime], ...]  # the candidates' settings then
+
+
+def _versions(candidates: tuple[Provider, ...]) -> tuple[tuple[uuid.UUID, datetime], ...]:
+    return tuple((provider.org_id, provider.version) for provider in candidates)
+
+
+def org_hint(value: str | None) -> uuid.UUID | None:
+    """The org a request names (X-Portolan-Org: its id), or None."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return uuid.UUID(value.strip())
+    except ValueError as exc:
+        raise _invalid("X-Portolan-Org must be an organization's id") from exc
 
 
 def _invalid(message: str = "The access token is invalid") -> Unauthorized:
@@ -106,7 +149,7 @@ class Verifier:
         # told apart without decoding anything.
         sample = tokens.issue(org_id=uuid.UUID(int=0), subject="-", kind="app", roles=[])
         self._own_header = sample.partition(".")[0] + "."
-        self._providers: OrderedDict[tuple[str, tuple[str, ...]], tuple[float, Provider | None]]
+        self._providers: OrderedDict[_Lookup, tuple[float, tuple[Provider, ...]]]
         self._providers = OrderedDict()
         self._verified: OrderedDict[str, _Remembered] = OrderedDict()
         self._pending: dict[str, asyncio.Task[Identity]] = {}
@@ -132,12 +175,14 @@ class Verifier:
 
     # -- verification ---------------------------------------------------------------------
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, org: uuid.UUID | None = None) -> Identity:
+        """Who the token speaks for; `org`: the org the request names (X-Portolan-Org)."""
         if token.startswith(self._own_header):
-            return self._own(token)
-        remembered = self._verified.get(token)
+            return self._own(token, org)
+        key = token if org is None else f"{org}:{token}"
+        remembered = self._verified.get(key)
         if remembered is not None:
-            if await self._still_valid(token, remembered):
+            if await self._still_valid(key, remembered):
                 return remembered.identity
         try:
             header = jwt.get_unverified_header(token)
@@ -145,13 +190,15 @@ class Verifier:
             raise _invalid("The access token is malformed") from exc
         alg = header.get("alg")
         if alg in OWN_ALGORITHMS:
-            return self._own(token)
+            return self._own(token, org)
         if alg not in ALLOWED_ALGORITHMS:
             raise _invalid("The access token's algorithm is not accepted")
-        return await self._once(token, header)
+        return await self._once(key, token, header, org)
 
-    def _own(self, token: str) -> Identity:
+    def _own(self, token: str, org: uuid.UUID | None) -> Identity:
         claims = self._tokens.verify(token)
+        if org is not None and claims.org_id != org:
+            raise _invalid("The access token is not one of the organization X-Portolan-Org names")
         return Identity(
             org_id=claims.org_id,
             subject=claims.subject,
@@ -161,35 +208,35 @@ class Verifier:
             issued_at=claims.issued_at,
         )
 
-    async def _still_valid(self, token: str, remembered: _Remembered) -> bool:
+    async def _still_valid(self, key: str, remembered: _Remembered) -> bool:
         if remembered.expires_at <= time.time():
-            self._verified.pop(token, None)
+            self._verified.pop(key, None)
             raise Unauthorized("The access token has expired", code="token_expired")
-        provider = await self._provider(remembered.issuer, remembered.audiences)
-        if (
-            provider is None
-            or provider.org_id != remembered.identity.org_id
-            or provider.version != remembered.version
-        ):
-            self._verified.pop(token, None)
+        candidates = await self._candidates(remembered.lookup)
+        if _versions(candidates) != remembered.versions:
+            self._verified.pop(key, None)
             return False
         return True
 
-    async def _once(self, token: str, header: dict[str, Any]) -> Identity:
+    async def _once(
+        self, key: str, token: str, header: dict[str, Any], org: uuid.UUID | None
+    ) -> Identity:
         """Verify and provision a token once however many requests bring it at once."""
-        task = self._pending.get(token)
+        task = self._pending.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._verify_new(token, header))
-            self._pending[token] = task
-            task.add_done_callback(lambda done: self._settle(token, done))
+            task = asyncio.ensure_future(self._verify_new(key, token, header, org))
+            self._pending[key] = task
+            task.add_done_callback(lambda done: self._settle(key, done))
         return await asyncio.shield(task)
 
-    def _settle(self, token: str, task: asyncio.Task[Identity]) -> None:
-        self._pending.pop(token, None)
+    def _settle(self, key: str, task: asyncio.Task[Identity]) -> None:
+        self._pending.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved here too, in case every waiter went away
 
-    async def _verify_new(self, token: str, header: dict[str, Any]) -> Identity:
+    async def _verify_new(
+        self, key: str, token: str, header: dict[str, Any], org: uuid.UUID | None
+    ) -> Identity:
         alg = str(header["alg"])
         if "crit" in header:
             raise _invalid("The access token has critical header parameters")
@@ -204,18 +251,29 @@ class Verifier:
         if not isinstance(issuer, str) or not 0 < len(issuer) <= _MAX_CLAIM_CHARS:
             raise _invalid("The access token has no usable issuer")
         audiences = _audiences(unverified)
-        provider = await self._provider(issuer, audiences)
-        if provider is None:
-            raise _invalid("No organization signs in with the access token's issuer and audience")
-        keys = await self.jwks.keys(provider.jwks_uri, kid, alg)
-        if keys is None:
+        lookup: _Lookup = (org, issuer, audiences)
+        candidates = await self._candidates(lookup)
+        if len(candidates) > MAX_CANDIDATES:
+            raise _invalid(NOT_SIGNED_IN)
+        signed: list[tuple[Provider, Key]] = []
+        unavailable = False
+        for candidate in candidates:
+            keys = await self.jwks.keys(candidate.jwks_uri, kid, alg)
+            if keys is None:
+                unavailable = True
+                continue
+            public = _signer(token, alg, keys)
+            if public is not None:
+                signed.append((candidate, public))
+        if not signed and unavailable:
             raise Unavailable(
                 "The identity provider's signing keys could not be fetched",
                 code="idp_unavailable",
             )
-        if not keys:
-            raise _invalid("The access token's signing key is not one of the identity provider's")
-        claims = self._decode(token, alg, keys, provider)
+        if len(signed) != 1:
+            raise _invalid(NOT_SIGNED_IN)
+        provider, public = signed[0]
+        claims = self._decode(token, alg, public, provider)
         expires_at = int(claims["exp"])
         seen = await provisioning.sign_in(self._db, provider, claims)
         iat = claims.get("iat")
@@ -227,17 +285,14 @@ class Verifier:
             email=seen.email,
             issued_at=int(iat) if isinstance(iat, int | float) else 0,
         )
-        self._verified[token] = _Remembered(
-            identity, expires_at, issuer, audiences, provider.version
-        )
+        self._verified[key] = _Remembered(identity, expires_at, lookup, _versions(candidates))
         if len(self._verified) > _CACHE_SIZE:
             self._verified.popitem(last=False)
         return identity
 
-    def _decode(self, token: str, alg: str, keys: list[Jwk], provider: Provider) -> dict[str, Any]:
-        """The token's claims, once its signature verifies with one of `keys` and its
-        claims hold."""
-        public = _signer(token, alg, keys)
+    def _decode(self, token: str, alg: str, public: Key, provider: Provider) -> dict[str, Any]:
+        """The token's claims, once its signature verifies with `public` and its claims
+        hold for the provider's settings."""
         options = {
             "verify_signature": True,
             "verify_aud": True,
@@ -272,23 +327,31 @@ class Verifier:
             raise _invalid("The access token is issued in the future (iat)")
         return claims
 
-    async def _provider(self, issuer: str, audiences: tuple[str, ...]) -> Provider | None:
-        key = (issuer, audiences)
-        cached = self._providers.get(key)
+    async def _candidates(self, lookup: _Lookup) -> tuple[Provider, ...]:
+        """The settings a token may be verified under: the named org's when it matches,
+        else every org's that names the issuer and one of the audiences (one more than
+        MAX_CANDIDATES at most, so the caller sees when there are too many)."""
+        cached = self._providers.get(lookup)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self._db.system() as tx:
-            provider = await lookup(tx, issuer, list(audiences))
-        self._providers[key] = (now + self._config_ttl, provider)
-        self._providers.move_to_end(key)
+        org, issuer, audiences = lookup
+        if org is None:
+            async with self._db.system() as tx:
+                found = await matching(tx, issuer, list(audiences), limit=MAX_CANDIDATES + 1)
+        else:
+            async with self._db.tenant(org) as tx:
+                found = await matching(tx, issuer, list(audiences), limit=1)
+        candidates = tuple(found)
+        self._providers[lookup] = (now + self._config_ttl, candidates)
+        self._providers.move_to_end(lookup)
         if len(self._providers) > _CACHE_SIZE:
             self._providers.popitem(last=False)
-        return provider
+        return candidates
 
 
-def _signer(token: str, alg: str, keys: list[Jwk]) -> Key:
-    """The key among `keys` whose signature the token carries."""
+def _signer(token: str, alg: str, keys: list[Jwk]) -> Key | None:
+    """The key among `keys` whose signature the token carries (None: none)."""
     for key in keys:
         try:
             public = jwk.construct(key, alg)
@@ -299,4 +362,4 @@ def _signer(token: str, alg: str, keys: list[Jwk]) -> Key:
         except JOSEError:
             continue
         return public
-    raise _invalid("The access token's signature does not verify")
+    return None
