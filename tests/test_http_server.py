@@ -181,10 +181,14 @@ def test_a_head_that_keeps_growing_is_cut_off_not_buffered(server: Server) -> No
         except (BrokenPipeError, ConnectionResetError):
             refused = True
         if not refused:
-            sock.sendall(b"\r\n\r\n")
+            try:
+                sock.sendall(b"\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                refused = True
         closed, answer = _closed_within(sock, 10)
-    assert refused or (closed and not answer.startswith(b"HTTP/1.1 200")), (sent, answer[:200])
-    assert sent < 2 * 1024 * 1024 or answer.startswith(b"HTTP/1.1 431"), (sent, answer[:200])
+    # Refused part-way (the server closed: the rest could not be sent), or told 431.
+    assert not answer.startswith(b"HTTP/1.1 200"), (sent, answer[:200])
+    assert refused or (closed and answer.startswith(b"HTTP/1.1 431")), (sent, answer[:200])
 
 
 def test_unfinished_heads_are_closed_after_the_deadline(server: Server) -> None:
