@@ -470,6 +470,21 @@ async def test_renames_are_carried_into_other_blueprints_derived_properties(
             headers=tenant.headers,
         )
         assert r.status_code == 200, r.text
+    team_aggs = {
+        "coreServices": {
+            "title": "Services owned through #core",
+            "target": "service",
+            "calculationSpec": {"func": "count", "calculationBy": "entities"},
+            "query": {
+                "combinator": "and",
+                "rules": [{"property": "ownerSlack", "operator": "=", "value": "#core"}],
+            },
+        }
+    }
+    r = await client.patch(
+        "/v1/blueprints/team", json={"aggregationProperties": team_aggs}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
 
     async def values() -> tuple[dict[str, Any], dict[str, Any]]:
         service = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
@@ -494,9 +509,21 @@ async def test_renames_are_carried_into_other_blueprints_derived_properties(
     await rename("team", "relations", "group", "parent")  # hops of mirrors, pathFilter, rules
     await rename("service", "relations", "owner", "lead")
     await rename("deployment", "relations", "service", "of")
+    r = await client.patch(
+        "/v1/blueprints/service/mirror/ownerSlack/rename",
+        json={"newMirrorName": "ownerChat"},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    core = await client.get("/v1/blueprints/team/entities/core", headers=org.headers)
+    assert core.json()["entity"]["properties"]["coreServices"] == 1
+    r = await client.get("/v1/blueprints/team", headers=org.headers)
+    rules = r.json()["blueprint"]["aggregationProperties"]["coreServices"]["query"]["rules"]
+    assert rules[0]["property"] == "ownerChat"
     after = await values()
-    renamed = {"ownerSlack", "ownerTitle", "groupTier", "usedSlacks", "deployments"}
+    renamed = {"ownerTitle", "groupTier", "usedSlacks", "deployments"}
     assert {k: after[0][k] for k in renamed} == {k: before[0][k] for k in renamed}
+    assert after[0]["ownerChat"] == before[0]["ownerSlack"] == "#core"
     assert after[0]["language"] == "go"
     assert [after[0][k] for k in ("failed", "totalMinutes", "medianMinutes")] == [1, 18, 5]
     assert after[1] == {"level": 2, "services": 1}

@@ -539,13 +539,22 @@ async def rename_mirror(tx: Tx, actor: str, identifier: str, old: str, new: str)
     if old not in current["mirrorProperties"]:
         raise NotFound(f"Mirror property {old!r} is not defined on blueprint {identifier!r}")
     _check_new_name(current, new)
-    mirrors = {(new if k == old else k): val for k, val in current["mirrorProperties"].items()}
+    # Rules of aggregation queries over this blueprint may name the mirror property: they
+    # follow (a mirror is never a path's leaf nor a measured property, so nothing else does).
+    carried = await _carry_rename(tx, actor, Renamed(identifier, "property", old, new))
+    own = carried.get(identifier, {})
+    mirrors = {
+        (new if k == old else k): val
+        for k, val in own.get("mirrorProperties", current["mirrorProperties"]).items()
+    }
     await tx.execute(
-        "UPDATE blueprints SET mirror_properties = $3, version = version + 1, "
-        "updated_at = now(), updated_by = $4 WHERE org_id = $1 AND identifier = $2",
+        "UPDATE blueprints SET mirror_properties = $3, aggregation_properties = $4, "
+        "version = version + 1, updated_at = now(), updated_by = $5 "
+        "WHERE org_id = $1 AND identifier = $2",
         tx.org_id,
         identifier,
         mirrors,
+        own.get("aggregationProperties", current["aggregationProperties"]),
         actor,
     )
     await _rescore(tx, identifier)
