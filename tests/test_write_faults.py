@@ -283,13 +283,14 @@ async def test_unstorable_text_fails_only_its_item_of_a_bulk(
     items[30]["relations"] = {"dependsOn": ["s0001", f"x{LONE}"]}
     items[40]["team"] = [f"team{NUL}"]
     items[50]["icon"] = LONE
+    items[55][f"extra{LONE}"] = 1
     items[60]["properties"]["language"] = "emoji 😀 and \\u0000 as text are fine"
     r = await _send(client, "/v1/blueprints/service/entities/bulk", {"entities": items}, org)
     assert r.status_code == 207, r.text
     body = r.json()
-    assert len(body["entities"]) == 994
+    assert len(body["entities"]) == 993
     errors = [(e["index"], e["identifier"], e["statusCode"]) for e in body["errors"]]
-    assert errors == [(i, f"s{i:04d}", 422) for i in (3, 10, 20, 30, 40, 50)]
+    assert errors == [(i, f"s{i:04d}", 422) for i in (3, 10, 20, 30, 40, 50, 55)]
     pointers = [e["message"].split(":")[0] for e in body["errors"]]
     assert pointers == [
         "/properties/language",
@@ -298,6 +299,7 @@ async def test_unstorable_text_fails_only_its_item_of_a_bulk(
         "/relations/dependsOn/1",
         "/team/0",
         "/icon",
+        "/extra\\ud800",
     ]
     got = await client.get("/v1/blueprints/service/entities/s0060", headers=org.headers)
     assert got.json()["entity"]["properties"]["language"] == items[60]["properties"]["language"]

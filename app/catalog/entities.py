@@ -85,14 +85,10 @@ def _parse(item: Item, blueprint: dict[str, Any]) -> None:
     raw = item.raw
     if not isinstance(raw, dict):
         raise Invalid("An entity must be a JSON object")
-    unknown = sorted(
-        set(raw) - {"identifier", "title", "icon", "team", "properties", "relations", "blueprint"}
-    )
-    if unknown:
-        raise Invalid(f"Unknown entity field(s): {', '.join(unknown)}")
     bad = first_unstorable(raw)
     if bad is not None:
-        # Refused here, for this item alone: the database would fail the whole statement.
+        # Refused here, for this item alone: the database would fail the whole statement
+        # (and an answer could not carry the text back).
         named = raw.get("identifier")
         if isinstance(named, str) and valid_entity_identifier(named):
             item.identifier = named
@@ -100,6 +96,11 @@ def _parse(item: Item, blueprint: dict[str, Any]) -> None:
             f"{bad}: the text {UNSTORABLE_TEXT}",
             details=[{"pointer": bad, "message": UNSTORABLE_TEXT}],
         )
+    unknown = sorted(
+        set(raw) - {"identifier", "title", "icon", "team", "properties", "relations", "blueprint"}
+    )
+    if unknown:
+        raise Invalid(f"Unknown entity field(s): {', '.join(unknown)}")
     if raw.get("blueprint") not in (None, blueprint["identifier"]):
         raise Invalid(
             f"The entity's blueprint {raw['blueprint']!r} does not match the URL's "
