@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # A run handed to the queue but not claimed by a worker within this is handed again
     # (the queue lost it: Redis restarted empty, or its worker died before claiming it).
     dispatch_requeue_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Runs of one organization handed to the workers at once (queued or being dispatched);
+    # the rest wait in the outbox, so one org's slow receivers or templates never fill the
+    # workers' job slots (app/dispatch/relay.py).
+    dispatch_org_concurrency: int = Field(default=8, ge=1, le=1000)
     # Changelog deliveries (app/automations/changelog.py) in flight at once per worker
     # process: in all, and of one organization (a slow receiver holds only its org's).
     changelog_concurrency: int = Field(default=50, ge=1, le=1000)
@@ -112,6 +116,11 @@ class Settings(BaseSettings):
     scorecard_concurrency: int = Field(default=4, ge=1, le=100)
     scorecard_retry_base_seconds: float = Field(default=30.0, gt=0, le=86400)
     scorecard_retry_max_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    # Live run-log streams (app/actions/streams.py): at most this many of an organization's
+    # open at once (429 beyond), and how often a stream checks its caller's token and
+    # membership (a machine credential is checked on every look at the run).
+    run_log_streams_per_org: int = Field(default=20, ge=1, le=10_000)
+    run_log_stream_recheck_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     # Incoming webhooks (app/webhooks): the largest event body one takes (Port's limit is
     # 512 KiB; a body over max_body_bytes is refused before it), and how many days events

@@ -13,6 +13,7 @@ SCENARIOS = [
     "bench.scorecards",
     "bench.dispatch",
     "bench.events",
+    "bench.noisy",
 ]
 
 

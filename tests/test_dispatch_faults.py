@@ -245,3 +245,42 @@ async def test_jobs_lost_by_redis_are_handed_to_the_queue_again(
         start_worker(redis_url=own_redis.url, queue_name=queue, dispatch_requeue_seconds=1.0)
         await receiver.wait_unique(10, timeout=30)
         assert receiver.unique_run_ids() == set(ids)
+
+
+async def test_one_orgs_backlog_does_not_hold_up_another_orgs_runs(
+    client: httpx.AsyncClient, make_org: OrgFactory, settings: Settings, db: Database
+) -> None:
+    """An org with its share of runs in flight waits in the outbox; another org's run is
+    handed to the workers in the same pass."""
+    noisy, quiet = await make_org(), await make_org()
+    for org in (noisy, quiet):
+        await catalog(client, org)
+        await define(
+            client, org, self_service("hook", {"type": "WEBHOOK", "url": "https://hooks.test/x"})
+        )
+    for i in range(6):
+        await start_run(client, noisy, "hook", {"name": f"n{i}"})
+    await start_run(client, quiet, "hook", {"name": "q"})
+
+    async def relayed(org: Org) -> int:
+        async with db.system() as tx:
+            return int(
+                await tx.fetchval(
+                    "SELECT count(*) FROM dispatch_outbox WHERE org_id = $1 "
+                    "AND relayed_at IS NOT NULL",
+                    org.org_id,
+                )
+            )
+
+    queue = f"portolan-test:fair-{time.monotonic_ns()}"
+    pool = await create_pool(
+        RedisSettings.from_dsn(settings.redis_url or ""), default_queue_name=queue
+    )
+    try:
+        await relay_once(db, pool, requeue_seconds=60, org_cap=2)
+        assert (await relayed(noisy), await relayed(quiet)) == (2, 1)
+        await relay_once(db, pool, requeue_seconds=60, org_cap=2)
+        assert await relayed(noisy) == 2  # its two are still in flight
+    finally:
+        await pool.delete(queue)
+        await pool.aclose()

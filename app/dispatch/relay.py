@@ -5,8 +5,10 @@ its retry) by an outbox row; the same transaction sends `NOTIFY portolan_dispatc
 PostgreSQL delivers only on commit. The relay wakes on that notification (or every second,
 or when a delayed row falls due), takes due rows with `FOR UPDATE SKIP LOCKED` (several
 workers relay side by side without taking the same rows), enqueues one arq job per row and
-marks the rows relayed in the same transaction. A row is deleted by the worker's claim of
-its run (app/dispatch/runner.py), not by the relay.
+marks the rows relayed in the same transaction. Orgs take turns, and an org with
+`PORTOLAN_DISPATCH_ORG_CONCURRENCY` runs in flight waits for one of them to be claimed and
+end: one org's backlog stays in the outbox instead of filling the workers' job slots. A
+row is deleted by the worker's claim of its run (app/dispatch/runner.py), not by the relay.
 
 Redis is only the transport. When it is unreachable the enqueue fails, the transaction
 rolls back, the rows stay, and the relay tries again with backoff. When Redis loses a job
@@ -45,18 +47,52 @@ def job_id(run_id: str, attempt: int, relays: int = 0) -> str:
     return base if relays == 0 else f"{base}.{relays}"
 
 
+# Due rows, each org's oldest first, as many of an org as its share of the queue allows:
+# an org's runs in flight (handed to the queue and not yet requeued, or claimed by a worker
+# whose lease holds) count against `org_cap`. The rest wait here, in PostgreSQL, so one
+# org's backlog (slow receivers, slow templates) never fills the workers' job slots.
+_DUE = """
+WITH busy AS (
+    SELECT org_id, count(*) AS n FROM (
+        SELECT org_id FROM dispatch_outbox
+        WHERE relayed_at >= now() - make_interval(secs => $2)
+        UNION ALL
+        SELECT org_id FROM action_runs
+        WHERE dispatch_state = 'dispatching' AND lease_until > now()
+    ) AS held GROUP BY org_id
+), due AS (
+    SELECT org_id, id, available_at,
+           row_number() OVER (PARTITION BY org_id ORDER BY available_at, id) AS turn
+    FROM dispatch_outbox
+    WHERE available_at <= now()
+      AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $2))
+)
+SELECT due.org_id, due.id FROM due LEFT JOIN busy ON busy.org_id = due.org_id
+WHERE due.turn + coalesce(busy.n, 0) <= $3
+ORDER BY due.turn, due.available_at, due.id LIMIT $1
+"""
+
+
 async def relay_once(
-    db: Database, pool: ArqRedis, *, requeue_seconds: float, batch: int = BATCH
+    db: Database,
+    pool: ArqRedis,
+    *,
+    requeue_seconds: float,
+    org_cap: int = 1_000_000,
+    batch: int = BATCH,
 ) -> int:
-    """Hand the due outbox rows to the queue; how many were handed."""
+    """Hand the due outbox rows to the queue, orgs in turns and each within `org_cap` runs
+    in flight; how many were handed."""
     async with db.system() as tx:
+        chosen = await tx.fetch(_DUE, batch, requeue_seconds, org_cap)
+        if not chosen:
+            return 0
         rows = await tx.fetch(
             "SELECT org_id, id, run_id, attempt, relays FROM dispatch_outbox "
-            "WHERE available_at <= now() AND (relayed_at IS NULL "
-            "OR relayed_at < now() - make_interval(secs => $2)) "
-            "ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            batch,
-            requeue_seconds,
+            "WHERE (org_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[])) "
+            "ORDER BY available_at, id FOR UPDATE SKIP LOCKED",
+            [r["org_id"] for r in chosen],
+            [r["id"] for r in chosen],
         )
         for row in rows:
             await pool.enqueue_job(
@@ -155,7 +191,12 @@ class Relay:
                 requeue = self._settings.dispatch_requeue_seconds
                 # Bounded: a call stuck on a dead connection must not stop the relay.
                 moved = await asyncio.wait_for(
-                    relay_once(self._db, await self._queue(), requeue_seconds=requeue),
+                    relay_once(
+                        self._db,
+                        await self._queue(),
+                        requeue_seconds=requeue,
+                        org_cap=self._settings.dispatch_org_concurrency,
+                    ),
                     timeout=_PASS_SECONDS,
                 )
                 failures = 0

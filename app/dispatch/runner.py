@@ -34,6 +34,7 @@ from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import invokers, templates
 from app.dispatch.outbound import Allowed
+from app.kit import sandbox
 from app.kit.crypto import Cipher, cipher_for
 from app.kit.errors import Forbidden, PortolanError
 from app.secrets import service as secrets_service
@@ -206,6 +207,50 @@ async def dispatch(
     held = await claim(db, cipher, org_id, run_id, attempt, settings.dispatch_lease_seconds)
     if held is None:
         return "skipped"
+    try:
+        return await _attempt(settings, db, held)
+    except sandbox.Busy as exc:
+        # The org's jq turns are taken (its own backlog): a transient failure.
+        return await _transient(settings, db, held, f"the invocation was not rendered: {exc}")
+
+
+async def _transient(
+    settings: Settings,
+    db: Database,
+    held: Claim,
+    message: str,
+    *,
+    fields: dict[str, Any] | None = None,
+    retry_after: float | None = None,
+) -> str:
+    """A failure worth another attempt: scheduled after a backoff, or the run ends in
+    FAILURE once its attempts are spent."""
+    attempts = int(held.run["attempts"])
+    if attempts >= settings.dispatch_max_attempts:
+        await _record(
+            db,
+            held,
+            state="done",
+            status="FAILURE",
+            message=f"{message}; gave up after {attempts} attempts",
+            fields=fields,
+        )
+        return "failure"
+    delay = backoff(settings, attempts, retry_after)
+    await _record(
+        db,
+        held,
+        state="retrying",
+        message=f"{message}; attempt {attempts} of {settings.dispatch_max_attempts}, "
+        f"next in {delay:.1f} s",
+        fields=fields,
+        retry_in=delay,
+    )
+    return "retrying"
+
+
+async def _attempt(settings: Settings, db: Database, held: Claim) -> str:
+    org_id, run_id = held.org_id, held.run["id"]
     run = held.run
     method: dict[str, Any] = run["definition"]["invocationMethod"]
     kind = method.get("type")
@@ -283,28 +328,13 @@ async def dispatch(
         await _record(db, held, state="done", status="FAILURE", message=message, fields=fields)
     elif outcome.state == "accepted":
         await _record(db, held, state="delivered", message=message, fields=fields)
-    else:
-        attempts = int(run["attempts"])
-        if attempts >= settings.dispatch_max_attempts:
-            await _record(
-                db,
-                held,
-                state="done",
-                status="FAILURE",
-                message=f"{message}; gave up after {attempts} attempts",
-                fields=fields,
-            )
-            return "failure"
-        delay = backoff(settings, attempts, outcome.retry_after)
-        await _record(
-            db,
-            held,
-            state="retrying",
-            message=f"{message}; attempt {attempts} of {settings.dispatch_max_attempts}, "
-            f"next in {delay:.1f} s",
-            fields=fields,
-            retry_in=delay,
+    elif (
+        await _transient(
+            settings, db, held, message, fields=fields, retry_after=outcome.retry_after
         )
+        == "failure"
+    ):
+        return "failure"
     return outcome.state
 
 

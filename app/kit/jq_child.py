@@ -4,7 +4,7 @@ Started by app/kit/sandbox.py as `python -I -B jq_child.py` with an empty enviro
 an empty working directory, with no inherited file descriptors but its pipes, stderr on
 /dev/null. It imports only the standard library and jq, so it holds none of the service's
 settings, keys or connections. Before reading any request it clears what is left of its
-environment, caps its memory and its file writes, and refuses jq's module system (the
+environment, lowers its CPU priority, caps its memory and its file writes, and refuses jq's module system (the
 only way jq reads a file) before compiling.
 
 Protocol on stdin/stdout, one request at a time: a frame is a 4-byte big-endian length and
@@ -51,6 +51,12 @@ def _message(exc: BaseException) -> str:
 def _confine() -> None:
     """Drop what the process could reveal or abuse before any tenant program runs."""
     os.environ.clear()
+    try:
+        # Below the service's own processes: a tenant's loop takes spare CPU, not the
+        # API's or the worker's.
+        os.nice(10)
+    except OSError:
+        pass
     try:
         import resource
 

@@ -1,0 +1,368 @@
+"""Scenario: noisy neighbour. Org A's latencies alone and while org B does its worst within
+its limits, in alternating rounds; printed as ratios (target: every ratio <= 2x).
+
+One server (the API with its in-process worker, as `portolan serve` runs it). Org A has a
+blueprint with a calculation property, entities, and an automation that calls a webhook
+when an entity changes. A's operations, each round:
+- read: GET one entity (its calculated value included);
+- search: POST /v1/blueprints/svc/entities/search, a filter over A's entities;
+- upsert: POST one entity (upsert);
+- automation: an entity change -> the automation's webhook received.
+
+B, in its noisy rounds, at once: pages of entities whose calculation loops until its time
+limit; entity writes whose automation condition loops; runs of an action whose template
+loops; an automation whose receiver answers after 10 s; run-log live streams up to its
+cap; a scorecard rewritten every second (a whole-blueprint evaluation each time); incoming
+webhook events whose mapping loops, as fast as its rate limit lets them in. The ceiling is
+A's own figure in the quiet rounds of the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from app.db.database import Database
+from bench.env import new_org, scratch_settings, served
+
+ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "3"))
+OPS_PER_ROUND = int(os.environ.get("PORTOLAN_BENCH_NOISY_OPS", "20"))
+TARGET_RATIO = 2.0
+LOOP = "def f: f; f"
+
+
+class Receiver:
+    """A webhook receiver: notes when each delivery's marker arrives; answers after
+    `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.arrivals: dict[str, float] = {}
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                now = time.perf_counter()
+                length = 0
+                for line in head.decode("latin-1").split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value.strip())
+                body = await reader.readexactly(length) if length else b"{}"
+                with contextlib.suppress(ValueError, AttributeError):
+                    marker = json.loads(body).get("marker")
+                    if marker is not None:
+                        self.arrivals.setdefault(str(marker), now)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _blueprint(identifier: str, calculation: str) -> dict[str, Any]:
+    return {
+        "identifier": identifier,
+        "title": identifier,
+        "schema": {"properties": {"n": {"type": "number"}, "tier": {"type": "string"}}},
+        "calculationProperties": {"calc": {"calculation": calculation, "type": "number"}},
+    }
+
+
+def _automation(identifier: str, blueprint: str, url: str, condition: str | None) -> dict[str, Any]:
+    trigger: dict[str, Any] = {
+        "type": "automation",
+        "event": {"type": "ENTITY_UPDATED", "blueprintIdentifier": blueprint},
+    }
+    if condition is not None:
+        trigger["condition"] = {"type": "JQ", "expressions": [condition], "combinator": "and"}
+    return {
+        "identifier": identifier,
+        "title": identifier,
+        "trigger": trigger,
+        "invocationMethod": {
+            "type": "WEBHOOK",
+            "url": url,
+            "body": {"marker": "{{ .event.diff.after.properties.tier }}"},
+        },
+    }
+
+
+async def _setup_a(http: httpx.AsyncClient, headers: dict[str, str], url: str) -> None:
+    entities = [{"identifier": f"a{i}", "properties": {"n": i, "tier": "x"}} for i in range(500)]
+    r = await http.post(
+        "/v1/blueprints/svc/entities/bulk?upsert=true", json={"entities": entities}, headers=headers
+    )
+    r.raise_for_status()
+    r = await http.post(
+        "/v1/actions", json=_automation("notify", "svc", url, None), headers=headers
+    )
+    r.raise_for_status()
+
+
+async def _setup_b(
+    http: httpx.AsyncClient, headers: dict[str, str], slow_url: str
+) -> dict[str, Any]:
+    entities = [
+        {"identifier": f"b{i}", "properties": {"n": i, "tier": "gold" if i % 2 else "bronze"}}
+        for i in range(5000)
+    ]
+    for start in range(0, len(entities), 1000):
+        r = await http.post(
+            "/v1/blueprints/noisy/entities/bulk?upsert=true",
+            json={"entities": entities[start : start + 1000]},
+            headers=headers,
+        )
+        r.raise_for_status()
+    hold = {
+        "identifier": "hold",
+        "title": "hold",
+        "trigger": {
+            "type": "self-service",
+            "operation": "CREATE",
+            "blueprintIdentifier": "noisy",
+            "userInputs": {"properties": {}},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": slow_url},
+    }
+    loop_template = {
+        **hold,
+        "identifier": "slow-template",
+        "invocationMethod": {
+            "type": "WEBHOOK",
+            "url": slow_url,
+            "body": {"x": "{{ " + LOOP + " }}"},
+        },
+    }
+    for action in (
+        _automation("slow-condition", "noisy", slow_url, LOOP),
+        _automation("slow-receiver", "noisy", slow_url, None),
+        hold,
+        loop_template,
+    ):
+        (await http.post("/v1/actions", json=action, headers=headers)).raise_for_status()
+    webhook = {
+        "identifier": "flood",
+        "title": "flood",
+        "mappings": [
+            {"blueprint": "noisy", "entity": {"identifier": LOOP, "properties": {"n": ".body.n"}}}
+        ],
+    }
+    r = await http.post("/v1/webhooks", json=webhook, headers=headers)
+    r.raise_for_status()
+    key = r.json()["integration"]["webhookKey"]
+    # A run that stays IN_PROGRESS (its receiver never reports): B's streams watch it.
+    r = await http.post("/v1/actions/hold/runs", json={"properties": {}}, headers=headers)
+    r.raise_for_status()
+    return {"ingest": key, "run": r.json()["run"]["id"]}
+
+
+def _scorecard(threshold: int) -> dict[str, Any]:
+    return {
+        "identifier": "heavy",
+        "title": "heavy",
+        "rules": [
+            {
+                "identifier": f"r{i}",
+                "title": f"r{i}",
+                "level": "Gold",
+                "query": {
+                    "combinator": "and",
+                    "conditions": [
+                        {"property": "n", "operator": ">", "value": threshold + i},
+                        {"property": "tier", "operator": "contains", "value": "ol"},
+                    ],
+                },
+            }
+            for i in range(20)
+        ],
+    }
+
+
+async def _noise(
+    http: httpx.AsyncClient, headers: dict[str, str], b: dict[str, Any]
+) -> list[asyncio.Task[None]]:
+    """B's worst, as tasks that run until cancelled."""
+
+    async def forever(work: Callable[[int], Awaitable[Any]]) -> None:
+        n = 0
+        while True:
+            n += 1
+            with contextlib.suppress(httpx.HTTPError):
+                await work(n)
+
+    async def read(n: int) -> Any:
+        return await http.get(f"/v1/blueprints/noisy/entities/b{n % 5000}", headers=headers)
+
+    async def write(n: int) -> Any:
+        body = {"identifier": f"b{n % 5000}", "properties": {"n": n}}
+        return await http.post(
+            "/v1/blueprints/noisy/entities?upsert=true&merge=true", json=body, headers=headers
+        )
+
+    async def run(n: int) -> Any:
+        return await http.post(
+            "/v1/actions/slow-template/runs", json={"properties": {}}, headers=headers
+        )
+
+    async def scorecard(n: int) -> Any:
+        await asyncio.sleep(1.0)
+        return await http.put(
+            "/v1/blueprints/noisy/scorecards/heavy", json=_scorecard(n % 50), headers=headers
+        )
+
+    async def ingest(n: int) -> Any:
+        r = await http.post(f"/v1/webhooks/ingest/{b['ingest']}", json={"n": n})
+        if r.status_code == 429:
+            await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+        return r
+
+    async def stream(n: int) -> Any:
+        async with http.stream(
+            "GET", f"/v1/actions/runs/{b['run']}/logs/stream", headers=headers
+        ) as r:
+            if r.status_code != 200:
+                await asyncio.sleep(1.0)
+                return r
+            async for _ in r.aiter_bytes():
+                pass
+        return r
+
+    work: list[Callable[[int], Awaitable[Any]]] = (
+        [read] * 4 + [write] * 2 + [run] * 2 + [scorecard] + [ingest] * 2 + [stream] * 60
+    )
+    return [asyncio.create_task(forever(w)) for w in work]
+
+
+async def _measure_a(
+    http: httpx.AsyncClient, headers: dict[str, str], receiver: Receiver, tag: str
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"read": [], "search": [], "upsert": [], "automation": []}
+    search = {
+        "query": {
+            "combinator": "and",
+            "rules": [{"property": "n", "operator": "<", "value": 50}],
+        },
+        "limit": 20,
+    }
+    for i in range(OPS_PER_ROUND):
+        started = time.perf_counter()
+        (await http.get(f"/v1/blueprints/svc/entities/a{i}", headers=headers)).raise_for_status()
+        out["read"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        (
+            await http.post("/v1/blueprints/svc/entities/search", json=search, headers=headers)
+        ).raise_for_status()
+        out["search"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        body = {"identifier": f"a{i}", "properties": {"n": i + 1000}}
+        r = await http.post(
+            "/v1/blueprints/svc/entities?upsert=true&merge=true", json=body, headers=headers
+        )
+        r.raise_for_status()
+        out["upsert"].append(time.perf_counter() - started)
+        if i % 4 == 0:
+            marker = f"{tag}-{i}"
+            started = time.perf_counter()
+            body = {"identifier": f"a{i}", "properties": {"tier": marker}}
+            r = await http.post(
+                "/v1/blueprints/svc/entities?upsert=true&merge=true", json=body, headers=headers
+            )
+            r.raise_for_status()
+            deadline = time.monotonic() + 60
+            while marker not in receiver.arrivals and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            out["automation"].append(receiver.arrivals.get(marker, time.perf_counter()) - started)
+    return {k: [v * 1000 for v in values] for k, values in out.items()}
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run() -> bool:
+    async with scratch_settings() as settings:
+        fast, slow = Receiver(), Receiver(delay=10.0)
+        await fast.start()
+        await slow.start()
+        db = await Database.connect(settings)
+        os.environ["PORTOLAN_OUTBOUND_ALLOW"] = "127.0.0.1/32"
+        try:
+            with served(settings) as port:
+                limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+                async with (
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as a_http,
+                    httpx.AsyncClient(
+                        base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits
+                    ) as b_http,
+                ):
+                    _, a = await new_org(
+                        db, a_http, "quiet", [_blueprint("svc", ".properties.n * 2")]
+                    )
+                    _, b = await new_org(db, b_http, "noisy", [_blueprint("noisy", LOOP)])
+                    await _setup_a(a_http, a, f"http://127.0.0.1:{fast.port}/a")
+                    b_state = await _setup_b(b_http, b, f"http://127.0.0.1:{slow.port}/b")
+                    r = await b_http.post(
+                        "/v1/blueprints/noisy/scorecards", json=_scorecard(0), headers=b
+                    )
+                    r.raise_for_status()
+                    await _measure_a(a_http, a, fast, "warm")
+                    quiet: dict[str, list[float]] = {}
+                    noisy: dict[str, list[float]] = {}
+                    for round_ in range(ROUNDS):
+                        for name, values in (
+                            await _measure_a(a_http, a, fast, f"q{round_}")
+                        ).items():
+                            quiet.setdefault(name, []).extend(values)
+                        tasks = await _noise(b_http, b, b_state)
+                        await asyncio.sleep(2.0)  # B's load is up before A measures
+                        try:
+                            found = await _measure_a(a_http, a, fast, f"n{round_}")
+                        finally:
+                            for task in tasks:
+                                task.cancel()
+                            await asyncio.gather(*tasks, return_exceptions=True)
+                        for name, values in found.items():
+                            noisy.setdefault(name, []).extend(values)
+                        await asyncio.sleep(1.0)
+        finally:
+            os.environ.pop("PORTOLAN_OUTBOUND_ALLOW", None)
+            await db.close()
+            await fast.stop()
+            await slow.stop()
+    ok = True
+    for name in ("read", "search", "upsert", "automation"):
+        q50, q99 = statistics.median(quiet[name]), _p(quiet[name], 0.99)
+        n50, n99 = statistics.median(noisy[name]), _p(noisy[name], 0.99)
+        r50, r99 = n50 / q50, n99 / q99
+        good = r50 <= TARGET_RATIO and r99 <= TARGET_RATIO
+        ok = ok and good
+        print(
+            f"  A {name:10s} alone p50 {q50:7.1f} ms p99 {q99:7.1f} ms | B noisy p50 "
+            f"{n50:7.1f} ms p99 {n99:7.1f} ms | ratio p50 {r50:4.2f}x p99 {r99:4.2f}x "
+            f"(target <= {TARGET_RATIO:g}x: {'PASS' if good else 'FAIL'})"
+        )
+    return ok
