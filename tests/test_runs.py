@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
 
 from app.db.database import Database
-from tests.conftest import Org, OrgFactory
+from tests.conftest import LiveServer, Org, OrgFactory
 
 SERVICE = {
     "identifier": "service",
@@ -512,3 +513,156 @@ async def test_runs_are_private_to_their_org(
     assert run["status"] == "IN_PROGRESS"
     logs = (await client.get(f"/v1/actions/runs/{run_id}/logs", headers=owner.headers)).json()
     assert logs["runLogs"] == []
+
+
+async def _app_headers(
+    client: httpx.AsyncClient, org: Org, name: str
+) -> tuple[str, dict[str, str]]:
+    """A new Admin machine credential of the org: its client id and bearer headers."""
+    r = await client.post("/v1/apps", json={"name": name, "roles": ["Admin"]}, headers=org.headers)
+    assert r.status_code == 201, r.text
+    made = r.json()["app"]
+    r = await client.post(
+        "/v1/auth/access_token", json={"clientId": made["clientId"], "clientSecret": made["secret"]}
+    )
+    assert r.status_code == 200, r.text
+    return made["clientId"], {"Authorization": f"Bearer {r.json()['accessToken']}"}
+
+
+async def test_a_stream_ends_when_its_credential_is_deleted(
+    client: httpx.AsyncClient, make_org: OrgFactory, live_server: LiveServer
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    url = f"/v1/actions/runs/{run_id}/logs"
+    await client.post(url, json={"message": "first"}, headers=org.headers)
+    client_id, headers = await _app_headers(client, org, "watcher")
+    first_seen = asyncio.Event()
+
+    async def follow() -> str:
+        text = ""
+        async with (
+            httpx.AsyncClient(base_url=live_server.url, timeout=30) as http,
+            http.stream("GET", f"{url}/stream", headers=headers) as response,
+        ):
+            assert response.status_code == 200
+            async for chunk in response.aiter_text():
+                text += chunk
+                if "first" in text:
+                    first_seen.set()
+        return text
+
+    reader = asyncio.create_task(follow())
+    await asyncio.wait_for(first_seen.wait(), 10)
+    r = await client.delete(f"/v1/apps/{client_id}", headers=org.headers)
+    assert r.status_code == 200, r.text
+    # Before: the stream went on for as long as the run did.
+    text = await asyncio.wait_for(reader, 10)
+    events = [block for block in text.split("\n\n") if block.strip()]
+    assert events[-1].startswith("event: error"), events
+    body = json.loads(events[-1].split("data: ", 1)[1])
+    assert body["ok"] is False and body["error"] == "invalid_token"
+
+
+class _Streams:
+    """Live streams held open against the live server until let go."""
+
+    def __init__(self, live_server: LiveServer) -> None:
+        self.http = httpx.AsyncClient(base_url=live_server.url, timeout=30)
+        self.tasks: list[tuple[asyncio.Event, asyncio.Event, asyncio.Task[int]]] = []
+
+    def open(self, org: Org, run_id: str) -> int:
+        opened, done = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> int:
+            async with self.http.stream(
+                "GET", f"/v1/actions/runs/{run_id}/logs/stream", headers=org.headers
+            ) as response:
+                opened.set()
+                if response.status_code == 200:
+                    await done.wait()
+                return response.status_code
+
+        self.tasks.append((opened, done, asyncio.create_task(hold())))
+        return len(self.tasks) - 1
+
+    async def opened(self, index: int) -> None:
+        await asyncio.wait_for(self.tasks[index][0].wait(), 10)
+
+    async def close(self, index: int) -> int:
+        self.tasks[index][1].set()
+        return await asyncio.wait_for(self.tasks[index][2], 10)
+
+    async def aclose(self) -> None:
+        for _, done, _ in self.tasks:
+            done.set()
+        await asyncio.gather(*(t for _, _, t in self.tasks), return_exceptions=True)
+        await self.http.aclose()
+
+
+async def test_live_streams_are_capped_per_org(
+    client: httpx.AsyncClient, make_org: OrgFactory, live_server: LiveServer
+) -> None:
+    """B's streams beyond its cap (20 by default) are refused with 429 (Port's body,
+    Retry-After); A still opens its own, and B gets a slot back when one of its ends."""
+    a, b = await make_org(), await make_org()
+    for org in (a, b):
+        await _setup(client, org)
+    run_a = (await _run(client, a, "create-service", GOOD)).json()["run"]["id"]
+    run_b = (await _run(client, b, "create-service", GOOD)).json()["run"]["id"]
+    held = _Streams(live_server)
+    try:
+        b_streams = [held.open(b, run_b) for _ in range(20)]
+        for index in b_streams:
+            await held.opened(index)
+        async with held.http.stream(
+            "GET", f"/v1/actions/runs/{run_b}/logs/stream", headers=b.headers
+        ) as over:
+            assert over.status_code == 429  # before: a 21st stream, and more
+            body = json.loads(await over.aread())
+        assert body["ok"] is False and body["error"] == "rate_limited"
+        assert int(over.headers["retry-after"]) > 0
+        mine = held.open(a, run_a)  # another org's cap is its own
+        await held.opened(mine)
+        assert await held.close(mine) == 200
+        assert await held.close(b_streams[0]) == 200  # one of B's ends: its slot is free
+        deadline = time.monotonic() + 10  # once the server has seen the disconnect
+        while True:
+            again = held.open(b, run_b)
+            await held.opened(again)
+            if await held.close(again) == 200:
+                break
+            assert time.monotonic() < deadline, "B's slot did not come back"
+            await asyncio.sleep(0.2)
+        assert all([await held.close(i) == 200 for i in b_streams[1:]])
+    finally:
+        await held.aclose()
+
+
+async def test_idle_streams_hold_no_connection(
+    client: httpx.AsyncClient, make_org: OrgFactory, live_server: LiveServer, db: Database
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    held = _Streams(live_server)
+    try:
+        for index in [held.open(org, run_id) for _ in range(5)]:
+            await held.opened(index)
+        await asyncio.sleep(1.0)  # the run is quiet: the streams look less and less often
+        busy = []
+        for _ in range(20):
+            async with db.system() as tx:
+                busy.append(
+                    await tx.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND pid <> pg_backend_pid() "
+                        "AND state IS NOT NULL AND state <> 'idle'"
+                    )
+                )
+            await asyncio.sleep(0.05)
+    finally:
+        await held.aclose()
+    # Five quiet streams: mostly no session busy at all, never one each.
+    assert busy.count(0) >= 15 and max(busy) < 5, busy

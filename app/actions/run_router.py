@@ -11,23 +11,26 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
-from app.actions import runs
+from app.actions import runs, streams
 from app.auth import permissions
-from app.auth.principal import CurrentTenant, DeferredTenant, Tenant
+from app.auth.principal import CurrentTenant, DeferredTenant, Tenant, principal_of
+from app.config import Settings
 from app.db.database import Database
 from app.db.routing import api_router
-from app.kit.errors import Invalid
-from app.kit.openapi import ERRORS_AUTHED, conflict
+from app.kit.errors import Invalid, PortolanError, Unauthorized
+from app.kit.openapi import ERRORS_AUTHED, ErrorBody, conflict
 from app.kit.responses import json_response, to_json
 
 router = api_router(prefix="/v1/actions", tags=["Action runs"])
 ActionId = Annotated[str, Path(min_length=1, max_length=100)]
 RunId = Annotated[str, Path(min_length=1, max_length=40)]
 _STREAM_POLL_SECONDS = 0.25
+_STREAM_MAX_POLL_SECONDS = 2.0
 _STREAM_HEARTBEAT_SECONDS = 15.0
 
 
@@ -294,8 +297,15 @@ async def list_logs(
         **ERRORS_AUTHED,
         200: {
             "description": "Server-sent events: `log` (a run log), `status` (the run when "
-            "its status changes) and a final `end` once the run has ended.",
+            "its status changes) and a final `end` once the run has ended; `error` (Port's "
+            "error body) ends the stream when its caller's credential or membership is gone "
+            "or its token expired.",
             "content": {"text/event-stream": {}},
+        },
+        429: {
+            "model": ErrorBody,
+            "description": "The organization's rate limit for this kind of request is "
+            "reached, or it has its limit of live streams open (`rate_limited`; Retry-After)",
         },
     },
     summary="Follow a run's logs live (server-sent events)",
@@ -307,45 +317,110 @@ async def stream_logs(
     last_event_id: Annotated[str | None, Header(max_length=40)] = None,
 ) -> Any:
     """Every log so far, then new ones as they are written; `Last-Event-ID` resumes after
-    the log it names. Ends after the run has ended and its last logs are sent."""
+    the log it names. Ends after the run has ended and its last logs are sent.
+
+    An org has at most `PORTOLAN_RUN_LOG_STREAMS_PER_ORG` streams open (429 beyond). A
+    stream holds no database connection between its looks (each look is its own short
+    transaction, less often while nothing happens), and checks its caller: a machine
+    credential on every look (deleted or rotated: the stream ends), the token and a
+    person's membership every `PORTOLAN_RUN_LOG_STREAM_RECHECK_SECONDS`."""
     await _readable(tenant, run_id)  # 404 / 403 before the stream starts
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    settings: Settings = request.app.state.settings
     db: Database = request.app.state.db
-    org_id = tenant.org_id
+    principal = tenant.principal
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    identity = await request.app.state.verifier.verify(token)
+    credential = (principal.subject, identity.issued_at) if principal.kind == "app" else None
+    slot = streams.Slot(request.app.state.redis, principal.org_id, settings.run_log_streams_per_org)
+    await slot.take()
+    recheck = settings.run_log_stream_recheck_seconds
+
+    async def still_allowed() -> PortolanError | None:
+        """Why the caller may no longer follow the stream, if so."""
+        try:
+            await request.app.state.verifier.verify(token)
+        except PortolanError as exc:
+            return exc
+        if principal.kind == "user":
+            async with db.tenant(principal.org_id) as tx:
+                if await principal_of(tx, principal.subject) is None:
+                    return Unauthorized(
+                        "The user is not a member of the organization", code="unknown_user"
+                    )
+        return None
+
+    async def look(seen: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        # A short transaction of its own; a machine credential is checked by its opening
+        # statement (Unauthorized when deleted or rotated).
+        tx, conn = await db.begin_tenant(principal.org_id, credential=credential)
+        ok = False
+        try:
+            found = await runs.logs(tx, run_id, limit=50, after=seen)
+            run = await runs.get(tx, run_id)
+            ok = True
+        finally:
+            await db.finish(conn, commit=ok)
+        return found, run
 
     async def events() -> AsyncIterator[bytes]:
         seen = after
         status: str | None = None
         idle = 0.0
-        while True:
-            async with db.tenant(org_id) as tx:
-                found = await runs.logs(tx, run_id, limit=50, after=seen)
-                run = await runs.get(tx, run_id)
-            for entry in found:
-                seen = int(entry["id"])
-                yield _event("log", to_json(entry), entry["id"])
-            if run["status"] != status:
-                status = run["status"]
-                yield _event("status", to_json(run))
-            if run["status"] in runs.ENDED and len(found) < 50:
-                yield _event("end", to_json({"status": run["status"]}))
-                return
-            if found:
-                idle = 0.0
-                continue
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(_STREAM_POLL_SECONDS)
-            idle += _STREAM_POLL_SECONDS
-            if idle >= _STREAM_HEARTBEAT_SECONDS:
-                idle = 0.0
-                yield b": keep-alive\n\n"
+        wait = _STREAM_POLL_SECONDS
+        clock = asyncio.get_running_loop().time
+        next_check = clock() + recheck
+        try:
+            while True:
+                if clock() >= next_check:
+                    gone = await still_allowed()
+                    if gone is not None:
+                        yield _ended_by(gone)
+                        return
+                    await slot.renew()
+                    next_check = clock() + recheck
+                try:
+                    found, run = await look(seen)
+                except PortolanError as exc:
+                    yield _ended_by(exc)
+                    return
+                for entry in found:
+                    seen = int(entry["id"])
+                    yield _event("log", to_json(entry), entry["id"])
+                if run["status"] != status:
+                    status = run["status"]
+                    yield _event("status", to_json(run))
+                if run["status"] in runs.ENDED and len(found) < 50:
+                    yield _event("end", to_json({"status": run["status"]}))
+                    return
+                if found:
+                    idle, wait = 0.0, _STREAM_POLL_SECONDS
+                    continue
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(wait)
+                idle += wait
+                # Looks grow rarer while the run is quiet (fewer transactions per stream).
+                wait = min(_STREAM_MAX_POLL_SECONDS, wait * 2)
+                if idle >= _STREAM_HEARTBEAT_SECONDS:
+                    idle = 0.0
+                    yield b": keep-alive\n\n"
+        finally:
+            # Also when the client went away and the response is being cancelled (anyio
+            # cancels every await in its scope): the slot is given back all the same.
+            with anyio.CancelScope(shield=True):
+                await slot.release()
 
     return StreamingResponse(
         events(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _ended_by(error: PortolanError) -> bytes:
+    """The `error` event that ends a stream, in Port's error shape."""
+    return _event("error", to_json(error.body()))
 
 
 def _event(name: str, data: bytes, event_id: str | None = None) -> bytes:
