@@ -433,3 +433,104 @@ async def test_a_slow_condition_holds_up_only_its_own_org(
         )
     assert int(b_cursor) <= b_last, "B's events were all evaluated before A's"
     assert await _runs(client, b, "watch") == []  # B's condition never holds
+
+
+async def test_a_slow_timer_condition_holds_up_only_its_own_org(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """B's timer automation's condition runs until the jq time limit on each of 4 expiries;
+    A's timer fires while B's are still being evaluated, and no transaction is held open
+    meanwhile (it would hold back every org's event feed)."""
+    b, a = await make_org(), await make_org()  # B's automation first: read first
+    for org, condition in ((b, ["[limit(1; range(1e12) | select(. < 0))] == []"]), (a, None)):
+        await _post(client, org, "/v1/blueprints", SERVICE)
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation(
+                "expired",
+                {
+                    "type": "TIMER_PROPERTY_EXPIRED",
+                    "blueprintIdentifier": "service",
+                    "propertyIdentifier": "expires",
+                },
+                condition=condition,
+            ),
+        )
+    await timers.fire_expired(db)  # the cursors start now
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    for i in range(4):
+        await _entity(client, b, f"b{i}", expires=soon)
+    await _entity(client, a, "a0", expires=soon)
+    await asyncio.sleep(1.2)
+
+    async def b_cursor() -> Any:
+        async with db.system() as tx:
+            return await tx.fetchval(
+                "SELECT checked_until FROM timer_cursors WHERE org_id = $1", b.org_id
+            )
+
+    before = await b_cursor()
+    firing = asyncio.create_task(timers.fire_expired(db))
+    try:
+        deadline = time.monotonic() + 20
+        while not await _runs(client, a, "expired"):
+            assert time.monotonic() < deadline, "A's timer did not fire"
+            await asyncio.sleep(0.1)
+        assert await b_cursor() == before, "B's timers were all evaluated before A's"
+        async with db.system() as tx:
+            held = await tx.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction'"
+            )
+        assert held == 0
+    finally:
+        await firing
+    assert await b_cursor() != before
+    assert await _runs(client, b, "expired") == []
+
+
+async def test_a_slow_condition_does_not_hold_up_another_orgs_changelog(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    start_worker: Callable[..., Settings],
+    db: Database,
+    feed_started: None,
+) -> None:
+    a, b = await make_org(), await make_org()
+    await _post(client, b, "/v1/blueprints", SERVICE)
+    await _post(
+        client,
+        b,
+        "/v1/actions",
+        automation(
+            "watch",
+            {"type": "ANY_ENTITY_CHANGE", "blueprintIdentifier": "service"},
+            condition=["[limit(1; range(1e12) | select(. < 0))] == []"],
+        ),
+    )
+    with WebhookReceiver(await signing_secret(client, a)) as receiver:
+        await _post(
+            client,
+            a,
+            "/v1/blueprints",
+            {**SERVICE, "changelogDestination": {"type": "WEBHOOK", "url": receiver.url}},
+        )
+        for i in range(12):
+            await _entity(client, b, f"b{i}", tier=str(i))
+        await _entity(client, a, "a0", tier="1")
+        async with db.system() as tx:
+            b_last = int(
+                await tx.fetchval(
+                    "SELECT max(xid)::text FROM entity_events WHERE org_id = $1", b.org_id
+                )
+            )
+        start_worker()
+        (delivery,) = await receiver.wait_for(1, timeout=20)
+        assert delivery.body["context"]["entityIdentifier"] == "a0"
+        async with db.system() as tx:
+            b_cursor = await tx.fetchval(
+                "SELECT horizon FROM event_feed_cursors WHERE org_id = $1", b.org_id
+            )
+        assert int(b_cursor) <= b_last, "B's events were all evaluated before A's change"

@@ -8,11 +8,21 @@ carries a key made of the automation, the entity and the expiry, so an expiry ma
 per automation however often a pass is retried. A timer property's first pass starts its
 cursor at that moment: timers that passed before then do not fire, nor do timers written
 already in the past.
+
+Organizations take turns: each org's properties are fired by their own task (at most
+CONCURRENCY orgs at once), and conditions are evaluated with no transaction open (an open
+transaction would hold back the event feed's horizon for every org): a pass reads the
+cursor and the expiries in one short transaction, evaluates, then creates the runs and
+moves the cursor in another, only if no other pass moved it meanwhile. An org whose pass
+fails (its conditions get no jq turn) is logged and tried again on the next pass; the
+others go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
@@ -20,7 +30,9 @@ from typing import Any
 from app.automations.feed import condition_holds, create_automation_run
 from app.db.database import Database, Tx
 
+log = logging.getLogger("portolan.automations")
 EVENT = "TIMER_PROPERTY_EXPIRED"
+CONCURRENCY = 8
 
 
 def _key(entity: str, prop: str, expiry: datetime) -> str:
@@ -48,7 +60,7 @@ def _event(
     }
 
 
-async def fire_expired(db: Database) -> int:
+async def fire_expired(db: Database, concurrency: int = CONCURRENCY) -> int:
     """One pass over every timer automation; how many runs it made."""
     async with db.system() as tx:
         rows = await tx.fetch(
@@ -57,50 +69,68 @@ async def fire_expired(db: Database) -> int:
             "AND trigger->'event'->>'type' = $1",
             EVENT,
         )
-    groups: dict[tuple[Any, str, str], list[Any]] = defaultdict(list)
+    groups: dict[Any, dict[tuple[str, str], list[Any]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         event = row["trigger"]["event"]
-        groups[(row["org_id"], event["blueprintIdentifier"], event["propertyIdentifier"])].append(
+        groups[row["org_id"]][(event["blueprintIdentifier"], event["propertyIdentifier"])].append(
             row
         )
-    made = 0
-    for (org_id, blueprint, prop), automations in groups.items():
-        async with db.system(org_id) as tx:
-            made += await _fire_property(Tx(tx.conn, org_id), blueprint, prop, automations)
-    return made
+    slots = asyncio.Semaphore(max(1, concurrency))
+
+    async def org_turn(org_id: Any, properties: dict[tuple[str, str], list[Any]]) -> int:
+        made = 0
+        async with slots:
+            for (blueprint, prop), automations in properties.items():
+                try:
+                    made += await _fire_property(db, org_id, blueprint, prop, automations)
+                except Exception:
+                    log.exception(
+                        "timer automations of %s/%s.%s failed; tried again on the next pass",
+                        org_id,
+                        blueprint,
+                        prop,
+                    )
+        return made
+
+    return sum(await asyncio.gather(*(org_turn(o, p) for o, p in groups.items())))
 
 
-async def _fire_property(tx: Tx, blueprint: str, prop: str, automations: list[Any]) -> int:
-    cursor = await tx.fetchrow(
-        "SELECT checked_until, now() AS now FROM timer_cursors "
-        "WHERE org_id = $1 AND blueprint = $2 AND property = $3 FOR UPDATE SKIP LOCKED",
-        tx.org_id,
-        blueprint,
-        prop,
-    )
-    if cursor is None:
-        await tx.execute(
-            "INSERT INTO timer_cursors (org_id, blueprint, property, checked_until) "
-            "VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
-            tx.org_id,
+async def _fire_property(
+    db: Database, org_id: Any, blueprint: str, prop: str, automations: list[Any]
+) -> int:
+    async with db.system(org_id) as raw:
+        tx = Tx(raw.conn, org_id)
+        cursor = await tx.fetchrow(
+            "SELECT checked_until, now() AS now FROM timer_cursors "
+            "WHERE org_id = $1 AND blueprint = $2 AND property = $3",
+            org_id,
             blueprint,
             prop,
         )
-        return 0
-    # The same expression as the range index's, and its predicate: the index answers this.
-    expired = await tx.fetch(
-        "SELECT identifier, title, icon, team, properties, "
-        "portolan_time(properties, $3) AS expiry FROM entities "
-        "WHERE org_id = $1 AND blueprint = $2 AND portolan_time(properties, $3) IS NOT NULL "
-        "AND portolan_time(properties, $3) > $4 AND portolan_time(properties, $3) <= $5 "
-        "ORDER BY portolan_time(properties, $3), identifier",
-        tx.org_id,
-        blueprint,
-        prop,
-        cursor["checked_until"],
-        cursor["now"],
-    )
-    made = 0
+        if cursor is None:
+            await tx.execute(
+                "INSERT INTO timer_cursors (org_id, blueprint, property, checked_until) "
+                "VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
+                org_id,
+                blueprint,
+                prop,
+            )
+            return 0
+        # The same expression as the range index's, and its predicate: the index answers it.
+        expired = await tx.fetch(
+            "SELECT identifier, title, icon, team, properties, "
+            "portolan_time(properties, $3) AS expiry FROM entities "
+            "WHERE org_id = $1 AND blueprint = $2 AND portolan_time(properties, $3) IS NOT NULL "
+            "AND portolan_time(properties, $3) > $4 AND portolan_time(properties, $3) <= $5 "
+            "ORDER BY portolan_time(properties, $3), identifier",
+            org_id,
+            blueprint,
+            prop,
+            cursor["checked_until"],
+            cursor["now"],
+        )
+    # Conditions with no transaction open.
+    chosen: list[tuple[Any, dict[str, Any], dict[str, Any], str]] = []
     for row in expired:
         entity = {
             "identifier": row["identifier"],
@@ -110,20 +140,34 @@ async def _fire_property(tx: Tx, blueprint: str, prop: str, automations: list[An
             "team": row["team"],
             "properties": row["properties"],
         }
-        data = _event(tx.org_id, blueprint, prop, entity, row["expiry"])
+        data = _event(org_id, blueprint, prop, entity, row["expiry"])
         for automation in automations:
-            if not await condition_holds(automation, data, tx.org_id):
-                continue
-            key = _key(row["identifier"], prop, row["expiry"])
+            if await condition_holds(automation, data, org_id):
+                chosen.append(
+                    (automation, data, entity, _key(row["identifier"], prop, row["expiry"]))
+                )
+    made = 0
+    async with db.system(org_id) as raw:
+        tx = Tx(raw.conn, org_id)
+        now = await tx.fetchval(
+            "SELECT checked_until FROM timer_cursors "
+            "WHERE org_id = $1 AND blueprint = $2 AND property = $3 FOR UPDATE",
+            org_id,
+            blueprint,
+            prop,
+        )
+        if now != cursor["checked_until"]:
+            return 0  # another pass fired these meanwhile
+        for automation, data, entity, key in chosen:
             made += (
                 await create_automation_run(tx, automation, data, entity, key, depth=0)
             ) is not None
-    await tx.execute(
-        "UPDATE timer_cursors SET checked_until = $4 "
-        "WHERE org_id = $1 AND blueprint = $2 AND property = $3",
-        tx.org_id,
-        blueprint,
-        prop,
-        cursor["now"],
-    )
+        await tx.execute(
+            "UPDATE timer_cursors SET checked_until = $4 "
+            "WHERE org_id = $1 AND blueprint = $2 AND property = $3",
+            org_id,
+            blueprint,
+            prop,
+            cursor["now"],
+        )
     return made
