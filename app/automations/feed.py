@@ -61,6 +61,7 @@ FEED = "automations"
 BATCH = 2000
 LEASE_SECONDS = 15.0
 PASS_SECONDS = 2.0
+IDLE_ADVANCE_SECONDS = 1.0
 CONCURRENCY = 8
 ORG_CONCURRENCY = 2
 MAX_CHAIN = 5
@@ -272,6 +273,15 @@ async def _slice(
     return whole, str(int(last) + 1)
 
 
+# The cursor row `c`'s org has events between its horizon and the horizon `$2`.
+_HAS_EVENTS = (
+    "(EXISTS (SELECT 1 FROM entity_events e WHERE e.org_id = c.org_id "
+    " AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8) "
+    "OR EXISTS (SELECT 1 FROM run_events e WHERE e.org_id = c.org_id "
+    " AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8))"
+)
+
+
 def _feed_key(org_id: uuid.UUID) -> str:
     return f"{FEED}/{org_id.hex}"
 
@@ -326,27 +336,27 @@ async def plan(db: Database, slots: int, skip: set[uuid.UUID] | None = None) -> 
             FEED,
             horizon,
         )
-        # Orgs without events since their cursor: straight to the horizon.
+        # Orgs without events since their cursor: straight to the horizon (at most every
+        # IDLE_ADVANCE_SECONDS, so idle orgs' rows are not written on every tick, and
+        # their ranges to look into stay short).
         await tx.execute(
-            "UPDATE event_feed_cursors c SET horizon = $2 "
+            "UPDATE event_feed_cursors c SET horizon = $2, updated_at = now() "  # noqa: S608
             "WHERE c.feed = ANY($1::text[]) AND c.horizon::xid8 < $2::text::xid8 "
-            "AND (c.lease_until IS NULL OR c.lease_until < now()) "
-            "AND NOT EXISTS (SELECT 1 FROM entity_events e WHERE e.org_id = c.org_id "
-            "  AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8) "
-            "AND NOT EXISTS (SELECT 1 FROM run_events e WHERE e.org_id = c.org_id "
-            "  AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8)",
+            "AND c.updated_at < now() - make_interval(secs => $3) "
+            f"AND (c.lease_until IS NULL OR c.lease_until < now()) AND NOT {_HAS_EVENTS}",
             keys,
             horizon,
+            IDLE_ADVANCE_SECONDS,
         )
         if slots <= 0:
             return []
         rows = await tx.fetch(
-            "UPDATE event_feed_cursors c SET lease_until = now() + make_interval(secs => $3), "
+            "UPDATE event_feed_cursors c SET lease_until = now() + make_interval(secs => $3), "  # noqa: S608
             "lease_token = gen_random_uuid() FROM ("
-            " SELECT feed FROM event_feed_cursors WHERE feed = ANY($1::text[]) "
+            " SELECT feed FROM event_feed_cursors c WHERE feed = ANY($1::text[]) "
             " AND horizon::xid8 < $2::text::xid8 "
             " AND (lease_until IS NULL OR lease_until < now()) "
-            " AND NOT (org_id = ANY($5::uuid[])) "
+            f" AND NOT (org_id = ANY($5::uuid[])) AND {_HAS_EVENTS}"
             " ORDER BY updated_at, feed LIMIT $4 FOR UPDATE SKIP LOCKED) t "
             "WHERE c.feed = t.feed RETURNING c.org_id, c.horizon, c.lease_token",
             keys,
