@@ -485,6 +485,7 @@ async def _mark(tx: Tx, blueprint: str, cards: list[Card]) -> None:
 # row, up to RETRY_MAX_SECONDS; the failure is logged and kept on its scorecards
 # (`evaluation_failures`, `evaluation_error`, `evaluation_retry_at`; the API shows the
 # scorecard as `failing` with the reason) and the pass goes on with the other orgs.
+# Overlapping passes of one process share its CONCURRENCY slots.
 CONCURRENCY = 4
 RETRY_BASE_SECONDS = 30.0
 RETRY_MAX_SECONDS = 3600.0
@@ -579,6 +580,21 @@ async def _evaluate_org(db: Database, org_id: uuid.UUID, retry: tuple[float, flo
         return done
 
 
+# Evaluations at once in this process, shared by overlapping passes (a pass every 2 s
+# while an earlier one still runs): per event loop and concurrency.
+_SEMAPHORES: dict[tuple[int, int], asyncio.Semaphore] = {}
+
+
+def _slots(concurrency: int) -> asyncio.Semaphore:
+    key = (id(asyncio.get_running_loop()), max(1, concurrency))
+    found = _SEMAPHORES.get(key)
+    if found is None:
+        if len(_SEMAPHORES) > 16:  # loops of finished tests or restarts
+            _SEMAPHORES.clear()
+        found = _SEMAPHORES[key] = asyncio.Semaphore(key[1])
+    return found
+
+
 async def evaluate_pending(
     db: Database,
     *,
@@ -600,7 +616,7 @@ async def evaluate_pending(
             )
         ]
     random.shuffle(orgs)
-    slots = asyncio.Semaphore(max(1, concurrency))
+    slots = _slots(concurrency)
 
     async def turn(org_id: uuid.UUID) -> int:
         async with slots:
