@@ -96,42 +96,50 @@ async def claim(
     gets at most that many less what it has `busy` (in flight already)."""
     busy = busy or {}
     async with db.system() as tx:
-        return await tx.fetch(
-            "WITH heads AS ("
-            " SELECT d.org_id, d.id FROM changelog_deliveries d"
-            " WHERE d.state IN ('pending', 'sending')"
-            " AND NOT EXISTS (SELECT 1 FROM changelog_deliveries p"
-            "   WHERE p.org_id = d.org_id AND p.blueprint = d.blueprint"
-            "   AND p.entity = d.entity AND p.state IN ('pending', 'sending') AND p.id < d.id)"
-            " AND (d.state = 'pending' AND d.next_attempt_at <= now()"
-            "      OR d.state = 'sending' AND d.lease_until < now())),"
-            " turns AS ("
-            " SELECT h.org_id, h.id,"
-            " row_number() OVER (PARTITION BY h.org_id ORDER BY h.id) AS turn"
-            " FROM heads h),"
-            " room AS ("
-            " SELECT b.org_id, b.n FROM unnest($3::uuid[], $4::int[]) AS b(org_id, n)),"
-            " chosen AS ("
-            " SELECT t.org_id, t.id FROM turns t LEFT JOIN room r ON r.org_id = t.org_id"
-            " WHERE $5::int IS NULL OR t.turn <= $5::int - coalesce(r.n, 0)"
-            " ORDER BY t.turn, t.id LIMIT $1),"
-            " locked AS ("
-            " SELECT c.org_id, c.id FROM changelog_deliveries c"
-            " WHERE (c.org_id, c.id) IN (SELECT org_id, id FROM chosen)"
-            " FOR UPDATE SKIP LOCKED)"
-            " UPDATE changelog_deliveries c SET state = 'sending', attempts = attempts + 1,"
-            " lease_until = now() + make_interval(secs => $2)"
-            " FROM locked WHERE c.org_id = locked.org_id AND c.id = locked.id"
-            # Claimed meanwhile by another sender (its lease is live): not again.
-            " AND (c.state = 'pending' AND c.next_attempt_at <= now()"
-            "      OR c.state = 'sending' AND c.lease_until < now())"
-            " RETURNING c.*",
-            batch,
-            lease,
-            list(busy),
-            list(busy.values()),
-            per_org,
-        )
+        return await tx.fetch(_CLAIM_SQL, batch, lease, list(busy), list(busy.values()), per_org)
+
+
+# Orgs with open deliveries (a loose scan of the open deliveries' index), then each org's
+# oldest heads (at most its room: `per_org` less what it has in flight), walked in id order
+# by the (org_id, id) index of open deliveries so a long backlog is not read whole; then
+# turns across orgs, locked and claimed.
+_CLAIM_SQL = (
+    "WITH RECURSIVE orgs AS ("
+    " (SELECT org_id FROM changelog_deliveries WHERE state IN ('pending', 'sending')"
+    " ORDER BY org_id LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT d.org_id FROM changelog_deliveries d"
+    "  WHERE d.state IN ('pending', 'sending') AND d.org_id > o.org_id ORDER BY d.org_id LIMIT 1)"
+    " FROM orgs o WHERE o.org_id IS NOT NULL),"
+    " room AS ("
+    " SELECT b.org_id, b.n FROM unnest($3::uuid[], $4::int[]) AS b(org_id, n)),"
+    " heads AS ("
+    " SELECT h.org_id, h.id, row_number() OVER (PARTITION BY h.org_id ORDER BY h.id) AS turn"
+    " FROM orgs o LEFT JOIN room r ON r.org_id = o.org_id"
+    " CROSS JOIN LATERAL ("
+    "  SELECT d.org_id, d.id FROM changelog_deliveries d"
+    "  WHERE d.org_id = o.org_id AND d.state IN ('pending', 'sending')"
+    "  AND (d.state = 'pending' AND d.next_attempt_at <= now()"
+    "       OR d.state = 'sending' AND d.lease_until < now())"
+    "  AND NOT EXISTS (SELECT 1 FROM changelog_deliveries p"
+    "   WHERE p.org_id = d.org_id AND p.blueprint = d.blueprint"
+    "   AND p.entity = d.entity AND p.state IN ('pending', 'sending') AND p.id < d.id)"
+    "  ORDER BY d.id"
+    "  LIMIT greatest(0, coalesce($5::int, $1::int) - coalesce(r.n, 0))) h"
+    " WHERE o.org_id IS NOT NULL),"
+    " chosen AS (SELECT org_id, id FROM heads ORDER BY turn, id LIMIT $1),"
+    " locked AS ("
+    " SELECT c.org_id, c.id FROM changelog_deliveries c"
+    " WHERE (c.org_id, c.id) IN (SELECT org_id, id FROM chosen)"
+    " FOR UPDATE SKIP LOCKED)"
+    " UPDATE changelog_deliveries c SET state = 'sending', attempts = attempts + 1,"
+    " lease_until = now() + make_interval(secs => $2)"
+    " FROM locked WHERE c.org_id = locked.org_id AND c.id = locked.id"
+    # Claimed meanwhile by another sender (its lease is live): not again.
+    " AND (c.state = 'pending' AND c.next_attempt_at <= now()"
+    "      OR c.state = 'sending' AND c.lease_until < now())"
+    " RETURNING c.*"
+)
 
 
 async def _record(

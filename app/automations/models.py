@@ -91,6 +91,13 @@ class ChangelogDelivery(Base):
             "id",
             postgresql_where=text("state IN ('pending', 'sending')"),
         ),
+        # The sender walks each org's open deliveries oldest first.
+        Index(
+            "ix_changelog_deliveries_open_id",
+            "org_id",
+            "id",
+            postgresql_where=text("state IN ('pending', 'sending')"),
+        ),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
