@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
 from app.db.database import Database
 from tests.conftest import LiveServer, Org, OrgFactory
@@ -563,6 +564,46 @@ async def test_a_stream_ends_when_its_credential_is_deleted(
     assert events[-1].startswith("event: error"), events
     body = json.loads(events[-1].split("data: ", 1)[1])
     assert body["ok"] is False and body["error"] == "invalid_token"
+
+
+async def test_a_stream_ends_when_its_user_is_removed(
+    app: FastAPI, client: httpx.AsyncClient, make_org: OrgFactory, live_server: LiveServer
+) -> None:
+    """A person's stream checks their membership every few seconds (5 by default)."""
+    org = await make_org()
+    await _setup(client, org)
+    email = "watcher@example.com"
+    r = await client.post(
+        "/v1/users/invite", json={"invitee": {"email": email}}, headers=org.headers
+    )
+    assert r.status_code in (200, 201), r.text
+    r = await client.patch(f"/v1/users/{email}", json={"roles": ["Admin"]}, headers=org.headers)
+    assert r.status_code == 200, r.text
+    token = app.state.tokens.issue(org_id=org.org_id, subject=email, kind="user", roles=[])
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    opened = asyncio.Event()
+
+    async def follow() -> str:
+        async with (
+            httpx.AsyncClient(base_url=live_server.url, timeout=30) as http,
+            http.stream(
+                "GET",
+                f"/v1/actions/runs/{run_id}/logs/stream",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response,
+        ):
+            assert response.status_code == 200
+            opened.set()
+            return (await response.aread()).decode()
+
+    reader = asyncio.create_task(follow())
+    await asyncio.wait_for(opened.wait(), 10)
+    r = await client.delete(f"/v1/users/{email}", headers=org.headers)
+    assert r.status_code == 200, r.text
+    text = await asyncio.wait_for(reader, 15)
+    events = [block for block in text.split("\n\n") if block.strip()]
+    assert events[-1].startswith("event: error"), events
+    assert json.loads(events[-1].split("data: ", 1)[1])["error"] == "unknown_user"
 
 
 class _Streams:
