@@ -7,6 +7,7 @@ import asyncio
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.automations import timers
+from app.automations import feed, timers
 from app.automations.feed import process_once
 from app.catalog import entities
 from app.config import Settings
@@ -534,3 +535,52 @@ async def test_a_slow_condition_does_not_hold_up_another_orgs_changelog(
                 "SELECT horizon FROM event_feed_cursors WHERE org_id = $1", b.org_id
             )
         assert int(b_cursor) <= b_last, "B's events were all evaluated before A's change"
+
+
+async def test_an_orgs_turn_is_held_by_one_pass_at_a_time(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    """Each org's cursor is claimed with a lease: while another pass holds B's turn, passes
+    go on with A's events; a pass whose lease was lost commits nothing; once B's turn is
+    free, its events are read."""
+    a, b = await make_org(), await make_org()
+    for org in (a, b):
+        await _post(client, org, "/v1/blueprints", SERVICE)
+        await _post(
+            client,
+            org,
+            "/v1/actions",
+            automation("watch", {"type": "ANY_ENTITY_CHANGE", "blueprintIdentifier": "service"}),
+        )
+    await _feed(db)  # both orgs have their cursor
+    async with db.system() as tx:
+        await tx.execute(
+            "UPDATE event_feed_cursors SET lease_until = now() + interval '1 minute', "
+            "lease_token = gen_random_uuid() WHERE org_id = $1",
+            b.org_id,
+        )
+        b_start = await tx.fetchval(
+            "SELECT horizon FROM event_feed_cursors WHERE org_id = $1", b.org_id
+        )
+    await _entity(client, b, "b0")
+    await _entity(client, a, "a0")
+    deadline = time.monotonic() + 10
+    while not await _runs(client, a, "watch"):
+        assert time.monotonic() < deadline, "A's event waited for B's turn"
+        await process_once(db)
+        await asyncio.sleep(0.05)
+    assert await _runs(client, b, "watch") == []
+    # A pass that does not hold B's lease (it ran out and was taken) commits nothing.
+    async with db.system() as tx:
+        horizon = await tx.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+    stale = feed.Claim(b.org_id, str(b_start), str(horizon), uuid.uuid4())
+    assert await feed.run_pass(db, stale) == 0
+    assert await _runs(client, b, "watch") == []
+    async with db.system() as tx:
+        await tx.execute(
+            "UPDATE event_feed_cursors SET lease_until = NULL, lease_token = NULL "
+            "WHERE org_id = $1",
+            b.org_id,
+        )
+    await _feed(db)
+    assert [r["entity"]["identifier"] for r in await _runs(client, b, "watch")] == ["b0"]
