@@ -13,7 +13,8 @@ Organizations take turns: each has its own cursor (`automations/<org>`), and one
 pass never waits for another's. A tick of the feed (every 100 ms in each worker process)
 computes the horizon, gives orgs that newly have automations or a changelog destination a
 cursor (starting at the floor: the previous tick's horizon), moves the cursors of orgs
-with no events in their range straight to the horizon, and claims, least recently served
+with no events in their range straight to the horizon (at most once a second: idle orgs'
+rows are not written on every tick), and claims, least recently served
 first, the cursors of orgs that have events, each with a lease (one pass per org at a time,
 across processes). At most `automation_concurrency` passes run at once per process, each
 evaluating at most `automation_org_concurrency` of its org's conditions at once.
