@@ -173,7 +173,11 @@ def served(settings: Settings, *, worker: bool = True) -> Iterator[int]:
         yield port
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # still draining streams or jobs: stop it
+            proc.kill()
+            proc.wait(10)
         log.close()
 
 

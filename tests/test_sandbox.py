@@ -412,6 +412,61 @@ async def test_a_runs_required_jq_holds_no_connection_while_it_runs(
     assert r.status_code == 422 and "longer than" in r.json()["message"]
 
 
+async def _idle_in_transaction(db: Database, work: Any) -> tuple[list[int], Any]:
+    """Counts of connections idle inside a transaction, sampled while `work` runs."""
+    started = asyncio.create_task(work)
+    async with db.system() as tx:
+        database = await tx.fetchval("SELECT current_database()")
+    seen: list[int] = []
+    deadline = time.monotonic() + sandbox.limits().time_limit * 0.8
+    await asyncio.sleep(0.3)
+    while time.monotonic() < deadline and not started.done():
+        async with db.system() as tx:
+            seen.append(
+                await tx.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                    "AND state = 'idle in transaction'",
+                    database,
+                )
+            )
+        await asyncio.sleep(0.1)
+    return seen, await started
+
+
+async def test_reads_hold_no_connection_while_calculations_run(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    blueprint = {
+        "identifier": "svc",
+        "title": "Service",
+        "schema": {"properties": {}},
+        "calculationProperties": {"slow": {"calculation": "def f: f; f", "type": "number"}},
+    }
+    r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/blueprints/svc/entities", json={"identifier": "a"}, headers=org.headers
+    )
+    assert r.status_code == 201, r.text
+    search = {
+        "combinator": "and",
+        "rules": [{"property": "$blueprint", "operator": "=", "value": "svc"}],
+    }
+    reads = [
+        lambda: client.get("/v1/blueprints/svc/entities/a", headers=org.headers),
+        lambda: client.post("/v1/blueprints/svc/entities/search", json={}, headers=org.headers),
+        lambda: client.get("/v1/blueprints/svc/entities", headers=org.headers),
+        lambda: client.post("/v1/entities/search", json=search, headers=org.headers),
+    ]
+    for read in reads:
+        seen, r = await _idle_in_transaction(db, read())
+        assert seen, "the read ended before it could be watched"
+        assert max(seen) == 0, seen
+        assert r.status_code == 200, r.text
+        assert "longer than" in r.text  # the calculation's error, beside its null
+
+
 async def test_one_orgs_slow_jq_does_not_hold_up_another_org() -> None:
     slow = "def f: f; f"
     stuck = [asyncio.create_task(_via_template("org-noisy", slow)) for _ in range(6)]
@@ -468,3 +523,60 @@ async def test_an_org_over_its_queue_cap_is_told_to_come_back() -> None:
         await asyncio.gather(*slow)
     finally:
         sandbox.configure(Settings())
+
+
+async def test_a_runs_templates_see_its_entities_calculated_properties(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    """Calculated at dispatch, in the worker, with no transaction open."""
+    org = await make_org()
+    blueprint = {
+        "identifier": "service",
+        "title": "Service",
+        "schema": {"properties": {"replicas": {"type": "number"}}},
+        "calculationProperties": {
+            "double": {"calculation": ".properties.replicas * 2", "type": "number"}
+        },
+    }
+    r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
+    assert r.status_code == 201, r.text
+    for name, replicas in (("api", 3), ("db", 5)):
+        r = await client.post(
+            "/v1/blueprints/service/entities",
+            json={"identifier": name, "properties": {"replicas": replicas}},
+            headers=org.headers,
+        )
+        assert r.status_code == 201, r.text
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        action = {
+            "identifier": "scale",
+            "title": "Scale",
+            "trigger": {
+                "type": "self-service",
+                "operation": "DAY-2",
+                "blueprintIdentifier": "service",
+                "userInputs": {
+                    "properties": {
+                        "peer": {"type": "string", "format": "entity", "blueprint": "service"}
+                    }
+                },
+            },
+            "invocationMethod": {
+                "type": "WEBHOOK",
+                "url": receiver.url,
+                "body": {
+                    "mine": "{{ .entity.properties.double }}",
+                    "peer": "{{ .inputs.peer.properties.double }}",
+                },
+            },
+        }
+        await define(client, org, action)
+        start_worker()
+        r = await client.post(
+            "/v1/actions/scale/runs",
+            json={"entity": "api", "properties": {"peer": "db"}},
+            headers=org.headers,
+        )
+        assert r.status_code == 202, r.text
+        await receiver.wait_for(1, timeout=15)
+        assert receiver.deliveries[0].body == {"mine": 6, "peer": 10}

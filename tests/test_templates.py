@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from app.kit import sandbox
 from app.dispatch.templates import TemplateError, redact, referenced_secrets, render
+from app.kit import sandbox
 
 ORG = "org-templates"
 DATA: dict[str, Any] = {

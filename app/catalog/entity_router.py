@@ -24,7 +24,7 @@ from app.catalog.schemas import (
     OkResponse,
 )
 from app.db.database import Database
-from app.db.routing import api_router, key_lookups
+from app.db.routing import AfterCommit, api_router, key_lookups
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response, to_json
@@ -198,7 +198,12 @@ async def list_entities(
             first = False
         yield b"]}"
 
-    return StreamingResponse(stream(), media_type="application/json")
+    async def complete() -> Response:
+        if search.first is not None:  # before the headers: a failure is the status
+            await search.calculate(search.first[0])
+        return StreamingResponse(stream(), media_type="application/json")
+
+    return AfterCommit(complete)
 
 
 @router.get(
@@ -228,7 +233,12 @@ async def get_entity(
     found, _ = await search.page(tenant.tx, None, 1)
     if not found:
         raise NotFound(f"Entity {identifier!r} of blueprint {blueprint!r} was not found")
-    return json_response({"ok": True, "entity": found[0]})
+
+    async def complete() -> Response:
+        await search.calculate(found)  # the transaction has committed: no connection waits
+        return json_response({"ok": True, "entity": found[0]})
+
+    return AfterCommit(complete)
 
 
 async def _rewrite(

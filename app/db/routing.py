@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -64,6 +64,18 @@ def key_lookups(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
 
 
+class AfterCommit(Response):
+    """What a read endpoint returns when part of its answer needs no database but may take
+    a while (tenants' jq: calculation properties): the route commits the transaction,
+    which gives its connection back, and only then awaits `complete` for the response. No
+    connection waits on a child process. Only for endpoints that have written nothing
+    that `complete` depends on."""
+
+    def __init__(self, complete: Callable[[], Awaitable[Response]]) -> None:
+        super().__init__()
+        self.complete = complete
+
+
 class TransactionRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
@@ -80,6 +92,8 @@ class TransactionRoute(APIRoute):
                 try:
                     response = await handler(request)
                     await _finish(request, commit=True)
+                    if isinstance(response, AfterCommit):
+                        return await response.complete()
                     return response
                 except RETRYABLE as exc:
                     # The transaction is rolled back whole; nothing of this attempt stays.

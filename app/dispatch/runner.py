@@ -37,6 +37,8 @@ from app.dispatch.outbound import Allowed
 from app.kit import sandbox
 from app.kit.crypto import Cipher, cipher_for
 from app.kit.errors import Forbidden, PortolanError
+from app.search.calc import calculate
+from app.search.service import scope_for
 from app.secrets import service as secrets_service
 
 log = logging.getLogger("portolan.dispatch")
@@ -51,6 +53,18 @@ class Claim:
     token: uuid.UUID
     secrets: dict[str, str]  # the org's secrets the invocation names, decrypted
     signing_secret: str  # for webhooks ("" otherwise)
+    # The definitions of the run's entities' blueprints that have calculation properties.
+    calculated: dict[str, dict[str, Any]]
+
+
+def run_entities(context: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entities a run's templates see: its entity and the entities its inputs name."""
+    found = [context["entity"]] if isinstance(context.get("entity"), dict) else []
+    for value in (context.get("inputEntities") or {}).values():
+        for entity in value if isinstance(value, list) else [value]:
+            if isinstance(entity, dict):
+                found.append(entity)
+    return found
 
 
 def wanted_secrets(method: dict[str, Any]) -> set[str]:
@@ -99,7 +113,14 @@ async def claim(
             if method.get("type") == "WEBHOOK"
             else ""
         )
-    return Claim(org_id, row, token, known, signing)
+        named = {e.get("blueprint") for e in run_entities(row["context"])}
+        scope = await scope_for(tx, None, None) if named else None
+        calculated = {
+            bp: definition
+            for bp, definition in (scope.blueprints.items() if scope else ())
+            if bp in named and definition.get("calculationProperties")
+        }
+    return Claim(org_id, row, token, known, signing, calculated)
 
 
 def trigger_data(run: asyncpg.Record, secrets: dict[str, str]) -> dict[str, Any]:
@@ -252,6 +273,13 @@ async def _transient(
 async def _attempt(settings: Settings, db: Database, held: Claim) -> str:
     org_id, run_id = held.org_id, held.run["id"]
     run = held.run
+    # The run's entities' calculation properties, evaluated now (no transaction open):
+    # the run recorded their stored and derived properties.
+    for blueprint, definition in held.calculated.items():
+        found = [e for e in run_entities(run["context"]) if e.get("blueprint") == blueprint]
+        await calculate(definition, found, org=org_id)
+        for entity in found:
+            entity.pop("calculationErrors", None)
     method: dict[str, Any] = run["definition"]["invocationMethod"]
     kind = method.get("type")
     known, signing = held.secrets, held.signing_secret

@@ -4,8 +4,8 @@ Started by app/kit/sandbox.py as `python -I -B jq_child.py` with an empty enviro
 an empty working directory, with no inherited file descriptors but its pipes, stderr on
 /dev/null. It imports only the standard library and jq, so it holds none of the service's
 settings, keys or connections. Before reading any request it clears what is left of its
-environment, lowers its CPU priority, caps its memory and its file writes, and refuses jq's module system (the
-only way jq reads a file) before compiling.
+environment, lowers its CPU priority, caps its memory and its file writes, and refuses
+jq's module system (the only way jq reads a file) before compiling.
 
 Protocol on stdin/stdout, one request at a time: a frame is a 4-byte big-endian length and
 that many bytes. A request's bytes are lines: a JSON header `{"p": [programs], "n":

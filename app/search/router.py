@@ -13,7 +13,7 @@ from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.catalog.entities import FieldFilter
 from app.db.database import Database
-from app.db.routing import api_router
+from app.db.routing import AfterCommit, api_router
 from app.kit.openapi import ERRORS_AUTHED
 from app.kit.responses import json_response, to_json
 from app.search.aggregate import aggregate
@@ -136,10 +136,15 @@ async def search_blueprint(
         (body.exclude or []) + (exclude or []) or None,
         [scope.blueprints[blueprint]],
     )
-    page: dict[str, Any] = {"ok": True, "entities": [pick.apply(e) for e in found]}
-    if last is not None:
-        page["next"] = encode_cursor(last)
-    return json_response(page)
+
+    async def complete() -> Response:
+        await search.calculate(found)  # the transaction has committed: no connection waits
+        page: dict[str, Any] = {"ok": True, "entities": [pick.apply(e) for e in found]}
+        if last is not None:
+            page["next"] = encode_cursor(last)
+        return json_response(page)
+
+    return AfterCommit(complete)
 
 
 class AggregateBody(BaseModel):
@@ -215,4 +220,9 @@ async def search_all(
             first = False
         yield b"]}"
 
-    return StreamingResponse(stream(), media_type="application/json")
+    async def complete() -> Response:
+        if search.first is not None:  # before the headers: a failure is the status
+            await search.calculate(search.first[0])
+        return StreamingResponse(stream(), media_type="application/json")
+
+    return AfterCommit(complete)

@@ -164,8 +164,10 @@ async def prepare(
     if streamed if streamed is not None else blueprint is None:
         # A streamed answer sends its headers before it reads its pages: its first page is
         # read now, in the request's transaction, so a search that fails (a statement that
-        # cannot be built or runs past the time limit, a calculation that cannot run) is
-        # the answer's status, not a 200 whose body breaks off. `stream` starts with it.
+        # cannot be built or runs past the time limit) is the answer's status, not a 200
+        # whose body breaks off. `stream` starts with it; its calculations are the
+        # caller's, after the commit (`calculate`: a calculation that cannot run is the
+        # answer's status too).
         search.first = await search.page(tx, None, _PAGE)
     return search
 
@@ -438,15 +440,21 @@ class Search:
         more = len(rows) > limit
         rows = rows[:limit]
         found = [self._entity(row) for row in rows]
-        if self.calculated:
-            for bp in self.scope.searched:
-                await calculate(
-                    self.scope.blueprints[bp],
-                    [e for e in found if e["blueprint"] == bp],
-                    org=self.scope.org_id,
-                )
         last = (rows[-1]["blueprint"], rows[-1]["identifier"]) if more and rows else None
         return found, last
+
+    async def calculate(self, found: list[dict[str, Any]]) -> None:
+        """Add the calculation properties to entities `page` read (in place, unless the
+        search leaves them out). jq runs in the sandbox meanwhile: call this with no
+        transaction open, so no connection waits on it."""
+        if not self.calculated:
+            return
+        for bp in self.scope.searched:
+            await calculate(
+                self.scope.blueprints[bp],
+                [e for e in found if e["blueprint"] == bp],
+                org=self.scope.org_id,
+            )
 
     def _entity(self, row: asyncpg.Record) -> dict[str, Any]:
         state = row_state(row)
@@ -463,8 +471,10 @@ class Search:
         return entity
 
     async def stream(self, db: Database, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
-        """Every match, a page per short transaction (memory stays flat), starting with
-        the first page read by `prepare` when there is one."""
+        """Every match, a page per short transaction (memory stays flat), each page's
+        calculations evaluated after its transaction, starting with the first page read
+        by `prepare` when there is one (the caller evaluates its calculations: `calculate`,
+        before the answer's headers go out)."""
         after: tuple[str, str] | None = None
         if self.first is not None:
             found, after = self.first
@@ -476,6 +486,7 @@ class Search:
         while True:
             async with db.tenant(org_id) as tx:
                 found, after = await self.page(tx, after, _PAGE)
+            await self.calculate(found)
             for entity in found:
                 yield entity
             if after is None:
