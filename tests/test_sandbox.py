@@ -44,6 +44,7 @@ from tests.test_dispatch import (
 
 CANARY = "portolan-canary-" + "7f3a9c"
 INPUT = {"name": "api", "n": 2}
+LOOP_JQ = "def f: f; f"
 
 
 @pytest.fixture
@@ -580,3 +581,32 @@ async def test_a_runs_templates_see_its_entities_calculated_properties(
         assert r.status_code == 202, r.text
         await receiver.wait_for(1, timeout=15)
         assert receiver.deliveries[0].body == {"mine": 6, "peer": 10}
+
+
+async def test_webhook_processing_holds_no_connection_while_mappings_run(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    from app.webhooks import processing
+    from tests.test_webhooks import _catalog, _create, event_rows, post_events
+
+    org = await make_org()
+    await _catalog(client, org)
+    webhook = await _create(
+        client,
+        org,
+        {
+            "identifier": "slow",
+            "title": "Slow",
+            "mappings": [
+                {"blueprint": "label", "entity": {"identifier": LOOP_JQ, "properties": {}}}
+            ],
+        },
+    )
+    ids = await post_events(client, webhook, [{"n": 1}])
+    seen, done = await _idle_in_transaction(db, processing.process_webhook(db, org.org_id, "slow"))
+    assert seen, "the pass ended before it could be watched"
+    assert max(seen) == 0, seen
+    assert done == 1
+    [row] = await event_rows(db, org, ids)
+    assert row["status"] == "failed"
+    assert "longer than" in str(row["outcome"])

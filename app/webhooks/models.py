@@ -87,3 +87,21 @@ class WebhookEvent(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     outcome: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class WebhookPass(Base):
+    """Which pass is applying a webhook's events (app/webhooks/processing.py), for how long:
+    a lease, so a pass can render its batch with no transaction open and no other pass
+    takes the webhook meanwhile. A pass that died leaves a lease that runs out."""
+
+    __tablename__ = "webhook_passes"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "webhook"], ["webhooks.org_id", "webhooks.identifier"], ondelete="CASCADE"
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    webhook: Mapped[str] = mapped_column(String(30), primary_key=True)
+    claim: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    lease_until: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

@@ -1,12 +1,15 @@
 """The worker's side: accepted events applied to the catalog through the mappings.
 
 A pass over one webhook takes its pending events oldest first, a batch at a time (up to
-BATCH_EVENTS events, and up to BATCH_BYTES of stored bodies). Each batch is applied in one
-tenant transaction that holds the webhook's row (`FOR NO KEY UPDATE SKIP LOCKED`: one
-worker per webhook at a time, so events apply in the order they arrived, while ingest
-keeps inserting) and the batch's event rows (`FOR UPDATE`, status still pending). The
-entity writes and every event's outcome commit together, so an event is applied once,
-however many jobs or passes reach it.
+BATCH_EVENTS events, and up to BATCH_BYTES of stored bodies). The pass holds a lease on the
+webhook (a `webhook_passes` row: one pass per webhook at a time across workers, so events
+apply in the order they arrived, while ingest keeps inserting), renewed by each batch and
+ended with the pass; a pass that died leaves a lease that runs out (LEASE_SECONDS). Each
+batch is read in a short transaction, rendered with no transaction open (the tenant's jq
+runs in the sandbox meanwhile, and no connection waits on it), then applied in one
+transaction that checks the lease is still the pass's: the entity writes and every
+event's outcome commit together, so an event is applied once, however many jobs or passes
+reach it.
 
 Per mapping: `itemsToParse` (jq -> array; at most 500 items, each exposed as `.item`),
 then per item `filter` (jq -> true/false) and the entity's jq. Entities are upserted and
@@ -677,11 +680,12 @@ async def _delete(tx: Tx, op: _Op, writer: Writer) -> None:
         op.written(identifier, "delete")
 
 
-async def apply(
-    tx: Tx, webhook: str, mappings: list[Any], rows: Sequence[asyncpg.Record]
-) -> list[dict[str, Any]]:
-    """Apply the mappings to a batch of events, in order; the outcome to record on each
-    of the first events (all of them unless rendering them took too long)."""
+async def render_events(
+    org: object, mappings: list[Any], rows: Sequence[asyncpg.Record]
+) -> list[_Event]:
+    """The mappings rendered for a batch of events, in order, each with what to write and
+    its outcome so far: the first events (all of them unless rendering them took too long).
+    Call it with no transaction open: jq runs in the sandbox meanwhile."""
     events = [
         _Event(
             id=row["id"],
@@ -704,7 +708,11 @@ async def apply(
                 event.outcome.error(
                     (index, 0, -1), index, None, f"/mappings/{index}", "the mapping cannot be read"
                 )
-    events = events[: await _render_batch(compiled, events, org=tx.org_id)]
+    return events[: await _render_batch(compiled, events, org=org)]
+
+
+async def write_events(tx: Tx, webhook: str, events: list[_Event]) -> list[dict[str, Any]]:
+    """Write what rendered events map to, in order; the outcome to record on each."""
     writer = Writer(actor=f"webhook:{webhook}", origin="WEBHOOK", datasource=None)
     for level in _levels([op for event in events for op in event.ops]):
         if level[0].mapping.delete:
@@ -737,56 +745,103 @@ def _batch_of(rows: Sequence[asyncpg.Record]) -> list[str]:
     return chosen
 
 
+LEASE_SECONDS = 120.0  # a pass's hold on its webhook, renewed by every batch
+
+# Take the webhook's pass, or renew this pass's hold on it; nothing when another pass holds
+# it (or the webhook is gone).
+_CLAIM = """
+INSERT INTO webhook_passes AS p (org_id, webhook, claim, lease_until)
+SELECT org_id, identifier, $3, now() + make_interval(secs => $4)
+FROM webhooks WHERE org_id = $1 AND identifier = $2
+ON CONFLICT (org_id, webhook) DO UPDATE
+SET claim = excluded.claim, lease_until = excluded.lease_until
+WHERE p.claim = excluded.claim OR p.lease_until < now()
+RETURNING claim
+"""
+
+
 async def _process_batch(
-    tx: Tx, webhook: str, limit: int, claimed: list[str]
+    db: Database, org_id: uuid.UUID, webhook: str, limit: int, running: _Pass, claimed: list[str]
 ) -> tuple[int, bool] | None:
     """Apply a batch of the webhook's oldest pending events: how many (0 when there are
     none) and whether more were pending; None when another pass holds the webhook (or it
-    is gone). The batch's ids go to `claimed` before anything is applied."""
-    mappings = await tx.fetchval(
-        "SELECT mappings FROM webhooks WHERE org_id = $1 AND identifier = $2 "
-        "FOR NO KEY UPDATE SKIP LOCKED",
-        tx.org_id,
-        webhook,
-    )
-    if mappings is None:
-        return None
-    # Not SKIP LOCKED: an event row is only ever locked briefly by a failure being
-    # recorded, and skipping it would apply a later event first.
-    pending = await tx.fetch(
-        "SELECT id, attempts, coalesce(pg_column_size(body), 0) AS size FROM webhook_events "
-        "WHERE org_id = $1 AND webhook = $2 AND status = 'pending' "
-        "ORDER BY received_at, id LIMIT $3 FOR UPDATE",
-        tx.org_id,
-        webhook,
-        limit,
-    )
-    if not pending:
-        return 0, False
-    chosen = _batch_of(pending)
-    claimed.extend(chosen)
-    rows = await tx.fetch(
-        "SELECT id, body, headers, query_params, outcome FROM webhook_events "
-        "WHERE org_id = $1 AND id = ANY($2::varchar[])",
-        tx.org_id,
-        chosen,
-    )
+    is gone). The batch's ids go to `claimed` before anything is applied.
+
+    Three steps, so no connection waits while the mappings' jq runs: take (or renew) the
+    pass's lease and read the batch; render it with no transaction open; then, still
+    holding the lease, write the entities and record the outcomes in one transaction."""
+    async with db.tenant(org_id) as tx:
+        held = await tx.fetchval(_CLAIM, org_id, webhook, running.claim, LEASE_SECONDS)
+        if held is None:
+            return None
+        mappings = await tx.fetchval(
+            "SELECT mappings FROM webhooks WHERE org_id = $1 AND identifier = $2",
+            org_id,
+            webhook,
+        )
+        pending = await tx.fetch(
+            "SELECT id, attempts, coalesce(pg_column_size(body), 0) AS size "
+            "FROM webhook_events WHERE org_id = $1 AND webhook = $2 AND status = 'pending' "
+            "ORDER BY received_at, id LIMIT $3",
+            org_id,
+            webhook,
+            limit,
+        )
+        if not pending:
+            return 0, False
+        chosen = _batch_of(pending)
+        rows = await tx.fetch(
+            "SELECT id, body, headers, query_params, outcome FROM webhook_events "
+            "WHERE org_id = $1 AND id = ANY($2::varchar[])",
+            org_id,
+            chosen,
+        )
     order = {event_id: position for position, event_id in enumerate(chosen)}
     rows.sort(key=lambda row: order[row["id"]])
-    outcomes = await apply(tx, webhook, mappings, rows)
-    rows = rows[: len(outcomes)]
-    del claimed[len(outcomes) :]
-    await tx.execute(
-        "UPDATE webhook_events AS w SET status = u.status, outcome = u.outcome, "
-        "processed_at = now(), attempts = w.attempts + 1 "
-        "FROM unnest($2::varchar[], $3::varchar[], $4::jsonb[]) AS u(id, status, outcome) "
-        "WHERE w.org_id = $1 AND w.id = u.id",
-        tx.org_id,
-        [row["id"] for row in rows],
-        ["failed" if outcome["errors"] else "processed" for outcome in outcomes],
-        outcomes,
-    )
-    return len(rows), len(pending) > len(rows) or len(pending) == limit
+    claimed.extend(chosen)
+    events = await render_events(org_id, mappings, rows)
+    del claimed[len(events) :]
+    async with db.tenant(org_id) as tx:
+        # Still this pass's (a lease that ran out may have gone to another pass), and the
+        # mappings unchanged; events are only ever applied under the lease, so they are
+        # still pending.
+        current = await tx.fetchval(
+            "SELECT w.mappings FROM webhook_passes p JOIN webhooks w "
+            "ON w.org_id = p.org_id AND w.identifier = p.webhook "
+            "WHERE p.org_id = $1 AND p.webhook = $2 AND p.claim = $3 FOR UPDATE OF p",
+            org_id,
+            webhook,
+            running.claim,
+        )
+        if current is None:
+            claimed.clear()
+            return None
+        if current != mappings:
+            claimed.clear()
+            return 0, True  # changed meanwhile: read the batch again
+        outcomes = await write_events(tx, webhook, events)
+        await tx.execute(
+            "UPDATE webhook_events AS w SET status = u.status, outcome = u.outcome, "
+            "processed_at = now(), attempts = w.attempts + 1 "
+            "FROM unnest($2::varchar[], $3::varchar[], $4::jsonb[]) AS u(id, status, outcome) "
+            "WHERE w.org_id = $1 AND w.id = u.id",
+            org_id,
+            [event.id for event in events],
+            ["failed" if outcome["errors"] else "processed" for outcome in outcomes],
+            outcomes,
+        )
+    return len(events), len(pending) > len(events) or len(pending) == limit
+
+
+async def _release(db: Database, org_id: uuid.UUID, webhook: str, running: _Pass) -> None:
+    """End the pass's hold on its webhook (another pass may take it at once)."""
+    async with db.tenant(org_id) as tx:
+        await tx.execute(
+            "DELETE FROM webhook_passes WHERE org_id = $1 AND webhook = $2 AND claim = $3",
+            org_id,
+            webhook,
+            running.claim,
+        )
 
 
 async def _record_failure(
@@ -829,6 +884,7 @@ class _Pass:
     again: bool = False
     done: int = 0
     failed: bool = False
+    claim: uuid.UUID = field(default_factory=uuid.uuid4)  # its lease on the webhook
 
 
 _passes: dict[tuple[uuid.UUID, str], _Pass] = {}
@@ -876,43 +932,48 @@ async def _run_pass(
     After a batch that took every pending event, `drain` waits BATCH_WAIT_SECONDS (more
     are likely on their way, and make one batch) and looks again; without `drain` the
     pass ends there."""
-    while running.done < limit:
-        running.again = False
-        claimed: list[str] = []
-        try:
-            async with db.tenant(org_id) as tx:
+    try:
+        while running.done < limit:
+            running.again = False
+            claimed: list[str] = []
+            try:
                 result = await _process_batch(
-                    tx, webhook, min(BATCH_EVENTS, limit - running.done), claimed
+                    db, org_id, webhook, min(BATCH_EVENTS, limit - running.done), running, claimed
                 )
-        except Exception as exc:
-            running.failed = True
-            log.warning(
-                "webhook event processing failed; it will be tried again",
-                extra={
-                    "org_id": str(org_id),
-                    "webhook": webhook,
-                    "events": len(claimed),
-                    "error": type(exc).__name__,
-                },
-            )
-            if claimed:
-                try:
-                    await _record_failure(db, org_id, claimed, exc)
-                except Exception:
-                    log.warning("could not record the failure", exc_info=True)
-            break
-        if result is None:  # another process's pass holds the webhook
-            break
-        count, more = result
-        if count == 0:
-            if running.again:
-                continue
-            break
-        running.done += count
-        if not more:
-            if not drain:
+            except Exception as exc:
+                running.failed = True
+                log.warning(
+                    "webhook event processing failed; it will be tried again",
+                    extra={
+                        "org_id": str(org_id),
+                        "webhook": webhook,
+                        "events": len(claimed),
+                        "error": type(exc).__name__,
+                    },
+                )
+                if claimed:
+                    try:
+                        await _record_failure(db, org_id, claimed, exc)
+                    except Exception:
+                        log.warning("could not record the failure", exc_info=True)
                 break
-            await asyncio.sleep(BATCH_WAIT_SECONDS)
+            if result is None:  # another process's pass holds the webhook
+                break
+            count, more = result
+            if count == 0:
+                if running.again or more:  # more: the mappings changed while it rendered
+                    continue
+                break
+            running.done += count
+            if not more:
+                if not drain:
+                    break
+                await asyncio.sleep(BATCH_WAIT_SECONDS)
+    finally:
+        try:
+            await _release(db, org_id, webhook, running)
+        except Exception:  # the lease runs out by itself
+            log.warning("could not end a webhook pass's lease", exc_info=True)
     return running.done
 
 
