@@ -4,9 +4,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
-RUN pip install .
+RUN pip install -c constraints.txt .
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
