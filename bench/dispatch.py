@@ -37,9 +37,11 @@ FLAT_OUT_CLIENTS = 32
 
 
 class Receiver:
-    """The smallest HTTP server that answers 200 and notes each delivery's arrival."""
+    """The smallest HTTP server that answers 200 (after `delay` seconds) and notes each
+    delivery's arrival (`note`: here, by its `webhook-id`, the run id)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
         self.arrivals: dict[str, float] = {}
         self.deliveries = 0
         self._server: asyncio.Server | None = None
@@ -53,6 +55,12 @@ class Receiver:
         if self._server is not None:
             self._server.close()
 
+    def note(self, headers: dict[str, str], body: bytes, now: float) -> None:
+        run_id = headers.get("webhook-id")
+        if run_id is not None:
+            self.arrivals.setdefault(run_id, now)
+            self.deliveries += 1
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -64,16 +72,14 @@ class Receiver:
                         name, _, value = line.partition(":")
                         headers[name.strip().lower()] = value.strip()
                 length = int(headers.get("content-length", "0"))
-                if length:
-                    await reader.readexactly(length)
-                run_id = headers.get("webhook-id")
-                if run_id is not None:
-                    self.arrivals.setdefault(run_id, now)
-                    self.deliveries += 1
+                body = await reader.readexactly(length) if length else b""
+                self.note(headers, body, now)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the receiver is stopping
         finally:
             writer.close()
 

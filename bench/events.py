@@ -48,26 +48,10 @@ class SeqReceiver(Receiver):
         super().__init__()
         self.seqs: dict[int, float] = {}
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                now = time.perf_counter()
-                length = 0
-                for line in head.decode("latin-1").split("\r\n")[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value.strip())
-                body = await reader.readexactly(length) if length else b"{}"
-                seq = json.loads(body).get("seq")
-                if isinstance(seq, int | float):
-                    self.seqs.setdefault(int(seq), now)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def note(self, headers: dict[str, str], body: bytes, now: float) -> None:
+        seq = json.loads(body or b"{}").get("seq")
+        if isinstance(seq, int | float):
+            self.seqs.setdefault(int(seq), now)
 
 
 async def _automation_latency(

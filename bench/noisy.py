@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from app.db.database import Database
+from bench import dispatch as bench_dispatch
 from bench.env import new_org, scratch_settings, served
 
 ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "3"))
@@ -41,47 +42,14 @@ TARGET_RATIO = 2.0
 LOOP = "def f: f; f"
 
 
-class Receiver:
-    """A webhook receiver: notes when each delivery's marker arrives; answers after
-    `delay` seconds."""
+class Receiver(bench_dispatch.Receiver):
+    """Notes when each delivery's `marker` arrives (the automation's body carries it)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.arrivals: dict[str, float] = {}
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                now = time.perf_counter()
-                length = 0
-                for line in head.decode("latin-1").split("\r\n")[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value.strip())
-                body = await reader.readexactly(length) if length else b"{}"
-                with contextlib.suppress(ValueError, AttributeError):
-                    marker = json.loads(body).get("marker")
-                    if marker is not None:
-                        self.arrivals.setdefault(str(marker), now)
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass  # the client went away, or the receiver is stopping
-        finally:
-            writer.close()
+    def note(self, headers: dict[str, str], body: bytes, now: float) -> None:
+        with contextlib.suppress(ValueError, AttributeError):
+            marker = json.loads(body or b"{}").get("marker")
+            if marker is not None:
+                self.arrivals.setdefault(str(marker), now)
 
 
 def _blueprint(identifier: str, calculation: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -379,40 +379,6 @@ async def test_run_payloads_and_logs_carry_no_transformed_secret(
 # Time, connections and fairness
 
 
-async def test_a_runs_required_jq_holds_no_connection_while_it_runs(
-    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
-) -> None:
-    org = await make_org()
-    await catalog(client, org)
-    action = self_service("slow", {"type": "WEBHOOK", "url": "https://example.test/x"})
-    action["trigger"]["userInputs"]["required"] = {
-        "jqQuery": "[limit(1; repeat(1))] | until(false; .) | []"
-    }
-    await define(client, org, action)
-    started = asyncio.create_task(
-        client.post("/v1/actions/slow/runs", json={"properties": {}}, headers=org.headers)
-    )
-    waiting: list[int] = []
-    async with db.system() as tx:
-        database = await tx.fetchval("SELECT current_database()")
-    deadline = time.monotonic() + sandbox.limits().time_limit * 0.8
-    await asyncio.sleep(0.3)
-    while time.monotonic() < deadline and not started.done():
-        async with db.system() as tx:
-            waiting.append(
-                await tx.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
-                    "AND state = 'idle in transaction'",
-                    database,
-                )
-            )
-        await asyncio.sleep(0.1)
-    r = await started
-    assert waiting, "the evaluation ended before it could be watched"
-    assert max(waiting) == 0, waiting
-    assert r.status_code == 422 and "longer than" in r.json()["message"]
-
-
 async def _idle_in_transaction(db: Database, work: Any) -> tuple[list[int], Any]:
     """Counts of connections idle inside a transaction, sampled while `work` runs."""
     started = asyncio.create_task(work)
@@ -432,6 +398,24 @@ async def _idle_in_transaction(db: Database, work: Any) -> tuple[list[int], Any]
             )
         await asyncio.sleep(0.1)
     return seen, await started
+
+
+async def test_a_runs_required_jq_holds_no_connection_while_it_runs(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await catalog(client, org)
+    action = self_service("slow", {"type": "WEBHOOK", "url": "https://example.test/x"})
+    action["trigger"]["userInputs"]["required"] = {
+        "jqQuery": "[limit(1; repeat(1))] | until(false; .) | []"
+    }
+    await define(client, org, action)
+    waiting, r = await _idle_in_transaction(
+        db, client.post("/v1/actions/slow/runs", json={"properties": {}}, headers=org.headers)
+    )
+    assert waiting, "the evaluation ended before it could be watched"
+    assert max(waiting) == 0, waiting
+    assert r.status_code == 422 and "longer than" in r.json()["message"]
 
 
 async def test_reads_hold_no_connection_while_calculations_run(
@@ -454,7 +438,7 @@ async def test_reads_hold_no_connection_while_calculations_run(
         "combinator": "and",
         "rules": [{"property": "$blueprint", "operator": "=", "value": "svc"}],
     }
-    reads = [
+    reads: list[Callable[[], Awaitable[httpx.Response]]] = [
         lambda: client.get("/v1/blueprints/svc/entities/a", headers=org.headers),
         lambda: client.post("/v1/blueprints/svc/entities/search", json={}, headers=org.headers),
         lambda: client.get("/v1/blueprints/svc/entities", headers=org.headers),
