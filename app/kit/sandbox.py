@@ -264,10 +264,19 @@ class _Pool:
     async def call(self, org: str, payload: bytes) -> bytes:
         await self.turn(org)
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self.run, payload)
-        finally:
+            work = asyncio.get_running_loop().run_in_executor(self._executor, self.run, payload)
+        except BaseException:
             self.done(org)
+            raise
+        # The turn is the org's until its child is free again, even if the caller gives up
+        # first (a cancelled request): the call runs on to its end or its time limit.
+        def finished(done: asyncio.Future[bytes]) -> None:
+            self.done(org)
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller that gave up leaves no warning
+
+        work.add_done_callback(finished)
+        return await asyncio.shield(work)
 
     def close(self) -> None:
         with self._lock:
