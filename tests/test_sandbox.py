@@ -594,3 +594,40 @@ async def test_webhook_processing_holds_no_connection_while_mappings_run(
     [row] = await event_rows(db, org, ids)
     assert row["status"] == "failed"
     assert "longer than" in str(row["outcome"])
+
+
+def test_a_jq_process_ends_with_the_service_that_started_it() -> None:
+    """A service killed mid-evaluation leaves no tenant loop running."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, json\n"
+        "from app.kit import sandbox\n"
+        "async def main():\n"
+        "    await sandbox.evaluate('o', ['1'], ['{}'], outputs=1, output_limit=100)\n"
+        "    print(sandbox._get_pool()._idle[0].process.pid, flush=True)\n"
+        "    await sandbox.evaluate('o', ['def f: f; f'], ['{}'], outputs=1, output_limit=100)\n"
+        "asyncio.run(main())\n"
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    assert service.stdout is not None
+    child = int(service.stdout.readline())
+    time.sleep(0.3)  # the child is in its endless loop
+    service.send_signal(signal.SIGKILL)
+    service.wait()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":  # ended, not yet reaped
+            break
+        time.sleep(0.05)
+    alive = Path(f"/proc/{child}").exists() and (
+        Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    )
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the jq process outlived the service"

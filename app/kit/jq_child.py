@@ -4,12 +4,14 @@ Started by app/kit/sandbox.py as `python -I -B jq_child.py` with an empty enviro
 an empty working directory, with no inherited file descriptors but its pipes, stderr on
 /dev/null. It imports only the standard library and jq, so it holds none of the service's
 settings, keys or connections. Before reading any request it clears what is left of its
-environment, lowers its CPU priority, caps its memory and its file writes, and refuses
-jq's module system (the only way jq reads a file) before compiling.
+environment, asks the kernel to end it with its parent, lowers its CPU priority, caps its
+memory and its file writes, and refuses jq's module system (the only way jq reads a file)
+before compiling; each request gets a CPU-time limit of its own as a backstop.
 
 Protocol on stdin/stdout, one request at a time: a frame is a 4-byte big-endian length and
 that many bytes. A request's bytes are lines: a JSON header `{"p": [programs], "n":
-outputs wanted, "o": output byte limit}` and then one compact JSON document per line
+outputs wanted, "o": one output's byte limit, "t": the whole reply's, "c": CPU seconds
+the request may use}` and then one compact JSON document per line
 (compact JSON has no raw newline). The reply is a JSON list with, per document, a list with
 per program `[1, [outputs...]]` or `[0, "message"]`.
 
@@ -48,8 +50,37 @@ def _message(exc: BaseException) -> str:
     return first.removeprefix("jq: error: ").strip().rstrip(":")[:_MESSAGE_LIMIT]
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent goes (a service that crashed or
+    was killed must not leave a tenant's endless loop running)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent was gone before the request took effect
+        os._exit(0)
+
+
+def _cpu_budget(seconds: float) -> None:
+    """Whatever the parent does, one request may use at most about `seconds` more of CPU:
+    past it the kernel ends the process (SIGXCPU)."""
+    try:
+        import resource
+
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime + seconds) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _confine() -> None:
     """Drop what the process could reveal or abuse before any tenant program runs."""
+    _die_with_parent()
     os.environ.clear()
     try:
         # Below the service's own processes: a tenant's loop takes spare CPU, not the
@@ -110,9 +141,20 @@ class _Evaluator:
         programs: list[str] = header["p"]
         wanted = int(header["n"])
         limit = int(header["o"])
-        reply = [
-            [self.run(text, document, wanted, limit) for text in programs] for document in lines[1:]
-        ]
+        _cpu_budget(float(header["c"]))
+        room = int(header["t"])  # bytes of outputs the whole reply may carry
+        reply: list[list[list[Any]]] = []
+        for document in lines[1:]:
+            row = []
+            for text in programs:
+                if room <= 0:
+                    row.append([0, "the evaluation's results are larger than allowed"])
+                    continue
+                outcome = self.run(text, document, wanted, min(limit, room))
+                if outcome[0]:
+                    room -= sum(len(json.dumps(value)) for value in outcome[1])
+                row.append(outcome)
+            reply.append(row)
         return json.dumps(reply, separators=(",", ":")).encode()
 
 

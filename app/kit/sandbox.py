@@ -6,8 +6,10 @@ action and webhook templates, a run's `required` query) calls `evaluate`, which:
 - runs the programs in a child process (app/kit/jq_child.py) started with an empty
   environment in an empty directory, holding no secret, with no module system: `$ENV`,
   `env`, files, `input`/`inputs` beyond the document give nothing;
-- gives each call `time_limit` seconds of the child's time (waiting for a turn is not
-  counted); a child past its limit is killed and the call raises `TimeLimit`;
+- gives each call `time_limit` seconds of the child's CPU time (waiting for a turn is not
+  counted; a child the machine's load kept from running gets more wall time, up to
+  BACKSTOP limits); a child past its limit is killed and the call raises `TimeLimit`; the
+  outputs of one call are capped in all (REPLY_LIMIT_BYTES), and parsed off the loop;
 - hands out the children fairly: an org holds at most `per_org` children at once, and a
   freed child goes to the org that has waited longest for a turn (round robin over orgs, in
   order of arrival within an org), so one org's slow programs delay another org's by at most
@@ -55,6 +57,9 @@ __all__ = [
 ]
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jq_child.py")
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+BACKSTOP = 5  # wall time a starved call may take, in time limits
+REPLY_LIMIT_BYTES = 16 * 1024 * 1024  # the outputs of one call, in all
 
 Result = tuple[bool, Any]  # (True, [outputs]) or (False, "jq's message")
 
@@ -105,23 +110,51 @@ class _Child:
         assert self.process.stdin is not None and self.process.stdout is not None
         self._in = self.process.stdin
         self._out = self.process.stdout.fileno()
+        self._clock: tuple[float, float | None, float] = (0.0, None, 0.0)
+
+    def cpu_seconds(self) -> float | None:
+        """The CPU time the child has used (Linux), or None where that cannot be read."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, ValueError, IndexError):
+            return None
 
     def call(self, payload: bytes, time_limit: float) -> bytes:
-        deadline = time.monotonic() + time_limit
+        """One request and its reply. The time limit is the child's CPU time: a child that
+        the machine's load kept from running gets more wall time, up to BACKSTOP times the
+        limit."""
+        started = time.monotonic()
+        self._clock = (started, self.cpu_seconds(), time_limit)
         try:
             self._in.write(len(payload).to_bytes(4, "big") + payload)
             self._in.flush()
         except (BrokenPipeError, OSError) as exc:
             raise Crashed("the evaluation stopped (out of memory or a crash)") from exc
-        size = int.from_bytes(self._read(4, deadline), "big")
-        return self._read(size, deadline)
+        size = int.from_bytes(self._read(4), "big")
+        return self._read(size)
 
-    def _read(self, size: int, deadline: float) -> bytes:
+    def _wait(self) -> float:
+        """Seconds the child may still take, by its CPU time (0: its time is up)."""
+        started, cpu_then, limit = self._clock
+        elapsed = time.monotonic() - started
+        if elapsed < limit:
+            return limit - elapsed
+        cpu_now = self.cpu_seconds()
+        if cpu_then is None or cpu_now is None or elapsed >= limit * BACKSTOP:
+            return 0.0
+        spent = cpu_now - cpu_then
+        return 0.0 if spent >= limit else max(0.05, min(limit - spent, limit * BACKSTOP - elapsed))
+
+    def _read(self, size: int) -> bytes:
         chunks: list[bytes] = []
         while size:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._out], [], [], left)[0]:
+            left = self._wait()
+            if left <= 0:
                 raise TimeLimit
+            if not select.select([self._out], [], [], left)[0]:
+                continue  # look at the child's CPU time again
             chunk = os.read(self._out, min(size, 1 << 20))
             if not chunk:
                 raise Crashed("the evaluation stopped (out of memory or a crash)")
@@ -246,12 +279,13 @@ class _Pool:
                 child.kill()
         return _Child(self._workdir)
 
-    def run(self, payload: bytes) -> bytes:
-        """Blocking, in one of the pool's threads: one call on one child."""
+    def run(self, payload: bytes) -> Any:
+        """Blocking, in one of the pool's threads: one call on one child, its reply parsed
+        here too (a large reply does not hold up the event loop)."""
         child = self._take()
         healthy = False
         try:
-            reply = child.call(payload, self.limits.time_limit)
+            reply = json.loads(child.call(payload, self.limits.time_limit))
             healthy = True
             return reply
         finally:
@@ -261,16 +295,17 @@ class _Pool:
             else:
                 child.kill()
 
-    async def call(self, org: str, payload: bytes) -> bytes:
+    async def call(self, org: str, payload: bytes) -> Any:
         await self.turn(org)
         try:
             work = asyncio.get_running_loop().run_in_executor(self._executor, self.run, payload)
         except BaseException:
             self.done(org)
             raise
+
         # The turn is the org's until its child is free again, even if the caller gives up
         # first (a cancelled request): the call runs on to its end or its time limit.
-        def finished(done: asyncio.Future[bytes]) -> None:
+        def finished(done: asyncio.Future[Any]) -> None:
             self.done(org)
             if not done.cancelled():
                 done.exception()  # retrieved: a caller that gave up leaves no warning
@@ -351,8 +386,15 @@ async def evaluate(
     if not programs or not documents:
         return [[] for _ in documents]
     documents = [d.replace("\n", " ") if "\n" in d else d for d in documents]
-    header = json.dumps({"p": list(programs), "n": outputs, "o": output_limit})
+    header = json.dumps(
+        {
+            "p": list(programs),
+            "n": outputs,
+            "o": output_limit,
+            "t": REPLY_LIMIT_BYTES,
+            "c": _limits.time_limit * BACKSTOP,
+        }
+    )
     payload = "\n".join([header, *documents]).encode()
-    reply = await _get_pool().call(str(org), payload)
-    decoded: list[list[list[Any]]] = json.loads(reply)
+    decoded: list[list[list[Any]]] = await _get_pool().call(str(org), payload)
     return [[(bool(ok), value) for ok, value in row] for row in decoded]
