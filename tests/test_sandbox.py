@@ -631,3 +631,79 @@ def test_a_jq_process_ends_with_the_service_that_started_it() -> None:
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, "the jq process outlived the service"
+
+
+async def test_what_secrets_became_is_masked_where_it_comes_back(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    """A message quoting a rendered header name or host, and a receiver echoing a header,
+    show the mask, not the encoded secret."""
+    import base64
+
+    org = await make_org()
+    await catalog(client, org)
+    await add_secret(client, org, "PASSWORD", "pa55-word-value")
+    encoded = base64.b64encode(b"pa55-word-value").decode()
+    codes = "-".join(str(ord(c)) for c in "pa55-word-value")
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        receiver.respond(400, {"echo": f"Basic {encoded}"})
+        for identifier, method in (
+            (
+                "header-name",
+                {"headers": {"{{ .secrets.PASSWORD | @base64 }} x": "v"}},
+            ),
+            (
+                "host",
+                {
+                    "url": "http://h{{ .secrets.PASSWORD | explode | map(tostring) "
+                    '| join("-") }}.invalid/x'
+                },
+            ),
+            (
+                "echo",
+                {
+                    "synchronized": True,
+                    "headers": {"Authorization": "Basic {{ .secrets.PASSWORD | @base64 }}"},
+                },
+            ),
+        ):
+            await define(
+                client,
+                org,
+                self_service(identifier, {"type": "WEBHOOK", "url": receiver.url, **method}),
+            )
+        start_worker()
+        for identifier in ("header-name", "host", "echo"):
+            run_id = await start_run(client, org, identifier, {"name": "x"})
+            run = await wait_run(client, org, run_id, ended)
+            shown = json.dumps(run) + json.dumps(await run_logs(client, org, run_id))
+            assert encoded not in shown and codes not in shown, (identifier, shown)
+            assert run["status"] == "FAILURE", (identifier, run)
+
+
+async def test_definitions_bound_the_jq_they_ask_the_server_to_compile(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """jq is compiled on the server's event loop when a definition is saved: shapes that
+    compile slowly are refused, and one definition's compiling is bounded in all."""
+    org = await make_org()
+
+    def blueprint(calcs: dict[str, str]) -> dict[str, Any]:
+        return {
+            "identifier": "svc",
+            "title": "Service",
+            "schema": {"properties": {}},
+            "calculationProperties": {
+                name: {"calculation": jq, "type": "string"} for name, jq in calcs.items()
+            },
+        }
+
+    interpolations = '"' + "\\(1)" * 2000 + '"'
+    r = await client.post(
+        "/v1/blueprints", json=blueprint({"x": interpolations}), headers=org.headers
+    )
+    assert r.status_code == 422 and "string interpolations" in r.text, r.text
+    alternatives = " // ".join([".a"] * 1200)
+    many = {f"p{i}": alternatives for i in range(60)}
+    r = await client.post("/v1/blueprints", json=blueprint(many), headers=org.headers)
+    assert r.status_code == 422 and "too long to check" in r.text, r.text

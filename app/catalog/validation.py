@@ -7,6 +7,7 @@ the submitted blueprint, and reported together as one 422.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator
 
 # Python's own regex parser (its public alias, sre_parse, is deprecated since 3.11); only
@@ -191,6 +192,7 @@ class Problems:
 
     def __init__(self) -> None:
         self.items: list[dict[str, str]] = []
+        self.jq_seconds = 0.0  # spent compiling the definition's jq (check_jq)
 
     def add(self, pointer: str, message: str) -> None:
         self.items.append({"pointer": pointer, "message": message})
@@ -581,6 +583,14 @@ def check_calculation_properties(calcs: Any, problems: Problems) -> None:
             problems.add(_join(pointer, "type"), f"type must be one of {', '.join(PROPERTY_TYPES)}")
 
 
+# jq is compiled here, on the server's event loop, to tell a definition's author what is
+# wrong with it at once. Compiling costs more than linear time for some shapes (string
+# interpolations above all), so what one definition may ask of it is bounded.
+MAX_JQ_LENGTH = 10_000
+MAX_JQ_INTERPOLATIONS = 256
+JQ_COMPILE_BUDGET_SECONDS = 0.25
+
+
 def check_jq(expression: str, pointer: str, problems: Problems) -> None:
     import jq
 
@@ -589,10 +599,24 @@ def check_jq(expression: str, pointer: str, problems: Problems) -> None:
         # Modules are files: tenants' jq sees its input and nothing else.
         problems.add(pointer, f"jq modules are not available ({directive})")
         return
+    if len(expression) > MAX_JQ_LENGTH:
+        problems.add(pointer, f"a jq expression has at most {MAX_JQ_LENGTH} characters")
+        return
+    if expression.count("\\(") > MAX_JQ_INTERPOLATIONS:
+        problems.add(
+            pointer, f"a jq expression has at most {MAX_JQ_INTERPOLATIONS} string interpolations"
+        )
+        return
+    if problems.jq_seconds > JQ_COMPILE_BUDGET_SECONDS:
+        problems.add(pointer, "the definition's jq takes too long to check: make it smaller")
+        return
+    started = time.perf_counter()
     try:
         jq.compile(expression)
     except ValueError as exc:
         problems.add(pointer, f"not a valid jq expression: {exc}")
+    finally:
+        problems.jq_seconds += time.perf_counter() - started
 
 
 AGG_FUNCS = {"count", "sum", "average", "min", "max", "median"}

@@ -144,6 +144,40 @@ def trigger_data(run: asyncpg.Record, secrets: dict[str, str]) -> dict[str, Any]
     }
 
 
+def derived(real: Any, masked: Any, found: list[str] | None = None) -> list[str]:
+    """The parts of the real rendering that differ from the masked one: what secrets
+    became (encoded, cut, spelled out), to be masked wherever they come back (a message
+    that quotes a header name or a host, a receiver echoing a header)."""
+    found = [] if found is None else found
+    if isinstance(real, str) and isinstance(masked, str):
+        if real != masked:
+            start = 0
+            while start < min(len(real), len(masked)) and real[start] == masked[start]:
+                start += 1
+            end = 0
+            while (
+                end < min(len(real), len(masked)) - start
+                and real[len(real) - 1 - end] == masked[len(masked) - 1 - end]
+            ):
+                end += 1
+            part = real[start : len(real) - end]
+            if len(part) >= 4:
+                found.append(part)
+    elif isinstance(real, dict) and isinstance(masked, dict):
+        for (key, value), (masked_key, masked_value) in zip(
+            real.items(), masked.items(), strict=False
+        ):
+            derived(key, masked_key, found)
+            derived(value, masked_value, found)
+    elif isinstance(real, list) and isinstance(masked, list):
+        for value, masked_value in zip(real, masked, strict=False):
+            derived(value, masked_value, found)
+    elif real != masked and not isinstance(real, bool) and isinstance(real, int | float):
+        if len(str(real)) >= 4:
+            found.append(str(real))
+    return found
+
+
 def redact(value: Any, secrets: list[str]) -> Any:
     """The value with every secret that was rendered into it replaced."""
     if not secrets:
@@ -332,6 +366,8 @@ async def _attempt(settings: Settings, db: Database, held: Claim) -> str:
     rendered["type"] = payload["type"] = kind
     if kind == "WEBHOOK" and "body" not in method:
         rendered["body"] = payload["body"] = {k: v for k, v in data.items() if k != "secrets"}
+    # Masked wherever they come back: the secrets, and what the templates made of them.
+    shown = [*shown, *derived(rendered, payload)]
     context = invokers.Context(
         run_id=run_id,
         signing_secret=signing,
