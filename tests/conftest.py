@@ -128,6 +128,9 @@ async def settings(database_url: str, servers: Servers) -> Settings:
         queue_name=f"portolan-test:{RUN_ID}",
         log_level="WARNING",
         cors_origins=["https://portal.example.com"],
+        # The suite's API, its workers and its live server share one PostgreSQL (100
+        # connections by default): each pool stays small enough that they fit together.
+        db_max_overflow=8,
     )
     await asyncio.to_thread(run_migrations, settings)
     return settings
