@@ -117,27 +117,33 @@ class TenantAuth(_Bearer):
     async def __call__(self, request: Request) -> Tenant:  # type: ignore[override]
         principal, issued_at = await _principal_from(request)
         await enforce(request.scope, request.app.state.limiter, principal.org_id, request.method)
-        # A machine credential's token is good while the credential exists and its secret
-        # has not been rotated since: checked by the transaction's opening statement. A
-        # user's is good while the user is an active member: checked right after. Every
-        # kind has its check; there is no kind without one.
-        if principal.kind == "app":
-            credential: tuple[str, int] | None = (principal.subject, issued_at)
-        elif principal.kind == "user":
-            credential = None
-        else:
-            raise Unauthorized("The access token is invalid", code="invalid_token")
-        tx = await open_request_tx(
-            request,
-            request.app.state.db,
-            principal.org_id,
-            actor=principal.subject,
-            credential=credential,
-            origin=principal.origin,
-        )
-        if principal.kind == "user":
-            principal = await _with_user_access(principal, tx)
-        return Tenant(principal=principal, tx=tx)
+        return await _open_tenant(request, principal, issued_at)
+
+
+async def _open_tenant(request: Request, principal: Principal, issued_at: int) -> Tenant:
+    """Open the request's transaction for an authenticated caller.
+
+    A machine credential's token is good while the credential exists and its secret has not
+    been rotated since: checked by the transaction's opening statement. A user's is good
+    while the user is an active member: checked right after. Every kind has its check;
+    there is no kind without one."""
+    if principal.kind == "app":
+        credential: tuple[str, int] | None = (principal.subject, issued_at)
+    elif principal.kind == "user":
+        credential = None
+    else:
+        raise Unauthorized("The access token is invalid", code="invalid_token")
+    tx = await open_request_tx(
+        request,
+        request.app.state.db,
+        principal.org_id,
+        actor=principal.subject,
+        credential=credential,
+        origin=principal.origin,
+    )
+    if principal.kind == "user":
+        principal = await _with_user_access(principal, tx)
+    return Tenant(principal=principal, tx=tx)
 
 
 CurrentTenant = Annotated[Tenant, Depends(TenantAuth())]
@@ -154,19 +160,7 @@ class Deferred:
     issued_at: int
 
     async def open(self) -> Tenant:
-        principal = self.principal
-        credential = (principal.subject, self.issued_at) if principal.kind == "app" else None
-        tx = await open_request_tx(
-            self.request,
-            self.request.app.state.db,
-            principal.org_id,
-            actor=principal.subject,
-            credential=credential,
-            origin=principal.origin,
-        )
-        if principal.kind == "user":
-            principal = await _with_user_access(principal, tx)
-        return Tenant(principal=principal, tx=tx)
+        return await _open_tenant(self.request, self.principal, self.issued_at)
 
 
 class DeferredTenantAuth(_Bearer):
