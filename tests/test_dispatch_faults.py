@@ -284,3 +284,43 @@ async def test_one_orgs_backlog_does_not_hold_up_another_orgs_runs(
     finally:
         await pool.delete(queue)
         await pool.aclose()
+
+
+async def test_the_relay_does_not_spin_on_runs_held_back_by_their_orgs_cap(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.dispatch import relay as relay_module
+
+    org = await make_org()
+    await catalog(client, org)
+    await define(
+        client, org, self_service("hook", {"type": "WEBHOOK", "url": "https://hooks.test/x"})
+    )
+    for i in range(3):
+        await start_run(client, org, "hook", {"name": f"n{i}"})
+    looks = 0
+    real = relay_module._seconds_to_next
+
+    async def counted(*args: object) -> float | None:
+        nonlocal looks
+        looks += 1
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay_module, "_seconds_to_next", counted)
+    queue = f"portolan-test:spin-{time.monotonic_ns()}"
+    relay = relay_module.Relay(
+        settings.model_copy(update={"queue_name": queue, "dispatch_org_concurrency": 1}), db
+    )
+    relay.start()
+    try:
+        await asyncio.sleep(1.5)
+    finally:
+        await relay.stop()
+        pool = await create_pool(RedisSettings.from_dsn(settings.redis_url or ""))
+        await pool.delete(queue)
+        await pool.aclose()
+    assert looks <= 15, looks  # a few looks a second, not a busy loop

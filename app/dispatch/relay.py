@@ -36,6 +36,7 @@ from app.db.database import Database
 log = logging.getLogger("portolan.dispatch")
 BATCH = 200
 _IDLE_WAIT = 1.0
+_CAPPED_WAIT = 0.25
 _BACKOFF_MAX = 5.0
 _PASS_SECONDS = 30.0
 
@@ -205,6 +206,10 @@ class Relay:
                 due = await _seconds_to_next(self._db, requeue)
                 if due is not None:
                     wait = min(wait, due)
+                if moved == 0 and due is not None and due < _CAPPED_WAIT:
+                    # Due rows that were not moved wait for their org's runs in flight to
+                    # end: look again shortly, not at once (that would spin).
+                    wait = _CAPPED_WAIT
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis or PostgreSQL unreachable: keep the rows, retry
