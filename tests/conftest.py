@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,11 +262,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def live_server(settings: Settings) -> Iterator[LiveServer]:
+@contextmanager
+def served(settings: Settings, **env: str) -> Iterator[tuple[int, Path]]:
+    """`portolan serve --no-worker` in a process of its own on a free port, against the
+    run's database, with `env` (PORTOLAN_ settings) on top: (its port, its output's file)
+    once it answers /readyz; stopped afterwards."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTOLAN_")}
-    env.update(
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PORTOLAN_")}
+    environ.update(
         PORTOLAN_ENV="test",
         PORTOLAN_DATABASE_URL=settings.database_url or "",
         PORTOLAN_REDIS_URL=settings.redis_url or "",
@@ -274,14 +278,13 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
         PORTOLAN_QUEUE_NAME=f"portolan-test:{uuid.uuid4().hex}",
         PORTOLAN_LOG_LEVEL="WARNING",
         PORTOLAN_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        PORTOLAN_OUTBOUND_ALLOW="127.0.0.1/32",
-        PORTOLAN_DB_POOL_SIZE="4",
     )
+    environ.update(env)
     log = tempfile.NamedTemporaryFile(prefix="portolan-live-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--no-worker"],
         cwd=Path(__file__).resolve().parent.parent,
-        env=env,
+        env=environ,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -298,7 +301,7 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
             if time.monotonic() > deadline:
                 raise AssertionError("the server did not become ready")
             time.sleep(0.2)
-        yield LiveServer(url=f"http://127.0.0.1:{port}", port=port, log=Path(log.name))
+        yield port, Path(log.name)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -308,3 +311,12 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
             proc.wait(5)
         log.close()
         os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    with served(settings, PORTOLAN_OUTBOUND_ALLOW="127.0.0.1/32", PORTOLAN_DB_POOL_SIZE="4") as (
+        port,
+        log,
+    ):
+        yield LiveServer(url=f"http://127.0.0.1:{port}", port=port, log=log)

@@ -6,23 +6,16 @@ but steady bodies) still work."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.config import Settings
-from tests.conftest import PLATFORM_TOKEN, SECRET_KEY
+from tests.conftest import served
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_HEAD = 8 * 1024
@@ -42,61 +35,17 @@ class Server:
         return sock
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(settings: Settings) -> Iterator[Server]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTOLAN_")}
-    env.update(
-        PORTOLAN_ENV="test",
-        PORTOLAN_DATABASE_URL=settings.database_url or "",
-        PORTOLAN_REDIS_URL=settings.redis_url or "",
-        PORTOLAN_SECRET_KEY=SECRET_KEY,
-        PORTOLAN_PLATFORM_TOKEN=PLATFORM_TOKEN,
-        PORTOLAN_QUEUE_NAME=f"portolan-test:{uuid.uuid4().hex}",
-        PORTOLAN_LOG_LEVEL="WARNING",
+    with served(
+        settings,
         PORTOLAN_DB_POOL_SIZE="2",
         PORTOLAN_HTTP_MAX_HEADER_BYTES=str(MAX_HEAD),
         PORTOLAN_HTTP_HEADER_TIMEOUT_SECONDS=str(HEAD_TIMEOUT),
         PORTOLAN_HTTP_BODY_IDLE_TIMEOUT_SECONDS=str(BODY_IDLE),
         PORTOLAN_HTTP_KEEP_ALIVE_SECONDS=str(KEEP_ALIVE),
-    )
-    log = tempfile.NamedTemporaryFile(prefix="portolan-http-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--no-worker"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited: {Path(log.name).read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the server did not become ready")
-            time.sleep(0.2)
-        yield Server(port=port, log=Path(log.name))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-        os.unlink(log.name)
+    ) as (port, log):
+        yield Server(port=port, log=log)
 
 
 def _request(path: str = "/healthz", extra: str = "", method: str = "GET") -> bytes:
