@@ -47,6 +47,18 @@ INPUT = {"name": "api", "n": 2}
 LOOP_JQ = "def f: f; f"
 
 
+def calculated(calcs: dict[str, str], kind: str = "string", **schema: Any) -> dict[str, Any]:
+    """A blueprint `svc` whose calculation properties are `calcs` (name: jq)."""
+    return {
+        "identifier": "svc",
+        "title": "Service",
+        "schema": {"properties": schema},
+        "calculationProperties": {
+            name: {"calculation": jq, "type": kind} for name, jq in calcs.items()
+        },
+    }
+
+
 @pytest.fixture
 def canary_env() -> Iterator[None]:
     """The service's environment holds a secret-looking canary; children started afresh."""
@@ -190,14 +202,7 @@ async def test_definitions_refuse_jq_modules(
     client: httpx.AsyncClient, make_org: OrgFactory
 ) -> None:
     org = await make_org()
-    blueprint = {
-        "identifier": "svc",
-        "title": "Service",
-        "schema": {"properties": {}},
-        "calculationProperties": {
-            "leak": {"calculation": 'import "openapi/openapi" as $d; $d', "type": "object"}
-        },
-    }
+    blueprint = calculated({"leak": 'import "openapi/openapi" as $d; $d'}, "object")
     r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
     assert r.status_code == 422, r.text
     assert "modules are not available" in r.text
@@ -207,15 +212,7 @@ async def test_a_calculation_cannot_read_the_service_keys(
     client: httpx.AsyncClient, make_org: OrgFactory, settings: Settings
 ) -> None:
     org = await make_org()
-    blueprint = {
-        "identifier": "svc",
-        "title": "Service",
-        "schema": {"properties": {}},
-        "calculationProperties": {
-            "env": {"calculation": "$ENV | tostring", "type": "string"},
-            "env2": {"calculation": "env | tostring", "type": "string"},
-        },
-    }
+    blueprint = calculated({"env": "$ENV | tostring", "env2": "env | tostring"})
     r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
     assert r.status_code == 201, r.text
     r = await client.post(
@@ -422,12 +419,7 @@ async def test_reads_hold_no_connection_while_calculations_run(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
     org = await make_org()
-    blueprint = {
-        "identifier": "svc",
-        "title": "Service",
-        "schema": {"properties": {}},
-        "calculationProperties": {"slow": {"calculation": "def f: f; f", "type": "number"}},
-    }
+    blueprint = calculated({"slow": "def f: f; f"}, "number")
     r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
     assert r.status_code == 201, r.text
     r = await client.post(
@@ -688,22 +680,12 @@ async def test_definitions_bound_the_jq_they_ask_the_server_to_compile(
     compile slowly are refused, and one definition's compiling is bounded in all."""
     org = await make_org()
 
-    def blueprint(calcs: dict[str, str]) -> dict[str, Any]:
-        return {
-            "identifier": "svc",
-            "title": "Service",
-            "schema": {"properties": {}},
-            "calculationProperties": {
-                name: {"calculation": jq, "type": "string"} for name, jq in calcs.items()
-            },
-        }
-
     interpolations = '"' + "\\(1)" * 2000 + '"'
     r = await client.post(
-        "/v1/blueprints", json=blueprint({"x": interpolations}), headers=org.headers
+        "/v1/blueprints", json=calculated({"x": interpolations}), headers=org.headers
     )
     assert r.status_code == 422 and "string interpolations" in r.text, r.text
     alternatives = " // ".join([".a"] * 1200)
     many = {f"p{i}": alternatives for i in range(60)}
-    r = await client.post("/v1/blueprints", json=blueprint(many), headers=org.headers)
+    r = await client.post("/v1/blueprints", json=calculated(many), headers=org.headers)
     assert r.status_code == 422 and "too long to check" in r.text, r.text
