@@ -131,7 +131,8 @@ async def settings(database_url: str, servers: Servers) -> Settings:
         cors_origins=["https://portal.example.com"],
         # The suite's API, its workers and its live server share one PostgreSQL (100
         # connections by default): each pool stays small enough that they fit together.
-        db_max_overflow=8,
+        db_pool_size=5,
+        db_max_overflow=6,
     )
     await asyncio.to_thread(run_migrations, settings)
     return settings
@@ -278,6 +279,7 @@ def served(settings: Settings, **env: str) -> Iterator[tuple[int, Path]]:
         PORTOLAN_QUEUE_NAME=f"portolan-test:{uuid.uuid4().hex}",
         PORTOLAN_LOG_LEVEL="WARNING",
         PORTOLAN_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        PORTOLAN_DB_MAX_OVERFLOW="4",
     )
     environ.update(env)
     log = tempfile.NamedTemporaryFile(prefix="portolan-live-", suffix=".log", delete=False)
