@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
@@ -87,6 +88,15 @@ class Entity(Base):
             postgresql_using="gin",
             postgresql_ops={"properties": "jsonb_path_ops"},
         ),
+        # Entities by their writer, for Ocean's reconciliation: see migration 0024.
+        Index(
+            "ix_entities_datasource",
+            "org_id",
+            "datasource",
+            "blueprint",
+            "identifier",
+            postgresql_where=text("datasource IS NOT NULL"),
+        ),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -96,7 +106,8 @@ class Entity(Base):
     icon: Mapped[str | None] = mapped_column(String(200))
     team: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
     properties: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
-    datasource: Mapped[str | None] = mapped_column(Text)
+    # Compared in code point order, so a prefix is a range of ix_entities_datasource.
+    datasource: Mapped[str | None] = mapped_column(Text(collation="C"))
     created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
     updated_at: Mapped[datetime] = timestamp()
