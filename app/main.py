@@ -19,6 +19,7 @@ from app.auth.oidc_router import router as oidc_router
 from app.auth.router import router as auth_router
 from app.auth.tokens import TokenService
 from app.auth.verifier import Verifier
+from app.catalog.datasource_router import router as datasource_router
 from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(oidc_router)
     app.include_router(users_router)
     app.include_router(teams_router)
+    app.include_router(datasource_router)  # before /v1/blueprints/{identifier}/...
     app.include_router(catalog_router)
     app.include_router(search_router)
     app.include_router(entity_router)
