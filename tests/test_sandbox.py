@@ -689,3 +689,74 @@ async def test_definitions_bound_the_jq_they_ask_the_server_to_compile(
     many = {f"p{i}": alternatives for i in range(60)}
     r = await client.post("/v1/blueprints", json=calculated(many), headers=org.headers)
     assert r.status_code == 422 and "too long to check" in r.text, r.text
+
+
+def _jq_children() -> dict[int, int]:
+    """This process's jq children: pid -> nice."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"jq_child" in command:
+            found[int(entry)] = int(fields[16])
+    return found
+
+
+async def test_a_long_call_drops_below_short_ones() -> None:
+    """A call that runs past DEMOTE_AFTER goes to the lowest priority, whichever org it is
+    of: short calls are served first on a loaded machine."""
+    sandbox.configure(Settings(jq_processes=2, jq_per_org=2, jq_time_limit_seconds=1))
+    base = min(sandbox.NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + sandbox.NICE)
+    try:
+        assert await _via_template("org-quiet", ".inputs.n") == 2
+        assert list(_jq_children().values()) == [base]
+        looping = asyncio.create_task(_via_template("org-noisy", LOOP_JQ))
+        await asyncio.sleep(0.4)
+        assert list(_jq_children().values()) == [sandbox.NICE_DEMOTED]
+        assert await _via_template("org-quiet", ".inputs.n") == 2  # a second child
+        assert sorted(_jq_children().values()) == [base, sandbox.NICE_DEMOTED]
+        assert isinstance(await looping, TemplateError)  # its time limit
+    finally:
+        sandbox.configure(Settings())
+
+
+def test_a_demoted_child_serves_its_next_call_at_the_usual_priority(tmp_path: Path) -> None:
+    base = min(sandbox.NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + sandbox.NICE)
+    child = sandbox._Child(str(tmp_path))
+
+    def call(program: str) -> Any:
+        frame = sandbox.request([program], ["{}"], outputs=1, output_limit=1 << 20)
+        [[(ok, outputs)]] = json.loads(child.call(frame, 5.0))
+        assert ok, outputs
+        return outputs[0]
+
+    try:
+        assert call("[range(1500000)] | length") == 1500000  # well past DEMOTE_AFTER
+        assert _jq_children()[child.process.pid] == sandbox.NICE_DEMOTED
+        assert call("1 + 1") == 2
+        assert _jq_children()[child.process.pid] == base
+    finally:
+        child.kill()
+
+
+async def test_a_child_ended_at_its_time_limit_is_replaced_on_its_own_turn() -> None:
+    """The successor of a killed child starts before the turn is handed on: the next call,
+    whichever org's, does not pay for a start."""
+    sandbox.configure(Settings(jq_processes=1, jq_per_org=1, jq_time_limit_seconds=0.3))
+    try:
+        assert isinstance(await _via_template("org-noisy", LOOP_JQ), TemplateError)
+        pool = sandbox._get_pool()
+        assert len(pool._idle) == 1 and pool._idle[0].alive()
+        started = time.monotonic()
+        assert await _via_template("org-quiet", ".inputs.n") == 2
+        assert list(_jq_children()) == [pool._idle[0].process.pid]  # the same, ready child
+        assert time.monotonic() - started < 1.0
+    finally:
+        sandbox.configure(Settings())

@@ -59,6 +59,9 @@ __all__ = [
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jq_child.py")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BACKSTOP = 5  # wall time a starved call may take, in time limits
+NICE = 10  # a child's priority, above the service's own (jq_child sets it)
+NICE_DEMOTED = 19  # a call past DEMOTE_AFTER: the lowest priority
+DEMOTE_AFTER = 0.1  # CPU seconds of a call before its child drops to NICE_DEMOTED
 REPLY_LIMIT_BYTES = 16 * 1024 * 1024  # the outputs of one call, in all
 
 Result = tuple[bool, Any]  # (True, [outputs]) or (False, "jq's message")
@@ -111,6 +114,9 @@ class _Child:
         self._in = self.process.stdin
         self._out = self.process.stdout.fileno()
         self._clock: tuple[float, float | None, float] = (0.0, None, 0.0)
+        self._nice = min(NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
+        self.demoted = False
+        self.retire = False  # its priority could not be restored: not to be used again
 
     def cpu_seconds(self) -> float | None:
         """The CPU time the child has used (Linux), or None where that cannot be read."""
@@ -127,6 +133,8 @@ class _Child:
         limit."""
         started = time.monotonic()
         self._clock = (started, self.cpu_seconds(), time_limit)
+        if self.demoted and self._prioritize(self._nice):
+            self.demoted = False
         try:
             self._in.write(len(payload).to_bytes(4, "big") + payload)
             self._in.flush()
@@ -135,10 +143,28 @@ class _Child:
         size = int.from_bytes(self._read(4), "big")
         return self._read(size)
 
+    def _prioritize(self, nice: int) -> bool:
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, nice)
+            return True
+        except OSError:  # raising a priority may need a privilege this process lacks
+            self.retire = True
+            return False
+
     def _wait(self) -> float:
-        """Seconds the child may still take, by its CPU time (0: its time is up)."""
+        """Seconds the child may still take, by its CPU time (0: its time is up).
+
+        A call that has used DEMOTE_AFTER of CPU drops its child to the lowest priority: short
+        calls (most of them) go before long ones, whichever org they belong to, so a
+        tenant's slow programs take the CPU that others' quick ones leave."""
         started, cpu_then, limit = self._clock
         elapsed = time.monotonic() - started
+        if not self.demoted and elapsed < limit:
+            cpu_now = self.cpu_seconds()
+            spent = 0.0 if cpu_then is None or cpu_now is None else cpu_now - cpu_then
+            if spent < DEMOTE_AFTER:
+                return max(0.02, min(DEMOTE_AFTER - spent, limit - elapsed))
+            self.demoted = self._prioritize(NICE_DEMOTED)
         if elapsed < limit:
             return limit - elapsed
         cpu_now = self.cpu_seconds()
@@ -289,11 +315,28 @@ class _Pool:
             healthy = True
             return reply
         finally:
-            if healthy and not self._closed:
+            if healthy and not self._closed and not child.retire:
                 with self._lock:
                     self._idle.append(child)
             else:
                 child.kill()
+                self._replace()
+
+    def _replace(self) -> None:
+        """Start the successor of a child that was ended (its time limit, a crash), still
+        on the ended call's turn: the next call, maybe another org's, finds a child ready
+        instead of paying for a start."""
+        if self._closed:
+            return
+        try:
+            successor = _Child(self._workdir)
+        except OSError:
+            return  # started on demand instead
+        with self._lock:
+            if not self._closed:
+                self._idle.append(successor)
+                return
+        successor.kill()
 
     async def call(self, org: str, payload: bytes) -> Any:
         await self.turn(org)
@@ -372,6 +415,23 @@ def shutdown() -> None:
         pool.close()
 
 
+def request(
+    programs: Sequence[str], documents: Sequence[str], *, outputs: int, output_limit: int
+) -> bytes:
+    """One call's frame for a child (app/kit/jq_child.py)."""
+    documents = [d.replace("\n", " ") if "\n" in d else d for d in documents]
+    header = json.dumps(
+        {
+            "p": list(programs),
+            "n": outputs,
+            "o": output_limit,
+            "t": REPLY_LIMIT_BYTES,
+            "c": _limits.time_limit * BACKSTOP,
+        }
+    )
+    return "\n".join([header, *documents]).encode()
+
+
 async def evaluate(
     org: object,
     programs: Sequence[str],
@@ -385,16 +445,6 @@ async def evaluate(
     TimeLimit, Crashed or Busy when the call as a whole gave nothing."""
     if not programs or not documents:
         return [[] for _ in documents]
-    documents = [d.replace("\n", " ") if "\n" in d else d for d in documents]
-    header = json.dumps(
-        {
-            "p": list(programs),
-            "n": outputs,
-            "o": output_limit,
-            "t": REPLY_LIMIT_BYTES,
-            "c": _limits.time_limit * BACKSTOP,
-        }
-    )
-    payload = "\n".join([header, *documents]).encode()
+    payload = request(programs, documents, outputs=outputs, output_limit=output_limit)
     decoded: list[list[list[Any]]] = await _get_pool().call(str(org), payload)
     return [[(bool(ok), value) for ok, value in row] for row in decoded]
