@@ -84,6 +84,9 @@ class TokenService:
             "org": str(org_id),
             "kind": kind,
             "roles": roles,
+            # Port's claim, read (unverified) by Ocean: only a machine credential's token
+            # runs an integration's actions processor. Verification does not use it.
+            "isMachine": kind == "app",
         }
         return str(jwt.encode(claims, self._key, algorithm=ALGORITHM))
 
