@@ -50,7 +50,10 @@ class ActionRun(Base):
 
     `dispatch_state`: waiting (for approval) -> queued -> dispatching (claimed, `claim` and
     `lease_until` set) -> retrying (after a transient failure, until `next_attempt_at`) |
-    delivered (the backend took it and reports the outcome) | done."""
+    delivered (the backend took it and reports the outcome) | done. A run of an
+    INTEGRATION_ACTION (`installation_id` set) is never queued: waiting -> claimable ->
+    claimed (by its integration, until `lease_until`; claimable again after it) ->
+    delivered (acknowledged) | done."""
 
     __tablename__ = "action_runs"
     __table_args__ = (
@@ -70,6 +73,13 @@ class ActionRun(Base):
             "ix_action_runs_lease",
             "lease_until",
             postgresql_where=text("dispatch_state = 'dispatching'"),
+        ),
+        Index(
+            "ix_action_runs_claimable",
+            "org_id",
+            "installation_id",
+            "created_at",
+            postgresql_where=text("dispatch_state IN ('claimable', 'claimed')"),
         ),
     )
 
@@ -98,6 +108,7 @@ class ActionRun(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    installation_id: Mapped[str | None] = mapped_column(String(100))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
