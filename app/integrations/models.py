@@ -1,4 +1,5 @@
-"""Integrations, the raw examples they send per kind, and their log lines.
+"""Integrations, the raw examples they send per kind, their log lines, and their syncs'
+metrics.
 
 Every key leads with org_id."""
 
@@ -15,6 +16,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Identity,
     Index,
+    Integer,
     String,
     Text,
     UniqueConstraint,
@@ -31,9 +33,12 @@ class Integration(Base):
 
     `resync_state` holds what the integration last reported (status, lastResyncStart,
     lastResyncEnd, nextResync, intervalInMinuets); `resync_updated_at` is when, and a
-    report sets `updated_at` to the same instant: Ocean's polling listener resyncs when
-    `updatedAt` differs from the `resyncState.updatedAt` it last saw. `ingest_id` is the
-    secret part of the log ingest URL."""
+    report sets `updated_at` to the same instant: Ocean's older polling listener resyncs when
+    `updatedAt` differs from the `resyncState.updatedAt` it last saw. Current Ocean polls
+    the resync request instead: one is pending while `resync_requested_at` is later than
+    `resync_started_at` (when the integration last reported a resync running).
+    `ingest_id` is the secret part of the log and metrics ingest URLs; `ocean_core_version`
+    the Ocean version its reads last reported."""
 
     __tablename__ = "integrations"
     __table_args__ = (
@@ -53,6 +58,19 @@ class Integration(Base):
     changelog_destination: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     resync_state: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     resync_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    are_port_resources_initialized: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+    incremental_sync_enabled: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+    processing_mode: Mapped[str | None] = mapped_column(String(20))
+    create_port_resources_origin: Mapped[str | None] = mapped_column(String(20))
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    ocean_core_version: Mapped[str | None] = mapped_column(String(100))
+    resync_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resync_requested_by: Mapped[str | None] = mapped_column(String(200))
+    resync_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ingest_id: Mapped[str] = mapped_column(String(80), nullable=False)
     created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
@@ -101,3 +119,60 @@ class IntegrationLog(Base):
     message: Mapped[str] = mapped_column(Text, nullable=False)
     extra: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     received_at: Mapped[datetime] = timestamp()
+
+
+class IntegrationSync(Base):
+    """One sync (Ocean's event id) an integration reported metrics or heartbeats for. Its
+    state is its `__runtime__` kind's, else the last one reported; `seq` orders syncs."""
+
+    __tablename__ = "integration_syncs"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "integration"],
+            ["integrations.org_id", "integrations.identifier"],
+            ondelete="CASCADE",
+        ),
+        Index("ix_integration_syncs_seq", "org_id", "integration", "seq"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    integration: Mapped[str] = mapped_column(String(100), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), nullable=False)
+    sync_state: Mapped[str | None] = mapped_column(String(40))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = timestamp()
+    updated_at: Mapped[datetime] = timestamp()
+
+
+class IntegrationSyncKind(Base):
+    """The metrics of one kind (Ocean's `kindIdentifier`, `<kind>-<index>`) of one sync, as
+    last reported."""
+
+    __tablename__ = "integration_sync_kinds"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "integration", "event_id"],
+            [
+                "integration_syncs.org_id",
+                "integration_syncs.integration",
+                "integration_syncs.event_id",
+            ],
+            ondelete="CASCADE",
+        ),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    integration: Mapped[str] = mapped_column(String(100), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind_identifier: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(200), nullable=False)
+    kind_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    blueprint: Mapped[str | None] = mapped_column(String(200))
+    sync_state: Mapped[str | None] = mapped_column(String(40))
+    integration_type: Mapped[str | None] = mapped_column(String(100))
+    integration_version: Mapped[str | None] = mapped_column(String(100))
+    ocean_version: Mapped[str | None] = mapped_column(String(100))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = timestamp()
+    updated_at: Mapped[datetime] = timestamp()

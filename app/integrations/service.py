@@ -1,15 +1,20 @@
-"""Integrations: create, read, change, delete; resync reports, kind examples and logs.
+"""Integrations: create, read, change, delete; resync reports and requests, kind examples,
+logs and sync metrics.
 
 Every statement filters by the transaction's org (row-level security fences the tables
 besides). Timestamps come from the database: `updated_at` changes on every change of the
 integration's definition or mapping, and a resync report sets it to the report's own
-`resyncState.updatedAt`, so Ocean's polling listener, which resyncs whenever the two
-differ, sees a change only when someone made one.
+`resyncState.updatedAt`, so Ocean's older polling listener, which resyncs whenever the two
+differ, sees a change only when someone made one. Current Ocean polls the integration's
+resync request instead: an Admin's request, or a new mapping, is pending until the
+integration next reports a resync running (see `resync_request`).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
+import math
 import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,20 +28,35 @@ MAX_EXAMPLES = 5
 MAX_LOG_LINES = 1000  # per request
 MAX_LOG_MESSAGE = 16 * 1024  # characters; longer messages are cut
 KEPT_LOGS = 10_000  # per integration; older lines are dropped as new ones arrive
+KEPT_SYNCS = 50  # per integration: the latest syncs' metrics are kept (Port keeps 50)
+KEPT_SYNC_KINDS = 2000  # per integration: older syncs go while their kinds exceed this
+MAX_SYNC_KINDS = 200  # per sync: kinds past this are not stored
+MAX_METRICS_BYTES = 16 * 1024  # one kind's metrics, as JSON
 _INGEST_LOOKUP = 12  # leading characters of an ingest id used to find it
 _RESYNC_KEYS = ("status", "lastResyncStart", "lastResyncEnd", "nextResync", "intervalInMinuets")
 _MAX_DEPTH = 100
+# Identifiers the routes under /v1/integration/ answer themselves.
+RESERVED_IDENTIFIERS = frozenset({"provision-enabled"})
+# Origins of an integration's default resources Ocean may record. `Port` means Port
+# provisions them, which Portolan does not do (it answers no provision-enabled types).
+ORIGINS = ("Empty", "Ocean", "Default")
 
 _SELECT = """
 SELECT identifier, title, installation_app_type, version, actions_processing_enabled, config,
        changelog_destination, resync_state, resync_updated_at, ingest_id, created_at,
-       created_by, updated_at, updated_by
+       created_by, updated_at, updated_by, are_port_resources_initialized,
+       incremental_sync_enabled, processing_mode, create_port_resources_origin, spec,
+       ocean_core_version
 FROM integrations
 """
 
 
 def ingest_url(public_url: str, ingest_id: str) -> str:
     return f"{public_url.rstrip('/')}/v1/integration-logs/{ingest_id}"
+
+
+def metrics_url(public_url: str, ingest_id: str) -> str:
+    return f"{public_url.rstrip('/')}/v1/integration-metrics/{ingest_id}"
 
 
 def to_api(row: asyncpg.Record, public_url: str) -> dict[str, Any]:
@@ -61,6 +81,16 @@ def to_api(row: asyncpg.Record, public_url: str) -> dict[str, Any]:
             "ingestId": row["ingest_id"],
             "ingestUrl": ingest_url(public_url, row["ingest_id"]),
         },
+        "metricAttributes": {
+            "ingestId": row["ingest_id"],
+            "ingestUrl": metrics_url(public_url, row["ingest_id"]),
+        },
+        "arePortResourcesInitialized": row["are_port_resources_initialized"],
+        "incrementalSyncEnabled": row["incremental_sync_enabled"],
+        "processingMode": row["processing_mode"],
+        "createPortResourcesOrigin": row["create_port_resources_origin"],
+        "spec": row["spec"],
+        "oceanCoreVersion": row["ocean_core_version"],
         "createdBy": row["created_by"],
         "updatedBy": row["updated_by"],
         "createdAt": row["created_at"],
@@ -116,6 +146,13 @@ def _check_config(config: Any, pointer: str) -> list[dict[str, str]]:
     for flag in ("deleteDependentEntities", "createMissingRelatedEntities", "enableMergeEntity"):
         if flag in config and not isinstance(config[flag], bool):
             problems.append(_problem(f"{pointer}/{flag}", "must be a boolean"))
+    threshold = config.get("entityDeletionThreshold")
+    if "entityDeletionThreshold" in config and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 <= threshold <= 1
+    ):
+        problems.append(_problem(f"{pointer}/entityDeletionThreshold", "must be a number 0-1"))
     resources = config.get("resources")
     if resources is None:
         return problems
@@ -159,6 +196,15 @@ def _checked(body: dict[str, Any]) -> dict[str, Any]:
         problems += _check_config(body["config"], "/config")
     if "changelogDestination" in body:
         problems += _check_destination(body["changelogDestination"], "/changelogDestination")
+    origin = body.get("createPortResourcesOrigin")
+    if origin is not None and origin not in ORIGINS:
+        problems.append(
+            _problem(
+                "/createPortResourcesOrigin",
+                f"must be one of {', '.join(ORIGINS)} (Portolan does not provision an "
+                "integration's resources: Ocean creates them)",
+            )
+        )
     if not storable(body):
         problems.append(_problem("", "holds a NUL character or an unpaired surrogate"))
     if problems:
@@ -207,7 +253,18 @@ async def get(
     identifier: str,
     public_url: str,
     by_field: Literal["installationId", "logIngestId"] = "installationId",
+    ocean_core_version: str | None = None,
 ) -> dict[str, Any]:
+    """One integration. `ocean_core_version`, the Ocean version a read reports, is kept
+    (written only when it changes)."""
+    if ocean_core_version is not None and by_field == "installationId":
+        await tx.execute(
+            "UPDATE integrations SET ocean_core_version = $3 "
+            "WHERE org_id = $1 AND identifier = $2 AND ocean_core_version IS DISTINCT FROM $3",
+            tx.org_id,
+            identifier,
+            ocean_core_version,
+        )
     if by_field == "logIngestId":
         row = await _by_ingest_id(tx, identifier)
         if row is None:
@@ -234,11 +291,18 @@ async def list_all(
 async def create(tx: Tx, actor: str, body: dict[str, Any], public_url: str) -> dict[str, Any]:
     body = _checked(body)
     identifier = body["installationId"]
+    if identifier in RESERVED_IDENTIFIERS:
+        raise Invalid(
+            f"{identifier!r} is a route of /v1/integration, not an integration identifier",
+            details=[_problem("/installationId", "is reserved")],
+        )
     row = await tx.fetchrow(
         "INSERT INTO integrations (org_id, identifier, title, installation_app_type, version, "
         "actions_processing_enabled, config, changelog_destination, resync_state, ingest_id, "
-        "created_by, updated_by) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '{}'::jsonb, $9, $10, $10) "
+        "created_by, updated_by, are_port_resources_initialized, incremental_sync_enabled, "
+        "processing_mode, create_port_resources_origin, spec) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '{}'::jsonb, $9, $10, $10, $11, $12, $13, "
+        "$14, $15) "
         "ON CONFLICT (org_id, identifier) DO NOTHING RETURNING identifier",
         tx.org_id,
         identifier,
@@ -250,6 +314,11 @@ async def create(tx: Tx, actor: str, body: dict[str, Any], public_url: str) -> d
         body.get("changelogDestination"),
         secrets.token_urlsafe(32),
         actor,
+        bool(body.get("arePortResourcesInitialized") or False),
+        bool(body.get("incrementalSyncEnabled") or False),
+        body.get("processingMode"),
+        body.get("createPortResourcesOrigin"),
+        body.get("spec"),
     )
     if row is None:
         raise Conflict(f"Integration {identifier!r} exists", code="integration_exists")
@@ -263,24 +332,42 @@ _PATCHABLE = {
     "actionsProcessingEnabled": "actions_processing_enabled",
     "config": "config",
     "changelogDestination": "changelog_destination",
+    "arePortResourcesInitialized": "are_port_resources_initialized",
+    "incrementalSyncEnabled": "incremental_sync_enabled",
+    "processingMode": "processing_mode",
+    "createPortResourcesOrigin": "create_port_resources_origin",
+    "spec": "spec",
 }
+_FLAGS = ("actionsProcessingEnabled", "arePortResourcesInitialized", "incrementalSyncEnabled")
+# A resync request's time is the statement's clock, not its transaction's start: a request
+# written after a resync started is later than that start (see `resync_request`).
+_REQUEST_RESYNC = "resync_requested_at = clock_timestamp(), resync_requested_by = $3"
 
 
 async def patch(
-    tx: Tx, actor: str, identifier: str, body: dict[str, Any], public_url: str
+    tx: Tx,
+    actor: str,
+    identifier: str,
+    body: dict[str, Any],
+    public_url: str,
+    *,
+    request_resync: bool = True,
 ) -> dict[str, Any]:
-    """Change the keys given. Any PATCH, an empty one too, moves `updatedAt`: that is how a
-    resync is asked of a polling integration."""
+    """Change the keys given. Any PATCH, an empty one too, moves `updatedAt` (Ocean's older
+    polling listener resyncs then). A new mapping (`config` given) also asks for a resync,
+    unless `request_resync` is False (Ocean's `x-skip-resync`)."""
     body = _checked(body)
     values: list[Any] = [tx.org_id, identifier, actor]
     sets = ["updated_at = now()", "updated_by = $3"]
+    if "config" in body and request_resync:
+        sets.append(_REQUEST_RESYNC)
     for key, column in _PATCHABLE.items():
         if key not in body:
             continue
         value = body[key]
         if key == "config" and value is None:
             value = {}
-        if key == "actionsProcessingEnabled":
+        if key in _FLAGS:
             value = bool(value)
         values.append(value)
         sets.append(f"{column} = ${len(values)}")
@@ -298,19 +385,66 @@ async def report_resync(
     tx: Tx, identifier: str, state: dict[str, Any], public_url: str
 ) -> dict[str, Any]:
     """Merge the keys given into the resync state; `updatedAt` and
-    `resyncState.updatedAt` become the same instant."""
+    `resyncState.updatedAt` become the same instant. A `running` report is a resync
+    starting: the requests made before it are answered by it."""
     kept = {key: state[key] for key in _RESYNC_KEYS if key in state}
     updated = await tx.fetchval(
         "UPDATE integrations SET resync_state = resync_state || $3::jsonb, "
-        "resync_updated_at = now(), updated_at = now() "
+        "resync_updated_at = now(), updated_at = now(), "
+        "resync_started_at = CASE WHEN $4 THEN now() ELSE resync_started_at END "
         "WHERE org_id = $1 AND identifier = $2 RETURNING identifier",
         tx.org_id,
         identifier,
         kept,
+        kept.get("status") == "running",
     )
     if updated is None:
         raise _missing(identifier)
     return await get(tx, identifier, public_url)
+
+
+# ------------------------------------------------------------------------------------------
+# Resync requests
+
+
+def _pending(row: asyncpg.Record) -> dict[str, Any] | None:
+    requested = row["resync_requested_at"]
+    started = row["resync_started_at"]
+    if requested is None or (started is not None and started >= requested):
+        return None
+    return {"updatedAt": requested, "requestedBy": row["resync_requested_by"]}
+
+
+async def resync_request(tx: Tx, identifier: str) -> dict[str, Any] | None:
+    """The pending resync request, or None. A request is pending until the integration
+    reports a resync running after it; Ocean's polling listener resyncs when the request's
+    `updatedAt` is later than the last one it acted on, so a request it has acted on (or
+    that a resync since answered) never brings another resync."""
+    row = await tx.fetchrow(
+        "SELECT resync_requested_at, resync_requested_by, resync_started_at FROM integrations "
+        "WHERE org_id = $1 AND identifier = $2",
+        tx.org_id,
+        identifier,
+    )
+    if row is None:
+        raise _missing(identifier)
+    return _pending(row)
+
+
+async def request_resync(tx: Tx, actor: str, identifier: str) -> dict[str, Any]:
+    """Ask the integration to resync: a pending request (current Ocean), and `updatedAt`
+    moved (Ocean's older polling listener)."""
+    row = await tx.fetchrow(
+        f"UPDATE integrations SET {_REQUEST_RESYNC}, updated_at = now() "  # noqa: S608
+        "WHERE org_id = $1 AND identifier = $2 "
+        "RETURNING resync_requested_at, resync_requested_by, resync_started_at",
+        tx.org_id,
+        identifier,
+        actor,
+    )
+    if row is None:
+        raise _missing(identifier)
+    return {"updatedAt": row["resync_requested_at"], "requestedBy": row["resync_requested_by"]}
 
 
 async def delete(tx: Tx, identifier: str) -> None:
@@ -489,3 +623,260 @@ async def list_logs(
     if newer:
         rows = list(reversed(rows))
     return [log_to_api(row) for row in rows]
+
+
+# ------------------------------------------------------------------------------------------
+# Sync metrics
+
+
+def _finite(value: Any) -> Any:
+    """The value with non-finite numbers (which jsonb cannot hold) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(child) for key, child in value.items()}
+    if isinstance(value, list):
+        return [_finite(child) for child in value]
+    return value
+
+
+def _metric_row(item: dict[str, Any], pointer: str) -> tuple[Any, ...]:
+    """One kind's report as a row: (event id, kind identifier, kind, index, blueprint, state,
+    integration type, integration version, ocean version, metrics)."""
+    metrics = _finite(item.get("metrics") or {})
+    if not storable(item) or not storable(metrics):
+        raise Invalid(
+            "Metrics hold a NUL character, an unpaired surrogate or too deep a nesting",
+            details=[_problem(pointer, "cannot be stored")],
+        )
+    if len(json.dumps(metrics, separators=(",", ":"))) > MAX_METRICS_BYTES:
+        raise Invalid(
+            f"One kind's metrics are at most {MAX_METRICS_BYTES} bytes of JSON",
+            details=[_problem(f"{pointer}/metrics", "too large")],
+        )
+    kind_identifier = item["kindIdentifier"]
+    return (
+        item["eventId"],
+        kind_identifier,
+        item.get("kind") or kind_identifier,
+        item.get("kindIndex") or 0,
+        item.get("blueprint") or None,
+        item.get("syncState"),
+        item.get("integrationType"),
+        item.get("integrationVersion"),
+        item.get("oceanVersion"),
+        metrics,
+    )
+
+
+async def _ingest_integration(tx: Tx, ingest_id: str) -> str:
+    row = await _by_ingest_id(tx, ingest_id)
+    if row is None:
+        raise NotFound("No integration has this metrics ingest id")
+    return str(row["identifier"])
+
+
+async def _touch_sync(tx: Tx, identifier: str, event_id: str) -> None:
+    await tx.execute(
+        "INSERT INTO integration_syncs (org_id, integration, event_id) VALUES ($1, $2, $3) "
+        "ON CONFLICT (org_id, integration, event_id) DO UPDATE SET updated_at = now()",
+        tx.org_id,
+        identifier,
+        event_id,
+    )
+
+
+async def _store_kinds(tx: Tx, identifier: str, event_id: str, rows: list[tuple[Any, ...]]) -> int:
+    """Upsert the kinds of one sync (new kinds past MAX_SYNC_KINDS are left out); the sync
+    takes its `__runtime__` kind's state, else the last state reported."""
+    await _touch_sync(tx, identifier, event_id)
+    known = {
+        r["kind_identifier"]
+        for r in await tx.fetch(
+            "SELECT kind_identifier FROM integration_sync_kinds "
+            "WHERE org_id = $1 AND integration = $2 AND event_id = $3",
+            tx.org_id,
+            identifier,
+            event_id,
+        )
+    }
+    latest: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        if row[1] in known or row[1] in latest or len(known) + len(latest) < MAX_SYNC_KINDS:
+            latest[row[1]] = row
+    kept = list(latest.values())
+    if not kept:
+        return 0
+    await tx.execute(
+        "INSERT INTO integration_sync_kinds (org_id, integration, event_id, kind_identifier, "
+        "kind, kind_index, blueprint, sync_state, integration_type, integration_version, "
+        "ocean_version, metrics) "
+        "SELECT $1, $2, $3, k.* FROM unnest($4::text[], $5::text[], $6::int[], $7::text[], "
+        "$8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[]) AS k "
+        "ON CONFLICT (org_id, integration, event_id, kind_identifier) DO UPDATE SET "
+        "kind = EXCLUDED.kind, kind_index = EXCLUDED.kind_index, blueprint = EXCLUDED.blueprint, "
+        "sync_state = EXCLUDED.sync_state, integration_type = EXCLUDED.integration_type, "
+        "integration_version = EXCLUDED.integration_version, "
+        "ocean_version = EXCLUDED.ocean_version, metrics = EXCLUDED.metrics, updated_at = now()",
+        tx.org_id,
+        identifier,
+        event_id,
+        *([row[i] for row in kept] for i in range(1, 10)),
+    )
+    await tx.execute(
+        "UPDATE integration_syncs s SET sync_state = coalesce(("
+        " SELECT k.sync_state FROM integration_sync_kinds k WHERE k.org_id = s.org_id"
+        " AND k.integration = s.integration AND k.event_id = s.event_id"
+        " AND k.kind_identifier = '__runtime__'), $4, s.sync_state) "
+        "WHERE org_id = $1 AND integration = $2 AND event_id = $3",
+        tx.org_id,
+        identifier,
+        event_id,
+        kept[-1][5],
+    )
+    return len(kept)
+
+
+async def _prune_syncs(tx: Tx, identifier: str) -> None:
+    """Drop the oldest syncs past KEPT_SYNCS, or while the kinds kept exceed
+    KEPT_SYNC_KINDS (the newest sync always stays)."""
+    await tx.execute(
+        "DELETE FROM integration_syncs d WHERE d.org_id = $1 AND d.integration = $2 "
+        "AND d.event_id IN (SELECT event_id FROM ("
+        " SELECT s.event_id, row_number() OVER w AS n, sum(k.kinds) OVER w AS total"
+        " FROM integration_syncs s CROSS JOIN LATERAL ("
+        "  SELECT count(*) AS kinds FROM integration_sync_kinds k WHERE k.org_id = s.org_id"
+        "  AND k.integration = s.integration AND k.event_id = s.event_id) k"
+        " WHERE s.org_id = $1 AND s.integration = $2"
+        " WINDOW w AS (ORDER BY s.seq DESC ROWS UNBOUNDED PRECEDING)) ranked"
+        " WHERE n > $3 OR (n > 1 AND total > $4))",
+        tx.org_id,
+        identifier,
+        KEPT_SYNCS,
+        KEPT_SYNC_KINDS,
+    )
+
+
+async def ingest_sync_metrics(tx: Tx, ingest_id: str, items: list[dict[str, Any]]) -> int:
+    """Store kinds' metrics (Ocean's `syncKindsMetrics`) for the integration whose ingest
+    id this is; a report with no event id belongs to no sync and is not kept. Returns how
+    many kinds were stored."""
+    identifier = await _ingest_integration(tx, ingest_id)
+    by_event: dict[str, list[tuple[Any, ...]]] = {}
+    for index, item in enumerate(items):
+        row = _metric_row(item, f"/syncKindsMetrics/{index}")
+        if row[0]:
+            by_event.setdefault(row[0], []).append(row)
+    stored = 0
+    for event_id, rows in by_event.items():
+        stored += await _store_kinds(tx, identifier, event_id, rows)
+    if by_event:
+        await _prune_syncs(tx, identifier)
+    return stored
+
+
+async def ingest_kind_metrics(
+    tx: Tx, ingest_id: str, event_id: str, kind_identifier: str, item: dict[str, Any]
+) -> int:
+    """Store one kind's metrics (Ocean's PUT .../resync/{eventId}/kind/{kindIdentifier}):
+    the path names the sync and the kind."""
+    identifier = await _ingest_integration(tx, ingest_id)
+    if not storable(event_id) or not storable(kind_identifier):
+        raise Invalid("The event id and kind are text")
+    if not event_id:
+        return 0
+    row = _metric_row(
+        {**item, "eventId": event_id, "kindIdentifier": kind_identifier}, "/syncKindMetrics"
+    )
+    stored = await _store_kinds(tx, identifier, event_id, [row])
+    await _prune_syncs(tx, identifier)
+    return stored
+
+
+async def heartbeat(tx: Tx, ingest_id: str, event_id: str) -> None:
+    """A running sync's liveness (Ocean posts one every few seconds while it syncs)."""
+    identifier = await _ingest_integration(tx, ingest_id)
+    if not storable(event_id):
+        raise Invalid("The event id is text")
+    inserted = await tx.fetchval(
+        "INSERT INTO integration_syncs (org_id, integration, event_id, sync_state, heartbeat_at) "
+        "VALUES ($1, $2, $3, 'syncing', now()) ON CONFLICT (org_id, integration, event_id) "
+        "DO UPDATE SET heartbeat_at = now() RETURNING xmax = 0",
+        tx.org_id,
+        identifier,
+        event_id,
+    )
+    if inserted:
+        await _prune_syncs(tx, identifier)
+
+
+def _sync_to_api(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "eventId": row["event_id"],
+        "syncState": row["sync_state"] or "syncing",
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+        "lastHeartbeatAt": row["heartbeat_at"],
+    }
+
+
+async def list_syncs(tx: Tx, identifier: str) -> list[dict[str, Any]]:
+    """The integration's syncs with metrics kept, newest first."""
+    await _row(tx, identifier)
+    rows = await tx.fetch(
+        "SELECT event_id, sync_state, created_at, updated_at, heartbeat_at "
+        "FROM integration_syncs WHERE org_id = $1 AND integration = $2 ORDER BY seq DESC",
+        tx.org_id,
+        identifier,
+    )
+    return [_sync_to_api(row) for row in rows]
+
+
+async def sync_metrics(tx: Tx, identifier: str, resync_id: str | None) -> list[dict[str, Any]]:
+    """Each kind's metrics of one sync: `resync_id`'s, or the latest sync's."""
+    await _row(tx, identifier)
+    if resync_id is None:
+        resync_id = await tx.fetchval(
+            "SELECT event_id FROM integration_syncs WHERE org_id = $1 AND integration = $2 "
+            "ORDER BY seq DESC LIMIT 1",
+            tx.org_id,
+            identifier,
+        )
+        if resync_id is None:
+            return []
+    else:
+        found = await tx.fetchval(
+            "SELECT event_id FROM integration_syncs "
+            "WHERE org_id = $1 AND integration = $2 AND event_id = $3",
+            tx.org_id,
+            identifier,
+            resync_id,
+        )
+        if found is None:
+            raise NotFound(f"No metrics are kept for resync {resync_id!r}")
+    rows = await tx.fetch(
+        "SELECT * FROM integration_sync_kinds "
+        "WHERE org_id = $1 AND integration = $2 AND event_id = $3 "
+        "ORDER BY kind_index, kind_identifier",
+        tx.org_id,
+        identifier,
+        resync_id,
+    )
+    return [
+        {
+            "integrationType": row["integration_type"] or "",
+            "integrationIdentifier": identifier,
+            "integrationVersion": row["integration_version"] or "",
+            "oceanVersion": row["ocean_version"] or "",
+            "kindIdentifier": row["kind_identifier"],
+            "kind": row["kind"],
+            "kindIndex": row["kind_index"],
+            "eventId": row["event_id"],
+            "syncState": row["sync_state"] or "",
+            "blueprint": row["blueprint"] or "",
+            "metrics": row["metrics"],
+            "createdAt": row["created_at"],
+            "updatedAt": row["updated_at"],
+        }
+        for row in rows
+    ]

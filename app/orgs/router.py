@@ -24,6 +24,16 @@ from app.orgs.schemas import (
 )
 
 router = api_router(tags=["Organization"])
+# The flags Port's Ocean reads, and whether Portolan has what each one switches on:
+# USE_PROVISIONED_DEFAULTS (the server provisions an integration's resources), LAKEHOUSE_ELIGIBLE
+# and DATA_SOURCE_PROCESSOR_ENABLED (raw data to a lakehouse ingest URL, processed there),
+# OCEAN_KAFKA_INTEGRATION_RESYNC_REQUESTS_TOPIC_ENABLED (resync requests over Kafka) and
+# LIVE_EVENTS_REDIS_STREAM_ENABLED (live events from the server's Redis stream) all need
+# services Portolan does not run; LIVE_EVENTS_PAYLOAD_LOGGING_ENABLED is an organization's
+# consent to have whole live-event payloads logged, which Portolan has no setting for. So no
+# flag is claimed, and Ocean keeps to what Portolan serves: it creates resources itself,
+# processes its data itself (ocean-core) and polls for resync requests.
+FEATURE_FLAGS: tuple[str, ...] = ()
 _platform_bearer = HTTPBearer(
     auto_error=False, scheme_name="platformToken", description="PORTOLAN_PLATFORM_TOKEN"
 )
@@ -40,7 +50,11 @@ async def get_organization(tenant: CurrentTenant) -> OrganizationResponse:
     org = await service.get_org(tenant.tx, tenant.org_id)
     return OrganizationResponse(
         organization=OrganizationOut(
-            id=org.id, name=org.name, createdAt=org.created_at, updatedAt=org.updated_at
+            id=org.id,
+            name=org.name,
+            featureFlags=list(FEATURE_FLAGS),
+            createdAt=org.created_at,
+            updatedAt=org.updated_at,
         )
     )
 
