@@ -8,7 +8,11 @@ blueprints, inputs of unknown types or formats, `entity` inputs without an exist
 blueprint, `required` / `order` naming undeclared inputs, a self-service `condition` that
 does not compile against the blueprint (search language), jq in `{{ }}` templates or
 automation conditions that does not compile, and invocation methods Portolan does not run
-(`AZURE_DEVOPS`, `KAFKA`, `INTEGRATION_ACTION`, on-premise agents).
+(`AZURE_DEVOPS`, `KAFKA`, on-premise agents).
+
+`INTEGRATION_ACTION` runs are claimed and run by an integration (Port's Ocean): its
+`integrationActionExecutionProperties` templates see no secrets (the run's payload is what
+the integration and the run's readers receive; the integration holds its own credentials).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 from typing import Any
 
 from app.catalog.validation import Problems, check_jq, check_pattern, valid_action_identifier
+from app.dispatch import templates
 from app.kit.errors import Invalid
 from app.search.compiler import Compiler, Scope
 
@@ -41,8 +46,14 @@ ENTITY_EVENTS = ("ENTITY_CREATED", "ENTITY_UPDATED", "ENTITY_DELETED", "ANY_ENTI
 RUN_EVENTS = ("RUN_CREATED", "RUN_UPDATED", "ANY_RUN_CHANGE")
 TIMER_EVENT = "TIMER_PROPERTY_EXPIRED"
 METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
-SUPPORTED = ("WEBHOOK", "GITHUB", "GITLAB", "UPSERT_ENTITY")
-UNSUPPORTED = ("AZURE_DEVOPS", "KAFKA", "INTEGRATION_ACTION")
+SUPPORTED = ("WEBHOOK", "GITHUB", "GITLAB", "UPSERT_ENTITY", "INTEGRATION_ACTION")
+UNSUPPORTED = ("AZURE_DEVOPS", "KAFKA")
+INTEGRATION_ACTION = "INTEGRATION_ACTION"
+_INTEGRATION_KEYS = frozenset(
+    ("type", "installationId", "integrationActionType", "integrationActionExecutionProperties")
+)
+# An integration's identifier (its installationId), as integrations are created with.
+_INSTALLATION_ID = re.compile(r"^[A-Za-z0-9@_.+:=-]{1,100}$")
 DEFINITION_KEYS = (
     "identifier",
     "title",
@@ -240,6 +251,9 @@ def _invocation(method: Any, scope: Scope, problems: Problems) -> None:
     if kind not in SUPPORTED:
         problems.add(f"{pointer}/type", f"type must be one of {', '.join(SUPPORTED)}")
         return
+    if kind == INTEGRATION_ACTION:
+        _integration_action(method, pointer, problems)
+        return
     required = {
         "WEBHOOK": ("url",),
         "GITHUB": ("org", "repo", "workflow"),
@@ -274,6 +288,43 @@ def _invocation(method: Any, scope: Scope, problems: Problems) -> None:
         if secret is not None and (not isinstance(secret, str) or not secret):
             problems.add(f"{pointer}/{key}", "tokenSecret names an organization secret")
     _templates(method, pointer, problems)
+
+
+def _integration_action(method: dict[str, Any], pointer: str, problems: Problems) -> None:
+    """Port's shape (no other keys); the installation need not exist yet (an integration
+    is created when it first starts); templates compile and name no secret."""
+    for key in sorted(set(method) - _INTEGRATION_KEYS):
+        problems.add(f"{pointer}/{key}", f"unknown field {key!r} of an INTEGRATION_ACTION")
+    installation = method.get("installationId")
+    if not isinstance(installation, str) or not _INSTALLATION_ID.match(installation):
+        problems.add(
+            f"{pointer}/installationId",
+            "installationId is the integration's identifier: letters, digits, @_.+:=- "
+            "(at most 100)",
+        )
+    action_type = method.get("integrationActionType")
+    if not isinstance(action_type, str) or not 1 <= len(action_type) <= 100:
+        problems.add(
+            f"{pointer}/integrationActionType",
+            "integrationActionType is required: the integration's action to run "
+            "(e.g. dispatch_workflow)",
+        )
+    properties = method.get("integrationActionExecutionProperties")
+    if not isinstance(properties, dict):
+        problems.add(
+            f"{pointer}/integrationActionExecutionProperties",
+            "integrationActionExecutionProperties is required: an object",
+        )
+        return
+    where = f"{pointer}/integrationActionExecutionProperties"
+    _templates(properties, where, problems)
+    for name in sorted(templates.referenced_secrets(properties)):
+        problems.add(
+            where,
+            f"secret {name} cannot be used by an INTEGRATION_ACTION: its payload is handed "
+            "to the integration and shown on the run (the integration holds its own "
+            "credentials)",
+        )
 
 
 def _templates(value: Any, pointer: str, problems: Problems) -> None:

@@ -12,17 +12,17 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import Header, Path, Query, Request
+from fastapi import Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
-from app.actions import runs, streams
+from app.actions import claims, runs, streams
 from app.auth import permissions
-from app.auth.principal import CurrentTenant, DeferredTenant, Tenant, principal_of
+from app.auth.principal import CurrentTenant, DeferredTenant, Principal, Tenant, principal_of
 from app.config import Settings
 from app.db.database import Database
-from app.db.routing import api_router
-from app.kit.errors import Invalid, PortolanError, Unauthorized
+from app.db.routing import AfterCommit, api_router
+from app.kit.errors import Invalid, NotFound, PortolanError, Unauthorized
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody, conflict
 from app.kit.responses import json_response, to_json
 
@@ -117,6 +117,39 @@ class RunLogResponse(BaseModel):
 class RunLogListResponse(BaseModel):
     ok: Literal[True] = True
     runLogs: list[RunLog]
+
+
+class ClaimBody(BaseModel):
+    """What Port's Ocean sends to take its installation's pending runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    installationId: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9@_.+:=-]+$")
+    limit: int = Field(default=100, ge=1, le=1000, strict=True)
+    visibilityTimeoutMs: int = Field(
+        default=60_000,
+        ge=1,
+        le=600_000,
+        strict=True,
+        description="How long the claimed runs stay invisible to other claims unless "
+        "acknowledged (milliseconds)",
+    )
+    exclude: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Action identifiers whose runs are not to be claimed now",
+    )
+
+
+class ClaimResponse(BaseModel):
+    ok: Literal[True] = True
+    runs: list[Run]
+
+
+class AckBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runId: str = Field(min_length=1, max_length=40)
 
 
 _IDEMPOTENCY = conflict("The Idempotency-Key was used for a different request")
@@ -219,12 +252,95 @@ async def _readable(tenant: Tenant, run_id: str) -> dict[str, Any]:
 
 
 async def _reportable(tenant: Tenant, run_id: str) -> None:
-    """Progress is reported by Admins' credentials (the CI that runs the action) or by whoever
-    started the run."""
+    """Progress is reported by Admins' credentials (the CI that runs the action), by whoever
+    started the run, or, for a run of an INTEGRATION_ACTION, by its integration's own
+    credential."""
     run = await runs.get(tenant.tx, run_id)
     principal = tenant.principal
-    if not permissions.allows(principal, "runs.report") and run["createdBy"] != principal.subject:
-        raise permissions.Denied("runs.report", f"run {run_id!r}")
+    if permissions.allows(principal, "runs.report") or run["createdBy"] == principal.subject:
+        return
+    installation = run.get("installationId")
+    if installation is not None and principal.kind == "app":
+        if await claims.integration_creator(tenant.tx, installation) == principal.subject:
+            return
+    raise permissions.Denied("runs.report", f"run {run_id!r}")
+
+
+def _may_claim(principal: Principal, creator: str | None) -> bool:
+    """An installation's runs are claimed by machine credentials: an Admin's (who manage
+    integrations) or the one that created the integration."""
+    if principal.kind != "app":
+        return False
+    return permissions.allows(principal, "integrations.manage") or (
+        creator is not None and creator == principal.subject
+    )
+
+
+def _claim_denied(installation: str) -> permissions.Denied:
+    return permissions.Denied(
+        "integrations.manage",
+        f"installation {installation!r}",
+        " (held by Admins' machine credentials and the integration's own credential)",
+    )
+
+
+@router.post(
+    "/runs/claim-pending",
+    response_model=ClaimResponse,
+    responses=ERRORS_AUTHED,
+    summary="Claim an integration's pending runs",
+)
+async def claim_pending(body: ClaimBody, tenant: CurrentTenant, request: Request) -> Any:
+    """Up to `limit` runs of the installation's INTEGRATION_ACTIONs that wait to be run,
+    oldest first, each with its rendered `payload`. They stay claimed for
+    `visibilityTimeoutMs`: acknowledge each (`PATCH /v1/actions/runs/ack`) before it runs;
+    a run not acknowledged in time is handed to the next claim."""
+    principal = tenant.principal
+    creator = await claims.integration_creator(tenant.tx, body.installationId)
+    if not _may_claim(tenant.principal, creator):
+        raise _claim_denied(body.installationId)
+    if creator is None:
+        raise NotFound(
+            f"Integration {body.installationId!r} was not found", code="integration_not_found"
+        )
+    claimed = await claims.claim(
+        tenant.tx,
+        principal.subject,
+        body.installationId,
+        limit=body.limit,
+        visibility_seconds=body.visibilityTimeoutMs / 1000,
+        exclude=list(body.exclude),
+    )
+    db: Database = request.app.state.db
+
+    async def answer() -> Response:
+        # The claim has committed; payloads are rendered with no connection held.
+        found = await claims.complete(db, claimed)
+        return json_response({"ok": True, "runs": found})
+
+    return AfterCommit(answer)
+
+
+@router.patch(
+    "/runs/ack",
+    response_model=RunResponse,
+    responses={**ERRORS_AUTHED, **conflict("The run is acknowledged already, or not claimed")},
+    summary="Acknowledge a claimed run",
+)
+async def acknowledge_run(body: AckBody, tenant: CurrentTenant) -> Any:
+    """The integration takes the run: the first acknowledgement of a claimed run succeeds,
+    any other is a 409 (`run_already_acknowledged`, `run_not_claimed`, `run_ended`)."""
+    row = await claims.locked_run(tenant.tx, body.runId)
+    installation = row["installation_id"]
+    creator = await claims.integration_creator(tenant.tx, installation) if installation else None
+    if not _may_claim(tenant.principal, creator):
+        raise (
+            _claim_denied(installation)
+            if installation
+            else permissions.Denied("integrations.manage", f"run {body.runId!r}")
+        )
+    acknowledged = await claims.acknowledge(tenant.tx, tenant.principal.subject, row)
+    return json_response({"ok": True, "run": acknowledged})
 
 
 @router.patch(

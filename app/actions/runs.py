@@ -37,6 +37,10 @@ ENDED = ("SUCCESS", "FAILURE", "DECLINED")
 SOURCES = ("UI", "API", "AUTOMATION")
 NOTIFY_CHANNEL = "portolan_dispatch"
 AUTOMATION_ACTOR = "automation"  # who starts an automation's runs
+# Dispatch states in which a run has not reached its backend yet, and those of a claim.
+PENDING = ("waiting", "queued", "retrying", "claimable", "claimed")
+CLAIMED = ("dispatching", "claimed")
+INTEGRATION_ACTION = "INTEGRATION_ACTION"
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _ENTITY_KEYS = ("identifier", "title", "icon", "team", "properties", "relations", "blueprint")
 
@@ -80,8 +84,8 @@ def to_api(row: asyncpg.Record) -> dict[str, Any]:
         "summary": row["summary"],
         "externalRunId": row["external_run_id"],
         "endedAt": row["ended_at"],
-        "pendingExecution": row["dispatch_state"] in ("waiting", "queued", "retrying"),
-        "claimedUntil": row["lease_until"] if row["dispatch_state"] == "dispatching" else None,
+        "pendingExecution": row["dispatch_state"] in PENDING,
+        "claimedUntil": row["lease_until"] if row["dispatch_state"] in CLAIMED else None,
         "createdBy": row["created_by"],
         "updatedBy": row["updated_by"],
         "createdAt": row["created_at"],
@@ -104,6 +108,8 @@ def to_api(row: asyncpg.Record) -> dict[str, Any]:
             "icon": snapshot.get("icon"),
             "deleted": row["entity_deleted"],
         }
+    if row["installation_id"] is not None:
+        out["installationId"] = row["installation_id"]
     if row["approval"] is not None:
         out["approval"] = row["approval"]
     if row["payload"] is not None:
@@ -359,12 +365,16 @@ async def insert_run(
     }
     approval = action["required_approval"]
     waits = approval is True or isinstance(approval, dict)
+    installation = installation_of(action["invocation_method"])
+    ready = "claimable" if installation is not None else "queued"
     run_id = new_run_id()
     inserted = await tx.fetchval(
         "INSERT INTO action_runs (org_id, id, action, definition, blueprint, entity, "
         "properties, raw_properties, context, source, status, required_approval, "
-        "dispatch_state, idempotency_key, request_hash, created_by, updated_by) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16) "
+        "dispatch_state, idempotency_key, request_hash, created_by, updated_by, "
+        "installation_id) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, "
+        "$17) "
         "ON CONFLICT (org_id, created_by, idempotency_key) WHERE idempotency_key IS NOT NULL "
         "DO NOTHING RETURNING id",
         tx.org_id,
@@ -379,18 +389,36 @@ async def insert_run(
         source,
         "WAITING_FOR_APPROVAL" if waits else "IN_PROGRESS",
         approval,
-        "waiting" if waits else "queued",
+        "waiting" if waits else ready,
         idempotency_key,
         request_hash,
         actor,
+        installation,
     )
     if inserted is None:
         return None
     if waits:
         await log(tx, run_id, actor, "The run waits for approval")
     else:
-        await queue(tx, run_id, 1)
+        await release(tx, run_id, installation, actor)
     return run_id
+
+
+def installation_of(method: Any) -> str | None:
+    """The integration that claims an INTEGRATION_ACTION's runs; None for the invocations
+    Portolan dispatches itself."""
+    if isinstance(method, dict) and method.get("type") == INTEGRATION_ACTION:
+        return str(method["installationId"])
+    return None
+
+
+async def release(tx: Tx, run_id: str, installation: str | None, actor: str) -> None:
+    """A run that may go ahead: queued for dispatch, or left for its integration to claim
+    (nothing is sent: the integration asks, docs/actions.md)."""
+    if installation is None:
+        await queue(tx, run_id, 1)
+    else:
+        await log(tx, run_id, actor, f"The run waits for integration {installation!r} to claim it")
 
 
 async def _by_key(tx: Tx, actor: str, key: str, request_hash: str) -> dict[str, Any] | None:
@@ -705,7 +733,7 @@ async def decide(
         run_id,
         "IN_PROGRESS" if approved else "DECLINED",
         approval,
-        "queued" if approved else "done",
+        ("queued" if row["installation_id"] is None else "claimable") if approved else "done",
         approved,
         actor,
     )
@@ -713,5 +741,5 @@ async def decide(
     note = f": {description}" if description else ""
     await log(tx, run_id, actor, f"The run was {verb} by {actor}{note}")
     if approved:
-        await queue(tx, run_id, 1)
+        await release(tx, run_id, row["installation_id"], actor)
     return await get(tx, run_id)
