@@ -127,6 +127,8 @@ ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/v1/actions/runs/{run_id}/logs"): "run",
     ("POST", "/v1/actions/runs/{run_id}/logs"): "run",
     ("GET", "/v1/actions/runs/{run_id}/logs/stream"): "run",
+    ("POST", "/v1/actions/runs/claim-pending"): "admin",
+    ("PATCH", "/v1/actions/runs/ack"): "admin",
 }
 
 SERVICE = {
@@ -291,6 +293,8 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("PATCH", "/v1/actions/runs/{run_id}"): {"statusLabel": "halfway"},
         ("PATCH", "/v1/actions/runs/{run_id}/approval"): {"status": "DECLINE"},
         ("POST", "/v1/actions/runs/{run_id}/logs"): {"message": "hello"},
+        ("POST", "/v1/actions/runs/claim-pending"): {"installationId": "ocean", "limit": 1},
+        ("PATCH", "/v1/actions/runs/ack"): {"runId": ids["run_id"]},
     }
     return url, bodies.get((method, path))
 
@@ -351,6 +355,7 @@ _ASKS = (
     "principal=tenant.principal",
     "runs.decide(tenant.tx, tenant.principal",
     "_admin(tenant)",
+    "_may_claim(tenant.principal",
 )
 
 
