@@ -501,12 +501,35 @@ async def test_malformed_metrics_are_refused_in_ports_error_shape(
         r = await client.post(f"{ingest}/syncMetrics", headers=org.headers, json=body)
         assert r.status_code == 422, r.text
         assert r.json()["ok"] is False and r.json()["message"]
-    r = await client.put(
-        f"{ingest}/syncMetrics/resync/e/person-0",
-        headers=org.headers,
-        json={"syncKindMetrics": good},
+    r = await client.post(
+        f"{ingest}/syncMetrics",
+        headers={**org.headers, "content-type": "application/json"},
+        content=b'{"syncKindsMetrics": [{"eventId": "e", "kindIdentifier": "k", '
+        b'"metrics": {"cpu": NaN}}]}',
     )
-    assert r.status_code == 422
+    assert r.status_code == 400 and r.json()["ok"] is False
+    deep: dict[str, Any] = {}
+    for _ in range(150):
+        deep = {"d": deep}
+    r = await client.post(
+        f"{ingest}/syncMetrics",
+        headers=org.headers,
+        json={"syncKindsMetrics": [{**good, "metrics": deep}]},
+    )
+    assert r.status_code == 422, r.text
+    for path in (
+        "e/person-0",
+        "e/kind/",
+        f"e/kind/{'k' * 201}",
+        f"{'e' * 201}/kind/k",
+        "e/kind/%00",
+    ):
+        r = await client.put(
+            f"{ingest}/syncMetrics/resync/{path}",
+            headers=org.headers,
+            json={"syncKindMetrics": good},
+        )
+        assert r.status_code == 422, (path, r.text)
     r = await client.post(f"{ingest}/heartbeat", headers=org.headers, json={"eventId": ""})
     assert r.status_code == 422
     r = await client.post(f"{ingest}/heartbeat", json={"eventId": "e"})

@@ -646,7 +646,8 @@ def _event_and_kind(request: Request) -> tuple[str, str]:
     raw = request.scope.get("raw_path")
     text = raw.decode("latin-1") if isinstance(raw, bytes) else request.url.path
     marker = "/syncMetrics/resync/"
-    tail = text[text.find(marker) + len(marker) :].split("?", 1)[0]
+    start = text.find(marker)
+    tail = text[start + len(marker) :].split("?", 1)[0] if start >= 0 else ""
     event, sep, kind = tail.partition("/kind/")
     event_id, kind_identifier = unquote_plus(event), unquote_plus(kind)
     if not sep or not kind_identifier or len(kind_identifier) > _MAX_KIND:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import math
 import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -629,22 +628,11 @@ async def list_logs(
 # Sync metrics
 
 
-def _finite(value: Any) -> Any:
-    """The value with non-finite numbers (which jsonb cannot hold) as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(child) for key, child in value.items()}
-    if isinstance(value, list):
-        return [_finite(child) for child in value]
-    return value
-
-
 def _metric_row(item: dict[str, Any], pointer: str) -> tuple[Any, ...]:
     """One kind's report as a row: (event id, kind identifier, kind, index, blueprint, state,
     integration type, integration version, ocean version, metrics)."""
-    metrics = _finite(item.get("metrics") or {})
-    if not storable(item) or not storable(metrics):
+    metrics = item.get("metrics") or {}
+    if not storable(item):
         raise Invalid(
             "Metrics hold a NUL character, an unpaired surrogate or too deep a nesting",
             details=[_problem(pointer, "cannot be stored")],
