@@ -23,7 +23,8 @@ _CONFLICT = conflict("An action with this identifier exists")
 class ActionBody(BaseModel):
     """Port's action: `trigger` (self-service with `operation`, `blueprintIdentifier`,
     `userInputs`, `condition`; or automation with an `event` and a jq `condition`),
-    `invocationMethod` (WEBHOOK, GITHUB, GITLAB, UPSERT_ENTITY), `requiredApproval`."""
+    `invocationMethod` (WEBHOOK, GITHUB, GITLAB, UPSERT_ENTITY, INTEGRATION_ACTION),
+    `requiredApproval`."""
 
     model_config = ConfigDict(extra="allow")
 
