@@ -10,6 +10,7 @@ SCENARIOS = [
     "bench.org_read",
     "bench.catalog_bulk",
     "bench.search",
+    "bench.datasource",
     "bench.scorecards",
     "bench.dispatch",
     "bench.events",

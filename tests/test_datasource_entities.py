@@ -355,7 +355,7 @@ def test_a_prefix_s_upper_bound_is_the_next_string_in_code_point_order() -> None
     assert datasource.prefix_upper_bound("a\ud7ff") == "a\ue000"
 
 
-async def test_a_page_reads_the_datasource_index_in_order_under_row_level_security(
+async def test_a_page_walks_the_datasource_index_in_order_under_row_level_security(
     db: Database, org: Org
 ) -> None:
     cursor = datasource.Position(agent(), "repo", "r1")
@@ -363,16 +363,47 @@ async def test_a_page_reads_the_datasource_index_in_order_under_row_level_securi
         org.org_id, PREFIX, SUFFIX, 5000, datetime.now(UTC), cursor
     )
     async with db.tenant(org.org_id) as tx:
-        await tx.execute("SET LOCAL enable_seqscan = off")
-        await tx.execute("SET LOCAL enable_bitmapscan = off")
+        await tx.execute(datasource.ORDERED_WALK)
         plan = "\n".join(r[0] for r in await tx.fetch("EXPLAIN " + sql, *args))
 
-    scan = next(line for line in plan.splitlines() if "ix_entities_datasource" in line)
-    assert "Index" in scan
-    assert "Sort" not in plan.split("ix_entities_datasource")[0]
-    conditions = plan.split("ix_entities_datasource", 1)[1]
-    assert "Index Cond" in conditions
-    assert "datasource >=" in conditions.split("Filter")[0]
+    top = plan.split("SubPlan")[0]
+    assert "Index Scan using ix_entities_datasource" in top, plan
+    assert "Sort" not in top, plan
+    conditions = top.split("Index Cond:", 1)[1].split("Filter:")[0]
+    assert "datasource >= " in conditions
+    assert "datasource < " in conditions
+    assert "ROW(datasource, " in conditions
+
+
+async def test_like_wildcards_in_the_prefix_and_suffix_are_taken_literally(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _write(client, org, "repo", [{"identifier": "a"}], agent(identifier="my_git%"))
+    await _write(client, org, "repo", [{"identifier": "b"}], agent(identifier="myXgitXX"))
+
+    r = await client.post(
+        ROUTE,
+        json={"datasource_prefix": PREFIX, "datasource_suffix": "/my_git%/exporter"},
+        headers=org.headers,
+    )
+
+    assert r.status_code == 200, r.text
+    assert [e["identifier"] for e in r.json()["entities"]] == ["a"]
+
+
+async def test_a_prefix_and_suffix_that_overlap_match_only_what_holds_both(
+    client: httpx.AsyncClient, org: Org
+) -> None:
+    await _write(client, org, "repo", [{"identifier": "a"}], "port-ocean/x/")
+
+    r = await client.post(
+        ROUTE,
+        json={"datasource_prefix": "port-ocean/x/", "datasource_suffix": "/x/"},
+        headers=org.headers,
+    )
+
+    assert r.status_code == 200, r.text
+    assert r.json()["entities"] == []
 
 
 # Ocean (0.56) adds its event's type and resync id to the query of every entity write and
