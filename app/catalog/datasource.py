@@ -7,11 +7,11 @@ entities whose datasource starts with `port-ocean/{type}/` and ends with
 to delete those the resync no longer produced.
 
 Pages follow the index `ix_entities_datasource` (org, datasource, blueprint, identifier;
-the column compares in the "C" collation, byte order): the prefix is a range of that
-index, the position after a page is its cursor, so each page reads only its own rows
-whatever the catalog's size and pages neither skip nor repeat a row that keeps its
-datasource meanwhile. Rows written after `before` are left out, so while a resync writes,
-the set being paged only shrinks.
+the column compares in the "C" collation, code point order): the prefix is a range of
+that index and the position after a page is its cursor, so a page reads its own rows (and
+those of other writers with the same prefix between them), whatever the catalog's size,
+and pages neither skip nor repeat a row that keeps its datasource meanwhile. Rows written
+after `before` are left out, so while a resync writes, the set being paged only shrinks.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def page_arguments(
 # Under row-level security the planner may not read a column's statistics through an
 # operator that is not leakproof (LIKE), so it guesses the pattern keeps 0.5% of the
 # range: a page would then look cheaper as a scan and sort of the whole range than as an
-# ordered walk of the index that stops after `limit` rows. A page is always that walk.
+# ordered walk of the index that stops after `limit` rows. A page is always that walk
+# (the settings last until the request's transaction ends; it runs nothing else).
 ORDERED_WALK = (
     "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off', true)"
 )
