@@ -343,19 +343,44 @@ async def test_a_second_acknowledgement_is_a_conflict(
     assert_port_error(await ack(client, org.headers, run_id), 409, "run_already_acknowledged")
 
 
-async def test_an_expired_claim_taken_again_is_acknowledged_once(
+async def test_an_expired_claim_taken_again_by_a_replica_is_acknowledged_once(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    # Replicas of one integration share its credential.
+    org = await ready(client, make_org)
+    run_id = await start(client, org)
+    await claim(client, org.headers, visibility_ms=300)
+    await asyncio.sleep(0.5)
+    [again] = await claim(client, org.headers)
+    assert again["id"] == run_id
+    assert (await ack(client, org.headers, run_id)).status_code == 200
+    # The first claimer, late, is told someone has it.
+    assert_port_error(await ack(client, org.headers, run_id), 409, "run_already_acknowledged")
+
+
+async def test_an_expired_claim_taken_by_another_credential_cannot_be_acknowledged(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
     org = await ready(client, make_org)
-    other = await app_headers(client, db, org.org_id, ["Admin"])  # a second replica
+    other = await app_headers(client, db, org.org_id, ["Admin"])
     run_id = await start(client, org)
     await claim(client, org.headers, visibility_ms=300)
     await asyncio.sleep(0.5)
     [again] = await claim(client, other)
     assert again["id"] == run_id
+    assert_port_error(await ack(client, org.headers, run_id), 409, "run_claimed_by_another")
     assert (await ack(client, other, run_id)).status_code == 200
-    # The first claimer, late, is told someone has it.
-    assert_port_error(await ack(client, org.headers, run_id), 409, "run_already_acknowledged")
+
+
+async def test_an_expired_claim_not_taken_again_is_still_acknowledged(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await ready(client, make_org)
+    run_id = await start(client, org)
+    await claim(client, org.headers, visibility_ms=300)
+    await asyncio.sleep(0.5)  # late, but no one else has it
+    assert (await ack(client, org.headers, run_id)).status_code == 200
+    assert await claim(client, org.headers) == []
 
 
 async def test_concurrent_acknowledgements_let_exactly_one_through(

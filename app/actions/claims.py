@@ -14,10 +14,13 @@ A run of an INTEGRATION_ACTION is never dispatched: it waits (`dispatch_state`
   a later claim of the same run gets the stored payload. A run whose templates fail ends
   in FAILURE; a run the jq sandbox had no turn for is handed back (claimable at once).
   The answer holds only runs this claim still holds.
-- **Acknowledge** (`acknowledge`): the first acknowledgement of a claimed run moves it to
-  `delivered` (the integration runs it and reports on it through the run routes); any
-  later one, or one of a run never claimed, is a 409. So however many claimers a run had
-  (an expired claim taken again), exactly one acknowledgement succeeds.
+- **Acknowledge** (`acknowledge`): the first acknowledgement of a claimed run, by the
+  credential that holds its latest claim, moves it to `delivered` (the integration runs
+  it and reports on it through the run routes); any later one, one of a run never
+  claimed, or one by a credential whose claim expired and was taken again by another is a
+  409. Replicas of one integration share a credential and Ocean sends no claim token, so
+  between them the first acknowledgement wins: however many claimers a run had, exactly
+  one acknowledgement succeeds.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ WITH picked AS (
 ), claimed AS (
     UPDATE action_runs r SET dispatch_state = 'claimed', claim = $5,
         lease_until = now() + make_interval(secs => $6), attempts = r.attempts + 1,
-        updated_at = now(), updated_by = $7
+        claimed_by = $7, updated_at = now(), updated_by = $7
     FROM picked WHERE r.org_id = picked.org_id AND r.id = picked.id
     RETURNING r.id, r.attempts, r.lease_until
 ), logged AS (
@@ -205,7 +208,7 @@ async def complete(db: Database, claimed: Claimed) -> list[dict[str, Any]]:
 async def locked_run(tx: Tx, run_id: str) -> asyncpg.Record:
     """The run, locked for its acknowledgement (a concurrent one waits, then sees ours)."""
     row = await tx.fetchrow(
-        "SELECT id, installation_id, status, dispatch_state FROM action_runs "
+        "SELECT id, installation_id, status, dispatch_state, claimed_by FROM action_runs "
         "WHERE org_id = $1 AND id = $2 FOR UPDATE",
         tx.org_id,
         run_id,
@@ -233,6 +236,12 @@ async def acknowledge(tx: Tx, actor: str, row: asyncpg.Record) -> dict[str, Any]
         raise Conflict(
             f"Run {run_id!r} is not claimed: claim it (claim-pending) first",
             code="run_not_claimed",
+        )
+    if row["claimed_by"] != actor:
+        raise Conflict(
+            f"Run {run_id!r} is claimed by another credential (this claim expired and the "
+            "run was claimed again)",
+            code="run_claimed_by_another",
         )
     await tx.execute(
         "UPDATE action_runs SET dispatch_state = 'delivered', claim = NULL, lease_until = NULL, "

@@ -52,7 +52,8 @@ class ActionRun(Base):
     `lease_until` set) -> retrying (after a transient failure, until `next_attempt_at`) |
     delivered (the backend took it and reports the outcome) | done. A run of an
     INTEGRATION_ACTION (`installation_id` set) is never queued: waiting -> claimable ->
-    claimed (by its integration, until `lease_until`; claimable again after it) ->
+    claimed (by its integration's `claimed_by`, until `lease_until`; claimable again
+    after it) ->
     delivered (acknowledged) | done."""
 
     __tablename__ = "action_runs"
@@ -109,6 +110,7 @@ class ActionRun(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     installation_id: Mapped[str | None] = mapped_column(String(100))
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = timestamp()
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
