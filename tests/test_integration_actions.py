@@ -248,6 +248,62 @@ async def test_a_claim_answers_the_run_with_its_rendered_payload(
     assert (await get_run(client, org, run_id))["payload"] == run["payload"]
 
 
+async def test_a_day_2_run_renders_its_entity_with_calculation_properties(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await install(client, org.headers)
+    r = await client.post(
+        "/v1/blueprints",
+        json={
+            "identifier": "workload",
+            "title": "Workload",
+            "schema": {"properties": {"replicas": {"type": "number"}}},
+            "calculationProperties": {
+                "doubled": {
+                    "title": "Doubled",
+                    "type": "number",
+                    "calculation": ".properties.replicas * 2",
+                }
+            },
+        },
+        headers=org.headers,
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/blueprints/workload/entities",
+        json={"identifier": "api", "properties": {"replicas": 2}},
+        headers=org.headers,
+    )
+    assert r.status_code == 201, r.text
+    action = integration_action("scale")
+    action["trigger"] = {
+        "type": "self-service",
+        "operation": "DAY-2",
+        "blueprintIdentifier": "workload",
+        "userInputs": {"properties": {"replicas": {"type": "number"}}, "required": ["replicas"]},
+    }
+    action["invocationMethod"]["integrationActionExecutionProperties"] = {
+        "workload": "{{ .entity.identifier }}",
+        "from": "{{ .entity.properties.doubled }}",
+        "to": "{{ .inputs.replicas }}",
+    }
+    await define(client, org, action)
+    r = await client.post(
+        "/v1/actions/scale/runs",
+        json={"entity": "api", "properties": {"replicas": 5}},
+        headers=org.headers,
+    )
+    assert r.status_code == 202, r.text
+    [run] = await claim(client, org.headers)
+    assert run["payload"]["integrationActionExecutionProperties"] == {
+        "workload": "api",
+        "from": 4,
+        "to": 5,
+    }
+    assert run["entity"]["identifier"] == "api"
+
+
 async def test_a_claim_takes_the_oldest_runs_up_to_its_limit(
     client: httpx.AsyncClient, make_org: OrgFactory
 ) -> None:
