@@ -611,6 +611,12 @@ async def test_the_integrations_own_credential_claims_and_reports_without_admin(
         f"/v1/actions/runs/{run_id}", json={"status": "SUCCESS"}, headers=headers
     )
     assert r.status_code == 200, r.text
+    r = await client.get(f"/v1/actions/runs/{run_id}", headers=headers)
+    assert r.status_code == 200 and r.json()["run"]["status"] == "SUCCESS", r.text
+    # Another Member credential may do none of it.
+    stranger = await app_headers(client, db, org.org_id, ["Member"])
+    r = await client.get(f"/v1/actions/runs/{run_id}", headers=stranger)
+    assert_port_error(r, 403, "missing_permission")
 
 
 async def test_machine_tokens_carry_the_is_machine_claim(

@@ -241,14 +241,25 @@ async def get_run(run_id: RunId, tenant: CurrentTenant) -> Any:
 
 
 async def _readable(tenant: Tenant, run_id: str) -> dict[str, Any]:
-    """The run, if the caller may read it: Admins, whoever started it, its approvers."""
+    """The run, if the caller may read it: Admins, whoever started it, its approvers, and
+    for a run of an INTEGRATION_ACTION, its integration's own credential."""
     run = await runs.get(tenant.tx, run_id)
     principal = tenant.principal
     if permissions.allows(principal, "runs.readAll") or run["createdBy"] == principal.subject:
         return run
+    if await _integrations_own(tenant, run):
+        return run
     if await permissions.may_approve(tenant.tx, principal, run["action"]):
         return run
     raise permissions.Denied("runs.readAll", f"run {run_id!r}")
+
+
+async def _integrations_own(tenant: Tenant, run: dict[str, Any]) -> bool:
+    """Whether the caller is the credential that created the integration the run is for."""
+    installation = run.get("installationId")
+    if installation is None or tenant.principal.kind != "app":
+        return False
+    return await claims.integration_creator(tenant.tx, installation) == tenant.principal.subject
 
 
 async def _reportable(tenant: Tenant, run_id: str) -> None:
@@ -259,10 +270,8 @@ async def _reportable(tenant: Tenant, run_id: str) -> None:
     principal = tenant.principal
     if permissions.allows(principal, "runs.report") or run["createdBy"] == principal.subject:
         return
-    installation = run.get("installationId")
-    if installation is not None and principal.kind == "app":
-        if await claims.integration_creator(tenant.tx, installation) == principal.subject:
-            return
+    if await _integrations_own(tenant, run):
+        return
     raise permissions.Denied("runs.report", f"run {run_id!r}")
 
 
@@ -295,7 +304,6 @@ async def claim_pending(body: ClaimBody, tenant: CurrentTenant, request: Request
     oldest first, each with its rendered `payload`. They stay claimed for
     `visibilityTimeoutMs`: acknowledge each (`PATCH /v1/actions/runs/ack`) before it runs;
     a run not acknowledged in time is handed to the next claim."""
-    principal = tenant.principal
     creator = await claims.integration_creator(tenant.tx, body.installationId)
     if not _may_claim(tenant.principal, creator):
         raise _claim_denied(body.installationId)
@@ -305,7 +313,7 @@ async def claim_pending(body: ClaimBody, tenant: CurrentTenant, request: Request
         )
     claimed = await claims.claim(
         tenant.tx,
-        principal.subject,
+        tenant.principal.subject,
         body.installationId,
         limit=body.limit,
         visibility_seconds=body.visibilityTimeoutMs / 1000,
@@ -328,8 +336,9 @@ async def claim_pending(body: ClaimBody, tenant: CurrentTenant, request: Request
     summary="Acknowledge a claimed run",
 )
 async def acknowledge_run(body: AckBody, tenant: CurrentTenant) -> Any:
-    """The integration takes the run: the first acknowledgement of a claimed run succeeds,
-    any other is a 409 (`run_already_acknowledged`, `run_not_claimed`, `run_ended`)."""
+    """The integration takes the run: the first acknowledgement of a claimed run, by the
+    credential that holds its latest claim, succeeds; any other is a 409
+    (`run_already_acknowledged`, `run_not_claimed`, `run_ended`, `run_claimed_by_another`)."""
     row = await claims.locked_run(tenant.tx, body.runId)
     installation = row["installation_id"]
     creator = await claims.integration_creator(tenant.tx, installation) if installation else None
