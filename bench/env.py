@@ -112,7 +112,8 @@ async def pin_database_backends(settings: Settings, cpu: int = 1) -> int:
             r["pid"]
             for r in await conn.fetch(
                 "SELECT pid FROM pg_stat_activity "
-                "WHERE application_name = 'portolan' AND datname = current_database()"
+                "WHERE (application_name = 'portolan' OR application_name LIKE 'portolan/org/%') "
+                "AND datname = current_database()"
             )
         ]
     finally:

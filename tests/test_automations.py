@@ -174,6 +174,71 @@ async def test_a_rolled_back_change_fires_nothing(
     assert [r["entity"]["identifier"] for r in found] == ["real"]
 
 
+async def test_an_orgs_open_transaction_holds_back_only_its_own_automations(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    """B's write transaction stays open: A's automation fires meanwhile (one horizon for all
+    made every org wait for it); B's changes after it wait, and fire once it commits."""
+    a, b = await make_org(), await make_org()
+    on_create = automation(
+        "on-create", {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"}
+    )
+    for org in (a, b):
+        await _post(client, org, "/v1/blueprints", SERVICE)
+        await _post(client, org, "/v1/actions", on_create)
+    await process_once(db)  # both orgs have their cursors
+    writer = entities.Writer(actor="test", origin="API", datasource=None)
+    tx, conn = await db.begin_tenant(b.org_id)
+    committed = False
+    try:
+        outcome = await entities.write(
+            tx, "service", [{"identifier": "slow"}], entities.WriteFlags(), writer
+        )
+        assert outcome[0].error is None
+        await _entity(client, a, "quick")
+        await _entity(client, b, "meanwhile")  # committed, but after B's open transaction began
+        deadline = time.monotonic() + 10
+        while not await _runs(client, a, "on-create"):
+            assert time.monotonic() < deadline, "A's automation waited for B's open transaction"
+            await process_once(db)
+            await asyncio.sleep(0.05)
+        for _ in range(3):
+            await process_once(db)
+        assert await _runs(client, b, "on-create") == []  # behind B's own open transaction
+        await db.finish(conn, commit=True)
+        committed = True
+    finally:
+        if not committed:
+            await db.finish(conn, commit=False)
+    await _feed(db)
+    fired = sorted(r["entity"]["identifier"] for r in await _runs(client, b, "on-create"))
+    assert fired == ["meanwhile", "slow"]
+    assert [r["entity"]["identifier"] for r in await _runs(client, a, "on-create")] == ["quick"]
+
+
+async def test_an_unnamed_open_transaction_still_holds_back_every_org(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
+) -> None:
+    """A running transaction that names no org (operator work) may write any org's events:
+    no org reads past it."""
+    a = await make_org()
+    await _post(client, a, "/v1/blueprints", SERVICE)
+    on_create = automation(
+        "on-create", {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"}
+    )
+    await _post(client, a, "/v1/actions", on_create)
+    await process_once(db)
+    async with db.system() as tx:
+        await tx.fetchval("SELECT pg_current_xact_id()")  # holds a transaction id
+        await _entity(client, a, "later")
+        for _ in range(5):
+            await process_once(db)
+            await asyncio.sleep(0.05)
+        assert await _runs(client, a, "on-create") == []
+    await _feed(db)
+    assert [r["entity"]["identifier"] for r in await _runs(client, a, "on-create")] == ["later"]
+
+
 async def test_create_delete_and_any_change(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database, feed_started: None
 ) -> None:

@@ -34,8 +34,8 @@ ENTITY_DELETED / ANY_ENTITY_CHANGE on its blueprint, RUN_CREATED / RUN_UPDATED /
 ANY_RUN_CHANGE of its action) when it is published and its jq `condition` holds over the
 event's data `{action, resourceType, trigger, context, diff: {before, after}}`. A run of an
 automation never triggers that same automation, and a chain of automations stops after
-MAX_CHAIN runs. A long-running transaction anywhere in the cluster holds the horizon back,
-and automations wait for it.
+MAX_CHAIN runs. Each org's horizon is its own (`horizons`): a long-running tenant
+transaction holds back its own org's automations; one that names no org, every org's.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import asyncpg
 from app.actions import runs
 from app.automations import changelog
 from app.config import Settings
-from app.db.database import Database, Tx, bind_org
+from app.db.database import ORG_TAG, Database, Tx, bind_org
 from app.dispatch import templates
 from app.kit.loops import PollingLoop
 
@@ -274,13 +274,51 @@ async def _slice(
     return whole, str(int(last) + 1)
 
 
-# The cursor row `c`'s org has events between its horizon and the horizon `$2`.
+# The cursor row `c`'s org has events between its horizon and its org's horizon `h.h`.
 _HAS_EVENTS = (
     "(EXISTS (SELECT 1 FROM entity_events e WHERE e.org_id = c.org_id "
-    " AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8) "
+    " AND e.xid >= c.horizon::xid8 AND e.xid < h.h::xid8) "
     "OR EXISTS (SELECT 1 FROM run_events e WHERE e.org_id = c.org_id "
-    " AND e.xid >= c.horizon::xid8 AND e.xid < $2::text::xid8))"
+    " AND e.xid >= c.horizon::xid8 AND e.xid < h.h::xid8))"
 )
+# The interested orgs' cursors with their horizons: `$1` feed keys, `$2` horizons.
+_HORIZONS = "unnest($1::text[], $2::text[]) AS h(feed, h)"
+
+
+async def horizons(tx: Tx, orgs: list[uuid.UUID]) -> tuple[str, dict[uuid.UUID, str]]:
+    """The feed's floor (every transaction below it has ended) and, per org, how far its
+    events may be read: below every transaction still running that could write them.
+
+    A tenant transaction names its org in `application_name` from its first statement
+    (app/db/database.py) and, bound by row-level security, writes only that org's rows:
+    it holds back its own org's horizon, not the others'. A running transaction that names
+    no org (operator work, another role, a row pg_stat_activity hides from this role, one
+    that ended between the snapshot and the read of pg_stat_activity) holds back every
+    org's, as the snapshot's horizon always did."""
+    row = await tx.fetchrow(
+        "SELECT pg_snapshot_xmin(s)::text AS xmin, pg_snapshot_xmax(s)::text AS xmax, "
+        "ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x) AS xip, "
+        "ARRAY(SELECT a.backend_xid::text || ' ' || COALESCE(a.application_name, '') "
+        "      FROM pg_stat_activity a WHERE a.backend_xid IS NOT NULL) AS running "
+        "FROM pg_current_snapshot() s"
+    )
+    assert row is not None
+    floor = str(row["xmin"])
+    named: dict[int, str] = {}
+    for entry in row["running"]:
+        xid, _, name = entry.partition(" ")
+        if name.startswith(ORG_TAG):
+            named[int(xid)] = name[len(ORG_TAG) :]
+    anyone = int(row["xmax"])  # below it: ended, or running in some org's transaction
+    own: dict[str, int] = {}
+    for text in row["xip"]:
+        xid = int(text)
+        org = named.get(xid & 0xFFFFFFFF)
+        if org is None:
+            anyone = min(anyone, xid)
+        else:
+            own[org] = min(own.get(org, xid), xid)
+    return floor, {org: str(min(anyone, own.get(org.hex, anyone))) for org in orgs}
 
 
 def _feed_key(org_id: uuid.UUID) -> str:
@@ -301,7 +339,8 @@ async def plan(db: Database, slots: int, skip: set[uuid.UUID] | None = None) -> 
     """One tick: cursors for newly interested orgs, idle orgs moved to the horizon, and up
     to `slots` orgs with events claimed (least recently served first), except `skip`."""
     async with db.system() as tx:
-        horizon = await tx.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        orgs = await _interested(tx)
+        horizon, by_org = await horizons(tx, orgs)
         floor = await tx.fetchrow(
             "SELECT horizon FROM event_feed_cursors WHERE feed = $1 FOR UPDATE SKIP LOCKED", FEED
         )
@@ -314,8 +353,8 @@ async def plan(db: Database, slots: int, skip: set[uuid.UUID] | None = None) -> 
                 horizon,
             )
             return []
-        orgs = await _interested(tx)
         keys = [_feed_key(org) for org in orgs]
+        ends = [by_org[org] for org in orgs]
         # Orgs that no longer read events lose their cursor (one that comes back starts
         # at the floor, not at old events); new ones start at the floor.
         await tx.execute(
@@ -341,12 +380,12 @@ async def plan(db: Database, slots: int, skip: set[uuid.UUID] | None = None) -> 
         # IDLE_ADVANCE_SECONDS, so idle orgs' rows are not written on every tick, and
         # their ranges to look into stay short).
         await tx.execute(
-            "UPDATE event_feed_cursors c SET horizon = $2, updated_at = now() "  # noqa: S608
-            "WHERE c.feed = ANY($1::text[]) AND c.horizon::xid8 < $2::text::xid8 "
+            "UPDATE event_feed_cursors c SET horizon = h.h, updated_at = now() "  # noqa: S608
+            f"FROM {_HORIZONS} WHERE c.feed = h.feed AND c.horizon::xid8 < h.h::xid8 "
             "AND c.updated_at < now() - make_interval(secs => $3) "
             f"AND (c.lease_until IS NULL OR c.lease_until < now()) AND NOT {_HAS_EVENTS}",
             keys,
-            horizon,
+            ends,
             IDLE_ADVANCE_SECONDS,
         )
         if slots <= 0:
@@ -354,19 +393,19 @@ async def plan(db: Database, slots: int, skip: set[uuid.UUID] | None = None) -> 
         rows = await tx.fetch(
             "UPDATE event_feed_cursors c SET lease_until = now() + make_interval(secs => $3), "  # noqa: S608
             "lease_token = gen_random_uuid() FROM ("
-            " SELECT feed FROM event_feed_cursors c WHERE feed = ANY($1::text[]) "
-            " AND horizon::xid8 < $2::text::xid8 "
-            " AND (lease_until IS NULL OR lease_until < now()) "
-            f" AND NOT (org_id = ANY($5::uuid[])) AND {_HAS_EVENTS}"
-            " ORDER BY updated_at, feed LIMIT $4 FOR UPDATE SKIP LOCKED) t "
-            "WHERE c.feed = t.feed RETURNING c.org_id, c.horizon, c.lease_token",
+            f" SELECT c.feed, h.h FROM event_feed_cursors c JOIN {_HORIZONS} ON c.feed = h.feed"
+            " WHERE c.horizon::xid8 < h.h::xid8 "
+            " AND (c.lease_until IS NULL OR c.lease_until < now()) "
+            f" AND NOT (c.org_id = ANY($5::uuid[])) AND {_HAS_EVENTS}"
+            " ORDER BY c.updated_at, c.feed LIMIT $4 FOR UPDATE OF c SKIP LOCKED) t "
+            "WHERE c.feed = t.feed RETURNING c.org_id, c.horizon, c.lease_token, t.h",
             keys,
-            horizon,
+            ends,
             LEASE_SECONDS,
             slots,
             list(skip or ()),
         )
-    return [Claim(r["org_id"], str(r["horizon"]), horizon, r["lease_token"]) for r in rows]
+    return [Claim(r["org_id"], str(r["horizon"]), str(r["h"]), r["lease_token"]) for r in rows]
 
 
 async def _extend(db: Database, claim: Claim) -> bool:

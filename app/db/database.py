@@ -30,6 +30,7 @@ Query = str | ClauseElement
 # Who is changing things in a transaction, for the audit log's triggers (migration 0014).
 ACTOR_SETTING = "portolan.actor"
 ORIGIN_SETTING = "portolan.origin"
+ORG_TAG = "portolan/org/"  # + org id (hex): the application_name of a tenant transaction
 _DIALECT = sa_asyncpg.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -92,6 +93,10 @@ def _begin_sql(
         parts.append(f"SET LOCAL ROLE {APP_ROLE}")
     if org_id is not None:
         parts.append(f"SET LOCAL {ORG_SETTING} = '{uuid.UUID(str(org_id))}'")
+        if as_app_role:
+            # Bound by row-level security to this org's rows: named so, the event feed
+            # holds back only this org's automations while the transaction runs.
+            parts.append(f"SET LOCAL application_name = '{ORG_TAG}{uuid.UUID(str(org_id)).hex}'")
     if actor is not None:
         parts.append(f"SET LOCAL {ACTOR_SETTING} = {_literal(actor)}")
     if origin is not None:
