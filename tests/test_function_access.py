@@ -78,6 +78,15 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/integration/{identifier}/kinds/{kind}/examples"): "admin",
     ("GET", "/v1/integration/{identifier}/logs"): "admin",
     ("POST", "/v1/integration-logs/{ingestId}"): "admin",
+    ("GET", "/v1/integration/provision-enabled"): "admin",
+    ("GET", "/v1/integration/{identifier}/resync-request"): "admin",
+    ("POST", "/v1/integration/{identifier}/resync-request"): "admin",
+    ("GET", "/v1/integration/{identifier}/syncMetrics"): "admin",
+    ("GET", "/v1/integration/{identifier}/syncsMetadata"): "admin",
+    ("POST", "/v1/integration-metrics/{ingestId}/heartbeat"): "admin",
+    ("POST", "/v1/integration-metrics/{ingestId}/syncMetrics"): "admin",
+    ("PUT", "/v1/integration-metrics/{ingestId}/syncMetrics/resync/{rest}"): "admin",
+    ("POST", "/v1/blueprints/entities/datasource-entities"): "member",
     ("GET", "/v1/blueprints"): "member",
     ("POST", "/v1/blueprints"): "admin",
     ("GET", "/v1/blueprints/{identifier}"): "member",
@@ -232,6 +241,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         webhookKey="nope",
         kind="person",
         ingestId=ids["ingest_id"],
+        rest="e1/kind/service",
     )
     bodies: dict[tuple[str, str], Any] = {
         ("PUT", "/v1/organization/oidc"): {
@@ -257,6 +267,16 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("PATCH", "/v1/integration/{identifier}/resync-state"): {"status": "running"},
         ("POST", "/v1/integration/{identifier}/kinds/{kind}/examples"): {"examples": [{"a": 1}]},
         ("POST", "/v1/integration-logs/{ingestId}"): {"logs": [{"message": "hi"}]},
+        ("POST", "/v1/integration-metrics/{ingestId}/heartbeat"): {"eventId": "e1"},
+        ("POST", "/v1/integration-metrics/{ingestId}/syncMetrics"): {"syncKindsMetrics": []},
+        ("PUT", "/v1/integration-metrics/{ingestId}/syncMetrics/resync/{rest}"): {
+            "syncKindMetrics": {"eventId": "e1", "kindIdentifier": "service-0"}
+        },
+        ("POST", "/v1/blueprints/entities/datasource-entities"): {
+            "datasource_prefix": "port-ocean/x/",
+            "datasource_suffix": "/ocean/exporter",
+            "limit": 10,
+        },
         ("POST", "/v1/blueprints"): {**SYSTEM, "identifier": "other", "title": "Other"},
         ("PUT", "/v1/blueprints/{identifier}"): SERVICE,
         ("PATCH", "/v1/blueprints/{identifier}"): {"title": "Renamed"},

@@ -96,7 +96,7 @@ class Verdict:
 
 def route_class(method: str, path: str) -> str:
     """The class of a route, from its method and path template."""
-    if path.endswith(("/entities/search", "/entities/aggregate")):
+    if path.endswith(("/entities/search", "/entities/aggregate", "/datasource-entities")):
         return "search"
     if path.startswith("/v1/blueprints/{blueprint}/") and (
         "/entities" in path or path.endswith("/all-entities")
