@@ -23,7 +23,8 @@ from typing import Any
 from app.catalog.validation import Problems, check_jq, check_pattern, valid_action_identifier
 from app.dispatch import templates
 from app.kit.errors import Invalid
-from app.search.compiler import Compiler, Scope
+from app.search.compiler import Compiler
+from app.search.sql import Scope
 
 OPERATIONS = ("CREATE", "DAY-2", "DELETE")
 INPUT_TYPES = ("string", "number", "boolean", "object", "array")

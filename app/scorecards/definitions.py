@@ -22,7 +22,8 @@ from app.catalog.validation import (
     valid_key,
 )
 from app.kit.errors import Invalid
-from app.search.compiler import Compiler, Scope
+from app.search.compiler import Compiler
+from app.search.sql import Scope
 
 DEFAULT_LEVELS = [
     {"title": "Basic", "color": "paleBlue"},

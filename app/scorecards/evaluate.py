@@ -34,8 +34,9 @@ from app.db.database import Database, Tx
 from app.kit.errors import Invalid, PortolanError
 from app.scorecards.definitions import to_rules
 from app.scorecards.models import ScorecardResult
-from app.search.compiler import Compiler, E, Scope
+from app.search.compiler import Compiler, E
 from app.search.service import fresh_scope, run_bounded, scope_for
+from app.search.sql import Scope
 
 log = logging.getLogger("portolan.scorecards")
 

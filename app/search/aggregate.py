@@ -14,18 +14,17 @@ from sqlalchemy.sql.elements import ColumnElement
 from app.catalog.validation import Problems
 from app.db.database import Tx
 from app.kit.errors import Invalid
-from app.search.compiler import (
+from app.search.compiler import Compiler, E
+from app.search.service import run_bounded
+from app.search.sql import (
     META_TEXT,
     META_TIME,
     TIME_UNITS,
-    Compiler,
-    E,
     Scope,
     number_aggregate,
     number_value,
     time_value,
 )
-from app.search.service import run_bounded
 
 FUNCS = ("count", "sum", "average", "min", "max", "median", "countValues")
 MAX_GROUPS = 1000

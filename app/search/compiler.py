@@ -13,10 +13,8 @@ with a recursive CTE, up to 15 hops.
 from __future__ import annotations
 
 import functools
-import itertools
 import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -27,6 +25,16 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog.models import BlueprintRelation, Entity, EntityRelation
 from app.catalog.validation import UNSTORABLE_TEXT, Problems, first_unstorable
+from app.search import derived
+from app.search.sql import (
+    META_TEXT,
+    META_TIME,
+    Scope,
+    as_number,
+    as_time,
+    number_value,
+    stored_time,
+)
 
 ENTITIES = Entity.__table__
 E = ENTITIES.alias("e")
@@ -59,16 +67,6 @@ MAX_RULES = 200
 MAX_DEPTH = 10
 MAX_VALUES = 1000
 
-META_TEXT = {
-    "$identifier": "identifier",
-    "$title": "title",
-    "$icon": "icon",
-    "$blueprint": "blueprint",
-    "$datasource": "datasource",
-    "$createdBy": "created_by",
-    "$updatedBy": "updated_by",
-}
-META_TIME = {"$createdAt": "created_at", "$updatedAt": "updated_at"}
 _PRESETS_PAST = {
     "lastDay": timedelta(days=1),
     "lastWeek": timedelta(weeks=1),
@@ -92,94 +90,8 @@ _PRESETS_NEXT = {
 PRESETS = sorted({"today", "tomorrow", "yesterday", *_PRESETS_PAST, *_PRESETS_NEXT})
 
 
-# `averageOf` units, in seconds.
-TIME_UNITS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2629800}
-
-
-def as_number(value: ColumnElement[Any]) -> ColumnElement[Any]:
-    """A jsonb value as a number, null where it holds anything else (never a cast error)."""
-    return sa.func.portolan_number(value, type_=sa.Numeric)
-
-
-def as_time(value: ColumnElement[Any]) -> ColumnElement[Any]:
-    """A jsonb date-time string as a timestamp (UTC when it carries no offset), null where
-    it holds anything else (never a cast error)."""
-    return sa.func.portolan_time(value, type_=sa.DateTime(timezone=True))
-
-
-def number_value(entity: Any, name: str) -> ColumnElement[Any]:
-    """A stored property as a number (null where it holds anything else), written as the
-    range indexes are keyed (app/search/indexes.py): the planner matches index expressions
-    exactly."""
-    return sa.func.portolan_number(
-        entity.c.properties, sa.bindparam(None, name, type_=sa.Text), type_=sa.Numeric
-    )
-
-
-def stored_time(entity: Any, name: str) -> ColumnElement[Any]:
-    """A stored date-time property as a timestamp, keyed as the range indexes are."""
-    return sa.func.portolan_time(
-        entity.c.properties,
-        sa.bindparam(None, name, type_=sa.Text),
-        type_=sa.DateTime(timezone=True),
-    )
-
-
-def number_aggregate(func: str, value: ColumnElement[Any]) -> ColumnElement[Any] | None:
-    """sum / average / min / max / median of a number expression (None: not one of them)."""
-    if func == "median":
-        return sa.func.percentile_cont(0.5).within_group(value)
-    if func == "sum":
-        return sa.func.sum(value)
-    if func == "average":
-        return sa.func.avg(value)
-    if func == "min":
-        return sa.func.min(value)
-    if func == "max":
-        return sa.func.max(value)
-    return None
-
-
-def time_value(
-    blueprints: list[dict[str, Any]], entity: Any, name: str
-) -> ColumnElement[Any] | None:
-    """A meta date (`$createdAt`, `$updatedAt`) or a date-time property that every given
-    blueprint declares, as a timestamp; None otherwise."""
-    if name in META_TIME:
-        column: ColumnElement[Any] = entity.c[META_TIME[name]]
-        return column
-    declared = [bp["schema"]["properties"].get(name) for bp in blueprints]
-    if not declared or any(
-        not p or p.get("format") not in ("date-time", "timer") for p in declared
-    ):
-        return None
-    return stored_time(entity, name)
-
-
 class _Skip(Exception):
     """A rule with a problem (already recorded): compile the rest to find theirs too."""
-
-
-@dataclass
-class Scope:
-    """What a query runs over: the org's blueprints (by identifier, in the API's shape) and
-    the blueprints searched (one, for the blueprint route; all, for the global one)."""
-
-    org_id: uuid.UUID
-    blueprints: dict[str, dict[str, Any]]
-    searched: list[str]
-    now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    # The blueprints' fingerprint when they were read (see search.service): a statement
-    # built from a remembered scope checks it and matches nothing if it is stale.
-    fingerprint: str | None = None
-    # The blueprint of the URL (blueprint routes), or None (searches across blueprints).
-    fixed: str | None = None
-    # Numbers the queries compiled inside derived properties (an aggregation's `query`), so
-    # their walks' CTEs and parameters are named apart from the statement's own and from
-    # each other's: one statement holds them all. Shared with the scopes made from this one.
-    nested: itertools.count[int] = field(
-        default_factory=lambda: itertools.count(1), compare=False, repr=False
-    )
 
 
 @dataclass
@@ -410,8 +322,6 @@ class Compiler:
         """A mirror or aggregation property of the one searched blueprint, as the jsonb
         value the read statement computes for it (calculation properties are computed
         after the statement and cannot be searched)."""
-        from app.search import derived
-
         holders = [
             bp
             for bp in self.scope.searched
@@ -431,7 +341,7 @@ class Compiler:
                 "", f"{name!r} is a calculation property (jq): it cannot be searched"
             )
         if name in (definition.get("aggregationProperties") or {}):
-            source = derived.aggregation_value(self.scope, bp, self.e, name)
+            source = derived.aggregation_value(self.scope, bp, self.e, name, nested_query)
             return _Field(name, "number", None, [bp], source)
         path = str(definition["mirrorProperties"][name].get("path", ""))
         kind, item_kind = derived.mirror_kind(self.scope, bp, path)
@@ -1138,6 +1048,12 @@ class Compiler:
             guard = self._guard(found)
             parts.append(sa.and_(guard, expr) if guard is not None else expr)
         return sa.or_(*parts)
+
+
+def nested_query(scope: Scope, table: Any, namespace: str, query: Any) -> ColumnElement[bool]:
+    """A query inside a derived property (an aggregation's), over `table`, its walks and
+    parameters named apart with `namespace`."""
+    return Compiler(scope, table, namespace=namespace).compile(query)
 
 
 @functools.lru_cache(maxsize=256)

@@ -13,6 +13,7 @@ per blueprint, a `CASE` branch of correlated subqueries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,16 +22,20 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog.models import Entity, EntityRelation
 from app.kit.errors import PortolanError
-from app.search.compiler import (
+from app.search.sql import (
     META_TEXT,
     META_TIME,
     TIME_UNITS,
-    Compiler,
     Scope,
     number_aggregate,
     number_value,
     time_value,
 )
+
+# An aggregation's `query` over its target's entities (table), compiled by the search
+# compiler (app/search/compiler.py `nested_query`), which compiles derived properties in
+# turn: (scope, table, namespace, query) -> a boolean expression.
+QueryCompiler = Callable[[Scope, Any, str, Any], ColumnElement[bool]]
 
 _ENTITIES = Entity.__table__
 _RELATIONS = EntityRelation.__table__
@@ -47,12 +52,14 @@ def _alias(table: Any, name: str) -> Any:
     return found
 
 
-def derived_column(scope: Scope, entity: Any) -> ColumnElement[Any] | None:
+def derived_column(
+    scope: Scope, entity: Any, compile_query: QueryCompiler
+) -> ColumnElement[Any] | None:
     """The `derived` jsonb column for entities of the searched blueprints (None when none
     of them derives anything)."""
     branches = []
     for bp in scope.searched:
-        pairs = _pairs(scope, bp, entity)
+        pairs = _pairs(scope, bp, entity, compile_query)
         if pairs:
             branches.append((bp, _object(pairs)))
     if not branches:
@@ -75,13 +82,15 @@ def _object(pairs: list[tuple[str, ColumnElement[Any]]]) -> ColumnElement[Any]:
     return out
 
 
-def _pairs(scope: Scope, bp: str, entity: Any) -> list[tuple[str, ColumnElement[Any]]]:
+def _pairs(
+    scope: Scope, bp: str, entity: Any, compile_query: QueryCompiler
+) -> list[tuple[str, ColumnElement[Any]]]:
     definition = scope.blueprints[bp]
     pairs: list[tuple[str, ColumnElement[Any]]] = []
     for name, mirror in sorted((definition.get("mirrorProperties") or {}).items()):
         pairs.append((name, _follow(scope, bp, entity, str(mirror.get("path", "")))))
     for name, agg in sorted((definition.get("aggregationProperties") or {}).items()):
-        pairs.append((name, _aggregation(scope, bp, entity, agg)))
+        pairs.append((name, _aggregation(scope, bp, entity, agg, compile_query)))
     ownership = definition.get("ownership") or {}
     if ownership.get("type") == "Inherited":
         pairs.append(("$team", _follow(scope, bp, entity, f"{ownership.get('path')}.$team")))
@@ -139,7 +148,9 @@ def _follow(scope: Scope, bp: str, entity: Any, path: str) -> ColumnElement[Any]
     return found.scalar_subquery()
 
 
-def _aggregation(scope: Scope, bp: str, entity: Any, agg: dict[str, Any]) -> ColumnElement[Any]:
+def _aggregation(
+    scope: Scope, bp: str, entity: Any, agg: dict[str, Any], compile_query: QueryCompiler
+) -> ColumnElement[Any]:
     target_bp = agg.get("target")
     if target_bp not in scope.blueprints:
         return sa.null()
@@ -158,7 +169,7 @@ def _aggregation(scope: Scope, bp: str, entity: Any, agg: dict[str, Any]) -> Col
                 scope.org_id, scope.blueprints, [str(target_bp)], scope.now, nested=scope.nested
             )
             namespace = f"d{next(scope.nested)}_"
-            where.append(Compiler(sub, target, namespace=namespace).compile(agg["query"]))
+            where.append(compile_query(sub, target, namespace, agg["query"]))
         except PortolanError:
             return sa.null()  # the query no longer fits the target's schema
     spec = agg.get("calculationSpec") or {}
@@ -252,10 +263,12 @@ def mirror_value(scope: Scope, bp: str, entity: Any, path: str) -> ColumnElement
     return _follow(scope, bp, entity, path)
 
 
-def aggregation_value(scope: Scope, bp: str, entity: Any, name: str) -> ColumnElement[Any]:
+def aggregation_value(
+    scope: Scope, bp: str, entity: Any, name: str, compile_query: QueryCompiler
+) -> ColumnElement[Any]:
     """An aggregation property's value (jsonb number) for `entity`."""
     definition = scope.blueprints[bp]["aggregationProperties"][name]
-    return _aggregation(scope, bp, entity, definition)
+    return _aggregation(scope, bp, entity, definition, compile_query)
 
 
 def mirror_kind(scope: Scope, bp: str, path: str) -> tuple[str, str | None]:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.catalog.entities import FieldFilter
+from app.catalog.schemas import AttachTitles
 from app.db.database import Database
 from app.db.routing import AfterCommit, api_router
 from app.kit.openapi import ERRORS_AUTHED
@@ -33,13 +34,6 @@ _META = {
 }
 
 Paths = Annotated[list[str] | None, Query(max_length=200)]
-AttachTitles = Annotated[
-    bool,
-    Query(
-        description="Relations name each target as {identifier, title} instead of its "
-        "identifier alone"
-    ),
-]
 
 
 class Rules(BaseModel):

@@ -21,8 +21,9 @@ from app.catalog.entities import row_state, to_api
 from app.db.database import Database, Tx, compile_query
 from app.kit.errors import Invalid, NotFound
 from app.search.calc import calculate
-from app.search.compiler import ENTITIES, Compiler, E, Scope
+from app.search.compiler import ENTITIES, Compiler, E, nested_query
 from app.search.derived import derived_column
+from app.search.sql import Scope
 
 _PAGE = 1000
 
@@ -316,7 +317,11 @@ class Search:
         compiler = Compiler(self.scope, entity, joins=True)
         condition = compiler.compile(self.query)
         return _Parts(
-            entity, condition, compiler.joins, derived_column(self.scope, entity), compiler.values
+            entity,
+            condition,
+            compiler.joins,
+            derived_column(self.scope, entity, nested_query),
+            compiler.values,
         )
 
     def statement(
