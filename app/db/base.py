@@ -38,17 +38,3 @@ def current_xid() -> Mapped[str]:
 def timestamp() -> Mapped[datetime]:
     """A `timestamptz NOT NULL DEFAULT now()` column (created_at, updated_at...)."""
     return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-
-
-def import_models() -> None:
-    """Import every domain's models so Base.metadata is complete (alembic, tests)."""
-    from app.actions import models as action_models  # noqa: F401
-    from app.audit import models as audit_models  # noqa: F401
-    from app.auth import models as auth_models  # noqa: F401
-    from app.automations import models as automation_models  # noqa: F401
-    from app.catalog import models as catalog_models  # noqa: F401
-    from app.integrations import models as integration_models  # noqa: F401
-    from app.orgs import models as org_models  # noqa: F401
-    from app.scorecards import models as scorecard_models  # noqa: F401
-    from app.secrets import models as secret_models  # noqa: F401
-    from app.webhooks import models as webhook_models  # noqa: F401
