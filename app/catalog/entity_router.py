@@ -12,6 +12,7 @@ from app.auth import permissions
 from app.auth.principal import CurrentTenant, Tenant
 from app.catalog import entities, migrations
 from app.catalog.schemas import (
+    AttachTitles,
     BulkBody,
     BulkDeleteBody,
     BulkDeleteResponse,
@@ -28,7 +29,6 @@ from app.db.routing import AfterCommit, api_router, key_lookups
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response, to_json
-from app.search.router import AttachTitles
 from app.search.service import prepare
 
 router = api_router(tags=["Entities"])

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.kit.openapi import OkResponse as OkResponse
+
+# `attach_title_to_relation` on entity reads and searches.
+AttachTitles = Annotated[
+    bool,
+    Query(
+        description="Relations name each target as {identifier, title} instead of its "
+        "identifier alone"
+    ),
+]
 
 JsonObject = dict[str, Any]
 
