@@ -14,6 +14,7 @@ a permanent dispatch failure) and an ended run's status never changes again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -27,6 +28,7 @@ import asyncpg
 from app.actions import inputs
 from app.auth import permissions
 from app.auth.principal import Principal
+from app.catalog import blueprints as bp_service
 from app.db.database import Database, Tx
 from app.dispatch import templates
 from app.kit.errors import Conflict, Invalid, NotFound
@@ -299,7 +301,8 @@ async def create(
     operation = trigger.get("operation")
     entity = await _target_entity(tx, action_id, trigger, body.get("entity"))
     if principal is not None:
-        await permissions.require_execute(tx, principal, dict(action), entity, blueprint)
+        definition = None if blueprint is None else functools.partial(bp_service.get, tx, blueprint)
+        await permissions.require_execute(tx, principal, dict(action), entity, definition)
     user_inputs = trigger.get("userInputs") or {}
     query = _required_query(trigger)
     if query is not None and (required is None or required.query != query):

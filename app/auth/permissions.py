@@ -16,7 +16,7 @@ Admins pass every check. A refusal is a 403 naming the permission that was missi
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -627,19 +627,18 @@ async def require_execute(
     principal: Principal,
     action: dict[str, Any],
     entity: dict[str, Any] | None,
-    blueprint: str | None,
+    blueprint: Callable[[], Awaitable[dict[str, Any]]] | None,
 ) -> None:
-    """May the principal run the action (on `entity` of `blueprint`, for DAY-2 and DELETE
-    actions, where `ownedByTeam` lets the entity's owners run it)?"""
+    """May the principal run the action (on `entity`, for DAY-2 and DELETE actions, where
+    `ownedByTeam` lets the entity's owners run it)? `blueprint` reads the entity's
+    blueprint definition, when it is needed."""
     if principal.is_admin:
         return
     perms = await action_permissions(tx, action)
     if perms.execute.grants(principal):
         return
     if perms.execute.owned_by_team and entity is not None and blueprint is not None:
-        from app.catalog import blueprints as bp_service  # the catalog imports this module
-
-        definition = await bp_service.get(tx, blueprint)
+        definition = await blueprint()
         if set(principal.teams) & await _Owners(tx, definition).of(entity):
             return
     raise Denied("actions.execute", f"action {action['identifier']!r}")
@@ -685,13 +684,13 @@ def _reach(block: Block, principal: Principal) -> Reach:
     return "none"
 
 
-async def effective(tx: Tx, principal: Principal) -> dict[str, Any]:
+async def effective(
+    tx: Tx, principal: Principal, definitions: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Everything the principal may do, as a SPA needs it to draw its menus: org-level
-    operations, per blueprint the entity permissions (`all`, `ownedByTeam`: only entities
-    their teams own, `none`), per action whether they may execute and approve it."""
-    from app.catalog import blueprints as bp_service  # the catalog imports this module
-
-    definitions = await bp_service.list_all(tx)
+    operations, per blueprint (`definitions`: the org's blueprints) the entity permissions
+    (`all`, `ownedByTeam`: only entities their teams own, `none`), per action whether they
+    may execute and approve it."""
     stored_bp = {
         r["blueprint"]: r["permissions"]
         for r in await tx.fetch(

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from app.auth import permissions, service
 from app.auth.principal import CurrentTenant
 from app.auth.schemas import AccessTokenRequest, AccessTokenResponse
+from app.catalog import blueprints
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED, ERRORS_PUBLIC
 
@@ -72,6 +73,8 @@ async def me(tenant: CurrentTenant) -> Any:
             "organization": {"id": str(tenant.org_id), "name": org_name},
             "roles": list(principal.roles),
             "teams": list(principal.teams),
-            "permissions": await permissions.effective(tenant.tx, principal),
+            "permissions": await permissions.effective(
+                tenant.tx, principal, await blueprints.list_all(tenant.tx)
+            ),
         },
     }
