@@ -193,8 +193,8 @@ async def _ensure_demo_org(settings: Settings) -> dict[str, str] | None:
 @cli.command()
 def worker() -> None:
     """Run a standalone arq worker."""
-    from app.dispatch.worker import run_standalone
     from app.kit.runtime import settle_heap
+    from app.worker import run_standalone
 
     settings = _settings_with_services()
     settle_heap()

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     platform_token: SecretStr | None = SecretStr(DEV_PLATFORM_TOKEN)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Hosts or CIDRs outbound calls may reach although they are private or loopback
-    # (app/dispatch/outbound.py), comma-separated: `127.0.0.1/32,hooks.internal`.
+    # (app/kit/outbound.py), comma-separated: `127.0.0.1/32,hooks.internal`.
     outbound_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     token_ttl_seconds: int = Field(default=3600, ge=60, le=86400)

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
-from app import __version__
+from app import __version__, wiring
 from app.actions.router import router as action_router
 from app.actions.run_router import router as run_router
 from app.audit.router import router as audit_router
@@ -24,10 +24,9 @@ from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
 from app.db.database import Database
-from app.dispatch.client import Client
-from app.dispatch.worker import InProcessWorker
 from app.integrations.router import router as integration_router
 from app.kit import sandbox
+from app.kit.client import Client
 from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.kit.ratelimit import Limiter
 from app.ops.router import router as ops_router
@@ -37,6 +36,7 @@ from app.scorecards.router import router as scorecard_router
 from app.search.router import router as search_router
 from app.secrets.router import router as secrets_router
 from app.webhooks.router import router as webhook_router
+from app.worker import InProcessWorker
 
 DESCRIPTION = (
     "Portolan is a multi-tenant internal developer portal backend. Its `/v1` API follows "
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     """Build the ASGI app. Nothing connects until the lifespan starts, so the app can be
     built offline (OpenAPI export)."""
     settings = settings or get_settings()
+    wiring.connect()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -28,13 +28,18 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from app import wiring
 from app.cli import run_migrations
 from app.config import Settings
 from app.db.database import Database
-from app.dispatch.worker import InProcessWorker
 from app.kit.crypto import cipher_for
 from app.main import create_app
 from app.orgs import service as org_service
+from app.worker import InProcessWorker
+
+# The suite calls services directly too (as the API and the worker do): their reactions
+# to each other's changes are wired as at any start-up.
+wiring.connect()
 
 PLATFORM_TOKEN = "test-platform-token-" + uuid.uuid4().hex
 SECRET_KEY = "test-secret-key-" + uuid.uuid4().hex

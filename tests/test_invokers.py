@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from app.dispatch import client as client_module
-from app.dispatch import outbound
-from app.dispatch.client import Client
 from app.dispatch.invokers import Context, Outcome, invoke
-from app.dispatch.outbound import Allowed, Refused, Target
+from app.kit import client as client_module
+from app.kit import outbound
+from app.kit.client import Client
+from app.kit.outbound import Allowed, Refused, Target
 from tests.receivers import GitHubReceiver, GitLabReceiver, WebhookReceiver
 
 LOCAL = Allowed.parse("127.0.0.1/32")

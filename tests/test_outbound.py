@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from app.config import Settings
-from app.dispatch.outbound import Allowed, Refused, check
+from app.kit.outbound import Allowed, Refused, check
 
 NOBODY = Allowed.parse(None)
 

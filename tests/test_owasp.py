@@ -28,12 +28,12 @@ from jose import jwt
 
 from app.config import Settings
 from app.db.database import Database
-from app.dispatch import outbound
-from app.dispatch.client import READ_LIMIT_BYTES, Client
 from app.dispatch.invokers import Context, invoke
-from app.dispatch.outbound import Allowed, Refused
+from app.kit import outbound
+from app.kit.client import READ_LIMIT_BYTES, Client
 from app.kit.crypto import cipher_for
 from app.kit.http import iter_routes
+from app.kit.outbound import Allowed, Refused
 from app.main import create_app
 from app.orgs import service as org_service
 from tests.conftest import SECRET_KEY, Org, OrgFactory

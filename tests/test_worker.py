@@ -8,7 +8,7 @@ import uuid
 from arq import create_pool
 
 from app.config import Settings
-from app.dispatch.worker import InProcessWorker, redis_settings
+from app.worker import InProcessWorker, redis_settings
 
 
 async def test_in_process_worker_runs_a_queued_job(settings: Settings) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from app.dispatch import outbound
-from app.dispatch.client import Client
+from app.kit import outbound
+from app.kit.client import Client
 
 log = logging.getLogger("portolan.oidc")
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from app.auth import permissions
 from app.auth.jwks import Jwk, JwksError
 from app.db.database import Tx
-from app.dispatch import outbound
+from app.kit import outbound
 from app.kit.errors import Invalid, NotFound
 
 FetchKeys = Callable[[str], Awaitable[tuple[Jwk, ...]]]

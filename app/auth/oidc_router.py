@@ -20,7 +20,7 @@ from app.auth.principal import CurrentTenant
 from app.auth.verifier import Verifier
 from app.config import Settings
 from app.db.routing import api_router
-from app.dispatch import outbound
+from app.kit import outbound
 from app.kit.openapi import ERRORS_AUTHED, OkResponse
 from app.kit.responses import json_response
 

@@ -53,8 +53,8 @@ from app.auth.tokens import ALLOWED_ALGORITHMS as OWN_ALGORITHMS
 from app.auth.tokens import Kind, TokenService
 from app.config import Settings
 from app.db.database import Database
-from app.dispatch import outbound
-from app.dispatch.client import Client
+from app.kit import outbound
+from app.kit.client import Client
 from app.kit.errors import Unauthorized, Unavailable
 
 ALLOWED_ALGORITHMS = tuple(KEY_TYPES)

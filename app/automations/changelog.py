@@ -36,10 +36,10 @@ import asyncpg
 from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import invokers
-from app.dispatch.outbound import Allowed
 from app.dispatch.runner import backoff
 from app.kit.crypto import cipher_for
 from app.kit.loops import PollingLoop
+from app.kit.outbound import Allowed
 from app.secrets import service as secrets_service
 
 log = logging.getLogger("portolan.changelog")

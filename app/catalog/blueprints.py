@@ -12,6 +12,7 @@ import asyncpg
 
 from app.catalog import validation as v
 from app.db.database import Tx
+from app.kit import reactions
 from app.kit.errors import Conflict, Invalid, NotFound
 
 # Columns read back for a blueprint, in the API's shape.
@@ -362,7 +363,7 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
         *_row_values(definition),
         actor,
     )
-    await _rescore(tx, identifier)
+    await _changed(tx, identifier)
     await _write_relations(tx, identifier, definition["relations"])
     removed = sorted(
         set(current["schema"].get("properties", {})) - set(definition["schema"]["properties"])
@@ -469,7 +470,7 @@ async def rename_property(
         own.get("aggregationProperties", current["aggregationProperties"]),
         actor,
     )
-    await _rescore(tx, identifier)
+    await _changed(tx, identifier)
     await tx.execute(
         "UPDATE entities SET properties = (properties - $3::text) "
         "|| jsonb_build_object($4::text, properties -> $3::text) "
@@ -505,7 +506,7 @@ async def rename_relation(
         own.get("teamInheritance", current.get("teamInheritance")),
         actor,
     )
-    await _rescore(tx, identifier)
+    await _changed(tx, identifier)
     definition = current["relations"][old]
     await tx.execute(
         "INSERT INTO blueprint_relations (org_id, blueprint, relation, target, many, required) "
@@ -557,18 +558,14 @@ async def rename_mirror(tx: Tx, actor: str, identifier: str, old: str, new: str)
         own.get("aggregationProperties", current["aggregationProperties"]),
         actor,
     )
-    await _rescore(tx, identifier)
+    await _changed(tx, identifier)
     return await get(tx, identifier)
 
 
-async def _rescore(tx: Tx, identifier: str) -> None:
-    """A blueprint change may change its scorecards' results (values removed or renamed,
-    relations changed): they are evaluated again in the background (app.scorecards)."""
-    await tx.execute(
-        "UPDATE scorecards SET version = version + 1 WHERE org_id = $1 AND blueprint = $2",
-        tx.org_id,
-        identifier,
-    )
+async def _changed(tx: Tx, identifier: str) -> None:
+    """The blueprint's definition changed: what reads it reacts (its scorecards' results may
+    change with values removed or renamed, relations changed)."""
+    await reactions.emit(tx, reactions.BlueprintChanged(identifier))
 
 
 def _check_new_name(current: dict[str, Any], new: str) -> None:
@@ -636,7 +633,7 @@ async def _carry_rename(tx: Tx, actor: str, renamed: Renamed) -> dict[str, dict[
             *values,
             actor,
         )
-        await _rescore(tx, bp_id)
+        await _changed(tx, bp_id)
     return changed
 
 

@@ -21,6 +21,7 @@ from app.catalog import blueprints as bp_service
 from app.catalog.validation import UNSTORABLE_TEXT, first_unstorable, valid_entity_identifier
 from app.catalog.validators import EntityValidator, validator_for
 from app.db.database import Tx
+from app.kit import reactions
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
 
 # Writes of up to this many entities lock their rows on the first read.
@@ -439,10 +440,7 @@ async def _write(
     if not flags.validation_only:
         written = [i.identifier for i in items if i.error is None and i.changed]
         if written:
-            # Imported here: scorecards read entities through search, which reads this.
-            from app.scorecards.evaluate import evaluate_entities
-
-            await evaluate_entities(tx, blueprint, written)
+            await reactions.emit(tx, reactions.EntitiesWritten(blueprint, written))
     results = {i.index: i for i in items}
     outcomes: list[Outcome] = []
     for index in range(len(items)):
@@ -815,10 +813,7 @@ async def delete_many(
             bp,
             sorted(idents),
         )
-        # Scorecards elsewhere that count or mirror these entities are evaluated again.
-        from app.scorecards.evaluate import request_refresh
-
-        await request_refresh(tx, bp)
+        await reactions.emit(tx, reactions.EntitiesDeleted(bp, sorted(idents)))
     return sorted(existing)
 
 

@@ -39,10 +39,11 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 
-from app.dispatch import client as outbound_client
-from app.dispatch import outbound, signing
-from app.dispatch.outbound import Allowed
+from app.dispatch import signing
 from app.dispatch.templates import redact
+from app.kit import client as outbound_client
+from app.kit import outbound
+from app.kit.outbound import Allowed
 
 RESPONSE_LIMIT_BYTES = 64 * 1024
 GITHUB_MAX_INPUTS = 25

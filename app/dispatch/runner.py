@@ -33,10 +33,10 @@ from app.catalog import entities
 from app.config import Settings
 from app.db.database import Database, Tx
 from app.dispatch import invokers, templates
-from app.dispatch.outbound import Allowed
 from app.kit import sandbox
 from app.kit.crypto import Cipher, cipher_for
 from app.kit.errors import Forbidden, PortolanError
+from app.kit.outbound import Allowed
 from app.search.calc import calculate
 from app.search.service import scope_for
 from app.secrets import service as secrets_service

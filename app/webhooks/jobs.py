@@ -1,4 +1,4 @@
-"""The worker's webhook jobs (registered in app/dispatch/worker.py)."""
+"""The worker's webhook jobs (registered in app/worker.py)."""
 
 from __future__ import annotations
 

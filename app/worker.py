@@ -15,15 +15,16 @@ from arq.cron import cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func
 
+from app import wiring
 from app.automations import timers
 from app.automations.changelog import changelog_sender
 from app.automations.feed import event_feed
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
-from app.dispatch import client, runner
+from app.dispatch import runner
 from app.dispatch.relay import Relay
-from app.kit import sandbox
+from app.kit import client, sandbox
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
 from app.search import indexes
@@ -143,6 +144,7 @@ def redis_settings(settings: Settings) -> RedisSettings:
 
 
 def build_worker(settings: Settings, *, handle_signals: bool) -> Worker:
+    wiring.connect()
     return Worker(
         functions=JOB_FUNCTIONS,
         cron_jobs=CRON_JOBS,

@@ -24,7 +24,7 @@ from types import TracebackType
 import certifi
 import httpx
 
-from app.dispatch import outbound
+from app.kit import outbound
 
 READ_LIMIT_BYTES = 1024 * 1024
 _DROPPED_REQUEST_HEADERS = frozenset(

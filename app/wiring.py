@@ -1,0 +1,14 @@
+"""Start-up wiring: every domain's reactions to other domains' changes subscribe to the
+seam (app/kit/reactions.py). Called once per process by each entry point (the API app, the
+worker, the CLI commands that write), before any write."""
+
+from __future__ import annotations
+
+from app.kit import reactions
+from app.scorecards import reactions as scorecards
+
+
+def connect() -> None:
+    """Subscribe every reaction (idempotent)."""
+    scorecards.subscribe()
+    reactions.connected()
