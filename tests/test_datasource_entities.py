@@ -5,6 +5,7 @@ parameters on entity writes."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime
 from typing import Any
 
@@ -316,6 +317,10 @@ async def test_wins_over_a_blueprint_named_entities(client: httpx.AsyncClient, o
         ({"from": "not a cursor"}, "from"),
         ({"from": "WyJhIl0"}, "from"),  # a JSON list of one string
         ({"datasourcePrefix": PREFIX}, "datasourcePrefix"),
+        # A cursor nesting JSON arrays deeper than the parser goes.
+        ({"from": base64.urlsafe_b64encode(b"[" * 2900).decode().rstrip("=")}, "from"),
+        ({"before": "9999-12-31T23:59:59-10:00"}, "before"),
+        ({"before": "0001-01-01T00:00:00+10:00"}, "before"),
     ],
 )
 async def test_bad_input_is_a_clear_422(
@@ -449,3 +454,22 @@ async def test_entity_writes_and_deletes_accept_ocean_s_event_parameters(
         statuses.append((path, r.status_code, r.text if r.status_code >= 300 else ""))
 
     assert [s[1] for s in statuses] == [201, 200, 200, 200, 200], statuses
+
+
+async def test_a_page_ends_early_past_its_byte_budget_and_paging_stays_exact(
+    client: httpx.AsyncClient, org: Org, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However much an org's entities link to, one page's memory stays bounded: past
+    PAGE_BYTES it ends with a `next`, and the pages still cover everything once."""
+    repos = [
+        {"identifier": f"r{i:02d}", "relations": {"uses": [f"u{i}-{j}" for j in range(30)]}}
+        for i in range(12)
+    ]
+    await _write(client, org, "repo", repos, agent())
+    monkeypatch.setattr(datasource, "PAGE_BYTES", 2000)
+    first = await _page(client, org)
+    assert 1 <= len(first["entities"]) < 12 and first["next"]
+    everything = await _all(client, org)
+    mine = sorted(i for b, i in everything if b == "repo" and i.startswith("r"))
+    assert mine == [f"r{i:02d}" for i in range(12)]
+    assert len(everything) == len(set(everything))

@@ -346,11 +346,11 @@ async def test_an_acknowledged_run_is_never_claimed_again(
 ) -> None:
     org = await ready(client, make_org)
     run_id = await start(client, org)
-    await claim(client, org.headers, visibility_ms=300)
+    await claim(client, org.headers, visibility_ms=1000)
     r = await ack(client, org.headers, run_id)
     assert r.status_code == 200, r.text
     assert r.json()["run"]["pendingExecution"] is False
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.2)
     assert await claim(client, org.headers) == []
 
 
@@ -405,8 +405,8 @@ async def test_an_expired_claim_taken_again_by_a_replica_is_acknowledged_once(
     # Replicas of one integration share its credential.
     org = await ready(client, make_org)
     run_id = await start(client, org)
-    await claim(client, org.headers, visibility_ms=300)
-    await asyncio.sleep(0.5)
+    await claim(client, org.headers, visibility_ms=1000)
+    await asyncio.sleep(1.2)
     [again] = await claim(client, org.headers)
     assert again["id"] == run_id
     assert (await ack(client, org.headers, run_id)).status_code == 200
@@ -420,8 +420,8 @@ async def test_an_expired_claim_taken_by_another_credential_cannot_be_acknowledg
     org = await ready(client, make_org)
     other = await app_headers(client, db, org.org_id, ["Admin"])
     run_id = await start(client, org)
-    await claim(client, org.headers, visibility_ms=300)
-    await asyncio.sleep(0.5)
+    await claim(client, org.headers, visibility_ms=1000)
+    await asyncio.sleep(1.2)
     [again] = await claim(client, other)
     assert again["id"] == run_id
     assert_port_error(await ack(client, org.headers, run_id), 409, "run_claimed_by_another")
@@ -433,8 +433,8 @@ async def test_an_expired_claim_not_taken_again_is_still_acknowledged(
 ) -> None:
     org = await ready(client, make_org)
     run_id = await start(client, org)
-    await claim(client, org.headers, visibility_ms=300)
-    await asyncio.sleep(0.5)  # late, but no one else has it
+    await claim(client, org.headers, visibility_ms=1000)
+    await asyncio.sleep(1.2)  # late, but no one else has it
     assert (await ack(client, org.headers, run_id)).status_code == 200
     assert await claim(client, org.headers) == []
 
@@ -699,3 +699,22 @@ async def test_bad_acknowledgements_are_refused_with_port_errors(
     for body in ({}, {"runId": ""}, {"runId": 5}, {"runId": "r_x", "other": 1}, ["r_x"]):
         r = await client.patch("/v1/actions/runs/ack", json=body, headers=org.headers)
         assert_port_error(r, 422)
+
+
+async def test_a_visibility_timeout_under_a_second_holds_for_a_second(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """Claims asking for 1 ms would hand runs back before rendering them and take them
+    again at once, each time logging a claim: a second at least is used."""
+    org = await ready(client, make_org)
+    run_id = await start(client, org)
+    [first] = await claim(client, org.headers, visibility_ms=1)
+    assert first["id"] == run_id
+    for _ in range(5):
+        assert await claim(client, org.headers, visibility_ms=1) == []
+    await asyncio.sleep(1.2)
+    [again] = await claim(client, org.headers, visibility_ms=1)
+    assert again["id"] == run_id
+    r = await client.get(f"/v1/actions/runs/{run_id}/logs", headers=org.headers)
+    claims = [line for line in r.json()["runLogs"] if "Claimed by" in line["message"]]
+    assert len(claims) == 2  # one per claim that answered the run

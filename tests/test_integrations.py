@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import quote_plus, urlsplit
 
 import httpx
+import pytest
 
 from tests.conftest import Org, OrgFactory
 
@@ -459,3 +460,16 @@ async def test_deleting_a_missing_entity_is_a_json_404(
     )
     assert r.status_code == 404
     assert r.json()["ok"] is False and r.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59-10:00", "0001-01-01T00:00:00+10:00"])
+async def test_a_log_time_out_of_postgresqls_range_is_a_422(
+    client: httpx.AsyncClient, make_org: OrgFactory, moment: str
+) -> None:
+    org = await make_org()
+    await _create(client, org)
+    r = await client.get(
+        "/v1/integration/ocean-1/logs", params={"timestamp": moment}, headers=org.headers
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["ok"] is False and "out of the range" in r.json()["message"]

@@ -57,12 +57,6 @@ WITH picked AS (
         claimed_by = $7, updated_at = now(), updated_by = $7
     FROM picked WHERE r.org_id = picked.org_id AND r.id = picked.id
     RETURNING r.id, r.attempts, r.lease_until
-), logged AS (
-    INSERT INTO action_run_logs (org_id, run_id, message, created_by)
-    SELECT $1, id, format('Claimed by integration %s (claim %s, until %s)', $2::text,
-                          attempts, to_char(lease_until AT TIME ZONE 'UTC',
-                                            'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')), $7
-    FROM claimed
 )
 SELECT id FROM claimed
 """
@@ -201,6 +195,17 @@ async def complete(db: Database, claimed: Claimed) -> list[dict[str, Any]]:
             claimed.org_id,
             claimed.token,
             [r["id"] for r in claimed.rows],
+        )
+        # Each run answered says so in its log (a run handed back is not: it was never
+        # the integration's).
+        await tx.execute(
+            "INSERT INTO action_run_logs (org_id, run_id, message, created_by) "
+            "SELECT r.org_id, r.id, format('Claimed by integration %s (claim %s, until %s)', "
+            "r.installation_id, r.attempts, to_char(r.lease_until AT TIME ZONE 'UTC', "
+            '\'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"\')), r.claimed_by FROM action_runs r '
+            "WHERE r.org_id = $1 AND r.id = ANY($2::varchar[])",
+            claimed.org_id,
+            [r["id"] for r in rows],
         )
     return [to_api(r) for r in rows]
 

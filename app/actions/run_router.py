@@ -119,6 +119,9 @@ class RunLogListResponse(BaseModel):
     runLogs: list[RunLog]
 
 
+MIN_VISIBILITY_MS = 1000
+
+
 class ClaimBody(BaseModel):
     """What Port's Ocean sends to take its installation's pending runs."""
 
@@ -132,7 +135,7 @@ class ClaimBody(BaseModel):
         le=600_000,
         strict=True,
         description="How long the claimed runs stay invisible to other claims unless "
-        "acknowledged (milliseconds)",
+        "acknowledged (milliseconds; at least 1000 is used)",
     )
     exclude: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=list,
@@ -316,7 +319,8 @@ async def claim_pending(body: ClaimBody, tenant: CurrentTenant, request: Request
         tenant.principal.subject,
         body.installationId,
         limit=body.limit,
-        visibility_seconds=body.visibilityTimeoutMs / 1000,
+        # Under a second, runs would mostly be handed back unrendered and claimed again.
+        visibility_seconds=max(body.visibilityTimeoutMs, MIN_VISIBILITY_MS) / 1000,
         exclude=list(body.exclude),
     )
     db: Database = request.app.state.db

@@ -294,11 +294,15 @@ async def horizons(tx: Tx, orgs: list[uuid.UUID]) -> tuple[str, dict[uuid.UUID, 
     it holds back its own org's horizon, not the others'. A running transaction that names
     no org (operator work, another role, a row pg_stat_activity hides from this role, one
     that ended between the snapshot and the read of pg_stat_activity) holds back every
-    org's, as the snapshot's horizon always did."""
+    org's, as the snapshot's horizon always did; so does a session of another database
+    or login role, whatever it calls itself."""
     row = await tx.fetchrow(
         "SELECT pg_snapshot_xmin(s)::text AS xmin, pg_snapshot_xmax(s)::text AS xmax, "
         "ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x) AS xip, "
-        "ARRAY(SELECT a.backend_xid::text || ' ' || COALESCE(a.application_name, '') "
+        # A name counts only from Portolan's own sessions (this database, this login role):
+        # any other session's transaction holds back every org.
+        "ARRAY(SELECT a.backend_xid::text || ' ' || CASE WHEN a.datname = current_database() "
+        "      AND a.usename = session_user THEN COALESCE(a.application_name, '') ELSE '' END "
         "      FROM pg_stat_activity a WHERE a.backend_xid IS NOT NULL) AS running "
         "FROM pg_current_snapshot() s"
     )

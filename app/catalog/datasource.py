@@ -55,6 +55,10 @@ def prefix_upper_bound(prefix: str) -> str | None:
     return "".join(chars)
 
 
+# About the most a page's entities and relations may weigh: past it the page ends early.
+PAGE_BYTES = 8 * 1024 * 1024
+
+
 def encode_cursor(position: Position) -> str:
     raw = json.dumps(
         [position.datasource, position.blueprint, position.identifier], separators=(",", ":")
@@ -68,7 +72,7 @@ def decode_cursor(cursor: str) -> Position:
         datasource, blueprint, identifier = json.loads(raw)
         if all(isinstance(part, str) for part in (datasource, blueprint, identifier)):
             return Position(datasource, blueprint, identifier)
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         pass
     raise Invalid(
         "from is not a cursor this API returned (pass a response's `next` unchanged)",
@@ -121,11 +125,12 @@ def page_statement(*, upper: bool, before: bool, after: bool) -> str:
             f"(e.datasource, e.blueprint, e.identifier) > (${n + 1}, ${n + 2}, ${n + 3})"
         )
     return (
-        "SELECT e.datasource, e.blueprint, e.identifier,"  # noqa: S608 - constant conditions
+        "SELECT p.*, pg_column_size(p.relations) AS size FROM ("  # noqa: S608 - constants
+        "SELECT e.datasource, e.blueprint, e.identifier,"
         + _RELATIONS
         + "\n  FROM entities e\n WHERE "
         + "\n   AND ".join(conditions)
-        + "\n ORDER BY e.datasource, e.blueprint, e.identifier\n LIMIT $4"
+        + "\n ORDER BY e.datasource, e.blueprint, e.identifier\n LIMIT $4) p"
     )
 
 
@@ -177,18 +182,25 @@ async def page(
     continue from, None after the last page."""
     sql, args = page_arguments(tx.org_id, prefix, suffix, limit, before, after)
     await tx.execute(ORDERED_WALK)
-    rows = await tx.fetch(sql, *args)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    entities = [
-        {
-            "identifier": row["identifier"],
-            "blueprint": row["blueprint"],
-            "relations": row["relations"] or {},
-        }
-        for row in rows
-    ]
+    entities: list[dict[str, Any]] = []
+    last: Any = None
+    size = 0
+    more = False
+    # Read as a cursor: a page ends early (its `next` says where) once its relations pass
+    # PAGE_BYTES, so a page's memory stays bounded whatever its entities link to.
+    async for row in tx.conn.cursor(sql, *args, prefetch=200):
+        if len(entities) >= limit or (entities and size >= PAGE_BYTES):
+            more = True
+            break
+        size += len(row["identifier"]) + len(row["blueprint"]) + (row["size"] or 0)
+        entities.append(
+            {
+                "identifier": row["identifier"],
+                "blueprint": row["blueprint"],
+                "relations": row["relations"] or {},
+            }
+        )
+        last = row
     if not more:
         return entities, None
-    last = rows[-1]
     return entities, Position(last["datasource"], last["blueprint"], last["identifier"])

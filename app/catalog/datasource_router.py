@@ -49,9 +49,14 @@ class DatasourceEntitiesBody(BaseModel):
     @field_validator("before")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is out of the range of time PostgreSQL stores") from None
 
 
 class DatasourceEntity(BaseModel):

@@ -274,6 +274,17 @@ def install_error_handlers(app: FastAPI) -> None:
                 ),
                 status_code=422,
             )
+        if isinstance(exc.__cause__, OverflowError):
+            # A value asyncpg cannot encode for PostgreSQL (a date past year 9999 once
+            # converted to UTC, a number too large for its column): the client's too.
+            return JSONResponse(
+                error_body(
+                    "invalid_request",
+                    "The request holds a value out of the range PostgreSQL stores "
+                    "(a date beyond year 1-9999 in UTC, a number too large)",
+                ),
+                status_code=422,
+            )
         log.error("unhandled data error", exc_info=exc, extra={"path": request.url.path})
         return JSONResponse(error_body("internal_error", "Internal server error"), status_code=500)
 
