@@ -630,3 +630,38 @@ async def test_another_org_cannot_see_or_trigger_anything_of_an_integration(
     assert data[0]["metrics"]["phase"]["load"]["object_count_type"]["loaded"] == {
         "object_count": 3.0
     }
+
+
+async def test_an_organization_holds_a_bounded_number_of_integrations_and_kinds(
+    client: httpx.AsyncClient, make_org: OrgFactory, monkeypatch: Any
+) -> None:
+    """What one org may store through integrations is bounded by their count, and each
+    integration's examples by their kinds (logs and metrics are bounded per integration)."""
+    monkeypatch.setattr(service, "MAX_INTEGRATIONS", 2)
+    monkeypatch.setattr(service, "MAX_EXAMPLE_KINDS", 2)
+    org, other = await make_org(), await make_org()
+    await _create(client, org, "one")
+    await _create(client, org, "two")
+    r = await client.post("/v1/integration", json={"installationId": "three"}, headers=org.headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "too_many_integrations"
+    await _create(client, other, "one")  # the cap is each org's own
+    for kind in ("a", "b", "c"):
+        r = await client.post(
+            f"/v1/integration/one/kinds/{kind}/examples",
+            json={"examples": [{"kind": kind}]},
+            headers=org.headers,
+        )
+        assert r.status_code in (200, 201), r.text
+    kept = {}
+    for kind in ("a", "b", "c"):
+        r = await client.get(f"/v1/integration/one/kinds/{kind}/examples", headers=org.headers)
+        kept[kind] = r.json()["examples"]
+    assert kept == {"a": [{"kind": "a"}], "b": [{"kind": "b"}], "c": []}
+    # A kind already kept still takes new examples.
+    r = await client.post(
+        "/v1/integration/one/kinds/a/examples", json={"examples": [{"n": 2}]}, headers=org.headers
+    )
+    assert r.status_code in (200, 201), r.text
+    r = await client.get("/v1/integration/one/kinds/a/examples", headers=org.headers)
+    assert r.json()["examples"][0] == {"n": 2}

@@ -24,6 +24,8 @@ from app.db.database import Tx
 from app.kit.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 
 MAX_EXAMPLES = 5
+MAX_INTEGRATIONS = 100  # per organization
+MAX_EXAMPLE_KINDS = 200  # per integration: examples of further kinds are not stored
 MAX_LOG_LINES = 1000  # per request
 MAX_LOG_MESSAGE = 16 * 1024  # characters; longer messages are cut
 KEPT_LOGS = 10_000  # per integration; older lines are dropped as new ones arrive
@@ -295,6 +297,17 @@ async def create(tx: Tx, actor: str, body: dict[str, Any], public_url: str) -> d
             f"{identifier!r} is a route of /v1/integration, not an integration identifier",
             details=[_problem("/installationId", "is reserved")],
         )
+    # One org's integrations are counted under its own lock: concurrent creations do not
+    # pass the cap together.
+    await tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 17))", tx.org_id
+    )
+    count = await tx.fetchval("SELECT count(*) FROM integrations WHERE org_id = $1", tx.org_id)
+    if count >= MAX_INTEGRATIONS:
+        raise Invalid(
+            f"An organization has at most {MAX_INTEGRATIONS} integrations: delete one first",
+            code="too_many_integrations",
+        )
     row = await tx.fetchrow(
         "INSERT INTO integrations (org_id, identifier, title, installation_app_type, version, "
         "actions_processing_enabled, config, changelog_destination, resync_state, ingest_id, "
@@ -474,6 +487,14 @@ async def store_examples(tx: Tx, identifier: str, kind: str, examples: list[Any]
         kind,
     )
     kept = (list(examples) + list(previous or []))[:MAX_EXAMPLES]
+    if previous is None:
+        kinds = await tx.fetchval(
+            "SELECT count(*) FROM integration_kind_examples WHERE org_id = $1 AND integration = $2",
+            tx.org_id,
+            identifier,
+        )
+        if kinds >= MAX_EXAMPLE_KINDS:
+            return  # the integration's first kinds keep theirs; further kinds are not stored
     await tx.execute(
         "INSERT INTO integration_kind_examples (org_id, integration, kind, examples) "
         "VALUES ($1, $2, $3, $4) ON CONFLICT (org_id, integration, kind) "
