@@ -476,7 +476,11 @@ async def test_one_orgs_slow_calculations_do_not_null_another_orgs_values() -> N
         await calculate(quiet_bp, entities, org="org-a")
         assert [e["properties"]["v"] for e in entities] == [i * 2 for i in range(50)]
         assert not any("calculationErrors" in e for e in entities)
-    await asyncio.gather(*noisy)
+    # The noisy org's own calls end at their time limit, or (queued behind its own slow
+    # calls longer than the wait allowed, its loops running at the lowest priority) are
+    # told to come back.
+    results = await asyncio.gather(*noisy, return_exceptions=True)
+    assert all(found is None or isinstance(found, sandbox.Busy) for found in results), results
 
 
 async def test_a_calculation_past_its_time_limit_is_an_error_the_caller_sees() -> None:
@@ -718,7 +722,10 @@ async def test_a_long_call_drops_below_short_ones() -> None:
         assert await _via_template("org-quiet", ".inputs.n") == 2
         assert list(_jq_children().values()) == [base]
         looping = asyncio.create_task(_via_template("org-noisy", LOOP_JQ))
-        await asyncio.sleep(0.4)
+        for _ in range(100):  # until the loop has used DEMOTE_AFTER of CPU (load may delay it)
+            await asyncio.sleep(0.05)
+            if list(_jq_children().values()) == [sandbox.NICE_DEMOTED]:
+                break
         assert list(_jq_children().values()) == [sandbox.NICE_DEMOTED]
         assert await _via_template("org-quiet", ".inputs.n") == 2  # a second child
         assert sorted(_jq_children().values()) == [base, sandbox.NICE_DEMOTED]
