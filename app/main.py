@@ -24,6 +24,7 @@ from app.catalog.entity_router import router as entity_router
 from app.catalog.router import router as catalog_router
 from app.config import Settings, get_settings
 from app.db.database import Database
+from app.history.router import router as history_router
 from app.integrations.router import router as integration_router
 from app.kit import sandbox
 from app.kit.client import Client
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(catalog_router)
     app.include_router(search_router)
     app.include_router(entity_router)
+    app.include_router(history_router)
     app.include_router(scorecard_router)
     app.include_router(secrets_router)
     app.include_router(run_router)  # before the action routes: /v1/actions/runs

@@ -4,6 +4,7 @@ worker, the CLI commands that write), before any write."""
 
 from __future__ import annotations
 
+from app.history import reactions as history
 from app.kit import reactions
 from app.scorecards import reactions as scorecards
 
@@ -11,4 +12,5 @@ from app.scorecards import reactions as scorecards
 def connect() -> None:
     """Subscribe every reaction (idempotent)."""
     scorecards.subscribe()
+    history.subscribe()
     reactions.connected()

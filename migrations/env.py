@@ -18,6 +18,7 @@ from app.auth import models as auth_models  # noqa: F401
 from app.automations import models as automation_models  # noqa: F401
 from app.catalog import models as catalog_models  # noqa: F401
 from app.db.base import XID8, Base
+from app.history import models as history_models  # noqa: F401
 from app.integrations import models as integration_models  # noqa: F401
 from app.orgs import models as org_models  # noqa: F401
 from app.scorecards import models as scorecard_models  # noqa: F401

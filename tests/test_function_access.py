@@ -112,6 +112,8 @@ ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/v1/migrations/{migration_id}"): "member",
     ("POST", "/v1/entities/search"): "member",
     ("POST", "/v1/entities/aggregate"): "member",
+    ("POST", "/v1/entities/properties-history"): "member",
+    ("GET", "/v1/blueprints/{blueprint}/entities-history/{identifier}"): "member",
     ("GET", "/v1/scorecards"): "member",
     ("GET", "/v1/blueprints/{blueprint}/scorecards"): "member",
     ("POST", "/v1/blueprints/{blueprint}/scorecards"): "moderator",
@@ -229,6 +231,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         "/v1/integrations": "ocean",
         "/v1/blueprints/{blueprint}/scorecards": "sc",
         "/v1/blueprints/{blueprint}/entities": "e1",
+        "/v1/blueprints/{blueprint}/entities-history": "e1",
     }.get(path.split("/{identifier}")[0], "service")
     url = path.format(
         identifier=identifier,
@@ -302,6 +305,11 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/blueprints/{blueprint}/bulk/entities/delete"): {"entities": ["e1"]},
         ("POST", "/v1/entities/search"): {"combinator": "and", "rules": []},
         ("POST", "/v1/entities/aggregate"): {"func": "count"},
+        ("POST", "/v1/entities/properties-history"): {
+            "entityIdentifier": "e1",
+            "blueprintIdentifier": "service",
+            "propertyNames": ["language"],
+        },
         ("POST", "/v1/blueprints/{blueprint}/scorecards"): {**SCORECARD, "identifier": "sc2"},
         ("PUT", "/v1/blueprints/{blueprint}/scorecards"): [SCORECARD],
         ("PUT", "/v1/blueprints/{blueprint}/scorecards/{identifier}"): SCORECARD,

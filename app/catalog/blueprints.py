@@ -364,7 +364,10 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
         actor,
     )
     await _changed(tx, identifier)
+    unrelated = tuple(sorted(set(current["relations"]) - set(definition["relations"])))
     await _write_relations(tx, identifier, definition["relations"])
+    if unrelated:  # their links went with them
+        await reactions.emit(tx, reactions.NamesChanged(identifier, "relation", removed=unrelated))
     removed = sorted(
         set(current["schema"].get("properties", {})) - set(definition["schema"]["properties"])
     )
@@ -376,6 +379,9 @@ async def replace(tx: Tx, actor: str, identifier: str, body: dict[str, Any]) -> 
             tx.org_id,
             identifier,
             removed,
+        )
+        await reactions.emit(
+            tx, reactions.NamesChanged(identifier, "property", removed=tuple(removed))
         )
     return await get(tx, identifier)
 
@@ -480,6 +486,7 @@ async def rename_property(
         old,
         new,
     )
+    await reactions.emit(tx, reactions.NamesChanged(identifier, "property", ((old, new),)))
     return await get(tx, identifier)
 
 
@@ -532,6 +539,7 @@ async def rename_relation(
         identifier,
         old,
     )
+    await reactions.emit(tx, reactions.NamesChanged(identifier, "relation", ((old, new),)))
     return await get(tx, identifier)
 
 

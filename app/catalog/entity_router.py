@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
@@ -26,6 +27,7 @@ from app.catalog.schemas import (
 )
 from app.db.database import Database
 from app.db.routing import AfterCommit, api_router, key_lookups
+from app.history import service as history
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response, to_json
@@ -38,6 +40,10 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "Conflicts with existing data"}
 }
 _MAX_DATASOURCE = 500
+_AT = (
+    "An instant (ISO 8601; UTC without an offset): the entity as it was then, its own "
+    "fields without derived properties, in today's property names"
+)
 
 
 def _writer(request: Request, tenant: Tenant) -> entities.Writer:
@@ -219,9 +225,16 @@ async def get_entity(
     tenant: CurrentTenant,
     exclude_calculated_properties: bool = False,
     attach_title_to_relation: AttachTitles = False,
+    at: Annotated[datetime | None, Query(description=_AT)] = None,
 ) -> Any:
-    """Read through search, so the entity carries its derived properties."""
+    """Read through search, so the entity carries its derived properties; with `at`, the
+    entity as it was then, from its history (docs/history.md)."""
     permissions.require(tenant.principal, "entities.read")
+    if at is not None:
+        past = await history.entity_at(
+            tenant.tx, blueprint, identifier, at if at.tzinfo else at.replace(tzinfo=UTC)
+        )
+        return json_response({"ok": True, "entity": past})
     rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
     search = await prepare(
         tenant.tx,

@@ -96,7 +96,15 @@ class Verdict:
 
 def route_class(method: str, path: str) -> str:
     """The class of a route, from its method and path template."""
-    if path.endswith(("/entities/search", "/entities/aggregate", "/datasource-entities")):
+    if path.endswith(
+        (
+            "/entities/search",
+            "/entities/aggregate",
+            "/datasource-entities",
+            "/entities/properties-history",
+            "/entities/aggregate-over-time",
+        )
+    ):
         return "search"
     if path.startswith("/v1/blueprints/{blueprint}/") and (
         "/entities" in path or path.endswith("/all-entities")

@@ -30,6 +30,7 @@ __all__ = [
     "Change",
     "EntitiesDeleted",
     "EntitiesWritten",
+    "NamesChanged",
     "connected",
     "emit",
     "reset",
@@ -63,8 +64,20 @@ class BlueprintChanged:
     blueprint: str
 
 
-Change = EntitiesWritten | EntitiesDeleted | BlueprintChanged
-C = TypeVar("C", EntitiesWritten, EntitiesDeleted, BlueprintChanged)
+@dataclass(frozen=True, slots=True)
+class NamesChanged:
+    """Properties or relations (`kind`: "property" / "relation") of blueprint `blueprint`
+    were renamed (`renamed`: old, new; their values carried into the entities) or removed
+    (`removed`; their values dropped from the entities), without entity events."""
+
+    blueprint: str
+    kind: str
+    renamed: tuple[tuple[str, str], ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+Change = EntitiesWritten | EntitiesDeleted | BlueprintChanged | NamesChanged
+C = TypeVar("C", EntitiesWritten, EntitiesDeleted, BlueprintChanged, NamesChanged)
 Handler = Callable[["Tx", Any], Awaitable[None]]
 
 _handlers: dict[type, list[Handler]] = {}

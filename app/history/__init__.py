@@ -1,0 +1,1 @@
+"""Entity history: properties over time, the timeline of changes, entities as they were."""
