@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         default=None, description="redis:// URL. Unset: an embedded Redis under data_dir."
     )
     data_dir: Path = Path(".portolan")
+    # Citus (docs/scaling.md): `auto` uses it when the database has the extension, `on`
+    # requires it, `off` treats the database as a single PostgreSQL even when it has it.
+    citus: Literal["auto", "on", "off"] = "auto"
+    # Shards per distributed table when `portolan migrate` distributes the schema.
+    citus_shard_count: int = Field(default=32, ge=1, le=4096)
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     encryption_key: SecretStr = SecretStr(DEV_ENCRYPTION_KEY)
     platform_token: SecretStr | None = SecretStr(DEV_PLATFORM_TOKEN)
@@ -74,6 +79,10 @@ class Settings(BaseSettings):
     jq_time_limit_seconds: float = Field(default=2.0, gt=0, le=60)
     jq_max_wait_seconds: float = Field(default=10.0, gt=0, le=300)
     jq_max_queued_per_org: int = Field(default=200, ge=1)
+    # Definitions' jq is compiled on the server's event loop to check it: one org may spend
+    # this share of one process's time on it, over bursts of up to this many seconds.
+    jq_compile_share: float = Field(default=0.05, gt=0, le=1)
+    jq_compile_burst_seconds: float = Field(default=1.0, gt=0, le=60)
     # Number and date-time properties get a range index (app/search/indexes.py) once their
     # blueprint holds this many entities, unless their schema says `"indexed": false`.
     range_index_min_entities: int = Field(default=10_000, ge=1)

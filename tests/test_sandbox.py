@@ -28,6 +28,7 @@ from app.kit import sandbox
 from app.search.calc import calculate
 from app.webhooks.definitions import compile_mapping
 from app.webhooks.processing import _render_alone
+from app.workflows import engine as workflow_engine
 from tests.conftest import OrgFactory
 from tests.receivers import WebhookReceiver
 from tests.test_dispatch import (
@@ -156,9 +157,30 @@ async def _via_calculation(org: str, program: str) -> Any:
     return entity["properties"]["value"]
 
 
+async def _via_workflow_template(org: str, program: str) -> Any:
+    # A workflow node's templates: a WEBHOOK's request, a mapping, variables.
+    try:
+        return await workflow_engine.render(
+            "{{ " + program + " }}", {"outputs": {"trigger": INPUT}}, "/variables", org=org
+        )
+    except TemplateError as exc:
+        return exc
+
+
+async def _via_workflow_condition(org: str, program: str) -> Any:
+    """A CONDITION node's outlet: taken when its jq gives something other than null/false;
+    a failing expression fails the node (an error)."""
+    outlets = [{"identifier": "x", "expression": program}]
+    step = await workflow_engine.take_outlet(org, outlets, {"outputs": {"trigger": INPUT}})
+    if step.result == "FAILED":
+        return RuntimeError(step.output)
+    return step.outlet == "x"
+
+
 SITES: dict[str, Callable[[str, str], Any]] = {
     "sandbox": _via_sandbox,
     "action-template": _via_template,
+    "workflow-template": _via_workflow_template,
     "webhook-mapping": _via_webhook_mapping,
     "calculation": _via_calculation,
 }
@@ -182,6 +204,45 @@ async def test_automation_conditions_see_only_their_input(canary_env: None) -> N
         assert truth is expected, program
     # The canary would make this true if conditions could read the environment.
     assert await _via_condition("org-escapes", f'$ENV | tostring | test("{CANARY}")') is False
+
+
+async def test_workflow_conditions_see_only_their_input(canary_env: None) -> None:
+    for program, _ in ESCAPES:
+        taken = await _via_workflow_condition("org-escapes", program)
+        reference = await _via_sandbox("org-escapes", program)
+        if isinstance(reference, Exception):
+            assert isinstance(taken, Exception), program
+        else:
+            assert taken is (reference not in (None, False)), program
+    leak = f'$ENV | tostring | test("{CANARY}")'
+    assert await _via_workflow_condition("org-escapes", leak) is False
+
+
+async def test_a_workflow_condition_past_its_time_limit_fails_its_node() -> None:
+    step = await workflow_engine.take_outlet(
+        "org-slow", [{"identifier": "x", "expression": LOOP_JQ}], {}
+    )
+    assert step.result == "FAILED" and "longer than" in step.message
+
+
+async def test_one_orgs_slow_workflow_conditions_do_not_hold_up_another_org() -> None:
+    slow = [{"identifier": "x", "expression": LOOP_JQ}]
+    quick = [{"identifier": "x", "expression": ".outputs.trigger.n == 2"}]
+    data = {"outputs": {"trigger": INPUT}}
+    stuck = [
+        asyncio.create_task(workflow_engine.take_outlet("org-noisy-wf", slow, data))
+        for _ in range(6)
+    ]
+    await asyncio.sleep(0.2)  # the noisy org holds its share of the children
+    for _ in range(5):
+        step = await workflow_engine.take_outlet("org-quiet-wf", quick, data)
+        assert step.outlet == "x"
+    assert not all(task.done() for task in stuck)  # the noisy org is still waiting or running
+    results = await asyncio.gather(*stuck, return_exceptions=True)
+    assert all(
+        isinstance(found, sandbox.Busy) or found.result == "FAILED"  # type: ignore[union-attr]
+        for found in results
+    )
 
 
 def test_a_jq_process_starts_with_an_empty_environment(canary_env: None) -> None:
@@ -765,5 +826,35 @@ async def test_a_child_ended_at_its_time_limit_is_replaced_on_its_own_turn() -> 
         assert await _via_template("org-quiet", ".inputs.n") == 2
         assert list(_jq_children()) == [pool._idle[0].process.pid]  # the same, ready child
         assert time.monotonic() - started < 1.0
+    finally:
+        sandbox.configure(Settings())
+
+
+async def test_one_orgs_definition_checks_are_paced_and_not_anothers(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """Definitions' jq is compiled on the server's loop: an org that saves them faster than
+    its share is told to come back (503, Retry-After); another org saves at once."""
+    sandbox.configure(Settings(jq_compile_share=0.001, jq_compile_burst_seconds=0.05))
+    try:
+        a, b = await make_org(), await make_org()
+        heavy = '"' + "\\(1)" * 250 + '"'  # 250 interpolations: milliseconds to compile
+        answers = []
+        for i in range(40):
+            body = {**calculated({"c": heavy}), "identifier": f"b{i}"}
+            r = await client.post("/v1/blueprints", json=body, headers=b.headers)
+            answers.append(r)
+            if r.status_code != 201:
+                break
+        refused = answers[-1]
+        assert refused.status_code == 503, [r.status_code for r in answers]
+        assert refused.json()["error"] == "evaluation_busy"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert len(answers) > 1  # the burst was served first
+        r = await client.post("/v1/blueprints", json=calculated({"c": heavy}), headers=a.headers)
+        assert r.status_code == 201, r.text
+        # Nothing of the refused definition was written.
+        r = await client.get(f"/v1/blueprints/b{len(answers) - 1}", headers=b.headers)
+        assert r.status_code == 404
     finally:
         sandbox.configure(Settings())

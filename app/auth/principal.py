@@ -13,6 +13,7 @@ from app.auth.tokens import Kind, is_kind
 from app.auth.verifier import ORG_HEADER, Verifier, org_hint
 from app.db.database import Tx
 from app.db.routing import open_request_tx
+from app.kit import sandbox
 from app.kit.errors import Unauthorized
 from app.kit.ratelimit import enforce
 
@@ -143,6 +144,7 @@ async def _open_tenant(request: Request, principal: Principal, issued_at: int) -
     )
     if principal.kind == "user":
         principal = await _with_user_access(principal, tx)
+    sandbox.compiling_for(principal.org_id)  # definitions checked here count against its org
     return Tenant(principal=principal, tx=tx)
 
 

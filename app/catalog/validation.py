@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema_rs
 import pydantic_core
 
+from app.kit import sandbox
 from app.kit.errors import Invalid
 from app.kit.jq_child import module_directive
 
@@ -585,7 +586,8 @@ def check_calculation_properties(calcs: Any, problems: Problems) -> None:
 
 # jq is compiled here, on the server's event loop, to tell a definition's author what is
 # wrong with it at once. Compiling costs more than linear time for some shapes (string
-# interpolations above all), so what one definition may ask of it is bounded.
+# interpolations above all), so what one definition may ask of it is bounded, and what one
+# org may ask of it over time is paced (app/kit/sandbox.py, `before_compile`).
 MAX_JQ_LENGTH = 10_000
 MAX_JQ_INTERPOLATIONS = 256
 JQ_COMPILE_BUDGET_SECONDS = 0.25
@@ -610,13 +612,16 @@ def check_jq(expression: str, pointer: str, problems: Problems) -> None:
     if problems.jq_seconds > JQ_COMPILE_BUDGET_SECONDS:
         problems.add(pointer, "the definition's jq takes too long to check: make it smaller")
         return
+    sandbox.before_compile()  # the org's share of this process's time (503 past it)
     started = time.perf_counter()
     try:
         jq.compile(expression)
     except ValueError as exc:
         problems.add(pointer, f"not a valid jq expression: {exc}")
     finally:
-        problems.jq_seconds += time.perf_counter() - started
+        spent = time.perf_counter() - started
+        problems.jq_seconds += spent
+        sandbox.after_compile(spent)
 
 
 AGG_FUNCS = {"count", "sum", "average", "min", "max", "median"}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import json
 import os
 import select
@@ -389,6 +390,9 @@ def configure(settings: Settings) -> None:
         max_wait=settings.jq_max_wait_seconds,
         max_queued=settings.jq_max_queued_per_org,
     )
+    global _compile_rate, _compile_burst
+    _compile_rate = settings.jq_compile_share
+    _compile_burst = settings.jq_compile_burst_seconds
     if wanted != _limits:
         _limits = wanted
         shutdown()
@@ -396,6 +400,55 @@ def configure(settings: Settings) -> None:
 
 def limits() -> Limits:
     return _limits
+
+
+# -- checking definitions ---------------------------------------------------------------------
+# A definition's jq is compiled in this process, on its event loop, to answer its author at
+# once (app/catalog/validation.py `check_jq`). Each org's compiling is paced by a bucket of
+# seconds: it fills at `jq_compile_share` seconds per second up to `jq_compile_burst_seconds`,
+# and an org whose bucket is empty is told to come back (Busy: 503 with Retry-After), so one
+# org's definitions take at most that share of the loop from the others.
+
+_compiling_org: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "portolan_compiling_org", default=None
+)
+_compile_rate = 0.05
+_compile_burst = 1.0
+_compile_buckets: dict[str, tuple[float, float]] = {}  # org -> (seconds left, when)
+
+
+def compiling_for(org: object) -> None:
+    """The org whose definitions this request (task) checks."""
+    _compiling_org.set(str(org))
+
+
+def _bucket(org: str, now: float) -> float:
+    left, when = _compile_buckets.get(org, (_compile_burst, now))
+    return min(_compile_burst, left + (now - when) * _compile_rate)
+
+
+def before_compile() -> None:
+    """Raise Busy when the current org has spent its share of compiling."""
+    org = _compiling_org.get()
+    if org is None:
+        return
+    left = _bucket(org, time.monotonic())
+    if left <= 0:
+        busy = Busy("this organization's definitions are being checked too fast: retry shortly")
+        busy.retry_after = max(1, int(-left / _compile_rate) + 1)
+        raise busy
+
+
+def after_compile(seconds: float) -> None:
+    org = _compiling_org.get()
+    if org is None:
+        return
+    now = time.monotonic()
+    _compile_buckets[org] = (_bucket(org, now) - seconds, now)
+    if len(_compile_buckets) > 10_000:  # forget the orgs whose buckets are full again
+        for key, (left, when) in list(_compile_buckets.items()):
+            if left + (now - when) * _compile_rate >= _compile_burst:
+                del _compile_buckets[key]
 
 
 def _get_pool() -> _Pool:
