@@ -38,6 +38,7 @@ from app.search.router import router as search_router
 from app.secrets.router import router as secrets_router
 from app.webhooks.router import router as webhook_router
 from app.worker import InProcessWorker
+from app.workflows.router import router as workflow_router
 
 DESCRIPTION = (
     "Portolan is a multi-tenant internal developer portal backend. Its `/v1` API follows "
@@ -136,4 +137,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(audit_router)
     app.include_router(webhook_router)
     app.include_router(integration_router)
+    app.include_router(workflow_router)
     return app

@@ -33,6 +33,8 @@ from app.webhooks.jobs import (
     process_webhook_events,
     prune_webhook_events,
 )
+from app.workflows import engine as workflow_engine
+from app.workflows.relay import WorkflowRelay
 
 log = logging.getLogger("portolan.worker")
 _CLOSE_SECONDS = 10.0
@@ -87,6 +89,20 @@ async def dispatch_run(ctx: dict[str, Any], org_id: str, run_id: str, attempt: i
     return await runner.dispatch(ctx["settings"], ctx["db"], uuid.UUID(org_id), run_id, attempt)
 
 
+async def run_workflow_node(
+    ctx: dict[str, Any], org_id: str, node_run_id: str, attempt: int
+) -> str:
+    """One attempt at a workflow node run (see app.workflows.engine)."""
+    return await workflow_engine.run_node(
+        ctx["settings"], ctx["db"], uuid.UUID(org_id), node_run_id, attempt
+    )
+
+
+async def sweep_workflow_nodes(ctx: dict[str, Any]) -> int:
+    """Workflow node runs whose worker died mid-node (lease expired) get a new attempt."""
+    return await workflow_engine.sweep_expired(ctx["db"])
+
+
 async def fire_timers(ctx: dict[str, Any]) -> int:
     """TIMER_PROPERTY_EXPIRED automations for timers that passed since the last look."""
     return await timers.fire_expired(ctx["db"])
@@ -112,6 +128,7 @@ JOB_FUNCTIONS: list[Function | WorkerCoroutine] = [
     # A dispatch's outcome lives on the run; its job result only needs to outlive a
     # duplicate enqueue of the same job id by a little.
     func(dispatch_run, keep_result=60),
+    func(run_workflow_node, keep_result=60),
     func(process_webhook_events, keep_result=60),
 ]
 CRON_JOBS = [
@@ -119,6 +136,7 @@ CRON_JOBS = [
     cron(prune_webhook_events, minute=41, second=30, run_at_startup=True, timeout=3600),
     cron(fire_timers, second=set(range(0, 60, 5)), run_at_startup=True),
     cron(sweep_runs, second=set(range(3, 60, 5)), run_at_startup=True),
+    cron(sweep_workflow_nodes, second=set(range(4, 60, 5)), run_at_startup=True),
     # Hourly, so a day always has its point (the last pass of the day stands).
     cron(snapshot_scorecards, minute=7, second=0, run_at_startup=True, timeout=3600),
     cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True),
@@ -178,6 +196,8 @@ class Supervisor:
         db = await Database.connect(self.settings)
         relay = Relay(self.settings, db)
         relay.start()
+        workflow_relay = WorkflowRelay(self.settings, db)
+        workflow_relay.start()
         feed = event_feed(db, self.settings)
         feed.start()
         sender = changelog_sender(self.settings, db)
@@ -201,6 +221,7 @@ class Supervisor:
         finally:
             await sender.stop()
             await feed.stop()
+            await workflow_relay.stop()
             await relay.stop()
             await db.close()
             await client.aclose_shared()

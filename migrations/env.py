@@ -24,6 +24,7 @@ from app.orgs import models as org_models  # noqa: F401
 from app.scorecards import models as scorecard_models  # noqa: F401
 from app.secrets import models as secret_models  # noqa: F401
 from app.webhooks import models as webhook_models  # noqa: F401
+from app.workflows import models as workflow_models  # noqa: F401
 
 ischema_names["xid8"] = XID8  # so the reflected event columns compare with the models
 target_metadata = Base.metadata

@@ -140,6 +140,15 @@ ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/v1/actions/runs/{run_id}/logs/stream"): "run",
     ("POST", "/v1/actions/runs/claim-pending"): "admin",
     ("PATCH", "/v1/actions/runs/ack"): "admin",
+    ("GET", "/v1/workflows"): "member",
+    ("POST", "/v1/workflows"): "admin",
+    ("GET", "/v1/workflows/{identifier}"): "member",
+    ("PUT", "/v1/workflows/{identifier}"): "admin",
+    ("DELETE", "/v1/workflows/{identifier}"): "admin",
+    ("POST", "/v1/workflows/{identifier}/runs"): "member",
+    ("GET", "/v1/workflows/runs"): "member",
+    ("GET", "/v1/workflows/runs/{workflow_run_id}"): "member",
+    ("POST", "/v1/workflows/runs/{workflow_run_id}/cancel"): "run",
 }
 
 SERVICE = {
@@ -178,6 +187,17 @@ SCORECARD = {
     ],
 }
 WEBHOOK = {"identifier": "wh", "title": "Hook", "mappings": []}
+WORKFLOW = {
+    "identifier": "flow",
+    "nodes": [
+        {
+            "identifier": "trigger",
+            "config": {"type": "SELF_SERVE_TRIGGER", "permissions": {"roles": ["Member"]}},
+        },
+        {"identifier": "hook", "config": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/flow"}},
+    ],
+    "connections": [{"sourceIdentifier": "trigger", "targetIdentifier": "hook"}],
+}
 INTEGRATION = {"installationId": "ocean", "installationAppType": "fake", "version": "1.0.0"}
 
 
@@ -198,6 +218,7 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
         ("/v1/actions", ACTION),
         ("/v1/blueprints/service/scorecards", SCORECARD),
         ("/v1/webhooks", WEBHOOK),
+        ("/v1/workflows", WORKFLOW),
         ("/v1/integration", INTEGRATION),
         ("/v1/organization/secrets", {"secretName": "s1", "secretValue": "v"}),
         ("/v1/teams", {"name": "alpha"}),
@@ -206,10 +227,12 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
     ):
         await ok(client, "POST", path, org, json=body)
     run = await ok(client, "POST", "/v1/actions/open/runs", org, json={"properties": {}})
+    flow_run = await ok(client, "POST", "/v1/workflows/flow/runs", org, json={"inputs": {}})
     migration = await ok(client, "DELETE", "/v1/blueprints/scratch/all-entities", org)
     integration = await ok(client, "GET", "/v1/integration/ocean", org)
     return {
         "run_id": run["run"]["id"],
+        "workflow_run_id": flow_run["workflowRun"]["identifier"],
         "migration_id": migration["migrationId"],
         "app_id": org.client_id,
         "ingest_id": integration["integration"]["logAttributes"]["ingestId"],
@@ -227,6 +250,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
     identifier = {
         "/v1/actions": "open",
         "/v1/webhooks": "wh",
+        "/v1/workflows": "flow",
         "/v1/integration": "ocean",
         "/v1/integrations": "ocean",
         "/v1/blueprints/{blueprint}/scorecards": "sc",
@@ -238,6 +262,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         blueprint="service",
         name=name,
         run_id=ids["run_id"],
+        workflow_run_id=ids["workflow_run_id"],
         migration_id=ids["migration_id"],
         app_id=ids["app_id"],
         user_email="u@example.com",
@@ -323,6 +348,9 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/actions/runs/{run_id}/logs"): {"message": "hello"},
         ("POST", "/v1/actions/runs/claim-pending"): {"installationId": "ocean", "limit": 1},
         ("PATCH", "/v1/actions/runs/ack"): {"runId": ids["run_id"]},
+        ("POST", "/v1/workflows"): {**WORKFLOW, "identifier": "flow2"},
+        ("PUT", "/v1/workflows/{identifier}"): WORKFLOW,
+        ("POST", "/v1/workflows/{identifier}/runs"): {"inputs": {}},
     }
     return url, bodies.get((method, path))
 

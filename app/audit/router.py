@@ -45,6 +45,8 @@ Resource = Literal[
     "action-permissions",
     "oidc",
     "integration",
+    "workflow",
+    "workflow-run",
 ]
 
 

@@ -87,6 +87,9 @@ OPERATIONS: dict[str, Holder] = {
     "actions.permissions.update": "moderator",
     "runs.readAll": "admin",
     "runs.report": "admin",
+    "workflows.read": "everyone",
+    "workflows.manage": "admin",
+    "workflowRuns.readAll": "admin",
 }
 
 
@@ -642,6 +645,17 @@ async def require_execute(
         if set(principal.teams) & await _Owners(tx, definition).of(entity):
             return
     raise Denied("actions.execute", f"action {action['identifier']!r}")
+
+
+def require_workflow_execute(
+    principal: Principal, workflow: str, trigger_permissions: dict[str, Any] | None
+) -> None:
+    """May the principal start the workflow from its self-serve trigger? The trigger's
+    `permissions` block (`roles`, `users`, `teams`) grants it; none, or an empty one,
+    leaves it to Admins (Port's default)."""
+    if principal.is_admin or _block(trigger_permissions or {}).grants(principal):
+        return
+    raise Denied("workflows.execute", f"workflow {workflow!r}")
 
 
 async def may_approve(tx: Tx, principal: Principal, action: dict[str, Any]) -> bool:

@@ -1,0 +1,1 @@
+"""Workflows: graphs of triggers, actions and conditions, run node by node."""

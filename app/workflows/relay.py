@@ -1,0 +1,184 @@
+"""The workflow outbox relay: hands due node runs from PostgreSQL to the arq queue.
+
+The same pattern as action runs' relay (app/dispatch/relay.py): a node run becomes due in
+the transaction that records it, with an outbox row and `NOTIFY portolan_workflows`
+(delivered on commit). The relay wakes on it (or every second, or when a delayed row falls
+due), takes due rows `FOR UPDATE SKIP LOCKED`, enqueues one `run_workflow_node` job per row
+and marks the rows relayed in the same transaction; orgs take turns (each org's oldest rows
+first). A row is deleted by the worker's claim of its node run. When no claim comes within
+`PORTOLAN_DISPATCH_REQUEUE_SECONDS` (Redis lost the job, or the worker died holding it),
+the row is handed to the queue again under a new job id; the claim lets one job run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import asyncpg
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from app.config import Settings
+from app.db.database import Database
+from app.workflows.runs import NOTIFY_CHANNEL
+
+log = logging.getLogger("portolan.workflows")
+BATCH = 200
+JOB = "run_workflow_node"
+_IDLE_WAIT = 1.0
+_BACKOFF_MAX = 5.0
+_LOCKED_WAIT = 0.25
+_PASS_SECONDS = 30.0
+
+_DUE = """
+WITH due AS (
+    SELECT org_id, id, available_at,
+           row_number() OVER (PARTITION BY org_id ORDER BY available_at, id) AS turn
+    FROM workflow_outbox
+    WHERE available_at <= now()
+      AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $2))
+)
+SELECT org_id, id FROM due ORDER BY turn, available_at, id LIMIT $1
+"""
+
+
+def job_id(node_run_id: str, attempt: int, relays: int) -> str:
+    return f"{node_run_id}:{attempt}.{relays}"
+
+
+async def relay_once(
+    db: Database, pool: ArqRedis, *, requeue_seconds: float, batch: int = BATCH
+) -> int:
+    """Hand the due outbox rows to the queue, orgs in turns; how many were handed."""
+    async with db.system() as tx:
+        chosen = await tx.fetch(_DUE, batch, requeue_seconds)
+        if not chosen:
+            return 0
+        rows = await tx.fetch(
+            "SELECT org_id, id, node_run_id, attempt, relays FROM workflow_outbox "
+            "WHERE (org_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[])) "
+            "ORDER BY available_at, id FOR UPDATE SKIP LOCKED",
+            [r["org_id"] for r in chosen],
+            [r["id"] for r in chosen],
+        )
+        for row in rows:
+            await pool.enqueue_job(
+                JOB,
+                str(row["org_id"]),
+                row["node_run_id"],
+                row["attempt"],
+                _job_id=job_id(row["node_run_id"], row["attempt"], row["relays"]),
+            )
+        if rows:
+            await tx.execute(
+                "UPDATE workflow_outbox o SET relayed_at = now(), relays = relays + 1 "
+                "FROM unnest($1::uuid[], $2::bigint[]) AS d(o, i) "
+                "WHERE o.org_id = d.o AND o.id = d.i",
+                [r["org_id"] for r in rows],
+                [r["id"] for r in rows],
+            )
+    return len(rows)
+
+
+async def _seconds_to_next(db: Database, requeue_seconds: float) -> float | None:
+    async with db.system() as tx:
+        value = await tx.fetchval(
+            "SELECT extract(epoch FROM min(CASE WHEN relayed_at IS NULL THEN available_at "
+            "ELSE relayed_at + make_interval(secs => $1) END) - now()) FROM workflow_outbox",
+            requeue_seconds,
+        )
+    return None if value is None else max(0.0, float(value))
+
+
+class WorkflowRelay:
+    """The relay loop of one worker process (start / stop)."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+        self._pool: ArqRedis | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="workflow-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._close_listener()
+        await self._drop_queue()
+
+    async def _drop_queue(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            closing = asyncio.create_task(pool.aclose())
+            await asyncio.wait({closing}, timeout=1.0)
+
+    async def _queue(self) -> ArqRedis:
+        if self._pool is None:
+            assert self._settings.redis_url is not None
+            target = RedisSettings.from_dsn(self._settings.redis_url)
+            target.conn_retries = 0  # this loop retries, with backoff
+            self._pool = await create_pool(target, default_queue_name=self._settings.queue_name)
+        return self._pool
+
+    def _notified(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        assert self._settings.database_url is not None
+        self._listener = await asyncpg.connect(
+            self._settings.database_url,
+            server_settings={"application_name": "portolan-workflow-relay"},
+        )
+        await self._listener.add_listener(NOTIFY_CHANNEL, self._notified)
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            wait = _IDLE_WAIT
+            try:
+                await self._listen()
+                self._wake.clear()
+                requeue = self._settings.dispatch_requeue_seconds
+                moved = await asyncio.wait_for(
+                    relay_once(self._db, await self._queue(), requeue_seconds=requeue),
+                    timeout=_PASS_SECONDS,
+                )
+                failures = 0
+                if moved >= BATCH:
+                    continue
+                due = await _seconds_to_next(self._db, requeue)
+                if due is not None:
+                    wait = min(wait, due)
+                if moved == 0 and due is not None and due < _LOCKED_WAIT:
+                    # Due rows another relay holds: look again shortly, not at once.
+                    wait = _LOCKED_WAIT
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis or PostgreSQL unreachable: keep the rows, retry
+                failures += 1
+                await self._drop_queue()
+                wait = min(_BACKOFF_MAX, 0.1 * 2**failures) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning(
+                    "workflow relay: %s (%s); retrying in %.1f s", type(exc).__name__, exc, wait
+                )
+                await self._close_listener()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)

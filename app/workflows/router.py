@@ -1,0 +1,169 @@
+"""Workflow routes (Port's paths): /v1/workflows and their runs.
+
+The run routes come first, so `/v1/workflows/runs` is not read as a workflow named "runs".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Header, Path, Query
+
+from app.auth import permissions
+from app.auth.principal import CurrentTenant
+from app.db.routing import api_router
+from app.kit.errors import Invalid
+from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
+from app.kit.responses import json_response
+from app.workflows import runs, service
+from app.workflows.schemas import (
+    RunBody,
+    WorkflowBody,
+    WorkflowListResponse,
+    WorkflowResponse,
+    WorkflowRunListResponse,
+    WorkflowRunResponse,
+)
+
+router = api_router(prefix="/v1/workflows", tags=["Workflows"])
+WorkflowId = Annotated[str, Path(min_length=1, max_length=100)]
+RunId = Annotated[str, Path(min_length=1, max_length=40)]
+_CONFLICT = conflict("A workflow with this identifier exists")
+_IDEMPOTENCY = conflict("The Idempotency-Key was used for a different request")
+
+
+@router.get(
+    "/runs",
+    response_model=WorkflowRunListResponse,
+    responses=ERRORS_AUTHED,
+    summary="List workflow runs",
+)
+async def list_workflow_runs(
+    tenant: CurrentTenant,
+    workflow_identifier: Annotated[str | None, Query(alias="workflowIdentifier")] = None,
+    limit: Annotated[int, Query(ge=1, le=runs.LIST_LIMIT)] = 100,
+) -> Any:
+    """Newest first. Admins see every run; others their own and those of workflows that
+    let anyone view runs."""
+    permissions.require(tenant.principal, "workflows.read")
+    found = await runs.list_runs(
+        tenant.tx, tenant.principal, workflow=workflow_identifier, limit=limit
+    )
+    return json_response({"ok": True, "workflowRuns": found})
+
+
+@router.get(
+    "/runs/{workflow_run_id}",
+    response_model=WorkflowRunResponse,
+    responses=ERRORS_AUTHED,
+    summary="Get a workflow run with its node runs",
+)
+async def get_workflow_run(workflow_run_id: RunId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "workflows.read")
+    run = await runs.get(tenant.tx, workflow_run_id, tenant.principal)
+    return json_response({"ok": True, "workflowRun": run})
+
+
+@router.post(
+    "/runs/{workflow_run_id}/cancel",
+    response_model=WorkflowRunResponse,
+    responses={**ERRORS_AUTHED, **conflict("The run has already ended")},
+    summary="Cancel a workflow run",
+)
+async def cancel_workflow_run(workflow_run_id: RunId, tenant: CurrentTenant) -> Any:
+    """Admins and the run's starter may cancel it."""
+    permissions.require(tenant.principal, "workflows.read")
+    run = await runs.cancel(tenant.tx, tenant.principal, workflow_run_id)
+    return json_response({"ok": True, "workflowRun": run})
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=WorkflowResponse,
+    responses={**ERRORS_AUTHED, **_CONFLICT},
+    summary="Create a workflow",
+)
+async def create_workflow(body: WorkflowBody, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "workflows.manage")
+    created = await service.create(
+        tenant.tx, tenant.principal.subject, body.model_dump(exclude_unset=True)
+    )
+    return json_response({"ok": True, "workflow": created}, status_code=201)
+
+
+@router.get(
+    "", response_model=WorkflowListResponse, responses=ERRORS_AUTHED, summary="List workflows"
+)
+async def list_workflows(tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "workflows.read")
+    return json_response({"ok": True, "workflows": await service.list_all(tenant.tx)})
+
+
+@router.get(
+    "/{identifier}",
+    response_model=WorkflowResponse,
+    responses=ERRORS_AUTHED,
+    summary="Get a workflow",
+)
+async def get_workflow(identifier: WorkflowId, tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "workflows.read")
+    return json_response({"ok": True, "workflow": await service.get(tenant.tx, identifier)})
+
+
+@router.put(
+    "/{identifier}",
+    response_model=WorkflowResponse,
+    responses=ERRORS_AUTHED,
+    summary="Replace a workflow (a new version)",
+)
+async def replace_workflow(
+    identifier: WorkflowId, body: WorkflowBody, tenant: CurrentTenant
+) -> Any:
+    """Runs already started keep the version they started on."""
+    permissions.require(tenant.principal, "workflows.manage")
+    updated = await service.replace(
+        tenant.tx, tenant.principal.subject, identifier, body.model_dump(exclude_unset=True)
+    )
+    return json_response({"ok": True, "workflow": updated})
+
+
+@router.delete(
+    "/{identifier}",
+    response_model=OkResponse,
+    responses=ERRORS_AUTHED,
+    summary="Delete a workflow",
+)
+async def delete_workflow(identifier: WorkflowId, tenant: CurrentTenant) -> Any:
+    """Its runs, and the versions they started on, stay."""
+    permissions.require(tenant.principal, "workflows.manage")
+    await service.delete(tenant.tx, identifier)
+    return {"ok": True}
+
+
+@router.post(
+    "/{identifier}/runs",
+    status_code=202,
+    response_model=WorkflowRunResponse,
+    responses={**ERRORS_AUTHED, **_IDEMPOTENCY},
+    summary="Run a workflow",
+)
+async def create_workflow_run(
+    identifier: WorkflowId,
+    body: RunBody,
+    tenant: CurrentTenant,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    """202 with the run: its trigger recorded and its first node queued. A repeated
+    `Idempotency-Key` (same caller, same request) answers the first run again. The caller
+    needs the trigger's `permissions` (Admins always)."""
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise Invalid("Idempotency-Key must not be blank")
+    run, _ = await runs.create(
+        tenant.tx,
+        identifier,
+        body.model_dump(exclude_unset=True),
+        principal=tenant.principal,
+        idempotency_key=idempotency_key,
+    )
+    return json_response({"ok": True, "workflowRun": run}, status_code=202)

@@ -1,0 +1,409 @@
+"""Workflow runs (Port's shapes): started from a self-serve trigger, read with their node
+runs, cancelled.
+
+A run keeps the version of the workflow it started on. Its trigger is node run 0 (its
+output: the inputs, as checked); the node the trigger connects to is queued in the same
+transaction (a node run row and its outbox row, app/workflows/engine.py), so a run the API
+acknowledged is never lost. Statuses: IN_PROGRESS, then COMPLETED with a result (SUCCESS,
+FAILED, CANCELLED); node runs likewise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from app.actions import inputs as action_inputs
+from app.auth import permissions
+from app.auth.principal import Principal
+from app.db.database import Tx
+from app.kit.errors import Conflict, Invalid, NotFound
+from app.workflows import definitions
+from app.workflows.service import new_id
+
+NOTIFY_CHANNEL = "portolan_workflows"
+RUN_FIELDS = ("inputs", "properties", "triggerIdentifier")
+LIST_LIMIT = 1000
+
+_RUN_SELECT = "SELECT r.* FROM workflow_runs r"
+
+
+def run_to_api(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "identifier": row["id"],
+        "workflow": {"identifier": row["workflow"], "versionIdentifier": row["version_id"]},
+        "trigger": {"identifier": row["trigger_node"]},
+        "status": row["status"],
+        "result": row["result"],
+        "createdBy": row["created_by"],
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+        "completedAt": row["completed_at"],
+    }
+
+
+def node_run_to_api(
+    row: asyncpg.Record, node: dict[str, Any] | None, logs: list[asyncpg.Record]
+) -> dict[str, Any]:
+    node = node or {}
+    out: dict[str, Any] = {
+        "identifier": row["id"],
+        "node": {"identifier": row["node"]},
+        "nodeTitle": node.get("title"),
+        "nodeIcon": node.get("icon"),
+        "nodeConfigType": row["node_type"],
+        "status": row["status"],
+        "result": row["result"],
+        "output": row["output"],
+        "attempts": row["attempts"],
+        "nodeRunLogs": [
+            {"level": log["level"], "message": log["message"], "createdAt": log["created_at"]}
+            for log in logs
+        ],
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+        "completedAt": row["completed_at"],
+    }
+    if row["outlet"] is not None:
+        out["selectedOutlet"] = {"identifier": row["outlet"]}
+    return out
+
+
+def _hash(workflow: str, body: dict[str, Any]) -> str:
+    canonical = json.dumps([workflow, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def queue(tx: Tx, node_run_id: str, attempt: int, delay_seconds: float = 0.0) -> None:
+    """Make a node run due: an outbox row, and a wake-up for the relay on commit."""
+    await tx.execute(
+        "INSERT INTO workflow_outbox (org_id, node_run_id, attempt, available_at) "
+        "VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+        tx.org_id,
+        node_run_id,
+        attempt,
+        delay_seconds,
+    )
+    await tx.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+
+
+async def node_log(tx: Tx, node_run_id: str, message: str, level: str = "INFO") -> None:
+    await tx.execute(
+        "INSERT INTO workflow_node_run_logs (org_id, node_run_id, level, message) "
+        "VALUES ($1, $2, $3, $4)",
+        tx.org_id,
+        node_run_id,
+        level,
+        message,
+    )
+
+
+async def start_node(
+    tx: Tx, run_id: str, seq: int, node: dict[str, Any], *, delay: float = 0.0
+) -> str | None:
+    """Queue `node` at place `seq` of the run; None when that place is already taken (the
+    run moved on from the node before it already)."""
+    node_run_id = new_id("wfnr_")
+    inserted = await tx.fetchval(
+        "INSERT INTO workflow_node_runs (org_id, id, run_id, seq, node, node_type, status, "
+        "state) VALUES ($1, $2, $3, $4, $5, $6, 'IN_PROGRESS', 'queued') "
+        "ON CONFLICT (org_id, run_id, seq) DO NOTHING RETURNING id",
+        tx.org_id,
+        node_run_id,
+        run_id,
+        seq,
+        node["identifier"],
+        node["config"]["type"],
+    )
+    if inserted is None:
+        return None
+    await queue(tx, node_run_id, 1, delay)
+    return node_run_id
+
+
+async def end_run(tx: Tx, run_id: str, result: str) -> bool:
+    done = await tx.fetchval(
+        "UPDATE workflow_runs SET status = 'COMPLETED', result = $3, completed_at = now(), "
+        "updated_at = now() WHERE org_id = $1 AND id = $2 AND status = 'IN_PROGRESS' "
+        "RETURNING id",
+        tx.org_id,
+        run_id,
+        result,
+    )
+    return done is not None
+
+
+async def _by_key(tx: Tx, actor: str, key: str, request_hash: str) -> dict[str, Any] | None:
+    row = await tx.fetchrow(
+        _RUN_SELECT + " WHERE r.org_id = $1 AND r.created_by = $2 AND r.idempotency_key = $3",
+        tx.org_id,
+        actor,
+        key,
+    )
+    if row is None:
+        return None
+    if row["request_hash"] != request_hash:
+        raise Conflict(
+            "This Idempotency-Key was used for a different request",
+            code="idempotency_key_reused",
+        )
+    return await get(tx, row["id"])
+
+
+def _trigger(definition: dict[str, Any], workflow: str, wanted: Any) -> dict[str, Any]:
+    triggers: list[dict[str, Any]] = [
+        n for n in definition["nodes"] if n["config"]["type"] in definitions.TRIGGERS
+    ]
+    if wanted is not None:
+        found = [n for n in triggers if n["identifier"] == wanted]
+        if not found:
+            raise Invalid(
+                f"Workflow {workflow!r} has no self-serve trigger {wanted!r}",
+                details=[{"pointer": "/triggerIdentifier", "message": "not a trigger node"}],
+            )
+        return found[0]
+    if len(triggers) != 1:
+        raise Invalid(
+            f"Workflow {workflow!r} has {len(triggers)} triggers: name one (triggerIdentifier)",
+            details=[{"pointer": "/triggerIdentifier", "message": "required"}],
+        )
+    return triggers[0]
+
+
+async def _check_entities(tx: Tx, refs: list[action_inputs.EntityRef]) -> None:
+    problems = []
+    for ref in refs:
+        if not ref.identifiers:
+            continue
+        found = await tx.fetch(
+            "SELECT identifier FROM entities WHERE org_id = $1 AND blueprint = $2 "
+            "AND identifier = ANY($3::text[])",
+            tx.org_id,
+            ref.blueprint,
+            ref.identifiers,
+        )
+        missing = sorted(set(ref.identifiers) - {r["identifier"] for r in found})
+        for identifier in missing:
+            problems.append(
+                {
+                    "pointer": f"/inputs/{ref.name}",
+                    "message": f"entity {identifier!r} of blueprint {ref.blueprint!r} "
+                    "does not exist",
+                }
+            )
+    if problems:
+        raise Invalid("The run's inputs are invalid", details=problems)
+
+
+async def create(
+    tx: Tx,
+    workflow: str,
+    body: Any,
+    *,
+    principal: Principal,
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """The new run (and True), or for a repeated Idempotency-Key the first run (and False).
+    The caller must hold the trigger's permissions."""
+    if not isinstance(body, dict):
+        raise Invalid("A run is {inputs: {...}, triggerIdentifier?}")
+    unknown = sorted(set(body) - set(RUN_FIELDS))
+    if unknown:
+        raise Invalid(f"A run takes inputs and triggerIdentifier, not {', '.join(unknown)}")
+    if "inputs" in body and "properties" in body:
+        raise Invalid("A run's inputs are `inputs` (or `properties`), not both")
+    actor = principal.subject
+    request_hash = _hash(workflow, body)
+    if idempotency_key is not None:
+        earlier = await _by_key(tx, actor, idempotency_key, request_hash)
+        if earlier is not None:
+            return earlier, False
+    row = await tx.fetchrow(
+        "SELECT w.version_id, v.definition FROM workflows w JOIN workflow_versions v "
+        "ON v.org_id = w.org_id AND v.id = w.version_id "
+        "WHERE w.org_id = $1 AND w.identifier = $2",
+        tx.org_id,
+        workflow,
+    )
+    if row is None:
+        raise NotFound(f"Workflow {workflow!r} was not found")
+    definition: dict[str, Any] = row["definition"]
+    trigger = _trigger(definition, workflow, body.get("triggerIdentifier"))
+    config = trigger["config"]
+    permissions.require_workflow_execute(principal, workflow, config.get("permissions"))
+    if config.get("published", True) is False:
+        raise Invalid(
+            f"The trigger {trigger['identifier']!r} of workflow {workflow!r} is not published",
+            code="workflow_not_published",
+        )
+    raw = body.get("inputs", body.get("properties", {}))
+    try:
+        checked = action_inputs.check(config.get("userInputs") or {}, raw, None)
+    except Invalid as exc:
+        # The same checks as an action's inputs, said of a workflow's.
+        details = [
+            {**d, "pointer": "/inputs" + str(d["pointer"]).removeprefix("/properties")}
+            for d in exc.details or []
+        ]
+        message = exc.message.replace("of this action", "of this trigger")
+        raise Invalid(message, details=details) from exc
+    await _check_entities(tx, checked.entity_refs)
+    now = datetime.now(UTC)
+    run_id = new_id("wfr_")
+    context = {
+        "by": {"orgId": str(tx.org_id), "userId": actor, "email": principal.email},
+        "allowAnyoneToViewRuns": definition.get("allowAnyoneToViewRuns", True),
+    }
+    inserted = await tx.fetchval(
+        "INSERT INTO workflow_runs (org_id, id, workflow, version_id, trigger_node, status, "
+        "context, idempotency_key, request_hash, created_at, updated_at, created_by) "
+        "VALUES ($1, $2, $3, $4, $5, 'IN_PROGRESS', $6, $7, $8, $9, $9, $10) "
+        "ON CONFLICT (org_id, created_by, idempotency_key) WHERE idempotency_key IS NOT NULL "
+        "DO NOTHING RETURNING id",
+        tx.org_id,
+        run_id,
+        workflow,
+        row["version_id"],
+        trigger["identifier"],
+        context,
+        idempotency_key,
+        request_hash,
+        now,
+        actor,
+    )
+    if inserted is None:
+        assert idempotency_key is not None
+        earlier = await _by_key(tx, actor, idempotency_key, request_hash)
+        if earlier is None:
+            raise Conflict("A run with this Idempotency-Key is being created; retry")
+        return earlier, False
+    trigger_run = new_id("wfnr_")
+    await tx.execute(
+        "INSERT INTO workflow_node_runs (org_id, id, run_id, seq, node, node_type, status, "
+        "result, output, state, created_at, updated_at, completed_at) "
+        "VALUES ($1, $2, $3, 0, $4, $5, 'COMPLETED', 'SUCCESS', $6, 'done', $7, $7, $7)",
+        tx.org_id,
+        trigger_run,
+        run_id,
+        trigger["identifier"],
+        config["type"],
+        checked.properties,
+        now,
+    )
+    await node_log(tx, trigger_run, f"Started by {actor}")
+    following = definitions.next_node(definition, trigger["identifier"])
+    node = definitions.node_of(definition, following) if following else None
+    if node is None:
+        await end_run(tx, run_id, "SUCCESS")
+    else:
+        await start_node(tx, run_id, 1, node)
+    return await get(tx, run_id), True
+
+
+async def _run_row(tx: Tx, run_id: str, *, lock: bool = False) -> asyncpg.Record:
+    row = await tx.fetchrow(
+        _RUN_SELECT + " WHERE r.org_id = $1 AND r.id = $2" + (" FOR UPDATE" if lock else ""),
+        tx.org_id,
+        run_id,
+    )
+    if row is None:
+        raise NotFound(f"Workflow run {run_id!r} was not found")
+    return row
+
+
+def readable(principal: Principal, row: asyncpg.Record) -> bool:
+    """Admins, the run's starter, and everyone when its workflow lets anyone view runs."""
+    return (
+        permissions.allows(principal, "workflowRuns.readAll")
+        or row["created_by"] == principal.subject
+        or bool(row["context"].get("allowAnyoneToViewRuns", True))
+    )
+
+
+async def get(tx: Tx, run_id: str, principal: Principal | None = None) -> dict[str, Any]:
+    """The run with every node run (status, output, timestamps, logs). With a principal,
+    a run it may not read is not found."""
+    row = await _run_row(tx, run_id)
+    if principal is not None and not readable(principal, row):
+        raise NotFound(f"Workflow run {run_id!r} was not found")
+    definition = await tx.fetchval(
+        "SELECT definition FROM workflow_versions WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        row["version_id"],
+    )
+    node_runs = await tx.fetch(
+        "SELECT * FROM workflow_node_runs WHERE org_id = $1 AND run_id = $2 ORDER BY seq",
+        tx.org_id,
+        run_id,
+    )
+    logs = await tx.fetch(
+        "SELECT l.node_run_id, l.level, l.message, l.created_at FROM workflow_node_run_logs l "
+        "JOIN workflow_node_runs n ON n.org_id = l.org_id AND n.id = l.node_run_id "
+        "WHERE l.org_id = $1 AND n.run_id = $2 ORDER BY l.id",
+        tx.org_id,
+        run_id,
+    )
+    by_node: dict[str, list[asyncpg.Record]] = {}
+    for log in logs:
+        by_node.setdefault(log["node_run_id"], []).append(log)
+    out = run_to_api(row)
+    out["nodeRuns"] = [
+        node_run_to_api(
+            n, definitions.node_of(definition or {}, n["node"]), by_node.get(n["id"], [])
+        )
+        for n in node_runs
+    ]
+    return out
+
+
+async def list_runs(
+    tx: Tx, principal: Principal, *, workflow: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Newest first: every run for Admins; others see their own and those of workflows that
+    let anyone view runs."""
+    everything = permissions.allows(principal, "workflowRuns.readAll")
+    rows = await tx.fetch(
+        _RUN_SELECT + " WHERE r.org_id = $1 AND ($2::text IS NULL OR r.workflow = $2)"
+        " AND ($3 OR r.created_by = $4 OR coalesce((r.context->>'allowAnyoneToViewRuns')::boolean,"
+        " true)) ORDER BY r.created_at DESC, r.id LIMIT $5",
+        tx.org_id,
+        workflow,
+        everything,
+        principal.subject,
+        limit,
+    )
+    return [run_to_api(r) for r in rows]
+
+
+async def cancel(tx: Tx, principal: Principal, run_id: str) -> dict[str, Any]:
+    """End the run as CANCELLED: its node runs still in progress end with it (a node being
+    executed finishes its call, and what it brings back is not recorded). Admins and the
+    run's starter may cancel."""
+    row = await _run_row(tx, run_id, lock=True)
+    if not readable(principal, row):
+        raise NotFound(f"Workflow run {run_id!r} was not found")
+    if not (principal.is_admin or row["created_by"] == principal.subject):
+        raise permissions.Denied("workflowRuns.cancel", f"workflow run {run_id!r}")
+    if row["status"] != "IN_PROGRESS":
+        raise Conflict(f"Workflow run {run_id!r} has already ended", code="run_ended")
+    ended = await tx.fetch(
+        "UPDATE workflow_node_runs SET status = 'COMPLETED', result = 'CANCELLED', "
+        "state = 'done', claim = NULL, lease_until = NULL, next_attempt_at = NULL, "
+        "completed_at = now(), updated_at = now() "
+        "WHERE org_id = $1 AND run_id = $2 AND status = 'IN_PROGRESS' RETURNING id",
+        tx.org_id,
+        run_id,
+    )
+    for node_run in ended:
+        await node_log(tx, node_run["id"], f"Cancelled by {principal.subject}", "WARNING")
+    await tx.execute(
+        "DELETE FROM workflow_outbox WHERE org_id = $1 AND node_run_id = ANY($2::text[])",
+        tx.org_id,
+        [r["id"] for r in ended],
+    )
+    await end_run(tx, run_id, "CANCELLED")
+    return await get(tx, run_id)
