@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # membership (a machine credential is checked on every look at the run).
     run_log_streams_per_org: int = Field(default=20, ge=1, le=10_000)
     run_log_stream_recheck_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Entity history (docs/history.md): events older than this many days are pruned daily,
+    # each entity's last one before the horizon kept. Unset: history is kept for ever.
+    history_retention_days: int | None = Field(default=None, ge=1, le=36500)
 
     # Incoming webhooks (app/webhooks): the largest event body one takes (Port's limit is
     # 512 KiB; a body over max_body_bytes is refused before it), and how many days events

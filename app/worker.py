@@ -24,6 +24,7 @@ from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
 from app.dispatch import runner
 from app.dispatch.relay import Relay
+from app.history import retention as history_retention
 from app.kit import client, sandbox
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
@@ -113,6 +114,14 @@ async def sweep_runs(ctx: dict[str, Any]) -> int:
     return await runner.sweep_expired(ctx["settings"], ctx["db"])
 
 
+async def prune_history(ctx: dict[str, Any]) -> int:
+    """Entity events past PORTOLAN_HISTORY_RETENTION_DAYS (unset: none) are pruned."""
+    settings: Settings = ctx["settings"]
+    if settings.history_retention_days is None:
+        return 0
+    return await history_retention.prune(ctx["db"], settings.history_retention_days)
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await Database.connect(ctx["settings"])
 
@@ -134,6 +143,7 @@ JOB_FUNCTIONS: list[Function | WorkerCoroutine] = [
 CRON_JOBS = [
     cron(process_pending_webhook_events, second=set(range(0, 60, 2)), run_at_startup=True),
     cron(prune_webhook_events, minute=41, second=30, run_at_startup=True, timeout=3600),
+    cron(prune_history, hour=3, minute=17, second=0, timeout=3600),
     cron(fire_timers, second=set(range(0, 60, 5)), run_at_startup=True),
     cron(sweep_runs, second=set(range(3, 60, 5)), run_at_startup=True),
     cron(sweep_workflow_nodes, second=set(range(4, 60, 5)), run_at_startup=True),

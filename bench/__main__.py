@@ -11,6 +11,7 @@ SCENARIOS = [
     "bench.catalog_bulk",
     "bench.search",
     "bench.datasource",
+    "bench.history",
     "bench.scorecards",
     "bench.dispatch",
     "bench.events",

@@ -13,6 +13,7 @@ import httpx
 from fastapi import FastAPI
 
 from app.db.database import Database
+from app.history import retention
 from app.history.timeframe import frame, zone
 from tests.conftest import Org, OrgFactory
 from tests.test_permissions import add_user, app_headers, ok, user_headers
@@ -592,3 +593,44 @@ async def test_an_unknown_entity_is_a_404_even_in_a_fresh_org(
     name = uuid.uuid4().hex
     r = await client.get(f"/v1/blueprints/service/entities-history/{name}", headers=org.headers)
     assert r.status_code == 404
+
+
+# ------------------------------------------------------------------------------------------
+# Retention
+
+
+async def test_pruning_keeps_each_entitys_state_at_the_horizon(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    now = datetime.now(UTC)
+    days = [now - timedelta(days=n) for n in (100, 90, 80)]
+    for value in (1, 2, 3, 4):
+        await _write(client, org, "kept", coverage=value)
+    await _place(db, org, "kept", [*days, now])
+    await _write(client, org, "gone", coverage=1)
+    await ok(client, "DELETE", "/v1/blueprints/service/entities/gone", org)
+    await _place(db, org, "gone", days[:2])
+    await _write(client, org, "old", coverage=7)
+    await _place(db, org, "old", days[:1])
+
+    assert await retention.prune(db, 30, batch=1, org_id=org.org_id) == 4
+
+    async with db.system() as tx:
+        left = await tx.fetch(
+            "SELECT identifier, after -> 'properties' -> 'coverage' AS coverage "
+            "FROM entity_events WHERE org_id = $1 ORDER BY id",
+            org.org_id,
+        )
+    assert [(r["identifier"], r["coverage"]) for r in left] == [
+        ("kept", 3),
+        ("kept", 4),
+        ("old", 7),
+    ]
+    url = "/v1/blueprints/service/entities/kept?at="
+    then = await ok(
+        client, "GET", url + (now - timedelta(days=40)).isoformat().replace("+00:00", "Z"), org
+    )
+    assert then["entity"]["properties"] == {"coverage": 3}
+    assert await retention.prune(db, 30, org_id=org.org_id) == 0

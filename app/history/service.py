@@ -137,6 +137,25 @@ def _relation_value(targets: Any, many: bool) -> Any:
     return targets
 
 
+def events_sql(values: int) -> str:
+    """The entity's events that decide a range's buckets: the last one recorded before the
+    range and every one inside it, with the `values` document paths asked for."""
+    columns = "".join(f", after #> ${i + 6}::text[] AS v{i}" for i in range(values))
+    return (
+        f"SELECT id, at, action{columns} FROM entity_events "  # noqa: S608 - numbered columns
+        "WHERE org_id = $1 AND blueprint = $2 AND identifier = $3 AND at < $4 "
+        "AND id >= coalesce((SELECT id FROM entity_events WHERE org_id = $1 "
+        "  AND blueprint = $2 AND identifier = $3 AND at < $5 ORDER BY id DESC LIMIT 1), 0) "
+        "ORDER BY id"
+    )
+
+
+def events_arguments(
+    tx: Tx, blueprint: str, identifier: str, frame: Frame, paths: list[tuple[str, ...]]
+) -> list[Any]:
+    return [tx.org_id, blueprint, identifier, frame.end, frame.start, *[list(p) for p in paths]]
+
+
 async def properties_history(
     tx: Tx, blueprint_id: str, identifier: str, names: list[str], frame: Frame
 ) -> dict[str, Any]:
@@ -152,19 +171,9 @@ async def properties_history(
             if name is not None:
                 path = (f.section, name) if f.section else (name,)
                 paths.setdefault(path, len(paths))
-    columns = "".join(f", after #> ${i + 6}::text[] AS v{i}" for i in range(len(paths)))
     rows = await tx.fetch(
-        f"SELECT id, at, action{columns} FROM entity_events "  # noqa: S608 - numbered columns
-        "WHERE org_id = $1 AND blueprint = $2 AND identifier = $3 AND at < $4 "
-        "AND id >= coalesce((SELECT id FROM entity_events WHERE org_id = $1 "
-        "  AND blueprint = $2 AND identifier = $3 AND at < $5 ORDER BY id DESC LIMIT 1), 0) "
-        "ORDER BY id",
-        tx.org_id,
-        blueprint_id,
-        identifier,
-        frame.end,
-        frame.start,
-        *[list(p) for p in paths],
+        events_sql(len(paths)),
+        *events_arguments(tx, blueprint_id, identifier, frame, list(paths)),
     )
     if not rows:
         await _require_history(tx, blueprint_id, identifier)
