@@ -58,6 +58,29 @@ def run_migrations(settings: Settings, revision: str = "head") -> None:
     cfg.set_main_option("script_location", str(_migrations_dir()))
     cfg.attributes["sqlalchemy_url"] = settings.sqlalchemy_url
     command.upgrade(cfg, revision)
+    if revision == "head":
+        asyncio.run(_distribute(settings))
+
+
+async def _distribute(settings: Settings) -> None:
+    """On Citus (PORTOLAN_CITUS), distribute what is not distributed yet (docs/scaling.md)."""
+    import asyncpg
+
+    from app.db.citus import citus_enabled, distribute
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        if not await citus_enabled(conn, settings.citus):
+            return
+        async with conn.transaction():
+            done = await distribute(conn, shard_count=settings.citus_shard_count)
+        if done.reference or done.distributed:
+            typer.echo(
+                f"citus: {len(done.distributed)} tables distributed by org_id, "
+                f"{len(done.reference)} reference tables"
+            )
+    finally:
+        await conn.close()
 
 
 @cli.command()

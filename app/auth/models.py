@@ -49,7 +49,6 @@ class BlueprintPermissions(Base):
             ["org_id", "blueprint"],
             ["blueprints.org_id", "blueprints.identifier"],
             ondelete="CASCADE",
-            onupdate="CASCADE",
         ),
     )
 
@@ -68,7 +67,6 @@ class ActionPermissions(Base):
             ["org_id", "action"],
             ["actions.org_id", "actions.identifier"],
             ondelete="CASCADE",
-            onupdate="CASCADE",
         ),
     )
 

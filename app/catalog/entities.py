@@ -208,7 +208,7 @@ _SELECT_WITH_LINKS = (
     "e.created_at, e.created_by, e.updated_at, e.updated_by, "
     "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
     "   SELECT relation, jsonb_agg(target_identifier ORDER BY target_identifier) AS targets"
-    "   FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
+    "   FROM entity_relations WHERE org_id = $1 AND source_blueprint = e.blueprint"
     "   AND source_identifier = e.identifier GROUP BY relation) r) AS links "
     "FROM entities e WHERE e.org_id = $1 AND e.blueprint = $2 "
 )

@@ -22,6 +22,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from app.config import Settings
+from app.db.citus import citus_enabled
 from app.db.pool import ConnectionPool
 from app.db.rls import APP_ROLE, ORG_SETTING
 from app.kit.errors import Unauthorized
@@ -105,9 +106,12 @@ def _begin_sql(
         parts.append("SET LOCAL plan_cache_mode = force_generic_plan")
     if credential is not None:
         # Checked in the same round trip: raises when the credential is gone or rotated.
-        client_id, issued_at = credential
-        parts.append(f"SELECT portolan_credential_valid({_literal(client_id)}, {int(issued_at)})")
+        parts.append(_credential_check(*credential))
     return "; ".join(parts)
+
+
+def _credential_check(client_id: str, issued_at: int) -> str:
+    return f"SELECT portolan_credential_valid({_literal(client_id)}, {int(issued_at)})"
 
 
 class Tx:
@@ -153,8 +157,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 class Database:
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, *, citus: bool = False) -> None:
         self.pool = pool
+        # On Citus (app/db/citus.py) the opening differs: see begin_tenant.
+        self.citus = citus
 
     @classmethod
     async def connect(cls, settings: Settings) -> Database:
@@ -180,8 +186,12 @@ class Database:
             },
         )
         # Open one connection now, so a wrong URL fails at start-up, not on first request.
-        pool.release(await pool.acquire())
-        return cls(pool)
+        conn = await pool.acquire()
+        try:
+            citus = await citus_enabled(conn, settings.citus)
+        finally:
+            pool.release(conn)
+        return cls(pool, citus=citus)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -210,16 +220,25 @@ class Database:
         few rows through their keys, where a plan is the same whatever the values."""
         conn = await self.pool.acquire()
         try:
-            await conn.execute(
-                _begin_sql(
-                    org_id,
-                    as_app_role=True,
-                    generic_plans=generic_plans,
-                    actor=actor,
-                    origin=origin,
-                    credential=credential,
+            if self.citus:
+                # Citus replays a transaction's SET LOCALs on each worker it reaches by
+                # sending the message that held them: the check must not be in it. Generic
+                # plans are left out too (Citus plans a statement for its values: a generic
+                # plan of a parameterized SQL function is one it cannot distribute).
+                await conn.execute(_begin_sql(org_id, as_app_role=True, actor=actor, origin=origin))
+                if credential is not None:
+                    await conn.execute(_credential_check(*credential))
+            else:
+                await conn.execute(
+                    _begin_sql(
+                        org_id,
+                        as_app_role=True,
+                        generic_plans=generic_plans,
+                        actor=actor,
+                        origin=origin,
+                        credential=credential,
+                    )
                 )
-            )
         except asyncpg.InvalidAuthorizationSpecificationError as exc:
             await self.finish(conn, commit=False)
             raise Unauthorized(
