@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from app.cli import run_migrations
 from app.config import Settings
+from app.db.citus import CitusMissing, citus_enabled
 from app.db.database import Database
 from app.kit.crypto import cipher_for
 from app.main import create_app
@@ -352,3 +353,14 @@ async def test_get_one_entity_is_a_router_plan_on_one_shard(
     reads = _tenant_reads(recorder.statements, "FROM entities")
     assert reads, [r.sql for r in recorder.statements]
     await _assert_router_plans(citus_settings, org.org_id, reads)
+
+
+async def test_a_single_postgresql_is_not_citus_unless_required(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await citus_enabled(conn, "auto") is False
+        assert await citus_enabled(conn, "off") is False
+        with pytest.raises(CitusMissing):
+            await citus_enabled(conn, "on")
+    finally:
+        await conn.close()
