@@ -10,6 +10,7 @@ SCENARIOS = [
     "bench.org_read",
     "bench.catalog_bulk",
     "bench.search",
+    "bench.reads",
     "bench.datasource",
     "bench.history",
     "bench.scorecards",

@@ -30,7 +30,7 @@ from app.db.routing import AfterCommit, api_router, key_lookups
 from app.history import service as history
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
-from app.kit.responses import json_response, to_json
+from app.kit.responses import json_response
 from app.search.service import prepare
 
 router = api_router(tags=["Entities"])
@@ -192,21 +192,20 @@ async def list_entities(
         calculated=not exclude_calculated_properties,
         titles=attach_title_to_relation,
         streamed=True,
+        documents=True,
     )
     db: Database = request.app.state.db
     pick = entities.FieldFilter(include or [], exclude or [])
 
     async def stream() -> AsyncIterator[bytes]:
         yield b'{"ok":true,"entities":['
-        first = True
-        async for entity in search.stream(db, tenant.org_id):
-            yield (b"" if first else b",") + to_json(pick.apply(entity))
-            first = False
+        async for chunk in search.stream_documents(db, tenant.org_id, pick):
+            yield chunk
         yield b"]}"
 
     async def complete() -> Response:
-        if search.first is not None:  # before the headers: a failure is the status
-            await search.calculate(search.first[0])
+        if search.first_documents is not None:  # before the headers: a failure is the status
+            await search.complete_documents(search.first_documents, pick)
         return StreamingResponse(stream(), media_type="application/json")
 
     return AfterCommit(complete)

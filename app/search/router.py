@@ -200,6 +200,7 @@ async def search_all(
         query,
         calculated=not exclude_calculated_properties,
         titles=attach_title_to_relation,
+        documents=True,
     )
     scope = search.scope
     pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
@@ -208,15 +209,13 @@ async def search_all(
 
     async def stream() -> AsyncIterator[bytes]:
         yield head
-        first = True
-        async for entity in search.stream(db, scope.org_id):
-            yield (b"" if first else b",") + to_json(pick.apply(entity))
-            first = False
+        async for chunk in search.stream_documents(db, scope.org_id, pick):
+            yield chunk
         yield b"]}"
 
     async def complete() -> Response:
-        if search.first is not None:  # before the headers: a failure is the status
-            await search.calculate(search.first[0])
+        if search.first_documents is not None:  # before the headers: a failure is the status
+            await search.complete_documents(search.first_documents, pick)
         return StreamingResponse(stream(), media_type="application/json")
 
     return AfterCommit(complete)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import uuid
 from collections import OrderedDict
@@ -12,20 +14,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import pydantic_core
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog import blueprints as bp_service
-from app.catalog.entities import row_state, to_api
+from app.catalog.entities import FieldFilter, row_state, to_api
 from app.db.database import Database, Tx, compile_query
 from app.kit.errors import Invalid, NotFound
 from app.search.calc import calculate
 from app.search.compiler import ENTITIES, Compiler, E, nested_query
 from app.search.derived import derived_column
+from app.search.documents import document
 from app.search.sql import Scope
 
 _PAGE = 1000
+# Entities per page of a streamed answer of documents (their JSON built by the database):
+# a page is bytes only, so a larger one costs little memory and saves round trips.
+_DOC_PAGE = 2000
 
 _LINKS: sa.Label[Any] = sa.literal_column(
     "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
@@ -142,12 +149,14 @@ async def prepare(
     titles: bool = False,
     windowed: bool = False,
     streamed: bool | None = None,
+    documents: bool = False,
 ) -> Search:
     """A compiled search over the org's blueprints as remembered; a query that does not
     compile against them is tried once more against the committed definitions.
 
     `streamed`: the caller will `stream` the search (default: searches across blueprints,
-    which are always streamed); its first page is read here, in `tx`."""
+    which are always streamed); its first page is read here, in `tx`. `documents`: the
+    caller will `stream_documents` instead (each entity's JSON built by the database)."""
     scope = await scope_for(tx, blueprint, query)
     try:
         search = Search(scope, query, calculated=calculated, titles=titles, windowed=windowed)
@@ -169,7 +178,10 @@ async def prepare(
         # whose body breaks off. `stream` starts with it; its calculations are the
         # caller's, after the commit (`calculate`: a calculation that cannot run is the
         # answer's status too).
-        search.first = await search.page(tx, None, _PAGE)
+        if documents:
+            search.first_documents = await search.document_page(tx, None, _DOC_PAGE)
+        else:
+            search.first = await search.page(tx, None, _PAGE)
     return search
 
 
@@ -286,6 +298,7 @@ class Search:
         self.windowed = windowed
         # The first page and where it ends, when read before streaming (see prepare).
         self.first: tuple[list[dict[str, Any]], tuple[str, str] | None] | None = None
+        self.first_documents: Documents | None = None
         self._build(scope)
 
     def _build(self, scope: Scope) -> None:
@@ -461,6 +474,109 @@ class Search:
                 org=self.scope.org_id,
             )
 
+    def document_statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
+        """`statement` with each entity as the JSON text the API answers with (`doc`,
+        scorecards left out: `document_page` names them), in the same order; runs with
+        `values()`."""
+        row = self.statement(after, limit).subquery("p")
+        doc = document(self.scope, row, derived=self.parts.derived is not None)
+        return sa.select(
+            doc.label("doc"), row.c.blueprint, row.c.identifier, row.c.scorecards
+        ).order_by(row.c.blueprint, row.c.identifier)
+
+    async def _document_rows(
+        self, tx: Tx, after: tuple[str, str] | None, limit: int
+    ) -> list[asyncpg.Record]:
+        inner = self.document_statement(after, limit).subquery("j")
+        # bytea: asyncpg hands the bytes over as they arrive (no text decoding).
+        stmt = sa.select(
+            sa.func.convert_to(inner.c.doc, sa.literal_column("'UTF8'")).label("doc"),
+            inner.c.blueprint,
+            inner.c.identifier,
+            inner.c.scorecards,
+        ).order_by(inner.c.blueprint, inner.c.identifier)
+        return await run_bounded(tx, stmt, self.parts.values)
+
+    async def document_page(self, tx: Tx, after: tuple[str, str] | None, limit: int) -> Documents:
+        """Up to `limit` entities as JSON (as `page` reads them, calculation properties
+        not yet added: `complete_documents`)."""
+        rows = await self._document_rows(tx, after, limit + 1)
+        if not rows and self.scope.fingerprint is not None:
+            remembered = await _load_definitions(tx)
+            if remembered[0] != self.scope.fingerprint:  # changed since: run it afresh
+                self._build(_scope(self.scope.org_id, remembered, self.scope.fixed, self.query))
+                rows = await self._document_rows(tx, after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        docs: list[bytes] = []
+        for row in rows:
+            doc: bytes = row["doc"]
+            if row["scorecards"]:
+                named = scorecards_of(self.scope.blueprints[row["blueprint"]], row["scorecards"])
+                doc = doc[:-1] + b',"scorecards":' + pydantic_core.to_json(named) + b"}"
+            docs.append(doc)
+        last = (rows[-1]["blueprint"], rows[-1]["identifier"]) if more and rows else None
+        return Documents([row["blueprint"] for row in rows], docs, last)
+
+    async def complete_documents(self, page: Documents, pick: FieldFilter | None) -> None:
+        """Adds the calculation properties to a page of documents (in place) and applies
+        `pick` (include / exclude). Only the entities concerned become Python objects; jq
+        runs in the sandbox meanwhile: call this with no transaction open."""
+        calculated = {
+            bp
+            for bp in set(page.blueprints)
+            if self.calculated and self.scope.blueprints[bp].get("calculationProperties")
+        }
+        picking = pick is not None and bool(pick.include or pick.exclude)
+        if not calculated and not picking:
+            return
+        changed = [n for n, bp in enumerate(page.blueprints) if picking or bp in calculated]
+        found = {n: pydantic_core.from_json(page.docs[n]) for n in changed}
+        for bp in sorted(calculated):
+            await calculate(
+                self.scope.blueprints[bp],
+                [found[n] for n in changed if page.blueprints[n] == bp],
+                org=self.scope.org_id,
+            )
+        for n in changed:
+            entity = pick.apply(found[n]) if pick is not None and picking else found[n]
+            page.docs[n] = pydantic_core.to_json(entity)
+
+    async def stream_documents(
+        self, db: Database, org_id: uuid.UUID, pick: FieldFilter | None = None
+    ) -> AsyncIterator[bytes]:
+        """Every match as JSON documents joined by commas, a page per short transaction
+        (memory stays bounded by a page), starting with the page `prepare` read (completed
+        by the caller before the answer's headers). The next page is read while this one
+        is sent: the database builds documents while the server writes them out."""
+        page = self.first_documents
+        self.first_documents = None
+
+        async def read(after: tuple[str, str]) -> Documents:
+            async with db.tenant(org_id) as tx:
+                return await self.document_page(tx, after, _DOC_PAGE)
+
+        if page is None:
+            async with db.tenant(org_id) as tx:
+                page = await self.document_page(tx, None, _DOC_PAGE)
+            await self.complete_documents(page, pick)
+        first = True
+        while True:
+            following = asyncio.ensure_future(read(page.last)) if page.last else None
+            try:
+                if page.docs:
+                    yield (b"" if first else b",") + b",".join(page.docs)
+                    first = False
+                if following is None:
+                    return
+                page = await following
+            finally:
+                if following is not None and not following.done():
+                    following.cancel()
+                    with contextlib.suppress(BaseException):
+                        await following
+            await self.complete_documents(page, pick)
+
     def _entity(self, row: asyncpg.Record) -> dict[str, Any]:
         state = row_state(row)
         derived = row["derived"] if self.derived is not None else None
@@ -496,6 +612,16 @@ class Search:
                 yield entity
             if after is None:
                 return
+
+
+@dataclass
+class Documents:
+    """A page of entities as JSON (UTF-8), each with its blueprint, and the position to
+    continue from (None after the last page)."""
+
+    blueprints: list[str]
+    docs: list[bytes]
+    last: tuple[str, str] | None
 
 
 def scorecards_of(blueprint: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
