@@ -19,8 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
+from app.catalog.models import EntityRelation
 from app.search.sql import Scope
 
+_RELATIONS = EntityRelation.__table__
 _ARGS_PER_CONCAT = 90  # a function takes at most 100 arguments
 
 
@@ -62,17 +64,44 @@ def _key(name: str) -> str:
     return pydantic_core.to_json(name).decode() + ":"
 
 
-def _relations(definition: dict[str, Any], links: ColumnElement[Any]) -> ColumnElement[str]:
+def _targets(scope: Scope, row: Any, name: str, *, many: bool) -> ColumnElement[str]:
+    """A relation's targets read from `entity_relations` in identifier order: a JSON list
+    (`many`), or the first one (`null` when none). One index lookup per relation: cheaper
+    than aggregating every link of the entity into an object and picking from it."""
+    link = _RELATIONS.alias(f"doc_link_{'many' if many else 'one'}")
+    linked = (
+        link.c.org_id == sa.bindparam(None, scope.org_id, type_=link.c.org_id.type),
+        link.c.source_blueprint == row.c.blueprint,
+        link.c.source_identifier == row.c.identifier,
+        link.c.relation == sa.bindparam(None, name, type_=sa.String),
+    )
+    if many:
+        every = sa.select(link.c.target_identifier).where(*linked)
+        listed = sa.func.array(every.order_by(link.c.target_identifier).scalar_subquery())
+        return sa.cast(sa.func.array_to_json(listed), sa.Text)
+    first = sa.select(sa.cast(sa.func.to_json(link.c.target_identifier), sa.Text)).where(*linked)
+    first = first.order_by(link.c.target_identifier).limit(1)
+    return sa.func.coalesce(first.scalar_subquery(), _lit("null"))
+
+
+def _relations(
+    scope: Scope, definition: dict[str, Any], row: Any, links: ColumnElement[Any] | None
+) -> ColumnElement[str]:
     """The relations object of `to_api`: every relation of the definition in its order, a
-    list for `many`, the first target or null otherwise."""
+    list for `many`, the first target or null otherwise; from the row's `links` when given
+    (targets with their titles), else read per relation."""
     relations = definition.get("relations") or {}
     if not relations:
         return _lit("{}")
     parts: list[ColumnElement[Any]] = []
     for n, (name, relation) in enumerate(relations.items()):
         parts.append(sa.bindparam(None, ("{" if n == 0 else ",") + _key(name), type_=sa.Text))
+        many = bool(relation.get("many"))
+        if links is None:
+            parts.append(_targets(scope, row, name, many=many))
+            continue
         targets = links.op("->")(sa.bindparam(None, name, type_=sa.Text))
-        if relation.get("many"):
+        if many:
             parts.append(sa.func.coalesce(sa.cast(targets, sa.Text), _lit("[]")))
         else:
             first = targets.op("->")(sa.literal_column("0"))
@@ -81,17 +110,22 @@ def _relations(definition: dict[str, Any], links: ColumnElement[Any]) -> ColumnE
     return _concat(parts)
 
 
-def document(scope: Scope, row: Any, *, derived: bool) -> ColumnElement[str]:
+def document(scope: Scope, row: Any, *, derived: bool, titles: bool) -> ColumnElement[str]:
     """The JSON text of each entity of `row` (a search statement as a subquery: the entity
-    columns, `links`, and `derived` when `derived`), without its scorecards."""
-    links = sa.type_coerce(row.c.links, JSONB)
+    columns, `links`, and `derived` when `derived`), without its scorecards. `titles`:
+    relations as `links` has them (targets with their titles); otherwise `links` is not
+    read (PostgreSQL then skips computing it)."""
+    links = sa.type_coerce(row.c.links, JSONB) if titles else None
     if len(scope.searched) == 1:
-        relations = _relations(scope.blueprints[scope.searched[0]], links)
+        relations = _relations(scope, scope.blueprints[scope.searched[0]], row, links)
     else:
         relations = sa.case(
             *(
-                (row.c.blueprint == sa.bindparam(None, bp, type_=sa.String), _relations(d, links))
-                for bp, d in ((bp, scope.blueprints[bp]) for bp in scope.searched)
+                (
+                    row.c.blueprint == sa.bindparam(None, bp, type_=sa.String),
+                    _relations(scope, scope.blueprints[bp], row, links),
+                )
+                for bp in scope.searched
             ),
             else_=_lit("{}"),
         )

@@ -479,10 +479,17 @@ class Search:
         scorecards left out: `document_page` names them), in the same order; runs with
         `values()`."""
         row = self.statement(after, limit).subquery("p")
-        doc = document(self.scope, row, derived=self.parts.derived is not None)
+        doc = document(self.scope, row, derived=self.parts.derived is not None, titles=self.titles)
+        # The statement's own order (one blueprint: identifiers only), which PostgreSQL
+        # keeps without sorting the documents again.
+        order = (
+            [row.c.identifier]
+            if len(self.scope.searched) == 1
+            else [row.c.blueprint, row.c.identifier]
+        )
         return sa.select(
             doc.label("doc"), row.c.blueprint, row.c.identifier, row.c.scorecards
-        ).order_by(row.c.blueprint, row.c.identifier)
+        ).order_by(*order)
 
     async def _document_rows(
         self, tx: Tx, after: tuple[str, str] | None, limit: int
@@ -494,7 +501,7 @@ class Search:
             inner.c.blueprint,
             inner.c.identifier,
             inner.c.scorecards,
-        ).order_by(inner.c.blueprint, inner.c.identifier)
+        )
         return await run_bounded(tx, stmt, self.parts.values)
 
     async def document_page(self, tx: Tx, after: tuple[str, str] | None, limit: int) -> Documents:
