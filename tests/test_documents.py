@@ -253,3 +253,31 @@ async def test_another_org_streams_none_of_these_entities(
     found = await client.post("/v1/entities/search", json={"rules": []}, headers=other.headers)
     assert listed.json()["entities"] == [] and found.json()["entities"] == []
     assert uuid.UUID(str(catalog.org_id)) != other.org_id
+
+
+async def test_one_entity_follows_a_changed_definition(
+    client: httpx.AsyncClient, catalog: Org
+) -> None:
+    before = await client.get("/v1/blueprints/service/entities/svc-1", headers=catalog.headers)
+    assert "ownerTitle" not in before.json()["entity"]["properties"]
+    mirrors = {**BLUEPRINTS[1]["mirrorProperties"], "ownerTitle": {"path": "owner.$title"}}
+    r = await client.patch(
+        "/v1/blueprints/service", json={"mirrorProperties": mirrors}, headers=catalog.headers
+    )
+    assert r.status_code == 200, r.text
+    after = await client.get("/v1/blueprints/service/entities/svc-1", headers=catalog.headers)
+    assert after.json()["entity"]["properties"]["ownerTitle"] is None  # edge has no title
+
+
+async def test_one_entity_is_found_only_by_its_org_and_blueprint(
+    client: httpx.AsyncClient, catalog: Org, make_org: OrgFactory
+) -> None:
+    other = await make_org()
+    for body in BLUEPRINTS:
+        await client.post("/v1/blueprints", json=body, headers=other.headers)
+    mine = await client.get("/v1/blueprints/service/entities/svc-1", headers=catalog.headers)
+    theirs = await client.get("/v1/blueprints/service/entities/svc-1", headers=other.headers)
+    elsewhere = await client.get("/v1/blueprints/team/entities/svc-1", headers=catalog.headers)
+    assert mine.status_code == 200 and mine.json()["entity"]["identifier"] == "svc-1"
+    assert theirs.status_code == 404 and theirs.json()["error"] == "not_found"
+    assert elsewhere.status_code == 404

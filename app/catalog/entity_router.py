@@ -31,7 +31,7 @@ from app.history import service as history
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
 from app.kit.responses import json_response
-from app.search.service import prepare
+from app.search.service import prepare, read_one
 
 router = api_router(tags=["Entities"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
@@ -234,21 +234,21 @@ async def get_entity(
             tenant.tx, blueprint, identifier, at if at.tzinfo else at.replace(tzinfo=UTC)
         )
         return json_response({"ok": True, "entity": past})
-    rules = [{"property": "$identifier", "operator": "=", "value": identifier}]
-    search = await prepare(
+    search, found = await read_one(
         tenant.tx,
         blueprint,
-        {"rules": rules},
+        identifier,
         calculated=not exclude_calculated_properties,
         titles=attach_title_to_relation,
     )
-    found, _ = await search.page(tenant.tx, None, 1)
-    if not found:
+    if not found.docs:
         raise NotFound(f"Entity {identifier!r} of blueprint {blueprint!r} was not found")
 
     async def complete() -> Response:
-        await search.calculate(found)  # the transaction has committed: no connection waits
-        return json_response({"ok": True, "entity": found[0]})
+        # The transaction has committed: no connection waits on the calculations.
+        await search.complete_documents(found, None)
+        body = b'{"ok":true,"entity":' + found.docs[0] + b"}"
+        return Response(body, media_type="application/json")
 
     return AfterCommit(complete)
 

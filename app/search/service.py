@@ -9,7 +9,7 @@ import contextlib
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,9 +315,11 @@ class Search:
         ):
             # Compiled against the window only; the whole-table form when a page needs it.
             self._windowed = self._compile(_WINDOW_ROWS)
-            self.derived = self._windowed.derived
-        else:
-            self.derived = self.parts.derived
+
+    @property
+    def derived(self) -> ColumnElement[Any] | None:
+        """The derived properties' column of the statements (None: nothing derived)."""
+        return (self._windowed or self.parts).derived
 
     @property
     def parts(self) -> _Parts:
@@ -515,15 +517,17 @@ class Search:
                 rows = await self._document_rows(tx, after, limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
-        docs: list[bytes] = []
-        for row in rows:
-            doc: bytes = row["doc"]
-            if row["scorecards"]:
-                named = scorecards_of(self.scope.blueprints[row["blueprint"]], row["scorecards"])
-                doc = doc[:-1] + b',"scorecards":' + pydantic_core.to_json(named) + b"}"
-            docs.append(doc)
+        docs = [self.named_scorecards(row) for row in rows]
         last = (rows[-1]["blueprint"], rows[-1]["identifier"]) if more and rows else None
         return Documents([row["blueprint"] for row in rows], docs, last)
+
+    def named_scorecards(self, row: asyncpg.Record) -> bytes:
+        """A row's document with its scorecard results, named by their definitions."""
+        doc: bytes = row["doc"]
+        if row["scorecards"]:
+            named = scorecards_of(self.scope.blueprints[row["blueprint"]], row["scorecards"])
+            doc = doc[:-1] + b',"scorecards":' + pydantic_core.to_json(named) + b"}"
+        return doc
 
     async def complete_documents(self, page: Documents, pick: FieldFilter | None) -> None:
         """Adds the calculation properties to a page of documents (in place) and applies
@@ -631,6 +635,60 @@ class Documents:
     last: tuple[str, str] | None
 
 
+# One entity by its key: the document statement compiled once per (org, blueprint,
+# definitions' fingerprint, titles), so a read builds no statement (building and keying a
+# search statement was most of the route's own CPU).
+_ONE_SIZE = 2048
+_ones: OrderedDict[tuple[Any, ...], tuple[str, list[Any], int]] = OrderedDict()
+_IDENTIFIER = object()
+
+
+def _one_statement(search: Search) -> tuple[str, list[Any], int]:
+    scope = search.scope
+    key = (scope.org_id, scope.fixed, scope.fingerprint, search.titles)
+    found = _ones.get(key)
+    if found is not None:
+        _ones.move_to_end(key)
+        return found
+    only = sa.bindparam("one_identifier", type_=sa.String)
+    row = search.statement(None, 1).where(search.parts.entity.c.identifier == only).subquery("p")
+    doc = document(scope, row, derived=search.parts.derived is not None, titles=search.titles)
+    stmt = sa.select(
+        sa.func.convert_to(doc, sa.literal_column("'UTF8'")).label("doc"),
+        row.c.blueprint,
+        row.c.identifier,
+        row.c.scorecards,
+    )
+    sql, args = compile_query(stmt, (), {**search.parts.values, "one_identifier": _IDENTIFIER})
+    found = _ones[key] = (sql, list(args), list(args).index(_IDENTIFIER))
+    if len(_ones) > _ONE_SIZE:
+        _ones.popitem(last=False)
+    return found
+
+
+async def read_one(
+    tx: Tx, blueprint: str, identifier: str, *, calculated: bool = True, titles: bool = False
+) -> tuple[Search, Documents]:
+    """One entity as the JSON the API answers with (a page of at most one document;
+    calculation properties still to add: `Search.complete_documents`)."""
+    search = Search(
+        await scope_for(tx, blueprint, None), None, calculated=calculated, titles=titles
+    )
+    for attempt in (0, 1):
+        sql, args, at = _one_statement(search)
+        args = [*args[:at], identifier, *args[at + 1 :]]
+        rows = await run_bounded(tx, sql, positional=args)
+        if rows or attempt or search.scope.fingerprint is None:
+            break
+        remembered = await _load_definitions(tx)
+        if remembered[0] == search.scope.fingerprint:
+            break
+        search._build(_scope(search.scope.org_id, remembered, blueprint, None))
+    return search, Documents(
+        [row["blueprint"] for row in rows], [search.named_scorecards(row) for row in rows], None
+    )
+
+
 def scorecards_of(blueprint: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
     """Stored results ({scorecard: [level rank, rule outcomes]}) in Port's shape, named by
     the scorecards' definitions: {scorecard: {level, rules: [{identifier, status, level}]}}."""
@@ -650,11 +708,14 @@ def scorecards_of(blueprint: dict[str, Any], stored: dict[str, Any]) -> dict[str
 
 
 async def run_bounded(
-    tx: Tx, stmt: sa.ClauseElement, values: dict[str, Any] | None = None
+    tx: Tx,
+    stmt: sa.ClauseElement | str,
+    values: dict[str, Any] | None = None,
+    positional: Sequence[Any] = (),
 ) -> list[asyncpg.Record]:
-    """Runs a search statement (with `values` for its named parameters); the connection's
-    statement_timeout (a setting) bounds it."""
-    sql, args = compile_query(stmt, (), values)
+    """Runs a search statement (with `values` for its named parameters, or SQL text with
+    its `positional` ones); the connection's statement_timeout (a setting) bounds it."""
+    sql, args = compile_query(stmt, positional, values)
     try:
         return await tx.fetch(sql, *args)
     except asyncpg.QueryCanceledError as exc:
