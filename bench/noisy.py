@@ -36,8 +36,8 @@ from app.db.database import Database
 from bench import dispatch as bench_dispatch
 from bench.env import new_org, scratch_settings, served
 
-ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "3"))
-OPS_PER_ROUND = int(os.environ.get("PORTOLAN_BENCH_NOISY_OPS", "20"))
+ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "4"))
+OPS_PER_ROUND = int(os.environ.get("PORTOLAN_BENCH_NOISY_OPS", "50"))
 TARGET_RATIO = 2.0
 LOOP = "def f: f; f"
 
