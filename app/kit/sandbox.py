@@ -66,6 +66,7 @@ DEMOTE_AFTER = 0.1  # CPU seconds of a call before its child drops to NICE_DEMOT
 REPLY_LIMIT_BYTES = 16 * 1024 * 1024  # the outputs of one call, in all
 
 Result = tuple[bool, Any]  # (True, [outputs]) or (False, "jq's message")
+_WARM_UP = b'{"p":["."],"n":1,"o":64,"t":1024,"c":10}\nnull'
 
 
 class SandboxError(Exception):
@@ -333,6 +334,13 @@ class _Pool:
             successor = _Child(self._workdir)
         except OSError:
             return  # started on demand instead
+        try:
+            # Warmed up here (its interpreter started, jq imported, one tiny call), so the
+            # next caller does not wait for a start either.
+            json.loads(successor.call(_WARM_UP, self.limits.time_limit))
+        except (OSError, SandboxError, ValueError):
+            successor.kill()
+            return
         with self._lock:
             if not self._closed:
                 self._idle.append(successor)
