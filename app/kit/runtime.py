@@ -11,7 +11,7 @@ import time
 # and scopes) are moved out of its view every SETTLE_SECONDS, so a full collection scans only
 # what arrived since; every FULL_SECONDS everything is scanned once (what died among the
 # settled objects is collected then).
-SETTLE_SECONDS = 60.0
+SETTLE_SECONDS = 10.0
 FULL_SECONDS = 900.0
 
 _started = False

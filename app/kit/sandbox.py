@@ -219,6 +219,9 @@ class _Pool:
         self.limits = limits
         self._lock = threading.Lock()
         self._idle: list[_Child] = []
+        self._children = 0  # started and not ended: idle or in a call
+        self._warmer: threading.Thread | None = None
+        self._wake = threading.Event()
         self._busy: dict[str, int] = collections.defaultdict(int)  # org -> children held
         self._held = 0
         self._waiting: collections.OrderedDict[str, collections.deque[_Ticket]] = (
@@ -297,15 +300,35 @@ class _Pool:
                 self._busy[waiting_org] -= 1
 
     # -- children -------------------------------------------------------------------------
+    # The pool keeps `processes` children started and warmed up (interpreter up, jq
+    # imported, one tiny call made), topped up by a background thread: a call, whichever
+    # org's, finds one ready instead of paying for a start, and a child ended at its time
+    # limit is replaced the same way.
 
     def _take(self) -> _Child:
+        found: _Child | None = None
+        dead: list[_Child] = []
         with self._lock:
-            while self._idle:
+            while self._idle and found is None:
                 child = self._idle.pop()
                 if child.alive():
-                    return child
-                child.kill()
-        return _Child(self._workdir)
+                    found = child
+                else:
+                    self._children -= 1
+                    dead.append(child)
+            if found is None:
+                self._children += 1  # started here, on demand
+        for child in dead:
+            child.kill()
+        self._top_up()
+        if found is not None:
+            return found
+        try:
+            return _Child(self._workdir)
+        except BaseException:
+            with self._lock:
+                self._children -= 1
+            raise
 
     def run(self, payload: bytes) -> Any:
         """Blocking, in one of the pool's threads: one call on one child, its reply parsed
@@ -322,30 +345,66 @@ class _Pool:
                     self._idle.append(child)
             else:
                 child.kill()
-                self._replace()
+                # Its successor is started here, still on the ended call's turn (this
+                # thread lives as long as the pool): the next call, maybe another org's,
+                # finds a child ready and the ended call's org pays for the start.
+                successor = None if self._closed else self._started()
+                with self._lock:
+                    if successor is not None and not self._closed:
+                        self._idle.append(successor)
+                        successor = None
+                    else:
+                        self._children -= 1
+                if successor is not None:
+                    successor.kill()
 
-    def _replace(self) -> None:
-        """Start the successor of a child that was ended (its time limit, a crash), still
-        on the ended call's turn: the next call, maybe another org's, finds a child ready
-        instead of paying for a start."""
-        if self._closed:
-            return
-        try:
-            successor = _Child(self._workdir)
-        except OSError:
-            return  # started on demand instead
-        try:
-            # Warmed up here (its interpreter started, jq imported, one tiny call), so the
-            # next caller does not wait for a start either.
-            json.loads(successor.call(_WARM_UP, self.limits.time_limit))
-        except (OSError, SandboxError, ValueError):
-            successor.kill()
-            return
+    def _top_up(self) -> None:
+        """Bring the children up to `processes`, warmed up, in the pool's warming thread.
+
+        The thread lives as long as the pool: a child is ended with the thread that started
+        it (PDEATHSIG is per thread), so no short-lived thread starts one."""
         with self._lock:
-            if not self._closed:
-                self._idle.append(successor)
+            if self._closed or self._children >= self.limits.processes:
                 return
-        successor.kill()
+            if self._warmer is None:
+                self._warmer = threading.Thread(
+                    target=self._warm, name="portolan-jq-warm", daemon=True
+                )
+                self._warmer.start()
+        self._wake.set()
+
+    def _warm(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if self._children >= self.limits.processes:
+                        break
+                    self._children += 1
+                child = self._started()
+                with self._lock:
+                    if child is not None and not self._closed:
+                        self._idle.insert(0, child)  # taken after the children in use
+                        continue
+                    self._children -= 1
+                if child is not None:
+                    child.kill()
+                break
+
+    def _started(self) -> _Child | None:
+        try:
+            child = _Child(self._workdir)
+        except OSError:
+            return None  # started on demand instead
+        try:
+            json.loads(child.call(_WARM_UP, self.limits.time_limit))
+        except (OSError, SandboxError, ValueError):
+            child.kill()
+            return None
+        return child
 
     async def call(self, org: str, payload: bytes) -> Any:
         await self.turn(org)
@@ -369,6 +428,7 @@ class _Pool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+        self._wake.set()  # the warming thread sees the pool closed and ends
         for child in idle:
             child.kill()
         self._executor.shutdown(wait=False)
