@@ -339,9 +339,8 @@ async def test_an_entity_upsert_reads_the_entity_with_a_router_plan_on_one_shard
     await _assert_router_plans(citus_settings, org.org_id, reads)
 
 
-# GET one reads through the search page's columns, whose correlated subqueries compare
-# `org_id = e.org_id` (app/search/service.py): Citus sends that read to every shard.
-@pytest.mark.xfail(strict=True, reason="GET one fans out to every shard on Citus (not yet fixed)")
+# GET one reads one document written by PostgreSQL (app/search/documents.py), every table
+# by the bound org: Citus routes it to the org's shard.
 async def test_get_one_entity_is_a_router_plan_on_one_shard(
     citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient, recorder: Recorder
 ) -> None:

@@ -147,6 +147,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/workflows/{identifier}"): "admin",
     ("POST", "/v1/workflows/{identifier}/runs"): "member",
     ("GET", "/v1/workflows/runs"): "member",
+    ("POST", "/v1/workflows/runs/claim-pending"): "admin",
     ("GET", "/v1/workflows/runs/{workflow_run_id}"): "member",
     ("POST", "/v1/workflows/runs/{workflow_run_id}/cancel"): "run",
 }
@@ -348,6 +349,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/actions/runs/{run_id}/logs"): {"message": "hello"},
         ("POST", "/v1/actions/runs/claim-pending"): {"installationId": "ocean", "limit": 1},
         ("PATCH", "/v1/actions/runs/ack"): {"runId": ids["run_id"]},
+        ("POST", "/v1/workflows/runs/claim-pending"): {"installationId": "ocean", "limit": 1},
         ("POST", "/v1/workflows"): {**WORKFLOW, "identifier": "flow2"},
         ("PUT", "/v1/workflows/{identifier}"): WORKFLOW,
         ("POST", "/v1/workflows/{identifier}/runs"): {"inputs": {}},
@@ -411,7 +413,7 @@ _ASKS = (
     "principal=tenant.principal",
     "runs.decide(tenant.tx, tenant.principal",
     "_admin(tenant)",
-    "_may_claim(tenant.principal",
+    "claims.may_claim(tenant.principal",
 )
 
 

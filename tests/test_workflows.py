@@ -859,3 +859,27 @@ async def test_an_entity_is_written_only_where_the_starter_may(
     assert "could not be written" in nodes_of(run)["u"]["output"]["error"]["message"]
     r = await client.get("/v1/blueprints/service/entities/api", headers=org.headers)
     assert r.status_code == 404
+
+
+async def test_an_integrations_node_run_claim_is_checked_and_finds_none(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """Ocean's actions processor also asks for workflow node runs: no node runs through an
+    integration yet, so the answer is empty, after the checks of an action runs' claim."""
+    org, other = await make_org(), await make_org()
+    r = await client.post("/v1/integration", json={"installationId": "ocean"}, headers=org.headers)
+    assert r.status_code == 201, r.text
+    body = {"installationId": "ocean", "limit": 10, "visibilityTimeoutMs": 5000}
+    r = await client.post("/v1/workflows/runs/claim-pending", json=body, headers=org.headers)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"ok": True, "nodeRuns": []}
+    member = await app_headers(client, db, org.org_id, ["Member"])
+    r = await client.post("/v1/workflows/runs/claim-pending", json=body, headers=member)
+    assert r.status_code == 403 and r.json()["error"] == "missing_permission"
+    # Another org has no such integration.
+    r = await client.post("/v1/workflows/runs/claim-pending", json=body, headers=other.headers)
+    assert r.status_code == 404 and r.json()["error"] == "integration_not_found"
+    r = await client.post(
+        "/v1/workflows/runs/claim-pending", json={**body, "limit": 0}, headers=org.headers
+    )
+    assert r.status_code == 422 and r.json()["ok"] is False

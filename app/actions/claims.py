@@ -33,6 +33,8 @@ from typing import Any
 import asyncpg
 
 from app.actions.runs import _SELECT, log, to_api
+from app.auth import permissions
+from app.auth.principal import Principal
 from app.db.database import Database, Tx
 from app.dispatch import pull
 from app.dispatch.runner import run_entities
@@ -60,6 +62,24 @@ WITH picked AS (
 )
 SELECT id FROM claimed
 """
+
+
+def may_claim(principal: Principal, creator: str | None) -> bool:
+    """An installation's runs are claimed by machine credentials: an Admin's (who manage
+    integrations) or the one that created the integration."""
+    if principal.kind != "app":
+        return False
+    return permissions.allows(principal, "integrations.manage") or (
+        creator is not None and creator == principal.subject
+    )
+
+
+def claim_denied(installation: str) -> permissions.Denied:
+    return permissions.Denied(
+        "integrations.manage",
+        f"installation {installation!r}",
+        " (held by Admins' machine credentials and the integration's own credential)",
+    )
 
 
 @dataclass

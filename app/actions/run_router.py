@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 
 from app.actions import claims, runs, streams
 from app.auth import permissions
-from app.auth.principal import CurrentTenant, DeferredTenant, Principal, Tenant, principal_of
+from app.auth.principal import CurrentTenant, DeferredTenant, Tenant, principal_of
 from app.config import Settings
 from app.db.database import Database
 from app.db.routing import AfterCommit, api_router
@@ -278,24 +278,6 @@ async def _reportable(tenant: Tenant, run_id: str) -> None:
     raise permissions.Denied("runs.report", f"run {run_id!r}")
 
 
-def _may_claim(principal: Principal, creator: str | None) -> bool:
-    """An installation's runs are claimed by machine credentials: an Admin's (who manage
-    integrations) or the one that created the integration."""
-    if principal.kind != "app":
-        return False
-    return permissions.allows(principal, "integrations.manage") or (
-        creator is not None and creator == principal.subject
-    )
-
-
-def _claim_denied(installation: str) -> permissions.Denied:
-    return permissions.Denied(
-        "integrations.manage",
-        f"installation {installation!r}",
-        " (held by Admins' machine credentials and the integration's own credential)",
-    )
-
-
 @router.post(
     "/runs/claim-pending",
     response_model=ClaimResponse,
@@ -308,8 +290,8 @@ async def claim_pending(body: ClaimBody, tenant: CurrentTenant, request: Request
     `visibilityTimeoutMs`: acknowledge each (`PATCH /v1/actions/runs/ack`) before it runs;
     a run not acknowledged in time is handed to the next claim."""
     creator = await claims.integration_creator(tenant.tx, body.installationId)
-    if not _may_claim(tenant.principal, creator):
-        raise _claim_denied(body.installationId)
+    if not claims.may_claim(tenant.principal, creator):
+        raise claims.claim_denied(body.installationId)
     if creator is None:
         raise NotFound(
             f"Integration {body.installationId!r} was not found", code="integration_not_found"
@@ -346,9 +328,9 @@ async def acknowledge_run(body: AckBody, tenant: CurrentTenant) -> Any:
     row = await claims.locked_run(tenant.tx, body.runId)
     installation = row["installation_id"]
     creator = await claims.integration_creator(tenant.tx, installation) if installation else None
-    if not _may_claim(tenant.principal, creator):
+    if not claims.may_claim(tenant.principal, creator):
         raise (
-            _claim_denied(installation)
+            claims.claim_denied(installation)
             if installation
             else permissions.Denied("integrations.manage", f"run {body.runId!r}")
         )

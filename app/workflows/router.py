@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Header, Path, Query
+from pydantic import BaseModel, ConfigDict, Field
 
+from app.actions import claims
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
-from app.kit.errors import Invalid
+from app.kit.errors import Invalid, NotFound
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.kit.responses import json_response
 from app.workflows import runs, service
@@ -50,6 +52,45 @@ async def list_workflow_runs(
         tenant.tx, tenant.principal, workflow=workflow_identifier, limit=limit
     )
     return json_response({"ok": True, "workflowRuns": found})
+
+
+class NodeClaimBody(BaseModel):
+    """What Ocean's actions processor sends for an integration's workflow node runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    installationId: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9@_.+:=-]+$")
+    limit: int = Field(default=100, ge=1, le=1000, strict=True)
+    visibilityTimeoutMs: int = Field(default=60_000, ge=1, le=600_000, strict=True)
+    exclude: list[Annotated[str, Field(max_length=100)]] = Field(
+        default_factory=list, max_length=1000
+    )
+
+
+class NodeClaimResponse(BaseModel):
+    ok: bool = True
+    nodeRuns: list[dict[str, Any]]
+
+
+@router.post(
+    "/runs/claim-pending",
+    response_model=NodeClaimResponse,
+    responses=ERRORS_AUTHED,
+    summary="Claim an integration's pending workflow node runs",
+)
+async def claim_pending_node_runs(body: NodeClaimBody, tenant: CurrentTenant) -> Any:
+    """Workflows run no node through an integration yet (`INTEGRATION_ACTION` nodes are
+    refused when a workflow is saved), so no node run ever waits for one: the answer is
+    empty, after the checks an action runs' claim makes (who may claim, which
+    integration)."""
+    creator = await claims.integration_creator(tenant.tx, body.installationId)
+    if not claims.may_claim(tenant.principal, creator):
+        raise claims.claim_denied(body.installationId)
+    if creator is None:
+        raise NotFound(
+            f"Integration {body.installationId!r} was not found", code="integration_not_found"
+        )
+    return {"ok": True, "nodeRuns": []}
 
 
 @router.get(
