@@ -114,11 +114,18 @@ async def test_a_refused_change_is_given_up_and_the_next_goes(
         await _change(client, org, "a", "2")
         await _wait(receiver, 1)
         assert _tiers(_accepted(receiver), "a") == ["2"]
-        async with db.system() as tx:
-            states = await tx.fetch(
-                "SELECT state, last_error FROM changelog_deliveries WHERE org_id = $1 ORDER BY id",
-                org.org_id,
-            )
+        deadline = time.monotonic() + 10  # the sender records the answer after it arrived
+        while True:
+            async with db.system() as tx:
+                states = await tx.fetch(
+                    "SELECT state, last_error FROM changelog_deliveries "
+                    "WHERE org_id = $1 ORDER BY id",
+                    org.org_id,
+                )
+            if [s["state"] for s in states] != ["failed", "sending"]:
+                break
+            assert time.monotonic() < deadline, "the delivered change stayed `sending`"
+            await asyncio.sleep(0.05)
         assert [s["state"] for s in states] == ["failed", "delivered"]
         assert "400" in states[0]["last_error"]
 
