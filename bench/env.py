@@ -134,9 +134,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(settings: Settings, *, worker: bool = True) -> Iterator[int]:
+def served(
+    settings: Settings, *, worker: bool = True, env: dict[str, str] | None = None
+) -> Iterator[int]:
     """Runs bench.server (the real app + a bare route) in its own process (with its
-    in-process worker unless `worker=False`)."""
+    in-process worker unless `worker=False`; `env`: settings of the scenario's own)."""
     port = free_port()
     env = {
         **os.environ,
@@ -151,6 +153,7 @@ def served(settings: Settings, *, worker: bool = True) -> Iterator[int]:
             f"PORTOLAN_RATE_LIMIT_{kind}": "1000000000"
             for kind in ("ENTITY_READS", "ENTITY_WRITES", "SEARCH", "OTHER")
         },
+        **(env or {}),
     }
     LOG_PATH.parent.mkdir(parents=True, exist_ok=True)
     log = LOG_PATH.open("ab")
