@@ -883,3 +883,46 @@ async def test_an_integrations_node_run_claim_is_checked_and_finds_none(
         "/v1/workflows/runs/claim-pending", json={**body, "limit": 0}, headers=org.headers
     )
     assert r.status_code == 422 and r.json()["ok"] is False
+
+
+async def test_one_orgs_workflow_backlog_does_not_hold_up_another_orgs_nodes(
+    client: httpx.AsyncClient, make_org: OrgFactory, settings: Settings, db: Database
+) -> None:
+    """As for action runs: an org with its share of node runs in flight waits in the
+    outbox; another org's node run is handed to the workers in the same pass."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from app.workflows.relay import relay_once
+
+    noisy, quiet = await make_org(), await make_org()
+    for org in (noisy, quiet):
+        await create(client, org, SIMPLE)
+    for _ in range(6):
+        r = await start(client, noisy, "simple", {"name": "api"})
+        assert r.status_code in (200, 201, 202), r.text
+    r = await start(client, quiet, "simple", {"name": "api"})
+    assert r.status_code in (200, 201, 202), r.text
+
+    async def relayed(org: Org) -> int:
+        async with db.system() as tx:
+            return int(
+                await tx.fetchval(
+                    "SELECT count(*) FROM workflow_outbox WHERE org_id = $1 "
+                    "AND relayed_at IS NOT NULL",
+                    org.org_id,
+                )
+            )
+
+    queue = f"portolan-test:wf-fair-{time.monotonic_ns()}"
+    pool = await create_pool(
+        RedisSettings.from_dsn(settings.redis_url or ""), default_queue_name=queue
+    )
+    try:
+        await relay_once(db, pool, requeue_seconds=60, org_cap=2)
+        assert (await relayed(noisy), await relayed(quiet)) == (2, 1)
+        await relay_once(db, pool, requeue_seconds=60, org_cap=2)
+        assert await relayed(noisy) == 2  # its two are still in flight
+    finally:
+        await pool.delete(queue)
+        await pool.aclose()

@@ -33,15 +33,28 @@ _BACKOFF_MAX = 5.0
 _LOCKED_WAIT = 0.25
 _PASS_SECONDS = 30.0
 
+# Due rows, each org's oldest first, as many of an org as its share of the queue allows:
+# an org's node runs in flight (handed to the queue and not yet requeued, or claimed by a
+# worker whose lease holds) count against `org_cap`, as action runs' do (the same setting).
 _DUE = """
-WITH due AS (
+WITH busy AS (
+    SELECT org_id, count(*) AS n FROM (
+        SELECT org_id FROM workflow_outbox
+        WHERE relayed_at >= now() - make_interval(secs => $2)
+        UNION ALL
+        SELECT org_id FROM workflow_node_runs
+        WHERE state = 'dispatching' AND lease_until > now()
+    ) AS held GROUP BY org_id
+), due AS (
     SELECT org_id, id, available_at,
            row_number() OVER (PARTITION BY org_id ORDER BY available_at, id) AS turn
     FROM workflow_outbox
     WHERE available_at <= now()
       AND (relayed_at IS NULL OR relayed_at < now() - make_interval(secs => $2))
 )
-SELECT org_id, id FROM due ORDER BY turn, available_at, id LIMIT $1
+SELECT due.org_id, due.id FROM due LEFT JOIN busy ON busy.org_id = due.org_id
+WHERE due.turn + coalesce(busy.n, 0) <= $3
+ORDER BY due.turn, due.available_at, due.id LIMIT $1
 """
 
 
@@ -50,11 +63,17 @@ def job_id(node_run_id: str, attempt: int, relays: int) -> str:
 
 
 async def relay_once(
-    db: Database, pool: ArqRedis, *, requeue_seconds: float, batch: int = BATCH
+    db: Database,
+    pool: ArqRedis,
+    *,
+    requeue_seconds: float,
+    org_cap: int = 1_000_000,
+    batch: int = BATCH,
 ) -> int:
-    """Hand the due outbox rows to the queue, orgs in turns; how many were handed."""
+    """Hand the due outbox rows to the queue, orgs in turns and each within `org_cap` node
+    runs in flight; how many were handed."""
     async with db.system() as tx:
-        chosen = await tx.fetch(_DUE, batch, requeue_seconds)
+        chosen = await tx.fetch(_DUE, batch, requeue_seconds, org_cap)
         if not chosen:
             return 0
         rows = await tx.fetch(
@@ -157,7 +176,12 @@ class WorkflowRelay:
                 self._wake.clear()
                 requeue = self._settings.dispatch_requeue_seconds
                 moved = await asyncio.wait_for(
-                    relay_once(self._db, await self._queue(), requeue_seconds=requeue),
+                    relay_once(
+                        self._db,
+                        await self._queue(),
+                        requeue_seconds=requeue,
+                        org_cap=self._settings.dispatch_org_concurrency,
+                    ),
                     timeout=_PASS_SECONDS,
                 )
                 failures = 0
@@ -167,7 +191,8 @@ class WorkflowRelay:
                 if due is not None:
                     wait = min(wait, due)
                 if moved == 0 and due is not None and due < _LOCKED_WAIT:
-                    # Due rows another relay holds: look again shortly, not at once.
+                    # Due rows another relay holds, or held back by their org's cap: look
+                    # again shortly, not at once.
                     wait = _LOCKED_WAIT
             except asyncio.CancelledError:
                 raise
