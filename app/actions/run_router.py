@@ -7,6 +7,7 @@ Included before the action routes, so `/v1/actions/runs` is not read as an actio
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -511,8 +512,9 @@ async def stream_logs(
                     return
                 await asyncio.sleep(wait)
                 idle += wait
-                # Looks grow rarer while the run is quiet (fewer transactions per stream).
-                wait = min(_STREAM_MAX_POLL_SECONDS, wait * 2)
+                # Looks grow rarer while the run is quiet (fewer transactions per stream),
+                # and spread (streams opened together do not look together).
+                wait = min(_STREAM_MAX_POLL_SECONDS, wait * 2) * random.uniform(0.75, 1.0)  # noqa: S311
                 if idle >= _STREAM_HEARTBEAT_SECONDS:
                     idle = 0.0
                     yield b": keep-alive\n\n"
