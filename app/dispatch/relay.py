@@ -125,7 +125,23 @@ async def _seconds_to_next(db: Database, requeue_seconds: float) -> float | None
 
 
 class Relay:
-    """The relay loop of one worker process (start / stop)."""
+    """The relay loop of one worker process (start / stop). A subclass relays another
+    outbox with the same loop (app/workflows/relay.py): its channel, name, pass and look
+    at the next due row."""
+
+    CHANNEL = NOTIFY_CHANNEL
+    NAME = "dispatch-relay"
+
+    async def _relay_once(self, pool: ArqRedis, requeue_seconds: float) -> int:
+        return await relay_once(
+            self._db,
+            pool,
+            requeue_seconds=requeue_seconds,
+            org_cap=self._settings.dispatch_org_concurrency,
+        )
+
+    async def _next_due(self, requeue_seconds: float) -> float | None:
+        return await _seconds_to_next(self._db, requeue_seconds)
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self._settings = settings
@@ -136,7 +152,7 @@ class Relay:
         self._listener: asyncpg.Connection | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatch-relay")
+        self._task = asyncio.create_task(self._run(), name=self.NAME)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -172,9 +188,10 @@ class Relay:
             return
         assert self._settings.database_url is not None
         self._listener = await asyncpg.connect(
-            self._settings.database_url, server_settings={"application_name": "portolan-relay"}
+            self._settings.database_url,
+            server_settings={"application_name": f"portolan-{self.NAME}"},
         )
-        await self._listener.add_listener(NOTIFY_CHANNEL, self._notified)
+        await self._listener.add_listener(self.CHANNEL, self._notified)
 
     async def _close_listener(self) -> None:
         if self._listener is not None:
@@ -192,23 +209,18 @@ class Relay:
                 requeue = self._settings.dispatch_requeue_seconds
                 # Bounded: a call stuck on a dead connection must not stop the relay.
                 moved = await asyncio.wait_for(
-                    relay_once(
-                        self._db,
-                        await self._queue(),
-                        requeue_seconds=requeue,
-                        org_cap=self._settings.dispatch_org_concurrency,
-                    ),
-                    timeout=_PASS_SECONDS,
+                    self._relay_once(await self._queue(), requeue), timeout=_PASS_SECONDS
                 )
                 failures = 0
                 if moved >= BATCH:
                     continue  # more are due
-                due = await _seconds_to_next(self._db, requeue)
+                due = await self._next_due(requeue)
                 if due is not None:
                     wait = min(wait, due)
                 if moved == 0 and due is not None and due < _CAPPED_WAIT:
                     # Due rows that were not moved wait for their org's runs in flight to
-                    # end: look again shortly, not at once (that would spin).
+                    # end, or another relay holds them: look again shortly, not at once
+                    # (that would spin).
                     wait = _CAPPED_WAIT
             except asyncio.CancelledError:
                 raise
@@ -217,7 +229,8 @@ class Relay:
                 await self._drop_queue()
                 wait = min(_BACKOFF_MAX, 0.1 * 2**failures) * random.uniform(0.5, 1.0)  # noqa: S311
                 log.warning(
-                    "dispatch relay: %s (%s); retrying in %.1f s",
+                    "%s: %s (%s); retrying in %.1f s",
+                    self.NAME,
                     type(exc).__name__,
                     exc,
                     wait,

@@ -12,26 +12,14 @@ the row is handed to the queue again under a new job id; the claim lets one job 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import random
-from typing import Any
+from arq.connections import ArqRedis
 
-import asyncpg
-from arq.connections import ArqRedis, RedisSettings, create_pool
-
-from app.config import Settings
 from app.db.database import Database
+from app.dispatch.relay import Relay
 from app.workflows.runs import NOTIFY_CHANNEL
 
-log = logging.getLogger("portolan.workflows")
 BATCH = 200
 JOB = "run_workflow_node"
-_IDLE_WAIT = 1.0
-_BACKOFF_MAX = 5.0
-_LOCKED_WAIT = 0.25
-_PASS_SECONDS = 30.0
 
 # Due rows, each org's oldest first, as many of an org as its share of the queue allows:
 # an org's node runs in flight (handed to the queue and not yet requeued, or claimed by a
@@ -112,98 +100,20 @@ async def _seconds_to_next(db: Database, requeue_seconds: float) -> float | None
     return None if value is None else max(0.0, float(value))
 
 
-class WorkflowRelay:
-    """The relay loop of one worker process (start / stop)."""
+class WorkflowRelay(Relay):
+    """The relay loop of one worker process (start / stop): the action runs' loop over the
+    workflow outbox."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
-        self._settings = settings
-        self._db = db
-        self._pool: ArqRedis | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._listener: asyncpg.Connection | None = None
+    CHANNEL = NOTIFY_CHANNEL
+    NAME = "workflow-relay"
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="workflow-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        await self._close_listener()
-        await self._drop_queue()
-
-    async def _drop_queue(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            closing = asyncio.create_task(pool.aclose())
-            await asyncio.wait({closing}, timeout=1.0)
-
-    async def _queue(self) -> ArqRedis:
-        if self._pool is None:
-            assert self._settings.redis_url is not None
-            target = RedisSettings.from_dsn(self._settings.redis_url)
-            target.conn_retries = 0  # this loop retries, with backoff
-            self._pool = await create_pool(target, default_queue_name=self._settings.queue_name)
-        return self._pool
-
-    def _notified(self, *_: Any) -> None:
-        self._wake.set()
-
-    async def _listen(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
-            return
-        assert self._settings.database_url is not None
-        self._listener = await asyncpg.connect(
-            self._settings.database_url,
-            server_settings={"application_name": "portolan-workflow-relay"},
+    async def _relay_once(self, pool: ArqRedis, requeue_seconds: float) -> int:
+        return await relay_once(
+            self._db,
+            pool,
+            requeue_seconds=requeue_seconds,
+            org_cap=self._settings.dispatch_org_concurrency,
         )
-        await self._listener.add_listener(NOTIFY_CHANNEL, self._notified)
 
-    async def _close_listener(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-            self._listener = None
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            wait = _IDLE_WAIT
-            try:
-                await self._listen()
-                self._wake.clear()
-                requeue = self._settings.dispatch_requeue_seconds
-                moved = await asyncio.wait_for(
-                    relay_once(
-                        self._db,
-                        await self._queue(),
-                        requeue_seconds=requeue,
-                        org_cap=self._settings.dispatch_org_concurrency,
-                    ),
-                    timeout=_PASS_SECONDS,
-                )
-                failures = 0
-                if moved >= BATCH:
-                    continue
-                due = await _seconds_to_next(self._db, requeue)
-                if due is not None:
-                    wait = min(wait, due)
-                if moved == 0 and due is not None and due < _LOCKED_WAIT:
-                    # Due rows another relay holds, or held back by their org's cap: look
-                    # again shortly, not at once.
-                    wait = _LOCKED_WAIT
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis or PostgreSQL unreachable: keep the rows, retry
-                failures += 1
-                await self._drop_queue()
-                wait = min(_BACKOFF_MAX, 0.1 * 2**failures) * random.uniform(0.5, 1.0)  # noqa: S311
-                log.warning(
-                    "workflow relay: %s (%s); retrying in %.1f s", type(exc).__name__, exc, wait
-                )
-                await self._close_listener()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+    async def _next_due(self, requeue_seconds: float) -> float | None:
+        return await _seconds_to_next(self._db, requeue_seconds)
