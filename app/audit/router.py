@@ -44,6 +44,7 @@ Resource = Literal[
     "blueprint-permissions",
     "action-permissions",
     "oidc",
+    "organization",
     "integration",
     "workflow",
     "workflow-run",

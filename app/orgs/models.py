@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     ARRAY,
@@ -16,7 +17,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, timestamp
@@ -35,6 +36,11 @@ class Organization(Base):
     )
     # The key outbound webhooks are signed with (app.secrets), encrypted (app.kit.crypto).
     signing_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+    # Port's organization settings (PUT / PATCH /v1/organization) and announcement banner.
+    settings: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    announcement: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class User(Base):

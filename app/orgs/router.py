@@ -18,6 +18,8 @@ from app.kit.openapi import ERRORS_AUTHED
 from app.orgs import service
 from app.orgs.schemas import (
     OrganizationOut,
+    OrganizationPatch,
+    OrganizationPut,
     OrganizationResponse,
     OrgCreatedResponse,
     OrgCreateRequest,
@@ -47,16 +49,53 @@ _platform_bearer = HTTPBearer(
 )
 async def get_organization(tenant: CurrentTenant) -> OrganizationResponse:
     permissions.require(tenant.principal, "organization.read")
-    org = await service.get_org(tenant.tx, tenant.org_id)
+    return _answer(await service.get_org(tenant.tx, tenant.org_id))
+
+
+def _answer(org: service.Org) -> OrganizationResponse:
     return OrganizationResponse(
         organization=OrganizationOut(
             id=org.id,
             name=org.name,
             featureFlags=list(FEATURE_FLAGS),
+            settings=org.settings,
+            announcement=org.announcement,
             createdAt=org.created_at,
             updatedAt=org.updated_at,
         )
     )
+
+
+@router.put(
+    "/v1/organization",
+    response_model=OrganizationResponse,
+    responses=ERRORS_AUTHED,
+    summary="Change organization details (Admins)",
+)
+async def replace_organization(
+    body: OrganizationPut, tenant: CurrentTenant
+) -> OrganizationResponse:
+    """The name, the settings and the announcement as given (absent ones are cleared).
+    Answers the organization (Port answers `{"ok": true}` alone). Audited."""
+    permissions.require(tenant.principal, "organization.update")
+    change = body.model_dump(exclude_unset=True, mode="json")
+    return _answer(await service.change_org(tenant.tx, tenant.org_id, change, replace=True))
+
+
+@router.patch(
+    "/v1/organization",
+    response_model=OrganizationResponse,
+    responses=ERRORS_AUTHED,
+    summary="Update organization details (Admins)",
+)
+async def update_organization(
+    body: OrganizationPatch, tenant: CurrentTenant
+) -> OrganizationResponse:
+    """What is given: the name, each setting (`null` removes it), the announcement (merged
+    into the current one; `null` removes it). Audited."""
+    permissions.require(tenant.principal, "organization.update")
+    change = body.model_dump(exclude_unset=True, mode="json")
+    return _answer(await service.change_org(tenant.tx, tenant.org_id, change, replace=False))
 
 
 async def require_platform_token(
