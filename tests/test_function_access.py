@@ -137,6 +137,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/v1/actions/runs/{run_id}"): "run",
     ("PATCH", "/v1/actions/runs/{run_id}"): "run",
     ("PATCH", "/v1/actions/runs/{run_id}/approval"): "run",
+    ("GET", "/v1/actions/runs/{run_id}/approvers"): "run",
     ("GET", "/v1/actions/runs/{run_id}/logs"): "run",
     ("POST", "/v1/actions/runs/{run_id}/logs"): "run",
     ("GET", "/v1/actions/runs/{run_id}/logs/stream"): "run",
@@ -152,6 +153,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/workflows/runs/claim-pending"): "admin",
     ("GET", "/v1/workflows/runs/{workflow_run_id}"): "member",
     ("POST", "/v1/workflows/runs/{workflow_run_id}/cancel"): "run",
+    ("POST", "/v1/workflows/nodes/runs/{node_run_id}/responses"): "run",
 }
 
 SERVICE = {
@@ -201,6 +203,21 @@ WORKFLOW = {
     ],
     "connections": [{"sourceIdentifier": "trigger", "targetIdentifier": "hook"}],
 }
+GATE = {
+    "identifier": "gate",
+    "nodes": [
+        {"identifier": "trigger", "config": {"type": "SELF_SERVE_TRIGGER"}},
+        {
+            "identifier": "approval",
+            "config": {
+                "type": "INPUT",
+                "userInputs": {"buttons": [{"identifier": "approve", "label": "Approve"}]},
+                "outlets": [{"identifier": "approve"}],
+            },
+        },
+    ],
+    "connections": [{"sourceIdentifier": "trigger", "targetIdentifier": "approval"}],
+}
 INTEGRATION = {"installationId": "ocean", "installationAppType": "fake", "version": "1.0.0"}
 
 
@@ -222,6 +239,7 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
         ("/v1/blueprints/service/scorecards", SCORECARD),
         ("/v1/webhooks", WEBHOOK),
         ("/v1/workflows", WORKFLOW),
+        ("/v1/workflows", GATE),
         ("/v1/integration", INTEGRATION),
         ("/v1/organization/secrets", {"secretName": "s1", "secretValue": "v"}),
         ("/v1/teams", {"name": "alpha"}),
@@ -231,11 +249,13 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
         await ok(client, "POST", path, org, json=body)
     run = await ok(client, "POST", "/v1/actions/open/runs", org, json={"properties": {}})
     flow_run = await ok(client, "POST", "/v1/workflows/flow/runs", org, json={"inputs": {}})
+    gate_run = await ok(client, "POST", "/v1/workflows/gate/runs", org, json={"inputs": {}})
     migration = await ok(client, "DELETE", "/v1/blueprints/scratch/all-entities", org)
     integration = await ok(client, "GET", "/v1/integration/ocean", org)
     return {
         "run_id": run["run"]["id"],
         "workflow_run_id": flow_run["workflowRun"]["identifier"],
+        "node_run_id": gate_run["workflowRun"]["nodeRuns"][1]["identifier"],
         "migration_id": migration["migrationId"],
         "app_id": org.client_id,
         "ingest_id": integration["integration"]["logAttributes"]["ingestId"],
@@ -266,6 +286,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         name=name,
         run_id=ids["run_id"],
         workflow_run_id=ids["workflow_run_id"],
+        node_run_id=ids["node_run_id"],
         migration_id=ids["migration_id"],
         app_id=ids["app_id"],
         user_email="u@example.com",
@@ -357,6 +378,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/workflows"): {**WORKFLOW, "identifier": "flow2"},
         ("PUT", "/v1/workflows/{identifier}"): WORKFLOW,
         ("POST", "/v1/workflows/{identifier}/runs"): {"inputs": {}},
+        ("POST", "/v1/workflows/nodes/runs/{node_run_id}/responses"): {"button": "approve"},
     }
     return url, bodies.get((method, path))
 

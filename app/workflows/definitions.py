@@ -7,10 +7,10 @@
 
 Saving answers 422 naming every problem by JSON pointer: unknown fields and node types,
 connections naming missing nodes, triggers as targets, more than one outgoing connection
-per node or outlet, CONDITION connections without `sourceOutletIdentifier` or `fallback`,
-cycles, jq that does not compile (the checks action definitions get), inputs that are not
-valid JSON Schema, secrets read where they could reach an output (anything but a WEBHOOK's
-request), and the size caps below. Node types Portolan does not run are refused by name.
+per node or outlet, CONDITION and INPUT connections without `sourceOutletIdentifier` or
+`fallback`, cycles, jq that does not compile (the checks action definitions get), inputs
+that are not valid JSON Schema, secrets read where they could reach an output (anything but
+a WEBHOOK's request), and the size caps below. Node types Portolan does not run are refused by name.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ MAX_DEFINITION_BYTES = 256 * 1024  # the definition as JSON
 
 TRIGGERS = ("SELF_SERVE_TRIGGER",)
 ACTIONS = ("WEBHOOK", "UPSERT_ENTITY")
-FLOW = ("CONDITION",)
+FLOW = ("CONDITION", "INPUT")
 SUPPORTED = (*TRIGGERS, *ACTIONS, *FLOW)
 # Port's node types that Portolan does not run, and why.
 REFUSED = {
@@ -43,7 +43,6 @@ REFUSED = {
     "CURSOR_AGENT": "CURSOR_AGENT nodes are not available in Portolan",
     "EVENT_TRIGGER": "EVENT_TRIGGER nodes are not available in Portolan yet: start runs with a "
     "SELF_SERVE_TRIGGER",
-    "INPUT": "INPUT nodes are not available in Portolan yet",
     "INTEGRATION_ACTION": "INTEGRATION_ACTION nodes are not available in Portolan yet: use a "
     "WEBHOOK node",
 }
@@ -87,10 +86,27 @@ _CONFIG_KEYS: dict[str, frozenset[str]] = {
     ),
     "UPSERT_ENTITY": frozenset(("type", "blueprintIdentifier", "mapping", "onFailure")),
     "CONDITION": frozenset(("type", "outlets")),
+    "INPUT": frozenset(
+        ("type", "description", "userInputs", "outlets", "responders", "notifications")
+    ),
 }
 _MAPPING_KEYS = frozenset(("identifier", "title", "icon", "team", "properties", "relations"))
 _INPUTS_KEYS = frozenset(("properties", "required", "order", "steps", "titles"))
 _PERMISSION_KEYS = frozenset(("roles", "users", "teams"))
+_BUTTON_KEYS = frozenset(("identifier", "label", "variant"))
+_BUTTON_VARIANTS = ("PRIMARY", "SECONDARY", "DANGER")
+_INPUT_OUTLET_KEYS = frozenset(
+    (
+        "identifier",
+        "title",
+        "evaluationMethod",
+        "numOfResponders",
+        "statusLabel",
+        "workflowStatusLabel",
+    )
+)
+MAX_BUTTONS = 20  # buttons of one INPUT node
+MAX_RESPONDERS = 100  # responders an INPUT outlet may wait for
 # Keys of an input definition that are plain JSON Schema, checked against the meta-schema.
 _SCHEMA_KEYS = (
     "type",
@@ -228,6 +244,8 @@ def _config(config: Any, pointer: str, scope: Scope, problems: Problems) -> str 
         _upsert(config, pointer, scope, problems)
     elif kind == "CONDITION":
         _condition(config, pointer, problems)
+    elif kind == "INPUT":
+        _input(config, pointer, scope, problems)
     return str(kind)
 
 
@@ -238,20 +256,7 @@ def _self_serve(config: dict[str, Any], pointer: str, scope: Scope, problems: Pr
         problems.add(f"{pointer}/variant", "variant is DEFAULT or ALERT")
     user_inputs = config.get("userInputs", {"properties": {}})
     props = _inputs(user_inputs, f"{pointer}/userInputs", scope, problems)
-    permissions = config.get("permissions")
-    if permissions is not None:
-        where = f"{pointer}/permissions"
-        if not isinstance(permissions, dict):
-            problems.add(where, "permissions is {roles?, users?, teams?}")
-        else:
-            if "policy" in permissions:
-                problems.add(f"{where}/policy", "dynamic permissions (policy) are not available")
-            for key in sorted(set(permissions) - _PERMISSION_KEYS - {"policy"}):
-                problems.add(f"{where}/{_escape(key)}", f"unknown field {key!r} of permissions")
-            for key in sorted(_PERMISSION_KEYS & set(permissions)):
-                value = permissions[key]
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    problems.add(f"{where}/{key}", f"{key} is a list of names")
+    _who(config.get("permissions"), f"{pointer}/permissions", "permissions", problems)
     contexts = config.get("contexts")
     if contexts is not None:
         if not isinstance(contexts, list):
@@ -275,12 +280,35 @@ def _self_serve(config: dict[str, Any], pointer: str, scope: Scope, problems: Pr
                 problems.add(where, "a context is {on: CREATE_ENTITY | ENTITY, ...}")
 
 
-def _inputs(inputs: Any, pointer: str, scope: Scope, problems: Problems) -> dict[str, Any]:
+def _who(block: Any, where: str, name: str, problems: Problems) -> None:
+    """A `{roles?, users?, teams?}` block (a trigger's permissions, an INPUT's responders)."""
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        problems.add(where, f"{name} is {{roles?, users?, teams?}}")
+        return
+    if "policy" in block:
+        problems.add(f"{where}/policy", f"dynamic {name} (policy) are not available")
+    for key in sorted(set(block) - _PERMISSION_KEYS - {"policy"}):
+        problems.add(f"{where}/{_escape(key)}", f"unknown field {key!r} of {name}")
+    for key in sorted(_PERMISSION_KEYS & set(block)):
+        value = block[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.add(f"{where}/{key}", f"{key} is a list of names")
+
+
+def _inputs(
+    inputs: Any,
+    pointer: str,
+    scope: Scope,
+    problems: Problems,
+    keys: frozenset[str] = _INPUTS_KEYS,
+) -> dict[str, Any]:
     """Check a form's inputs; its properties (empty when unusable)."""
     if not isinstance(inputs, dict) or not isinstance(inputs.get("properties", {}), dict):
         problems.add(pointer, "userInputs is {properties: {...}, required?, order?}")
         return {}
-    for key in sorted(set(inputs) - _INPUTS_KEYS):
+    for key in sorted(set(inputs) - keys):
         problems.add(f"{pointer}/{_escape(key)}", f"unknown field {key!r} of userInputs")
     props: dict[str, Any] = inputs.get("properties", {})
     for name, spec in props.items():
@@ -395,6 +423,89 @@ def _condition(config: dict[str, Any], pointer: str, problems: Problems) -> None
         _jq(expression, f"{where}/expression", problems)
         if isinstance(expression, str) and templates.referenced_secrets("{{ " + expression + " }}"):
             problems.add(f"{where}/expression", _NO_SECRETS)
+
+
+def _input(config: dict[str, Any], pointer: str, scope: Scope, problems: Problems) -> None:
+    """An INPUT node: a form (`userInputs` with `buttons`), outlets counting the responders
+    who pressed each button, and who may respond."""
+    description = config.get("description")
+    if description is not None:
+        if not isinstance(description, str) or len(description) > 2000:
+            problems.add(f"{pointer}/description", "description is a string of at most 2000")
+        elif "{{" in description:
+            problems.add(
+                f"{pointer}/description",
+                "templates in an INPUT node's description are not available in Portolan yet",
+            )
+    if "notifications" in config:
+        problems.add(
+            f"{pointer}/notifications",
+            "notifications are not available in Portolan yet: responders find the waiting "
+            "node on the run (GET /v1/workflows/runs/{id})",
+        )
+    user_inputs = config.get("userInputs", {"properties": {}})
+    where = f"{pointer}/userInputs"
+    _inputs(user_inputs, where, scope, problems, _INPUTS_KEYS | {"buttons"})
+    buttons = user_inputs.get("buttons") if isinstance(user_inputs, dict) else None
+    names: set[str] = set()
+    if not isinstance(buttons, list) or not buttons:
+        problems.add(f"{where}/buttons", "buttons is a non-empty list of {identifier, label}")
+    elif len(buttons) > MAX_BUTTONS:
+        problems.add(f"{where}/buttons", f"an INPUT node has at most {MAX_BUTTONS} buttons")
+    else:
+        for index, button in enumerate(buttons):
+            at = f"{where}/buttons/{index}"
+            if not isinstance(button, dict):
+                problems.add(at, "a button is {identifier, label, variant?}")
+                continue
+            for key in sorted(set(button) - _BUTTON_KEYS):
+                problems.add(f"{at}/{_escape(key)}", f"unknown field {key!r} of a button")
+            identifier = button.get("identifier")
+            if not isinstance(identifier, str) or not _NODE_IDENTIFIER.match(identifier):
+                problems.add(f"{at}/identifier", "identifier: letters, digits and @_.:-")
+            elif identifier in names:
+                problems.add(f"{at}/identifier", f"button {identifier!r} is defined twice")
+            else:
+                names.add(identifier)
+            label = button.get("label")
+            if label is not None and (not isinstance(label, str) or len(label) > 200):
+                problems.add(f"{at}/label", "label is a string of at most 200 characters")
+            if button.get("variant", "PRIMARY") not in _BUTTON_VARIANTS:
+                problems.add(f"{at}/variant", f"variant is one of {', '.join(_BUTTON_VARIANTS)}")
+    outlets = config.get("outlets")
+    if not isinstance(outlets, list) or not outlets:
+        problems.add(f"{pointer}/outlets", "outlets is a non-empty list")
+    elif len(outlets) > MAX_OUTLETS:
+        problems.add(f"{pointer}/outlets", f"an INPUT node has at most {MAX_OUTLETS} outlets")
+    else:
+        seen: set[str] = set()
+        for index, outlet in enumerate(outlets):
+            at = f"{pointer}/outlets/{index}"
+            if not isinstance(outlet, dict):
+                problems.add(at, "an outlet is {identifier, evaluationMethod, numOfResponders}")
+                continue
+            for key in sorted(set(outlet) - _INPUT_OUTLET_KEYS):
+                problems.add(f"{at}/{_escape(key)}", f"unknown field {key!r} of an outlet")
+            identifier = outlet.get("identifier")
+            if not isinstance(identifier, str) or identifier in seen:
+                problems.add(f"{at}/identifier", "each outlet names a button, once")
+            else:
+                seen.add(identifier)
+                if names and identifier not in names:
+                    problems.add(f"{at}/identifier", f"there is no button {identifier!r}")
+            if outlet.get("evaluationMethod", "button") != "button":
+                problems.add(f"{at}/evaluationMethod", "evaluationMethod is 'button'")
+            count = outlet.get("numOfResponders", 1)
+            if (
+                not isinstance(count, int)
+                or isinstance(count, bool)
+                or not 1 <= count <= MAX_RESPONDERS
+            ):
+                problems.add(
+                    f"{at}/numOfResponders",
+                    f"numOfResponders is a whole number from 1 to {MAX_RESPONDERS}",
+                )
+    _who(config.get("responders"), f"{pointer}/responders", "responders", problems)
 
 
 def outlets_of(node: dict[str, Any]) -> list[str]:

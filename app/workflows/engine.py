@@ -410,20 +410,7 @@ async def _record(tx: Tx, held: Held, step: Step) -> None:
     if step.result == "FAILED" and held.config.get("onFailure", "terminate") != "continue":
         await runs.end_run(tx, run_id, "FAILED")
         return
-    source = held.node["identifier"]
-    if held.config.get("type") == "CONDITION":
-        following = (
-            definitions.next_node(held.definition, source, step.outlet)
-            if step.outlet is not None
-            else definitions.next_node(held.definition, source, fallback=True)
-        )
-    else:
-        following = definitions.next_node(held.definition, source)
-    node = definitions.node_of(held.definition, following) if following else None
-    if node is None:
-        await runs.end_run(tx, run_id, "SUCCESS")
-    else:
-        await runs.start_node(tx, run_id, int(seq) + 1, node)
+    await runs.advance(tx, run_id, held.definition, held.node, int(seq), step.outlet)
 
 
 async def _transient(settings: Settings, db: Database, held: Held, outcome: Transient) -> str:

@@ -19,6 +19,7 @@ from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.kit.responses import json_response
 from app.workflows import runs, service
 from app.workflows.schemas import (
+    ResponseBody,
     RunBody,
     WorkflowBody,
     WorkflowListResponse,
@@ -30,6 +31,7 @@ from app.workflows.schemas import (
 router = api_router(prefix="/v1/workflows", tags=["Workflows"])
 WorkflowId = Annotated[str, Path(min_length=1, max_length=100)]
 RunId = Annotated[str, Path(min_length=1, max_length=40)]
+NodeRunId = Annotated[str, Path(min_length=1, max_length=40)]
 _CONFLICT = conflict("A workflow with this identifier exists")
 _IDEMPOTENCY = conflict("The Idempotency-Key was used for a different request")
 
@@ -115,6 +117,29 @@ async def cancel_workflow_run(workflow_run_id: RunId, tenant: CurrentTenant) -> 
     """Admins and the run's starter may cancel it."""
     permissions.require(tenant.principal, "workflows.read")
     run = await runs.cancel(tenant.tx, tenant.principal, workflow_run_id)
+    return json_response({"ok": True, "workflowRun": run})
+
+
+@router.post(
+    "/nodes/runs/{node_run_id}/responses",
+    response_model=WorkflowRunResponse,
+    responses={
+        **ERRORS_AUTHED,
+        **conflict("The node no longer waits for input, or the caller already responded"),
+    },
+    summary="Respond to a workflow's INPUT node (approve, decline, provide values)",
+)
+async def respond_to_input_node(
+    node_run_id: NodeRunId, body: ResponseBody, tenant: CurrentTenant
+) -> Any:
+    """`{button, inputs}`: the button pressed (optional when the node has one) and the
+    node's inputs. The node's `responders` may respond (by default the run's starter;
+    Admins always), each once; the node moves on when an outlet has as many responses as
+    it waits for. Answers the run."""
+    permissions.require(tenant.principal, "workflows.read")
+    run = await runs.respond(
+        tenant.tx, tenant.principal, node_run_id, body.model_dump(exclude_unset=True)
+    )
     return json_response({"ok": True, "workflowRun": run})
 
 

@@ -1,11 +1,16 @@
 """Workflow runs (Port's shapes): started from a self-serve trigger, read with their node
-runs, cancelled.
+runs, cancelled, and answered where an INPUT node waits for people.
 
 A run keeps the version of the workflow it started on. Its trigger is node run 0 (its
 output: the inputs, as checked); the node the trigger connects to is queued in the same
 transaction (a node run row and its outbox row, app/workflows/engine.py), so a run the API
 acknowledged is never lost. Statuses: IN_PROGRESS, then COMPLETED with a result (SUCCESS,
 FAILED, CANCELLED); node runs likewise.
+
+An INPUT node run waits in PostgreSQL (state `waiting`: no outbox row, no job, no lease)
+until its responders' answers reach one of its outlets; each answer is one transaction that
+records it and, when an outlet is reached, completes the node and queues the next. A run
+waiting for input thus survives any restart and holds nothing while it waits.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from app.workflows.service import new_id
 NOTIFY_CHANNEL = "portolan_workflows"
 RUN_FIELDS = ("inputs", "properties", "triggerIdentifier")
 LIST_LIMIT = 1000
+WAITING = "waiting"  # an INPUT node run's state while it waits for its responders
+RESPONSE_FIELDS = ("button", "inputs")
 
 _RUN_SELECT = "SELECT r.* FROM workflow_runs r"
 
@@ -50,6 +57,7 @@ def node_run_to_api(
     row: asyncpg.Record, node: dict[str, Any] | None, logs: list[asyncpg.Record]
 ) -> dict[str, Any]:
     node = node or {}
+    waiting = row["state"] == WAITING and row["status"] == "IN_PROGRESS"
     out: dict[str, Any] = {
         "identifier": row["id"],
         "node": {"identifier": row["node"]},
@@ -67,6 +75,7 @@ def node_run_to_api(
         "createdAt": row["created_at"],
         "updatedAt": row["updated_at"],
         "completedAt": row["completed_at"],
+        "waitingForInput": waiting,
     }
     if row["outlet"] is not None:
         out["selectedOutlet"] = {"identifier": row["outlet"]}
@@ -106,23 +115,58 @@ async def start_node(
     tx: Tx, run_id: str, seq: int, node: dict[str, Any], *, delay: float = 0.0
 ) -> str | None:
     """Queue `node` at place `seq` of the run; None when that place is already taken (the
-    run moved on from the node before it already)."""
+    run moved on from the node before it already). An INPUT node is not queued: it waits
+    for its responders (`respond`)."""
     node_run_id = new_id("wfnr_")
+    kind = node["config"]["type"]
+    waits = kind == "INPUT"
     inserted = await tx.fetchval(
         "INSERT INTO workflow_node_runs (org_id, id, run_id, seq, node, node_type, status, "
-        "state) VALUES ($1, $2, $3, $4, $5, $6, 'IN_PROGRESS', 'queued') "
+        "state, output) VALUES ($1, $2, $3, $4, $5, $6, 'IN_PROGRESS', $7, $8) "
         "ON CONFLICT (org_id, run_id, seq) DO NOTHING RETURNING id",
         tx.org_id,
         node_run_id,
         run_id,
         seq,
         node["identifier"],
-        node["config"]["type"],
+        kind,
+        WAITING if waits else "queued",
+        {"responses": []} if waits else None,
     )
     if inserted is None:
         return None
-    await queue(tx, node_run_id, 1, delay)
+    if waits:
+        await node_log(tx, node_run_id, "Waiting for input")
+    else:
+        await queue(tx, node_run_id, 1, delay)
     return node_run_id
+
+
+async def advance(
+    tx: Tx,
+    run_id: str,
+    definition: dict[str, Any],
+    source: dict[str, Any],
+    seq: int,
+    outlet: str | None = None,
+) -> None:
+    """Move the run on from the node `source` completed at place `seq`: to the node its
+    connection leads to (for a CONDITION or INPUT node, the connection of `outlet`, or the
+    fallback when there is none), or to the run's end when there is none."""
+    name = source["identifier"]
+    if source["config"].get("type") in definitions.FLOW:
+        following = (
+            definitions.next_node(definition, name, outlet)
+            if outlet is not None
+            else definitions.next_node(definition, name, fallback=True)
+        )
+    else:
+        following = definitions.next_node(definition, name)
+    node = definitions.node_of(definition, following) if following else None
+    if node is None:
+        await end_run(tx, run_id, "SUCCESS")
+    else:
+        await start_node(tx, run_id, seq + 1, node)
 
 
 async def end_run(tx: Tx, run_id: str, result: str) -> bool:
@@ -351,6 +395,9 @@ async def get(tx: Tx, run_id: str, principal: Principal | None = None) -> dict[s
     for log in logs:
         by_node.setdefault(log["node_run_id"], []).append(log)
     out = run_to_api(row)
+    out["waitingForInput"] = row["status"] == "IN_PROGRESS" and any(
+        n["state"] == WAITING and n["status"] == "IN_PROGRESS" for n in node_runs
+    )
     out["nodeRuns"] = [
         node_run_to_api(
             n, definitions.node_of(definition or {}, n["node"]), by_node.get(n["id"], [])
@@ -407,3 +454,165 @@ async def cancel(tx: Tx, principal: Principal, run_id: str) -> dict[str, Any]:
     )
     await end_run(tx, run_id, "CANCELLED")
     return await get(tx, run_id)
+
+
+# ---------------------------------------------------------------------------------------
+# INPUT nodes: responses
+
+
+def may_respond(principal: Principal, run: asyncpg.Record, config: dict[str, Any]) -> bool:
+    """Who may answer an INPUT node: the people its `responders` name (`users` by email,
+    `teams`, `roles`); with none named, the run's starter. Admins always may."""
+    responders = config.get("responders") or {}
+    named = any(responders.get(key) for key in ("users", "teams", "roles"))
+    if not named:
+        return principal.is_admin or run["created_by"] == principal.subject
+    block = permissions.Block(
+        users=tuple(u.lower() for u in responders.get("users") or ()),
+        roles=tuple(responders.get("roles") or ()),
+        teams=tuple(responders.get("teams") or ()),
+    )
+    if principal.email is not None and principal.email.lower() in block.users:
+        return True
+    return block.grants(principal)
+
+
+def _button(config: dict[str, Any], wanted: Any) -> str:
+    buttons = [
+        str(b["identifier"])
+        for b in (config.get("userInputs") or {}).get("buttons") or []
+        if isinstance(b, dict)
+    ]
+    if wanted is None:
+        if len(buttons) == 1:
+            return buttons[0]
+        raise Invalid(
+            "Name the button pressed: one of " + ", ".join(repr(b) for b in buttons),
+            details=[{"pointer": "/button", "message": "required"}],
+        )
+    if wanted not in buttons:
+        raise Invalid(
+            f"The node has no button {wanted!r}: one of " + ", ".join(repr(b) for b in buttons),
+            details=[{"pointer": "/button", "message": "not a button of the node"}],
+        )
+    return str(wanted)
+
+
+def _reached(config: dict[str, Any], responses: list[dict[str, Any]]) -> str | None:
+    """The first outlet (in order) whose button as many responders pressed as it waits
+    for."""
+    for outlet in config.get("outlets") or []:
+        name = outlet["identifier"]
+        pressed = sum(1 for r in responses if r.get("button") == name)
+        if pressed >= int(outlet.get("numOfResponders", 1)):
+            return str(name)
+    return None
+
+
+async def respond(tx: Tx, principal: Principal, node_run_id: str, body: Any) -> dict[str, Any]:
+    """Record a response to a waiting INPUT node run: a button (approve, decline, ...) and
+    the node's inputs, checked as a trigger's are. When the responses reach an outlet (as
+    many pressed its button as its `numOfResponders`), the node completes with output
+    `{selectedOutlet, responses}` and the run moves on through that outlet's connection; a
+    button no outlet counts takes the fallback connection at once. The run with every node
+    run."""
+    if not isinstance(body, dict):
+        raise Invalid("A response is {button?, inputs?}")
+    unknown = sorted(set(body) - set(RESPONSE_FIELDS))
+    if unknown:
+        raise Invalid(f"A response takes button and inputs, not {', '.join(unknown)}")
+    found = await tx.fetchrow(
+        "SELECT run_id FROM workflow_node_runs WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        node_run_id,
+    )
+    if found is None:
+        raise NotFound(f"Workflow node run {node_run_id!r} was not found")
+    # The run first, then the node run: the order cancelling takes them in.
+    run = await _run_row(tx, found["run_id"], lock=True)
+    if not readable(principal, run):
+        raise NotFound(f"Workflow node run {node_run_id!r} was not found")
+    row = await tx.fetchrow(
+        "SELECT * FROM workflow_node_runs WHERE org_id = $1 AND id = $2 FOR UPDATE",
+        tx.org_id,
+        node_run_id,
+    )
+    assert row is not None
+    if row["node_type"] != "INPUT":
+        raise Invalid(
+            f"Workflow node run {node_run_id!r} is a {row['node_type']} node: only INPUT "
+            "nodes take responses",
+            code="not_an_input_node",
+        )
+    if run["status"] != "IN_PROGRESS" or row["status"] != "IN_PROGRESS":
+        raise Conflict(
+            f"Workflow node run {node_run_id!r} is no longer waiting for input",
+            code="node_run_ended",
+        )
+    definition: dict[str, Any] = await tx.fetchval(
+        "SELECT definition FROM workflow_versions WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        run["version_id"],
+    )
+    node = definitions.node_of(definition, row["node"])
+    assert node is not None
+    config = node["config"]
+    if not may_respond(principal, run, config):
+        raise permissions.Denied("workflowRuns.respond", f"workflow node run {node_run_id!r}")
+    responses: list[dict[str, Any]] = list((row["output"] or {}).get("responses") or [])
+    if any(r.get("submitterInfo", {}).get("userId") == principal.subject for r in responses):
+        raise Conflict(
+            f"{principal.subject} has already responded to this node", code="already_responded"
+        )
+    button = _button(config, body.get("button"))
+    form = {k: v for k, v in (config.get("userInputs") or {}).items() if k != "buttons"}
+    try:
+        checked = action_inputs.check(form, body.get("inputs") or {}, None)
+    except Invalid as exc:
+        details = [
+            {**d, "pointer": "/inputs" + str(d["pointer"]).removeprefix("/properties")}
+            for d in exc.details or []
+        ]
+        message = exc.message.replace("of this action", "of this node")
+        raise Invalid(message, details=details) from exc
+    await _check_entities(tx, checked.entity_refs)
+    responses.append(
+        {
+            "button": button,
+            "inputs": checked.properties,
+            "submitterInfo": {
+                "submittedBy": principal.email or principal.subject,
+                "userId": principal.subject,
+                "submittedAt": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            },
+        }
+    )
+    await node_log(tx, node_run_id, f"{principal.subject} pressed {button!r}")
+    counted = {str(o["identifier"]) for o in config.get("outlets") or []}
+    outlet = _reached(config, responses)
+    if outlet is None and button in counted:
+        await tx.execute(
+            "UPDATE workflow_node_runs SET output = $3, updated_at = now() "
+            "WHERE org_id = $1 AND id = $2",
+            tx.org_id,
+            node_run_id,
+            {"responses": responses},
+        )
+        return await get(tx, run["id"])
+    selected = {"identifier": outlet} if outlet is not None else None
+    await tx.execute(
+        "UPDATE workflow_node_runs SET status = 'COMPLETED', result = 'SUCCESS', output = $3, "
+        "outlet = $4, state = 'done', completed_at = now(), updated_at = now() "
+        "WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        node_run_id,
+        {"selectedOutlet": selected, "responses": responses},
+        outlet,
+    )
+    await node_log(
+        tx,
+        node_run_id,
+        f"outlet {outlet!r} reached" if outlet else f"{button!r} has no outlet: the fallback",
+    )
+    await advance(tx, run["id"], definition, node, int(row["seq"]), outlet)
+    return await get(tx, run["id"])

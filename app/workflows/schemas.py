@@ -61,6 +61,16 @@ class RunBody(BaseModel):
     triggerIdentifier: str | None = Field(default=None, max_length=100)
 
 
+class ResponseBody(BaseModel):
+    """A response to an INPUT node: `button` (its identifier; optional when the node has
+    one button) and `inputs` (the node's `userInputs`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    button: str | None = Field(default=None, max_length=100)
+    inputs: dict[str, Any] | None = None
+
+
 class NodeRun(BaseModel):
     model_config = ConfigDict(extra="allow")
 
