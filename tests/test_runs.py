@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from app.db.database import Database
 from tests.conftest import LiveServer, Org, OrgFactory
+from tests.test_permissions import add_user, user_headers
 
 SERVICE = {
     "identifier": "service",
@@ -710,3 +711,139 @@ async def test_idle_streams_hold_no_connection(
         await held.aclose()
     # Five quiet streams: mostly no session busy at all, never one each.
     assert busy.count(0) >= 15 and max(busy) < 5, busy
+
+
+# -- GET /v1/actions/runs/{id}/approvers --------------------------------------------------
+
+
+async def _gated_run(
+    client: httpx.AsyncClient, db: Database, org: Org, approval: Any = True
+) -> str:
+    """A run of `deploy` waiting for approval, which ann and bob (Members) may approve."""
+    await _setup(client, org)
+    for email in ("ann@example.com", "bob@example.com", "cid@example.com"):
+        await add_user(db, org.org_id, email, roles=["Member"])
+    r = await client.put(
+        "/v1/actions/deploy", json={**DEPLOY, "requiredApproval": approval}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    r = await client.patch(
+        "/v1/actions/deploy/permissions",
+        json={"approve": {"users": ["ann@example.com", "bob@example.com"], "roles": []}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await _run(client, org, "deploy", {"properties": {}, "entity": "api"})
+    assert r.json()["run"]["status"] == "WAITING_FOR_APPROVAL", r.text
+    return str(r.json()["run"]["id"])
+
+
+async def _approvers(
+    client: httpx.AsyncClient, run_id: str, headers: dict[str, str], pending: str | None = None
+) -> httpx.Response:
+    params = {} if pending is None else {"include_pending_approvers": pending}
+    return await client.get(f"/v1/actions/runs/{run_id}/approvers", params=params, headers=headers)
+
+
+async def test_approvers_lists_who_decided_and_who_may_still(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
+) -> None:
+    org = await make_org()
+    run_id = await _gated_run(client, db, org, {"type": "ALL"})
+    ann = user_headers(app, org.org_id, "ann@example.com")
+    r = await client.patch(
+        f"/v1/actions/runs/{run_id}/approval",
+        json={"status": "APPROVE", "description": "fine"},
+        headers=ann,
+    )
+    assert r.status_code == 201, r.text
+    r = await _approvers(client, run_id, org.headers, "true")
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "ok": True,
+        "approvers": [
+            {"userId": "ann@example.com", "state": "APPROVED", "description": "fine"},
+            {"userId": "bob@example.com", "state": "PENDING", "description": None},
+        ],
+    }
+
+
+async def test_approvers_leaves_out_pending_ones_unless_asked(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    run_id = await _gated_run(client, db, org)
+    assert (await _approvers(client, run_id, org.headers)).json()["approvers"] == []
+    pending = (await _approvers(client, run_id, org.headers, "true")).json()["approvers"]
+    assert [a["userId"] for a in pending] == ["ann@example.com", "bob@example.com"]
+
+
+async def test_a_decided_run_has_no_pending_approvers(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
+) -> None:
+    org = await make_org()
+    run_id = await _gated_run(client, db, org)
+    bob = user_headers(app, org.org_id, "bob@example.com")
+    await client.patch(
+        f"/v1/actions/runs/{run_id}/approval",
+        json={"status": "DECLINE", "description": "not today"},
+        headers=bob,
+    )
+    r = await _approvers(client, run_id, org.headers, "true")
+    assert r.json()["approvers"] == [
+        {"userId": "bob@example.com", "state": "DECLINED", "description": "not today"}
+    ]
+
+
+async def test_a_run_without_approval_has_no_approvers(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    r = await _approvers(client, run_id, org.headers, "true")
+    assert r.status_code == 200 and r.json()["approvers"] == []
+
+
+async def test_approvers_are_read_by_whoever_reads_the_run(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
+) -> None:
+    org = await make_org()
+    run_id = await _gated_run(client, db, org)
+    ann = user_headers(app, org.org_id, "ann@example.com")  # an approver
+    cid = user_headers(app, org.org_id, "cid@example.com")  # neither starter nor approver
+    assert (await _approvers(client, run_id, ann)).status_code == 200
+    r = await _approvers(client, run_id, cid)
+    assert r.status_code == 403
+    assert (r.json()["error"], r.json()["details"]["permission"]) == (
+        "missing_permission",
+        "runs.readAll",
+    )
+
+
+async def test_approvers_of_another_orgs_run_are_not_found(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org_a = await make_org()
+    org_b = await make_org()
+    run_id = await _gated_run(client, db, org_a)
+    r = await _approvers(client, run_id, org_b.headers, "true")
+    assert r.status_code == 404 and r.json()["ok"] is False
+
+
+async def test_approvers_of_an_unknown_run_are_not_found(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    r = await _approvers(client, "r_nope", org.headers)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+async def test_approvers_need_a_token_and_a_boolean(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    run_id = await _gated_run(client, db, org)
+    assert (await _approvers(client, run_id, {})).status_code == 401
+    r = await _approvers(client, run_id, org.headers, "maybe")
+    assert r.status_code == 422 and r.json()["ok"] is False

@@ -365,6 +365,42 @@ async def decide_run(run_id: RunId, body: ApprovalBody, tenant: CurrentTenant) -
     return json_response({"ok": True, "run": decided}, status_code=201)
 
 
+class Approver(BaseModel):
+    userId: str = Field(description="The user's email")
+    state: Literal["APPROVED", "DECLINED", "PENDING"]
+    description: str | None = None
+
+
+class ApproversResponse(BaseModel):
+    ok: Literal[True] = True
+    approvers: list[Approver]
+
+
+@router.get(
+    "/runs/{run_id}/approvers",
+    response_model=ApproversResponse,
+    responses=ERRORS_AUTHED,
+    summary="Get an action run's approvers",
+)
+async def list_approvers(
+    run_id: RunId,
+    tenant: CurrentTenant,
+    include_pending_approvers: Annotated[
+        bool,
+        Query(
+            description="Also the users who may approve the run and have not decided yet "
+            "(while it waits for approval)"
+        ),
+    ] = False,
+) -> Any:
+    """Who decided the run (`APPROVED`, `DECLINED`, with their description) and, with
+    `include_pending_approvers`, who else may (`PENDING`: the users the action's approve
+    block names). Readable by whoever may read the run."""
+    await _readable(tenant, run_id)
+    found = await runs.approvers(tenant.tx, run_id, include_pending=include_pending_approvers)
+    return json_response({"ok": True, "approvers": found})
+
+
 @router.post(
     "/runs/{run_id}/logs",
     status_code=201,

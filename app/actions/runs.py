@@ -671,6 +671,34 @@ async def logs(
     return [log_to_api(r) for r in rows]
 
 
+_DECIDED = {"APPROVE": "APPROVED", "DECLINE": "DECLINED"}
+
+
+async def approvers(tx: Tx, run_id: str, *, include_pending: bool) -> list[dict[str, Any]]:
+    """Port's `approvers` of a run: each decision given (`APPROVED` / `DECLINED`, with its
+    description), in the order given; with `include_pending`, while the run waits for
+    approval, every user the action's approve block names who has not decided (`PENDING`).
+    A run that needs no approval has none."""
+    row = await _row(tx, run_id)
+    given = (row["approval"] or {}).get("approvals", [])
+    out: list[dict[str, Any]] = [
+        {
+            "userId": a["userId"],
+            "state": _DECIDED.get(a.get("decision"), "APPROVED"),
+            "description": a.get("description"),
+        }
+        for a in given
+    ]
+    if include_pending and row["status"] == "WAITING_FOR_APPROVAL":
+        decided = {a["userId"] for a in given}
+        named = await permissions.approvers(tx, {"identifier": row["action"]})
+        out += [
+            {"userId": email, "state": "PENDING", "description": None}
+            for email in sorted(named - decided)
+        ]
+    return out
+
+
 async def decide(
     tx: Tx, principal: Principal, run_id: str, decision: Any, description: Any
 ) -> dict[str, Any]:
