@@ -55,6 +55,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/users/invite"): "admin",
     ("PATCH", "/v1/users/{user_email}"): "admin",
     ("DELETE", "/v1/users/{user_email}"): "admin",
+    ("POST", "/v1/rotate-credentials/{user_email}"): "admin",
     ("GET", "/v1/teams"): "member",
     ("GET", "/v1/teams/{name}"): "member",
     ("POST", "/v1/teams"): "admin",

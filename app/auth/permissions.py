@@ -63,6 +63,7 @@ OPERATIONS: dict[str, Holder] = {
     "audit.read": "admin",
     "users.read": "everyone",
     "users.manage": "admin",
+    "users.rotateCredentials": "admin",
     "teams.read": "everyone",
     "teams.manage": "admin",
     "secrets.read": "admin",
@@ -113,6 +114,14 @@ def require(principal: Principal, operation: str, *, blueprint: str | None = Non
             else f" (held by Admins and the {moderator(blueprint)} role)"
         )
         raise Denied(operation, f"blueprint {blueprint!r}" if blueprint else None, hint)
+
+
+def require_self_or(principal: Principal, operation: str, email: str) -> None:
+    """A user may do `operation` to themself; on anyone else it takes its holders."""
+    if principal.kind == "user" and (principal.email or "").lower() == email.lower():
+        return
+    if not allows(principal, operation):
+        raise Denied(operation, f"user {email!r}", " (held by Admins; a user holds it on themself)")
 
 
 def granted_operations(principal: Principal, moderated: Iterable[str]) -> dict[str, Any]:

@@ -77,7 +77,7 @@ async def _principal_from(request: Request) -> tuple[Principal, int]:
 
 # A user's roles (given + from the identity provider) and teams, in one statement.
 _USER_ACCESS = (
-    "SELECT u.status, u.roles || u.idp_roles AS roles, ARRAY("
+    "SELECT u.status, u.tokens_valid_after, u.roles || u.idp_roles AS roles, ARRAY("
     " SELECT DISTINCT t.name FROM team_members m JOIN teams t"
     " ON t.org_id = m.org_id AND t.id = m.team_id"
     " WHERE m.org_id = u.org_id AND m.user_id = u.id ORDER BY t.name) AS teams "
@@ -85,10 +85,20 @@ _USER_ACCESS = (
 )
 
 
-async def _with_user_access(principal: Principal, tx: Tx) -> Principal:
+async def _with_user_access(
+    principal: Principal, tx: Tx, issued_at: int | None = None
+) -> Principal:
+    """The user's roles and teams now; refused when they are gone or disabled, or (given
+    the token's `issued_at`) when their credentials were rotated after it was issued."""
     row = await tx.fetchrow(_USER_ACCESS, principal.org_id, principal.email)
     if row is None or row["status"] == "Disabled":
         raise Unauthorized("The user is not a member of the organization", code="unknown_user")
+    valid_after = row["tokens_valid_after"]
+    if issued_at is not None and valid_after is not None and issued_at < valid_after.timestamp():
+        raise Unauthorized(
+            "The user's credentials were rotated after this token was issued",
+            code="invalid_token",
+        )
     return replace(
         principal,
         roles=tuple(dict.fromkeys(row["roles"])),
@@ -143,7 +153,7 @@ async def _open_tenant(request: Request, principal: Principal, issued_at: int) -
         origin=principal.origin,
     )
     if principal.kind == "user":
-        principal = await _with_user_access(principal, tx)
+        principal = await _with_user_access(principal, tx, issued_at)
     sandbox.compiling_for(principal.org_id)  # definitions checked here count against its org
     return Tenant(principal=principal, tx=tx)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Request
+from fastapi import Path, Request
 from pydantic import BaseModel, Field
 
 from app.auth import permissions, service
@@ -14,11 +14,11 @@ from app.catalog import blueprints
 from app.db.routing import api_router
 from app.kit.openapi import ERRORS_AUTHED, ERRORS_PUBLIC
 
-router = api_router(prefix="/v1/auth", tags=["Authentication"])
+router = api_router(tags=["Authentication"])
 
 
 @router.post(
-    "/access_token",
+    "/v1/auth/access_token",
     response_model=AccessTokenResponse,
     responses=ERRORS_PUBLIC,
     summary="Create an access token",
@@ -54,7 +54,7 @@ class MeResponse(BaseModel):
 
 
 @router.get(
-    "/me",
+    "/v1/auth/me",
     response_model=MeResponse,
     responses=ERRORS_AUTHED,
     summary="Who am I: organization, roles, teams and effective permissions",
@@ -77,4 +77,39 @@ async def me(tenant: CurrentTenant) -> Any:
                 tenant.tx, principal, await blueprints.list_all(tenant.tx)
             ),
         },
+    }
+
+
+class PersonalCredentials(BaseModel):
+    clientId: str
+    clientSecret: str = Field(description="Shown this once; only its hash is kept")
+
+
+class RotatedCredentialsResponse(BaseModel):
+    ok: Literal[True] = True
+    credentials: PersonalCredentials
+
+
+@router.post(
+    "/v1/rotate-credentials/{user_email}",
+    response_model=RotatedCredentialsResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Users"],
+    summary="Rotate a user's personal credentials",
+)
+async def rotate_credentials(
+    user_email: Annotated[
+        str, Path(min_length=1, max_length=320, description="The user's email address")
+    ],
+    tenant: CurrentTenant,
+) -> Any:
+    """New personal credentials (client id and secret, exchanged at
+    `POST /v1/auth/access_token` for a token of the user). The old ones stop working at once,
+    and so does every token of the user issued before. Admins rotate anyone's; a user their
+    own."""
+    permissions.require_self_or(tenant.principal, "users.rotateCredentials", user_email)
+    made = await service.rotate_personal(tenant.tx, user_email)
+    return {
+        "ok": True,
+        "credentials": {"clientId": made.client_id, "clientSecret": made.client_secret},
     }

@@ -1,4 +1,5 @@
-"""Machine credentials: create them, and exchange a client id + secret for a token."""
+"""Credentials: machine credentials and users' personal credentials; exchange a client id +
+secret for a token."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 from app.auth.tokens import TokenService
 from app.db.database import Tx
-from app.kit.errors import Unauthorized
+from app.kit.errors import NotFound, Unauthorized
 from app.kit.ids import new_client_id, new_secret, org_of_client_id
 
 ADMIN_ROLE = "Admin"
@@ -59,14 +60,47 @@ async def exchange_credentials(
     client_id: str,
     client_secret: str,
 ) -> str:
-    """`tx` must already be bound to `org_id` (see org_for_client_id)."""
-    row = await tx.fetchrow(
-        "SELECT secret_hash, roles FROM credentials WHERE org_id = $1 AND client_id = $2",
-        org_id,
-        client_id,
-    )
+    """`tx` must already be bound to `org_id` (see org_for_client_id). A machine
+    credential's token speaks for the credential; a user's personal credential's for the
+    user (their roles and teams are read on each request)."""
+    row = await tx.fetchrow(_CREDENTIAL, org_id, client_id)
     presented = _hash_secret(client_secret)
     expected = bytes(row["secret_hash"]) if row is not None else b"\0" * len(presented)
-    if not hmac.compare_digest(presented, expected) or row is None:
+    if not hmac.compare_digest(presented, expected) or row is None or not row["enabled"]:
         raise Unauthorized("Invalid client credentials", code="invalid_credentials")
+    if row["email"] is not None:
+        return tokens.issue(org_id=org_id, subject=row["email"], kind="user", roles=[])
     return tokens.issue(org_id=org_id, subject=client_id, kind="app", roles=list(row["roles"]))
+
+
+# The client id's credential: a machine credential, else a user's personal one (a disabled
+# user's is not enabled).
+_CREDENTIAL = (
+    "SELECT secret_hash, roles, true AS enabled, NULL::varchar AS email FROM credentials "
+    "WHERE org_id = $1 AND client_id = $2 "
+    "UNION ALL "
+    "SELECT personal_secret_hash, '{}'::varchar[], status <> 'Disabled', email FROM users "
+    "WHERE org_id = $1 AND personal_client_id = $2 "
+    "LIMIT 1"
+)
+
+
+async def rotate_personal(tx: Tx, email: str) -> NewCredential:
+    """New personal credentials for the user: a new client id and secret. The old ones stop
+    working at once, and so does every token of the user issued before now (from the old
+    credentials or from the identity provider)."""
+    assert tx.org_id is not None
+    client_id = new_client_id(tx.org_id)
+    secret = new_secret()
+    changed = await tx.fetchval(
+        "UPDATE users SET personal_client_id = $3, personal_secret_hash = $4, "
+        "tokens_valid_after = date_trunc('second', now()), updated_at = now() "
+        "WHERE org_id = $1 AND email = $2 RETURNING id",
+        tx.org_id,
+        email.lower(),
+        client_id,
+        _hash_secret(secret),
+    )
+    if changed is None:
+        raise NotFound(f"User {email!r} was not found", code="user_not_found")
+    return NewCredential(client_id=client_id, client_secret=secret)

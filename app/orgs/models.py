@@ -11,6 +11,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKeyConstraint,
     Index,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -53,6 +54,7 @@ class User(Base):
     __table_args__ = (
         ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
         UniqueConstraint("org_id", "email"),
+        UniqueConstraint("org_id", "personal_client_id"),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -76,6 +78,11 @@ class User(Base):
     created_at: Mapped[datetime] = timestamp()
     updated_at: Mapped[datetime] = timestamp()
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Personal credentials (POST /v1/rotate-credentials/{email}): a client id and the hash
+    # of its secret; the user's tokens issued before `tokens_valid_after` are refused.
+    personal_client_id: Mapped[str | None] = mapped_column(String(64))
+    personal_secret_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    tokens_valid_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Team(Base):

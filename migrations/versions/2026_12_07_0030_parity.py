@@ -1,9 +1,13 @@
-"""Port API parity: the organization's settings and announcement.
+"""Port API parity: the organization's settings and announcement; users' personal
+credentials.
 
-`organizations` gains `settings` (Port's documented organization settings, as given) and
-`announcement` (the banner Port's organization object carries). Changes to them are audited
-by the service in the change's transaction rather than by a trigger: under Citus
-`organizations` is a reference table, whose triggers would fire on every node's copy.
+- `organizations` gains `settings` (Port's documented organization settings, as given) and
+  `announcement` (the banner Port's organization object carries). Changes to them are
+  audited by the service in the change's transaction rather than by a trigger: under Citus
+  `organizations` is a reference table, whose triggers would fire on every node's copy.
+- `users` gain personal credentials (`POST /v1/rotate-credentials/{user_email}`): a client
+  id, the hash of its secret, and `tokens_valid_after` (the user's tokens issued before it
+  are refused). The audit trigger leaves the hash out of the diff.
 
 Revision ID: 0030
 Revises: 0029
@@ -25,6 +29,18 @@ depends_on: str | Sequence[str] | None = None
 
 JSONB = postgresql.JSONB(astext_type=sa.Text())
 
+# The users' audit trigger (migration 0016): resource, key, then the columns left out.
+_USERS_AUDIT = ("user", "email", "id", "created_at", "updated_at", "last_login_at")
+
+
+def _audit_users(*hidden: str) -> None:
+    args = ", ".join(f"'{v}'" for v in (*_USERS_AUDIT, *hidden))
+    op.execute("DROP TRIGGER users_audit ON users")
+    op.execute(
+        "CREATE TRIGGER users_audit AFTER INSERT OR UPDATE OR DELETE ON users "
+        f"FOR EACH ROW EXECUTE FUNCTION portolan_audit_row({args})"
+    )
+
 
 def upgrade() -> None:
     op.add_column(
@@ -32,8 +48,22 @@ def upgrade() -> None:
         sa.Column("settings", JSONB, server_default=sa.text("'{}'::jsonb"), nullable=False),
     )
     op.add_column("organizations", sa.Column("announcement", JSONB, nullable=True))
+    op.add_column("users", sa.Column("personal_client_id", sa.String(64), nullable=True))
+    op.add_column("users", sa.Column("personal_secret_hash", sa.LargeBinary(), nullable=True))
+    op.add_column(
+        "users", sa.Column("tokens_valid_after", sa.DateTime(timezone=True), nullable=True)
+    )
+    op.create_unique_constraint(
+        "uq_users_org_id_personal_client_id", "users", ["org_id", "personal_client_id"]
+    )
+    _audit_users("personal_secret_hash")
 
 
 def downgrade() -> None:
+    _audit_users()
+    op.drop_constraint("uq_users_org_id_personal_client_id", "users", type_="unique")
+    op.drop_column("users", "tokens_valid_after")
+    op.drop_column("users", "personal_secret_hash")
+    op.drop_column("users", "personal_client_id")
     op.drop_column("organizations", "announcement")
     op.drop_column("organizations", "settings")
