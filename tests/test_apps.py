@@ -44,7 +44,7 @@ async def test_create_use_rotate_and_delete(
     assert (await _token(client, made["clientId"], made["secret"])).status_code == 401
     assert (await _token(client, made["clientId"], fresh)).status_code == 200
     r = await client.put(
-        f"/v1/apps/{made['clientId']}", json={"roles": ["Admin"]}, headers=org.headers
+        f"/v1/apps/{made['clientId']}", json={"name": "ci", "roles": ["Admin"]}, headers=org.headers
     )
     assert r.json()["app"]["roles"] == ["Admin"]
     assert (await client.delete(f"/v1/apps/{made['clientId']}", headers=org.headers)).json() == {
@@ -86,7 +86,9 @@ async def test_the_last_admin_credential_stays(
     r = await client.delete(f"/v1/apps/{org.client_id}", headers=org.headers)
     assert r.status_code == 409 and r.json()["error"] == "last_admin_credential"
     r = await client.put(
-        f"/v1/apps/{org.client_id}", json={"roles": ["Member"]}, headers=org.headers
+        f"/v1/apps/{org.client_id}",
+        json={"name": "default", "roles": ["Member"]},
+        headers=org.headers,
     )
     assert r.status_code == 409
     second = (
@@ -136,7 +138,7 @@ async def test_tokens_end_with_their_credential(
     # Changing the roles ends the tokens that carry the old ones.
     await asyncio.sleep(1.1)
     r = await client.put(
-        f"/v1/apps/{made['clientId']}", json={"roles": ["Admin"]}, headers=org.headers
+        f"/v1/apps/{made['clientId']}", json={"name": "ci", "roles": ["Admin"]}, headers=org.headers
     )
     assert r.status_code == 200
     assert (await client.get("/v1/blueprints", headers=fresh)).status_code == 401
@@ -154,3 +156,119 @@ async def test_tokens_end_with_their_credential(
     actions = [a["action"] for a in r.json()["audits"]]
     assert actions.count("UPDATE") == 2 and "DELETE" in actions and "CREATE" in actions
     assert "secret_hash" not in r.text
+
+
+# -- Port's PUT {name}, enabled / updatedAt, fields ----------------------------------------
+
+
+async def _made(client: httpx.AsyncClient, org: Org, roles: list[str]) -> dict[str, str]:
+    r = await client.post("/v1/apps", json={"name": "ci", "roles": roles}, headers=org.headers)
+    assert r.status_code == 201, r.text
+    return dict(r.json()["app"])
+
+
+async def test_apps_carry_enabled_and_updated_at(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    made = await _made(client, org, ["Member"])
+    assert made["enabled"] is True and made["updatedAt"] == made["createdAt"]
+    await asyncio.sleep(0.01)
+    r = await client.put(
+        f"/v1/apps/{made['clientId']}", json={"name": "renamed"}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    renamed = r.json()["app"]
+    assert (renamed["name"], renamed["roles"], renamed["enabled"]) == ("renamed", ["Member"], True)
+    assert renamed["updatedAt"] > made["updatedAt"]
+
+
+async def test_put_needs_ports_name(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    made = await _made(client, org, ["Member"])
+    for body in ({"roles": ["Admin"]}, {"name": ""}, {"name": "x", "secret": "mine"}):
+        r = await client.put(f"/v1/apps/{made['clientId']}", json=body, headers=org.headers)
+        assert r.status_code == 422, body
+        assert r.json()["ok"] is False and r.json()["message"]
+
+
+async def test_a_disabled_credentials_tokens_are_refused_at_once(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    made = await _made(client, org, ["Member"])
+    token = await _bearer(client, made["clientId"], made["secret"])
+    r = await client.put(
+        f"/v1/apps/{made['clientId']}", json={"name": "ci", "enabled": False}, headers=org.headers
+    )
+    assert r.status_code == 200 and r.json()["app"]["enabled"] is False
+    # Refused in the same second as the change: no waiting for a later token second.
+    r = await client.get("/v1/blueprints", headers=token)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    assert (await _token(client, made["clientId"], made["secret"])).status_code == 401
+
+
+async def test_enabling_again_does_not_revive_older_tokens(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    made = await _made(client, org, ["Member"])
+    token = await _bearer(client, made["clientId"], made["secret"])
+    await asyncio.sleep(1.1)  # the token is from an earlier second than the disabling
+    url = f"/v1/apps/{made['clientId']}"
+    await client.put(url, json={"name": "ci", "enabled": False}, headers=org.headers)
+    await client.put(url, json={"name": "ci", "enabled": True}, headers=org.headers)
+    assert (await client.get("/v1/blueprints", headers=token)).status_code == 401
+    fresh = await _bearer(client, made["clientId"], made["secret"])
+    assert (await client.get("/v1/blueprints", headers=fresh)).status_code == 200
+
+
+async def test_the_last_enabled_admin_credential_cannot_be_disabled(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    r = await client.put(
+        f"/v1/apps/{org.client_id}", json={"name": "default", "enabled": False}, headers=org.headers
+    )
+    assert r.status_code == 409 and r.json()["error"] == "last_admin_credential"
+    second = await _made(client, org, ["Admin"])
+    await client.put(
+        f"/v1/apps/{second['clientId']}", json={"name": "ci", "enabled": False}, headers=org.headers
+    )
+    # A disabled Admin credential does not count as a way in.
+    r = await client.delete(f"/v1/apps/{org.client_id}", headers=org.headers)
+    assert r.status_code == 409
+
+
+async def test_disabling_is_audited(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    made = await _made(client, org, ["Member"])
+    await client.put(
+        f"/v1/apps/{made['clientId']}", json={"name": "ci", "enabled": False}, headers=org.headers
+    )
+    r = await client.get(
+        "/v1/audit-log",
+        params={"resources": "credential", "identifier": made["clientId"], "action": "UPDATE"},
+        headers=org.headers,
+    )
+    [entry] = r.json()["audits"]
+    assert (entry["diff"]["before"]["enabled"], entry["diff"]["after"]["enabled"]) == (True, False)
+
+
+async def test_list_fields_keeps_only_those_asked(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    r = await client.get(
+        "/v1/apps", params=[("fields", "id"), ("fields", "enabled")], headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["apps"] == [{"id": org.client_id, "enabled": True}]
+    r = await client.get("/v1/apps", params={"fields": "secret"}, headers=org.headers)
+    assert r.json()["apps"] == [{}]  # only the hash is kept: never listed
+
+
+async def test_an_unknown_field_is_refused(client: httpx.AsyncClient, make_org: OrgFactory) -> None:
+    org = await make_org()
+    r = await client.get("/v1/apps", params={"fields": "secret_hash"}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["ok"] is False

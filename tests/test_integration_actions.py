@@ -600,7 +600,7 @@ async def test_the_integrations_own_credential_claims_and_reports_without_admin(
     await install(client, await _headers(client, own))
     await define(client, org, integration_action())
     r = await client.put(
-        f"/v1/apps/{own.client_id}", json={"roles": ["Member"]}, headers=org.headers
+        f"/v1/apps/{own.client_id}", json={"name": "own", "roles": ["Member"]}, headers=org.headers
     )
     assert r.status_code == 200, r.text
     headers = await _headers(client, own)  # a Member now, still the integration's own

@@ -272,7 +272,7 @@ _SWAPS: list[tuple[str, str, Any]] = [
     ("GET", "/v1/organization/secrets/TOKEN", None),
     ("PATCH", "/v1/organization/secrets/TOKEN", {"secretValue": "taken"}),
     ("DELETE", "/v1/organization/secrets/TOKEN", None),
-    ("PUT", "/v1/apps/{app}", {"roles": ["Member"]}),
+    ("PUT", "/v1/apps/{app}", {"name": "taken", "roles": ["Member"]}),
     ("POST", "/v1/apps/{app}/rotate-secret", None),
     ("DELETE", "/v1/apps/{app}", None),
     ("GET", "/v1/migrations/{migration}", None),

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    Boolean,
     DateTime,
     ForeignKeyConstraint,
     Index,
@@ -38,6 +39,9 @@ class Credential(Base):
     tokens_valid_after: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=text("date_trunc('second', now())")
     )
+    # A disabled credential's tokens are refused, and it gets no new ones (Port's `enabled`).
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
+    updated_at: Mapped[datetime] = timestamp()
 
 
 class BlueprintPermissions(Base):

@@ -194,7 +194,9 @@ async def principal_of(tx: Tx, subject: str) -> Principal | None:
     email, with today's roles and teams; None when it is gone or disabled."""
     assert tx.org_id is not None
     roles = await tx.fetchval(
-        "SELECT roles FROM credentials WHERE org_id = $1 AND client_id = $2", tx.org_id, subject
+        "SELECT roles FROM credentials WHERE org_id = $1 AND client_id = $2 AND enabled",
+        tx.org_id,
+        subject,
     )
     if roles is not None:
         return Principal(org_id=tx.org_id, subject=subject, kind="app", roles=tuple(roles))

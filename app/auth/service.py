@@ -76,7 +76,7 @@ async def exchange_credentials(
 # The client id's credential: a machine credential, else a user's personal one (a disabled
 # user's is not enabled).
 _CREDENTIAL = (
-    "SELECT secret_hash, roles, true AS enabled, NULL::varchar AS email FROM credentials "
+    "SELECT secret_hash, roles, enabled, NULL::varchar AS email FROM credentials "
     "WHERE org_id = $1 AND client_id = $2 "
     "UNION ALL "
     "SELECT personal_secret_hash, '{}'::varchar[], status <> 'Disabled', email FROM users "

@@ -42,6 +42,38 @@ def _audit_users(*hidden: str) -> None:
     )
 
 
+# The credentials' audit trigger (migration 0014): resource, key, then the columns left out.
+_CREDENTIALS_AUDIT = ("credential", "client_id", "secret_hash", "created_at")
+
+
+def _audit_credentials(*hidden: str) -> None:
+    args = ", ".join(f"'{v}'" for v in (*_CREDENTIALS_AUDIT, *hidden))
+    op.execute("DROP TRIGGER credentials_audit ON credentials")
+    op.execute(
+        "CREATE TRIGGER credentials_audit AFTER INSERT OR UPDATE OR DELETE ON credentials "
+        f"FOR EACH ROW EXECUTE FUNCTION portolan_audit_row({args})"
+    )
+
+
+# Runs as the app role with the request's org bound (RLS applies). Whole seconds, as a
+# token's `iat`: a token issued in the second of a rotation is still accepted.
+_CHECK = """
+CREATE OR REPLACE FUNCTION portolan_credential_valid(p_client_id text, p_issued_at bigint)
+RETURNS void LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM credentials
+        WHERE org_id = NULLIF(current_setting('app.org_id', true), '')::uuid
+          AND client_id = p_client_id
+          AND tokens_valid_after <= to_timestamp(p_issued_at)
+          {enabled}
+    ) THEN
+        RAISE EXCEPTION 'credential revoked' USING ERRCODE = 'invalid_authorization_specification';
+    END IF;
+END $$
+"""
+
+
 def upgrade() -> None:
     op.add_column(
         "organizations",
@@ -57,9 +89,25 @@ def upgrade() -> None:
         "uq_users_org_id_personal_client_id", "users", ["org_id", "personal_client_id"]
     )
     _audit_users("personal_secret_hash")
+    op.add_column(
+        "credentials",
+        sa.Column("enabled", sa.Boolean(), server_default=sa.text("true"), nullable=False),
+    )
+    op.add_column(
+        "credentials",
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+    )
+    _audit_credentials("updated_at")
+    op.execute(_CHECK.replace("{enabled}", "AND enabled"))
 
 
 def downgrade() -> None:
+    op.execute(_CHECK.replace("{enabled}", ""))
+    _audit_credentials()
+    op.drop_column("credentials", "updated_at")
+    op.drop_column("credentials", "enabled")
     _audit_users()
     op.drop_constraint("uq_users_org_id_personal_client_id", "users", type_="unique")
     op.drop_column("users", "tokens_valid_after")
