@@ -29,6 +29,7 @@ from app.search.calc import calculate
 from app.webhooks.definitions import compile_mapping
 from app.webhooks.processing import _render_alone
 from app.workflows import engine as workflow_engine
+from app.workflows import events as workflow_events
 from tests.conftest import OrgFactory
 from tests.receivers import WebhookReceiver
 from tests.test_dispatch import (
@@ -177,6 +178,20 @@ async def _via_workflow_condition(org: str, program: str) -> Any:
     return step.outlet == "x"
 
 
+async def _via_workflow_event_condition(org: str, program: str) -> Any:
+    """An EVENT_TRIGGER's condition, as the event feed evaluates it for a workflow."""
+    node = {
+        "identifier": "trigger",
+        "config": {
+            "type": "EVENT_TRIGGER",
+            "event": {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"},
+            "condition": {"type": "JQ", "expressions": [program], "combinator": "and"},
+        },
+    }
+    trigger = workflow_events.trigger_of("wf", "wfv_x", {"nodes": [node]}, node)
+    return await condition_holds(trigger, {"inputs": INPUT}, org)
+
+
 SITES: dict[str, Callable[[str, str], Any]] = {
     "sandbox": _via_sandbox,
     "action-template": _via_template,
@@ -204,6 +219,16 @@ async def test_automation_conditions_see_only_their_input(canary_env: None) -> N
         assert truth is expected, program
     # The canary would make this true if conditions could read the environment.
     assert await _via_condition("org-escapes", f'$ENV | tostring | test("{CANARY}")') is False
+
+
+async def test_workflow_event_conditions_see_only_their_input(canary_env: None) -> None:
+    for program, _ in ESCAPES:
+        truth = await _via_workflow_event_condition("org-escapes", program)
+        reference = await _via_sandbox("org-escapes", program)
+        expected = False if isinstance(reference, Exception) else reference not in (None, False)
+        assert truth is expected, program
+    leak = f'$ENV | tostring | test("{CANARY}")'
+    assert await _via_workflow_event_condition("org-escapes", leak) is False
 
 
 async def test_workflow_conditions_see_only_their_input(canary_env: None) -> None:

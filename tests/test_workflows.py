@@ -379,7 +379,7 @@ def _invalid_cases() -> list[tuple[str, Any, str, str]]:
             "defined twice",
         ),
     ]
-    for kind in ("KAFKA", "AI", "AI_AGENT", "CURSOR_AGENT", "EVENT_TRIGGER"):
+    for kind in ("KAFKA", "AI", "AI_AGENT", "CURSOR_AGENT"):
         cases.append(
             (
                 f"{kind} refused",

@@ -34,8 +34,11 @@ ENTITY_DELETED / ANY_ENTITY_CHANGE on its blueprint, RUN_CREATED / RUN_UPDATED /
 ANY_RUN_CHANGE of its action) when it is published and its jq `condition` holds over the
 event's data `{action, resourceType, trigger, context, diff: {before, after}}`. A run of an
 automation never triggers that same automation, and a chain of automations stops after
-MAX_CHAIN runs. Each org's horizon is its own (`horizons`): a long-running tenant
-transaction holds back its own org's automations; one that names no org, every org's.
+MAX_CHAIN runs. The same pass starts workflows from their EVENT_TRIGGER nodes
+(app/workflows/events.py): matched and their conditions evaluated as automations are, with
+the same per-org share, their runs made in the same transaction. Each org's horizon is its
+own (`horizons`): a long-running tenant transaction holds back its own org's automations;
+one that names no org, every org's.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from app.config import Settings
 from app.db.database import ORG_TAG, Database, Tx, bind_org
 from app.dispatch import templates
 from app.kit.loops import PollingLoop
+from app.workflows import events as workflow_events
 
 log = logging.getLogger("portolan.automations")
 FEED = "automations"
@@ -90,6 +94,7 @@ class Event:
     entity: dict[str, Any] | None
     caused_by: str | None  # the action whose run made this change
     depth: int
+    workflow: str | None = None  # the workflow whose event-started run made this change
 
 
 def _at(value: Any) -> str:
@@ -176,7 +181,7 @@ def _matches(automation: asyncpg.Record, event: Event) -> bool:
 
 
 async def condition_holds(
-    automation: asyncpg.Record, data: dict[str, Any], org_id: uuid.UUID | None
+    automation: asyncpg.Record | dict[str, Any], data: dict[str, Any], org_id: uuid.UUID | None
 ) -> bool:
     """The automation's jq condition over the event data (no condition: true). A jq error
     is logged and counts as false; a failure to evaluate at all (no turn in the jq
@@ -229,13 +234,20 @@ async def create_automation_run(
     )
 
 
-async def _interested(tx: Tx) -> list[Any]:
-    """The orgs whose events anything reads: published automations or a blueprint with a
-    changelog destination. Other orgs' events are passed over unread."""
-    rows = await tx.fetch(
-        "SELECT org_id FROM actions WHERE publish AND trigger->>'type' = 'automation' "
-        "UNION SELECT org_id FROM blueprints WHERE changelog_destination IS NOT NULL"
+_INTERESTED = " UNION ".join(
+    (
+        "SELECT org_id FROM actions WHERE publish AND trigger->>'type' = 'automation'",
+        "SELECT org_id FROM blueprints WHERE changelog_destination IS NOT NULL",
+        workflow_events.INTERESTED,
     )
+)
+
+
+async def _interested(tx: Tx) -> list[Any]:
+    """The orgs whose events anything reads: published automations, a blueprint with a
+    changelog destination or a workflow with an event trigger. Other orgs' events are
+    passed over unread."""
+    rows = await tx.fetch(_INTERESTED)
     return [r["org_id"] for r in rows]
 
 
@@ -442,7 +454,7 @@ class _Item:
 
     xid: int
     event: Event
-    automation: asyncpg.Record
+    automation: asyncpg.Record | dict[str, Any]  # a dict: a workflow's EVENT_TRIGGER
     holds: bool | None = None  # None: not evaluated (yet)
     failed: bool = False
 
@@ -453,8 +465,11 @@ class _Pass:
     end: str = ""
 
 
-async def _read(db: Database, claim: Claim) -> tuple[_Pass, list[asyncpg.Record]]:
-    """The org's events from its cursor (about BATCH), and its automations."""
+async def _read(
+    db: Database, claim: Claim
+) -> tuple[_Pass, list[asyncpg.Record], list[dict[str, Any]]]:
+    """The org's events from its cursor (about BATCH), its automations and its workflows'
+    event triggers."""
     org = [claim.org_id]
     read = _Pass()
     async with db.system() as tx:
@@ -463,6 +478,10 @@ async def _read(db: Database, claim: Claim) -> tuple[_Pass, list[asyncpg.Record]
         if end != entity_end:  # the run slice was cut shorter: entity events that far too
             entity_rows = [r for r in entity_rows if int(str(r["xid"])) < int(end)]
         automations = (await _automations(tx, org)).get(claim.org_id, [])
+        triggers = await workflow_events.triggers(tx, claim.org_id)
+        chains = await workflow_events.chains(
+            tx, claim.org_id, [r["actor"] for r in entity_rows if r["origin"] == "WORKFLOW"]
+        )
     ordered = sorted(
         [(int(str(r["xid"])), 0, r["id"], entity_event(r)) for r in entity_rows]
         + [(int(str(r["xid"])), 1, r["id"], run_event(r)) for r in run_rows],
@@ -470,7 +489,11 @@ async def _read(db: Database, claim: Claim) -> tuple[_Pass, list[asyncpg.Record]
     )
     read.events = [(item[0], item[3]) for item in ordered]
     read.end = end
-    return read, automations
+    for _, event in read.events:
+        chain = chains.get(event.data["trigger"]["by"]["userId"])
+        if chain is not None:  # written by an event-started workflow run: its chain goes on
+            event.workflow, event.depth = chain[0], max(event.depth, chain[1])
+    return read, automations, triggers
 
 
 async def _evaluate(items: list[_Item], org_id: uuid.UUID, concurrency: int) -> None:
@@ -511,12 +534,18 @@ async def _evaluate(items: list[_Item], org_id: uuid.UUID, concurrency: int) -> 
 async def run_pass(db: Database, claim: Claim, concurrency: int = ORG_CONCURRENCY) -> int:
     """One org's turn: its events since its cursor become automation runs and changelog
     deliveries; the cursor moves as far as was evaluated. Returns how many runs it made."""
-    read, automations = await _read(db, claim)
+    read, automations, triggers = await _read(db, claim)
     items = [
         _Item(xid, event, automation)
         for xid, event in read.events
-        for automation in automations
-        if _matches(automation, event)
+        for automation in [
+            *(a for a in automations if _matches(a, event)),
+            *(
+                t
+                for t in triggers
+                if workflow_events.matches(t, event.types, event.scope, event.depth, event.workflow)
+            ),
+        ]
     ]
     lost = False
 
@@ -553,6 +582,18 @@ async def run_pass(db: Database, claim: Claim, concurrency: int = ORG_CONCURRENC
         bound = Tx(tx.conn, claim.org_id)
         for item in items:
             if item.xid >= int(end) or not item.holds:
+                continue
+            if isinstance(item.automation, dict):
+                made += (
+                    await workflow_events.start_run(
+                        bound,
+                        item.automation,
+                        item.event.data,
+                        item.event.key,
+                        item.event.depth,
+                    )
+                    is not None
+                )
                 continue
             run_id = await create_automation_run(
                 bound,

@@ -31,7 +31,7 @@ MAX_OUTLETS = 20  # outlets of one CONDITION node
 MAX_TEMPLATE_LENGTH = 10_000  # characters of one string holding templates (or one expression)
 MAX_DEFINITION_BYTES = 256 * 1024  # the definition as JSON
 
-TRIGGERS = ("SELF_SERVE_TRIGGER",)
+TRIGGERS = ("SELF_SERVE_TRIGGER", "EVENT_TRIGGER")
 ACTIONS = ("WEBHOOK", "UPSERT_ENTITY")
 FLOW = ("CONDITION", "INPUT")
 SUPPORTED = (*TRIGGERS, *ACTIONS, *FLOW)
@@ -41,8 +41,6 @@ REFUSED = {
     "AI": "AI nodes are not available in Portolan",
     "AI_AGENT": "AI_AGENT nodes are not available in Portolan",
     "CURSOR_AGENT": "CURSOR_AGENT nodes are not available in Portolan",
-    "EVENT_TRIGGER": "EVENT_TRIGGER nodes are not available in Portolan yet: start runs with a "
-    "SELF_SERVE_TRIGGER",
     "INTEGRATION_ACTION": "INTEGRATION_ACTION nodes are not available in Portolan yet: use a "
     "WEBHOOK node",
 }
@@ -71,6 +69,7 @@ _CONFIG_KEYS: dict[str, frozenset[str]] = {
     "SELF_SERVE_TRIGGER": frozenset(
         ("type", "userInputs", "permissions", "published", "contexts", "variant")
     ),
+    "EVENT_TRIGGER": frozenset(("type", "event", "condition", "published")),
     "WEBHOOK": frozenset(
         (
             "type",
@@ -93,6 +92,10 @@ _CONFIG_KEYS: dict[str, frozenset[str]] = {
 _MAPPING_KEYS = frozenset(("identifier", "title", "icon", "team", "properties", "relations"))
 _INPUTS_KEYS = frozenset(("properties", "required", "order", "steps", "titles"))
 _PERMISSION_KEYS = frozenset(("roles", "users", "teams"))
+# The events an EVENT_TRIGGER waits for: the automations' event feed's entity events.
+EVENT_TYPES = ("ENTITY_CREATED", "ENTITY_UPDATED", "ENTITY_DELETED", "ANY_ENTITY_CHANGE")
+_EVENT_KEYS = frozenset(("type", "blueprintIdentifier", "propertyIdentifier"))
+_CONDITION_KEYS = frozenset(("type", "expressions", "combinator"))
 _BUTTON_KEYS = frozenset(("identifier", "label", "variant"))
 _BUTTON_VARIANTS = ("PRIMARY", "SECONDARY", "DANGER")
 _INPUT_OUTLET_KEYS = frozenset(
@@ -214,7 +217,9 @@ def _nodes(raw: Any, scope: Scope, problems: Problems) -> dict[str, dict[str, An
         if identifier is not None and identifier not in found and kind is not None:
             found[identifier] = {"pointer": pointer, "type": kind, "node": node}
     if found and not any(n["type"] in TRIGGERS for n in found.values()):
-        problems.add("/nodes", "a workflow needs a trigger node (SELF_SERVE_TRIGGER)")
+        problems.add(
+            "/nodes", "a workflow needs a trigger node (SELF_SERVE_TRIGGER or EVENT_TRIGGER)"
+        )
     return found
 
 
@@ -238,6 +243,8 @@ def _config(config: Any, pointer: str, scope: Scope, problems: Problems) -> str 
         problems.add(f"{pointer}/onFailure", "onFailure is 'terminate' or 'continue'")
     if kind == "SELF_SERVE_TRIGGER":
         _self_serve(config, pointer, scope, problems)
+    elif kind == "EVENT_TRIGGER":
+        _event_trigger(config, pointer, scope, problems)
     elif kind == "WEBHOOK":
         _webhook(config, pointer, problems)
     elif kind == "UPSERT_ENTITY":
@@ -278,6 +285,58 @@ def _self_serve(config: dict[str, Any], pointer: str, scope: Scope, problems: Pr
                     problems.add(f"{where}/userInput", "userInput names an entity input")
             else:
                 problems.add(where, "a context is {on: CREATE_ENTITY | ENTITY, ...}")
+
+
+def _event_trigger(config: dict[str, Any], pointer: str, scope: Scope, problems: Problems) -> None:
+    """`event: {type, blueprintIdentifier}` and a jq `condition` over the event's data
+    (`{type: JQ, expressions, combinator}`), as automations' triggers."""
+    if "published" in config and not isinstance(config["published"], bool):
+        problems.add(f"{pointer}/published", "published must be true or false")
+    event = config.get("event")
+    where = f"{pointer}/event"
+    if not isinstance(event, dict):
+        problems.add(where, "event is {type, blueprintIdentifier}")
+    else:
+        for key in sorted(set(event) - _EVENT_KEYS):
+            problems.add(f"{where}/{_escape(key)}", f"unknown field {key!r} of an event")
+        kind = event.get("type")
+        if kind == "TIMER_EXPIRED":
+            problems.add(
+                f"{where}/type",
+                "TIMER_EXPIRED events are not available to workflows in Portolan yet",
+            )
+        elif kind not in EVENT_TYPES:
+            problems.add(f"{where}/type", f"type is one of {', '.join(EVENT_TYPES)}")
+        elif "propertyIdentifier" in event:
+            problems.add(f"{where}/propertyIdentifier", "propertyIdentifier is for timers")
+        blueprint = event.get("blueprintIdentifier")
+        if not isinstance(blueprint, str) or blueprint not in scope.blueprints:
+            problems.add(f"{where}/blueprintIdentifier", f"blueprint {blueprint!r} does not exist")
+    condition = config.get("condition")
+    if condition is None:
+        return
+    where = f"{pointer}/condition"
+    if not isinstance(condition, dict):
+        problems.add(where, "condition is {type: JQ, expressions, combinator}")
+        return
+    for key in sorted(set(condition) - _CONDITION_KEYS):
+        problems.add(f"{where}/{_escape(key)}", f"unknown field {key!r} of a condition")
+    if condition.get("type", "JQ") != "JQ":
+        problems.add(f"{where}/type", "a condition's type is JQ")
+    if condition.get("combinator", "and") not in ("and", "or"):
+        problems.add(f"{where}/combinator", "combinator is 'and' or 'or'")
+    expressions = condition.get("expressions")
+    if not isinstance(expressions, list) or not expressions:
+        problems.add(f"{where}/expressions", "expressions is a non-empty list of jq")
+        return
+    if len(expressions) > MAX_OUTLETS:
+        problems.add(f"{where}/expressions", f"a condition has at most {MAX_OUTLETS} expressions")
+        return
+    for index, expression in enumerate(expressions):
+        at = f"{where}/expressions/{index}"
+        _jq(expression, at, problems)
+        if isinstance(expression, str) and templates.referenced_secrets("{{ " + expression + " }}"):
+            problems.add(at, _NO_SECRETS)
 
 
 def _who(block: Any, where: str, name: str, problems: Problems) -> None:

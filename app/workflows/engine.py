@@ -46,7 +46,7 @@ from app.kit.crypto import Cipher, cipher_for
 from app.kit.errors import Forbidden, PortolanError
 from app.kit.outbound import Allowed
 from app.secrets import service as secrets_service
-from app.workflows import definitions, runs
+from app.workflows import definitions, events, runs
 
 log = logging.getLogger("portolan.workflows")
 CONDITION_OUTPUT_LIMIT = 64 * 1024
@@ -369,17 +369,24 @@ async def finish(db: Database, held: Held, step: Step) -> str:
 
 async def _write(tx: Tx, held: Held, blueprint: str, entity: dict[str, Any]) -> None:
     run = held.run
-    principal = await principal_of(tx, run["created_by"])
-    if principal is None:
-        raise Forbidden(
-            f"{run['created_by']!r} is no longer a member of the organization: the entity "
-            "cannot be written in their name",
-            code="missing_permission",
+    if events.started_by_event(run["context"]):
+        # No person started it: it writes with the org's authority, as automations do,
+        # under a name that tells the event feed which run wrote (app/workflows/events.py).
+        writer = entities.Writer(
+            actor=events.writer_actor(run["id"]), origin="WORKFLOW", datasource=None
         )
-    guard = None if principal.is_admin else EntityGuard(principal)
-    writer = entities.Writer(
-        actor=run["created_by"], origin="WORKFLOW", datasource=None, guard=guard
-    )
+    else:
+        principal = await principal_of(tx, run["created_by"])
+        if principal is None:
+            raise Forbidden(
+                f"{run['created_by']!r} is no longer a member of the organization: the "
+                "entity cannot be written in their name",
+                code="missing_permission",
+            )
+        guard = None if principal.is_admin else EntityGuard(principal)
+        writer = entities.Writer(
+            actor=run["created_by"], origin="WORKFLOW", datasource=None, guard=guard
+        )
     # (Entity events name action runs only: a workflow's writes carry its starter and the
     # WORKFLOW origin.)
     flags = entities.WriteFlags(upsert=True, merge=True)

@@ -198,9 +198,69 @@ async def _by_key(tx: Tx, actor: str, key: str, request_hash: str) -> dict[str, 
     return await get(tx, row["id"])
 
 
+async def insert_run(
+    tx: Tx,
+    *,
+    workflow: str,
+    version_id: str,
+    definition: dict[str, Any],
+    trigger: dict[str, Any],
+    output: Any,
+    actor: str,
+    context: dict[str, Any],
+    idempotency_key: str | None,
+    request_hash: str | None,
+    started: str,
+) -> str | None:
+    """A new run of the version fired by `trigger`: the run, its trigger's node run (its
+    output `output`) and the next node queued, or the run ended when there is none. None
+    when the starter's `idempotency_key` already made a run."""
+    now = datetime.now(UTC)
+    run_id = new_id("wfr_")
+    context = {
+        **context,
+        "allowAnyoneToViewRuns": definition.get("allowAnyoneToViewRuns", True),
+    }
+    inserted = await tx.fetchval(
+        "INSERT INTO workflow_runs (org_id, id, workflow, version_id, trigger_node, status, "
+        "context, idempotency_key, request_hash, created_at, updated_at, created_by) "
+        "VALUES ($1, $2, $3, $4, $5, 'IN_PROGRESS', $6, $7, $8, $9, $9, $10) "
+        "ON CONFLICT (org_id, created_by, idempotency_key) WHERE idempotency_key IS NOT NULL "
+        "DO NOTHING RETURNING id",
+        tx.org_id,
+        run_id,
+        workflow,
+        version_id,
+        trigger["identifier"],
+        context,
+        idempotency_key,
+        request_hash,
+        now,
+        actor,
+    )
+    if inserted is None:
+        return None
+    trigger_run = new_id("wfnr_")
+    await tx.execute(
+        "INSERT INTO workflow_node_runs (org_id, id, run_id, seq, node, node_type, status, "
+        "result, output, state, created_at, updated_at, completed_at) "
+        "VALUES ($1, $2, $3, 0, $4, $5, 'COMPLETED', 'SUCCESS', $6, 'done', $7, $7, $7)",
+        tx.org_id,
+        trigger_run,
+        run_id,
+        trigger["identifier"],
+        trigger["config"]["type"],
+        output,
+        now,
+    )
+    await node_log(tx, trigger_run, started)
+    await advance(tx, run_id, definition, trigger, 0)
+    return run_id
+
+
 def _trigger(definition: dict[str, Any], workflow: str, wanted: Any) -> dict[str, Any]:
     triggers: list[dict[str, Any]] = [
-        n for n in definition["nodes"] if n["config"]["type"] in definitions.TRIGGERS
+        n for n in definition["nodes"] if n["config"]["type"] == "SELF_SERVE_TRIGGER"
     ]
     if wanted is not None:
         found = [n for n in triggers if n["identifier"] == wanted]
@@ -210,6 +270,11 @@ def _trigger(definition: dict[str, Any], workflow: str, wanted: Any) -> dict[str
                 details=[{"pointer": "/triggerIdentifier", "message": "not a trigger node"}],
             )
         return found[0]
+    if not triggers:
+        raise Invalid(
+            f"Workflow {workflow!r} has no self-serve trigger: it is started by its events",
+            code="workflow_not_self_serve",
+        )
     if len(triggers) != 1:
         raise Invalid(
             f"Workflow {workflow!r} has {len(triggers)} triggers: name one (triggerIdentifier)",
@@ -296,55 +361,26 @@ async def create(
         message = exc.message.replace("of this action", "of this trigger")
         raise Invalid(message, details=details) from exc
     await _check_entities(tx, checked.entity_refs)
-    now = datetime.now(UTC)
-    run_id = new_id("wfr_")
-    context = {
-        "by": {"orgId": str(tx.org_id), "userId": actor, "email": principal.email},
-        "allowAnyoneToViewRuns": definition.get("allowAnyoneToViewRuns", True),
-    }
-    inserted = await tx.fetchval(
-        "INSERT INTO workflow_runs (org_id, id, workflow, version_id, trigger_node, status, "
-        "context, idempotency_key, request_hash, created_at, updated_at, created_by) "
-        "VALUES ($1, $2, $3, $4, $5, 'IN_PROGRESS', $6, $7, $8, $9, $9, $10) "
-        "ON CONFLICT (org_id, created_by, idempotency_key) WHERE idempotency_key IS NOT NULL "
-        "DO NOTHING RETURNING id",
-        tx.org_id,
-        run_id,
-        workflow,
-        row["version_id"],
-        trigger["identifier"],
-        context,
-        idempotency_key,
-        request_hash,
-        now,
-        actor,
+    by = {"orgId": str(tx.org_id), "userId": actor, "email": principal.email}
+    run_id = await insert_run(
+        tx,
+        workflow=workflow,
+        version_id=row["version_id"],
+        definition=definition,
+        trigger=trigger,
+        output=checked.properties,
+        actor=actor,
+        context={"by": by},
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        started=f"Started by {actor}",
     )
-    if inserted is None:
+    if run_id is None:
         assert idempotency_key is not None
         earlier = await _by_key(tx, actor, idempotency_key, request_hash)
         if earlier is None:
             raise Conflict("A run with this Idempotency-Key is being created; retry")
         return earlier, False
-    trigger_run = new_id("wfnr_")
-    await tx.execute(
-        "INSERT INTO workflow_node_runs (org_id, id, run_id, seq, node, node_type, status, "
-        "result, output, state, created_at, updated_at, completed_at) "
-        "VALUES ($1, $2, $3, 0, $4, $5, 'COMPLETED', 'SUCCESS', $6, 'done', $7, $7, $7)",
-        tx.org_id,
-        trigger_run,
-        run_id,
-        trigger["identifier"],
-        config["type"],
-        checked.properties,
-        now,
-    )
-    await node_log(tx, trigger_run, f"Started by {actor}")
-    following = definitions.next_node(definition, trigger["identifier"])
-    node = definitions.node_of(definition, following) if following else None
-    if node is None:
-        await end_run(tx, run_id, "SUCCESS")
-    else:
-        await start_node(tx, run_id, 1, node)
     return await get(tx, run_id), True
 
 
