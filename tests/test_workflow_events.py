@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from app.automations.feed import process_once
 from app.config import Settings
@@ -21,6 +22,7 @@ from tests.receivers import WebhookReceiver
 from tests.test_automations import SERVICE, _entity, _feed, _post
 from tests.test_automations import feed_started as feed_started
 from tests.test_dispatch import signing_secret
+from tests.test_permissions import add_user, user_headers
 from tests.test_sandbox import _idle_in_transaction
 from tests.test_workflows import link, nodes_of, run_of, wait_done, webhook
 
@@ -412,3 +414,51 @@ async def test_a_workflow_condition_holds_no_connection_while_it_runs(
     assert max(seen) == 0, seen
     assert await runs_of(client, org, "slow") == []  # past its time limit: false
     await client.delete("/v1/workflows/slow", headers=org.headers)
+
+
+async def test_an_event_started_runs_input_node_is_answered_by_admins_and_named_responders(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    app: FastAPI,
+    feed_started: None,
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/blueprints", SERVICE)
+    for email in ("dev@example.com", "lead@example.com"):
+        await add_user(db, org.org_id, email, roles=["Member"])
+    dev = user_headers(app, org.org_id, "dev@example.com")
+    lead = user_headers(app, org.org_id, "lead@example.com")
+    gate = {
+        "identifier": "approval",
+        "config": {
+            "type": "INPUT",
+            "userInputs": {"buttons": [{"identifier": "ok", "label": "OK"}]},
+            "outlets": [{"identifier": "ok"}],
+        },
+    }
+    named = {**gate, "identifier": "named"}
+    named["config"] = {**gate["config"], "responders": {"users": ["lead@example.com"]}}
+    body = on_event(
+        "gated",
+        "ENTITY_CREATED",
+        [gate, named],
+        [link("trigger", "approval"), link("approval", "named", sourceOutletIdentifier="ok")],
+    )
+    await _post(client, org, "/v1/workflows", body)
+    await _entity(client, org, "api")
+    await _feed(db)
+    [run] = await runs_of(client, org, "gated")
+    node = nodes_of(await run_of(client, org, run["identifier"]))["approval"]["identifier"]
+    url = f"/v1/workflows/nodes/runs/{node}/responses"
+    r = await client.post(url, json={}, headers=dev)  # no starter to stand for: not a member
+    assert r.status_code == 403 and r.json()["error"] == "missing_permission", r.text
+    r = await client.post(url, json={}, headers=org.headers)  # an Admin
+    assert r.status_code == 200, r.text
+    second = nodes_of(r.json()["workflowRun"])["named"]["identifier"]
+    url = f"/v1/workflows/nodes/runs/{second}/responses"
+    r = await client.post(url, json={}, headers=dev)
+    assert r.status_code == 403 and r.json()["ok"] is False, r.text
+    r = await client.post(url, json={}, headers=lead)
+    assert r.status_code == 200, r.text
+    assert r.json()["workflowRun"]["result"] == "SUCCESS"
