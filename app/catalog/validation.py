@@ -383,14 +383,12 @@ def check_property(prop: Any, pointer: str, problems: Problems, *, is_item: bool
     if indexed is not None and not is_item:
         if not isinstance(indexed, bool):
             problems.add(_join(pointer, "indexed"), "indexed must be true or false")
-        elif indexed and not (
-            type_name == "number"
-            or (type_name == "string" and prop.get("format") in ("date-time", "timer"))
-        ):
+        elif indexed and type_name not in ("number", "string"):
             problems.add(
                 _join(pointer, "indexed"),
-                "indexed applies to number and date-time properties (range rules); "
-                "equality and containment on every property are indexed already",
+                "indexed applies to number and date-time properties (range rules) and to "
+                "string properties (text rules); equality and containment on every "
+                "property are indexed already",
             )
     fmt = prop.get("format")
     if fmt is not None:

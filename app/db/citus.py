@@ -166,7 +166,7 @@ async def distribute(
     return result
 
 
-# Built-in functions the migrations mark LEAKPROOF (0005, 0006) so that searches under
+# Built-in functions the migrations mark LEAKPROOF (0005, 0006, 0029) so that searches under
 # row-level security keep their indexes; the marks are catalog changes of each node, and a
 # shard's query is planned by its worker.
 _LEAKPROOF_BUILTINS = (
@@ -177,6 +177,8 @@ _LEAKPROOF_BUILTINS = (
     "numeric_le(numeric, numeric)",
     "numeric_gt(numeric, numeric)",
     "numeric_ge(numeric, numeric)",
+    "textlike(text, text)",
+    "jsonb_object_field_text(jsonb, text)",
 )
 
 

@@ -1,32 +1,38 @@
-"""Range indexes on number and date-time properties, kept by the worker in the background.
+"""Indexes the worker keeps per (org, blueprint) in the background: range indexes on number
+and date-time properties, and trigram indexes for text rules.
 
 Equality, `in` and containment on any property are answered by the GIN index (migration
 0004). Range rules (`>`, `<=`, `between`, date presets) on a number or date-time property
 compare `portolan_number(properties, 'p')` / `portolan_time(properties, 'p')`
-(migration 0005), and a btree on that expression answers them. There is one such index per
+(migration 0005), and a btree on that expression answers them. Text rules (`contains`,
+`beginsWith`, `endsWith`) compile to `LIKE` (app/search/compiler.py), and a GIN
+`gin_trgm_ops` index (pg_trgm, migration 0029) on the title, the identifier or
+`properties ->> 'p'` answers them, for rare and common terms alike. There is one index per
 (org, blueprint, property), partial to that org's blueprint: it holds only those entities,
 and the search statement's own `org_id = ... AND blueprint = ...` lets the planner use it.
 
-Which properties are indexed, from the blueprint schema:
-- `"indexed": true` on a number or date-time property, and every `timer` property (the
-  timer automations' query): always;
+Which are indexed, from the blueprint schema:
+- `"indexed": true` on a number, date-time or (other) string property, and every `timer`
+  property (the timer automations' query): always;
 - `"indexed": false`: never;
 - neither: once the blueprint holds `range_index_min_entities` entities (a small blueprint
-  is read quickly without one, and every index costs each write to its entities). An
-  automatic index stays when its blueprint shrinks again.
+  is read quickly without one, and every index costs each write to its entities): range
+  indexes for its number and date-time properties, trigram indexes for its title, its
+  identifier and its string properties without an `enum` (a handful of values is not
+  searched by substring). An automatic index stays when its blueprint shrinks again.
 
 Every index on the shared `entities` table is weighed by the planner for every tenant's
-statements, so an organization gets at most `range_index_max_per_org` of them
-(PORTOLAN_RANGE_INDEX_MAX_PER_ORG). Flagged and timer properties go first, then automatic
-ones, each in blueprint and property order; the properties beyond the cap are not indexed
-(an index beyond a lowered cap is dropped), logged with the org, and listed in the pass's
-`capped`.
+statements, so an organization gets at most `range_index_max_per_org` of them, range and
+trigram together (PORTOLAN_RANGE_INDEX_MAX_PER_ORG). Flagged and timer properties go first,
+then automatic ones, each in blueprint and property order (`$identifier` and `$title` before
+a blueprint's properties); the ones beyond the cap are not indexed (an index beyond a
+lowered cap is dropped), logged with the org, and listed in the pass's `capped`.
 
-`reconcile` compares what the blueprints want with the `ixr_*` indexes that exist, and
-builds or drops the difference with `CREATE/DROP INDEX CONCURRENTLY`, which block neither
-reads nor writes. A build that is interrupted leaves an invalid index: the next pass drops
-it and builds it again. One process reconciles at a time, and not while statistics are
-refreshed (app.db.maintenance.MAINTENANCE_LOCK).
+`reconcile` compares what the blueprints want with the `ixr_*` indexes (of both kinds) that
+exist, and builds or drops the difference with `CREATE/DROP INDEX CONCURRENTLY`, which
+block neither reads nor writes. A build that is interrupted leaves an invalid index: the
+next pass drops it and builds it again. One process reconciles at a time, and not while
+statistics are refreshed (app.db.maintenance.MAINTENANCE_LOCK).
 """
 
 from __future__ import annotations
@@ -45,12 +51,15 @@ from app.db.maintenance import MAINTENANCE_LOCK
 
 log = logging.getLogger("portolan.indexes")
 
+# Both kinds: the indexes of an org are found (and counted against its cap) by name.
 PREFIX = "ixr_"
 _EXISTING_SQL = (
     "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i "
     "JOIN pg_class c ON c.oid = i.indexrelid "
     "WHERE i.indrelid = 'public.entities'::regclass AND c.relname LIKE 'ixr\\_%'"
 )
+# Meta-properties with a trigram index of their own: their columns.
+TEXT_COLUMNS = {"$identifier": "identifier", "$title": "title"}
 _FUNCTIONS = {"number": "portolan_number", "datetime": "portolan_time"}
 
 
@@ -96,27 +105,78 @@ class RangeIndex:
         return f"{self.kind} range index of {self.org_id}/{self.blueprint}.{self.prop}"
 
 
+def text_indexable(prop: dict[str, Any]) -> bool:
+    """A string property text rules apply to (date-times take range rules instead)."""
+    return prop.get("type") == "string" and prop.get("format") not in ("date-time", "timer")
+
+
+@dataclass(frozen=True)
+class TextIndex:
+    """A trigram index answering `LIKE` on a title, identifier or string property."""
+
+    org_id: uuid.UUID
+    blueprint: str
+    prop: str  # `$title`, `$identifier` or a property
+
+    kind = "text"
+
+    @property
+    def name(self) -> str:
+        key = f"v1/{self.blueprint}/{self.prop}/text".encode()  # v1: keyed in "C"
+        return f"{PREFIX}{self.org_id.hex}_{hashlib.sha256(key).hexdigest()[:20]}"
+
+    def create_sql(self) -> str:
+        # Written as the compiler writes the rule's value (app/search/compiler.py): the
+        # planner matches index expressions exactly. In the "C" collation, as the rules
+        # compare: gin_trgm_ops answers `=` too, and only a clause of the index's
+        # collation can use it, so the joins and equalities on identifiers and titles
+        # keep their btrees.
+        column = TEXT_COLUMNS.get(self.prop)
+        value = column or f"(properties ->> {_literal(self.prop)})"
+        # A property's index holds the entities that have it (LIKE implies IS NOT NULL, so
+        # the index still serves the rule); the title and identifier of every entity.
+        present = "" if column else f" AND {value} IS NOT NULL"
+        return (
+            f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self.name}" ON public.entities '
+            f'USING gin (({value}) COLLATE "C" gin_trgm_ops) '
+            f"WHERE org_id = {_literal(str(self.org_id))}::uuid "
+            f"AND blueprint = {_literal(self.blueprint)}{present}"
+        )
+
+    def describe(self) -> str:
+        return f"text index of {self.org_id}/{self.blueprint}.{self.prop}"
+
+
+Index = RangeIndex | TextIndex
+
+
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
 def wanted_by(
     org_id: uuid.UUID, blueprint: str, schema: dict[str, Any]
-) -> tuple[list[RangeIndex], list[RangeIndex]]:
+) -> tuple[list[Index], list[Index]]:
     """(always, automatic): the indexes a blueprint asks for by flag, and those it gets once
     it is large enough."""
-    always: list[RangeIndex] = []
-    automatic: list[RangeIndex] = []
+    always: list[Index] = []
+    automatic: list[Index] = [TextIndex(org_id, blueprint, meta) for meta in TEXT_COLUMNS]
     for name, prop in (schema.get("properties") or {}).items():
         if not isinstance(prop, dict):
             continue
-        kind = range_kind(prop)
         flag = prop.get("indexed")
-        if kind is None or flag is False:
+        if flag is False:
             continue
-        # Timers always: TIMER_PROPERTY_EXPIRED automations find expiries through it.
-        wanted = flag is True or prop.get("format") == "timer"
-        (always if wanted else automatic).append(RangeIndex(org_id, blueprint, name, kind))
+        kind = range_kind(prop)
+        if kind is not None:
+            # Timers always: TIMER_PROPERTY_EXPIRED automations find expiries through it.
+            wanted = flag is True or prop.get("format") == "timer"
+            (always if wanted else automatic).append(RangeIndex(org_id, blueprint, name, kind))
+        elif text_indexable(prop):
+            if flag is True:
+                always.append(TextIndex(org_id, blueprint, name))
+            elif "enum" not in prop:
+                automatic.append(TextIndex(org_id, blueprint, name))
     return always, automatic
 
 
@@ -181,7 +241,7 @@ async def reconcile(
             except asyncpg.PostgresError as exc:
                 # Left invalid (if it got that far): dropped and retried on the next pass.
                 log.error(
-                    "range index build failed",
+                    "index build failed",
                     extra={"index": name, "error": f"{exc.__class__.__name__}: {exc}"},
                 )
                 done.failed.append(name)
@@ -192,7 +252,7 @@ async def reconcile(
         await conn.close()
     if done.capped:
         log.warning(
-            "range indexes over the organization's cap are not built",
+            "indexes over the organization's cap are not built",
             extra={"cap": max_per_org, "capped": done.capped},
         )
     if done.created or done.dropped:
@@ -205,17 +265,18 @@ async def reconcile(
 
 
 def _capped(
-    wanted: dict[str, tuple[bool, RangeIndex]], cap: int | None
-) -> tuple[dict[str, RangeIndex], list[str]]:
+    wanted: dict[str, tuple[bool, Index]], cap: int | None
+) -> tuple[dict[str, Index], list[str]]:
     """The wanted indexes within each org's cap, and what is left out (described)."""
-    by_org: dict[uuid.UUID, list[tuple[bool, RangeIndex]]] = {}
+    by_org: dict[uuid.UUID, list[tuple[bool, Index]]] = {}
     for flagged, index in wanted.values():
         by_org.setdefault(index.org_id, []).append((flagged, index))
-    kept: dict[str, RangeIndex] = {}
+    kept: dict[str, Index] = {}
     left: list[str] = []
     for org_id in sorted(by_org, key=str):
         ranked = sorted(
-            by_org[org_id], key=lambda item: (not item[0], item[1].blueprint, item[1].prop)
+            by_org[org_id],
+            key=lambda item: (not item[0], item[1].blueprint, item[1].prop, item[1].kind),
         )
         within = ranked if cap is None else ranked[:cap]
         kept.update((index.name, index) for _, index in within)
@@ -228,17 +289,25 @@ async def _wanted(
     existing: dict[str, bool],
     min_entities: int,
     orgs: Collection[uuid.UUID] | None,
-) -> dict[str, tuple[bool, RangeIndex]]:
+) -> dict[str, tuple[bool, Index]]:
     """name -> (asked for by a flag or a timer, the index)."""
-    wanted: dict[str, tuple[bool, RangeIndex]] = {}
+    wanted: dict[str, tuple[bool, Index]] = {}
     rows = await conn.fetch(
         "SELECT org_id, identifier, schema FROM public.blueprints "
         "WHERE $1::uuid[] IS NULL OR org_id = ANY($1::uuid[])",
         None if orgs is None else list(orgs),
     )
+    # Without pg_trgm (migration 0029 installs it where it is available) text rules are
+    # answered without indexes.
+    trigrams = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm')"
+    )
     for row in rows:
         schema = json.loads(row["schema"])  # jsonb arrives as text on a plain connection
         always, automatic = wanted_by(row["org_id"], row["identifier"], schema)
+        if not trigrams:
+            always = [index for index in always if not isinstance(index, TextIndex)]
+            automatic = [index for index in automatic if not isinstance(index, TextIndex)]
         for index in always:
             wanted[index.name] = (True, index)
         pending = [index for index in automatic if index.name not in existing]
