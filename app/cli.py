@@ -94,7 +94,7 @@ def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
     import uvicorn
 
     from app.kit.runtime import settle_heap
-    from app.kit.serving import protocol_for
+    from app.kit.serving import loop_factory, protocol_for
     from app.main import create_app
 
     app = create_app(settings, with_worker=with_worker)
@@ -112,6 +112,7 @@ def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
         # HTTP/1.1 with a capped head and deadlines on what the client sends; no WebSocket
         # upgrades (no route takes one).
         http=protocol_for(settings),
+        loop=loop_factory(settings),
         ws="none",
         timeout_keep_alive=settings.http_keep_alive_seconds,
     )

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     http_body_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     http_keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
+    # The server's event loop: "fair" takes ready callbacks in fair turns by org
+    # (app/kit/fairloop.py); "uvloop" is uvicorn's fastest loop, first come first served.
+    event_loop: Literal["fair", "uvloop"] = "fair"
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     # Any one statement (a search, an aggregation, a bulk write) is stopped after this.

@@ -9,11 +9,13 @@ import uvicorn
 
 from app.config import get_settings
 from app.kit.runtime import settle_heap
+from app.kit.serving import loop_factory, protocol_for
 from app.main import create_app
 
 # As `portolan serve` runs it: with the in-process worker and its scheduled upkeep (unless a
 # scenario times the worker's jobs itself).
-app = create_app(get_settings(), with_worker=not os.environ.get("PORTOLAN_BENCH_NO_WORKER"))
+settings = get_settings()
+app = create_app(settings, with_worker=not os.environ.get("PORTOLAN_BENCH_NO_WORKER"))
 
 
 @app.get("/bench/bare", include_in_schema=False)
@@ -30,4 +32,6 @@ if __name__ == "__main__":
         log_config=None,
         access_log=False,
         log_level="warning",
+        http=protocol_for(settings),
+        loop=loop_factory(settings),
     )

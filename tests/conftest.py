@@ -32,6 +32,7 @@ from app import wiring
 from app.cli import run_migrations
 from app.config import Settings
 from app.db.database import Database
+from app.kit import fairloop
 from app.kit.crypto import cipher_for
 from app.main import create_app
 from app.orgs import service as org_service
@@ -73,6 +74,11 @@ async def _redis_reachable(url: str) -> bool:
 class Servers:
     admin_url: str  # a database to connect to for CREATE/DROP DATABASE
     redis_url: str
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """The suite runs on the server's own event loop (fair turns by org)."""
+    return {"fair": fairloop.new_loop}
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeGuard, get_args
 from jose import ExpiredSignatureError, JWTError, jwt
 
 from app.config import Settings
+from app.kit import fairloop
 from app.kit.errors import Unauthorized
 
 # Who a token speaks for: a machine credential ("app": checked against its credential on
@@ -91,13 +92,17 @@ class TokenService:
         return str(jwt.encode(claims, self._key, algorithm=ALGORITHM))
 
     def verify(self, token: str) -> TokenClaims:
+        """The token's claims (raises Unauthorized). From here on, the request's turns on
+        the event loop count for the token's org (app/kit/fairloop.py)."""
         cached = self._verified.get(token)
         if cached is not None:
             if cached.expires_at > time.time():
+                fairloop.charge_to(cached.org_id)
                 return cached
             del self._verified[token]
             raise Unauthorized("The access token has expired", code="token_expired")
         claims = self._verify_uncached(token)
+        fairloop.charge_to(claims.org_id)
         self._verified[token] = claims
         if len(self._verified) > _CACHE_SIZE:
             self._verified.popitem(last=False)

@@ -25,6 +25,7 @@ from app.config import Settings
 from app.db.citus import citus_enabled
 from app.db.pool import ConnectionPool
 from app.db.rls import APP_ROLE, ORG_SETTING
+from app.kit import fairloop
 from app.kit.errors import Unauthorized
 
 Query = str | ClauseElement
@@ -218,6 +219,7 @@ class Database:
         `generic_plans`: the transaction's statements reuse their cached generic plans
         instead of being planned again for each execution. Only for work that reaches a
         few rows through their keys, where a plan is the same whatever the values."""
+        fairloop.charge_to(org_id)  # the loop's turns of this work count for the org
         conn = await self.pool.acquire()
         try:
             if self.citus:

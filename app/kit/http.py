@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.kit import fairloop
 from app.kit.errors import PortolanError, error_body
 from app.kit.logging import request_id_var
 from app.kit.ratelimit import STATE_KEY as RATE_LIMIT_STATE
@@ -83,6 +84,7 @@ class RequestContextMiddleware:
             incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else os.urandom(16).hex()
         )
         token = request_id_var.set(request_id)
+        fairloop.open_slot()  # the loop's turns count for the org the request names
         started = time.perf_counter()
         status_holder = [500]
         response_started = [False]

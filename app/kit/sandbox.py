@@ -62,7 +62,10 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BACKSTOP = 5  # wall time a starved call may take, in time limits
 NICE = 10  # a child's priority, above the service's own (jq_child sets it)
 NICE_DEMOTED = 19  # a call past DEMOTE_AFTER: the lowest priority
-DEMOTE_AFTER = 0.1  # CPU seconds of a call before its child drops to NICE_DEMOTED
+DEMOTE_AFTER = 0.1  # CPU seconds of a call before its child is demoted
+# A demoted child runs only on CPU nothing else wants (Linux SCHED_IDLE): the service's
+# threads and the database never wait for it, not even a scheduler tick. Elsewhere, nice 19.
+_IDLE = getattr(os, "SCHED_IDLE", None)
 REPLY_LIMIT_BYTES = 16 * 1024 * 1024  # the outputs of one call, in all
 
 Result = tuple[bool, Any]  # (True, [outputs]) or (False, "jq's message")
@@ -135,7 +138,7 @@ class _Child:
         limit."""
         started = time.monotonic()
         self._clock = (started, self.cpu_seconds(), time_limit)
-        if self.demoted and self._prioritize(self._nice):
+        if self.demoted and self._restore():
             self.demoted = False
         try:
             self._in.write(len(payload).to_bytes(4, "big") + payload)
@@ -145,9 +148,21 @@ class _Child:
         size = int.from_bytes(self._read(4), "big")
         return self._read(size)
 
-    def _prioritize(self, nice: int) -> bool:
+    def _demote(self) -> bool:
         try:
-            os.setpriority(os.PRIO_PROCESS, self.process.pid, nice)
+            if _IDLE is not None:
+                os.sched_setscheduler(self.process.pid, _IDLE, os.sched_param(0))
+            else:
+                os.setpriority(os.PRIO_PROCESS, self.process.pid, NICE_DEMOTED)
+            return True
+        except OSError:
+            return False
+
+    def _restore(self) -> bool:
+        try:
+            if _IDLE is not None:
+                os.sched_setscheduler(self.process.pid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, self._nice)
             return True
         except OSError:  # raising a priority may need a privilege this process lacks
             self.retire = True
@@ -166,7 +181,7 @@ class _Child:
             spent = 0.0 if cpu_then is None or cpu_now is None else cpu_now - cpu_then
             if spent < DEMOTE_AFTER:
                 return max(0.02, min(DEMOTE_AFTER - spent, limit - elapsed))
-            self.demoted = self._prioritize(NICE_DEMOTED)
+            self.demoted = self._demote()
         if elapsed < limit:
             return limit - elapsed
         cpu_now = self.cpu_seconds()

@@ -207,3 +207,8 @@ def protocol_for(settings: Settings) -> type[GuardedHttpProtocol]:
         body_idle_timeout = settings.http_body_idle_timeout_seconds
 
     return PortolanHttpProtocol
+
+
+def loop_factory(settings: Settings) -> str:
+    """uvicorn's `loop` setting for `event_loop` (app/kit/fairloop.py)."""
+    return "app.kit.fairloop:new_loop" if settings.event_loop == "fair" else "uvloop"

@@ -1,0 +1,175 @@
+"""The event loop's fair turns by org (app/kit/fairloop.py): a quiet org's work is not paced
+by a busy org's backlog of ready callbacks, nothing is lost or reordered within an org, busy
+orgs share the loop, and an idle org banks no time. What the turns cost is measured by
+bench (org_read, noisy), not timed here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.kit import fairloop
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def _busy_org(stop: asyncio.Event, org: str, steps: dict[str, int] | None = None) -> None:
+    """One of a busy org's tasks: short steps of CPU, yielding between them."""
+    fairloop.charge_to(org)
+    while not stop.is_set():
+        _spin(0.0004)
+        if steps is not None:
+            steps[org] += 1
+        await asyncio.sleep(0)
+
+
+async def _quiet_round_trips(org: str, port: int, n: int, steps: dict[str, int]) -> list[int]:
+    """A quiet org's requests: each four round trips through a connection (I/O, as a read's
+    queries are) with a little CPU around them; for each, how many steps of the busy org
+    ran while it was in flight (what it waited for, counted rather than timed)."""
+    fairloop.charge_to(org)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    took = []
+    try:
+        for _ in range(n):
+            before = steps["busy"]
+            for _ in range(4):
+                writer.write(b"x")
+                await reader.readexactly(1)
+                _spin(0.0002)
+            took.append(steps["busy"] - before)
+    finally:
+        writer.close()
+    return took
+
+
+def _echo_server() -> tuple[int, Callable[[], None]]:
+    """A TCP echo server on a thread of its own (outside the loop under test)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(64):
+                    conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], listener.close
+
+
+async def _quiet_under_busy(busy_tasks: int) -> int:
+    """The median number of the busy org's steps a quiet org's request waits through."""
+    port, close = _echo_server()
+    steps = {"busy": 0}
+    try:
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(_busy_org(stop, "busy", steps), context=contextvars.Context())
+            for _ in range(busy_tasks)
+        ]
+        await asyncio.sleep(0.05)
+        noisy = await asyncio.create_task(
+            _quiet_round_trips("quiet", port, 40, steps), context=contextvars.Context()
+        )
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        close()
+    return sorted(noisy)[len(noisy) // 2]
+
+
+def _run(factory: Callable[[], asyncio.AbstractEventLoop], coro_fn: Any, *args: Any) -> Any:
+    loop = factory()
+    try:
+        return loop.run_until_complete(coro_fn(*args))
+    finally:
+        loop.close()
+
+
+def test_a_quiet_org_is_not_paced_by_a_busy_orgs_backlog() -> None:
+    # 40 busy tasks of 0.4 ms steps. A plain loop runs every one of them between two of the
+    # quiet org's awaits (4 awaits: ~160 steps per request); the fair loop runs the quiet
+    # org's callbacks first and looks for its I/O after each slice (0.5 ms, about two
+    # steps), so a request waits through a few steps per await.
+    plain = _run(asyncio.new_event_loop, _quiet_under_busy, 40)
+    fair = _run(fairloop.new_loop, _quiet_under_busy, 40)
+    assert plain >= 4 * 30, plain  # the defect, as a plain loop shows it
+    assert fair <= 4 * 4, fair
+
+
+def test_callbacks_keep_their_order_within_an_org_and_none_is_lost() -> None:
+    async def main() -> dict[str, list[int]]:
+        seen: dict[str, list[int]] = {"a": [], "b": [], "none": []}
+        loop = asyncio.get_running_loop()
+        for i in range(2000):
+            for org in ("a", "b", "none"):
+                context = contextvars.Context()
+                if org != "none":
+                    context.run(fairloop.charge_to, org)
+                loop.call_soon(seen[org].append, i, context=context)
+        # Callbacks from another thread arrive too.
+        threading.Thread(
+            target=lambda: [
+                loop.call_soon_threadsafe(seen["none"].append, 2000 + k) for k in range(500)
+            ]
+        ).start()
+        while len(seen["none"]) < 2500 or len(seen["a"]) < 2000 or len(seen["b"]) < 2000:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        return seen
+
+    seen = _run(fairloop.new_loop, main)
+    assert seen["a"] == list(range(2000))
+    assert seen["b"] == list(range(2000))
+    assert seen["none"][:2000] == list(range(2000))
+    assert sorted(seen["none"][2000:]) == list(range(2000, 2500))
+
+
+def test_orgs_busy_together_share_the_loop() -> None:
+    async def main() -> dict[str, int]:
+        stop = asyncio.Event()
+        steps: dict[str, int] = {"x": 0, "y": 0}
+        tasks = [
+            asyncio.create_task(_busy_org(stop, org, steps), context=contextvars.Context())
+            for org in ("x", "y")
+            for _ in range(1 if org == "x" else 10)
+        ]
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return steps
+
+    steps = _run(fairloop.new_loop, main)
+    # One task of x against ten of y: each org has had about the same time (on a plain
+    # loop x would have about a tenth of y's).
+    assert 0.7 < steps["x"] / steps["y"] < 1.4, steps
+
+
+def test_an_idle_org_banks_no_time() -> None:
+    """An org that was idle while another ran comes back with a few milliseconds of credit,
+    not with all the time it did not use: the busy org keeps about half the loop."""
+
+    async def main() -> dict[str, int]:
+        stop = asyncio.Event()
+        steps: dict[str, int] = {"busy": 0, "late": 0}
+        busy = asyncio.create_task(_busy_org(stop, "busy", steps), context=contextvars.Context())
+        await asyncio.sleep(0.3)
+        steps["busy"] = 0
+        late = asyncio.create_task(_busy_org(stop, "late", steps), context=contextvars.Context())
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(busy, late)
+        return steps
+
+    steps = _run(fairloop.new_loop, main)
+    assert 0.6 < steps["busy"] / steps["late"] < 1.6, steps
