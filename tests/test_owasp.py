@@ -302,7 +302,8 @@ async def test_api1_listings_and_the_audit_log_show_nothing_of_another_org(
         "/v1/blueprints": ("blueprints", ["service"]),
         "/v1/actions": ("actions", []),
         "/v1/actions/runs": ("runs", []),
-        f"/v1/actions/runs?entity=api&action=deploy&run_id={run}": ("runs", []),
+        # (no run_id: the run list takes none, and a parameter a route does not take is a 422)
+        "/v1/actions/runs?entity=api&action=deploy": ("runs", []),
         "/v1/scorecards": ("scorecards", []),
         "/v1/webhooks": ("integrations", []),
         "/v1/organization/secrets": ("secrets", []),

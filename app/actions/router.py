@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.actions import service
+from app.actions import service, versions
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
@@ -102,7 +102,9 @@ async def list_actions(
     operation: Names = None,
     published: bool | None = None,
     trigger_type: Literal["self-service", "automation"] | None = None,
+    version: versions.ApiVersion = None,
 ) -> Any:
+    versions.check(version)
     permissions.require(tenant.principal, "actions.read")
     actions = await service.list_all(
         tenant.tx,

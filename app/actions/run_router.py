@@ -17,7 +17,7 @@ from fastapi import Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
-from app.actions import claims, runs, streams
+from app.actions import claims, runs, streams, versions
 from app.auth import permissions
 from app.auth.principal import CurrentTenant, DeferredTenant, Tenant, principal_of
 from app.config import Settings
@@ -214,9 +214,11 @@ async def list_runs(
     external_run_id: Annotated[str | None, Query(max_length=200)] = None,
     source: Annotated[list[Literal["UI", "API", "AUTOMATION"]] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    version: versions.ApiVersion = None,
 ) -> Any:
     """Newest first. `active`: waiting for approval or in progress. Admins see every run;
     others see the runs they started (and read the ones they may approve by id)."""
+    versions.check(version)
     user = user_id or user_email
     if not permissions.allows(tenant.principal, "runs.readAll"):
         if user is not None and user != tenant.principal.subject:
@@ -240,7 +242,8 @@ async def list_runs(
 @router.get(
     "/runs/{run_id}", response_model=RunResponse, responses=ERRORS_AUTHED, summary="Get a run"
 )
-async def get_run(run_id: RunId, tenant: CurrentTenant) -> Any:
+async def get_run(run_id: RunId, tenant: CurrentTenant, version: versions.ApiVersion = None) -> Any:
+    versions.check(version)
     return json_response({"ok": True, "run": await _readable(tenant, run_id)})
 
 
@@ -345,7 +348,10 @@ async def acknowledge_run(body: AckBody, tenant: CurrentTenant) -> Any:
     responses=ERRORS_AUTHED,
     summary="Report a run's progress",
 )
-async def patch_run(run_id: RunId, body: RunPatch, tenant: CurrentTenant) -> Any:
+async def patch_run(
+    run_id: RunId, body: RunPatch, tenant: CurrentTenant, version: versions.ApiVersion = None
+) -> Any:
+    versions.check(version)
     await _reportable(tenant, run_id)
     updated = await runs.update(
         tenant.tx, tenant.principal.subject, run_id, body.model_dump(exclude_unset=True)
@@ -360,7 +366,10 @@ async def patch_run(run_id: RunId, body: RunPatch, tenant: CurrentTenant) -> Any
     responses=ERRORS_AUTHED,
     summary="Approve or decline a run",
 )
-async def decide_run(run_id: RunId, body: ApprovalBody, tenant: CurrentTenant) -> Any:
+async def decide_run(
+    run_id: RunId, body: ApprovalBody, tenant: CurrentTenant, version: versions.ApiVersion = None
+) -> Any:
+    versions.check(version)
     decided = await runs.decide(tenant.tx, tenant.principal, run_id, body.status, body.description)
     return json_response({"ok": True, "run": decided}, status_code=201)
 

@@ -5,6 +5,12 @@ response is rendered, the transaction commits, and only then is the response sen
 error rolls it back. Doing this in the route (instead of a yield dependency) avoids the
 dependency exit-stack machinery on every request, which cost ~20% of a simple read.
 
+Each route also refuses query parameters it does not declare (422
+`unknown_query_parameter` naming them): a parameter a route would silently ignore (one of
+Port's that Portolan does not support, a misspelt filter) would otherwise answer 2xx with
+unfiltered data. `HABITUAL_QUERY` lists what clients add by habit and any route takes;
+`any_query` marks a route that reads whatever it is sent (an incoming webhook's).
+
 A transaction PostgreSQL aborts only for its timing with others (a deadlock, a
 serialization failure) is rolled back and the whole request runs again, dependencies
 included, from the same request object (its body is read once): everything a request
@@ -23,10 +29,12 @@ from typing import Any
 
 import asyncpg
 from fastapi import APIRouter, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from app.db.database import Database, Tx
-from app.kit.errors import Unavailable
+from app.kit.errors import Invalid, Unavailable
 
 log = logging.getLogger("portolan.db")
 
@@ -56,6 +64,57 @@ class StrictJSONRequest(Request):
         return self._json
 
 
+_ANY_QUERY = "__portolan_any_query__"
+# Query parameters every route takes without declaring them, because clients add them by
+# habit and they ask for nothing: `_` (a cache-busting timestamp, as jQuery and some HTTP
+# clients append), and Port's Ocean's `ocean_info_*` (which of its events a request belongs
+# to, e.g. `ocean_info_event_type`, `ocean_info_resync_id`: its own bookkeeping; Portolan
+# tells an integration's requests by their User-Agent). docs/port-compatibility.md lists them.
+HABITUAL_QUERY = frozenset({"_"})
+HABITUAL_PREFIXES = ("ocean_info_",)
+
+
+def any_query(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks an endpoint that reads whatever query parameters it is sent (an incoming
+    webhook keeps them with the event): no parameter is refused as unknown. Apply it below
+    the route decorator."""
+    setattr(endpoint, _ANY_QUERY, True)
+    return endpoint
+
+
+def declared_query(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route declares: its own and its dependencies', by the name
+    a client sends (the alias); a pydantic model's fields for a model of query parameters."""
+    names: set[str] = set()
+    pending = [dependant]
+    while pending:
+        current = pending.pop()
+        pending.extend(current.dependencies)
+        for param in current.query_params:
+            model = param.field_info.annotation
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                names.update(f.alias or n for n, f in model.model_fields.items())
+            else:
+                names.add(param.alias)
+    return frozenset(names)
+
+
+def _refuse_unknown_query(request: Request, declared: frozenset[str]) -> None:
+    unknown = sorted(
+        name
+        for name in set(request.query_params.keys()) - declared - HABITUAL_QUERY
+        if not name.startswith(HABITUAL_PREFIXES)
+    )
+    if unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        raise Invalid(
+            f"Query parameter(s) {names} not supported by this route (see "
+            "docs/port-compatibility.md for Port's parameters Portolan does not support)",
+            code="unknown_query_parameter",
+            details=[{"parameter": n, "message": "not supported by this route"} for n in unknown],
+        )
+
+
 def key_lookups(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     """Marks an endpoint whose statements reach a handful of rows through their keys (one
     entity, say): its transaction runs with generic plans (see Database.begin_tenant).
@@ -80,11 +139,16 @@ class TransactionRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         self.generic_plans = bool(getattr(endpoint, _GENERIC_PLANS, False))
+        self.query_names: frozenset[str] | None = (
+            None if getattr(endpoint, _ANY_QUERY, False) else declared_query(self.dependant)
+        )
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
+            if self.query_names is not None and request.scope.get("query_string"):
+                _refuse_unknown_query(request, self.query_names)
             # One request object for every attempt: its body is read once and kept.
             request = StrictJSONRequest(request.scope, request.receive)
             attempt = 1

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.config import Settings
-from app.db.routing import api_router
+from app.db.routing import any_query, api_router
 from app.kit.crypto import Cipher, cipher_for
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody, OkResponse, conflict
 from app.webhooks import ingest, service
@@ -168,6 +168,7 @@ _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
         }
     },
 )
+@any_query  # the sender's query parameters are kept with the event (`queryParams` in jq)
 async def ingest_event(
     webhookKey: WebhookKey, request: Request, background: BackgroundTasks
 ) -> Any:
