@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import signal
+import time
 import uuid
 from typing import Any
 
@@ -171,9 +172,41 @@ def redis_settings(settings: Settings) -> RedisSettings:
     return RedisSettings.from_dsn(settings.redis_url)
 
 
+class _Worker(Worker):
+    """arq's worker, without re-checking the jobs it knows cannot start.
+
+    arq leaves a job in the queue while it runs, and every look for jobs (each
+    `poll_delay`) checks each queued job against Redis (three round trips) before it
+    finds the job is running. Runs held by a slow receiver stay queued for as long as
+    the receiver takes, so one org's slow receivers cost the process thousands of Redis
+    round trips a second, paid by every org's requests. Jobs running in this worker are
+    not looked at again; jobs found running in another worker are not looked at again for
+    a second (a worker that died leaves its job to be taken once its in-progress mark
+    expires: a second later at most)."""
+
+    _ELSEWHERE_SECONDS = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._elsewhere: dict[bytes, float] = {}
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        now = time.monotonic()
+        if len(self._elsewhere) > 10_000:
+            self._elsewhere = {j: t for j, t in self._elsewhere.items() if t > now}
+        for job_id in job_ids:
+            if job_id.decode() in self.tasks or self._elsewhere.get(job_id, 0.0) > now:
+                continue
+            if self.job_counter >= self.max_jobs:
+                return  # full: the rest waits for a later look
+            await super().start_jobs([job_id])
+            if job_id.decode() not in self.tasks:  # running elsewhere (or already done)
+                self._elsewhere[job_id] = now + self._ELSEWHERE_SECONDS
+
+
 def build_worker(settings: Settings, *, handle_signals: bool) -> Worker:
     wiring.connect()
-    return Worker(
+    return _Worker(
         functions=JOB_FUNCTIONS,
         cron_jobs=CRON_JOBS,
         on_startup=_startup,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
 
 from app.config import Settings
 from app.db.database import Database
@@ -466,3 +467,36 @@ async def test_dispatch_stays_within_the_org(
         assert one.signature_failures == two.signature_failures == 0
         r = await client.get(f"/v1/actions/runs/{a}", headers=second.headers)
         assert r.status_code == 404
+
+
+async def test_runs_held_by_a_slow_receiver_cost_the_worker_no_redis_round_trips(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    """arq keeps a running job in its queue; a worker that checked each one against Redis
+    at every look for jobs (three round trips per job, fifty looks a second) spent its
+    process's CPU on a slow receiver's runs, which every org's requests pay for."""
+    org = await make_org()
+    await catalog(client, org)
+    with WebhookReceiver(await signing_secret(client, org), delay=4.0) as receiver:
+        await define(client, org, self_service("slow", {"type": "WEBHOOK", "url": receiver.url}))
+        settings = start_worker()
+        for i in range(6):
+            await start_run(client, org, "slow", {"name": f"n{i}"})
+        deadline = time.monotonic() + 20
+        while len(receiver.requests) < 4:  # the deliveries are held by the receiver
+            assert time.monotonic() < deadline, "the receiver got no deliveries"
+            await asyncio.sleep(0.05)
+        redis = Redis.from_url(settings.redis_url or "")
+        try:
+
+            async def watches() -> int:
+                stats = await redis.info("commandstats")
+                return int(stats.get("cmdstat_watch", {}).get("calls", 0))
+
+            before = await watches()
+            await asyncio.sleep(1.0)
+            during = await watches() - before
+        finally:
+            await redis.aclose()
+        # Looks for jobs go on (every 20 ms) but none re-checks a job running here.
+        assert during < 20, f"{during} WATCHes in a second while the runs were held"
