@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -96,6 +97,13 @@ def _pinned(cpu: int) -> list[str]:
     if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
         return ["taskset", "-c", str(cpu)]
     return []
+
+
+def pin_driver(cpu: int = 1) -> None:
+    """Run this process (a scenario's own clients) on the driver's core, off the server's."""
+    if _pinned(cpu) and hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {cpu})
 
 
 async def pin_database_backends(settings: Settings, cpu: int = 1) -> int:

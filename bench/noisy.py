@@ -34,7 +34,7 @@ import httpx
 
 from app.db.database import Database
 from bench import dispatch as bench_dispatch
-from bench.env import new_org, scratch_settings, served
+from bench.env import new_org, pin_database_backends, pin_driver, scratch_settings, served
 
 ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "4"))
 OPS_PER_ROUND = int(os.environ.get("PORTOLAN_BENCH_NOISY_OPS", "50"))
@@ -291,6 +291,7 @@ def _p(values: list[float], q: float) -> float:
 
 
 async def run() -> bool:
+    pin_driver()
     async with scratch_settings() as settings:
         fast, slow = Receiver(), Receiver(delay=10.0)
         await fast.start()
@@ -317,6 +318,7 @@ async def run() -> bool:
                     )
                     r.raise_for_status()
                     await _measure_a(a_http, a, fast, "warm")
+                    await pin_database_backends(settings)
                     quiet: dict[str, list[float]] = {}
                     noisy: dict[str, list[float]] = {}
                     for round_ in range(ROUNDS):
@@ -326,6 +328,8 @@ async def run() -> bool:
                             quiet.setdefault(name, []).extend(values)
                         tasks = await _noise(b_http, b, b_state)
                         await asyncio.sleep(2.0)  # B's load is up before A measures
+                        # B's load opened backends of its own: they go where the others are.
+                        await pin_database_backends(settings)
                         try:
                             found = await _measure_a(a_http, a, fast, f"n{round_}")
                         finally:
