@@ -225,3 +225,35 @@ async def test_actions_never_cross_tenants(client: httpx.AsyncClient, make_org: 
     # Their own blueprint is what their definitions are checked against.
     r = await client.post("/v1/actions", json=DEPLOY, headers=theirs.headers)
     assert r.status_code == 422 and "/trigger/blueprintIdentifier" in r.text
+
+
+async def test_automations_are_listed_by_their_trigger_event(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    on_run = {
+        "identifier": "on-deploy-run",
+        "trigger": {
+            "type": "automation",
+            "event": {"type": "RUN_UPDATED", "actionIdentifier": "deploy"},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "https://hooks.example.com/runs"},
+    }
+    for body in (DEPLOY, NOTIFY, on_run):
+        r = await client.post("/v1/actions", json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+
+    async def listed(params: list[tuple[str, str]]) -> list[str]:
+        r = await client.get("/v1/actions", params=params, headers=org.headers)
+        assert r.status_code == 200, r.text
+        return [a["identifier"] for a in r.json()["actions"]]
+
+    assert await listed([("trigger_event", "ENTITY_UPDATED")]) == ["notify-on-change"]
+    assert await listed(
+        [("trigger_event", "ENTITY_UPDATED"), ("trigger_event", "RUN_UPDATED")]
+    ) == ["notify-on-change", "on-deploy-run"]
+    assert await listed([("trigger_event_action_identifier", "deploy")]) == ["on-deploy-run"]
+    assert await listed([("trigger_event_action_identifier", "other")]) == []
+    r = await client.get("/v1/actions", params={"trigger_event": "SOMETHING"}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["ok"] is False

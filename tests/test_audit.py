@@ -166,3 +166,22 @@ async def test_only_admins_of_the_org_read_it(
     r = await client.get("/v1/audit-log", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 403 and r.json()["ok"] is False
     assert "Admin" in r.json()["message"]
+
+
+async def test_includes_keeps_only_the_fields_named(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await client.patch("/v1/organization", json={"name": "Renamed"}, headers=org.headers)
+    r = await client.get(
+        "/v1/audit-log",
+        params=[("includes", "action"), ("includes", "resourceType"), ("includes", "message")],
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["audits"] == [
+        {"action": "UPDATE", "resourceType": "organization"},
+        {"action": "CREATE", "resourceType": "credential"},  # the org's first credential
+    ]
+    r = await client.get("/v1/audit-log", params={"includes": "secret"}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["ok"] is False

@@ -847,3 +847,21 @@ async def test_approvers_need_a_token_and_a_boolean(
     assert (await _approvers(client, run_id, {})).status_code == 401
     r = await _approvers(client, run_id, org.headers, "maybe")
     assert r.status_code == 422 and r.json()["ok"] is False
+
+
+async def test_the_run_list_leaves_out_the_fields_excluded(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    assert (await _run(client, org, "create-service", GOOD)).status_code == 202
+    r = await client.get(
+        "/v1/actions/runs",
+        params=[("exclude", "rawProperties"), ("exclude", "properties.owner"), ("exclude", "x.y")],
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    [run] = r.json()["runs"]
+    assert "rawProperties" not in run
+    assert run["properties"] == {"name": "billing", "language": "go", "replicas": 2}
+    assert run["status"] == "IN_PROGRESS"

@@ -64,6 +64,24 @@ class ActionListResponse(BaseModel):
     actions: list[Action]
 
 
+TriggerEvents = Annotated[
+    list[
+        Literal[
+            "ENTITY_CREATED",
+            "ENTITY_UPDATED",
+            "ENTITY_DELETED",
+            "TIMER_PROPERTY_EXPIRED",
+            "ANY_ENTITY_CHANGE",
+            "RUN_CREATED",
+            "RUN_UPDATED",
+            "ANY_RUN_CHANGE",
+        ]
+    ]
+    | None,
+    Query(description="Automations triggered by these events"),
+]
+
+
 def _blueprint_of(action: dict[str, Any]) -> str | None:
     """The blueprint an action belongs to (its moderators manage it), if any."""
     trigger = action.get("trigger")
@@ -102,8 +120,13 @@ async def list_actions(
     operation: Names = None,
     published: bool | None = None,
     trigger_type: Literal["self-service", "automation"] | None = None,
+    trigger_event: TriggerEvents = None,
+    trigger_event_action_identifier: Names = None,
     version: versions.ApiVersion = None,
 ) -> Any:
+    """Filters combine with AND; `trigger_event` (the event that triggers an automation)
+    and `trigger_event_action_identifier` (the action whose runs trigger it) leave
+    self-service actions out."""
     versions.check(version)
     permissions.require(tenant.principal, "actions.read")
     actions = await service.list_all(
@@ -113,6 +136,8 @@ async def list_actions(
         operations=operation,
         published=published,
         trigger_type=trigger_type,
+        events=trigger_event,
+        event_actions=trigger_event_action_identifier,
     )
     return {"ok": True, "actions": actions}
 

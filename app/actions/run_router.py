@@ -214,6 +214,14 @@ async def list_runs(
     external_run_id: Annotated[str | None, Query(max_length=200)] = None,
     source: Annotated[list[Literal["UI", "API", "AUTOMATION"]] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    exclude: Annotated[
+        list[Annotated[str, Query(min_length=1, max_length=200)]] | None,
+        Query(
+            max_length=100,
+            description="Fields left out of each run: a key (`payload`) or a dotted path "
+            "(`properties.token`)",
+        ),
+    ] = None,
     version: versions.ApiVersion = None,
 ) -> Any:
     """Newest first. `active`: waiting for approval or in progress. Admins see every run;
@@ -236,7 +244,22 @@ async def list_runs(
         sources=list(source) if source else None,
         limit=limit,
     )
+    if exclude:
+        paths = [name.split(".") for name in exclude]
+        found = [_without(run, paths) for run in found]
     return json_response({"ok": True, "runs": found})
+
+
+def _without(doc: dict[str, Any], paths: list[list[str]]) -> dict[str, Any]:
+    """`doc` less the keys at `paths` (a path that leads nowhere leaves it as it is)."""
+    for path in paths:
+        *parents, last = path
+        node: Any = doc
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return doc
 
 
 @router.get(

@@ -125,9 +125,12 @@ async def list_all(
     operations: list[str] | None = None,
     published: bool | None = None,
     trigger_type: str | None = None,
+    events: list[str] | None = None,
+    event_actions: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Port's filters: action identifiers, blueprints (of the trigger or its event),
-    self-service operations, published, trigger type."""
+    self-service operations, published, trigger type, and for automations the event that
+    triggers them and the action whose runs do (self-service actions have neither)."""
     rows = await tx.fetch(
         _SELECT + " WHERE org_id = $1"
         " AND ($2::text[] IS NULL OR identifier = ANY($2::text[]))"
@@ -136,6 +139,8 @@ async def list_all(
         " AND ($4::text[] IS NULL OR trigger->>'operation' = ANY($4::text[]))"
         " AND ($5::boolean IS NULL OR publish = $5)"
         " AND ($6::text IS NULL OR trigger->>'type' = $6)"
+        " AND ($7::text[] IS NULL OR trigger->'event'->>'type' = ANY($7::text[]))"
+        " AND ($8::text[] IS NULL OR trigger->'event'->>'actionIdentifier' = ANY($8::text[]))"
         " ORDER BY identifier",
         tx.org_id,
         identifiers,
@@ -143,5 +148,7 @@ async def list_all(
         operations,
         published,
         trigger_type,
+        events,
+        event_actions,
     )
     return [to_api(r) for r in rows]

@@ -51,6 +51,20 @@ Resource = Literal[
 ]
 
 
+# The fields `includes` may name (Port's list).
+Included = Literal[
+    "action",
+    "context",
+    "diff",
+    "identifier",
+    "resourceType",
+    "status",
+    "trigger",
+    "additionalData",
+    "message",
+]
+
+
 class AuditEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -131,10 +145,15 @@ async def audit_log(
     to: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next: Annotated[str | None, Query(max_length=200)] = None,
+    includes: Annotated[
+        list[Included] | None,
+        Query(description="Only these fields of each entry (Port's names)"),
+    ] = None,
 ) -> Any:
     """Newest first. `entity` names an entity (with `blueprint`, of that blueprint);
     `identifier` any resource's identifier; `resources`, `origin` repeatable; `from` / `to`
-    ISO 8601 times; `next`: the cursor of the previous page."""
+    ISO 8601 times; `next`: the cursor of the previous page; `includes` keeps only the
+    fields named (`additionalData` and `message` Portolan has no value for: left out)."""
     permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
@@ -177,7 +196,11 @@ async def audit_log(
         limit + 1,
     )
     page = rows[:limit]
-    body: dict[str, Any] = {"ok": True, "audits": [_shape(r) for r in page]}
+    audits = [_shape(r) for r in page]
+    if includes:
+        kept = set(includes)
+        audits = [{k: v for k, v in entry.items() if k in kept} for entry in audits]
+    body: dict[str, Any] = {"ok": True, "audits": audits}
     if len(rows) > limit:
         body["next"] = _cursor(page[-1])
     return json_response(body)
