@@ -136,7 +136,7 @@ async def list_actions(
         operations=operation,
         published=published,
         trigger_type=trigger_type,
-        events=trigger_event,
+        events=list(trigger_event) if trigger_event else None,
         event_actions=trigger_event_action_identifier,
     )
     return {"ok": True, "actions": actions}
