@@ -244,7 +244,7 @@ class Database:
         except asyncpg.InvalidAuthorizationSpecificationError as exc:
             await self.finish(conn, commit=False)
             raise Unauthorized(
-                "The credential was deleted or its secret rotated", code="invalid_token"
+                "The credential was deleted, disabled or rotated", code="invalid_token"
             ) from exc
         except BaseException:
             self.pool.release(conn)
