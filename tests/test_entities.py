@@ -831,3 +831,23 @@ async def test_non_json_numbers_are_a_400(
     )
     assert response.status_code == 400, response.text
     assert response.json()["ok"] is False
+
+
+async def test_one_entity_with_include_and_exclude(client: httpx.AsyncClient, org: Org) -> None:
+    assert (await _post(client, org, svc("api"))).status_code == 201
+    url = "/v1/blueprints/service/entities/api"
+    picked = await client.get(
+        url,
+        params=[("include", "identifier"), ("include", "properties.language")],
+        headers=org.headers,
+    )
+    assert picked.json() == {
+        "ok": True,
+        "entity": {"identifier": "api", "properties": {"language": "python"}},
+    }
+    trimmed = (await client.get(url, params={"exclude": "properties"}, headers=org.headers)).json()
+    assert "properties" not in trimmed["entity"] and trimmed["entity"]["title"] == "API"
+    then = (await client.get(url, headers=org.headers)).json()["entity"]["updatedAt"]
+    past = await client.get(url, params={"at": then, "include": "title"}, headers=org.headers)
+    assert past.status_code == 200, past.text
+    assert past.json()["entity"] == {"title": "API"}

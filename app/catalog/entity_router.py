@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ from app.db.routing import AfterCommit, api_router, key_lookups
 from app.history import service as history
 from app.kit.errors import Invalid, NotFound, PortolanError
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody
-from app.kit.responses import json_response
+from app.kit.responses import json_response, to_json
 from app.search.service import prepare, read_one
 
 router = api_router(tags=["Entities"])
@@ -225,15 +226,19 @@ async def get_entity(
     exclude_calculated_properties: bool = False,
     attach_title_to_relation: AttachTitles = False,
     at: Annotated[datetime | None, Query(description=_AT)] = None,
+    include: Annotated[list[str] | None, Query(max_length=100)] = None,
+    exclude: Annotated[list[str] | None, Query(max_length=100)] = None,
 ) -> Any:
     """Read through search, so the entity carries its derived properties; with `at`, the
-    entity as it was then, from its history (docs/history.md)."""
+    entity as it was then, from its history (docs/history.md). `include` / `exclude` as on
+    the list: top-level fields or `properties.<name>` / `relations.<name>`."""
     permissions.require(tenant.principal, "entities.read")
+    pick = entities.FieldFilter(include or [], exclude or []) if include or exclude else None
     if at is not None:
         past = await history.entity_at(
             tenant.tx, blueprint, identifier, at if at.tzinfo else at.replace(tzinfo=UTC)
         )
-        return json_response({"ok": True, "entity": past})
+        return json_response({"ok": True, "entity": pick.apply(past) if pick else past})
     search, found = await read_one(
         tenant.tx,
         blueprint,
@@ -247,7 +252,10 @@ async def get_entity(
     async def complete() -> Response:
         # The transaction has committed: no connection waits on the calculations.
         await search.complete_documents(found, None)
-        body = b'{"ok":true,"entity":' + found.docs[0] + b"}"
+        document = found.docs[0]
+        if pick is not None:  # decoded only when asked: the plain read sends what was written
+            document = to_json(pick.apply(json.loads(document)))
+        body = b'{"ok":true,"entity":' + document + b"}"
         return Response(body, media_type="application/json")
 
     return AfterCommit(complete)
