@@ -366,3 +366,50 @@ async def test_mirror_and_ownership_paths_are_checked_to_the_end(
         ),
     )
     assert good.status_code == 201, good.text
+
+
+async def test_delete_actions_takes_the_blueprints_self_service_actions_along(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    for ident in ("gone", "kept"):
+        r = await client.post(
+            "/v1/blueprints",
+            json={"identifier": ident, "title": ident, "schema": {"properties": {}}},
+            headers=org.headers,
+        )
+        assert r.status_code == 201, r.text
+
+    def action(ident: str, blueprint: str) -> dict[str, object]:
+        return {
+            "identifier": ident,
+            "trigger": {
+                "type": "self-service",
+                "operation": "CREATE",
+                "blueprintIdentifier": blueprint,
+                "userInputs": {"properties": {}},
+            },
+            "invocationMethod": {"type": "WEBHOOK", "url": "https://hooks.example.com/a"},
+        }
+
+    on_change = {
+        "identifier": "on-change",
+        "trigger": {
+            "type": "automation",
+            "event": {"type": "ENTITY_UPDATED", "blueprintIdentifier": "gone"},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "https://hooks.example.com/b"},
+    }
+    for body in (action("make-gone", "gone"), action("make-kept", "kept"), on_change):
+        r = await client.post("/v1/actions", json=body, headers=org.headers)
+        assert r.status_code == 201, r.text
+    r = await client.delete(
+        "/v1/blueprints/gone", params={"delete_actions": "true"}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    listed = (await client.get("/v1/actions", headers=org.headers)).json()["actions"]
+    assert [a["identifier"] for a in listed] == ["make-kept", "on-change"]
+    r = await client.delete("/v1/blueprints/kept", headers=org.headers)
+    assert r.status_code == 200
+    listed = (await client.get("/v1/actions", headers=org.headers)).json()["actions"]
+    assert [a["identifier"] for a in listed] == ["make-kept", "on-change"]

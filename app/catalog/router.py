@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import Path
+from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
+from app.actions import service as actions
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.catalog import blueprints
@@ -99,9 +100,24 @@ async def patch_blueprint(
     responses={**ERRORS_AUTHED, **_CONFLICT},
     summary="Delete a blueprint (refused while it has entities or is a relation target)",
 )
-async def delete_blueprint(identifier: BlueprintId, tenant: CurrentTenant) -> Any:
+async def delete_blueprint(
+    identifier: BlueprintId,
+    tenant: CurrentTenant,
+    delete_actions: Annotated[
+        bool,
+        Query(description="Also delete the self-service actions of the blueprint (Port's)"),
+    ] = False,
+) -> Any:
+    """Without `delete_actions` the blueprint's actions stay (their runs show the blueprint
+    deleted); with it, its self-service actions go in the same transaction."""
     permissions.require(tenant.principal, "blueprints.delete")
     await blueprints.delete(tenant.tx, identifier)
+    if delete_actions:
+        owned = await actions.list_all(
+            tenant.tx, blueprints=[identifier], trigger_type="self-service"
+        )
+        for action in owned:
+            await actions.delete(tenant.tx, action["identifier"])
     return {"ok": True}
 
 
