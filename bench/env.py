@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -107,7 +108,8 @@ def pin_driver(cpu: int = 1) -> None:
 
 
 async def pin_database_backends(settings: Settings, cpu: int = 1) -> int:
-    """Move the PostgreSQL backends serving the bench server onto the driver's core.
+    """Move the PostgreSQL backends serving the bench server (and the local Redis) onto the
+    driver's core.
 
     In production the database has its own machine; on a 2-core bench box its backends
     would otherwise share the server's core and the figure would mostly measure that.
@@ -126,6 +128,7 @@ async def pin_database_backends(settings: Settings, cpu: int = 1) -> int:
         ]
     finally:
         await conn.close()
+    pids += _redis_servers(settings.redis_url or "")
     pinned = 0
     for pid in pids:
         done = subprocess.run(  # noqa: ASYNC221 - a few instant calls, bench only
@@ -133,6 +136,23 @@ async def pin_database_backends(settings: Settings, cpu: int = 1) -> int:
         )
         pinned += done.returncode == 0
     return pinned
+
+
+def _redis_servers(url: str) -> list[int]:
+    """The local Redis serving `url` (it has no machine of its own here either)."""
+    port = str(urlsplit(url).port or 6379)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    words = cmdline.read().split(b"\0")
+            except OSError:
+                continue
+            name = words[0].split(b" ")[0] if words else b""
+            if name.endswith(b"redis-server") and f":{port}".encode() in b" ".join(words):
+                found.append(int(entry))
+    return found
 
 
 def free_port() -> int:
