@@ -389,13 +389,17 @@ async def bulk_delete(
     request: Request,
     tenant: CurrentTenant,
     delete_dependents: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Any:
+    """With `run_id`, the deletions are tied to the run (their events carry it), as a single
+    delete's are: only while the run is in progress."""
     deleted = await entities.delete_many(
         tenant.tx,
         blueprint,
         body.entities,
         delete_dependents=delete_dependents,
         writer=_writer(request, tenant),
+        run_id=run_id,
     )
     return {"ok": True, "deletedEntities": deleted}
 
