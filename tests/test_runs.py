@@ -888,3 +888,22 @@ async def test_a_bulk_delete_is_tied_to_a_run_in_progress(
         url, params={"run_id": "r_nope"}, json={"entities": ["x"]}, headers=org.headers
     )
     assert r.status_code == 422 and r.json()["error"] == "run_not_found"
+
+
+async def test_deleting_all_entities_is_tied_to_a_run_in_progress(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _setup(client, org)
+    run_id = (await _run(client, org, "create-service", GOOD)).json()["run"]["id"]
+    url = "/v1/blueprints/service/all-entities"
+    r = await client.delete(url, params={"run_id": "r_nope"}, headers=org.headers)
+    assert r.status_code == 422 and r.json()["error"] == "run_not_found"
+    r = await client.delete(url, params={"run_id": run_id}, headers=org.headers)
+    assert r.status_code == 200, r.text
+    async with db.system() as tx:
+        tied = await tx.fetch(
+            "SELECT DISTINCT run_id FROM entity_events WHERE org_id = $1 AND action = 'DELETE'",
+            org.org_id,
+        )
+    assert [row["run_id"] for row in tied] == [run_id]

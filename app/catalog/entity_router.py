@@ -415,12 +415,18 @@ async def delete_all_entities(
     request: Request,
     tenant: CurrentTenant,
     delete_blueprint: bool = False,
+    run_id: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Any:
+    """With `run_id`, the deletions are tied to the run in progress (their events carry it)."""
     permissions.require(tenant.principal, "entities.unregisterAll", blueprint=blueprint)
     if delete_blueprint:
         permissions.require(tenant.principal, "blueprints.delete")
     migration_id = await migrations.delete_all_entities(
-        tenant.tx, blueprint, delete_blueprint=delete_blueprint, writer=_writer(request, tenant)
+        tenant.tx,
+        blueprint,
+        delete_blueprint=delete_blueprint,
+        writer=_writer(request, tenant),
+        run_id=run_id,
     )
     return {"ok": True, "migrationId": migration_id}
 

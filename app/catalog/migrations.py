@@ -12,10 +12,16 @@ from app.kit.errors import NotFound
 
 
 async def delete_all_entities(
-    tx: Tx, blueprint: str, *, delete_blueprint: bool, writer: entities.Writer
+    tx: Tx,
+    blueprint: str,
+    *,
+    delete_blueprint: bool,
+    writer: entities.Writer,
+    run_id: str | None = None,
 ) -> str:
-    """Deletes every entity of `blueprint` (with their events) and, if asked, the blueprint,
-    in the request's transaction; records the operation as a COMPLETE migration."""
+    """Deletes every entity of `blueprint` (with their events, tied to `run_id` when given)
+    and, if asked, the blueprint, in the request's transaction; records the operation as a
+    COMPLETE migration."""
     await bp_service.get_row(tx, blueprint, lock=True)
     identifiers = [
         r["identifier"]
@@ -27,7 +33,7 @@ async def delete_all_entities(
         )
     ]
     deleted = await entities.delete_many(
-        tx, blueprint, identifiers, delete_dependents=False, writer=writer
+        tx, blueprint, identifiers, delete_dependents=False, writer=writer, run_id=run_id
     )
     if delete_blueprint:
         await bp_service.delete(tx, blueprint)
