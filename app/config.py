@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     event_loop: Literal["fair", "uvloop"] = "fair"
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
+    # One org holds at most this share of the pool's connections; a freed connection goes
+    # to the waiting org that holds the fewest (app/db/pool.py).
+    db_org_share: float = Field(default=0.5, gt=0, le=1)
     # Any one statement (a search, an aggregation, a bulk write) is stopped after this.
     statement_timeout_ms: int = Field(default=15_000, ge=100)
     # A request whose transaction PostgreSQL aborts for a deadlock or a serialization

@@ -170,6 +170,7 @@ class Database:
         pool = ConnectionPool(
             settings.database_url,
             max_size=settings.db_pool_size + settings.db_max_overflow,
+            org_share=settings.db_org_share,
             init=_init_connection,
             server_settings={
                 "application_name": "portolan",
@@ -220,7 +221,7 @@ class Database:
         instead of being planned again for each execution. Only for work that reaches a
         few rows through their keys, where a plan is the same whatever the values."""
         fairloop.charge_to(org_id)  # the loop's turns of this work count for the org
-        conn = await self.pool.acquire()
+        conn = await self.pool.acquire(org_id)
         try:
             if self.citus:
                 # Citus replays a transaction's SET LOCALs on each worker it reaches by
