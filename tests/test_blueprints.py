@@ -413,3 +413,19 @@ async def test_delete_actions_takes_the_blueprints_self_service_actions_along(
     assert r.status_code == 200
     listed = (await client.get("/v1/actions", headers=org.headers)).json()["actions"]
     assert [a["identifier"] for a in listed] == ["make-kept", "on-change"]
+
+
+async def test_no_catalog_page_is_made_and_asking_for_one_is_refused(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    body = {"identifier": "paged", "title": "Paged", "schema": {"properties": {}}}
+    r = await client.post(
+        "/v1/blueprints", params={"create_catalog_page": "true"}, json=body, headers=org.headers
+    )
+    assert r.status_code == 422 and r.json()["error"] == "not_supported"
+    assert (await client.get("/v1/blueprints/paged", headers=org.headers)).status_code == 404
+    r = await client.post(
+        "/v1/blueprints", params={"create_catalog_page": "false"}, json=body, headers=org.headers
+    )
+    assert r.status_code == 201, r.text

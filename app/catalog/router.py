@@ -23,6 +23,7 @@ from app.catalog.schemas import (
     RenameRelationBody,
 )
 from app.db.routing import api_router
+from app.kit.errors import Invalid
 from app.kit.openapi import ERRORS_AUTHED, conflict
 
 router = api_router(prefix="/v1/blueprints", tags=["Blueprints"])
@@ -41,8 +42,25 @@ def _body(model: BlueprintBody | BlueprintPatchBody) -> dict[str, Any]:
     responses={**ERRORS_AUTHED, **_CONFLICT},
     summary="Create a blueprint",
 )
-async def create_blueprint(body: BlueprintBody, tenant: CurrentTenant) -> Any:
+async def create_blueprint(
+    body: BlueprintBody,
+    tenant: CurrentTenant,
+    create_catalog_page: Annotated[
+        bool | None,
+        Query(
+            description="Port's: make a catalog page for the blueprint. Portolan serves no "
+            "pages: `false` is what it does, `true` is not supported (422)"
+        ),
+    ] = None,
+) -> Any:
     permissions.require(tenant.principal, "blueprints.create")
+    if create_catalog_page:
+        raise Invalid(
+            "create_catalog_page=true is not supported: Portolan serves no catalog pages "
+            "(send false or leave it out)",
+            code="not_supported",
+            details=[{"parameter": "create_catalog_page", "message": "only false"}],
+        )
     created = await blueprints.create(tenant.tx, tenant.principal.subject, _body(body))
     return {"ok": True, "blueprint": created}
 
