@@ -173,3 +173,41 @@ def test_an_idle_org_banks_no_time() -> None:
 
     steps = _run(fairloop.new_loop, main)
     assert 0.6 < steps["busy"] / steps["late"] < 1.6, steps
+
+
+def test_a_loop_going_from_org_to_org_does_not_recount_the_tasks_it_started() -> None:
+    async def main() -> list[object]:
+        fairloop.charge_to("x")
+        seen: list[object] = []
+
+        async def child() -> None:
+            await asyncio.sleep(0.01)
+            slot = fairloop.TENANT.get()
+            seen.append(None if slot is None else slot.org)
+
+        task = asyncio.create_task(child())
+        fairloop.charge_to("y")  # the parent moves on to another org's work
+        await task
+        slot = fairloop.TENANT.get()
+        seen.append(None if slot is None else slot.org)
+        return seen
+
+    assert _run(fairloop.new_loop, main) == ["x", "y"]
+
+
+def test_a_request_slot_is_claimed_with_the_tasks_it_started() -> None:
+    async def main() -> list[object]:
+        fairloop.open_slot()
+        seen: list[object] = []
+
+        async def child() -> None:
+            await asyncio.sleep(0.01)
+            slot = fairloop.TENANT.get()
+            seen.append(None if slot is None else slot.org)
+
+        task = asyncio.create_task(child())
+        fairloop.charge_to("a")  # the request's token names its org
+        await task
+        return seen
+
+    assert _run(fairloop.new_loop, main) == ["a"]

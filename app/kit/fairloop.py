@@ -57,11 +57,15 @@ def open_slot() -> None:
 
 
 def charge_to(org: object) -> None:
-    """The current work is the org's from here on (its callbacks count for it)."""
+    """The current work is the org's from here on (its callbacks count for it).
+
+    A request's slot, still without an org, is claimed (with the tasks it started); work
+    that belonged to another org (a background loop going from org to org) takes a slot of
+    its own, so tasks it started earlier keep counting for their own org."""
     slot = TENANT.get()
-    if slot is None:
+    if slot is None or (slot.org is not None and slot.org != org):
         TENANT.set(_Slot(org))
-    elif slot.org != org:
+    elif slot.org is None:
         slot.org = org
 
 
@@ -194,4 +198,3 @@ class FairLoop(asyncio.SelectorEventLoop):
 def new_loop() -> asyncio.AbstractEventLoop:
     """The server's event loop (uvicorn's `loop` setting names this factory)."""
     return FairLoop()
-
