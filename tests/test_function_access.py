@@ -154,6 +154,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/workflows/runs/claim-pending"): "admin",
     ("GET", "/v1/workflows/runs/{workflow_run_id}"): "member",
     ("POST", "/v1/workflows/runs/{workflow_run_id}/cancel"): "run",
+    ("GET", "/v1/workflows/runs/{workflow_run_id}/stream"): "member",
     ("POST", "/v1/workflows/nodes/runs/{node_run_id}/responses"): "run",
 }
 
@@ -251,11 +252,16 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
     run = await ok(client, "POST", "/v1/actions/open/runs", org, json={"properties": {}})
     flow_run = await ok(client, "POST", "/v1/workflows/flow/runs", org, json={"inputs": {}})
     gate_run = await ok(client, "POST", "/v1/workflows/gate/runs", org, json={"inputs": {}})
+    # An ended run, so that following its live stream ends.
+    ended = await ok(client, "POST", "/v1/workflows/flow/runs", org, json={"inputs": {}})
+    ended_id = ended["workflowRun"]["identifier"]
+    await ok(client, "POST", f"/v1/workflows/runs/{ended_id}/cancel", org)
     migration = await ok(client, "DELETE", "/v1/blueprints/scratch/all-entities", org)
     integration = await ok(client, "GET", "/v1/integration/ocean", org)
     return {
         "run_id": run["run"]["id"],
         "workflow_run_id": flow_run["workflowRun"]["identifier"],
+        "ended_workflow_run_id": ended_id,
         "node_run_id": gate_run["workflowRun"]["nodeRuns"][1]["identifier"],
         "migration_id": migration["migrationId"],
         "app_id": org.client_id,
@@ -286,7 +292,9 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         blueprint="service",
         name=name,
         run_id=ids["run_id"],
-        workflow_run_id=ids["workflow_run_id"],
+        workflow_run_id=ids[
+            "ended_workflow_run_id" if path.endswith("/stream") else "workflow_run_id"
+        ],
         node_run_id=ids["node_run_id"],
         migration_id=ids["migration_id"],
         app_id=ids["app_id"],

@@ -6,33 +6,24 @@ Included before the action routes, so `/v1/actions/runs` is not read as an actio
 
 from __future__ import annotations
 
-import asyncio
-import random
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-import anyio
 from fastapi import Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import StreamingResponse
 
 from app.actions import claims, runs, streams, versions
 from app.auth import permissions
-from app.auth.principal import CurrentTenant, DeferredTenant, Tenant, principal_of
-from app.config import Settings
-from app.db.database import Database
+from app.auth.principal import CurrentTenant, DeferredTenant, Tenant
+from app.db.database import Database, Tx
 from app.db.routing import AfterCommit, api_router
-from app.kit.errors import Invalid, NotFound, PortolanError, Unauthorized
+from app.kit.errors import Invalid, NotFound
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody, conflict
-from app.kit.responses import json_response, to_json
+from app.kit.responses import json_response
 
 router = api_router(prefix="/v1/actions", tags=["Action runs"])
 ActionId = Annotated[str, Path(min_length=1, max_length=100)]
 RunId = Annotated[str, Path(min_length=1, max_length=40)]
-_STREAM_POLL_SECONDS = 0.25
-_STREAM_MAX_POLL_SECONDS = 2.0
-_STREAM_HEARTBEAT_SECONDS = 15.0
 
 
 class RunBody(BaseModel):
@@ -505,105 +496,23 @@ async def stream_logs(
     credential on every look (deleted or rotated: the stream ends), the token and a
     person's membership every `PORTOLAN_RUN_LOG_STREAM_RECHECK_SECONDS`."""
     await _readable(tenant, run_id)  # 404 / 403 before the stream starts
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    settings: Settings = request.app.state.settings
-    db: Database = request.app.state.db
-    principal = tenant.principal
-    token = request.headers.get("authorization", "").partition(" ")[2].strip()
-    identity = await request.app.state.verifier.verify(token)
-    credential = (principal.subject, identity.issued_at) if principal.kind == "app" else None
-    slot = streams.Slot(request.app.state.redis, principal.org_id, settings.run_log_streams_per_org)
-    await slot.take()
-    recheck = settings.run_log_stream_recheck_seconds
+    seen = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    status: str | None = None
 
-    async def still_allowed() -> PortolanError | None:
-        """Why the caller may no longer follow the stream, if so."""
-        try:
-            await request.app.state.verifier.verify(token)
-        except PortolanError as exc:
-            return exc
-        if principal.kind == "user":
-            async with db.tenant(principal.org_id) as tx:
-                if await principal_of(tx, principal.subject) is None:
-                    return Unauthorized(
-                        "The user is not a member of the organization", code="unknown_user"
-                    )
-        return None
+    async def look(tx: Tx) -> streams.Look:
+        nonlocal seen, status
+        found = await runs.logs(tx, run_id, limit=50, after=seen)
+        run = await runs.get(tx, run_id)
+        out = streams.Look(more=bool(found))
+        for entry in found:
+            seen = int(entry["id"])
+            out.events.append(streams.event("log", entry, entry["id"]))
+        if run["status"] != status:
+            status = run["status"]
+            out.events.append(streams.event("status", run))
+        if run["status"] in runs.ENDED and len(found) < 50:
+            out.events.append(streams.event("end", {"status": run["status"]}))
+            out.ended = True
+        return out
 
-    async def look(seen: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        # A short transaction of its own; a machine credential is checked by its opening
-        # statement (Unauthorized when deleted or rotated).
-        tx, conn = await db.begin_tenant(principal.org_id, credential=credential)
-        ok = False
-        try:
-            found = await runs.logs(tx, run_id, limit=50, after=seen)
-            run = await runs.get(tx, run_id)
-            ok = True
-        finally:
-            await db.finish(conn, commit=ok)
-        return found, run
-
-    async def events() -> AsyncIterator[bytes]:
-        seen = after
-        status: str | None = None
-        idle = 0.0
-        wait = _STREAM_POLL_SECONDS
-        clock = asyncio.get_running_loop().time
-        next_check = clock() + recheck
-        try:
-            while True:
-                if clock() >= next_check:
-                    gone = await still_allowed()
-                    if gone is not None:
-                        yield _ended_by(gone)
-                        return
-                    await slot.renew()
-                    next_check = clock() + recheck
-                try:
-                    found, run = await look(seen)
-                except PortolanError as exc:
-                    yield _ended_by(exc)
-                    return
-                for entry in found:
-                    seen = int(entry["id"])
-                    yield _event("log", to_json(entry), entry["id"])
-                if run["status"] != status:
-                    status = run["status"]
-                    yield _event("status", to_json(run))
-                if run["status"] in runs.ENDED and len(found) < 50:
-                    yield _event("end", to_json({"status": run["status"]}))
-                    return
-                if found:
-                    idle, wait = 0.0, _STREAM_POLL_SECONDS
-                    continue
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(wait)
-                idle += wait
-                # Looks grow rarer while the run is quiet (fewer transactions per stream),
-                # and spread (streams opened together do not look together).
-                wait = min(_STREAM_MAX_POLL_SECONDS, wait * 2) * random.uniform(0.75, 1.0)  # noqa: S311
-                if idle >= _STREAM_HEARTBEAT_SECONDS:
-                    idle = 0.0
-                    yield b": keep-alive\n\n"
-        finally:
-            # Also when the client went away and the response is being cancelled (anyio
-            # cancels every await in its scope): the slot is given back all the same.
-            with anyio.CancelScope(shield=True):
-                await slot.release()
-
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-def _ended_by(error: PortolanError) -> bytes:
-    """The `error` event that ends a stream, in Port's error shape."""
-    return _event("error", to_json(error.body()))
-
-
-def _event(name: str, data: bytes, event_id: str | None = None) -> bytes:
-    head = f"event: {name}\n" + (f"id: {event_id}\n" if event_id else "")
-    return head.encode() + b"data: " + data + b"\n\n"
+    return await streams.follow(request, tenant.principal, look)

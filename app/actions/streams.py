@@ -1,5 +1,8 @@
-"""Live run-log streams' slots: at most `run_log_streams_per_org` of an organization's
-streams are open at once, across every API process.
+"""Live streams (server-sent events) of a run's progress: an action run's logs, a workflow
+run's node runs and logs. `follow` serves one; the caller supplies how to look.
+
+At most `run_log_streams_per_org` of an organization's streams (of every kind) are open at
+once, across every API process.
 
 Each open stream holds a slot: a member of the org's sorted set in Redis, scored with the
 time its lease ends. A stream renews its lease while it runs and gives the slot back when
@@ -11,18 +14,33 @@ cap (logged), so a stream is never refused for Redis's sake alone and never unca
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
+from app.auth.principal import Principal, principal_of
+from app.config import Settings
+from app.db.database import Database, Tx
+from app.kit.errors import PortolanError, Unauthorized
 from app.kit.ratelimit import RateLimited
+from app.kit.responses import to_json
 
 log = logging.getLogger("portolan.streams")
 
 LEASE_SECONDS = 60
 RETRY_AFTER_SECONDS = 10
+POLL_SECONDS = 0.25
+MAX_POLL_SECONDS = 2.0
+HEARTBEAT_SECONDS = 15.0
 _KEY = "portolan:run-log-streams:{org}"
 
 # KEYS[1]: the org's set; ARGV: cap, lease (ms), member. 1 when the slot was taken.
@@ -77,7 +95,7 @@ class Slot:
                 mine.add(self.member)
         if not taken:
             raise TooManyStreams(
-                f"The organization has {self.cap} live run-log streams open, its limit; "
+                f"The organization has {self.cap} live streams open, its limit; "
                 "close one or try again later",
                 retry_after=RETRY_AFTER_SECONDS,
             )
@@ -105,3 +123,126 @@ class Slot:
     async def _call(self, script: str, *args: Any) -> int:
         result: Any = self._redis.eval(script, 1, self._key, *args)
         return int(await result)
+
+
+# -- Serving a stream ---------------------------------------------------------------------
+
+
+@dataclass
+class Look:
+    """What one look at the run found: the events to send (in order), whether the stream
+    is over (the run ended and everything about it was sent), and whether there may be
+    more to send at once (a page was full)."""
+
+    events: list[bytes] = field(default_factory=list)
+    ended: bool = False
+    more: bool = False
+
+
+def event(name: str, data: Any, event_id: str | int | None = None) -> bytes:
+    """One server-sent event; `data` is made JSON. `event_id` is what `Last-Event-ID`
+    names when the client resumes."""
+    head = f"event: {name}\n" + (f"id: {event_id}\n" if event_id is not None else "")
+    return head.encode() + b"data: " + to_json(data) + b"\n\n"
+
+
+def ended_by(error: PortolanError) -> bytes:
+    """The `error` event that ends a stream, in Port's error shape."""
+    return event("error", error.body())
+
+
+async def follow(
+    request: Request, principal: Principal, look: Callable[[Tx], Awaitable[Look]]
+) -> StreamingResponse:
+    """Serve a live stream: `look` is called in a short tenant transaction of its own,
+    again and again, and what it finds is sent, until it says the stream is over.
+
+    The caller has already checked the run exists and may be read. Here: the org's slot is
+    taken (TooManyStreams, a 429, before any byte is sent) and given back however the
+    stream ends; no database connection is held between looks, which grow rarer while
+    nothing happens (and spread, so streams opened together do not look together); a
+    machine credential is checked by every look's opening statement (deleted or rotated:
+    an `error` event ends the stream), the token and a person's membership every
+    `run_log_stream_recheck_seconds`."""
+    settings: Settings = request.app.state.settings
+    db: Database = request.app.state.db
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    identity = await request.app.state.verifier.verify(token)
+    credential = (principal.subject, identity.issued_at) if principal.kind == "app" else None
+    slot = Slot(request.app.state.redis, principal.org_id, settings.run_log_streams_per_org)
+    await slot.take()
+    recheck = settings.run_log_stream_recheck_seconds
+
+    async def still_allowed() -> PortolanError | None:
+        """Why the caller may no longer follow the stream, if so."""
+        try:
+            await request.app.state.verifier.verify(token)
+        except PortolanError as exc:
+            return exc
+        if principal.kind == "user":
+            async with db.tenant(principal.org_id) as tx:
+                if await principal_of(tx, principal.subject) is None:
+                    return Unauthorized(
+                        "The user is not a member of the organization", code="unknown_user"
+                    )
+        return None
+
+    async def one_look() -> Look:
+        # A machine credential is checked by the transaction's opening statement
+        # (Unauthorized when deleted or rotated).
+        tx, conn = await db.begin_tenant(principal.org_id, credential=credential)
+        ok = False
+        try:
+            found = await look(tx)
+            ok = True
+        finally:
+            await db.finish(conn, commit=ok)
+        return found
+
+    async def events() -> AsyncIterator[bytes]:
+        idle = 0.0
+        wait = POLL_SECONDS
+        clock = asyncio.get_running_loop().time
+        next_check = clock() + recheck
+        try:
+            while True:
+                if clock() >= next_check:
+                    gone = await still_allowed()
+                    if gone is not None:
+                        yield ended_by(gone)
+                        return
+                    await slot.renew()
+                    next_check = clock() + recheck
+                try:
+                    found = await one_look()
+                except PortolanError as exc:
+                    yield ended_by(exc)
+                    return
+                for chunk in found.events:
+                    yield chunk
+                if found.ended:
+                    return
+                if found.more:
+                    idle, wait = 0.0, POLL_SECONDS
+                    continue
+                if found.events:
+                    idle, wait = 0.0, POLL_SECONDS
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(wait)
+                idle += wait
+                wait = min(MAX_POLL_SECONDS, wait * 2) * random.uniform(0.75, 1.0)  # noqa: S311
+                if idle >= HEARTBEAT_SECONDS:
+                    idle = 0.0
+                    yield b": keep-alive\n\n"
+        finally:
+            # Also when the client went away and the response is being cancelled (anyio
+            # cancels every await in its scope): the slot is given back all the same.
+            with anyio.CancelScope(shield=True):
+                await slot.release()
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Header, Path, Query
+from fastapi import Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.actions import claims
+from app.actions import claims, streams
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
 from app.kit.errors import Invalid, NotFound
-from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
+from app.kit.openapi import ERRORS_AUTHED, ErrorBody, OkResponse, conflict
 from app.kit.responses import json_response
-from app.workflows import runs, service
+from app.workflows import runs, service, stream
 from app.workflows.schemas import (
     ResponseBody,
     RunBody,
@@ -105,6 +105,46 @@ async def get_workflow_run(workflow_run_id: RunId, tenant: CurrentTenant) -> Any
     permissions.require(tenant.principal, "workflows.read")
     run = await runs.get(tenant.tx, workflow_run_id, tenant.principal)
     return json_response({"ok": True, "workflowRun": run})
+
+
+@router.get(
+    "/runs/{workflow_run_id}/stream",
+    responses={
+        **ERRORS_AUTHED,
+        200: {
+            "description": "Server-sent events: `run` (the run, first and when its status "
+            "changes), `nodeRun` (a node run when it appears and when its status changes), "
+            "`log` (a node run's log line) and a final `end` once the run has ended; `error` "
+            "(Port's error body) ends the stream when its caller's credential or membership "
+            "is gone or its token expired.",
+            "content": {"text/event-stream": {}},
+        },
+        429: {
+            "model": ErrorBody,
+            "description": "The organization's rate limit for this kind of request is "
+            "reached, or it has its limit of live streams open (`rate_limited`; Retry-After)",
+        },
+    },
+    summary="Follow a workflow run's progress live (server-sent events)",
+)
+async def stream_workflow_run(
+    workflow_run_id: RunId,
+    request: Request,
+    tenant: CurrentTenant,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+) -> Any:
+    """The run and its node runs as they are, then each change as it happens, with every
+    node run's logs; ends once the run has ended. `Last-Event-ID` resumes after the log it
+    names (node runs and the run are sent again as they stand).
+
+    Live streams of every kind count against the org's `PORTOLAN_RUN_LOG_STREAMS_PER_ORG`
+    (429 beyond); a stream holds no database connection between its looks and ends when
+    its caller's credential or membership is gone (as an action run's log stream)."""
+    permissions.require(tenant.principal, "workflows.read")
+    definition = await stream.opened(tenant.tx, tenant.principal, workflow_run_id)
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    follower = stream.Follower(workflow_run_id, definition, after)
+    return await streams.follow(request, tenant.principal, follower.look)
 
 
 @router.post(
