@@ -89,12 +89,13 @@ class Settings(BaseSettings):
     # this share of one process's time on it, over bursts of up to this many seconds.
     jq_compile_share: float = Field(default=0.05, gt=0, le=1)
     jq_compile_burst_seconds: float = Field(default=1.0, gt=0, le=60)
-    # Number and date-time properties get a range index (app/search/indexes.py) once their
-    # blueprint holds this many entities, unless their schema says `"indexed": false`.
+    # Number and date-time properties get a range index, and titles, identifiers and string
+    # properties a text (trigram) index (app/search/indexes.py), once their blueprint holds
+    # this many entities, unless their schema says `"indexed": false`.
     range_index_min_entities: int = Field(default=10_000, ge=1)
-    # At most this many range indexes per organization: every index on the shared entities
-    # table is weighed when any tenant's statement is planned. Beyond it, properties are
-    # not indexed (logged; flagged and timer properties first).
+    # At most this many range and text indexes per organization, together: every index on
+    # the shared entities table is weighed when any tenant's statement is planned. Beyond
+    # it, properties are not indexed (logged; flagged and timer properties first).
     range_index_max_per_org: int = Field(default=30, ge=0)
     log_level: str = "INFO"
     queue_name: str = Field(default="portolan:queue", min_length=1)
