@@ -18,6 +18,7 @@ from app.kit.openapi import ErrorBody
 router = api_router(tags=["Operations"])
 log = logging.getLogger("portolan.ops")
 _CHECK_TIMEOUT = 2.0
+_RETRY_AFTER_SECONDS = 5
 
 
 class Health(BaseModel):
@@ -63,8 +64,11 @@ async def readyz(request: Request) -> Any:
     if all(v == "ok" for v in checks.values()):
         return Readiness(checks=checks)
     failing = ", ".join(k for k, v in checks.items() if v != "ok")
+    # A dependency's outage is usually short (a restart): the caller may look again soon.
     return JSONResponse(
-        error_body("not_ready", f"Unreachable: {failing}", {"checks": checks}), status_code=503
+        error_body("not_ready", f"Unreachable: {failing}", {"checks": checks}),
+        status_code=503,
+        headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
     )
 
 
