@@ -15,6 +15,7 @@ SCENARIOS = [
     "bench.history",
     "bench.scorecards",
     "bench.dispatch",
+    "bench.workflows",
     "bench.events",
     "bench.noisy",
 ]
