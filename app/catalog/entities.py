@@ -18,6 +18,7 @@ import asyncpg
 
 from app.auth.permissions import EntityChange, EntityGuard
 from app.catalog import blueprints as bp_service
+from app.catalog import entity_queries
 from app.catalog.validation import UNSTORABLE_TEXT, first_unstorable, valid_entity_identifier
 from app.catalog.validators import EntityValidator, validator_for
 from app.db.database import Tx
@@ -71,6 +72,10 @@ class Item:
     changed: bool = False
     state: dict[str, Any] = field(default_factory=dict)
     before: dict[str, Any] | None = None
+    # Fields given as search queries, found before the write (app.catalog.entity_queries).
+    identifier_query: Any = None
+    team_query: Any = None
+    relation_queries: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +115,15 @@ def _parse(item: Item, blueprint: dict[str, Any]) -> None:
     identifier = raw.get("identifier")
     if identifier is None:
         identifier = "e_" + secrets.token_hex(8)
-    if isinstance(identifier, dict):
-        raise Invalid("Search-query identifiers are not supported: give the identifier itself")
-    if not isinstance(identifier, str) or not valid_entity_identifier(identifier):
+    if entity_queries.is_query(identifier):
+        item.identifier_query = identifier  # the entity it finds (before the write)
+    elif not isinstance(identifier, str) or not valid_entity_identifier(identifier):
         raise Invalid(
             "identifier must be 1-1000 letters, digits or @_.+:\\/=- (not '.' or '..')",
             details=[{"pointer": "/identifier", "message": "invalid identifier"}],
         )
-    item.identifier = identifier
+    else:
+        item.identifier = identifier
     if "title" in raw:
         if raw["title"] is not None and not isinstance(raw["title"], str):
             raise Invalid("title must be a string")
@@ -134,8 +140,10 @@ def _parse(item: Item, blueprint: dict[str, Any]) -> None:
             item.team = [team]
         elif isinstance(team, list) and all(isinstance(t, str) for t in team):
             item.team = sorted(set(team))
+        elif entity_queries.is_query(team):
+            item.team_query = team
         else:
-            raise Invalid("team must be a team name or a list of team names")
+            raise Invalid("team must be a team name, a list of team names or a search query")
     if "properties" in raw:
         if raw["properties"] is not None and not isinstance(raw["properties"], dict):
             raise Invalid("properties must be an object")
@@ -153,14 +161,15 @@ def _parse(item: Item, blueprint: dict[str, Any]) -> None:
                     f"Relation {name!r} is not defined on blueprint {blueprint['identifier']!r}",
                     details=[{"pointer": f"/relations/{name}", "message": "unknown relation"}],
                 )
+            if entity_queries.is_query(value):
+                item.relation_queries[name] = value  # its targets are found before the write
+                continue
             item.relations[name] = _relation_value(name, value, definition)
 
 
 def _relation_value(name: str, value: Any, definition: dict[str, Any]) -> list[str] | None:
     if value is None:
         return None
-    if isinstance(value, dict):
-        raise Invalid(f"Relation {name!r}: search-query targets are not supported")
     if definition["many"]:
         if isinstance(value, str):
             value = [value]
@@ -384,7 +393,6 @@ async def _write(
     blueprint_id = blueprint["identifier"]
     validator = validator_for(tx.org_id, blueprint)
     items = [Item(index=i, raw=raw) for i, raw in enumerate(raws)]
-    seen: set[str] = set()
     for item in items:
         try:
             _parse(item, blueprint)
@@ -392,11 +400,20 @@ async def _write(
                 item.properties = {
                     k: v for k, v in item.properties.items() if k in validator.declared
                 }
-            if item.identifier in seen:
-                raise Invalid(f"Entity {item.identifier!r} appears more than once in the request")
-            seen.add(item.identifier)
         except PortolanError as exc:
             item.error = exc
+    # Identifiers, relation targets and teams given as search queries: found now, in this
+    # transaction, with what the writer may read.
+    await entity_queries.resolve(tx, blueprint, items, writer)
+    seen: set[str] = set()
+    for item in items:
+        if item.error is not None:
+            continue
+        if item.identifier in seen:
+            item.error = Invalid(
+                f"Entity {item.identifier!r} appears more than once in the request"
+            )
+        seen.add(item.identifier)
     live = sorted((i for i in items if i.error is None), key=lambda i: i.identifier)
     # Small writes lock at once (one read); large ones read unlocked first so that an
     # unchanged re-sync locks and writes nothing.

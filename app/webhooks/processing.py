@@ -196,6 +196,14 @@ class _Op:
                     found.update(v for v in value if isinstance(v, str))
         return found
 
+    def searches(self) -> bool:
+        """Whether the entity's relations or team are search queries: what they find
+        depends on every write before it."""
+        relations = self.entity.get("relations")
+        return isinstance(self.entity.get("team"), dict) or (
+            isinstance(relations, dict) and any(isinstance(v, dict) for v in relations.values())
+        )
+
     def error(self, message: str, **extra: Any) -> None:
         index = self.mapping.index
         self.event.outcome.error(
@@ -591,14 +599,16 @@ def _levels(ops: list[_Op]) -> list[list[_Op]]:
 
     Two upserts are ordered when they write the same entity or when one names the other's
     identifier in a relation (it may create it as a bare related entity, or find it
-    created); a delete is ordered with everything (it may delete dependents and unlink)."""
+    created); a delete is ordered with everything (it may delete dependents and unlink),
+    and so is an upsert whose relations or team are search queries (they find what the
+    writes before it left, and a later write may change what they would find)."""
     levels: list[list[_Op]] = []
     floor = 0
     written: dict[tuple[str, str], int] = {}  # (blueprint, identifier) -> last level
     written_ids: dict[str, int] = {}  # identifier (any blueprint) -> last level
     named: dict[str, int] = {}  # identifier named by a relation -> last level
     for op in ops:
-        if op.mapping.delete:
+        if op.mapping.delete or op.searches():
             levels.append([op])
             floor = len(levels)
             continue
