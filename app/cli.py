@@ -90,19 +90,16 @@ def migrate() -> None:
     typer.echo("migrations applied")
 
 
-def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
+def _serve(settings: Settings, host: str, port: int, with_worker: bool, workers: int = 1) -> None:
     import uvicorn
 
+    from app.kit.processes import run_forked
     from app.kit.runtime import settle_heap
     from app.kit.serving import loop_factory, protocol_for
     from app.main import create_app
 
     app = create_app(settings, with_worker=with_worker)
-    settle_heap()
-    # uvicorn re-raises the signal it caught once it has shut down; with the default
-    # SIGTERM action that would kill the process before atexit stops embedded servers.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -116,6 +113,25 @@ def _serve(settings: Settings, host: str, port: int, with_worker: bool) -> None:
         ws="none",
         timeout_keep_alive=settings.http_keep_alive_seconds,
     )
+    if workers > 1:
+        # One listening socket, bound here and shared by the forked processes; each runs
+        # the app (and its worker) on its own event loop and connection pool.
+        sockets = [config.bind_socket()]
+
+        def child() -> None:
+            settle_heap()
+            uvicorn.Server(config).run(sockets=sockets)
+
+        run_forked(workers, child)
+        return
+    settle_heap()
+    # uvicorn re-raises the signal it caught once it has shut down; with the default
+    # SIGTERM action that would kill the process before atexit stops embedded servers.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # could not start (e.g. the port is taken), as uvicorn.run exits
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -129,9 +145,12 @@ def serve(
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Do not run the in-process worker")
     ] = False,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Server processes sharing the port (each with its worker)")
+    ] = 1,
 ) -> None:
     """Serve the API (with an in-process worker unless --no-worker)."""
-    _serve(_settings_with_services(), host, port, not no_worker)
+    _serve(_settings_with_services(), host, port, not no_worker, workers)
 
 
 @cli.command()

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,7 +275,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def served(settings: Settings, **env: str) -> Iterator[tuple[int, Path]]:
+def served(
+    settings: Settings, *, serve_args: Sequence[str] = (), **env: str
+) -> Iterator[tuple[int, Path]]:
     """`portolan serve --no-worker` in a process of its own on a free port, against the
     run's database, with `env` (PORTOLAN_ settings) on top: (its port, its output's file)
     once it answers /readyz; stopped afterwards."""
@@ -295,7 +297,10 @@ def served(settings: Settings, **env: str) -> Iterator[tuple[int, Path]]:
     environ.update(env)
     log = tempfile.NamedTemporaryFile(prefix="portolan-live-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--no-worker"],
+        [
+            sys.executable,
+            *("-m", "app.cli", "serve", "--port", str(port), "--no-worker", *serve_args),
+        ],
         cwd=Path(__file__).resolve().parent.parent,
         env=environ,
         stdout=log,
