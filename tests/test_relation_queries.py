@@ -384,3 +384,73 @@ async def test_a_webhook_mapping_links_through_a_relation_query(
     assert "found 0 entities" in failed[0]["outcome"]["errors"][0]["message"]
     r = await client.get("/v1/blueprints/service/entities/web", headers=org.headers)
     assert r.status_code == 404
+
+
+async def test_a_webhook_mapping_takes_ports_query_objects_of_jq_fields(
+    client: httpx.AsyncClient,
+    org: Org,
+    start_worker: Callable[..., Settings],
+) -> None:
+    r = await client.post("/v1/teams", json={"name": "payments-team"}, headers=org.headers)
+    assert r.status_code in (200, 201), r.text
+    squad_query = {
+        "combinator": '"and"',
+        "rules": [
+            {"property": '"slug"', "operator": '"="', "value": ".body.squad # a comment"},
+            {
+                "combinator": '"or"',
+                "rules": [{"property": '"area"', "operator": '"in"', "value": "[.body.area]"}],
+            },
+        ],
+    }
+    team_query = {
+        "combinator": '"and"',
+        "rules": [{"property": '"$identifier"', "operator": '"="', "value": ".body.team"}],
+    }
+    webhook = {
+        "identifier": "literal",
+        "title": "Literal queries",
+        "mappings": [
+            {
+                "blueprint": "service",
+                "entity": {
+                    "identifier": ".body.service",
+                    "team": team_query,
+                    "relations": {"squad": squad_query},
+                },
+            }
+        ],
+    }
+    bad = {**webhook, "identifier": "bad"}
+    bad["mappings"] = [
+        {
+            "blueprint": "service",
+            "entity": {
+                "identifier": ".body.service",
+                "relations": {"squad": {"rules": [{"property": '"slug"', "value": ".body.("}]}},
+            },
+        }
+    ]
+    r = await client.post("/v1/webhooks", json=bad, headers=org.headers)
+    assert r.status_code == 422, r.text
+    pointers = [d["pointer"] for d in r.json()["details"]]
+    assert pointers == ["/mappings/0/entity/relations/squad/rules/0/value"]
+    r = await client.post("/v1/webhooks", json=webhook, headers=org.headers)
+    assert r.status_code == 201, r.text
+    stored = r.json()["integration"]
+    assert stored["mappings"][0]["entity"]["relations"]["squad"] == squad_query
+    start_worker()
+    payload = {"service": "api", "squad": "pay", "area": "money", "team": "payments-team"}
+    r = await client.post(f"/v1/webhooks/ingest/{stored['webhookKey']}", json=payload)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        r = await client.get("/v1/webhooks/literal/events", headers=org.headers)
+        events = r.json()["events"]
+        if events and events[0]["status"] != "pending":
+            break
+        await asyncio.sleep(0.1)
+    assert events[0]["outcome"]["errors"] == [], events
+    api = await _get(client, org, "api")
+    assert api["relations"]["squad"] == "payments"
+    assert api["team"] == ["payments-team"]

@@ -16,6 +16,7 @@ a signature algorithm (so reading a webhook and writing it back keeps its secret
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ MAX_DESCRIPTION = 200
 MAX_ICON = 200
 MAX_MAPPINGS = 50
 MAX_EXPRESSION = 10_000
+# A mapping's search query (a relation's or the team's): its rules, and how deep they nest.
+_MAX_QUERY_RULES = 50
+_MAX_QUERY_DEPTH = 5
 MAX_SECRET = 1000
 MAX_PREFIX = 100
 ALGORITHMS = ("sha1", "sha256", "plain")
@@ -170,6 +174,54 @@ def _check_expression(value: Any, pointer: str, problems: Problems) -> bool:
     return len(problems.items) == before
 
 
+def _check_query(value: Any, pointer: str, problems: Problems, depth: int = 0) -> None:
+    """A search query in a mapping (Port's shape): `combinator` and each rule's fields are
+    jq expressions (`'"and"'`, `.body.team`); `rules` is a list of rules or queries."""
+    if depth >= _MAX_QUERY_DEPTH:
+        problems.add(pointer, f"queries nest at most {_MAX_QUERY_DEPTH} deep")
+        return
+    unknown = sorted(set(value) - {"combinator", "rules"})
+    if unknown:
+        problems.add(pointer, f"a search query has combinator and rules, not {', '.join(unknown)}")
+    if "combinator" in value:
+        _check_expression(value["combinator"], f"{pointer}/combinator", problems)
+    rules = value.get("rules")
+    if not isinstance(rules, list) or not rules or len(rules) > _MAX_QUERY_RULES:
+        problems.add(f"{pointer}/rules", f"rules must be a list of 1..{_MAX_QUERY_RULES} rules")
+        return
+    for i, rule in enumerate(rules):
+        at = f"{pointer}/rules/{i}"
+        if not isinstance(rule, dict) or not rule:
+            problems.add(at, "a rule is an object of jq expressions")
+        elif "rules" in rule:
+            _check_query(rule, at, problems, depth + 1)
+        else:
+            for name, expression in rule.items():
+                if not valid_key(name):
+                    problems.add(f"{at}/{_escape(name)}", "not a rule's field")
+                else:
+                    _check_expression(expression, f"{at}/{_escape(name)}", problems)
+
+
+def query_expression(query: dict[str, Any]) -> str:
+    """One jq expression building a mapping's search query from its jq fields (each in
+    parentheses and ended by a line break, so a trailing comment ends with it)."""
+
+    def build(part: dict[str, Any]) -> str:
+        fields = []
+        for name, value in part.items():
+            if name == "rules":
+                rendered = "[" + ", ".join(build(rule) for rule in value) + "]"
+            else:
+                rendered = f"({value}\n)"
+            fields.append(f"{json.dumps(name)}: {rendered}")
+        return "{" + ", ".join(fields) + "}"
+
+    if "combinator" not in query:
+        query = {"combinator": '"and"', **query}
+    return build(query)
+
+
 # ---------------------------------------------------------------------------------------
 # Definitions
 
@@ -224,10 +276,14 @@ def _check_entity(raw: Any, pointer: str, delete: bool, problems: Problems) -> N
         if key not in raw or key not in allowed:
             continue
         if isinstance(raw[key], dict):
-            problems.add(
-                f"{pointer}/{key}",
-                "search-query values are not supported: give a jq expression",
-            )
+            if key == "team":
+                _check_query(raw[key], f"{pointer}/{key}", problems)
+            else:
+                problems.add(
+                    f"{pointer}/{key}",
+                    "search-query values are taken by relations and team only: give a jq "
+                    "expression",
+                )
             continue
         _check_expression(raw[key], f"{pointer}/{key}", problems)
     for section in ("properties", "relations"):
@@ -242,7 +298,10 @@ def _check_entity(raw: Any, pointer: str, delete: bool, problems: Problems) -> N
             if not valid_key(name):
                 problems.add(at, "names match ^[A-Za-z0-9@_=\\-]+$ (at most 100 characters)")
             if isinstance(expression, dict):
-                problems.add(at, "search-query values are not supported: give a jq expression")
+                if section == "relations":
+                    _check_query(expression, at, problems)
+                else:
+                    problems.add(at, "a property takes a jq expression")
                 continue
             _check_expression(expression, at, problems)
 
@@ -439,16 +498,21 @@ class Mapping:
         return "filter" in self.template
 
 
+def _leaf(value: Any) -> str:
+    """The template of a jq expression, or of a search query made of them."""
+    return template_of(query_expression(value) if isinstance(value, dict) else value)
+
+
 def compile_mapping(index: int, raw: dict[str, Any]) -> Mapping:
     """A stored (checked) mapping as templates over `{body, headers, queryParams, item}`."""
     problems = Problems()
     delete, dependents = _operation(raw.get("operation"), "", problems)
     entity: dict[str, Any] = {}
     for key, value in raw["entity"].items():
-        if isinstance(value, dict):
-            entity[key] = {name: template_of(expr) for name, expr in value.items()}
+        if key in ("properties", "relations"):
+            entity[key] = {name: _leaf(expr) for name, expr in value.items()}
         else:
-            entity[key] = template_of(value)
+            entity[key] = _leaf(value)
     template: dict[str, Any] = {}
     if raw.get("filter") is not None:
         template["filter"] = template_of(raw["filter"])
