@@ -225,6 +225,9 @@ async def _run(tx: Tx, lookups: list[Lookup]) -> dict[str, list[str] | PortolanE
             for lookup in chunk:
                 results[lookup.key] = exc
             continue
+        except BaseException:
+            await tx.execute("ROLLBACK TO SAVEPOINT entity_queries")
+            raise
         await tx.execute("RELEASE SAVEPOINT entity_queries")
         for lookup in chunk:
             results[lookup.key] = []
