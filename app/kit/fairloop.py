@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -122,7 +123,9 @@ class FairReady:
         self._close(now)
         if now - self._pass_began > self._slice:
             return self._later
-        self._drain()
+        # Only what was ready when the pass began (as asyncio's own pass): a callback that
+        # schedules another (a task yielding with sleep(0)) is run again in the next pass,
+        # or work of no org doing so would go first in every pop and starve every org.
         if self._system:
             self._queued -= 1
             return self._system.popleft()
@@ -142,6 +145,11 @@ class FairReady:
             self._floor = least
         self._running, self._since = org, now
         return handle
+
+    def settle(self) -> None:
+        """Charge the callback that ran last (the loop stops: the time until it runs
+        again is no org's)."""
+        self._close(time.perf_counter())
 
     def clear(self) -> None:
         self._inbox.clear()
@@ -192,7 +200,40 @@ class FairLoop(asyncio.SelectorEventLoop):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        self._ready = FairReady(self, **kwargs)
+        self._ready: FairReady = FairReady(self, **kwargs)
+
+    def run_forever(self) -> None:
+        try:
+            super().run_forever()
+        finally:
+            self._ready.settle()
+
+    # A socket's reader and writer callbacks keep the context they were registered in, and
+    # a socket is often opened by an org's work and then serves every org (a pooled
+    # database or Redis connection): its reads and writes are work of no org, whoever
+    # opened it, or every org's replies on it would wait in (and be charged to) the
+    # opener's turn.
+    def _add_reader(self, fd: Any, callback: Any, *args: Any) -> Any:
+        add = super()._add_reader  # type: ignore[misc]
+        return (
+            add(fd, callback, *args)
+            if TENANT.get() is None
+            else _no_org().run(add, fd, callback, *args)
+        )
+
+    def _add_writer(self, fd: Any, callback: Any, *args: Any) -> Any:
+        add = super()._add_writer  # type: ignore[misc]
+        return (
+            add(fd, callback, *args)
+            if TENANT.get() is None
+            else _no_org().run(add, fd, callback, *args)
+        )
+
+
+def _no_org() -> contextvars.Context:
+    context = contextvars.copy_context()
+    context.run(TENANT.set, None)
+    return context
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
