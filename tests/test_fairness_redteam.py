@@ -153,3 +153,36 @@ async def test_pool_counts_return_to_empty_after_error_paths(shared: ConnectionP
     await asyncio.sleep(0.1)
     assert shared._held == {} and shared._holder == {}, (shared._held, shared._holder)
     assert shared.size == shared.idle
+
+
+async def test_a_connection_opened_for_a_waiter_counts_for_the_waiters_org(
+    database_url: str,
+) -> None:
+    """The release that frees a slot may be another org's: the connection opened for the
+    waiter is the waiter's org's work, not queued in (and charged to) the releaser's turn."""
+    seen: list[object] = []
+
+    async def init(conn: object) -> None:
+        slot = fairloop.TENANT.get()
+        seen.append(None if slot is None else slot.org)
+
+    pool = ConnectionPool(database_url, max_size=1, acquire_timeout=2.0, init=init)
+    try:
+
+        async def as_b() -> None:
+            fairloop.charge_to("b")
+            conn = await pool.acquire("b")
+            waiting = asyncio.create_task(waiter(), context=contextvars.Context())
+            await asyncio.sleep(0.05)
+            conn.terminate()  # broken while b holds it: the slot opens for c's waiter
+            pool.release(conn)
+            await waiting
+
+        async def waiter() -> None:
+            fairloop.charge_to("c")
+            pool.release(await pool.acquire("c"))
+
+        await asyncio.create_task(as_b(), context=contextvars.Context())
+    finally:
+        await pool.close()
+    assert seen == ["b", "c"], seen

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from app.kit import fairloop
 from app.kit.errors import Unavailable
 
 Init = Callable[[asyncpg.Connection], Awaitable[None]]
@@ -211,7 +212,11 @@ class ConnectionPool:
                 continue
             self._open += 1
             self._count(org, 1)
-            task = asyncio.ensure_future(self._connect_for(waiter, org))
+            # The release that freed the slot may be another org's work: the connection
+            # is opened as the waiter's, in its turns (app/kit/fairloop.py).
+            task = asyncio.get_running_loop().create_task(
+                self._connect_for(waiter, org), context=fairloop.context_for(org)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return

@@ -230,10 +230,16 @@ class FairLoop(asyncio.SelectorEventLoop):
         )
 
 
-def _no_org() -> contextvars.Context:
+def context_for(org: object) -> contextvars.Context:
+    """A copy of the current context whose work counts for `org` (None: for no org), for a
+    task started on another org's behalf (e.g. a connection opened for a waiting org)."""
     context = contextvars.copy_context()
-    context.run(TENANT.set, None)
+    context.run(TENANT.set, None if org is None else _Slot(org))
     return context
+
+
+def _no_org() -> contextvars.Context:
+    return context_for(None)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
