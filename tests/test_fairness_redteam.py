@@ -186,3 +186,34 @@ async def test_a_connection_opened_for_a_waiter_counts_for_the_waiters_org(
     finally:
         await pool.close()
     assert seen == ["b", "c"], seen
+
+
+async def test_a_waiter_back_under_its_cap_takes_an_idle_connection(database_url: str) -> None:
+    """A connection being opened for a waiter counts for its org; when opening it fails, the
+    org's next waiter (queued over the cap meanwhile) takes a connection that is idle."""
+    pool = ConnectionPool(database_url, max_size=2, acquire_timeout=1.0, org_share=0.5)
+    try:
+        one, two = await pool.acquire(None), await pool.acquire(None)
+        first = asyncio.create_task(pool.acquire("a"))
+        second = asyncio.create_task(pool.acquire("a"))
+        await asyncio.sleep(0.05)
+        gate = asyncio.Event()
+
+        async def refused() -> object:
+            await gate.wait()
+            raise OSError("refused")
+
+        pool._connect = refused  # type: ignore[assignment,method-assign]
+        one.terminate()
+        pool.release(one)  # the slot goes to a's first waiter: a connection is opened
+        await asyncio.sleep(0)
+        pool.release(two)  # a is at its cap (one being opened): this one stays idle
+        assert pool.idle == 1
+        gate.set()
+        with pytest.raises(OSError):
+            await first
+        got = await asyncio.wait_for(second, 0.5)
+        pool.release(got)
+        assert pool._held == {} and pool._holder == {}
+    finally:
+        await pool.close()

@@ -109,7 +109,7 @@ class ConnectionPool:
                 except BaseException:
                     self._open -= 1
                     self._count(org, -1)
-                    self._wake_one_to_connect()
+                    self._uncounted()
                     raise
                 self._holder[conn] = org
                 return conn
@@ -201,6 +201,16 @@ class ConnectionPool:
             conn.terminate()
         self._wake_one_to_connect()
 
+    def _uncounted(self) -> None:
+        """A connection being opened for an org failed: a slot opened up, and the org's
+        waiters queued over its cap may be under it now and take an idle connection."""
+        for _ in range(len(self._idle)):
+            if not self._waiting_before(None):
+                break
+            conn, _since = self._idle.pop()
+            self.release(conn)  # to the waiter it is due to (or back to the idle ones)
+        self._wake_one_to_connect()
+
     def _wake_one_to_connect(self) -> None:
         # A slot opened up: a waiter may now open a connection of its own.
         while self._open < self._max_size:
@@ -229,6 +239,7 @@ class ConnectionPool:
             self._count(org, -1)
             if not waiter.done():
                 waiter.set_exception(exc)
+            self._uncounted()
             return
         self._holder[conn] = org
         if waiter.done():
