@@ -5,8 +5,11 @@ whoever opened the socket, no idle time charged, pool counts back to empty after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
+import uuid
+from typing import Any
 
 import pytest
 
@@ -217,3 +220,45 @@ async def test_a_waiter_back_under_its_cap_takes_an_idle_connection(database_url
         assert pool._held == {} and pool._holder == {}
     finally:
         await pool.close()
+
+
+async def test_a_job_left_by_a_dead_worker_starts_about_a_second_after_its_mark_expires(
+    servers: Any,
+) -> None:
+    """The worker skips a job found running elsewhere for a second, not until it ends: a
+    job whose worker died is taken soon after its in-progress mark expires."""
+    from arq.connections import RedisSettings, create_pool
+    from arq.constants import in_progress_key_prefix
+    from arq.worker import func
+
+    from app.worker import _Worker
+
+    started = asyncio.Event()
+
+    async def job(ctx: dict[str, Any]) -> None:
+        started.set()
+
+    queue, job_id = f"portolan-test:{uuid.uuid4().hex}", uuid.uuid4().hex
+    redis = await create_pool(RedisSettings.from_dsn(servers.redis_url))
+    try:
+        await redis.enqueue_job("job", _job_id=job_id, _queue_name=queue)
+        await redis.psetex(in_progress_key_prefix + job_id, 500, b"1")  # its worker died
+        worker = _Worker(
+            functions=[func(job, name="job")],
+            redis_pool=redis,
+            queue_name=queue,
+            poll_delay=0.02,
+            handle_signals=False,
+        )
+        began = time.monotonic()
+        running = asyncio.create_task(worker.main())
+        try:
+            await asyncio.wait_for(started.wait(), 3.0)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+        took = time.monotonic() - began
+    finally:
+        await redis.aclose()
+    assert 0.5 <= took < 1.8, took
