@@ -233,9 +233,9 @@ async def test_range_rules_and_counts_read_the_index(
     finally:
         await conn.close()
 
-    async def plan(stmt: Any) -> str:
+    async def plan(stmt: Any, values: dict[str, Any] | None = None) -> str:
         async with db.tenant(org.org_id) as tx:
-            sql, args = compile_query(stmt, ())
+            sql, args = compile_query(stmt, (), values)
             return "\n".join(r[0] for r in await tx.fetch("EXPLAIN " + sql, *args))
 
     coverage = {
@@ -264,8 +264,8 @@ async def test_range_rules_and_counts_read_the_index(
         ],
     }
     async with db.tenant(org.org_id) as tx:
-        page = Search(await scope_for(tx, "service", week), week).statement(None, 51)
-    paged = await plan(page)
+        search = Search(await scope_for(tx, "service", week), week)
+    paged = await plan(search.statement(None, 51), search.values())
     assert by_prop["lastDeploy"] in paged, paged
     assert "Index Cond: ((portolan_time(properties, 'lastDeploy'::text) >=" in paged, paged
 

@@ -687,10 +687,16 @@ class Compiler:
 
     # -- relations ----------------------------------------------------------------------
 
+    def _org(self) -> Any:
+        """The org as a parameter, for subqueries' own filter on it (rather than a
+        correlation through `e.org_id`): Citus routes a statement to one shard when every
+        table in it is filtered by the org (docs/scaling.md)."""
+        return _bind(self.scope.org_id, ENTITIES.c.org_id.type)
+
     def _links(self, relation: str) -> Any:
         r = _LINK
         return r, sa.and_(
-            r.c.org_id == self.e.c.org_id,
+            r.c.org_id == self._org(),
             r.c.source_blueprint == self.e.c.blueprint,
             r.c.source_identifier == self.e.c.identifier,
             r.c.relation == _bind(relation),
@@ -812,7 +818,7 @@ class Compiler:
             raise self._problem(where, f"no searched blueprint has a scorecard {card_id!r}")
         results = _SCORECARD_RESULTS.alias()
         own = sa.and_(
-            results.c.org_id == self.e.c.org_id,
+            results.c.org_id == self._org(),
             results.c.blueprint == self.e.c.blueprint,
             results.c.identifier == self.e.c.identifier,
             results.c.scorecard == _bind(card_id),
@@ -1000,7 +1006,7 @@ class Compiler:
     ) -> Any:
         """SELECT (bp, ident) reached from `start` (a SELECT of (bp, ident)) along `steps`:
         forward from source to target, or backward (the steps given last first)."""
-        org = _bind(self.scope.org_id)
+        org = self._org()
         current = start
         for source, relation, target, hops in steps:
             link = _RELATIONS.alias()
@@ -1125,7 +1131,7 @@ def _build_walk(
         return edge.join(
             br,
             sa.and_(
-                br.c.org_id == edge.c.org_id,
+                br.c.org_id == org,
                 br.c.blueprint == edge.c.source_blueprint,
                 br.c.relation == edge.c.relation,
                 br.c.required == required,

@@ -69,6 +69,14 @@ def derived_column(
     return sa.case(*((entity.c.blueprint == bp, obj) for bp, obj in branches)).label("derived")
 
 
+def _org(scope: Scope) -> ColumnElement[Any]:
+    """The org as a parameter. Every table a derived property reads is filtered by it
+    rather than correlated with the entity's `org_id`: the same plan on a single PostgreSQL
+    (a constant instead of the outer row's value), and on Citus each table carries a filter
+    on the distribution column, which keeps the statement on the org's shard."""
+    return sa.bindparam(None, scope.org_id, type_=_ENTITIES.c.org_id.type)
+
+
 def _object(pairs: list[tuple[str, ColumnElement[Any]]]) -> ColumnElement[Any]:
     parts = []
     for i in range(0, len(pairs), _PAIRS_PER_CALL):
@@ -116,6 +124,7 @@ def _follow(scope: Scope, bp: str, entity: Any, path: str) -> ColumnElement[Any]
     *hops, leaf = path.split(".")
     if not hops:
         return sa.null()
+    org = _org(scope)
     current, source, many = bp, entity, False
     conditions: list[ColumnElement[bool]] = []
     froms: list[Any] = []
@@ -127,11 +136,11 @@ def _follow(scope: Scope, bp: str, entity: Any, path: str) -> ColumnElement[Any]
         target = _alias(_ENTITIES, f"m_entity_{depth}")
         froms += [link, target]
         conditions += [
-            link.c.org_id == source.c.org_id,
+            link.c.org_id == org,
             link.c.source_blueprint == source.c.blueprint,
             link.c.source_identifier == source.c.identifier,
             link.c.relation == sa.literal(hop, sa.String),
-            target.c.org_id == link.c.org_id,
+            target.c.org_id == org,
             target.c.blueprint == link.c.target_blueprint,
             target.c.identifier == link.c.target_identifier,
         ]
@@ -159,7 +168,7 @@ def _aggregation(
     if linked is None:
         return sa.null()
     where: list[ColumnElement[bool]] = [
-        target.c.org_id == entity.c.org_id,
+        target.c.org_id == _org(scope),
         target.c.blueprint == sa.literal(target_bp, sa.String),
         linked,
     ]
@@ -202,6 +211,7 @@ def _linked(
 ) -> ColumnElement[bool] | None:
     """Target entities linked to `entity`: along `pathFilter[0].path` (relations walked from
     the target), or by any direct link in either direction."""
+    org = _org(scope)
     if path_filter:
         path = (path_filter[0] or {}).get("path") if isinstance(path_filter, list) else None
         if not isinstance(path, list) or not path:
@@ -213,7 +223,7 @@ def _linked(
             link = _alias(_RELATIONS, f"a_link_{i}")
             froms.append(link)
             conditions += [
-                link.c.org_id == source.c.org_id,
+                link.c.org_id == org,
                 link.c.source_blueprint == source.c.blueprint,
                 link.c.source_identifier == source.c.identifier,
                 link.c.relation == sa.literal(str(hop), sa.String),
@@ -227,7 +237,7 @@ def _linked(
                 nxt = _alias(_ENTITIES, f"a_entity_{i}")
                 froms.append(nxt)
                 conditions += [
-                    nxt.c.org_id == link.c.org_id,
+                    nxt.c.org_id == org,
                     nxt.c.blueprint == link.c.target_blueprint,
                     nxt.c.identifier == link.c.target_identifier,
                 ]
@@ -240,7 +250,7 @@ def _linked(
     to_entity = sa.exists(
         sa.select(sa.literal(1)).select_from(in_link).correlate_except(in_link)
     ).where(
-        in_link.c.org_id == target.c.org_id,
+        in_link.c.org_id == org,
         in_link.c.source_blueprint == target.c.blueprint,
         in_link.c.source_identifier == target.c.identifier,
         in_link.c.target_blueprint == entity.c.blueprint,
@@ -249,7 +259,7 @@ def _linked(
     from_entity = sa.exists(
         sa.select(sa.literal(1)).select_from(out_link).correlate_except(out_link)
     ).where(
-        out_link.c.org_id == entity.c.org_id,
+        out_link.c.org_id == org,
         out_link.c.source_blueprint == entity.c.blueprint,
         out_link.c.source_identifier == entity.c.identifier,
         out_link.c.target_blueprint == target.c.blueprint,

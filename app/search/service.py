@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pydantic_core
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog import blueprints as bp_service
@@ -34,30 +34,47 @@ _PAGE = 1000
 # a page is bytes only, so a larger one costs little memory and saves round trips.
 _DOC_PAGE = 2000
 
-_LINKS: sa.Label[Any] = sa.literal_column(
+# The org every statement of a search reads, one named parameter (`search_org`, in each
+# compiled query's `values`). Subqueries compare with it rather than with `e.org_id`: the
+# same plan on a single PostgreSQL (a constant instead of the outer row's value), and on
+# Citus every table of the statement carries its own filter on the distribution column, so
+# the statement goes to the org's shard as it is. Citus refuses a subquery correlated with
+# the org of the window's rows (`e` a subquery with a LIMIT: docs/scaling.md).
+_ORG = sa.bindparam("search_org", type_=ENTITIES.c.org_id.type)
+
+
+def _subquery_column(sql: str, name: str) -> sa.Label[Any]:
+    """A correlated subquery (SQL over `e`, the org as `:search_org`) as a labelled column."""
+    return sa.type_coerce(sa.text(sql).bindparams(_ORG), JSONB).label(name)
+
+
+_LINKS = _subquery_column(
     "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
     " SELECT relation, jsonb_agg(target_identifier ORDER BY target_identifier) AS targets"
-    " FROM entity_relations WHERE org_id = e.org_id AND source_blueprint = e.blueprint"
-    " AND source_identifier = e.identifier GROUP BY relation) r)"
-).label("links")
+    " FROM entity_relations WHERE org_id = :search_org AND source_blueprint = e.blueprint"
+    " AND source_identifier = e.identifier GROUP BY relation) r)",
+    "links",
+)
 
 # attach_title_to_relation: each target as {identifier, title} (Port's shape).
-_TITLED_LINKS: sa.Label[Any] = sa.literal_column(
+_TITLED_LINKS = _subquery_column(
     "(SELECT jsonb_object_agg(r.relation, r.targets) FROM ("
     " SELECT l.relation, jsonb_agg(jsonb_build_object('identifier', l.target_identifier,"
     " 'title', t.title) ORDER BY l.target_identifier) AS targets"
-    " FROM entity_relations l JOIN entities t ON t.org_id = l.org_id"
+    " FROM entity_relations l JOIN entities t ON t.org_id = :search_org"
     " AND t.blueprint = l.target_blueprint AND t.identifier = l.target_identifier"
-    " WHERE l.org_id = e.org_id AND l.source_blueprint = e.blueprint"
-    " AND l.source_identifier = e.identifier GROUP BY l.relation) r)"
-).label("links")
+    " WHERE l.org_id = :search_org AND l.source_blueprint = e.blueprint"
+    " AND l.source_identifier = e.identifier GROUP BY l.relation) r)",
+    "links",
+)
 
 # Each entity's scorecard results (app.scorecards), in Port's shape.
-_SCORECARDS: sa.Label[Any] = sa.literal_column(
+_SCORECARDS = _subquery_column(
     "(SELECT jsonb_object_agg(s.scorecard, jsonb_build_array(s.level_rank, s.passed))"
-    " FROM scorecard_results s WHERE s.org_id = e.org_id"
-    " AND s.blueprint = e.blueprint AND s.identifier = e.identifier)"
-).label("scorecards")
+    " FROM scorecard_results s WHERE s.org_id = :search_org"
+    " AND s.blueprint = e.blueprint AND s.identifier = e.identifier)",
+    "scorecards",
+)
 
 _COLUMNS = [
     E.c.blueprint,
@@ -250,7 +267,7 @@ def _window_rows() -> Any:
     return (
         sa.select(*columns)
         .where(
-            ENTITIES.c.org_id == sa.bindparam("window_org", type_=ENTITIES.c.org_id.type),
+            ENTITIES.c.org_id == _ORG,
             ENTITIES.c.blueprint == sa.bindparam("window_blueprint", type_=sa.String),
             ENTITIES.c.identifier > sa.bindparam("window_after", type_=sa.String),
         )
@@ -271,7 +288,7 @@ class _Parts:
     condition: ColumnElement[bool]
     joins: list[Any]
     derived: ColumnElement[Any] | None
-    values: dict[str, Any]  # named parameters of the condition and joins
+    values: dict[str, Any]  # named parameters of the statement (the org, the condition, joins)
 
 
 class Search:
@@ -336,7 +353,7 @@ class Search:
             condition,
             compiler.joins,
             derived_column(self.scope, entity, nested_query),
-            compiler.values,
+            {**compiler.values, "search_org": self.scope.org_id},
         )
 
     def statement(
@@ -354,11 +371,7 @@ class Search:
                 related,
                 sa.and_(e.c.blueprint == related.c.bp, e.c.identifier == related.c.ident),
             )
-        stmt = (
-            sa.select(*columns)
-            .select_from(source)
-            .where(e.c.org_id == sa.bindparam(None, self.scope.org_id))
-        )
+        stmt = sa.select(*columns).select_from(source).where(e.c.org_id == _ORG)
         if len(self.scope.searched) == 1:
             only = self.scope.searched[0]
             stmt = stmt.where(e.c.blueprint == sa.bindparam(None, only))
@@ -383,8 +396,8 @@ class Search:
         if self.scope.fingerprint is not None:
             # Uncorrelated (the org is a parameter): evaluated once per statement.
             fresh = sa.text(
-                "(" + _FINGERPRINT_SQL.format(org=":fp_org") + ") = :fp_expected"
-            ).bindparams(fp_org=self.scope.org_id, fp_expected=self.scope.fingerprint)
+                "(" + _FINGERPRINT_SQL.format(org=":search_org") + ") = :fp_expected"
+            ).bindparams(_ORG, fp_expected=self.scope.fingerprint)
             stmt = stmt.where(fresh)
         return stmt.where(parts.condition).limit(limit)
 
@@ -406,7 +419,6 @@ class Search:
         assert self._windowed is not None
         return {
             **self._windowed.values,
-            "window_org": self.scope.org_id,
             "window_blueprint": self.scope.searched[0],
             "window_after": start or "",
             "window_rows": WINDOW,
