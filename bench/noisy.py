@@ -15,8 +15,9 @@ condition loops, and whose other automation's receiver answers after 10 s; runs 
 action whose template loops; run-log live streams past its cap; a scorecard rewritten
 every second (a whole-blueprint evaluation each time); incoming webhook events whose
 mapping loops, at twice the webhook's rate limit. PORTOLAN_BENCH_NOISY_ONLY (e.g.
-`write,run`) narrows B to some kinds. The ceiling is A's own figure in the quiet rounds of
-the same run.
+`write,run`) narrows B to some kinds. B's clients run in a process of their own at the
+lowest CPU priority (they stand for B's machines), and the rates B achieved are printed for
+each round. The ceiling is A's own figure in the quiet rounds of the same run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
+import queue
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +39,7 @@ from app.db.database import Database
 from bench import dispatch as bench_dispatch
 from bench.env import new_org, pin_database_backends, pin_driver, scratch_settings, served
 
-ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "4"))
+ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "6"))
 OPS_PER_ROUND = int(os.environ.get("PORTOLAN_BENCH_NOISY_OPS", "50"))
 TARGET_RATIO = 2.0
 LOOP = "def f: f; f"
@@ -182,19 +185,21 @@ NOISE = os.environ.get("PORTOLAN_BENCH_NOISY_ONLY", "read,write,run,scorecard,in
 
 
 async def _noise(
-    http: httpx.AsyncClient, headers: dict[str, str], b: dict[str, Any]
+    http: httpx.AsyncClient, headers: dict[str, str], b: dict[str, Any], sent: dict[str, int]
 ) -> list[asyncio.Task[None]]:
     """B's worst within its limits, as tasks that run until cancelled: each kind of
     request paced at B's sustained rate limit (slow reads pace themselves: each waits for
-    its calculation's time limit)."""
+    its calculation's time limit). `sent` counts the answers by kind and status class."""
 
-    def paced(per_second: float, work: Callable[[int], Awaitable[Any]]) -> Any:
+    def paced(per_second: float, work: Callable[[int], Awaitable[Any]], kind: str) -> Any:
         async def forever() -> None:
             began, n = time.perf_counter(), 0
             while True:
                 n += 1
+                status = "error"
                 with contextlib.suppress(httpx.HTTPError):
-                    await work(n)
+                    status = f"{(await work(n)).status_code // 100}xx"
+                sent[f"{kind} {status}"] = sent.get(f"{kind} {status}", 0) + 1
                 await asyncio.sleep(max(0.0, began + n / per_second - time.perf_counter()))
 
         return forever()
@@ -231,14 +236,85 @@ async def _noise(
         return r
 
     work: dict[str, list[Any]] = {
-        "read": [paced(1000, read) for _ in range(4)],
-        "write": [paced(WRITES_PER_SECOND, write)],
-        "run": [paced(OTHER_PER_SECOND / 2, run)],
-        "scorecard": [paced(1.0, scorecard)],
-        "ingest": [paced(EVENTS_PER_SECOND * 2, ingest)],  # twice its limit: some 429s
-        "stream": [paced(1.0, stream) for _ in range(30)],  # past its cap of streams
+        "read": [paced(1000, read, "read") for _ in range(4)],
+        "write": [paced(WRITES_PER_SECOND, write, "write")],
+        "run": [paced(OTHER_PER_SECOND / 2, run, "run")],
+        "scorecard": [paced(1.0, scorecard, "scorecard")],
+        # twice its limit: some 429s
+        "ingest": [paced(EVENTS_PER_SECOND * 2, ingest, "ingest")],
+        "stream": [paced(1.0, stream, "stream") for _ in range(30)],  # past its cap of streams
     }
     return [asyncio.create_task(w) for kind in NOISE for w in work[kind]]
+
+
+def _noise_process(
+    base_url: str,
+    headers: dict[str, str],
+    b: dict[str, Any],
+    stop: Any,
+    report: Any,
+) -> None:
+    """B's clients, in a process of their own (its own event loop: A's client is never
+    queued behind B's requests in the driver), below the driver's priority (B's clients
+    stand for machines of B's: on a small bench machine they share a core with the database
+    and A's client, and at the driver's priority they were measured as the server's cost;
+    the rates B achieved are printed beside the figures)."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
+
+    async def main() -> dict[str, int]:
+        sent: dict[str, int] = {}
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
+            tasks = await _noise(http, headers, b, sent)
+            began = time.perf_counter()
+            # The stop is a process-shared event: looked at, not awaited.
+            while not stop.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            seconds = time.perf_counter() - began
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        sent["seconds"] = int(seconds * 1000)
+        return sent
+
+    report.put(asyncio.run(main()))
+
+
+class Noise:
+    """B's noise running in its own process while the `with` block runs."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], b: dict[str, Any]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._report: Any = context.Queue()
+        self._process = context.Process(
+            target=_noise_process,
+            args=(base_url, headers, b, self._stop, self._report),
+            daemon=True,
+        )
+        self.sent: dict[str, int] = {}
+
+    def __enter__(self) -> Noise:
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            self.sent = self._report.get(timeout=60)
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _rates(sent: dict[str, int]) -> str:
+    seconds = max(0.001, sent.get("seconds", 0) / 1000)
+    return ", ".join(
+        f"{kind} {count / seconds:.0f}/s"
+        for kind, count in sorted(sent.items())
+        if kind != "seconds"
+    )
 
 
 ERRORS: dict[str, int] = {}
@@ -326,19 +402,18 @@ async def run() -> bool:
                             await _measure_a(a_http, a, fast, f"q{round_}")
                         ).items():
                             quiet.setdefault(name, []).extend(values)
-                        tasks = await _noise(b_http, b, b_state)
-                        await asyncio.sleep(2.0)  # B's load is up before A measures
-                        # B's load opened backends of its own: they go where the others are.
-                        await pin_database_backends(settings)
-                        try:
+                        with Noise(f"http://127.0.0.1:{port}", b, b_state) as noise:
+                            await asyncio.sleep(3.0)  # B's load is up before A measures
+                            # B's load opened backends of its own: they go with the others.
+                            await pin_database_backends(settings)
                             found = await _measure_a(a_http, a, fast, f"n{round_}")
-                        finally:
-                            for task in tasks:
-                                task.cancel()
-                            await asyncio.gather(*tasks, return_exceptions=True)
                         for name, values in found.items():
                             noisy.setdefault(name, []).extend(values)
-                        print(f"  round {round_ + 1} of {ROUNDS} measured", flush=True)
+                        print(
+                            f"  round {round_ + 1} of {ROUNDS} measured; B's answers: "
+                            + _rates(noise.sent),
+                            flush=True,
+                        )
                         await asyncio.sleep(1.0)
         finally:
             os.environ.pop("PORTOLAN_OUTBOUND_ALLOW", None)
