@@ -40,6 +40,7 @@ from app.workflows.relay import WorkflowRelay
 
 log = logging.getLogger("portolan.worker")
 _CLOSE_SECONDS = 10.0
+_DRAIN_SECONDS = 30.0  # a job's outbound request has its own, shorter, time limit
 
 
 async def ping(ctx: dict[str, Any], value: str) -> str:
@@ -250,14 +251,16 @@ class Supervisor:
             while True:
                 self._worker = build_worker(self.settings, handle_signals=False)
                 started = asyncio.get_running_loop().time()
+                failed = False
                 try:
                     await self._worker.async_run()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.warning("worker stopped: %s (%s); starting again", type(exc).__name__, exc)
+                    failed = True
                 finally:
-                    await self._close_worker()
+                    await self._close_worker(drain=failed)
                 ran = asyncio.get_running_loop().time() - started
                 failures = 0 if ran > 30 else failures + 1
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0))  # noqa: S311
@@ -270,13 +273,21 @@ class Supervisor:
             await client.aclose_shared()
             sandbox.shutdown()
 
-    async def _close_worker(self) -> None:
+    async def _close_worker(self, *, drain: bool = False) -> None:
         """Stop arq's worker, within a time limit: with Redis gone its close cannot finish
         (it deletes its health key and closes its pool there), and a stuck close would
-        stop the supervisor from ever starting a new worker."""
+        stop the supervisor from ever starting a new worker.
+
+        `drain` (the worker stopped because Redis went away): its running jobs are let
+        finish first, up to _DRAIN_SECONDS. Their outcome is kept in PostgreSQL, so a
+        request in flight (a webhook being sent) is not cut off and sent again later;
+        arq's close cancels what is still running after that."""
         worker, self._worker = self._worker, None
         if worker is None:
             return
+        running = [task for task in worker.tasks.values() if not task.done()]
+        if drain and running:
+            await asyncio.wait(running, timeout=_DRAIN_SECONDS)
         # Not wait_for: it waits for a cancelled close to finish, which a close stuck on a
         # dead connection may never do. A close still running after the limit is left.
         closing = asyncio.create_task(worker.close(), name="arq-close")
