@@ -70,15 +70,16 @@ async def _redis_reachable(url: str) -> bool:
         await client.aclose()
 
 
+# The suite runs on the server's own event loop (fair turns by org). Set as the policy (not
+# pytest-asyncio's loop-factory hook, which parametrizes the async tests and so reorders
+# them away from the sync tests of their module).
+asyncio.set_event_loop_policy(fairloop.FairLoopPolicy())
+
+
 @dataclass
 class Servers:
     admin_url: str  # a database to connect to for CREATE/DROP DATABASE
     redis_url: str
-
-
-def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
-    """The suite runs on the server's own event loop (fair turns by org)."""
-    return {"fair": fairloop.new_loop}
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,9 @@ from tests.conftest import OrgFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = ROOT.parent / "shared" / "reference" / "port-openapi.json"
+# Port's operations and the query parameters each declares, taken from Port's API
+# description (the file above, where it is beside the checkout): what the test reads.
+EXTRACT = ROOT / "tests" / "data" / "port-query-parameters.json"
 LISTED = ROOT / "docs" / "port-unsupported-query-parameters.json"
 METHODS = ("get", "put", "post", "patch", "delete")
 
@@ -42,6 +45,27 @@ def _query(document: dict[str, Any], item: dict[str, Any], op: dict[str, Any]) -
     return names
 
 
+def _extract(document: dict[str, Any]) -> dict[str, list[str]]:
+    return {
+        f"{method.upper()} {path}": _query(document, item, item[method])
+        for path, item in sorted(document["paths"].items())
+        for method in METHODS
+        if method in item
+    }
+
+
+def _port_operations() -> dict[str, list[str]]:
+    """Port's operations -> their query parameters. Where Port's description is at hand,
+    the committed extract must be what it says (regenerate with `python -m
+    tests.test_port_parameters`)."""
+    extract: dict[str, list[str]] = json.loads(EXTRACT.read_text())
+    if PORT.exists():
+        assert _extract(json.loads(PORT.read_text())) == extract, (
+            f"{EXTRACT} is stale: regenerate it with python -m tests.test_port_parameters"
+        )
+    return extract
+
+
 def _served(app: FastAPI) -> dict[tuple[str, str], set[str]]:
     """Portolan's operations (method, path shape) with the query parameters each declares."""
     served: dict[tuple[str, str], set[str]] = {}
@@ -57,27 +81,24 @@ def _listed() -> dict[str, dict[str, str]]:
 
 
 def test_every_port_query_parameter_is_declared_or_listed(app: FastAPI) -> None:
-    port = json.loads(PORT.read_text())
     served = _served(app)
     listed = _listed()
     problems = []
     seen: set[str] = set()
-    for path, item in port["paths"].items():
-        for method in METHODS:
-            op = item.get(method)
-            declared = served.get((method, _shape(path)))
-            if op is None or declared is None:
-                continue
-            key = f"{method.upper()} {path}"
-            seen.add(key)
-            reasons = listed.get(key, {})
-            for name in _query(port, item, op):
-                if name in declared and name in reasons:
-                    problems.append(f"{key}: {name} is declared, yet listed as unsupported")
-                elif name not in declared and not reasons.get(name, "").strip():
-                    problems.append(f"{key}: {name} is neither declared nor listed with a reason")
-            for name in set(reasons) - set(_query(port, item, op)):
-                problems.append(f"{key}: {name} is listed but Port does not declare it")
+    for key, names in _port_operations().items():
+        method, path = key.split(" ", 1)
+        declared = served.get((method.lower(), _shape(path)))
+        if declared is None:
+            continue
+        seen.add(key)
+        reasons = listed.get(key, {})
+        for name in names:
+            if name in declared and name in reasons:
+                problems.append(f"{key}: {name} is declared, yet listed as unsupported")
+            elif name not in declared and not reasons.get(name, "").strip():
+                problems.append(f"{key}: {name} is neither declared nor listed with a reason")
+        for name in set(reasons) - set(names):
+            problems.append(f"{key}: {name} is listed but Port does not declare it")
     problems += [
         f"{key}: listed, but not an operation Portolan serves" for key in set(listed) - seen
     ]
@@ -196,3 +217,7 @@ async def test_version_v1_is_not_supported(client: httpx.AsyncClient, make_org: 
         assert r.json()["error"] == "not_supported"
     r = await client.get("/v1/actions", params={"version": "v3"}, headers=org.headers)
     assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+
+
+if __name__ == "__main__":
+    EXTRACT.write_text(json.dumps(_extract(json.loads(PORT.read_text())), indent=1) + "\n")

@@ -245,3 +245,10 @@ def _no_org() -> contextvars.Context:
 def new_loop() -> asyncio.AbstractEventLoop:
     """The server's event loop (uvicorn's `loop` setting names this factory)."""
     return FairLoop()
+
+
+class FairLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Makes FairLoops (the test suite runs on the server's loop)."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return new_loop()
