@@ -110,7 +110,7 @@ def test_a_quiet_org_is_not_paced_by_a_busy_orgs_backlog() -> None:
     # quiet org's awaits (4 awaits: ~80 steps per request); the fair loop runs the quiet
     # org's callbacks first and looks for its I/O after each slice (0.5 ms, about two
     # steps), so a request waits through a few steps per await.
-    plain = _run(asyncio.new_event_loop, _quiet_under_busy, 20)
+    plain = _run(asyncio.SelectorEventLoop, _quiet_under_busy, 20)
     fair = _run(fairloop.new_loop, _quiet_under_busy, 20)
     assert plain >= 4 * 15, plain  # the defect, as a plain loop shows it
     assert fair <= 4 * 4, fair
