@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.db.database import Database
 from app.kit import fairloop
+from tests.conftest import OrgFactory
 
 
 def _spin(seconds: float) -> None:
@@ -219,3 +221,25 @@ def test_a_request_slot_is_claimed_with_the_tasks_it_started() -> None:
         return seen
 
     assert _run(fairloop.new_loop, main) == ["a"]
+
+
+async def test_a_background_loop_is_no_orgs_work_again_after_a_unit_of_an_orgs(
+    db: Database, make_org: OrgFactory
+) -> None:
+    """A loop that goes from org to org (the event feed, the relay) counts for an org while
+    its unit of work runs, then for no org again: its own work between units is not charged
+    to (or queued behind) the org it served last."""
+    org = await make_org()
+
+    async def background() -> list[object]:
+        seen: list[object] = []
+        async with db.tenant(org.org_id) as tx:
+            await tx.fetchval("SELECT 1")
+            slot = fairloop.TENANT.get()
+            seen.append(None if slot is None else slot.org)
+        seen.append(fairloop.TENANT.get())
+        return seen
+
+    # A task of its own with no mark, as the worker's loops are.
+    seen = await asyncio.create_task(background(), context=contextvars.Context())
+    assert seen == [org.org_id, None]

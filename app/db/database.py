@@ -263,14 +263,20 @@ class Database:
         self, org_id: uuid.UUID, *, actor: str | None = None, origin: str | None = None
     ) -> AsyncIterator[Tx]:
         """A unit of work as the app role with `org_id` bound: commit on success. `actor`
-        and `origin`: who and where from, for the audit log (default: the system)."""
-        tx, conn = await self.begin_tenant(org_id, actor=actor, origin=origin)
-        ok = False
+        and `origin`: who and where from, for the audit log (default: the system).
+        The loop's turns of the work count for the org until the unit ends (a background
+        loop that goes on to other work is no longer charged to it)."""
+        mark = fairloop.current()
         try:
-            yield tx
-            ok = True
+            tx, conn = await self.begin_tenant(org_id, actor=actor, origin=origin)
+            ok = False
+            try:
+                yield tx
+                ok = True
+            finally:
+                await self.finish(conn, commit=ok)
         finally:
-            await self.finish(conn, commit=ok)
+            fairloop.restore(mark)
 
     @asynccontextmanager
     async def system(self, org_id: uuid.UUID | None = None) -> AsyncIterator[Tx]:

@@ -57,6 +57,17 @@ def open_slot() -> None:
     TENANT.set(_Slot())
 
 
+def current() -> _Slot | None:
+    """The current work's mark, to give back with `restore` when a unit of an org's work
+    ends (a background loop goes back to being work of no org)."""
+    return TENANT.get()
+
+
+def restore(mark: _Slot | None) -> None:
+    if TENANT.get() is not mark:
+        TENANT.set(mark)
+
+
 def charge_to(org: object) -> None:
     """The current work is the org's from here on (its callbacks count for it).
 
