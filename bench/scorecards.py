@@ -25,7 +25,8 @@ import sqlalchemy as sa
 
 from app.db.database import Database
 from app.scorecards.evaluate import _load_cards, card_select, evaluate_blueprint
-from app.search.service import fresh_scope, run_bounded
+from app.search.service import fresh_scope
+from app.search.sql import run_bounded
 from bench.catalog_bulk import PROPERTIES
 from bench.catalog_bulk import entity as catalog_entity
 from bench.env import (

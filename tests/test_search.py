@@ -710,7 +710,7 @@ async def test_a_search_past_the_time_limit_is_a_422(db: Any, make_org: OrgFacto
     import sqlalchemy as sa
 
     from app.kit.errors import Invalid
-    from app.search.service import run_bounded
+    from app.search.sql import run_bounded
 
     org = await make_org()
     async with db.tenant(org.org_id) as tx:

@@ -16,17 +16,15 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import asyncpg
 import sqlalchemy as sa
 
 from app.auth import permissions
 from app.catalog import blueprints as bp_service
 from app.catalog.validation import Problems
-from app.db.database import compile_query
 from app.kit.errors import Invalid, PortolanError
 from app.orgs.models import Team
 from app.search.compiler import Compiler, E
-from app.search.sql import Scope
+from app.search.sql import Scope, run_bounded
 
 if TYPE_CHECKING:
     from app.catalog.entities import Item, Writer
@@ -219,7 +217,7 @@ async def _run(tx: Tx, lookups: list[Lookup]) -> dict[str, list[str] | PortolanE
         # the rest of the write going, the entities of this chunk fail.
         await tx.execute("SAVEPOINT entity_queries")
         try:
-            rows = await _bounded(tx, stmt)
+            rows = await run_bounded(tx, stmt)
         except Invalid as exc:
             await tx.execute("ROLLBACK TO SAVEPOINT entity_queries")
             for lookup in chunk:
@@ -236,24 +234,6 @@ async def _run(tx: Tx, lookups: list[Lookup]) -> dict[str, list[str] | PortolanE
             assert isinstance(found, list)
             found.append(row["value"])
     return results
-
-
-async def _bounded(tx: Tx, stmt: sa.ClauseElement) -> list[asyncpg.Record]:
-    """Runs a statement of queries; the connection's statement_timeout bounds it, as it
-    bounds a search, and a stop or a stored value of another type is told as a search's."""
-    sql, args = compile_query(stmt, ())
-    try:
-        return await tx.fetch(sql, *args)
-    except asyncpg.QueryCanceledError as exc:
-        raise Invalid(
-            "The search query ran longer than the statement time limit and was stopped; "
-            "narrow the query (fewer hops, more selective rules)"
-        ) from exc
-    except asyncpg.DataError as exc:
-        raise Invalid(
-            "Stored values of a property in this query do not all fit its type "
-            f"({exc.__class__.__name__}); fix the data or compare it differently"
-        ) from exc
 
 
 def _apply(lookup: Lookup, found: list[str]) -> None:

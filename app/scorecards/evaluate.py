@@ -35,8 +35,8 @@ from app.kit.errors import Invalid, PortolanError
 from app.scorecards.definitions import to_rules
 from app.scorecards.models import ScorecardResult
 from app.search.compiler import Compiler, E
-from app.search.service import fresh_scope, run_bounded, scope_for
-from app.search.sql import Scope
+from app.search.service import fresh_scope, scope_for
+from app.search.sql import Scope, run_bounded
 
 log = logging.getLogger("portolan.scorecards")
 

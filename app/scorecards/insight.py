@@ -21,7 +21,8 @@ from app.kit.errors import Invalid
 from app.scorecards import service
 from app.scorecards.definitions import normalise
 from app.scorecards.evaluate import _STORED, Card, card_select
-from app.search.service import fresh_scope, run_bounded
+from app.search.service import fresh_scope
+from app.search.sql import run_bounded
 
 MAX_MOVED = 1000
 MAX_TREND_DAYS = 366

@@ -15,7 +15,6 @@ from app.catalog.validation import Problems
 from app.db.database import Tx
 from app.kit.errors import Invalid
 from app.search.compiler import Compiler, E
-from app.search.service import run_bounded
 from app.search.sql import (
     META_TEXT,
     META_TIME,
@@ -23,6 +22,7 @@ from app.search.sql import (
     Scope,
     number_aggregate,
     number_value,
+    run_bounded,
     time_value,
 )
 

@@ -9,7 +9,7 @@ import contextlib
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from app.search.calc import calculate
 from app.search.compiler import ENTITIES, Compiler, E, nested_query
 from app.search.derived import derived_column
 from app.search.documents import document
-from app.search.sql import Scope
+from app.search.sql import Scope, run_bounded
 
 _PAGE = 1000
 # Entities per page of a streamed answer of documents (their JSON built by the database):
@@ -717,26 +717,3 @@ def scorecards_of(blueprint: dict[str, Any], stored: dict[str, Any]) -> dict[str
             ],
         }
     return out
-
-
-async def run_bounded(
-    tx: Tx,
-    stmt: sa.ClauseElement | str,
-    values: dict[str, Any] | None = None,
-    positional: Sequence[Any] = (),
-) -> list[asyncpg.Record]:
-    """Runs a search statement (with `values` for its named parameters, or SQL text with
-    its `positional` ones); the connection's statement_timeout (a setting) bounds it."""
-    sql, args = compile_query(stmt, positional, values)
-    try:
-        return await tx.fetch(sql, *args)
-    except asyncpg.QueryCanceledError as exc:
-        raise Invalid(
-            "The search ran longer than the statement time limit and was stopped; "
-            "narrow the query (fewer hops, more selective rules)"
-        ) from exc
-    except asyncpg.DataError as exc:
-        raise Invalid(
-            "Stored values of a property in this query do not all fit its type "
-            f"({exc.__class__.__name__}); fix the data or compare it differently"
-        ) from exc

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
+
+from app.db.database import Tx, compile_query
+from app.kit.errors import Invalid
 
 META_TEXT = {
     "$identifier": "identifier",
@@ -110,3 +115,26 @@ class Scope:
     nested: itertools.count[int] = field(
         default_factory=lambda: itertools.count(1), compare=False, repr=False
     )
+
+
+async def run_bounded(
+    tx: Tx,
+    stmt: sa.ClauseElement | str,
+    values: dict[str, Any] | None = None,
+    positional: Sequence[Any] = (),
+) -> list[asyncpg.Record]:
+    """Runs a search statement (with `values` for its named parameters, or SQL text with
+    its `positional` ones); the connection's statement_timeout (a setting) bounds it."""
+    sql, args = compile_query(stmt, positional, values)
+    try:
+        return await tx.fetch(sql, *args)
+    except asyncpg.QueryCanceledError as exc:
+        raise Invalid(
+            "The search ran longer than the statement time limit and was stopped; "
+            "narrow the query (fewer hops, more selective rules)"
+        ) from exc
+    except asyncpg.DataError as exc:
+        raise Invalid(
+            "Stored values of a property in this query do not all fit its type "
+            f"({exc.__class__.__name__}); fix the data or compare it differently"
+        ) from exc
