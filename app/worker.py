@@ -27,6 +27,7 @@ from app.dispatch import runner
 from app.dispatch.relay import Relay
 from app.history import retention as history_retention
 from app.kit import client, sandbox
+from app.kit.loops import cancel_and_wait
 from app.scorecards.evaluate import evaluate_pending
 from app.scorecards.insight import snapshot_all
 from app.search import indexes
@@ -320,9 +321,7 @@ class InProcessWorker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task, log)
 
 
 async def run_standalone(settings: Settings) -> None:

@@ -118,7 +118,8 @@ class ConnectionPool:
         entry = (self._arrivals, waiter)
         self._waiters.setdefault(org, deque()).append(entry)
         try:
-            return await asyncio.wait_for(waiter, self._acquire_timeout)
+            async with asyncio.timeout(self._acquire_timeout):
+                return await waiter
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Handed a connection just as we gave up (cancelled): give it back.

@@ -32,6 +32,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from app.actions.runs import NOTIFY_CHANNEL
 from app.config import Settings
 from app.db.database import Database
+from app.kit.loops import cancel_and_wait
 
 log = logging.getLogger("portolan.dispatch")
 BATCH = 200
@@ -156,9 +157,7 @@ class Relay:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task, log)
         await self._close_listener()
         if self._pool is not None:
             with contextlib.suppress(Exception):
@@ -208,9 +207,8 @@ class Relay:
                 self._wake.clear()
                 requeue = self._settings.dispatch_requeue_seconds
                 # Bounded: a call stuck on a dead connection must not stop the relay.
-                moved = await asyncio.wait_for(
-                    self._relay_once(await self._queue(), requeue), timeout=_PASS_SECONDS
-                )
+                async with asyncio.timeout(_PASS_SECONDS):
+                    moved = await self._relay_once(await self._queue(), requeue)
                 failures = 0
                 if moved >= BATCH:
                     continue  # more are due
@@ -238,4 +236,5 @@ class Relay:
                 await self._close_listener()
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()

@@ -7,8 +7,26 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 _BACKOFF_MAX = 5.0
+_STOP_PATIENCE = 5.0
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], log: logging.Logger) -> None:
+    """Cancel a background task and wait until it has ended, whatever it raises.
+
+    A cancellation can be lost on its way (code that catches it, or completes an await in
+    the same turn and carries on): a task still running after `_STOP_PATIENCE` seconds is
+    cancelled again, and again, so whoever stops it is never left waiting forever."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_STOP_PATIENCE)
+        if not task.done():
+            log.warning("%s did not end when cancelled; cancelling it again", task.get_name())
+    if not task.cancelled():
+        with contextlib.suppress(BaseException):
+            task.result()
 
 
 class PollingLoop:
@@ -33,9 +51,7 @@ class PollingLoop:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task, self._log)
 
     async def _run(self) -> None:
         failures = 0

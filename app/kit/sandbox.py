@@ -271,7 +271,8 @@ class _Pool:
             ticket = _Ticket(org, loop, loop.create_future(), time.monotonic())
             self._waiting.setdefault(org, collections.deque()).append(ticket)
         try:
-            await asyncio.wait_for(ticket.future, self.limits.max_wait)
+            async with asyncio.timeout(self.limits.max_wait):
+                await ticket.future
         except BaseException as exc:
             with self._lock:
                 queue = self._waiting.get(org)

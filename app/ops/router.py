@@ -54,7 +54,8 @@ async def readyz(request: Request) -> Any:
     checks: dict[str, str] = {}
     for name, check in (("postgres", _check_postgres), ("redis", _check_redis)):
         try:
-            await asyncio.wait_for(check(request), _CHECK_TIMEOUT)
+            async with asyncio.timeout(_CHECK_TIMEOUT):
+                await check(request)
             checks[name] = "ok"
         except Exception as exc:
             log.warning(

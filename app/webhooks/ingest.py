@@ -316,15 +316,13 @@ async def enqueue(request: Request, settings: Settings, accepted: Accepted) -> N
         )
         state.webhook_queue = queue
     try:
-        await asyncio.wait_for(
-            queue.enqueue_job(
+        async with asyncio.timeout(_ENQUEUE_TIMEOUT):
+            await queue.enqueue_job(
                 "process_webhook_events",
                 str(accepted.org_id),
                 accepted.webhook,
                 _job_id=f"webhook-event:{accepted.event_id}",
-            ),
-            _ENQUEUE_TIMEOUT,
-        )
+            )
     except Exception as exc:
         log.warning(
             "webhook event not queued; the periodic pass will take it",
