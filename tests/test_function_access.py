@@ -116,6 +116,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/entities/search"): "member",
     ("POST", "/v1/entities/aggregate"): "member",
     ("POST", "/v1/entities/properties-history"): "member",
+    ("POST", "/v1/entities/aggregate-over-time"): "member",
     ("GET", "/v1/blueprints/{blueprint}/entities-history/{identifier}"): "member",
     ("GET", "/v1/scorecards"): "member",
     ("GET", "/v1/blueprints/{blueprint}/scorecards"): "member",
@@ -365,6 +366,14 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/blueprints/{blueprint}/bulk/entities/delete"): {"entities": ["e1"]},
         ("POST", "/v1/entities/search"): {"combinator": "and", "rules": []},
         ("POST", "/v1/entities/aggregate"): {"func": "count"},
+        ("POST", "/v1/entities/aggregate-over-time"): {
+            "blueprint": "service",
+            "timeRange": {"preset": "today"},
+            "timeInterval": "hour",
+            "measureTimeBy": "$history",
+            "aggregationType": "countEntities",
+            "func": "count",
+        },
         ("POST", "/v1/entities/properties-history"): {
             "entityIdentifier": "e1",
             "blueprintIdentifier": "service",

@@ -7,14 +7,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Path, Query
+from fastapi import Path, Query, Request
 from fastapi.responses import Response
 
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
+from app.config import Settings
 from app.db.routing import api_router
 from app.history import service
+from app.history.over_time import OverTimeBody, aggregate_over_time
 from app.history.schemas import (
+    OverTimeResponse,
     PropertiesHistoryBody,
     PropertiesHistoryResponse,
     TimelineResponse,
@@ -54,6 +57,31 @@ async def properties_history(tenant: CurrentTenant, body: PropertiesHistoryBody)
         body.entityIdentifier,
         list(dict.fromkeys(body.propertyNames)),
         span,
+    )
+    return json_response({"ok": True, "result": result})
+
+
+@router.post(
+    "/v1/entities/aggregate-over-time",
+    response_model=OverTimeResponse,
+    responses=ERRORS_AUTHED,
+    tags=["Entities"],
+    summary="Counts and number properties' aggregates of a query's entities over time",
+)
+async def aggregate_entities_over_time(
+    request: Request, tenant: CurrentTenant, body: OverTimeBody
+) -> Response:
+    """Port's aggregate-over-time: `countEntities` (count, average) or
+    `aggregatePropertiesValues` (average, sum, min, max, median, last of number
+    properties) per bucket of `timeRange`, the entities placed in time by `measureTimeBy`:
+    a date-time property, or `$history` (the catalog as it stood when each bucket
+    closed)."""
+    permissions.require(tenant.principal, "entities.read")
+    settings: Settings = request.app.state.settings
+    result = await aggregate_over_time(
+        tenant.tx,
+        body.model_dump(by_alias=True, exclude_none=True),
+        retention_days=settings.history_retention_days,
     )
     return json_response({"ok": True, "result": result})
 

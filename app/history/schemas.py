@@ -46,6 +46,20 @@ class PropertiesHistoryResponse(BaseModel):
     result: PropertiesHistory
 
 
+class OverTime(BaseModel):
+    minDate: int = Field(description="The range's start, milliseconds since the epoch")
+    maxDate: int = Field(description="The range's end (no later than now), milliseconds")
+    data: list[dict[str, Any]] = Field(
+        description="One point per bucket: `date` (the bucket's start, milliseconds) and a "
+        "value per line (a property, `count` / `average`, or a breakdown value)"
+    )
+
+
+class OverTimeResponse(BaseModel):
+    ok: Literal[True] = True
+    result: OverTime
+
+
 class ChangedBy(BaseModel):
     kind: Literal["user", "credential", "integration", "webhook", "run", "automation", "system"]
     id: str = Field(description="The actor as recorded: a user, a credential's client id...")

@@ -1,0 +1,422 @@
+"""Aggregates over time (POST /v1/entities/aggregate-over-time) and searches as of an
+instant (`at` on the search bodies): buckets across DST changes and time zones, values at
+bucket edges, entities created and deleted inside the range, tenancy and every 4xx."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+
+from app.db.database import Database
+from app.history.over_time import aggregate_over_time
+from tests.conftest import Org, OrgFactory
+from tests.test_permissions import app_headers, ok
+
+SERVICE = {
+    "identifier": "service",
+    "title": "Service",
+    "schema": {
+        "properties": {
+            "coverage": {"type": "number"},
+            "cost": {"type": "number"},
+            "tier": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "deployedAt": {"type": "string", "format": "date-time"},
+            "meta": {"type": "object"},
+        }
+    },
+    "relations": {"system": {"target": "system", "many": False, "required": False}},
+}
+SYSTEM = {"identifier": "system", "title": "System", "schema": {"properties": {}}}
+OVER_TIME = "/v1/entities/aggregate-over-time"
+NY = ZoneInfo("America/New_York")
+
+
+def ms(instant: datetime) -> int:
+    return int(instant.timestamp() * 1000)
+
+
+async def _catalog(client: httpx.AsyncClient, org: Org) -> None:
+    await ok(client, "POST", "/v1/blueprints", org, json=SYSTEM)
+    await ok(client, "POST", "/v1/blueprints", org, json=SERVICE)
+
+
+async def _write(
+    client: httpx.AsyncClient, org: Org, identifier: str, **props: Any
+) -> dict[str, Any]:
+    body = {"identifier": identifier, "properties": props}
+    r = await ok(client, "POST", "/v1/blueprints/service/entities?upsert=true", org, json=body)
+    return dict(r["entity"])
+
+
+async def _delete(client: httpx.AsyncClient, org: Org, identifier: str) -> None:
+    await ok(client, "DELETE", f"/v1/blueprints/service/entities/{identifier}", org)
+
+
+async def _place(db: Database, org: Org, identifier: str, times: list[datetime]) -> None:
+    """Put the entity's events (oldest first) at the given instants."""
+    async with db.system() as tx:
+        ids = [
+            r["id"]
+            for r in await tx.fetch(
+                "SELECT id FROM entity_events WHERE org_id = $1 AND blueprint = 'service' "
+                "AND identifier = $2 ORDER BY id",
+                org.org_id,
+                identifier,
+            )
+        ]
+        assert len(ids) == len(times)
+        for event_id, at in zip(ids, times, strict=True):
+            await tx.execute(
+                "UPDATE entity_events SET at = $3 WHERE org_id = $1 AND id = $2",
+                org.org_id,
+                event_id,
+                at,
+            )
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {
+        "blueprint": "service",
+        "query": {"combinator": "and", "rules": []},
+        "aggregationType": "countEntities",
+        "func": "count",
+        **extra,
+    }
+
+
+async def _over_time(client: httpx.AsyncClient, org: Org, body: dict[str, Any]) -> Any:
+    r = await client.post(OVER_TIME, json=body, headers=org.headers)
+    assert r.status_code == 200, r.text
+    return r.json()["result"]
+
+
+def _series(result: dict[str, Any], line: str) -> list[Any]:
+    return [p[line] for p in result["data"]]
+
+
+# ------------------------------------------------------------------------------------------
+# Measured by a date-time property (Port's way: today's entities placed by their time)
+
+
+async def test_counts_by_a_date_property_fall_in_local_days_across_spring_forward(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    # 23:30 on March 9th and 10th in New York are the 10th and 11th in UTC
+    for name, when in (
+        ("a", datetime(2024, 3, 9, 23, 30, tzinfo=NY)),
+        ("b", datetime(2024, 3, 10, 23, 30, tzinfo=NY)),
+        ("c", datetime(2024, 3, 10, 0, 0, tzinfo=NY)),  # a bucket's first instant
+        ("d", datetime(2024, 3, 12, 0, 0, tzinfo=NY)),  # the range's end: left out
+    ):
+        await _write(client, org, name, deployedAt=when.isoformat())
+    body = _body(
+        measureTimeBy="deployedAt",
+        timeInterval="day",
+        timeRange={
+            "from": "2024-03-09T00:00:00",
+            "to": "2024-03-12T00:00:00",
+            "timeZone": "America/New_York",
+        },
+    )
+    result = await _over_time(client, org, body)
+    assert [p["date"] for p in result["data"]] == [
+        ms(datetime(2024, 3, 9, tzinfo=NY)),
+        ms(datetime(2024, 3, 10, tzinfo=NY)),
+        ms(datetime(2024, 3, 11, tzinfo=NY)),
+    ]
+    assert _series(result, "count") == [1, 2, 0]
+    utc = await _over_time(
+        client,
+        org,
+        {**body, "timeRange": {"from": "2024-03-09T00:00:00Z", "to": "2024-03-12T00:00:00Z"}},
+    )
+    assert _series(utc, "count") == [0, 2, 1]
+
+
+async def test_property_aggregates_per_bucket_with_last_by_time(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 5, 1, tzinfo=UTC)
+    rows = [
+        ("a", d + timedelta(hours=1), 10, 1),
+        ("b", d + timedelta(hours=5), 20, None),
+        ("c", d + timedelta(hours=3), 60, 3),
+        ("e", d + timedelta(days=1, hours=1), 7, 7),
+    ]
+    for name, when, coverage, cost in rows:
+        props: dict[str, Any] = {"coverage": coverage, "deployedAt": when.isoformat()}
+        if cost is not None:
+            props["cost"] = cost
+        await _write(client, org, name, **props)
+    base = _body(
+        aggregationType="aggregatePropertiesValues",
+        properties=["coverage", "cost"],
+        measureTimeBy="deployedAt",
+        timeInterval="day",
+        timeRange={"from": "2024-05-01T00:00:00Z", "to": "2024-05-04T00:00:00Z"},
+    )
+    expected = {
+        "average": ([30, 7, None], [2, 7, None]),
+        "sum": ([90, 7, None], [4, 7, None]),
+        "min": ([10, 7, None], [1, 7, None]),
+        "max": ([60, 7, None], [3, 7, None]),
+        "median": ([20, 7, None], [2, 7, None]),
+        "last": ([20, 7, None], [3, 7, None]),  # b is last, but has no cost: c's
+    }
+    for func, (coverage, cost) in expected.items():
+        result = await _over_time(client, org, {**base, "func": func})
+        assert _series(result, "coverage") == coverage, func
+        assert _series(result, "cost") == cost, func
+
+
+async def test_counts_break_down_by_a_property_and_average_per_unit(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 1, 1, tzinfo=UTC)
+    for n in range(14):
+        tier = "gold" if n % 2 else "silver"
+        await _write(
+            client, org, f"s{n}", tier=tier, deployedAt=(d + timedelta(days=n)).isoformat()
+        )
+    await _write(client, org, "none", deployedAt=d.isoformat())
+    body = _body(
+        measureTimeBy="deployedAt",
+        timeInterval="isoWeek",
+        breakdownProperty="tier",
+        timeRange={"from": "2024-01-01T00:00:00Z", "to": "2024-01-15T00:00:00Z"},
+    )
+    result = await _over_time(client, org, body)
+    assert result["data"] == [
+        {"date": ms(d), "silver": 4, "gold": 3, "null": 1},
+        {"date": ms(d + timedelta(days=7)), "silver": 3, "gold": 4, "null": 0},
+    ]
+    average = await _over_time(client, org, {**body, "func": "average", "breakdownProperty": None})
+    assert _series(average, "average") == [8 / 7, 1.0]
+
+
+# ------------------------------------------------------------------------------------------
+# Measured by the change history: the catalog as it stood when each bucket closed
+
+
+async def test_history_counts_entities_standing_at_each_close_created_and_deleted_inside(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 6, 1, tzinfo=UTC)
+    await _write(client, org, "old", coverage=10)
+    await _place(db, org, "old", [d - timedelta(days=30)])
+    await _write(client, org, "short", coverage=50)
+    await _delete(client, org, "short")
+    await _place(db, org, "short", [d + timedelta(hours=1), d + timedelta(days=1, hours=12)])
+    await _write(client, org, "late", coverage=30)
+    await _write(client, org, "late", coverage=40)
+    # created on the 3rd; changed exactly when the 4th's bucket closes (the 5th's start):
+    # that change is the 5th's
+    await _place(db, org, "late", [d + timedelta(days=2, hours=5), d + timedelta(days=4)])
+    body = _body(
+        measureTimeBy="$history",
+        timeInterval="day",
+        timeRange={"from": "2024-06-01T00:00:00Z", "to": "2024-06-06T00:00:00Z"},
+    )
+    counts = await _over_time(client, org, body)
+    assert _series(counts, "count") == [2, 1, 2, 2, 2]
+    sums = await _over_time(
+        client,
+        org,
+        {
+            **body,
+            "aggregationType": "aggregatePropertiesValues",
+            "func": "sum",
+            "properties": ["coverage"],
+        },
+    )
+    assert _series(sums, "coverage") == [60, 10, 40, 40, 50]
+    last = await _over_time(
+        client,
+        org,
+        {
+            **body,
+            "aggregationType": "aggregatePropertiesValues",
+            "func": "last",
+            "properties": ["coverage"],
+        },
+    )
+    assert _series(last, "coverage") == [50, 10, 30, 30, 40]
+
+
+async def test_history_applies_the_query_to_each_past_state_and_breaks_down_by_it(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 3, 1, tzinfo=NY)
+    await _write(client, org, "api", tier="gold", coverage=80)
+    await _write(client, org, "api", tier="silver", coverage=50)
+    await _write(client, org, "web", tier="gold", coverage=70)
+    await _place(db, org, "api", [d - timedelta(days=40), datetime(2024, 3, 15, tzinfo=NY)])
+    await _place(db, org, "web", [d - timedelta(days=40)])
+    gold = {"combinator": "and", "rules": [{"property": "tier", "operator": "=", "value": "gold"}]}
+    body = _body(
+        measureTimeBy="$history",
+        timeInterval="month",
+        query=gold,
+        timeRange={
+            "from": "2024-02-01T00:00:00",
+            "to": "2024-05-01T00:00:00",
+            "timeZone": "America/New_York",
+        },
+    )
+    result = await _over_time(client, org, body)
+    assert [p["date"] for p in result["data"]] == [
+        ms(datetime(2024, 2, 1, tzinfo=NY)),
+        ms(datetime(2024, 3, 1, tzinfo=NY)),
+        ms(datetime(2024, 4, 1, tzinfo=NY)),
+    ]
+    assert _series(result, "count") == [2, 1, 1]
+    broken = await _over_time(
+        client,
+        org,
+        {**body, "query": {"combinator": "and", "rules": []}, "breakdownProperty": "tier"},
+    )
+    assert [(p["gold"], p["silver"]) for p in broken["data"]] == [(2, 0), (1, 1), (1, 1)]
+
+
+async def test_the_function_answers_the_widget_as_the_route_does(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    await _write(client, org, "api", coverage=5)
+    body = _body(measureTimeBy="$history", timeInterval="hour", timeRange={"preset": "today"})
+    via_route = await _over_time(client, org, body)
+    async with db.tenant(org.org_id) as tx:
+        direct = await aggregate_over_time(tx, body)
+    assert direct["data"][-1] == via_route["data"][-1]
+    assert direct["data"][-1]["count"] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Tenancy, permissions and every 4xx
+
+
+async def test_another_org_counts_nothing_of_the_first(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org, other = await make_org(), await make_org()
+    await _catalog(client, org)
+    await _catalog(client, other)
+    for n in range(3):
+        await _write(client, org, f"s{n}", coverage=4242, deployedAt=datetime.now(UTC).isoformat())
+    for measure in ("$history", "deployedAt", "$createdAt"):
+        body = _body(
+            measureTimeBy=measure,
+            timeInterval="hour",
+            aggregationType="aggregatePropertiesValues",
+            func="max",
+            properties=["coverage"],
+            timeRange={"preset": "today"},
+        )
+        mine = await _over_time(client, org, body)
+        assert mine["data"][-1]["coverage"] == 4242, measure
+        theirs = await _over_time(client, other, body)
+        assert all(p["coverage"] is None for p in theirs["data"]), measure
+        plain = _body(measureTimeBy=measure, timeInterval="hour", timeRange={"preset": "today"})
+        count = await _over_time(client, other, plain)
+        assert all(p["count"] == 0 for p in count["data"]), measure
+
+
+async def test_a_member_aggregates_and_a_stranger_does_not(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    await _write(client, org, "api", coverage=1)
+    member = await app_headers(client, db, org.org_id, ["Member"])
+    body = _body(measureTimeBy="$createdAt", timeInterval="day", timeRange={"preset": "today"})
+    r = await client.post(OVER_TIME, json=body, headers=member)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["data"][-1]["count"] == 1
+    r = await client.post(OVER_TIME, json=body)
+    assert r.status_code == 401
+    assert r.json()["ok"] is False
+
+
+async def test_bad_requests_are_4xx_in_ports_error_body(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    good = _body(measureTimeBy="$createdAt", timeInterval="day", timeRange={"preset": "lastWeek"})
+    props = {**good, "aggregationType": "aggregatePropertiesValues", "func": "sum"}
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({**good, "blueprint": "nope"}, 404),
+        ({**good, "measureTimeBy": "tier"}, 422),
+        ({**good, "measureTimeBy": "nope"}, 422),
+        ({**good, "func": "sum"}, 422),
+        ({**good, "func": "average", "measureTimeBy": "$history"}, 422),
+        ({**good, "properties": ["coverage"]}, 422),
+        ({**good, "breakdownProperty": "meta"}, 422),
+        ({**good, "breakdownProperty": "nope"}, 422),
+        ({**good, "aggregationType": "sometimes"}, 422),
+        ({**props}, 422),  # no properties
+        ({**props, "properties": ["tier"]}, 422),
+        ({**props, "properties": ["nope"]}, 422),
+        ({**props, "properties": []}, 422),
+        ({**props, "properties": ["coverage"], "func": "count"}, 422),
+        ({**props, "properties": ["coverage"], "breakdownProperty": "tier"}, 422),
+        ({**good, "timeInterval": "week"}, 422),
+        ({**good, "timeRange": {"preset": "last2Years"}}, 422),
+        ({**good, "timeRange": {"preset": "lastWeek", "timeZone": "Mars/Olympus"}}, 422),
+        (
+            {**good, "timeRange": {"from": "2024-01-02T00:00:00Z", "to": "2024-01-01T00:00:00Z"}},
+            422,
+        ),
+        (
+            {
+                **good,
+                "timeRange": {"from": "2020-01-01T00:00:00Z", "to": "2024-01-01T00:00:00Z"},
+                "timeInterval": "hour",
+            },
+            422,
+        ),
+        (
+            {
+                **good,
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"property": "nope", "operator": "=", "value": 1}],
+                },
+            },
+            422,
+        ),
+        ({**good, "query": {"combinator": "xor", "rules": []}}, 422),
+        (
+            {
+                **good,
+                "measureTimeBy": "$history",
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"operator": "relatedTo", "blueprint": "system", "identifier": "x"}],
+                },
+            },
+            422,
+        ),
+        ({**good, "surprise": 1}, 422),
+        ({"blueprint": "service"}, 422),
+    ]
+    for body, status in cases:
+        r = await client.post(OVER_TIME, json=body, headers=org.headers)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()
+        assert error["ok"] is False and error["error"] and error["message"], error
