@@ -11,7 +11,9 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from app.db.database import Database
+from app.history.asof import check_instant
 from app.history.over_time import aggregate_over_time
+from app.kit.errors import Invalid
 from tests.conftest import Org, OrgFactory
 from tests.test_permissions import app_headers, ok
 
@@ -420,3 +422,215 @@ async def test_bad_requests_are_4xx_in_ports_error_body(
         assert r.status_code == status, (body, r.text)
         error = r.json()
         assert error["ok"] is False and error["error"] and error["message"], error
+
+
+# ------------------------------------------------------------------------------------------
+# Searching the past: `at` on the search bodies
+
+SEARCH = "/v1/blueprints/service/entities/search"
+
+
+async def _past(
+    client: httpx.AsyncClient, org: Org, at: str, rules: list[Any], url: str = SEARCH, **extra: Any
+) -> Any:
+    query = {"combinator": "and", "rules": rules}
+    body = {"query": query, "at": at, **extra} if url == SEARCH else {**query, "at": at}
+    r = await client.post(url, json=body, headers=org.headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_a_search_at_an_instant_matches_the_entities_as_they_were(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 6, 1, tzinfo=UTC)
+    await _write(client, org, "api", tier="gold", coverage=80)
+    await _write(client, org, "api", tier="silver", coverage=40)
+    await _place(db, org, "api", [d, d + timedelta(days=2)])
+    await _write(client, org, "gone", tier="gold", coverage=90)
+    await _delete(client, org, "gone")
+    await _place(db, org, "gone", [d, d + timedelta(days=1)])
+    await _write(client, org, "new", tier="gold", coverage=10)
+    await _place(db, org, "new", [d + timedelta(days=3)])
+    gold = [{"property": "tier", "operator": "=", "value": "gold"}]
+    day1 = await _past(client, org, "2024-06-01T12:00:00Z", gold)
+    assert [(e["identifier"], e["properties"]["coverage"]) for e in day1["entities"]] == [
+        ("api", 80),
+        ("gone", 90),
+    ]
+    assert day1["entities"][0]["createdAt"].startswith("2024-06-01T00:00:00")
+    # the deletion at exactly 2024-06-02T00:00 is in force at that instant
+    day2 = await _past(client, org, "2024-06-02T00:00:00Z", gold)
+    assert [e["identifier"] for e in day2["entities"]] == ["api"]
+    day4 = await _past(client, org, "2024-06-04T00:00:00Z", gold)
+    assert [e["identifier"] for e in day4["entities"]] == ["new"]
+    high = [{"property": "coverage", "operator": ">", "value": 50}]
+    assert [
+        e["identifier"] for e in (await _past(client, org, "2024-06-01T12:00:00", high))["entities"]
+    ] == ["api", "gone"]
+    everything = await _past(client, org, "2024-06-04T00:00:00Z", [], url="/v1/entities/search")
+    assert everything["matchingBlueprints"] == ["service", "system"]
+    assert sorted(e["identifier"] for e in everything["entities"]) == ["api", "new"]
+    present = await ok(
+        client, "POST", SEARCH, org, json={"query": {"combinator": "and", "rules": gold}}
+    )
+    assert [e["identifier"] for e in present["entities"]] == ["new"]
+
+
+async def test_a_past_search_pages_and_reads_relations_and_renamed_properties(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    await ok(client, "POST", "/v1/blueprints/system/entities", org, json={"identifier": "core"})
+    for n in range(5):
+        body = {
+            "identifier": f"s{n}",
+            "properties": {"coverage": n},
+            "relations": {"system": "core" if n % 2 else None},
+        }
+        await ok(client, "POST", "/v1/blueprints/service/entities", org, json=body)
+    await ok(
+        client,
+        "PATCH",
+        "/v1/blueprints/service/properties/coverage/rename",
+        org,
+        json={"newPropertyName": "testCoverage"},
+    )
+    now = datetime.now(UTC).isoformat()
+    linked = await _past(
+        client, org, now, [{"property": "system", "operator": "=", "value": "core"}]
+    )
+    assert [e["identifier"] for e in linked["entities"]] == ["s1", "s3"]
+    assert linked["entities"][0]["relations"] == {"system": "core"}
+    assert linked["entities"][0]["properties"] == {"testCoverage": 1}
+    renamed = await _past(
+        client, org, now, [{"property": "testCoverage", "operator": ">=", "value": 3}]
+    )
+    assert [e["identifier"] for e in renamed["entities"]] == ["s3", "s4"]
+    seen: list[str] = []
+    page = await _past(client, org, now, [], limit=2)
+    while True:
+        seen += [e["identifier"] for e in page["entities"]]
+        if "next" not in page:
+            break
+        page = await _past(client, org, now, [], limit=2, **{"from": page["next"]})
+    assert seen == ["s0", "s1", "s2", "s3", "s4"]
+    picked = await _past(client, org, now, [], limit=1, include=["testCoverage"])
+    assert picked["entities"] == [
+        {"identifier": "s0", "blueprint": "service", "properties": {"testCoverage": 0}}
+    ]
+
+
+async def test_another_org_finds_nothing_in_the_past_of_the_first(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org, other = await make_org(), await make_org()
+    await _catalog(client, org)
+    await _catalog(client, other)
+    await _write(client, org, "secret", coverage=4242)
+    now = datetime.now(UTC).isoformat()
+    mine = await _past(client, org, now, [])
+    assert [e["identifier"] for e in mine["entities"]] == ["secret"]
+    for url in (SEARCH, "/v1/entities/search"):
+        theirs = await _past(client, other, now, [], url=url)
+        assert theirs["entities"] == [] and "4242" not in str(theirs)
+
+
+async def test_bad_past_searches_are_4xx_in_ports_error_body(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    now = datetime.now(UTC)
+    past = (now - timedelta(hours=1)).isoformat()
+    cases = [
+        (SEARCH, {"at": (now + timedelta(days=1)).isoformat()}, 422),
+        (SEARCH, {"at": "yesterday"}, 422),
+        (SEARCH, {"at": past, "from": "garbage"}, 422),
+        ("/v1/blueprints/nope/entities/search", {"at": past}, 404),
+        (
+            SEARCH,
+            {
+                "at": past,
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"operator": "relatedTo", "blueprint": "system", "identifier": "x"}],
+                },
+            },
+            422,
+        ),
+        (
+            SEARCH,
+            {
+                "at": past,
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"property": "scorecards.x.level", "operator": "=", "value": "Gold"}],
+                },
+            },
+            422,
+        ),
+        (
+            SEARCH,
+            {
+                "at": past,
+                "query": {
+                    "combinator": "and",
+                    "rules": [{"property": "nope", "operator": "=", "value": 1}],
+                },
+            },
+            422,
+        ),
+        (
+            "/v1/entities/search",
+            {"combinator": "and", "rules": [], "at": (now + timedelta(days=1)).isoformat()},
+            422,
+        ),
+        (
+            "/v1/entities/search",
+            {
+                "combinator": "and",
+                "rules": [{"operator": "matchAny", "property": "system", "value": "x"}],
+                "at": past,
+            },
+            422,
+        ),
+    ]
+    for url, body, status in cases:
+        r = await client.post(url, json=body, headers=org.headers)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()
+        assert error["ok"] is False and error["error"] and error["message"], error
+
+
+def test_an_instant_before_the_retention_horizon_is_refused() -> None:
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    check_instant(now - timedelta(days=29), now, 30)
+    check_instant(now - timedelta(days=400), now, None)
+    for at, days in ((now - timedelta(days=31), 30), (now + timedelta(seconds=1), None)):
+        try:
+            check_instant(at, now, days)
+        except Invalid as exc:
+            assert exc.details and exc.details[0]["pointer"] == "/at"
+        else:
+            raise AssertionError(f"{at} was accepted")
+
+
+async def test_history_buckets_before_the_retention_horizon_are_null(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    await _write(client, org, "api", coverage=3)
+    await _place(db, org, "api", [datetime.now(UTC) - timedelta(days=20)])
+    body = _body(measureTimeBy="$history", timeInterval="day", timeRange={"preset": "lastMonth"})
+    async with db.tenant(org.org_id) as tx:
+        kept = await aggregate_over_time(tx, body, retention_days=10)
+        whole = await aggregate_over_time(tx, body)
+    assert all(p["count"] is None for p in kept["data"][:-11])
+    assert all(p["count"] == 1 for p in kept["data"][-10:])
+    assert [p["count"] for p in whole["data"]][-10:] == [1] * 10
+    assert None not in [p["count"] for p in whole["data"]]

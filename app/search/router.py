@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Path, Query, Request
@@ -10,11 +11,13 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import permissions
-from app.auth.principal import CurrentTenant
+from app.auth.principal import CurrentTenant, Tenant
 from app.catalog.entities import FieldFilter
 from app.catalog.schemas import AttachTitles
+from app.config import Settings
 from app.db.database import Database
 from app.db.routing import AfterCommit, api_router
+from app.history import asof
 from app.kit.openapi import ERRORS_AUTHED
 from app.kit.responses import json_response, to_json
 from app.search.aggregate import aggregate
@@ -54,6 +57,31 @@ class BlueprintSearchBody(BaseModel):
     exclude: list[str] | None = Field(default=None, max_length=200)
     limit: int = Field(default=200, ge=1, le=1000)
     from_: str | None = Field(default=None, alias="from", max_length=4000)
+    at: datetime | None = Field(
+        default=None,
+        description="Search the catalog as it stood at this instant (ISO 8601; UTC without "
+        "an offset), from the entities' history",
+    )
+
+
+class SearchAllBody(Rules):
+    at: datetime | None = Field(
+        default=None,
+        description="Search the catalog as it stood at this instant (ISO 8601; UTC without "
+        "an offset), from the entities' history",
+    )
+
+
+# Entities per page of a past search across blueprints (each page its own transaction).
+_PAST_PAGE = 1000
+
+
+def _past_instant(request: Request, at: datetime) -> datetime:
+    """`at` as an instant a past search may use (UTC when it carries no offset)."""
+    instant = at if at.tzinfo else at.replace(tzinfo=UTC)
+    settings: Settings = request.app.state.settings
+    asof.check_instant(instant, datetime.now(UTC), settings.history_retention_days)
+    return instant
 
 
 class SearchPage(BaseModel):
@@ -103,6 +131,7 @@ def _picker(
     summary="Search a blueprint's entities (paginated)",
 )
 async def search_blueprint(
+    request: Request,
     blueprint: Annotated[str, Path(min_length=1, max_length=100)],
     tenant: CurrentTenant,
     body: Annotated[BlueprintSearchBody | None, Body()] = None,
@@ -114,6 +143,26 @@ async def search_blueprint(
     permissions.require(tenant.principal, "entities.read")
     body = body or BlueprintSearchBody()
     query = body.query.model_dump() if body.query is not None else None
+    if body.at is not None:
+        instant = _past_instant(request, body.at)
+        past_scope = await fresh_scope(tenant.tx, blueprint, query)
+        past, position = await asof.search_page(
+            tenant.tx,
+            past_scope,
+            query,
+            instant,
+            decode_cursor(body.from_) if body.from_ else None,
+            body.limit,
+        )
+        chosen = _picker(
+            (body.include or []) + (include or []) or None,
+            (body.exclude or []) + (exclude or []) or None,
+            [past_scope.blueprints[blueprint]],
+        )
+        answer: dict[str, Any] = {"ok": True, "entities": [chosen.apply(e) for e in past]}
+        if position is not None:
+            answer["next"] = encode_cursor(position)
+        return json_response(answer)
     search = await prepare(
         tenant.tx,
         blueprint,
@@ -186,14 +235,16 @@ async def aggregate_entities(tenant: CurrentTenant, body: AggregateBody) -> Resp
 async def search_all(
     request: Request,
     tenant: CurrentTenant,
-    body: Annotated[Rules, Body()],
+    body: Annotated[SearchAllBody, Body()],
     include: Paths = None,
     exclude: Paths = None,
     exclude_calculated_properties: bool = False,
     attach_title_to_relation: AttachTitles = False,
 ) -> Response:
     permissions.require(tenant.principal, "entities.read")
-    query = body.model_dump()
+    query = body.model_dump(exclude={"at"})
+    if body.at is not None:
+        return await _search_all_past(request, tenant, query, body.at, include, exclude)
     search = await prepare(
         tenant.tx,
         None,
@@ -216,6 +267,43 @@ async def search_all(
     async def complete() -> Response:
         if search.first_documents is not None:  # before the headers: a failure is the status
             await search.complete_documents(search.first_documents, pick)
+        return StreamingResponse(stream(), media_type="application/json")
+
+    return AfterCommit(complete)
+
+
+async def _search_all_past(
+    request: Request,
+    tenant: Tenant,
+    query: dict[str, Any],
+    at: datetime,
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> Response:
+    """Every match as it stood at `at`: the first page read in the request's transaction
+    (a bad query is the answer's status), the rest streamed a page per transaction (the
+    past does not change between them)."""
+    instant = _past_instant(request, at)
+    scope = await fresh_scope(tenant.tx, None, query)
+    pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
+    first, position = await asof.search_page(tenant.tx, scope, query, instant, None, _PAST_PAGE)
+    db: Database = request.app.state.db
+    head = b'{"ok":true,"matchingBlueprints":' + to_json(scope.searched) + b',"entities":['
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield head
+        found, after, sent = first, position, False
+        while True:
+            if found:
+                yield (b"," if sent else b"") + b",".join(to_json(pick.apply(e)) for e in found)
+                sent = True
+            if after is None:
+                break
+            async with db.tenant(scope.org_id) as tx:
+                found, after = await asof.search_page(tx, scope, query, instant, after, _PAST_PAGE)
+        yield b"]}"
+
+    async def complete() -> Response:
         return StreamingResponse(stream(), media_type="application/json")
 
     return AfterCommit(complete)
