@@ -430,10 +430,19 @@ CATALOG_ENTITIES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-async def _write_catalog(http: httpx.AsyncClient, org: Org) -> None:
+async def _write_catalog(
+    http: httpx.AsyncClient, org: Org, scorecard: dict[str, Any] | None = None
+) -> None:
+    """The catalog above; with `scorecard`, services' scorecard made before the entities
+    (their writes grade them)."""
     for blueprint in (TEAM, CATALOG_SERVICE):
         created = await http.post("/v1/blueprints", json=blueprint, headers=org.headers)
         assert created.status_code == 201, created.text
+    if scorecard is not None:
+        made = await http.post(
+            "/v1/blueprints/service/scorecards", json=scorecard, headers=org.headers
+        )
+        assert made.status_code == 201, made.text
     for bp, entity in CATALOG_ENTITIES:
         written = await http.post(f"/v1/blueprints/{bp}/entities", json=entity, headers=org.headers)
         assert written.status_code == 201, written.text
@@ -639,6 +648,131 @@ async def test_another_org_searches_lists_and_walks_none_of_an_orgs_entities(
     assert seen == [["z"], ["z"], [], ["z"], ["z"]]
 
 
+# -- deletes ---------------------------------------------------------------------------------
+
+
+async def _catalog_of(citus_settings: Settings, org_id: uuid.UUID) -> dict[str, Any]:
+    """An org's entities, their DELETE events and scorecard results, read on the coordinator
+    (as the operator: no request path in between)."""
+    assert citus_settings.database_url is not None
+    conn = await asyncpg.connect(citus_settings.database_url)
+    try:
+        entities = await conn.fetch(
+            "SELECT blueprint || '/' || identifier AS key FROM entities WHERE org_id = $1"
+            " ORDER BY 1",
+            org_id,
+        )
+        deleted = await conn.fetch(
+            "SELECT blueprint || '/' || identifier AS key, before FROM entity_events"
+            " WHERE org_id = $1 AND action = 'DELETE' ORDER BY 1",
+            org_id,
+        )
+        graded = await conn.fetch(
+            "SELECT DISTINCT identifier FROM scorecard_results WHERE org_id = $1 ORDER BY 1", org_id
+        )
+    finally:
+        await conn.close()
+    return {
+        "entities": [r["key"] for r in entities],
+        "deleted": [r["key"] for r in deleted],
+        "befores": {r["key"]: json.loads(r["before"]) for r in deleted},
+        "graded": [r["identifier"] for r in graded],
+    }
+
+
+async def test_two_orgs_delete_one_bulk_and_all_entities_each_only_its_own(
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    first = await _org(citus_app, http)
+    second = await _org(citus_app, http)
+    for org in (first, second):
+        await _write_catalog(http, org, scorecard=READY)
+    before = await _catalog_of(citus_settings, second.org_id)
+    assert before["graded"] == ["a", "b", "c", "d"]
+
+    one = await http.delete("/v1/blueprints/service/entities/d", headers=first.headers)
+    assert one.status_code == 200, one.text
+    bulk = await http.post(
+        "/v1/blueprints/service/bulk/entities/delete",
+        json={"entities": ["a", "b", "missing"]},
+        headers=first.headers,
+    )
+    assert bulk.status_code == 200, bulk.text
+    assert bulk.json()["deletedEntities"] == ["a", "b"]
+    everything = await http.delete("/v1/blueprints/team/all-entities", headers=first.headers)
+    assert everything.status_code == 200, everything.text
+    migration = await http.get(
+        f"/v1/migrations/{everything.json()['migrationId']}", headers=first.headers
+    )
+    assert migration.status_code == 200, migration.text
+    assert migration.json()["migration"]["successCount"] == 2
+
+    after = await _catalog_of(citus_settings, first.org_id)
+    assert after["entities"] == ["service/c"]
+    assert after["deleted"] == [
+        "service/a",
+        "service/b",
+        "service/d",
+        "team/core",
+        "team/edge",
+    ]
+    assert after["befores"]["service/d"]["properties"]["tier"] == 2
+    # The entity delete trigger (a row trigger on Citus) took their scorecard results.
+    assert after["graded"] == ["c"]
+    listed = await http.get("/v1/blueprints/service/entities", headers=first.headers)
+    assert _identifiers(listed.json()) == ["c"]
+    gone = await http.get("/v1/blueprints/service/entities/d", headers=first.headers)
+    assert gone.status_code == 404, gone.text
+    # The other org, with the same identifiers on the cluster, keeps all of it.
+    assert await _catalog_of(citus_settings, second.org_id) == before
+    kept = await http.get("/v1/blueprints/service/entities", headers=second.headers)
+    assert _identifiers(kept.json()) == ["a", "b", "c", "d"]
+
+
+async def test_another_orgs_token_deletes_nothing(
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    owner = await _org_with_entity(citus_app, http)
+    other = await _org(citus_app, http)
+    created = await http.post("/v1/blueprints", json=SERVICE, headers=other.headers)
+    assert created.status_code == 201, created.text
+    refused = await http.delete("/v1/blueprints/service/entities/api", headers=other.headers)
+    assert refused.status_code == 404, refused.text
+    bulk = await http.post(
+        "/v1/blueprints/service/bulk/entities/delete",
+        json={"entities": ["api"]},
+        headers=other.headers,
+    )
+    assert bulk.status_code == 200 and bulk.json()["deletedEntities"] == [], bulk.text
+    everything = await http.delete("/v1/blueprints/service/all-entities", headers=other.headers)
+    assert everything.status_code == 200, everything.text
+    assert (await _catalog_of(citus_settings, owner.org_id))["entities"] == ["service/api"]
+
+
+async def test_a_bulk_delete_past_one_statement_of_events_logs_every_entity(
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """All-entities deletes write their events in VALUES lists of 500 rows on Citus."""
+    org = await _org(citus_app, http)
+    created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+    assert created.status_code == 201, created.text
+    for start in (0, 550):
+        batch = [
+            {"identifier": f"s{n:04d}", "properties": {"tier": n}}
+            for n in range(start, start + 550)
+        ]
+        written = await http.post(
+            "/v1/blueprints/service/entities/bulk", json={"entities": batch}, headers=org.headers
+        )
+        assert written.status_code == 200, written.text
+    everything = await http.delete("/v1/blueprints/service/all-entities", headers=org.headers)
+    assert everything.status_code == 200, everything.text
+    catalog = await _catalog_of(citus_settings, org.org_id)
+    assert catalog["entities"] == []
+    assert catalog["deleted"] == [f"service/s{n:04d}" for n in range(1100)]
+    assert catalog["befores"]["service/s1099"]["properties"]["tier"] == 1099
+
+
 # -- every statement of other tenant requests: router plans on the org's shard ------------
 
 READY = {
@@ -661,8 +795,8 @@ _SERVICES = {
     "rules": [{"property": "$blueprint", "operator": "=", "value": "service"}],
 }
 
-# (what, method, path, body): requests whose every statement is checked. Deletes and the
-# scorecard results written by an entity write are not among them (docs/scaling.md).
+# (what, method, path, body): requests whose every statement is checked. The scorecard
+# results written by an entity write are not among them (docs/scaling.md).
 REQUESTS: list[tuple[str, str, str, Any]] = [
     (
         "bulk write",
@@ -700,6 +834,14 @@ REQUESTS: list[tuple[str, str, str, Any]] = [
             {"property": {"path": ["dependsOn", "owner"]}, "operator": "matchAny", "value": "core"}
         ),
     ),
+    ("delete one", "DELETE", "/v1/blueprints/service/entities/d", None),
+    (
+        "bulk delete",
+        "POST",
+        "/v1/blueprints/service/bulk/entities/delete",
+        {"entities": ["a", "d", "missing"]},
+    ),
+    ("delete all entities", "DELETE", "/v1/blueprints/team/all-entities", None),
     ("aggregate count", "POST", "/v1/entities/aggregate", {"func": "count", "query": _SERVICES}),
     (
         "aggregate sum",
@@ -720,6 +862,14 @@ REQUESTS: list[tuple[str, str, str, Any]] = [
         {"func": "countValues", "relation": "dependsOn", "query": _SERVICES},
     ),
 ]
+
+
+DELETES = {"delete one", "bulk delete", "delete all entities"}
+# Requests with a statement Citus runs in steps (distributed subplans) before its one-shard
+# task: the entity write's statement inserts rows selected from its parameters
+# (`INSERT ... SELECT ... FROM unnest(...)` in its CTEs), which Citus pulls through the
+# coordinator into the org's shard (docs/scaling.md).
+WITH_SUBPLANS = {"bulk write"}
 
 
 @pytest.mark.parametrize(("what", "method", "path", "body"), REQUESTS, ids=[r[0] for r in REQUESTS])
@@ -743,6 +893,7 @@ async def test_every_statement_of_a_tenant_request_is_a_router_plan(
     recorder.on = False
     assert answered.status_code in (200, 201), answered.text
     distributed = 0
+    with_subplans: list[str] = []
     for statement in recorder.statements:
         if (
             not statement.sql.lstrip()
@@ -756,7 +907,13 @@ async def test_every_statement_of_a_tenant_request_is_a_router_plan(
         distributed += 1
         for scan in scans:
             assert scan["Distributed Query"]["Job"]["Task Count"] == 1, (statement.sql, scan)
+            if scan["Distributed Query"].get("Subplans"):
+                with_subplans.append(statement.sql)
     assert distributed, [r.sql for r in recorder.statements]
+    assert bool(with_subplans) == (what in WITH_SUBPLANS), (what, with_subplans)
+    if what in DELETES:
+        events = [r for r in recorder.statements if "INSERT INTO entity_events" in r.sql]
+        assert events, [r.sql for r in recorder.statements]
 
 
 async def test_a_single_postgresql_is_not_citus_unless_required(database_url: str) -> None:

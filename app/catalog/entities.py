@@ -808,20 +808,13 @@ async def delete_many(
             if refused:
                 raise refused[min(refused)]
     for bp, idents in sorted(by_bp.items()):
-        await tx.execute(
-            """
-            INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
-                                       actor, origin, run_id)
-            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5
-            FROM unnest($6::varchar[], $7::jsonb[]) AS d(identifier, before)
-            """,
-            tx.org_id,
+        await _log_deletions(
+            tx,
             bp,
-            writer.actor,
-            writer.origin,
-            run_id,
             sorted(idents),
             [_event_doc(bp, doomed[(bp, ident)] or None) for ident in sorted(idents)],
+            writer,
+            run_id,
         )
         await tx.execute(
             "DELETE FROM entities WHERE org_id = $1 AND blueprint = $2 "
@@ -832,6 +825,63 @@ async def delete_many(
         )
         await reactions.emit(tx, reactions.EntitiesDeleted(bp, sorted(idents)))
     return sorted(existing)
+
+
+# Rows of deletion events per statement on Citus (two parameters each).
+_CITUS_EVENT_ROWS = 500
+
+
+async def _log_deletions(
+    tx: Tx,
+    blueprint: str,
+    identifiers: list[str],
+    befores: list[Any],
+    writer: Writer,
+    run_id: str | None,
+) -> None:
+    """The DELETE events of `identifiers` (their documents before, in `befores`)."""
+    if not tx.citus:
+        await tx.execute(
+            """
+            INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
+                                       actor, origin, run_id)
+            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5
+            FROM unnest($6::varchar[], $7::jsonb[]) AS d(identifier, before)
+            """,
+            tx.org_id,
+            blueprint,
+            writer.actor,
+            writer.origin,
+            run_id,
+            identifiers,
+            befores,
+        )
+        return
+    # Citus cannot push `INSERT ... SELECT ... FROM unnest(...)` down to a shard: it pulls
+    # the rows to the coordinator and copies them in, and COPY FROM is refused under
+    # row-level security. (Selecting them from `entities` does not route either: the
+    # table's identity and transaction-id defaults are volatile, which Citus keeps out of a
+    # pushed-down INSERT ... SELECT.) A multi-row VALUES list naming the org is a router
+    # plan on the org's shard.
+    for start in range(0, len(identifiers), _CITUS_EVENT_ROWS):
+        chunk = range(start, min(start + _CITUS_EVENT_ROWS, len(identifiers)))
+        rows = ", ".join(
+            f"($1, $2, ${6 + 2 * n}, 'DELETE', ${7 + 2 * n}::jsonb, NULL, $3, $4, $5)"
+            for n in range(len(chunk))
+        )
+        values: list[Any] = []
+        for i in chunk:
+            values += [identifiers[i], befores[i]]
+        await tx.execute(
+            "INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,"  # noqa: S608 - placeholders only
+            f" actor, origin, run_id) VALUES {rows}",
+            tx.org_id,
+            blueprint,
+            writer.actor,
+            writer.origin,
+            run_id,
+            *values,
+        )
 
 
 async def count(tx: Tx, blueprint_id: str) -> int:

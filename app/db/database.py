@@ -116,13 +116,20 @@ def _credential_check(client_id: str, issued_at: int) -> str:
 
 
 class Tx:
-    """One open transaction. Services receive it, run statements, never commit."""
+    """One open transaction. Services receive it, run statements, never commit.
 
-    __slots__ = ("conn", "org_id")
+    `citus`: the database is a Citus cluster (app/db/citus.py). The few statements Citus
+    cannot route to the org's shard have a form of their own there; on a single
+    PostgreSQL every statement is the same as without Citus."""
 
-    def __init__(self, conn: asyncpg.Connection, org_id: uuid.UUID | None) -> None:
+    __slots__ = ("citus", "conn", "org_id")
+
+    def __init__(
+        self, conn: asyncpg.Connection, org_id: uuid.UUID | None, *, citus: bool = False
+    ) -> None:
         self.conn = conn
         self.org_id = org_id
+        self.citus = citus
 
     async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
         sql, values = compile_query(query, args)
@@ -250,7 +257,7 @@ class Database:
         except BaseException:
             self.pool.release(conn)
             raise
-        return Tx(conn, org_id), conn
+        return Tx(conn, org_id, citus=self.citus), conn
 
     async def finish(self, conn: asyncpg.Connection, *, commit: bool) -> None:
         try:
@@ -287,7 +294,7 @@ class Database:
         try:
             await conn.execute(_begin_sql(org_id, as_app_role=False))
             try:
-                yield Tx(conn, org_id)
+                yield Tx(conn, org_id, citus=self.citus)
                 ok = True
             finally:
                 await conn.execute("COMMIT" if ok else "ROLLBACK")
