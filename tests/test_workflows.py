@@ -861,11 +861,12 @@ async def test_an_entity_is_written_only_where_the_starter_may(
     assert r.status_code == 404
 
 
-async def test_an_integrations_node_run_claim_is_checked_and_finds_none(
+async def test_an_integrations_node_run_claim_is_checked_and_finds_none_when_none_waits(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database
 ) -> None:
-    """Ocean's actions processor also asks for workflow node runs: no node runs through an
-    integration yet, so the answer is empty, after the checks of an action runs' claim."""
+    """Ocean's actions processor also asks for workflow node runs: with none waiting the
+    answer is empty, after the checks of an action runs' claim (the claims themselves:
+    tests/test_workflow_integrations.py)."""
     org, other = await make_org(), await make_org()
     r = await client.post("/v1/integration", json={"installationId": "ocean"}, headers=org.headers)
     assert r.status_code == 201, r.text

@@ -32,7 +32,7 @@ MAX_TEMPLATE_LENGTH = 10_000  # characters of one string holding templates (or o
 MAX_DEFINITION_BYTES = 256 * 1024  # the definition as JSON
 
 TRIGGERS = ("SELF_SERVE_TRIGGER", "EVENT_TRIGGER")
-ACTIONS = ("WEBHOOK", "UPSERT_ENTITY")
+ACTIONS = ("WEBHOOK", "UPSERT_ENTITY", "INTEGRATION_ACTION")
 FLOW = ("CONDITION", "INPUT")
 SUPPORTED = (*TRIGGERS, *ACTIONS, *FLOW)
 # Port's node types that Portolan does not run, and why.
@@ -41,12 +41,11 @@ REFUSED = {
     "AI": "AI nodes are not available in Portolan",
     "AI_AGENT": "AI_AGENT nodes are not available in Portolan",
     "CURSOR_AGENT": "CURSOR_AGENT nodes are not available in Portolan",
-    "INTEGRATION_ACTION": "INTEGRATION_ACTION nodes are not available in Portolan yet: use a "
-    "WEBHOOK node",
 }
 ON_FAILURE = ("terminate", "continue")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9@_:-]{1,60}$")
+_INSTALLATION = re.compile(r"^[A-Za-z0-9@_.+:=-]{1,100}$")
 _NODE_IDENTIFIER = re.compile(r"^[A-Za-z0-9@_.:-]{1,100}$")
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
 _KEYS = frozenset(
@@ -84,6 +83,16 @@ _CONFIG_KEYS: dict[str, frozenset[str]] = {
         )
     ),
     "UPSERT_ENTITY": frozenset(("type", "blueprintIdentifier", "mapping", "onFailure")),
+    "INTEGRATION_ACTION": frozenset(
+        (
+            "type",
+            "installationId",
+            "integrationProvider",
+            "integrationInvocationType",
+            "integrationActionExecutionProperties",
+            "onFailure",
+        )
+    ),
     "CONDITION": frozenset(("type", "outlets")),
     "INPUT": frozenset(
         ("type", "description", "userInputs", "outlets", "responders", "notifications")
@@ -249,6 +258,8 @@ def _config(config: Any, pointer: str, scope: Scope, problems: Problems) -> str 
         _webhook(config, pointer, problems)
     elif kind == "UPSERT_ENTITY":
         _upsert(config, pointer, scope, problems)
+    elif kind == "INTEGRATION_ACTION":
+        _integration(config, pointer, problems)
     elif kind == "CONDITION":
         _condition(config, pointer, problems)
     elif kind == "INPUT":
@@ -452,6 +463,32 @@ def _upsert(config: dict[str, Any], pointer: str, scope: Scope, problems: Proble
     _templates(mapping, f"{pointer}/mapping", problems, secrets=False)
 
 
+def _integration(config: dict[str, Any], pointer: str, problems: Problems) -> None:
+    """An action an installed integration runs (Ocean's actions processor claims it): what
+    it is handed is rendered from the run's data, with no secret (the integration holds the
+    credentials of the tool it drives; what it is handed is shown on the node run)."""
+    installation = config.get("installationId")
+    if not isinstance(installation, str) or not _INSTALLATION.match(installation):
+        problems.add(
+            f"{pointer}/installationId",
+            "installationId names the integration installation that runs the node",
+        )
+    for key in ("integrationProvider", "integrationInvocationType"):
+        value = config.get(key)
+        if not isinstance(value, str) or not value.strip() or len(value) > 100:
+            problems.add(f"{pointer}/{key}", f"{key} is a non-empty string")
+    properties = config.get("integrationActionExecutionProperties", {})
+    if not isinstance(properties, dict):
+        problems.add(
+            f"{pointer}/integrationActionExecutionProperties",
+            "integrationActionExecutionProperties is an object",
+        )
+        return
+    _templates(
+        properties, f"{pointer}/integrationActionExecutionProperties", problems, secrets=False
+    )
+
+
 def _condition(config: dict[str, Any], pointer: str, problems: Problems) -> None:
     outlets = config.get("outlets")
     if not isinstance(outlets, list) or not outlets:
@@ -582,7 +619,7 @@ def outlets_of(node: dict[str, Any]) -> list[str]:
 
 _NO_SECRETS = (
     "secrets go into a WEBHOOK node's request only (url, headers, body), never into an "
-    "output, an entity or a condition"
+    "output, an entity, a condition or what an integration is handed"
 )
 
 

@@ -91,6 +91,14 @@ class Transient:
     retry_after: float | None = None
 
 
+@dataclass
+class Handoff:
+    """An INTEGRATION_ACTION node's invocation, rendered: the node waits for its
+    integration to claim it (app/workflows/integrations.py)."""
+
+    invocation: dict[str, Any]
+
+
 def _failed(message: str) -> Step:
     return Step("FAILED", {"error": {"message": message}}, message)
 
@@ -194,20 +202,28 @@ async def run_node(
         outcome = Transient(f"the node was not evaluated: {exc}")
     if isinstance(outcome, Transient):
         return await _transient(settings, db, held, outcome)
+    if isinstance(outcome, Handoff):
+        return await _hand_off(db, held, outcome)
     return await finish(db, held, outcome)
 
 
-async def _execute(settings: Settings, held: Held) -> Step | Transient:
+async def _execute(settings: Settings, held: Held) -> Step | Transient | Handoff:
     attempts = int(held.node_run["attempts"])
-    if attempts > settings.dispatch_max_attempts:
-        return _failed(f"gave up after {attempts - 1} attempts")
     kind = held.config.get("type")
+    # An integration's node run queued again with the result it reported: it ends now.
+    reported = kind == "INTEGRATION_ACTION" and held.node_run["result"] is not None
+    if attempts > settings.dispatch_max_attempts and not reported:
+        return _failed(f"gave up after {attempts - 1} attempts")
     if kind == "WEBHOOK":
         outcome = await _webhook(settings, held)
     elif kind == "UPSERT_ENTITY":
         outcome = await _upsert(held)
     elif kind == "CONDITION":
         outcome = await _condition(held)
+    elif kind == "INTEGRATION_ACTION":
+        if not reported:
+            return await _integration(held)  # its variables apply once the integration reports
+        outcome = _reported(held)
     else:
         outcome = _failed(f"node type {kind} is not run by Portolan")
     if isinstance(outcome, Step) and outcome.result == "SUCCESS" and "variables" in held.node:
@@ -282,6 +298,65 @@ async def _webhook(settings: Settings, held: Held) -> Step | Transient:
     failed = _failed(f"{where}: {message}")
     failed.output["response"] = response
     return failed
+
+
+async def _integration(held: Held) -> Step | Handoff:
+    config = held.config
+    properties = config.get("integrationActionExecutionProperties") or {}
+    try:
+        rendered = await render(
+            properties,
+            template_data(held),
+            "/integrationActionExecutionProperties",
+            org=held.org_id,
+        )
+    except templates.TemplateError as exc:
+        return _failed(f"the invocation's template failed: {exc}")
+    if not isinstance(rendered, dict):
+        return _failed("integrationActionExecutionProperties did not render to an object")
+    return Handoff(
+        {
+            "type": "INTEGRATION_ACTION",
+            "installationId": config["installationId"],
+            "integrationProvider": config["integrationProvider"],
+            "integrationInvocationType": config["integrationInvocationType"],
+            "integrationActionExecutionProperties": rendered,
+        }
+    )
+
+
+def _reported(held: Held) -> Step:
+    result = str(held.node_run["result"])
+    output = held.node_run["output"] if isinstance(held.node_run["output"], dict) else {}
+    installation = held.node_run["installation_id"]
+    if result == "SUCCESS":
+        return Step("SUCCESS", output, f"integration {installation!r} ran it")
+    message = f"integration {installation!r} reported {result}"
+    return Step(result, {**output, "error": {"message": message}}, message)
+
+
+async def _hand_off(db: Database, held: Held, outcome: Handoff) -> str:
+    """The node run becomes claimable by its installation, under no claim of this worker:
+    it holds nothing while it waits (as an INPUT node does)."""
+    installation = outcome.invocation["installationId"]
+    async with db.tenant(held.org_id) as tx:
+        moved = await tx.fetchval(
+            "UPDATE workflow_node_runs SET state = 'claimable', invocation = $4, "
+            "installation_id = $5, claim = NULL, lease_until = NULL, updated_at = now() "
+            "WHERE org_id = $1 AND id = $2 AND claim = $3 AND state = 'dispatching' "
+            "AND status = 'IN_PROGRESS' RETURNING id",
+            held.org_id,
+            held.node_run["id"],
+            held.token,
+            outcome.invocation,
+            installation,
+        )
+        if moved is None:
+            return "skipped"
+        await runs.node_log(
+            tx, held.node_run["id"], f"Waiting for integration {installation!r} to claim it"
+        )
+    return "handed-off"
 
 
 async def _upsert(held: Held) -> Step:
@@ -414,6 +489,9 @@ async def _record(tx: Tx, held: Held, step: Step) -> None:
     level = "INFO" if step.result == "SUCCESS" else "ERROR"
     await runs.node_log(tx, node_run["id"], step.message, level)
     run_id = held.run["id"]
+    if step.result == "CANCELLED":  # an integration cancelled its node: the run ends so
+        await runs.end_run(tx, run_id, "CANCELLED")
+        return
     if step.result == "FAILED" and held.config.get("onFailure", "terminate") != "continue":
         await runs.end_run(tx, run_id, "FAILED")
         return

@@ -112,7 +112,9 @@ class WorkflowNodeRun(Base):
     """One node's turn in a run. `seq` is its place on the run's path: one row per place,
     so a run moves on from a node at most once. `state` is the execution's bookkeeping:
     queued -> dispatching (claimed under `claim` until `lease_until`) -> retrying (after a
-    transient failure, until `next_attempt_at`) -> done."""
+    transient failure, until `next_attempt_at`) -> done; an INPUT node waits (`waiting`);
+    an INTEGRATION_ACTION node is handed to its integration (`claimable` -> `claimed` ->
+    `acknowledged` -> done)."""
 
     __tablename__ = "workflow_node_runs"
     __table_args__ = (
@@ -126,6 +128,19 @@ class WorkflowNodeRun(Base):
             "ix_workflow_node_runs_lease",
             "lease_until",
             postgresql_where=text("state = 'dispatching'"),
+        ),
+        Index(
+            "ix_workflow_node_runs_claimable",
+            "org_id",
+            "installation_id",
+            "created_at",
+            postgresql_where=text("state IN ('claimable', 'claimed')"),
+        ),
+        Index(
+            "ix_workflow_node_runs_external",
+            "org_id",
+            "external_run_id",
+            postgresql_where=text("external_run_id IS NOT NULL"),
         ),
     )
 
@@ -147,6 +162,15 @@ class WorkflowNodeRun(Base):
     created_at: Mapped[datetime] = timestamp()
     updated_at: Mapped[datetime] = timestamp()
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # INTEGRATION_ACTION nodes (app/workflows/integrations.py): the installation that runs
+    # it, what it is handed (rendered), and what the integration reported.
+    installation_id: Mapped[str | None] = mapped_column(String(100))
+    invocation: Mapped[Any] = mapped_column(JSONB, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    external_run_id: Mapped[str | None] = mapped_column(String(200))
+    status_label: Mapped[str | None] = mapped_column(String(200))
+    links: Mapped[Any] = mapped_column(JSONB, nullable=True)
 
 
 class WorkflowNodeRunLog(Base):

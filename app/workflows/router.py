@@ -10,14 +10,14 @@ from typing import Annotated, Any
 from fastapi import Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.actions import claims, streams
+from app.actions import streams
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.db.routing import api_router
-from app.kit.errors import Invalid, NotFound
+from app.kit.errors import Invalid
 from app.kit.openapi import ERRORS_AUTHED, ErrorBody, OkResponse, conflict
 from app.kit.responses import json_response
-from app.workflows import runs, service, stream
+from app.workflows import integrations, runs, service, stream
 from app.workflows.schemas import (
     ResponseBody,
     RunBody,
@@ -81,18 +81,140 @@ class NodeClaimResponse(BaseModel):
     summary="Claim an integration's pending workflow node runs",
 )
 async def claim_pending_node_runs(body: NodeClaimBody, tenant: CurrentTenant) -> Any:
-    """Workflows run no node through an integration yet (`INTEGRATION_ACTION` nodes are
-    refused when a workflow is saved), so no node run ever waits for one: the answer is
-    empty, after the checks an action runs' claim makes (who may claim, which
-    integration)."""
-    creator = await claims.integration_creator(tenant.tx, body.installationId)
-    if not claims.may_claim(tenant.principal, creator):
-        raise claims.claim_denied(body.installationId)
-    if creator is None:
-        raise NotFound(
-            f"Integration {body.installationId!r} was not found", code="integration_not_found"
+    """Up to `limit` of the installation's INTEGRATION_ACTION node runs waiting to be
+    claimed, oldest first, each held for `visibilityTimeoutMs` (claimable again after it
+    unless acknowledged); `exclude` names node uids (`<workflow>/<node>`) to leave. Admins'
+    machine credentials and the integration's own credential may claim."""
+    node_runs = await integrations.claim(
+        tenant.tx,
+        integrations.claimer(tenant),
+        body.installationId,
+        limit=body.limit,
+        visibility_seconds=body.visibilityTimeoutMs / 1000,
+        exclude=list(body.exclude),
+    )
+    return json_response({"ok": True, "nodeRuns": node_runs})
+
+
+class NodeAckBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nodeRunIdentifier: str = Field(min_length=1, max_length=40)
+
+
+class NodeRunResponse(BaseModel):
+    ok: bool = True
+    nodeRun: dict[str, Any]
+
+
+class NodeRunListResponse(BaseModel):
+    ok: bool = True
+    nodeRuns: list[dict[str, Any]]
+
+
+class NodeRunLog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: str = Field(default="INFO", max_length=10)
+    message: str = Field(max_length=integrations.MAX_LOG_MESSAGE)
+
+
+class NodeRunLogsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    logs: list[NodeRunLog] = Field(min_length=1, max_length=integrations.MAX_LOGS)
+
+
+class NodeRunReport(BaseModel):
+    """An integration's report on the node run it runs (Ocean's shapes)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Checked by app/workflows/integrations.py, which names each problem by pointer.
+    status: Any = Field(default=None, description="IN_PROGRESS or COMPLETED")
+    result: Any = Field(default=None, description="SUCCESS, FAILED or CANCELLED (COMPLETED)")
+    output: Any = Field(default=None, description="An object, merged into the node's output")
+    statusLabel: Any = Field(default=None, description="{text}")
+    externalRunId: Any = Field(default=None, description="The external run's id")
+    links: Any = Field(default=None, description="At most 3 URLs")
+
+
+_NOT_CLAIMED = conflict("The node run is not claimed by this credential, or has ended")
+
+
+@router.patch(
+    "/runs/ack",
+    response_model=NodeRunResponse,
+    responses={**ERRORS_AUTHED, **_NOT_CLAIMED},
+    summary="Acknowledge a claimed workflow node run",
+)
+async def acknowledge_node_run(body: NodeAckBody, tenant: CurrentTenant) -> Any:
+    """The first acknowledgement by the credential holding the latest claim takes the node
+    run on; any other is a 409 (`run_already_acknowledged`, `run_not_claimed`, ...)."""
+    node_run = await integrations.acknowledge(
+        tenant.tx, integrations.claimer(tenant), body.nodeRunIdentifier
+    )
+    return json_response({"ok": True, "nodeRun": node_run})
+
+
+@router.get(
+    "/nodes/runs",
+    response_model=NodeRunListResponse,
+    responses=ERRORS_AUTHED,
+    summary="Find an integration's workflow node runs by their external run id",
+)
+async def find_node_runs(
+    tenant: CurrentTenant,
+    external_run_id: Annotated[str, Query(min_length=1, max_length=200)],
+    include: Annotated[list[str] | None, Query(max_length=10)] = None,
+) -> Any:
+    """The node runs an integration reported `externalRunId` for (those the caller may
+    claim); `include=nodeConfig` adds each node's invocation under `node.config`."""
+    wanted = set(include or [])
+    unknown = sorted(wanted - {"nodeConfig"})
+    if unknown:
+        raise Invalid(
+            f"include takes nodeConfig, not {', '.join(unknown)}",
+            details=[{"pointer": "/include", "message": "nodeConfig"}],
         )
-    return {"ok": True, "nodeRuns": []}
+    found = await integrations.by_external_id(
+        tenant.tx, integrations.claimer(tenant), external_run_id, node_config="nodeConfig" in wanted
+    )
+    return json_response({"ok": True, "nodeRuns": found})
+
+
+@router.patch(
+    "/nodes/runs/{node_run_id}",
+    response_model=NodeRunResponse,
+    responses={**ERRORS_AUTHED, **_NOT_CLAIMED},
+    summary="Report on a workflow node run an integration runs",
+)
+async def report_node_run(
+    node_run_id: NodeRunId, body: NodeRunReport, tenant: CurrentTenant
+) -> Any:
+    """`externalRunId`, `links`, `statusLabel {text}` and `output` (merged) while it runs;
+    `status: COMPLETED` with `result` (SUCCESS, FAILED, CANCELLED) ends the node: the run
+    moves on (or ends, as the node's `onFailure` says) once the worker applied its
+    `variables`."""
+    node_run = await integrations.report(
+        tenant.tx, integrations.claimer(tenant), node_run_id, body.model_dump(exclude_unset=True)
+    )
+    return json_response({"ok": True, "nodeRun": node_run})
+
+
+@router.post(
+    "/nodes/runs/{node_run_id}/logs",
+    response_model=OkResponse,
+    responses={**ERRORS_AUTHED, **_NOT_CLAIMED},
+    summary="Add log lines to a workflow node run an integration runs",
+)
+async def add_node_run_logs(
+    node_run_id: NodeRunId, body: NodeRunLogsBody, tenant: CurrentTenant
+) -> Any:
+    await integrations.add_logs(
+        tenant.tx, integrations.claimer(tenant), node_run_id, body.model_dump()
+    )
+    return json_response({"ok": True})
 
 
 @router.get(

@@ -79,6 +79,16 @@ def node_run_to_api(
     }
     if row["outlet"] is not None:
         out["selectedOutlet"] = {"identifier": row["outlet"]}
+    if row["installation_id"] is not None:  # an INTEGRATION_ACTION node's run
+        out["integration"] = {
+            "installationId": row["installation_id"],
+            "state": row["state"],
+            "invocation": row["invocation"],
+            "acknowledgedAt": row["acknowledged_at"],
+        }
+        out["externalRunId"] = row["external_run_id"]
+        out["links"] = row["links"] or []
+        out["statusLabel"] = row["status_label"]
     return out
 
 
