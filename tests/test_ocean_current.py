@@ -61,8 +61,7 @@ BLUEPRINTS = ("cluster", "workload")  # .port/resources/blueprints.json
 
 # Non-2xx answers Ocean asks for and takes in its stride, whatever the integration.
 EXPECTED_ERRORS = {
-    # Workflow node runs (Port's workflows) are claimed beside action runs; Portolan has no
-    # workflows.
+    # Workflow node runs are claimed beside action runs, also before the integration exists.
     ("POST", "/v1/workflows/runs/claim-pending", 404),
     # Ocean looks its blueprints up before creating them.
     *(("GET", f"/v1/blueprints/{bp}", 404) for bp in BLUEPRINTS),
@@ -718,6 +717,89 @@ async def test_f_an_integration_action_run_is_claimed_run_and_reported_by_ocean(
     ]
     assert "scaling api to 5 replicas" in logs, logs
     assert "api scaled to 5" in logs, logs
+
+
+def _scale_workflow(installation: str) -> dict[str, Any]:
+    """A workflow whose one node is the integration's `scale_workload`, run by Ocean."""
+    return {
+        "identifier": "scale-flow",
+        "title": "Scale",
+        "nodes": [
+            {
+                "identifier": "trigger",
+                "config": {
+                    "type": "SELF_SERVE_TRIGGER",
+                    "userInputs": {
+                        "properties": {"replicas": {"type": "number"}},
+                        "required": ["replicas"],
+                    },
+                },
+            },
+            {
+                "identifier": "scale",
+                "config": {
+                    "type": "INTEGRATION_ACTION",
+                    "installationId": installation,
+                    "integrationProvider": "clusters",
+                    "integrationInvocationType": "scale_workload",
+                    "integrationActionExecutionProperties": {
+                        "workload": "api",
+                        "replicas": "{{ .outputs.trigger.replicas }}",
+                        "hangFirstClaim": False,
+                    },
+                },
+            },
+        ],
+        "connections": [{"sourceIdentifier": "trigger", "targetIdentifier": "scale"}],
+    }
+
+
+async def test_f_a_workflow_node_is_claimed_run_and_reported_by_ocean(
+    installation: Callable[[str], Integration],
+    api: httpx.AsyncClient,
+    start_worker: Callable[..., Settings],
+) -> None:
+    """Ocean's actions processor claims workflow node runs beside action runs: the same
+    executor runs an INTEGRATION_ACTION node and reports it, and the run ends."""
+    it = installation("clusters-workflows")
+    it.export(CLUSTERS, WORKLOADS)
+    start_worker()  # renders the node for its integration (the served API has no worker)
+    with it.sailing(actions=True):
+        await _wait(
+            "the integration's first resync",
+            lambda: it.journal(event="resync", kind="workload"),
+            within=45,
+            report=it.report,
+        )
+        r = await api.post(
+            "/v1/workflows", headers=it.tenant.headers, json=_scale_workflow(it.identifier)
+        )
+        assert r.status_code == 201, r.text
+        r = await api.post(
+            "/v1/workflows/scale-flow/runs",
+            headers=it.tenant.headers,
+            json={"inputs": {"replicas": 7}},
+        )
+        assert r.status_code == 202, r.text
+        run_id = r.json()["workflowRun"]["identifier"]
+
+        async def ended() -> bool:
+            run = await _get(api, it.tenant, f"/v1/workflows/runs/{run_id}")
+            return bool(run["workflowRun"]["status"] == "COMPLETED")
+
+        await _wait("the workflow run's end", ended, within=45, report=it.report)
+    run = (await _get(api, it.tenant, f"/v1/workflows/runs/{run_id}"))["workflowRun"]
+    assert run["result"] == "SUCCESS", it.report()
+    (node,) = [n for n in run["nodeRuns"] if n["node"]["identifier"] == "scale"]
+    assert node["result"] == "SUCCESS", node
+    started = it.journal(event="start", run=node["identifier"])
+    assert [x["properties"] for x in started] == [
+        {"workload": "api", "replicas": 7, "hangFirstClaim": False}
+    ]
+    assert len(it.journal(event="done", run=node["identifier"])) == 1
+    logs = [line["message"] for line in node["nodeRunLogs"]]
+    assert "scaling api to 7 replicas" in logs, logs
+    assert "api scaled to 7" in logs, logs
 
 
 async def test_f_a_run_whose_ocean_dies_holding_it_is_claimed_again_and_runs_once(
