@@ -91,8 +91,30 @@ async def triggers(client: httpx.AsyncClient, org: Org, workflow: str) -> list[d
     [
         (
             {"event": {"type": "TIMER_EXPIRED", "blueprintIdentifier": "service"}},
-            "/event/type",
-            "TIMER_EXPIRED",
+            "/event/propertyIdentifier",
+            "timer property",
+        ),
+        (
+            {
+                "event": {
+                    "type": "TIMER_EXPIRED",
+                    "blueprintIdentifier": "service",
+                    "propertyIdentifier": "tier",
+                }
+            },
+            "/event/propertyIdentifier",
+            "timer property",
+        ),
+        (
+            {
+                "event": {
+                    "type": "ENTITY_CREATED",
+                    "blueprintIdentifier": "service",
+                    "propertyIdentifier": "expires",
+                }
+            },
+            "/event/propertyIdentifier",
+            "for timers",
         ),
         (
             {"event": {"type": "RUN_CREATED", "blueprintIdentifier": "service"}},
@@ -462,3 +484,55 @@ async def test_an_event_started_runs_input_node_is_answered_by_admins_and_named_
     r = await client.post(url, json={}, headers=lead)
     assert r.status_code == 200, r.text
     assert r.json()["workflowRun"]["result"] == "SUCCESS"
+
+
+async def test_a_timer_expiry_starts_a_workflow_once_beside_automations(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """TIMER_EXPIRED triggers fire in the timers' pass, with the automations of the same
+    property: once per expiry, when the condition holds, only in their own org."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.automations import timers
+    from tests.test_automations import automation
+
+    org, other = await make_org(), await make_org()
+    timer = {"type": "TIMER_EXPIRED", "propertyIdentifier": "expires"}
+    for tenant in (org, other):
+        await _post(client, tenant, "/v1/blueprints", SERVICE)
+        body = on_event(
+            "expiry", "TIMER_EXPIRED", [], [], condition=['.diff.after.identifier != "skip"']
+        )
+        body["nodes"][0]["config"]["event"] = {**timer, "blueprintIdentifier": "service"}
+        r = await client.post("/v1/workflows", json=body, headers=tenant.headers)
+        assert r.status_code == 201, r.text
+    await _post(
+        client,
+        org,
+        "/v1/actions",
+        automation(
+            "expired",
+            {
+                "type": "TIMER_PROPERTY_EXPIRED",
+                "blueprintIdentifier": "service",
+                "propertyIdentifier": "expires",
+            },
+        ),
+    )
+    await timers.fire_expired(db)  # the property's cursor starts now
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    for name, when in (("soon", soon), ("skip", soon), ("later", later)):
+        await _entity(client, org, name, expires=when)
+    assert await timers.fire_expired(db) == 0  # not yet
+    await asyncio.sleep(1.2)
+    # soon: the workflow and the automation; skip: the automation only (the condition).
+    assert await timers.fire_expired(db) == 3
+    assert await timers.fire_expired(db) == 0
+    found = await triggers(client, org, "expiry")
+    assert [t["diff"]["after"]["identifier"] for t in found] == ["soon"]
+    assert found[0]["action"] == "TIMER_EXPIRED"
+    assert found[0]["context"]["propertyIdentifier"] == "expires"
+    (run,) = await runs_of(client, org, "expiry")
+    assert run["createdBy"] == "automation"
+    assert await runs_of(client, other, "expiry") == []

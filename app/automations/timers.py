@@ -1,4 +1,6 @@
-"""TIMER_PROPERTY_EXPIRED: a `timer` property's time passing starts its automations.
+"""TIMER_PROPERTY_EXPIRED: a `timer` property's time passing starts its automations (and
+workflows whose EVENT_TRIGGER waits for `TIMER_EXPIRED` of the property: their runs start in
+the same pass, with the same cursor and key, once per expiry).
 
 Every `timer` property has a range index on `portolan_time(properties, 'p')`
 (app/search/indexes.py), so a pass asks that index for the entities whose timer fell in
@@ -29,6 +31,8 @@ from typing import Any
 
 from app.automations.feed import condition_holds, create_automation_run
 from app.db.database import Database, Tx
+from app.workflows import events as workflow_events
+from app.workflows.definitions import TIMER_EVENT
 
 log = logging.getLogger("portolan.automations")
 EVENT = "TIMER_PROPERTY_EXPIRED"
@@ -69,12 +73,17 @@ async def fire_expired(db: Database, concurrency: int = CONCURRENCY) -> int:
             "AND trigger->'event'->>'type' = $1",
             EVENT,
         )
+        # Workflows' TIMER_EXPIRED triggers share the timers' cursors: one pass fires both.
+        flows = await workflow_events.timer_triggers(tx)
     groups: dict[Any, dict[tuple[str, str], list[Any]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         event = row["trigger"]["event"]
         groups[row["org_id"]][(event["blueprintIdentifier"], event["propertyIdentifier"])].append(
             row
         )
+    for org_id, flow in flows:
+        event = flow["trigger"]["event"]
+        groups[org_id][(event["blueprintIdentifier"], event["propertyIdentifier"])].append(flow)
     slots = asyncio.Semaphore(max(1, concurrency))
 
     async def org_turn(org_id: Any, properties: dict[tuple[str, str], list[Any]]) -> int:
@@ -142,9 +151,11 @@ async def _fire_property(
         }
         data = _event(org_id, blueprint, prop, entity, row["expiry"])
         for automation in automations:
-            if await condition_holds(automation, data, org_id):
+            # A workflow's trigger output names its event type as its trigger does.
+            seen = {**data, "action": TIMER_EVENT} if _is_workflow(automation) else data
+            if await condition_holds(automation, seen, org_id):
                 chosen.append(
-                    (automation, data, entity, _key(row["identifier"], prop, row["expiry"]))
+                    (automation, seen, entity, _key(row["identifier"], prop, row["expiry"]))
                 )
     made = 0
     async with db.system(org_id) as raw:
@@ -159,9 +170,11 @@ async def _fire_property(
         if now != cursor["checked_until"]:
             return 0  # another pass fired these meanwhile
         for automation, data, entity, key in chosen:
-            made += (
-                await create_automation_run(tx, automation, data, entity, key, depth=0)
-            ) is not None
+            if _is_workflow(automation):
+                started = await workflow_events.start_run(tx, automation, data, key, depth=0)
+            else:
+                started = await create_automation_run(tx, automation, data, entity, key, depth=0)
+            made += started is not None
         await tx.execute(
             "UPDATE timer_cursors SET checked_until = $4 "
             "WHERE org_id = $1 AND blueprint = $2 AND property = $3",
@@ -171,3 +184,8 @@ async def _fire_property(
             cursor["now"],
         )
     return made
+
+
+def _is_workflow(trigger: Any) -> bool:
+    """A workflow's EVENT_TRIGGER (a dict from app/workflows/events.py), not an automation."""
+    return isinstance(trigger, dict) and "workflow" in trigger

@@ -103,6 +103,8 @@ _INPUTS_KEYS = frozenset(("properties", "required", "order", "steps", "titles"))
 _PERMISSION_KEYS = frozenset(("roles", "users", "teams"))
 # The events an EVENT_TRIGGER waits for: the automations' event feed's entity events.
 EVENT_TYPES = ("ENTITY_CREATED", "ENTITY_UPDATED", "ENTITY_DELETED", "ANY_ENTITY_CHANGE")
+# A `timer` property's time passing (app/automations/timers.py starts these runs).
+TIMER_EVENT = "TIMER_EXPIRED"
 _EVENT_KEYS = frozenset(("type", "blueprintIdentifier", "propertyIdentifier"))
 _CONDITION_KEYS = frozenset(("type", "expressions", "combinator"))
 _BUTTON_KEYS = frozenset(("identifier", "label", "variant"))
@@ -311,18 +313,23 @@ def _event_trigger(config: dict[str, Any], pointer: str, scope: Scope, problems:
         for key in sorted(set(event) - _EVENT_KEYS):
             problems.add(f"{where}/{_escape(key)}", f"unknown field {key!r} of an event")
         kind = event.get("type")
-        if kind == "TIMER_EXPIRED":
-            problems.add(
-                f"{where}/type",
-                "TIMER_EXPIRED events are not available to workflows in Portolan yet",
-            )
-        elif kind not in EVENT_TYPES:
-            problems.add(f"{where}/type", f"type is one of {', '.join(EVENT_TYPES)}")
-        elif "propertyIdentifier" in event:
-            problems.add(f"{where}/propertyIdentifier", "propertyIdentifier is for timers")
         blueprint = event.get("blueprintIdentifier")
         if not isinstance(blueprint, str) or blueprint not in scope.blueprints:
             problems.add(f"{where}/blueprintIdentifier", f"blueprint {blueprint!r} does not exist")
+        elif kind == TIMER_EVENT:
+            prop = event.get("propertyIdentifier")
+            found = scope.blueprints[blueprint]["schema"]["properties"].get(prop)
+            if not isinstance(found, dict) or found.get("format") != "timer":
+                problems.add(
+                    f"{where}/propertyIdentifier",
+                    f"a TIMER_EXPIRED event names a timer property of {blueprint!r}",
+                )
+        if kind not in (*EVENT_TYPES, TIMER_EVENT):
+            problems.add(
+                f"{where}/type", f"type is one of {', '.join((*EVENT_TYPES, TIMER_EVENT))}"
+            )
+        elif kind != TIMER_EVENT and "propertyIdentifier" in event:
+            problems.add(f"{where}/propertyIdentifier", "propertyIdentifier is for timers")
     condition = config.get("condition")
     if condition is None:
         return

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from app.db.database import Tx
-from app.workflows import runs
+from app.workflows import definitions, runs
 
 MAX_CHAIN = 5  # as automations' chains
 AUTOMATION = "automation"  # the starter of runs started by events
@@ -56,6 +56,31 @@ async def triggers(tx: Tx, org_id: uuid.UUID) -> list[dict[str, Any]]:
             config = node.get("config") or {}
             if config.get("type") == "EVENT_TRIGGER" and config.get("published") is not False:
                 found.append(trigger_of(row["identifier"], row["version_id"], definition, node))
+    return found
+
+
+async def timer_triggers(tx: Tx) -> list[tuple[uuid.UUID, dict[str, Any]]]:
+    """Every org's published TIMER_EXPIRED triggers of its workflows' current versions, with
+    their org (the timer pass runs for all orgs; app/automations/timers.py)."""
+    rows = await tx.fetch(
+        "SELECT w.org_id, w.identifier, w.version_id, v.definition FROM workflows w "
+        "JOIN workflow_versions v ON v.org_id = w.org_id AND v.id = w.version_id "
+        "WHERE w.nodes @> $1 ORDER BY w.org_id, w.identifier",
+        [{"config": {"type": "EVENT_TRIGGER", "event": {"type": definitions.TIMER_EVENT}}}],
+    )
+    found: list[tuple[uuid.UUID, dict[str, Any]]] = []
+    for row in rows:
+        definition: dict[str, Any] = row["definition"]
+        for node in definition.get("nodes") or []:
+            config = node.get("config") or {}
+            event = config.get("event") or {}
+            if (
+                config.get("type") == "EVENT_TRIGGER"
+                and event.get("type") == definitions.TIMER_EVENT
+                and config.get("published") is not False
+            ):
+                trigger = trigger_of(row["identifier"], row["version_id"], definition, node)
+                found.append((row["org_id"], trigger))
     return found
 
 
