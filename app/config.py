@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     # open at once (429 beyond), and how often a stream checks its caller's token and
     # membership (a machine credential is checked on every look at the run).
     run_log_streams_per_org: int = Field(default=20, ge=1, le=10_000)
+    # Pages and dashboards (docs/dashboards.md): at most this many pages per organization,
+    # and this many widgets on one page (a dashboard's wrapper and the widgets it holds
+    # counted together); one more is a 422.
+    pages_max_per_org: int = Field(default=500, ge=1, le=100_000)
+    page_widgets_max: int = Field(default=100, ge=1, le=10_000)
     run_log_stream_recheck_seconds: float = Field(default=5.0, gt=0, le=3600)
     # Entity history (docs/history.md): events older than this many days are pruned daily,
     # each entity's last one before the horizon kept. Unset: history is kept for ever.

@@ -32,6 +32,7 @@ from app.kit.http import RequestContextMiddleware, install_error_handlers
 from app.kit.ratelimit import Limiter
 from app.ops.router import router as ops_router
 from app.orgs.router import router as orgs_router
+from app.pages.router import router as pages_router
 from app.people.router import teams_router, users_router
 from app.scorecards.router import router as scorecard_router
 from app.search.router import router as search_router
@@ -138,4 +139,5 @@ def create_app(settings: Settings | None = None, *, with_worker: bool = False) -
     app.include_router(webhook_router)
     app.include_router(integration_router)
     app.include_router(workflow_router)
+    app.include_router(pages_router)
     return app

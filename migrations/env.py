@@ -21,6 +21,7 @@ from app.db.base import XID8, Base
 from app.history import models as history_models  # noqa: F401
 from app.integrations import models as integration_models  # noqa: F401
 from app.orgs import models as org_models  # noqa: F401
+from app.pages import models as page_models  # noqa: F401
 from app.scorecards import models as scorecard_models  # noqa: F401
 from app.secrets import models as secret_models  # noqa: F401
 from app.webhooks import models as webhook_models  # noqa: F401

@@ -415,7 +415,7 @@ async def test_delete_actions_takes_the_blueprints_self_service_actions_along(
     assert [a["identifier"] for a in listed] == ["make-kept", "on-change"]
 
 
-async def test_no_catalog_page_is_made_and_asking_for_one_is_refused(
+async def test_a_catalog_page_is_made_only_when_asked_for(
     client: httpx.AsyncClient, make_org: OrgFactory
 ) -> None:
     org = await make_org()
@@ -423,9 +423,14 @@ async def test_no_catalog_page_is_made_and_asking_for_one_is_refused(
     r = await client.post(
         "/v1/blueprints", params={"create_catalog_page": "true"}, json=body, headers=org.headers
     )
-    assert r.status_code == 422 and r.json()["error"] == "not_supported"
-    assert (await client.get("/v1/blueprints/paged", headers=org.headers)).status_code == 404
+    assert r.status_code == 201, r.text
+    page = (await client.get("/v1/pages/paged", headers=org.headers)).json()["page"]
+    assert (page["type"], page["blueprint"]) == ("blueprint-entities", "paged")
     r = await client.post(
-        "/v1/blueprints", params={"create_catalog_page": "false"}, json=body, headers=org.headers
+        "/v1/blueprints",
+        params={"create_catalog_page": "false"},
+        json={**body, "identifier": "unpaged"},
+        headers=org.headers,
     )
     assert r.status_code == 201, r.text
+    assert (await client.get("/v1/pages/unpaged", headers=org.headers)).status_code == 404

@@ -22,7 +22,8 @@ from tests.test_permissions import add_user, app_headers, ok, user_headers
 
 # public: no bearer token; member: any member of the org; moderator: Admins and the
 # blueprint's moderators; admin: Admins only; entity: the blueprint's entity permissions
-# (by default Admins and moderators); run: Admins, the run's starter (and its approvers).
+# (by default Admins and moderators); run: Admins, the run's starter (and its approvers);
+# page: Admins and the page's `update` permissions (by default Admins only).
 ACCESS: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
     ("GET", "/metrics"): "public",
@@ -153,10 +154,25 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/workflows/{identifier}/runs"): "member",
     ("GET", "/v1/workflows/runs"): "member",
     ("POST", "/v1/workflows/runs/claim-pending"): "admin",
+    ("PATCH", "/v1/workflows/runs/ack"): "admin",
+    ("GET", "/v1/workflows/nodes/runs"): "member",
+    ("PATCH", "/v1/workflows/nodes/runs/{node_run_id}"): "admin",
+    ("POST", "/v1/workflows/nodes/runs/{node_run_id}/logs"): "admin",
     ("GET", "/v1/workflows/runs/{workflow_run_id}"): "member",
     ("POST", "/v1/workflows/runs/{workflow_run_id}/cancel"): "run",
     ("GET", "/v1/workflows/runs/{workflow_run_id}/stream"): "member",
     ("POST", "/v1/workflows/nodes/runs/{node_run_id}/responses"): "run",
+    ("GET", "/v1/pages"): "member",
+    ("POST", "/v1/pages"): "admin",
+    ("GET", "/v1/pages/{identifier}"): "member",
+    ("PATCH", "/v1/pages/{identifier}"): "page",
+    ("DELETE", "/v1/pages/{identifier}"): "admin",
+    ("GET", "/v1/pages/{page_identifier}/permissions"): "member",
+    ("PATCH", "/v1/pages/{page_identifier}/permissions"): "admin",
+    ("POST", "/v1/pages/{page_identifier}/widgets"): "page",
+    ("PATCH", "/v1/pages/{page_identifier}/widgets/{widget_id}"): "page",
+    ("DELETE", "/v1/pages/{page_identifier}/widgets/{widget_id}"): "page",
+    ("POST", "/v1/pages/{page_identifier}/widgets/{widget_id}/data"): "member",
 }
 
 SERVICE = {
@@ -222,6 +238,7 @@ GATE = {
     "connections": [{"sourceIdentifier": "trigger", "targetIdentifier": "approval"}],
 }
 INTEGRATION = {"installationId": "ocean", "installationAppType": "fake", "version": "1.0.0"}
+PAGE = {"identifier": "dash", "widgets": [{"id": "note", "type": "markdown", "markdown": "hi"}]}
 
 
 def _documented() -> set[tuple[str, str]]:
@@ -248,6 +265,7 @@ async def _world(client: httpx.AsyncClient, db: Database, org: Org) -> dict[str,
         ("/v1/teams", {"name": "alpha"}),
         ("/v1/users/invite", {"invitee": {"email": "u@example.com"}}),
         ("/v1/blueprints/service/entities", {"identifier": "e1"}),
+        ("/v1/pages", PAGE),
     ):
         await ok(client, "POST", path, org, json=body)
     run = await ok(client, "POST", "/v1/actions/open/runs", org, json={"properties": {}})
@@ -287,6 +305,7 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         "/v1/blueprints/{blueprint}/scorecards": "sc",
         "/v1/blueprints/{blueprint}/entities": "e1",
         "/v1/blueprints/{blueprint}/entities-history": "e1",
+        "/v1/pages": "dash",
     }.get(path.split("/{identifier}")[0], "service")
     url = path.format(
         identifier=identifier,
@@ -304,6 +323,8 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         kind="person",
         ingestId=ids["ingest_id"],
         rest="e1/kind/service",
+        page_identifier="dash",
+        widget_id="note",
     )
     bodies: dict[tuple[str, str], Any] = {
         ("PUT", "/v1/organization/oidc"): {
@@ -393,10 +414,18 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
         ("POST", "/v1/actions/runs/claim-pending"): {"installationId": "ocean", "limit": 1},
         ("PATCH", "/v1/actions/runs/ack"): {"runId": ids["run_id"]},
         ("POST", "/v1/workflows/runs/claim-pending"): {"installationId": "ocean", "limit": 1},
+        ("PATCH", "/v1/workflows/runs/ack"): {"nodeRunIdentifier": ids["node_run_id"]},
+        ("PATCH", "/v1/workflows/nodes/runs/{node_run_id}"): {"status": "IN_PROGRESS"},
+        ("POST", "/v1/workflows/nodes/runs/{node_run_id}/logs"): {"logs": [{"message": "x"}]},
         ("POST", "/v1/workflows"): {**WORKFLOW, "identifier": "flow2"},
         ("PUT", "/v1/workflows/{identifier}"): WORKFLOW,
         ("POST", "/v1/workflows/{identifier}/runs"): {"inputs": {}},
         ("POST", "/v1/workflows/nodes/runs/{node_run_id}/responses"): {"button": "approve"},
+        ("POST", "/v1/pages"): {"identifier": "dash2"},
+        ("PATCH", "/v1/pages/{identifier}"): {"title": "Dash"},
+        ("PATCH", "/v1/pages/{page_identifier}/permissions"): {"read": {"roles": ["Member"]}},
+        ("POST", "/v1/pages/{page_identifier}/widgets"): {"id": "more", "type": "markdown"},
+        ("PATCH", "/v1/pages/{page_identifier}/widgets/{widget_id}"): {"title": "Note"},
     }
     return url, bodies.get((method, path))
 
@@ -458,6 +487,7 @@ _ASKS = (
     "runs.decide(tenant.tx, tenant.principal",
     "_admin(tenant)",
     "claims.may_claim(tenant.principal",
+    "integrations.claimer(tenant)",
 )
 
 

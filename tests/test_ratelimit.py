@@ -37,6 +37,7 @@ def test_route_classes() -> None:
     assert route_class("POST", "/v1/entities/search") == "search"
     assert route_class("POST", "/v1/entities/aggregate") == "search"
     assert route_class("POST", "/v1/blueprints/entities/datasource-entities") == "search"
+    assert route_class("POST", "/v1/pages/{page_identifier}/widgets/{widget_id}/data") == "search"
     assert route_class("GET", "/v1/blueprints/{blueprint}") == "other"
     assert route_class("POST", "/v1/actions/{identifier}/runs") == "other"
 

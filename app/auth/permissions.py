@@ -91,6 +91,10 @@ OPERATIONS: dict[str, Holder] = {
     "workflows.read": "everyone",
     "workflows.manage": "admin",
     "workflowRuns.readAll": "admin",
+    "pages.read": "everyone",  # each page by its own read permissions (require_page)
+    "pages.create": "admin",
+    "pages.delete": "admin",
+    "pages.permissions.update": "admin",
 }
 
 
@@ -770,6 +774,66 @@ async def effective(
 
 
 # ------------------------------------------------------------------------------------------
+# Pages: who reads a page (its dashboards' data included) and who changes it
+
+
+PAGE_BLOCKS = ("read", "update")
+# Port's defaults: every member reads a new page; only Admins change it.
+_DEFAULT_PAGE_ACCESS: dict[str, dict[str, list[str]]] = {
+    "read": {"users": [], "roles": [ADMIN, MEMBER], "teams": []},
+    "update": {"users": [], "roles": [], "teams": []},
+}
+
+
+def default_page_access(block: str) -> dict[str, list[str]]:
+    return copy.deepcopy(_DEFAULT_PAGE_ACCESS[block])
+
+
+def page_allows(principal: Principal, access: dict[str, Any], operation: str) -> bool:
+    """`operation` (read or update) on a page whose block for it is `access`. Admins hold
+    both; whoever may change a page may read it (the caller passes both blocks then)."""
+    return principal.is_admin or _block(access).grants(principal)
+
+
+def require_page(
+    principal: Principal, page: str, read: dict[str, Any], update: dict[str, Any], operation: str
+) -> None:
+    """Raise Denied unless the principal may `operation` (read, update) the page."""
+    allowed = page_allows(principal, update, "update")
+    if operation == "read":
+        allowed = allowed or page_allows(principal, read, "read")
+    if not allowed:
+        raise Denied(
+            f"pages.{operation}",
+            f"page {page!r}",
+            " (held by Admins and the page's " + operation + " permissions)",
+        )
+
+
+async def merged_page_access(
+    tx: Tx, current: dict[str, dict[str, Any]], change: Any
+) -> dict[str, dict[str, Any]]:
+    """Port's PATCH of a page's permissions: each block's keys given replace the stored
+    ones, keys left out stay; every role, team and user named must exist."""
+    problems: list[dict[str, str]] = []
+    if not isinstance(change, dict):
+        raise Invalid("The permissions must be an object with read and/or update")
+    for key in change:
+        if key not in PAGE_BLOCKS:
+            problems.append({"pointer": f"/{key}", "message": "unknown key (read, update)"})
+    for key in PAGE_BLOCKS:
+        if key in change:
+            _check_block(change[key], f"/{key}", ownership=False, problems=problems)
+    if problems:
+        raise Invalid("The page permissions are invalid", details=problems)
+    merged = {k: _merge_block(current.get(k), change.get(k, {})) for k in PAGE_BLOCKS}
+    await _check_names(
+        tx, [(f"/{k}", merged[k]) for k in PAGE_BLOCKS if k in change], await known_roles(tx)
+    )
+    return merged
+
+
+# ------------------------------------------------------------------------------------------
 # Teams renamed or deleted
 
 
@@ -802,3 +866,17 @@ async def rename_team(tx: Tx, old: str, new: str | None) -> None:
                     row["key"],
                     doc,
                 )
+    for row in await tx.fetch(
+        "SELECT identifier, read_access, update_access FROM pages WHERE org_id = $1 FOR UPDATE",
+        tx.org_id,
+    ):
+        read, update = (_retitled(row[k], old, new) for k in ("read_access", "update_access"))
+        if (read, update) != (row["read_access"], row["update_access"]):
+            await tx.execute(
+                "UPDATE pages SET read_access = $3, update_access = $4 "
+                "WHERE org_id = $1 AND identifier = $2",
+                tx.org_id,
+                row["identifier"],
+                read,
+                update,
+            )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import Path, Query
+from fastapi import Path, Query, Request
 from pydantic import BaseModel, Field
 
 from app.actions import service as actions
@@ -22,9 +22,10 @@ from app.catalog.schemas import (
     RenamePropertyBody,
     RenameRelationBody,
 )
+from app.config import Settings
 from app.db.routing import api_router
-from app.kit.errors import Invalid
 from app.kit.openapi import ERRORS_AUTHED, conflict
+from app.pages import service as pages
 
 router = api_router(prefix="/v1/blueprints", tags=["Blueprints"])
 BlueprintId = Annotated[str, Path(min_length=1, max_length=100)]
@@ -43,25 +44,30 @@ def _body(model: BlueprintBody | BlueprintPatchBody) -> dict[str, Any]:
     summary="Create a blueprint",
 )
 async def create_blueprint(
+    request: Request,
     body: BlueprintBody,
     tenant: CurrentTenant,
     create_catalog_page: Annotated[
         bool | None,
         Query(
-            description="Port's: make a catalog page for the blueprint. Portolan serves no "
-            "pages: `false` is what it does, `true` is not supported (422)"
+            description="Port's: also make the blueprint's catalog page (a page of type "
+            "blueprint-entities named as the blueprint, with a table of its entities; "
+            "docs/dashboards.md). Left out, no page is made"
         ),
     ] = None,
 ) -> Any:
     permissions.require(tenant.principal, "blueprints.create")
-    if create_catalog_page:
-        raise Invalid(
-            "create_catalog_page=true is not supported: Portolan serves no catalog pages "
-            "(send false or leave it out)",
-            code="not_supported",
-            details=[{"parameter": "create_catalog_page", "message": "only false"}],
-        )
     created = await blueprints.create(tenant.tx, tenant.principal.subject, _body(body))
+    if create_catalog_page:
+        permissions.require(tenant.principal, "pages.create")
+        settings: Settings = request.app.state.settings
+        await pages.create_catalog_page(
+            tenant.tx,
+            tenant.principal.subject,
+            created,
+            max_pages=settings.pages_max_per_org,
+            max_widgets=settings.page_widgets_max,
+        )
     return {"ok": True, "blueprint": created}
 
 

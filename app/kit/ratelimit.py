@@ -1,12 +1,12 @@
 """Rate limits: a token bucket per organization and route class, kept in Redis.
 
 Classes: `entity_reads` (GET of entities), `entity_writes` (creating, changing, deleting
-entities), `search` (entity searches and aggregations), `other` (everything else that an
-organization's token calls). Incoming webhook events have two more: `webhook_events` (one
-bucket per webhook) and `webhook_events_org` (one per organization, all its webhooks), with
-their own period. Each bucket holds `limit` tokens and refills at `limit / period` per
-second; a request takes one. The bucket lives in Redis (one Lua call per request, atomic,
-Redis's clock), so every API replica shares it.
+entities), `search` (entity searches and aggregations, dashboard widgets' data), `other`
+(everything else that an organization's token calls). Incoming webhook events have two
+more: `webhook_events` (one bucket per webhook) and `webhook_events_org` (one per
+organization, all its webhooks), with their own period. Each bucket holds `limit` tokens
+and refills at `limit / period` per second; a request takes one. The bucket lives in Redis
+(one Lua call per request, atomic, Redis's clock), so every API replica shares it.
 
 Every limited response carries `x-ratelimit-limit`, `x-ratelimit-remaining`,
 `x-ratelimit-reset` (seconds until the bucket is full again) and `x-ratelimit-period`
@@ -103,6 +103,7 @@ def route_class(method: str, path: str) -> str:
             "/datasource-entities",
             "/entities/properties-history",
             "/entities/aggregate-over-time",
+            "/widgets/{widget_id}/data",
         )
     ):
         return "search"

@@ -1,0 +1,279 @@
+"""What a widget shows, computed on the server with the caller's reach (Portolan's
+`POST /v1/pages/{page}/widgets/{widget}/data`): a number chart is an aggregate, a pie
+counts the values of a property (or of a scorecard's levels or rule results), a table is
+a search page, a scorecard-compliance widget counts levels per team or property value.
+Each is one bounded statement of app/search (statement time limit, the search rate
+class); the definition is checked against the catalog here, so a widget whose blueprint,
+property or scorecard went away answers a 422 naming it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from app.db.database import Tx
+from app.kit.errors import Invalid
+from app.pages.widgets import (
+    COMPLIANCE,
+    DASHBOARD,
+    IFRAME,
+    LINE,
+    MARKDOWN,
+    NUMBER,
+    PIE,
+    Row,
+    blueprint_rule,
+)
+from app.search.aggregate import aggregate, matching
+from app.search.compiler import Compiler, E
+from app.search.service import fresh_scope
+from app.search.sql import META_TEXT, Scope, run_bounded
+
+MAX_VALUES = 1000  # slices of a pie, groups of a compliance widget
+RESULTS = sa.table(
+    "scorecard_results",
+    sa.column("org_id"),
+    sa.column("blueprint"),
+    sa.column("identifier"),
+    sa.column("scorecard"),
+    sa.column("level_rank", sa.SmallInteger),
+    sa.column("passed", ARRAY(sa.Boolean)),
+).alias("sr")
+
+
+def widget_query(definition: dict[str, Any]) -> dict[str, Any]:
+    """The widget's entities as one search query: its dataset (a query, or a list of rules
+    joined by `and`), narrowed to its `blueprint` when it names one."""
+    dataset = definition.get("dataset")
+    if isinstance(dataset, list):
+        query: dict[str, Any] = {"combinator": "and", "rules": list(dataset)}
+    elif isinstance(dataset, dict):
+        query = {"combinator": dataset.get("combinator", "and"), "rules": dataset.get("rules", [])}
+    else:
+        query = {"combinator": "and", "rules": []}
+    blueprint = definition.get("blueprint")
+    if isinstance(blueprint, str) and blueprint_rule(query) != blueprint:
+        rule = {"property": "$blueprint", "operator": "=", "value": blueprint}
+        if query["combinator"] == "and":
+            query = {"combinator": "and", "rules": [*query["rules"], rule]}
+        else:
+            query = {"combinator": "and", "rules": [rule, query]}
+    return query
+
+
+async def _scope(tx: Tx, definition: dict[str, Any], query: dict[str, Any]) -> Scope:
+    scope = await fresh_scope(tx, None, query)
+    named = definition.get("blueprint") or blueprint_rule(query)
+    if named is not None and named not in scope.blueprints:
+        raise Invalid(
+            f"The widget reads blueprint {named!r}, which does not exist",
+            details=[{"pointer": "/blueprint", "message": f"no blueprint {named!r}"}],
+        )
+    return scope
+
+
+def _base(scope: Scope, query: dict[str, Any]) -> Any:
+    return matching(scope, Compiler(scope).compile(query, "/dataset"))
+
+
+async def number(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
+    query = widget_query(definition)
+    scope = await _scope(tx, definition, query)
+    by = definition.get("calculationBy", "entities")
+    body: dict[str, Any] = {"query": query}
+    if by == "entities":
+        body["func"] = definition.get("func", "count")
+    else:
+        body["func"] = definition["func"]
+        body["property"] = definition["property"]
+    for key in ("averageOf", "measureTimeBy"):
+        if key in definition:
+            body[key] = definition[key]
+    answer = await aggregate(tx, scope, body)
+    return {"func": answer["func"], "value": answer["result"]}
+
+
+def _scorecard_of(scope: Scope, scorecard: str, pointer: str) -> tuple[str, dict[str, Any]]:
+    """The one searched blueprint that has the scorecard, and the scorecard."""
+    holders = [bp for bp in scope.searched if scorecard in scope.blueprints[bp]["scorecards"]]
+    if len(holders) != 1:
+        reason = "no" if not holders else "more than one"
+        raise Invalid(
+            f"{reason.capitalize()} blueprint the widget reads has a scorecard {scorecard!r}"
+            " (name one blueprint with `blueprint` or a `$blueprint` rule)",
+            details=[{"pointer": pointer, "message": f"{reason} blueprint has it"}],
+        )
+    return holders[0], scope.blueprints[holders[0]]["scorecards"][scorecard]
+
+
+def _results_join(blueprint: str, scorecard: str) -> Any:
+    return E.outerjoin(
+        RESULTS,
+        sa.and_(
+            RESULTS.c.org_id == E.c.org_id,
+            RESULTS.c.blueprint == E.c.blueprint,
+            RESULTS.c.identifier == E.c.identifier,
+            RESULTS.c.scorecard == sa.bindparam(None, scorecard),
+        ),
+    )
+
+
+async def pie(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
+    """Port's breakdowns: `property#x` (or `x`), `scorecard#sc` (entities per level; no
+    level yet: null), `scorecard-rule#sc#rule` (true: passed, false: not, null: not yet
+    evaluated)."""
+    query = widget_query(definition)
+    scope = await _scope(tx, definition, query)
+    breakdown = str(definition["property"])
+    kind, _, rest = breakdown.partition("#")
+    if kind == "scorecard" and rest:
+        return await _scorecard_pie(tx, scope, query, rest, None)
+    if kind == "scorecard-rule" and "#" in rest:
+        scorecard, _, rule = rest.partition("#")
+        return await _scorecard_pie(tx, scope, query, scorecard, rule)
+    name = rest if kind == "property" and rest else breakdown
+    answer = await aggregate(tx, scope, {"func": "countValues", "property": name, "query": query})
+    return {"property": breakdown, "values": answer["result"]}
+
+
+async def _scorecard_pie(
+    tx: Tx, scope: Scope, query: dict[str, Any], scorecard: str, rule: str | None
+) -> dict[str, Any]:
+    blueprint, card = _scorecard_of(scope, scorecard, "/property")
+    value: Any
+    if rule is None:
+        value = RESULTS.c.level_rank
+    else:
+        if rule not in card["rules"]:
+            raise Invalid(
+                f"Scorecard {scorecard!r} has no rule {rule!r}",
+                details=[{"pointer": "/property", "message": f"no rule {rule!r}"}],
+            )
+        value = RESULTS.c.passed[card["rules"].index(rule) + 1]
+    stmt = (
+        sa.select(value.label("value"), sa.func.count().label("count"))
+        .select_from(_results_join(blueprint, scorecard))
+        .where(_base(scope, query))
+        .group_by(sa.literal_column("1"))
+        .order_by(sa.literal_column("2").desc(), sa.literal_column("1"))
+        .limit(MAX_VALUES)
+    )
+    rows = await run_bounded(tx, stmt)
+    levels = card["levels"]
+
+    def label(v: Any) -> Any:
+        if rule is None and isinstance(v, int) and 0 <= v < len(levels):
+            return levels[v]
+        return v
+
+    prefix = "scorecard" if rule is None else "scorecard-rule"
+    name = scorecard if rule is None else f"{scorecard}#{rule}"
+    return {
+        "property": f"{prefix}#{name}",
+        "values": [{"value": label(r["value"]), "count": r["count"]} for r in rows],
+    }
+
+
+def _group(scope: Scope, name: str) -> tuple[Any, Any]:
+    """(the grouping value, the FROM clause it needs) for `$team`, a meta-property or a
+    property; an entity with no team, or no value, is in the null group."""
+    if name == "$team":
+        teams = sa.func.unnest(E.c.team).table_valued("value").render_derived("t")
+        return teams.c.value, teams
+    if name in META_TEXT:
+        return E.c[META_TEXT[name]], None
+    declared = [scope.blueprints[bp]["schema"]["properties"].get(name) for bp in scope.searched]
+    if not any(declared):
+        raise Invalid(
+            f"{name!r} is not a property of the blueprint the widget reads",
+            details=[{"pointer": "/groupBy", "message": f"no property {name!r}"}],
+        )
+    if any(p and p.get("type") in ("object", "array") for p in declared):
+        raise Invalid(
+            f"{name!r} holds objects or lists; group by a single-valued property or $team",
+            details=[{"pointer": "/groupBy", "message": "not a single-valued property"}],
+        )
+    return E.c.properties[name].astext, None
+
+
+async def compliance(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
+    """Per team (`groupBy` `$team`, the default) or per value of a property (a tier), how
+    many of the widget's entities stand at each level of the scorecard."""
+    query = widget_query(definition)
+    scope = await _scope(tx, definition, query)
+    scorecard = str(definition["scorecard"])
+    blueprint, card = _scorecard_of(scope, scorecard, "/scorecard")
+    group_by = str(definition.get("groupBy", "$team"))
+    key, lateral = _group(scope, group_by)
+    source = _results_join(blueprint, scorecard)
+    if lateral is not None:
+        source = source.outerjoin(lateral, sa.true())
+    stmt = (
+        sa.select(
+            key.label("value"), RESULTS.c.level_rank.label("rank"), sa.func.count().label("count")
+        )
+        .select_from(source)
+        .where(_base(scope, query))
+        .group_by(sa.literal_column("1"), sa.literal_column("2"))
+        .order_by(sa.literal_column("1").nulls_last(), sa.literal_column("2"))
+        .limit(MAX_VALUES * (len(card["levels"]) + 1))
+    )
+    rows = await run_bounded(tx, stmt)
+    levels: list[str] = card["levels"]
+    groups: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        group = groups.setdefault(
+            r["value"],
+            {
+                "value": r["value"],
+                "entities": 0,
+                "levels": dict.fromkeys(levels, 0),
+                "notEvaluated": 0,
+            },
+        )
+        group["entities"] += r["count"]
+        rank = r["rank"]
+        if rank is None or not 0 <= rank < len(levels):
+            group["notEvaluated"] += r["count"]
+        else:
+            group["levels"][levels[rank]] += r["count"]
+    return {
+        "scorecard": scorecard,
+        "blueprint": blueprint,
+        "groupBy": group_by,
+        "levels": levels,
+        "groups": list(groups.values())[:MAX_VALUES],
+    }
+
+
+def line_chart_unsupported() -> Invalid:
+    return Invalid(
+        "Line charts are drawn from aggregates over time (POST "
+        "/v1/entities/aggregate-over-time), which this server does not compute yet; "
+        "the widget is stored and its data will be answered once it does",
+        code="not_supported",
+        details=[{"pointer": "/type", "message": "line-chart data is not computed yet"}],
+    )
+
+
+def plain(row: Row) -> dict[str, Any] | None:
+    """The answer of a widget that needs no query, None for one that does."""
+    if row.type == MARKDOWN:
+        return {"markdown": row.definition.get("markdown", "")}
+    if row.type == IFRAME:
+        return {"url": row.definition.get("url")}
+    if row.type == DASHBOARD:
+        raise Invalid(
+            "A dashboard-widget holds other widgets: ask each of them for its data",
+            code="not_supported",
+            details=[{"pointer": "/type", "message": "a dashboard-widget shows no data"}],
+        )
+    if row.type == LINE:
+        raise line_chart_unsupported()
+    return None
+
+
+# A table is a search page: the router reads it, and calculates it after the commit.
+COMPUTED = {NUMBER: number, PIE: pie, COMPLIANCE: compliance}
