@@ -13,6 +13,7 @@ SCENARIOS = [
     "bench.reads",
     "bench.datasource",
     "bench.history",
+    "bench.over_time",
     "bench.scorecards",
     "bench.dispatch",
     "bench.workflows",

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from app.db.database import Database
+from app.history import asof
 from app.history.asof import check_instant
 from app.history.over_time import aggregate_over_time
 from app.kit.errors import Invalid
@@ -255,6 +256,51 @@ async def test_history_counts_entities_standing_at_each_close_created_and_delete
         },
     )
     assert _series(last, "coverage") == [50, 10, 30, 30, 40]
+    for func in ("average", "median"):  # a running total, and a join of states with closes
+        middle = await _over_time(
+            client,
+            org,
+            {
+                **body,
+                "aggregationType": "aggregatePropertiesValues",
+                "func": func,
+                "properties": ["coverage"],
+            },
+        )
+        assert _series(middle, "coverage") == [30, 10, 20, 20, 25], func
+
+
+async def test_a_change_written_later_but_stamped_earlier_is_the_one_in_force(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """Two writers of one entity: the one that began first commits last. Its event comes
+    later (by id) with an earlier time; from then on it is the state, never both."""
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 6, 1, tzinfo=UTC)
+    await _write(client, org, "api", coverage=1)
+    await _write(client, org, "api", coverage=2)
+    await _place(db, org, "api", [d + timedelta(hours=5), d + timedelta(hours=3)])
+    body = _body(
+        measureTimeBy="$history",
+        timeInterval="hour",
+        timeRange={"from": "2024-06-01T02:00:00Z", "to": "2024-06-01T07:00:00Z"},
+    )
+    assert _series(await _over_time(client, org, body), "count") == [0, 1, 1, 1, 1]
+    for func, expected in (("sum", [None, 2, 2, 2, 2]), ("max", [None, 2, 2, 2, 2])):
+        result = await _over_time(
+            client,
+            org,
+            {
+                **body,
+                "aggregationType": "aggregatePropertiesValues",
+                "func": func,
+                "properties": ["coverage"],
+            },
+        )
+        assert _series(result, "coverage") == expected, func
+    at = (await _past(client, org, "2024-06-01T06:00:00Z", []))["entities"]
+    assert [e["properties"]["coverage"] for e in at] == [2]
 
 
 async def test_history_applies_the_query_to_each_past_state_and_breaks_down_by_it(
@@ -485,6 +531,16 @@ async def test_a_past_search_pages_and_reads_relations_and_renamed_properties(
     org = await make_org()
     await _catalog(client, org)
     await ok(client, "POST", "/v1/blueprints/system/entities", org, json={"identifier": "core"})
+    for team in ("alpha", "beta"):
+        await ok(client, "POST", "/v1/teams", org, json={"name": team})
+    await ok(
+        client,
+        "POST",
+        "/v1/blueprints/service/entities",
+        org,
+        json={"identifier": "owned", "team": ["beta"], "properties": {"coverage": 9}},
+    )
+    await _delete(client, org, "owned")
     for n in range(5):
         body = {
             "identifier": f"s{n}",
@@ -510,6 +566,18 @@ async def test_a_past_search_pages_and_reads_relations_and_renamed_properties(
         client, org, now, [{"property": "testCoverage", "operator": ">=", "value": 3}]
     )
     assert [e["identifier"] for e in renamed["entities"]] == ["s3", "s4"]
+    teams = [{"property": "$team", "operator": "containsAny", "value": ["alpha", "beta"]}]
+    assert (await _past(client, org, now, teams))["entities"] == []
+    await ok(
+        client,
+        "PATCH",
+        "/v1/blueprints/service/entities/s2",
+        org,
+        json={"team": ["alpha"]},
+    )
+    later = datetime.now(UTC).isoformat()
+    owned = (await _past(client, org, later, teams))["entities"]
+    assert [(e["identifier"], e["team"]) for e in owned] == [("s2", ["alpha"])]
     seen: list[str] = []
     page = await _past(client, org, now, [], limit=2)
     while True:
@@ -634,3 +702,26 @@ async def test_history_buckets_before_the_retention_horizon_are_null(
     assert all(p["count"] == 1 for p in kept["data"][-10:])
     assert [p["count"] for p in whole["data"]][-10:] == [1] * 10
     assert None not in [p["count"] for p in whole["data"]]
+
+
+async def test_a_past_search_read_in_small_windows_finds_each_entity_once_as_it_was(
+    client: httpx.AsyncClient, make_org: OrgFactory, monkeypatch: Any
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    for n in range(6):
+        for coverage in range(n % 3 + 1):  # 1 to 3 events each, cut across windows
+            await _write(client, org, f"s{n}", coverage=n * 10 + coverage)
+    await _delete(client, org, "s4")
+    now = datetime.now(UTC).isoformat()
+    monkeypatch.setattr(asof, "FIRST_WINDOW", 1)
+    monkeypatch.setattr(asof, "LAST_WINDOW", 2)
+    rules = [{"property": "coverage", "operator": ">=", "value": 0}]
+    seen: list[tuple[str, int]] = []
+    page = await _past(client, org, now, rules, limit=2)
+    while True:
+        seen += [(e["identifier"], e["properties"]["coverage"]) for e in page["entities"]]
+        if "next" not in page:
+            break
+        page = await _past(client, org, now, rules, limit=2, **{"from": page["next"]})
+    assert seen == [("s0", 0), ("s1", 11), ("s2", 22), ("s3", 30), ("s5", 52)]

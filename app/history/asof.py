@@ -113,7 +113,9 @@ def _columns(scope: Scope, ev: Any, changes: dict[str, list[NameChange]]) -> lis
                         else_=sa.text("'[]'::jsonb"),
                     )
                 )
-            ).scalar_subquery(),
+            )
+            .correlate(ev)
+            .scalar_subquery(),
             type_=ARRAY(sa.Text),
         ).label("team"),
         _renamed(properties, ev.c.at, ev.c.blueprint, changes, "property").label("properties"),
@@ -138,9 +140,17 @@ async def renames(tx: Tx, scope: Scope) -> dict[str, list[NameChange]]:
     return out
 
 
-def state_before(scope: Scope, close: datetime, changes: dict[str, list[NameChange]]) -> Any:
-    """The searched blueprints' entities as they stood before `close`, one row each (the
-    deleted left out), named `e` with the columns of `entities`."""
+def state_before(
+    scope: Scope,
+    blueprint: str,
+    close: datetime,
+    changes: dict[str, list[NameChange]],
+    start: tuple[str, int] | None,
+    end: tuple[str, int] | None,
+) -> Any:
+    """The entities of `blueprint` as they stood before `close`, one row each (the deleted
+    left out), named `e` with the columns of `entities`: those whose events lie in the
+    window (identifier, event id) in (start, end] of the events' index."""
     ev = EVENTS.alias("ev")
     later = EVENTS.alias("later")
     stamp = sa.bindparam(None, close, type_=sa.DateTime(timezone=True))
@@ -151,17 +161,36 @@ def state_before(scope: Scope, close: datetime, changes: dict[str, list[NameChan
         later.c.id > ev.c.id,
         later.c.at < stamp,
     )
+    position = sa.tuple_(ev.c.identifier, ev.c.id)
+    # Each bound also on the identifier alone: the planner estimates a window from its
+    # histogram (a row comparison it estimates blindly, and read the table instead).
+    bounds = []
+    if start is not None:
+        bounds.append(position > sa.tuple_(_text(start[0]), _int(start[1])))
+        bounds.append(ev.c.identifier >= _text(start[0]))
+    if end is not None:
+        bounds.append(position <= sa.tuple_(_text(end[0]), _int(end[1])))
+        bounds.append(ev.c.identifier <= _text(end[0]))
     return (
         sa.select(*_columns(scope, ev, changes))
         .where(
             ev.c.org_id == _org(scope),
-            ev.c.blueprint == sa.any_(_searched(scope)),
+            ev.c.blueprint == sa.bindparam(None, blueprint, type_=sa.String),
+            *bounds,
             ev.c.at < stamp,
             ev.c.action != "DELETE",
             ~superseded,
         )
         .subquery("e")
     )
+
+
+def _text(value: str) -> Any:
+    return sa.bindparam(None, value, type_=sa.String)
+
+
+def _int(value: int) -> Any:
+    return sa.bindparam(None, value, type_=sa.BigInteger)
 
 
 def states_over(scope: Scope, end: datetime, changes: dict[str, list[NameChange]]) -> Any:
@@ -285,6 +314,46 @@ def check_instant(at: datetime, now: datetime, retention_days: int | None) -> No
         )
 
 
+# A past search reads the events' index a window at a time: the first of this many events,
+# doubling up to the last, so a page of a common match reads a few thousand events and a
+# rare one walks the blueprint's events in a few statements, each bounded.
+FIRST_WINDOW = 2000
+LAST_WINDOW = 64000
+
+
+def window_end_statement(
+    scope: Scope, blueprint: str, close: datetime, start: tuple[str, int] | None, size: int
+) -> sa.Select[Any]:
+    """The (identifier, event id) that ends the window of `size` events of `blueprint`
+    recorded before `close` after `start` (no row: the rest of them is smaller)."""
+    ev = EVENTS.alias("ev")
+    stmt = sa.select(ev.c.identifier, ev.c.id).where(
+        ev.c.org_id == _org(scope),
+        ev.c.blueprint == sa.bindparam(None, blueprint, type_=sa.String),
+        ev.c.at < sa.bindparam(None, close, type_=sa.DateTime(timezone=True)),
+    )
+    if start is not None:
+        stmt = stmt.where(
+            sa.tuple_(ev.c.identifier, ev.c.id) > sa.tuple_(_text(start[0]), _int(start[1]))
+        )
+    return stmt.order_by(ev.c.identifier, ev.c.id).offset(size - 1).limit(1)
+
+
+def page_statement(
+    scope: Scope,
+    blueprint: str,
+    query: Any,
+    at: datetime,
+    window: tuple[tuple[str, int] | None, tuple[str, int] | None],
+    limit: int,
+    changes: dict[str, list[NameChange]],
+) -> sa.Select[Any]:
+    """The matches among a window's entities as they stood at `at`, in identifier order."""
+    e = state_before(scope, blueprint, at + TICK, changes, *window)
+    condition = PastCompiler(scope, e).compile(query or {"combinator": "and", "rules": []})
+    return sa.select(e).where(condition).order_by(e.c.identifier).limit(limit)
+
+
 async def search_page(
     tx: Tx,
     scope: Scope,
@@ -297,19 +366,30 @@ async def search_page(
     stood at `at` (inclusive), in (blueprint, identifier) order after `after`; and the
     position to continue from (None after the last page)."""
     changes = await renames(tx, scope)
-    e = state_before(scope, at + TICK, changes)
-    condition = PastCompiler(scope, e).compile(query or {"combinator": "and", "rules": []})
-    stmt = sa.select(e).where(condition)
-    if after is not None:
-        stmt = stmt.where(
-            sa.tuple_(e.c.blueprint, e.c.identifier)
-            > sa.tuple_(
-                sa.bindparam(None, after[0], type_=sa.String),
-                sa.bindparam(None, after[1], type_=sa.String),
+    close = at + TICK
+    rows: list[Any] = []
+    for blueprint in scope.searched:
+        if after is not None and blueprint < after[0]:
+            continue
+        # An entity's events follow each other in the index: after an entity, its last.
+        start: tuple[str, int] | None = None
+        if after is not None and blueprint == after[0]:
+            start = (after[1], 2**63 - 1)
+        size = FIRST_WINDOW
+        while len(rows) <= limit:
+            ends = await run_bounded(tx, window_end_statement(scope, blueprint, close, start, size))
+            end = (str(ends[0]["identifier"]), int(ends[0]["id"])) if ends else None
+            rows += await run_bounded(
+                tx,
+                page_statement(
+                    scope, blueprint, query, at, (start, end), limit + 1 - len(rows), changes
+                ),
             )
-        )
-    stmt = stmt.order_by(e.c.blueprint, e.c.identifier).limit(limit + 1)
-    rows = await run_bounded(tx, stmt)
+            if end is None:
+                break
+            start, size = end, min(size * 2, LAST_WINDOW)
+        if len(rows) > limit:
+            break
     more = len(rows) > limit
     rows = rows[:limit]
     found = [entity_of(scope.blueprints[r["blueprint"]], r) for r in rows]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.db.database import Tx
@@ -152,6 +153,11 @@ def _breakdown(scope: Scope, entity: Any, name: str) -> tuple[Any, Any]:
             f"down) or a meta-property of {scope.searched[0]!r}",
             details=[{"pointer": "/breakdownProperty", "message": "not a property"}],
         )
+    if prop.get("type", "string") == "string":  # grouped by the text (cheaper than jsonb)
+        text = entity.c.properties.op("->>", return_type=sa.Text)(
+            sa.bindparam(None, name, type_=sa.Text)
+        )
+        return text, entity
     value = entity.c.properties[name]
     if prop.get("type") == "array":
         items = sa.func.jsonb_array_elements(value).table_valued("value").render_derived("v")
@@ -186,33 +192,76 @@ def _measures(spec: OverTimeBody, entity: Any, order: list[Any]) -> list[ColumnE
     return out
 
 
-def _statement(
+def cumulative(spec: OverTimeBody) -> bool:
+    """Counts, sums and averages of `$history` add up changes: each state adds itself where
+    it comes into force and takes itself away where it ends, and each close's value is the
+    running total — one pass over the states whatever the number of buckets. Medians,
+    minima, maxima and last values are not sums: each state joins the closes it spans."""
+    return spec.measureTimeBy == HISTORY and (
+        spec.aggregationType == "countEntities" or spec.func in ("sum", "average")
+    )
+
+
+def _fast_time(name: str) -> ColumnElement[Any]:
+    """A date-time property as portolan_time reads it (UTC without an offset), by an inline
+    cast: only for rows a portolan_time condition has already kept (their values cast),
+    at a fraction of the function's cost a row."""
+    raw = E.c.properties.op("->>", return_type=sa.Text)(sa.bindparam(None, name, type_=sa.Text))
+    offset = raw.op("~", return_type=sa.Boolean)(r"([Zz]|[+-]\d{2}(:?\d{2})?)$")
+    return sa.cast(sa.case((offset, raw), else_=raw + "+00:00"), sa.DateTime(timezone=True))
+
+
+def statement(
     spec: OverTimeBody, scope: Scope, span: Frame, closes: list[datetime], changes: Any
 ) -> sa.Select[Any]:
-    """One statement: (bucket number, breakdown value?, measures...) per bucket."""
+    """One statement: (bucket number, breakdown value?, measures...) per bucket; for a
+    `cumulative` aggregation, the changes per bucket (number n+1: after the last)."""
     history = spec.measureTimeBy == HISTORY
+    stamps = sa.cast(sa.bindparam(None, closes, type_=_STAMPS), _STAMPS)
+    points: Any = None
     if history:
         entity = states_over(scope, span.end, changes)
         condition = PastCompiler(scope, entity).compile(spec.query, "/query")
-        points = (
-            sa.func.unnest(sa.cast(sa.bindparam(None, closes, type_=_STAMPS), _STAMPS))
-            .table_valued("close", with_ordinality="i")
-            .render_derived("b")
-        )
-        bucket: Any = points.c.i
         order = [entity.c.at.desc(), entity.c.identifier.desc()]
-        where = [
-            entity.c.action != "DELETE",
-            condition,
-        ]
+        where = [entity.c.action != "DELETE", condition]
+        if cumulative(spec):
+            # where each state starts and stops being the one in force (a state a later
+            # event recorded earlier shadows never is)
+            where.append(sa.or_(entity.c.until.is_(None), entity.c.until > entity.c.at))
+            starts = sa.func.width_bucket(entity.c.at, stamps) + 1
+            stops = sa.case(
+                (entity.c.until.is_(None), len(closes) + 1),
+                else_=sa.func.width_bucket(entity.c.until, stamps) + 1,
+            )
+            points = (
+                sa.func.unnest(
+                    pg_array([starts, stops]),
+                    sa.cast(
+                        sa.bindparam(None, [1, -1], type_=ARRAY(sa.Integer)), ARRAY(sa.Integer)
+                    ),
+                )
+                .table_valued("i", "sign")
+                .render_derived("d")
+            )
+        else:
+            points = (
+                sa.func.unnest(stamps)
+                .table_valued("close", with_ordinality="i")
+                .render_derived("b")
+            )
+        bucket: Any = points.c.i
     else:
         entity = E
         condition = Compiler(scope).compile(spec.query, "/query")
         stamp = time_value([scope.blueprints[spec.blueprint]], E, spec.measureTimeBy)
         assert stamp is not None  # checked
+        if spec.measureTimeBy.startswith("$"):
+            read = stamp
+        else:
+            read = _fast_time(spec.measureTimeBy)
         starts = sa.cast(sa.bindparam(None, span.starts, type_=_STAMPS), _STAMPS)
-        bucket = sa.func.width_bucket(stamp, starts)
-        order = [stamp.desc(), E.c.identifier.desc()]
+        bucket = sa.func.width_bucket(read, starts)
+        order = [read.desc(), E.c.identifier.desc()]
         where = [
             E.c.org_id == sa.bindparam(None, scope.org_id, type_=E.c.org_id.type),
             E.c.blueprint == sa.bindparam(None, spec.blueprint, type_=sa.String),
@@ -225,15 +274,26 @@ def _statement(
     if spec.breakdownProperty is not None:
         key, source = _breakdown(scope, entity, spec.breakdownProperty)
         columns.append(key.label("key"))
-    if history:
-        source = source.join(
-            points,
-            sa.and_(
-                entity.c.at < points.c.close,
-                sa.or_(entity.c.until.is_(None), entity.c.until >= points.c.close),
-            ),
-        )
-    columns += _measures(spec, entity, order)
+    if points is not None and cumulative(spec):
+        source = source.join(points, sa.true())
+        sign = points.c.sign
+        if spec.aggregationType == "countEntities":
+            columns.append(sa.func.sum(sign).label("m0"))
+        for index, name in enumerate(spec.properties or []):
+            value = number_value(entity, name)
+            columns.append(sa.func.sum(sign * value).label(f"m{index}"))
+            counted = sa.case((value.is_not(None), sign), else_=0)
+            columns.append(sa.func.sum(counted).label(f"n{index}"))
+    else:
+        if points is not None:
+            source = source.join(
+                points,
+                sa.and_(
+                    entity.c.at < points.c.close,
+                    sa.or_(entity.c.until.is_(None), entity.c.until >= points.c.close),
+                ),
+            )
+        columns += _measures(spec, entity, order)
     groups: list[Any] = [sa.literal_column("1")] + (
         [sa.literal_column("2")] if spec.breakdownProperty is not None else []
     )
@@ -282,8 +342,45 @@ async def aggregate_over_time(
     rows: list[Any] = []
     if span.starts and (closes or not history):
         changes = await renames(tx, scope) if history else {}
-        rows = await run_bounded(tx, _statement(spec, scope, span, closes, changes))
+        rows = await run_bounded(tx, statement(spec, scope, span, closes, changes))
     return _points(spec, span, rows, index_of, known if history else None)
+
+
+def _cells(spec: OverTimeBody, rows: list[Any], buckets: int) -> dict[tuple[int, str], list[Any]]:
+    """(bucket number, line) -> the row's measures; for a `cumulative` aggregation, the
+    running totals of its changes at each bucket number (1..buckets)."""
+
+    def line(row: Any) -> str:
+        return _label(row["key"]) if spec.breakdownProperty is not None else ""
+
+    width = 1 if spec.aggregationType == "countEntities" else len(spec.properties or [])
+    names = [f"m{n}" for n in range(width)]
+    if not cumulative(spec):
+        return {(int(r["bucket"]), line(r)): [r[m] for m in names] for r in rows}
+    counts = [f"n{n}" for n in range(width)] if spec.aggregationType != "countEntities" else []
+    changes: dict[str, dict[int, list[Any]]] = {}
+    for r in rows:
+        per = changes.setdefault(line(r), {})
+        per[int(r["bucket"])] = [r[m] or 0 for m in names + counts]
+    out: dict[tuple[int, str], list[Any]] = {}
+    for label, per in changes.items():
+        running = [Decimal(0)] * (len(names) + len(counts))
+        for number in range(1, buckets + 1):
+            running = [
+                a + b for a, b in zip(running, per.get(number, [0] * len(running)), strict=True)
+            ]
+            if not counts:
+                out[(number, label)] = list(running)
+                continue
+            values: list[Any] = []
+            for n in range(width):
+                total, present = running[n], running[width + n]
+                if not present:
+                    values.append(None)
+                else:
+                    values.append(total / present if spec.func == "average" else total)
+            out[(number, label)] = values
+    return out
 
 
 def _points(
@@ -294,13 +391,13 @@ def _points(
     known: list[bool] | None,
 ) -> dict[str, Any]:
     counting = spec.aggregationType == "countEntities"
+    cells = _cells(spec, rows, len(index_of))
     if spec.breakdownProperty is not None:
         totals: dict[str, int] = {}
-        for row in rows:
-            label = _label(row["key"])
-            totals[label] = totals.get(label, 0) + int(row["m0"])
-        lines = [k for k, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
-        lines = lines[:MAX_LINES]
+        for (_, label), measured in cells.items():
+            totals[label] = totals.get(label, 0) + int(measured[0] or 0)
+        ranked = sorted((kv for kv in totals.items() if kv[1]), key=lambda kv: (-kv[1], kv[0]))
+        lines = [k for k, _ in ranked][:MAX_LINES]
     elif counting:
         lines = [spec.func]
     else:
@@ -308,19 +405,18 @@ def _points(
     empty: Any = 0 if counting else None
     values: list[dict[str, Any]] = [dict.fromkeys(lines, empty) for _ in span.starts]
     divisor = PER_UNIT[spec.timeInterval] if counting and spec.func == "average" else 1
-    for row in rows:
-        at = index_of.get(int(row["bucket"]))
+    for (number, label), measured in cells.items():
+        at = index_of.get(number)
         if at is None:
             continue
         if spec.breakdownProperty is not None:
-            label = _label(row["key"])
             if label in values[at]:
-                values[at][label] = _count(row["m0"], divisor)
+                values[at][label] = _count(measured[0], divisor)
         elif counting:
-            values[at][spec.func] = _count(row["m0"], divisor)
+            values[at][spec.func] = _count(measured[0], divisor)
         else:
             for n, name in enumerate(lines):
-                values[at][name] = _plain(row[f"m{n}"])
+                values[at][name] = _plain(measured[n])
     data = []
     for n, start in enumerate(span.starts):
         point: dict[str, Any] = {"date": epoch_ms(start)}
