@@ -20,6 +20,7 @@ from app import wiring
 from app.automations import timers
 from app.automations.changelog import changelog_sender
 from app.automations.feed import event_feed
+from app.catalog import data_migrations
 from app.config import Settings
 from app.db.database import Database
 from app.db.maintenance import analyze_stale_tables
@@ -103,8 +104,10 @@ async def run_workflow_node(
 
 
 async def sweep_workflow_nodes(ctx: dict[str, Any]) -> int:
-    """Workflow node runs whose worker died mid-node (lease expired) get a new attempt."""
-    return await workflow_engine.sweep_expired(ctx["db"])
+    """Workflow node runs whose worker died mid-node (lease expired) get a new attempt, and
+    INPUT nodes whose timeout passed take their timeout outlet."""
+    swept = await workflow_engine.sweep_expired(ctx["db"])
+    return swept + await workflow_engine.expire_inputs(ctx["db"])
 
 
 async def fire_timers(ctx: dict[str, Any]) -> int:
@@ -125,8 +128,17 @@ async def prune_history(ctx: dict[str, Any]) -> int:
     return await history_retention.prune(ctx["db"], settings.history_retention_days)
 
 
+async def advance_migrations(ctx: dict[str, Any]) -> int:
+    """Batches of the active data migrations, orgs in turns; their progress is kept in
+    PostgreSQL, so a worker that stops leaves the next one to resume
+    (app.catalog.data_migrations)."""
+    return await data_migrations.advance(ctx["db"], owner=ctx["owner"])
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = await Database.connect(ctx["settings"])
+    # Who holds a migration's lease: one name per started worker (after any fork).
+    ctx["owner"] = uuid.uuid4().hex
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
@@ -150,6 +162,8 @@ CRON_JOBS = [
     cron(fire_timers, second=set(range(0, 60, 5)), run_at_startup=True),
     cron(sweep_runs, second=set(range(3, 60, 5)), run_at_startup=True),
     cron(sweep_workflow_nodes, second=set(range(4, 60, 5)), run_at_startup=True),
+    # A pass lasts up to data_migrations.PASS_SECONDS; one started meanwhile returns at once.
+    cron(advance_migrations, second=set(range(60)), run_at_startup=True, timeout=120),
     # Hourly, so a day always has its point (the last pass of the day stands).
     cron(snapshot_scorecards, minute=7, second=0, run_at_startup=True, timeout=3600),
     cron(refresh_statistics, second=set(range(0, 60, 5)), run_at_startup=True),

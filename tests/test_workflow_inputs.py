@@ -178,6 +178,19 @@ def _invalid() -> list[tuple[str, dict[str, Any], str, str]]:
             "/userInputs/properties/n",
             "JSON Schema",
         ),
+        ("a timeout of no time", {**base, "timeoutSeconds": 0}, "/timeoutSeconds", "from 1"),
+        ("a timeout as text", {**base, "timeoutSeconds": "1h"}, "/timeoutSeconds", "whole"),
+        (
+            "a button named as the timeout outlet",
+            {
+                **base,
+                "timeoutSeconds": 60,
+                "userInputs": {"buttons": [{"identifier": "timeout"}]},
+                "outlets": [{"identifier": "timeout"}],
+            },
+            "/userInputs/buttons/0/identifier",
+            "timeout",
+        ),
     ]
     return cases
 
@@ -459,3 +472,102 @@ async def test_a_private_runs_input_node_is_not_found_by_who_may_not_read_the_ru
     run = (await start(client, who["alice"], "gated", {"name": "api"})).json()["workflowRun"]
     node = nodes_of(run)["approval"]["identifier"]
     refused(await respond(client, who["carol"], node, button="approve"), 404, "not_found")
+
+
+async def _expire_until_done(
+    client: httpx.AsyncClient, org: Org, db: Database, run_id: str
+) -> dict[str, Any]:
+    """The worker's sweep also expires inputs (every few seconds): this one now."""
+    from app.workflows import engine
+
+    await engine.expire_inputs(db)
+    return await wait_done(client, org, run_id)
+
+
+async def test_an_input_past_its_timeout_takes_the_timeout_outlet(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    start_worker: Callable[..., Settings],
+) -> None:
+    from app.workflows import engine
+
+    org = await make_org()
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        body = gated(receiver.url, timeoutSeconds=1)
+        late = webhook("late", receiver.url + "/late", body={"t": "{{ .outputs.approval }}"})
+        body["nodes"].append(late)
+        body["connections"].append(link("approval", "late", sourceOutletIdentifier="timeout"))
+        await create(client, org, body)
+        start_worker()
+        run_id = (await start(client, org, "gated", {"name": "api"})).json()["workflowRun"][
+            "identifier"
+        ]
+        node = await waiting_node(client, org, run_id)
+        assert await engine.expire_inputs(db) == 0  # not yet
+        r = await respond(client, org.headers, node["identifier"], button="approve")
+        assert r.status_code == 200, r.text  # one of the two approvals it waits for
+        await asyncio.sleep(1.1)
+        run = await _expire_until_done(client, org, db, run_id)
+        delivered = await receiver.wait_for(1)
+        r = await respond(client, org.headers, node["identifier"], button="approve")
+    refused(r, 409, "node_run_ended")
+    assert run["result"] == "SUCCESS"
+    output = nodes_of(run)["approval"]["output"]
+    assert output["selectedOutlet"] == {"identifier": "timeout"} and output["timedOut"] is True
+    assert [x["button"] for x in output["responses"]] == ["approve"]
+    assert [d.path for d in delivered] == ["/late"]
+    assert delivered[0].body["t"]["timedOut"] is True
+
+
+async def test_a_timeout_without_its_connection_takes_the_fallback(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    start_worker: Callable[..., Settings],
+) -> None:
+    org = await make_org()
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        await create(client, org, gated(receiver.url, timeoutSeconds=1))
+        start_worker()
+        run_id = (await start(client, org, "gated", {"name": "api"})).json()["workflowRun"][
+            "identifier"
+        ]
+        await waiting_node(client, org, run_id)
+        await asyncio.sleep(1.1)
+        run = await _expire_until_done(client, org, db, run_id)
+        delivered = await receiver.wait_for(1)
+    assert run["result"] == "SUCCESS"
+    assert [d.path for d in delivered] == ["/skipped"]
+
+
+async def test_an_input_answered_in_time_never_times_out_and_others_wait_on(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    db: Database,
+    start_worker: Callable[..., Settings],
+) -> None:
+    from app.workflows import engine
+
+    org, other = await make_org(), await make_org()
+    with WebhookReceiver(await signing_secret(client, org)) as receiver:
+        await create(client, org, gated(receiver.url, timeoutSeconds=1))
+        await create(client, other, gated(receiver.url))  # no timeout: it waits on
+        start_worker()
+        run_id = (await start(client, org, "gated", {"name": "api"})).json()["workflowRun"][
+            "identifier"
+        ]
+        other_id = (await start(client, other, "gated", {"name": "api"})).json()["workflowRun"][
+            "identifier"
+        ]
+        node = await waiting_node(client, org, run_id)
+        r = await respond(client, org.headers, node["identifier"], button="decline")
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(1.1)
+        await engine.expire_inputs(db)
+        run = await wait_done(client, org, run_id)
+        delivered = await receiver.wait_for(1)
+        waiting = await waiting_node(client, other, other_id)
+    assert [d.path for d in delivered] == ["/declined"]
+    assert nodes_of(run)["approval"]["output"]["selectedOutlet"] == {"identifier": "decline"}
+    assert waiting["status"] == "IN_PROGRESS" and waiting["waitingForInput"] is True

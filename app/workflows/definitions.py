@@ -95,7 +95,15 @@ _CONFIG_KEYS: dict[str, frozenset[str]] = {
     ),
     "CONDITION": frozenset(("type", "outlets")),
     "INPUT": frozenset(
-        ("type", "description", "userInputs", "outlets", "responders", "notifications")
+        (
+            "type",
+            "description",
+            "userInputs",
+            "outlets",
+            "responders",
+            "notifications",
+            "timeoutSeconds",
+        )
     ),
 }
 _MAPPING_KEYS = frozenset(("identifier", "title", "icon", "team", "properties", "relations"))
@@ -120,6 +128,8 @@ _INPUT_OUTLET_KEYS = frozenset(
     )
 )
 MAX_BUTTONS = 20  # buttons of one INPUT node
+TIMEOUT_OUTLET = "timeout"  # the outlet an INPUT node takes when its timeoutSeconds pass
+MAX_INPUT_TIMEOUT = 30 * 86400  # seconds an INPUT node may wait at most (when it has a timeout)
 MAX_RESPONDERS = 100  # responders an INPUT outlet may wait for
 # Keys of an input definition that are plain JSON Schema, checked against the meta-schema.
 _SCHEMA_KEYS = (
@@ -546,6 +556,16 @@ def _input(config: dict[str, Any], pointer: str, scope: Scope, problems: Problem
             "notifications are not available in Portolan yet: responders find the waiting "
             "node on the run (GET /v1/workflows/runs/{id})",
         )
+    timeout = config.get("timeoutSeconds")
+    if timeout is not None and (
+        not isinstance(timeout, int)
+        or isinstance(timeout, bool)
+        or not 1 <= timeout <= MAX_INPUT_TIMEOUT
+    ):
+        problems.add(
+            f"{pointer}/timeoutSeconds",
+            f"timeoutSeconds is a whole number of seconds from 1 to {MAX_INPUT_TIMEOUT}",
+        )
     user_inputs = config.get("userInputs", {"properties": {}})
     where = f"{pointer}/userInputs"
     _inputs(user_inputs, where, scope, problems, _INPUTS_KEYS | {"buttons"})
@@ -568,6 +588,12 @@ def _input(config: dict[str, Any], pointer: str, scope: Scope, problems: Problem
                 problems.add(f"{at}/identifier", "identifier: letters, digits and @_.:-")
             elif identifier in names:
                 problems.add(f"{at}/identifier", f"button {identifier!r} is defined twice")
+            elif identifier == TIMEOUT_OUTLET and "timeoutSeconds" in config:
+                problems.add(
+                    f"{at}/identifier",
+                    f"{TIMEOUT_OUTLET!r} is the outlet a node with timeoutSeconds takes when "
+                    "they pass: name the button otherwise",
+                )
             else:
                 names.add(identifier)
             label = button.get("label")
@@ -613,11 +639,14 @@ def _input(config: dict[str, Any], pointer: str, scope: Scope, problems: Problem
 
 def outlets_of(node: dict[str, Any]) -> list[str]:
     config = node.get("config") or {}
-    return [
+    found = [
         o["identifier"]
         for o in config.get("outlets") or []
         if isinstance(o, dict) and isinstance(o.get("identifier"), str)
     ]
+    if config.get("type") == "INPUT" and "timeoutSeconds" in config:
+        found.append(TIMEOUT_OUTLET)
+    return found
 
 
 # ---------------------------------------------------------------------------------------

@@ -555,3 +555,22 @@ async def sweep_expired(db: Database) -> int:
         if rows:
             await tx.execute(f"NOTIFY {runs.NOTIFY_CHANNEL}")
     return len(rows)
+
+
+async def expire_inputs(db: Database, limit: int = 500) -> int:
+    """INPUT node runs whose `timeoutSeconds` passed take their timeout outlet; how many.
+    Each in its org's own transaction (one org's many expiries wait for the next pass past
+    `limit`, oldest first)."""
+    async with db.system() as tx:
+        due = await tx.fetch(
+            "SELECT org_id, id FROM workflow_node_runs WHERE state = $1 "
+            "AND status = 'IN_PROGRESS' AND next_attempt_at <= now() "
+            "ORDER BY next_attempt_at LIMIT $2",
+            runs.WAITING,
+            limit,
+        )
+    expired = 0
+    for row in due:
+        async with db.tenant(row["org_id"]) as tenant_tx:
+            expired += await runs.time_out(tenant_tx, row["id"])
+    return expired

@@ -137,6 +137,11 @@ class WorkflowNodeRun(Base):
             postgresql_where=text("state IN ('claimable', 'claimed')"),
         ),
         Index(
+            "ix_workflow_node_runs_deadline",
+            "next_attempt_at",
+            postgresql_where=text("state = 'waiting'"),
+        ),
+        Index(
             "ix_workflow_node_runs_external",
             "org_id",
             "external_run_id",

@@ -130,9 +130,12 @@ async def start_node(
     node_run_id = new_id("wfnr_")
     kind = node["config"]["type"]
     waits = kind == "INPUT"
+    # An INPUT node with a timeout keeps its deadline where a retry keeps its next attempt.
+    timeout = node["config"].get("timeoutSeconds") if waits else None
     inserted = await tx.fetchval(
         "INSERT INTO workflow_node_runs (org_id, id, run_id, seq, node, node_type, status, "
-        "state, output) VALUES ($1, $2, $3, $4, $5, $6, 'IN_PROGRESS', $7, $8) "
+        "state, output, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, 'IN_PROGRESS', $7, $8, "
+        "now() + make_interval(secs => $9)) "
         "ON CONFLICT (org_id, run_id, seq) DO NOTHING RETURNING id",
         tx.org_id,
         node_run_id,
@@ -142,6 +145,7 @@ async def start_node(
         kind,
         WAITING if waits else "queued",
         {"responses": []} if waits else None,
+        timeout,
     )
     if inserted is None:
         return None
@@ -662,3 +666,52 @@ async def respond(tx: Tx, principal: Principal, node_run_id: str, body: Any) -> 
     )
     await advance(tx, run["id"], definition, node, int(row["seq"]), outlet)
     return await get(tx, run["id"])
+
+
+async def time_out(tx: Tx, node_run_id: str) -> bool:
+    """An INPUT node whose `timeoutSeconds` passed with no outlet reached completes through
+    its `timeout` outlet: the connection named so, or else the fallback (none: the run
+    ends). False when it is no longer waiting (answered or cancelled meanwhile)."""
+    found = await tx.fetchrow(
+        "SELECT run_id FROM workflow_node_runs WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        node_run_id,
+    )
+    if found is None:
+        return False
+    run = await _run_row(tx, found["run_id"], lock=True)  # the run first, as respond does
+    row = await tx.fetchrow(
+        "SELECT * FROM workflow_node_runs WHERE org_id = $1 AND id = $2 AND state = $3 "
+        "AND status = 'IN_PROGRESS' AND next_attempt_at <= now() FOR UPDATE",
+        tx.org_id,
+        node_run_id,
+        WAITING,
+    )
+    if row is None or run["status"] != "IN_PROGRESS":
+        return False
+    definition: dict[str, Any] = await tx.fetchval(
+        "SELECT definition FROM workflow_versions WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        run["version_id"],
+    )
+    node = definitions.node_of(definition, row["node"])
+    assert node is not None
+    responses = list((row["output"] or {}).get("responses") or [])
+    outlet = definitions.TIMEOUT_OUTLET
+    await tx.execute(
+        "UPDATE workflow_node_runs SET status = 'COMPLETED', result = 'SUCCESS', output = $3, "
+        "outlet = $4, state = 'done', next_attempt_at = NULL, completed_at = now(), "
+        "updated_at = now() WHERE org_id = $1 AND id = $2",
+        tx.org_id,
+        node_run_id,
+        {"selectedOutlet": {"identifier": outlet}, "responses": responses, "timedOut": True},
+        outlet,
+    )
+    seconds = node["config"].get("timeoutSeconds")
+    await node_log(tx, node_run_id, f"No outlet reached within {seconds} s: the timeout outlet")
+    name = node["identifier"]
+    if definitions.next_node(definition, name, outlet) is not None:
+        await advance(tx, run["id"], definition, node, int(row["seq"]), outlet)
+    else:
+        await advance(tx, run["id"], definition, node, int(row["seq"]), None)
+    return True

@@ -1,4 +1,5 @@
-"""Workflow INTEGRATION_ACTION nodes: the node runs an integration claims and reports on.
+"""Workflow INTEGRATION_ACTION nodes (the node runs an integration claims and reports on)
+and INPUT nodes' timeouts (found by their deadline).
 
 Revision ID: 0036
 Revises: 0033
@@ -36,6 +37,12 @@ def upgrade() -> None:
         postgresql_where=sa.text("state IN ('claimable', 'claimed')"),
     )
     op.create_index(
+        "ix_workflow_node_runs_deadline",
+        "workflow_node_runs",
+        ["next_attempt_at"],
+        postgresql_where=sa.text("state = 'waiting'"),
+    )
+    op.create_index(
         "ix_workflow_node_runs_external",
         "workflow_node_runs",
         ["org_id", "external_run_id"],
@@ -45,6 +52,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_workflow_node_runs_external", table_name="workflow_node_runs")
+    op.drop_index("ix_workflow_node_runs_deadline", table_name="workflow_node_runs")
     op.drop_index("ix_workflow_node_runs_claimable", table_name="workflow_node_runs")
     for column in (
         "links",
