@@ -614,22 +614,82 @@ async def test_markdown_and_iframe_widgets_answer_what_they_hold(
     assert (await _widget_data(client, org, frame))["url"] == "https://example.com/x"
 
 
-async def test_line_chart_data_is_refused_as_not_supported_yet(
+def _line_totals(data: dict[str, Any]) -> dict[str, float]:
+    """Each line's values summed over the buckets (nulls left out)."""
+    totals: dict[str, float] = {}
+    for point in data["data"]:
+        for key, value in point.items():
+            if key != "date" and value is not None:
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+LINE = {
+    "id": "ln",
+    "type": "line-chart",
+    "blueprint": "service",
+    "timeInterval": "day",
+    "timeRange": {"preset": "lastWeek", "timeZone": "Europe/Paris"},
+    "measureTimeBy": "$createdAt",
+}
+
+
+async def test_a_line_chart_counts_entities_over_time(
     client: httpx.AsyncClient, make_org: OrgFactory
 ) -> None:
     org = await make_org()
     await _catalog(client, org, scorecard=False)
-    line = {
-        "id": "ln",
-        "type": "line-chart",
-        "blueprint": "service",
-        "timeInterval": "week",
-        "timeRange": {"preset": "lastMonth"},
-        "measureTimeBy": "$createdAt",
-        "func": "count",
+    data = await _widget_data(client, org, {**LINE, "func": "count"})
+    assert data["type"] == "line-chart" and data["minDate"] < data["maxDate"]
+    assert len(data["data"]) >= 7 and all("date" in p for p in data["data"])
+    # Every entity was created today: the last bucket holds them all.
+    assert data["data"][-1]["count"] == 5 and _line_totals(data) == {"count": 5}
+    tier1 = {
+        **LINE,
+        "id": "t1",
+        "dataset": [{"property": "tier", "operator": "=", "value": "tier-1"}],
     }
-    await _post(client, org, "/v1/pages", dashboard("lines", [line]))
-    _error(await _data(client, org.headers, "lines", "ln"), 422, "not_supported")
+    assert _line_totals(await _widget_data(client, org, tier1)) == {"count": 3}
+
+
+async def test_a_line_chart_aggregates_properties_and_breaks_counts_down(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org, scorecard=False)
+    top = {**LINE, "id": "top", "properties": ["coverage"], "func": "max", "timeInterval": "week"}
+    data = await _widget_data(client, org, top)
+    assert data["data"][-1]["coverage"] == 90
+    split = {**LINE, "id": "split", "func": "count", "breakdownProperty": "tier"}
+    assert _line_totals(await _widget_data(client, org, split)) == {"tier-1": 3, "tier-2": 2}
+
+
+async def test_a_line_chart_that_cannot_be_drawn_is_a_422(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org, scorecard=False)
+    for bad, pointer in (
+        ({"timeInterval": "fortnight"}, "/widgets/0/widgets/0/timeInterval"),
+        ({"aggregationType": "histogram"}, "/widgets/0/widgets/0/aggregationType"),
+        ({"properties": []}, "/widgets/0/widgets/0/properties"),
+        ({"timeRange": "lastWeek"}, "/widgets/0/widgets/0/timeRange"),
+    ):
+        error = _error(
+            await _post(client, org, "/v1/pages", dashboard("bad", [{**LINE, **bad}])), 422
+        )
+        assert pointer in [d["pointer"] for d in error["details"]], error
+    later = [
+        {**LINE, "id": "ghostProp", "properties": ["ghost"]},
+        {**LINE, "id": "textProp", "properties": ["language"]},
+        {**LINE, "id": "ghostTime", "measureTimeBy": "ghost"},
+        {**LINE, "id": "ghostBp", "blueprint": "ghost"},
+        {**LINE, "id": "badZone", "timeRange": {"preset": "lastWeek", "timeZone": "Mars/Base"}},
+    ]
+    assert (await _post(client, org, "/v1/pages", dashboard("lines", later))).status_code == 201
+    for widget in later:
+        r = await _data(client, org.headers, "lines", widget["id"])
+        assert 400 <= r.status_code < 500 and r.json()["ok"] is False, (widget["id"], r.text)
 
 
 async def test_widget_data_that_cannot_be_computed_is_a_422_naming_why(

@@ -1,7 +1,8 @@
 """What a widget shows, computed on the server with the caller's reach (Portolan's
 `POST /v1/pages/{page}/widgets/{widget}/data`): a number chart is an aggregate, a pie
 counts the values of a property (or of a scorecard's levels or rule results), a table is
-a search page, a scorecard-compliance widget counts levels per team or property value.
+a search page, a scorecard-compliance widget counts levels per team or property value, a
+line chart is an aggregate over time (app/history/over_time.py).
 Each is one bounded statement of app/search (statement time limit, the search rate
 class); the definition is checked against the catalog here, so a widget whose blueprint,
 property or scorecard went away answers a 422 naming it."""
@@ -14,12 +15,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from app.db.database import Tx
+from app.history.over_time import aggregate_over_time
 from app.kit.errors import Invalid
 from app.pages.widgets import (
     COMPLIANCE,
     DASHBOARD,
     IFRAME,
-    LINE,
     MARKDOWN,
     NUMBER,
     PIE,
@@ -248,14 +249,45 @@ async def compliance(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def line_chart_unsupported() -> Invalid:
-    return Invalid(
-        "Line charts are drawn from aggregates over time (POST "
-        "/v1/entities/aggregate-over-time), which this server does not compute yet; "
-        "the widget is stored and its data will be answered once it does",
-        code="not_supported",
-        details=[{"pointer": "/type", "message": "line-chart data is not computed yet"}],
+# Port's UI names the week `week`; aggregate-over-time buckets ISO weeks.
+_INTERVALS = {"week": "isoWeek"}
+
+
+def over_time_body(definition: dict[str, Any]) -> dict[str, Any]:
+    """A line chart as Port's aggregate-over-time body: its dataset is the query over its
+    blueprint's entities; properties aggregate their values, no properties count entities
+    (a property's average and an entity count by default)."""
+    dataset = definition.get("dataset")
+    query = widget_query({"dataset": dataset}) if dataset is not None else None
+    properties = definition.get("properties")
+    kind = definition.get("aggregationType") or (
+        "aggregatePropertiesValues" if properties else "countEntities"
     )
+    interval = definition.get("timeInterval", "isoWeek")
+    body: dict[str, Any] = {
+        "blueprint": definition["blueprint"],
+        "timeRange": definition.get("timeRange", {"preset": "lastMonth"}),
+        "timeInterval": _INTERVALS.get(interval, interval)
+        if isinstance(interval, str)
+        else interval,
+        "measureTimeBy": definition.get("measureTimeBy", "$createdAt"),
+        "aggregationType": kind,
+        "func": definition.get(
+            "func", "average" if kind == "aggregatePropertiesValues" else "count"
+        ),
+    }
+    if query is not None:
+        body["query"] = query
+    for key in ("properties", "breakdownProperty"):
+        if definition.get(key) is not None:
+            body[key] = definition[key]
+    return body
+
+
+async def line(tx: Tx, definition: dict[str, Any], *, retention_days: int | None) -> dict[str, Any]:
+    """`{minDate, maxDate, data}`: aggregate-over-time's answer (app/history/over_time.py),
+    one point per bucket."""
+    return await aggregate_over_time(tx, over_time_body(definition), retention_days=retention_days)
 
 
 def plain(row: Row) -> dict[str, Any] | None:
@@ -270,8 +302,6 @@ def plain(row: Row) -> dict[str, Any] | None:
             code="not_supported",
             details=[{"pointer": "/type", "message": "a dashboard-widget shows no data"}],
         )
-    if row.type == LINE:
-        raise line_chart_unsupported()
     return None
 
 

@@ -16,7 +16,7 @@ from app.db.routing import AfterCommit, api_router
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
 from app.kit.responses import json_response
 from app.pages import data, service
-from app.pages.widgets import TABLE, blueprint_rule
+from app.pages.widgets import LINE, TABLE, blueprint_rule
 from app.search.service import decode_cursor, encode_cursor, prepare
 
 router = api_router(prefix="/v1/pages", tags=["Pages"])
@@ -58,7 +58,8 @@ class WidgetDataBody(BaseModel):
 
 class WidgetData(BaseModel):
     """`widget` and `type`, and what the type shows: `value` (number), `values` (pie),
-    `entities` and `next` (table), `groups` (scorecard-compliance), `markdown`, `url`."""
+    `entities` and `next` (table), `groups` (scorecard-compliance), `minDate`, `maxDate`
+    and `data` (line chart), `markdown`, `url`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -259,6 +260,7 @@ async def delete_widget(page_identifier: PageId, widget_id: WidgetId, tenant: Cu
     summary="What a widget shows, computed with the caller's permissions",
 )
 async def widget_data(
+    request: Request,
     page_identifier: PageId,
     widget_id: WidgetId,
     tenant: CurrentTenant,
@@ -274,6 +276,10 @@ async def widget_data(
     simple = data.plain(widget)
     if simple is not None:
         return json_response({**head, **simple})
+    if widget.type == LINE:
+        retention = _settings(request).history_retention_days
+        points = await data.line(tenant.tx, widget.definition, retention_days=retention)
+        return json_response({**head, **points})
     if widget.type != TABLE:
         return json_response(
             {**head, **await data.COMPUTED[widget.type](tenant.tx, widget.definition)}

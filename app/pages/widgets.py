@@ -114,6 +114,32 @@ def _check_number(widget: dict[str, Any], pointer: str, problems: Problems) -> N
     _string(widget, "measureTimeBy", pointer, problems)
 
 
+LINE_INTERVALS = ("hour", "day", "week", "isoWeek", "month", "quarter")
+LINE_KINDS = ("aggregatePropertiesValues", "countEntities")
+
+
+def _check_line(widget: dict[str, Any], pointer: str, problems: Problems) -> None:
+    """The shape of Port's aggregate-over-time body; its values are checked by it when the
+    data is asked for."""
+    if "timeInterval" in widget and widget["timeInterval"] not in LINE_INTERVALS:
+        problems.add(
+            _ptr(pointer, "timeInterval"), f"timeInterval is one of {', '.join(LINE_INTERVALS)}"
+        )
+    if "aggregationType" in widget and widget["aggregationType"] not in LINE_KINDS:
+        problems.add(
+            _ptr(pointer, "aggregationType"), f"aggregationType is one of {', '.join(LINE_KINDS)}"
+        )
+    if "timeRange" in widget and not isinstance(widget["timeRange"], dict):
+        problems.add(_ptr(pointer, "timeRange"), "timeRange is an object (preset, or from/to)")
+    props = widget.get("properties")
+    if props is not None and (
+        not isinstance(props, list) or not props or not all(isinstance(p, str) for p in props)
+    ):
+        problems.add(_ptr(pointer, "properties"), "properties is a list of property names")
+    for key in ("measureTimeBy", "breakdownProperty"):
+        _string(widget, key, pointer, problems)
+
+
 def _check_one(widget: dict[str, Any], pointer: str, problems: Problems) -> None:
     kind = widget["type"]
     for key in ("title", "description", "icon"):
@@ -139,6 +165,8 @@ def _check_one(widget: dict[str, Any], pointer: str, problems: Problems) -> None
                 "a table names its blueprint: `blueprint`, or a `$blueprint` = rule "
                 "at the top of its dataset",
             )
+    elif kind == LINE:
+        _check_line(widget, pointer, problems)
     elif kind == COMPLIANCE:
         _string(widget, "scorecard", pointer, problems, required=True)
         _string(widget, "groupBy", pointer, problems)
