@@ -460,7 +460,7 @@ async def test_all_entities_delete_reports_a_complete_migration(
     migration = (
         await client.get(f"/v1/migrations/{started.json()['migrationId']}", headers=org.headers)
     ).json()["migration"]
-    assert migration["status"] == "COMPLETE" and migration["sourceBlueprint"] == "deployment"
+    assert migration["status"] == "COMPLETED" and migration["sourceBlueprint"] == "deployment"
     assert (await client.get("/v1/blueprints/deployment", headers=org.headers)).status_code == 404
     started = await client.delete("/v1/blueprints/team/all-entities", headers=org.headers)
     assert started.status_code == 200

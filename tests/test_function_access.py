@@ -113,7 +113,10 @@ ACCESS: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/blueprints/{blueprint}/entities/{identifier}"): "entity",
     ("POST", "/v1/blueprints/{blueprint}/bulk/entities/delete"): "entity",
     ("DELETE", "/v1/blueprints/{blueprint}/all-entities"): "moderator",
+    ("GET", "/v1/migrations"): "member",
+    ("POST", "/v1/migrations"): "entity",
     ("GET", "/v1/migrations/{migration_id}"): "member",
+    ("POST", "/v1/migrations/{migration_id}/cancel"): "run",
     ("POST", "/v1/entities/search"): "member",
     ("POST", "/v1/entities/aggregate"): "member",
     ("POST", "/v1/entities/properties-history"): "member",
@@ -385,6 +388,10 @@ def _call(ids: dict[str, str], method: str, path: str) -> tuple[str, Any]:
             "properties": {"language": "go"}
         },
         ("POST", "/v1/blueprints/{blueprint}/bulk/entities/delete"): {"entities": ["e1"]},
+        ("POST", "/v1/migrations"): {
+            "sourceBlueprint": "service",
+            "mapping": {"entity": {"properties": {"language": ".properties.language"}}},
+        },
         ("POST", "/v1/entities/search"): {"combinator": "and", "rules": []},
         ("POST", "/v1/entities/aggregate"): {"func": "count"},
         ("POST", "/v1/entities/aggregate-over-time"): {

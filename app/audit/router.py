@@ -48,6 +48,7 @@ Resource = Literal[
     "integration",
     "workflow",
     "workflow-run",
+    "migration",
 ]
 
 

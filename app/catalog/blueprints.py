@@ -334,8 +334,9 @@ def _check_compatible(current: dict[str, Any], new: dict[str, Any]) -> None:
                 f"/schema/properties/{name}/type",
                 f"cannot change the type of {name!r} from {_type_label(before)} to "
                 f"{_type_label(after)} in place: add a new property with the new type, copy "
-                f"the values over (or rename the old one with PATCH "
-                f"/v1/blueprints/{{bp}}/properties/{name}/rename), then remove the old one",
+                "the values over with a data migration (POST /v1/migrations with a jq "
+                "mapping; try it with dryRun first), remove the old property, then rename "
+                f"the new one (PATCH /v1/blueprints/{{bp}}/properties/<new>/rename)",
             )
     problems.raise_if_any("Incompatible blueprint change")
 

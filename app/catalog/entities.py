@@ -85,6 +85,7 @@ class Outcome:
     created: bool
     entity: dict[str, Any] | None
     error: PortolanError | None
+    changed: bool = False  # the write changes the entity (or would, validating only)
 
 
 def _parse(item: Item, blueprint: dict[str, Any]) -> None:
@@ -476,7 +477,14 @@ async def _write(
                 updatedBy=writer.actor,
             )
         outcomes.append(
-            Outcome(index, item.identifier, item.created, to_api(blueprint, state), None)
+            Outcome(
+                index,
+                item.identifier,
+                item.created,
+                to_api(blueprint, state),
+                None,
+                changed=item.changed,
+            )
         )
     return outcomes
 

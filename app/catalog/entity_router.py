@@ -1,4 +1,4 @@
-"""Entity routes under /v1/blueprints/{bp}/..., and /v1/migrations (Port's shapes)."""
+"""Entity routes under /v1/blueprints/{bp}/... (Port's shapes)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from app.auth import permissions
 from app.auth.principal import CurrentTenant, Tenant
 from app.catalog import entities, migrations
+from app.catalog.migration_router import router as migration_router
 from app.catalog.schemas import (
     AttachTitles,
     BulkBody,
@@ -22,7 +23,6 @@ from app.catalog.schemas import (
     CountResponse,
     EntityListResponse,
     EntityResponse,
-    MigrationResponse,
     MigrationStarted,
     OkResponse,
 )
@@ -431,15 +431,6 @@ async def delete_all_entities(
     return {"ok": True, "migrationId": migration_id}
 
 
-@router.get(
-    "/v1/migrations/{migration_id}",
-    response_model=MigrationResponse,
-    responses=ERRORS_AUTHED,
-    tags=["Migrations"],
-    summary="Get a migration",
-)
-async def get_migration(
-    migration_id: Annotated[str, Path(min_length=1, max_length=64)], tenant: CurrentTenant
-) -> Any:
-    permissions.require(tenant.principal, "entities.read")
-    return {"ok": True, "migration": await migrations.get(tenant.tx, migration_id)}
+# /v1/migrations, served beside the entity routes that start the other kind of migration
+# (deleting all of a blueprint's entities).
+router.include_router(migration_router)

@@ -1,14 +1,13 @@
-"""Catalog migrations: operations reported through /v1/migrations/{id} (Port's shape)."""
+"""Deleting all of a blueprint's entities, recorded as a migration reported through
+/v1/migrations/{id} (Port's shape; data migrations are app/catalog/data_migrations.py)."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
 from app.catalog import blueprints as bp_service
 from app.catalog import entities
 from app.db.database import Tx
-from app.kit.errors import NotFound
 
 
 async def delete_all_entities(
@@ -21,7 +20,7 @@ async def delete_all_entities(
 ) -> str:
     """Deletes every entity of `blueprint` (with their events, tied to `run_id` when given)
     and, if asked, the blueprint, in the request's transaction; records the operation as a
-    COMPLETE migration."""
+    COMPLETED migration."""
     await bp_service.get_row(tx, blueprint, lock=True)
     identifiers = [
         r["identifier"]
@@ -40,7 +39,7 @@ async def delete_all_entities(
     migration_id = "migration_" + secrets.token_hex(8)
     await tx.execute(
         "INSERT INTO catalog_migrations (org_id, id, source_blueprint, status, actor, mapping, "
-        "success_count) VALUES ($1, $2, $3, 'COMPLETE', $4, $5, $6)",
+        "success_count) VALUES ($1, $2, $3, 'COMPLETED', $4, $5, $6)",
         tx.org_id,
         migration_id,
         blueprint,
@@ -49,25 +48,3 @@ async def delete_all_entities(
         len(deleted),
     )
     return migration_id
-
-
-async def get(tx: Tx, migration_id: str) -> dict[str, Any]:
-    row = await tx.fetchrow(
-        "SELECT id, actor, source_blueprint, mapping, status, success_count, failure_count, "
-        "created_at, updated_at FROM catalog_migrations WHERE org_id = $1 AND id = $2",
-        tx.org_id,
-        migration_id,
-    )
-    if row is None:
-        raise NotFound(f"Migration {migration_id!r} was not found")
-    return {
-        "id": row["id"],
-        "actor": row["actor"],
-        "sourceBlueprint": row["source_blueprint"],
-        "mapping": row["mapping"],
-        "status": row["status"],
-        "successCount": row["success_count"],
-        "failureCount": row["failure_count"],
-        "createdAt": row["created_at"],
-        "updatedAt": row["updated_at"],
-    }

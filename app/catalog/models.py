@@ -11,6 +11,7 @@ from sqlalchemy import (
     ARRAY,
     BigInteger,
     Boolean,
+    DateTime,
     ForeignKeyConstraint,
     Identity,
     Index,
@@ -184,10 +185,21 @@ class EntityEvent(Base):
 
 
 class CatalogMigration(Base):
-    """Long-running catalog operations (e.g. deleting all of a blueprint's entities)."""
+    """Long-running catalog operations: deleting all of a blueprint's entities, and data
+    migrations (app/catalog/data_migrations.py), whose progress, lease and report live here
+    so that a worker that stops leaves the next one to resume at `cursor`."""
 
     __tablename__ = "catalog_migrations"
-    __table_args__ = (ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),)
+    __table_args__ = (
+        ForeignKeyConstraint(["org_id"], ["organizations.id"], ondelete="CASCADE"),
+        Index(
+            "ix_catalog_migrations_active",
+            "org_id",
+            "created_at",
+            postgresql_where=text("status IN ('PENDING', 'RUNNING', 'PENDING_CANCELLATION')"),
+        ),
+        Index("ix_catalog_migrations_created", "org_id", "created_at"),
+    )
 
     org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -199,3 +211,30 @@ class CatalogMigration(Base):
     failure_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     created_at: Mapped[datetime] = timestamp()
     updated_at: Mapped[datetime] = timestamp()
+    # Data migrations (migration 0033).
+    target_blueprint: Mapped[str | None] = mapped_column(String(100))
+    dry_run: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    delete_source: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
+    cursor: Mapped[str | None] = mapped_column(String(1000))
+    total_count: Mapped[int | None] = mapped_column(Integer)
+    processed_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    skipped_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    created_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    updated_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    unchanged_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    deleted_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    timeout_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    errors: Mapped[list[Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")
+    )
+    preview: Mapped[list[Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")
+    )
+    message: Mapped[str | None] = mapped_column(Text)
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,136 @@
+"""Scenario: a data migration of 100k entities, beside bulk ingest of the same entities.
+
+(1) bulk upsert of 100k entities (6 properties) through POST .../entities/bulk, 1000 per
+    request, 2 clients: the ingest figure of this run.
+(2) POST /v1/migrations changing a property's type in place (`port` string -> new
+    `port_number` number through `tonumber`, every entity updated), run by the served
+    process's worker (batches of 500: read, jq in the sandbox, one write transaction each),
+    timed from creation until GET /v1/migrations/{id} answers COMPLETED.
+Target: every entity migrated, none failed, and >= 25% of the ingest rate (a migration reads
+each entity, evaluates its jq in a child process and writes it through the same writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import httpx
+
+from app.db.database import Database
+from bench.env import new_org, pin_database_backends, scratch_settings, served
+
+ENTITIES = int(os.environ.get("PORTOLAN_BENCH_ENTITIES", "100000"))
+REQUEST = 1000
+CLIENTS = 2
+BLUEPRINT = {
+    "identifier": "service",
+    "title": "Service",
+    "schema": {
+        "properties": {
+            "port": {"type": "string"},
+            "port_number": {"type": "number"},
+            "language": {"type": "string"},
+            "tier": {"type": "string"},
+            "public": {"type": "boolean"},
+            "owner": {"type": "string", "format": "email"},
+        }
+    },
+}
+MIGRATION = {
+    "sourceBlueprint": "service",
+    "mapping": {"entity": {"properties": {"port_number": ".properties.port | tonumber"}}},
+}
+
+
+def entity(i: int) -> dict[str, Any]:
+    return {
+        "identifier": f"svc-{i:06d}",
+        "title": f"Service {i}",
+        "properties": {
+            "port": str(1024 + i % 50000),
+            "language": ("python", "go", "java")[i % 3],
+            "tier": str(1 + i % 3),
+            "public": i % 2 == 0,
+            "owner": f"owner{i % 500}@example.com",
+        },
+    }
+
+
+async def _ingest(http: httpx.AsyncClient, headers: dict[str, str], bodies: list[bytes]) -> float:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def client() -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            response = await http.post(
+                "/v1/blueprints/service/entities/bulk",
+                content=body,
+                headers=headers,
+                params={"upsert": "true"},
+            )
+            if response.status_code != 200:
+                raise RuntimeError(f"bulk failed: {response.status_code} {response.text[:300]}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    return time.perf_counter() - started
+
+
+async def _migrate(http: httpx.AsyncClient, headers: dict[str, str]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    response = await http.post("/v1/migrations", json=MIGRATION, headers=headers)
+    response.raise_for_status()
+    migration_id = response.json()["migration"]["id"]
+    while True:
+        found = (await http.get(f"/v1/migrations/{migration_id}", headers=headers)).json()
+        migration = found["migration"]
+        if migration["status"] in ("COMPLETED", "FAILURE", "CANCELLED"):
+            return time.perf_counter() - started, migration
+        await asyncio.sleep(0.2)
+
+
+async def run() -> bool:
+    bodies = [
+        json.dumps(
+            {"entities": [entity(i) for i in range(start, min(start + REQUEST, ENTITIES))]}
+        ).encode()
+        for start in range(0, ENTITIES, REQUEST)
+    ]
+    async with scratch_settings() as settings:
+        db = await Database.connect(settings)
+        try:
+            with served(settings) as port:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", timeout=120
+                ) as http:
+                    _, headers = await new_org(db, http, "bench-migrations", [BLUEPRINT])
+                    await pin_database_backends(settings)
+                    ingest = await _ingest(http, headers, bodies)
+                    seconds, migration = await _migrate(http, headers)
+        finally:
+            await db.close()
+    ingest_rate, migrate_rate = ENTITIES / ingest, ENTITIES / seconds
+    progress = migration["progress"]
+    ok = (
+        migration["status"] == "COMPLETED"
+        and progress["updated"] == ENTITIES
+        and migration["failureCount"] == 0
+        and migrate_rate >= 0.25 * ingest_rate
+    )
+    print(
+        f"migrations  type change in place ({ENTITIES:,} entities, jq tonumber, batches of "
+        f"500, the served worker): {migrate_rate:,.0f} entities/s "
+        f"({seconds:.1f} s; status {migration['status']}, updated {progress['updated']:,}, "
+        f"failed {migration['failureCount']})\n"
+        f"            bulk ingest of the same entities via API in this run "
+        f"({REQUEST}/request, {CLIENTS} clients): {ingest_rate:,.0f} entities/s\n"
+        f"            ratio {migrate_rate / ingest_rate:.0%} (target >= 25%) -> "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+    return ok
