@@ -887,3 +887,19 @@ async def test_a_deleted_source_blueprint_fails_the_migration(
     assert not await data_migrations.batch(db, org.org_id, migration["id"], owner="w")
     done = (await call(client, org, "GET", f"/v1/migrations/{migration['id']}"))["migration"]
     assert done["status"] == "FAILURE" and "deleted" in done["message"]
+
+
+async def test_a_deleted_target_blueprint_fails_the_migration(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await blueprint(client, org, SERVICE)
+    await blueprint(client, org, APP)
+    await entities(client, org, "service", [{"identifier": "s1", "properties": {"port": "1"}}])
+    body = {"sourceBlueprint": "service", "mapping": {"blueprint": "app", "entity": {}}}
+    migration = await start(client, org, body)
+    await call(client, org, "DELETE", "/v1/blueprints/app")
+    assert await data_migrations.batch(db, org.org_id, migration["id"], owner="w")
+    done = (await call(client, org, "GET", f"/v1/migrations/{migration['id']}"))["migration"]
+    assert done["status"] == "FAILURE" and "'app'" in done["message"], done
+    assert done["progress"]["processed"] == 0
