@@ -9,6 +9,7 @@ import sys
 SCENARIOS = [
     "bench.org_read",
     "bench.catalog_bulk",
+    "bench.migrations",
     "bench.search",
     "bench.reads",
     "bench.datasource",
