@@ -725,3 +725,101 @@ async def test_a_past_search_read_in_small_windows_finds_each_entity_once_as_it_
             break
         page = await _past(client, org, now, rules, limit=2, **{"from": page["next"]})
     assert seen == [("s0", 0), ("s1", 11), ("s2", 22), ("s3", 30), ("s5", 52)]
+
+
+async def test_the_repeated_hour_of_a_fall_back_night_counts_in_two_buckets(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    first = datetime(2024, 11, 3, 5, 30, tzinfo=UTC)  # 01:30 EDT
+    second = datetime(2024, 11, 3, 6, 30, tzinfo=UTC)  # 01:30 EST, an hour later
+    await _write(client, org, "a", deployedAt=first.isoformat())
+    await _write(client, org, "b", deployedAt=second.isoformat())
+    await _write(client, org, "c", deployedAt="2024-11-03T06:45:00Z")
+    body = _body(
+        measureTimeBy="deployedAt",
+        timeInterval="hour",
+        timeRange={
+            "from": "2024-11-03T00:00:00",
+            "to": "2024-11-03T03:00:00",
+            "timeZone": "America/New_York",
+        },
+    )
+    result = await _over_time(client, org, body)
+    assert [(p["date"], p["count"]) for p in result["data"]] == [
+        (ms(datetime(2024, 11, 3, 4, tzinfo=UTC)), 0),
+        (ms(datetime(2024, 11, 3, 5, tzinfo=UTC)), 1),
+        (ms(datetime(2024, 11, 3, 6, tzinfo=UTC)), 2),
+        (ms(datetime(2024, 11, 3, 7, tzinfo=UTC)), 0),
+    ]
+    day = await _over_time(
+        client,
+        org,
+        {
+            **body,
+            "timeInterval": "day",
+            "timeRange": {
+                "from": "2024-11-03T00:00:00",
+                "to": "2024-11-04T00:00:00",
+                "timeZone": "America/New_York",
+            },
+        },
+    )
+    assert [p["count"] for p in day["data"]] == [3]  # a 25-hour day
+
+
+async def test_teams_and_arrays_break_down_by_each_element(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    for team in ("alpha", "beta"):
+        await ok(client, "POST", "/v1/teams", org, json={"name": team})
+    for name, team, tags in (("a", ["alpha", "beta"], ["x", "y"]), ("b", ["beta"], ["y"])):
+        body = {"identifier": name, "team": team, "properties": {"tags": tags}}
+        await ok(client, "POST", "/v1/blueprints/service/entities", org, json=body)
+    for measure in ("$createdAt", "$history"):
+        base = _body(measureTimeBy=measure, timeInterval="day", timeRange={"preset": "today"})
+        teams = await _over_time(client, org, {**base, "breakdownProperty": "$team"})
+        assert {k: v for k, v in teams["data"][-1].items() if k != "date"} == {
+            "beta": 2,
+            "alpha": 1,
+        }, measure
+        tags = await _over_time(client, org, {**base, "breakdownProperty": "tags"})
+        assert {k: v for k, v in tags["data"][-1].items() if k != "date"} == {
+            "y": 2,
+            "x": 1,
+        }, measure
+
+
+async def test_history_aggregates_a_renamed_property_under_its_new_name(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    d = datetime(2024, 2, 1, tzinfo=UTC)
+    await _write(client, org, "api", coverage=1)
+    await _write(client, org, "api", coverage=3)
+    await _place(db, org, "api", [d, d + timedelta(days=1)])
+    await ok(
+        client,
+        "PATCH",
+        "/v1/blueprints/service/properties/coverage/rename",
+        org,
+        json={"newPropertyName": "testCoverage"},
+    )
+    body = _body(
+        measureTimeBy="$history",
+        timeInterval="day",
+        aggregationType="aggregatePropertiesValues",
+        properties=["testCoverage"],
+        timeRange={"from": "2024-02-01T00:00:00Z", "to": "2024-02-03T00:00:00Z"},
+    )
+    for func in ("sum", "max"):
+        result = await _over_time(client, org, {**body, "func": func})
+        assert _series(result, "testCoverage") == [1, 3], func
+    r = await client.post(
+        OVER_TIME, json={**body, "func": "sum", "properties": ["coverage"]}, headers=org.headers
+    )
+    assert r.status_code == 422
