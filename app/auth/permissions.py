@@ -69,8 +69,10 @@ OPERATIONS: dict[str, Holder] = {
     "secrets.read": "admin",
     "secrets.manage": "admin",
     "webhooks.read": "admin",
+    "webhooks.metadata": "everyone",  # identifier, title, icon, updatedAt: no settings
     "webhooks.manage": "admin",
     "integrations.read": "admin",
+    "integrations.metadata": "everyone",  # identifier, type, updatedAt: no config
     "integrations.manage": "admin",
     "blueprints.read": "everyone",
     "blueprints.create": "admin",

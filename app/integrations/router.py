@@ -339,6 +339,31 @@ async def provision_enabled(tenant: CurrentTenant) -> Any:
     return {"ok": True, "integrations": []}
 
 
+class IntegrationMetadata(BaseModel):
+    identifier: str
+    installationId: str
+    integrationType: str | None
+    title: str | None
+    version: str | None
+    updatedAt: datetime
+
+
+class IntegrationMetadataResponse(BaseModel):
+    ok: Literal[True] = True
+    integrations: list[IntegrationMetadata]
+
+
+@router.get(
+    "/v1/integration/metadata",
+    response_model=IntegrationMetadataResponse,
+    responses=ERRORS_AUTHED,
+    summary="The organization's integrations, member view (what they are, not their settings)",
+)
+async def integrations_metadata(tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "integrations.metadata")
+    return {"ok": True, "integrations": await service.metadata(tenant.tx)}
+
+
 @router.post(
     "/v1/integration",
     status_code=201,

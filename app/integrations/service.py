@@ -37,7 +37,7 @@ _INGEST_LOOKUP = 12  # leading characters of an ingest id used to find it
 _RESYNC_KEYS = ("status", "lastResyncStart", "lastResyncEnd", "nextResync", "intervalInMinuets")
 _MAX_DEPTH = 100
 # Identifiers the routes under /v1/integration/ answer themselves.
-RESERVED_IDENTIFIERS = frozenset({"provision-enabled"})
+RESERVED_IDENTIFIERS = frozenset({"provision-enabled", "metadata"})
 # Origins of an integration's default resources Ocean may record. `Port` means Port
 # provisions them, which Portolan does not do (it answers no provision-enabled types).
 ORIGINS = ("Empty", "Ocean", "Default")
@@ -287,6 +287,27 @@ async def list_all(
             actions_processing_enabled,
         )
     return [to_api(row, public_url) for row in rows]
+
+
+async def metadata(tx: Tx) -> list[dict[str, Any]]:
+    """Port's member view of the org's integrations: what they are, not how they are set up
+    (no config, no ingest URLs)."""
+    rows = await tx.fetch(
+        "SELECT identifier, title, installation_app_type, version, updated_at "
+        "FROM integrations WHERE org_id = $1 ORDER BY identifier",
+        tx.org_id,
+    )
+    return [
+        {
+            "identifier": r["identifier"],
+            "installationId": r["identifier"],
+            "integrationType": r["installation_app_type"],
+            "title": r["title"],
+            "version": r["version"],
+            "updatedAt": r["updated_at"],
+        }
+        for r in rows
+    ]
 
 
 async def create(tx: Tx, actor: str, body: dict[str, Any], public_url: str) -> dict[str, Any]:

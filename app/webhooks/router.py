@@ -214,6 +214,30 @@ async def list_webhooks(tenant: CurrentTenant, request: Request) -> Any:
     return {"ok": True, "integrations": webhooks}
 
 
+class WebhookMetadata(BaseModel):
+    identifier: str
+    title: str
+    icon: str | None
+    integrationType: str | None
+    updatedAt: datetime
+
+
+class WebhookMetadataResponse(BaseModel):
+    ok: Literal[True] = True
+    webhooks: list[WebhookMetadata]
+
+
+@router.get(
+    "/metadata",
+    response_model=WebhookMetadataResponse,
+    responses=ERRORS_AUTHED,
+    summary="The organization's webhooks, member view (what they are, not their settings)",
+)
+async def webhooks_metadata(tenant: CurrentTenant) -> Any:
+    permissions.require(tenant.principal, "webhooks.metadata")
+    return {"ok": True, "webhooks": await service.metadata(tenant.tx)}
+
+
 @router.get(
     "/{identifier}",
     response_model=WebhookResponse,

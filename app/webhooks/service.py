@@ -112,9 +112,37 @@ def _values(definition: Definition) -> list[Any]:
     ]
 
 
+RESERVED_IDENTIFIERS = frozenset({"metadata"})  # a route of /v1/webhooks
+
+
+async def metadata(tx: Tx) -> list[dict[str, Any]]:
+    """Port's member view of the org's webhooks: what they are, not how they are set up
+    (no mappings, security or ingest key)."""
+    rows = await tx.fetch(
+        "SELECT identifier, title, icon, integration_type, updated_at FROM webhooks "
+        "WHERE org_id = $1 ORDER BY identifier",
+        tx.org_id,
+    )
+    return [
+        {
+            "identifier": r["identifier"],
+            "title": r["title"],
+            "icon": r["icon"],
+            "integrationType": r["integration_type"],
+            "updatedAt": r["updated_at"],
+        }
+        for r in rows
+    ]
+
+
 async def create(tx: Tx, cipher: Cipher, actor: str, body: Any, public_url: str) -> dict[str, Any]:
     definition, encrypted = await _prepared(tx, cipher, body, None)
     assert tx.org_id is not None
+    if definition.identifier in RESERVED_IDENTIFIERS:
+        raise Invalid(
+            f"{definition.identifier!r} is a route of /v1/webhooks, not a webhook identifier",
+            details=[{"pointer": "/identifier", "message": "is reserved"}],
+        )
     row = await tx.fetchrow(
         "INSERT INTO webhooks (org_id, identifier, title, description, icon, enabled, "
         "integration_type, mappings, security, secret_encrypted, webhook_key, created_by, "
