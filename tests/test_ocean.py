@@ -180,6 +180,16 @@ async def test_ocean_syncs_and_then_deletes_only_its_stale_entities(
     assert logs, "no log line arrived at the ingest URL"
     assert all(line["level"] for line in logs)
 
+    # The integration's default page (.port/resources/pages.json), made by Ocean's
+    # POST /v1/pages, draws from the synced catalog.
+    page = (await _get(live, org, "/v1/pages/people-dashboard"))["page"]
+    board = page["widgets"][0]
+    assert [w["id"] for w in board["widgets"]] == ["peopleReadme", "peopleCount", "peopleTable"]
+    count = await live.post(
+        "/v1/pages/people-dashboard/widgets/peopleCount/data", headers=org.headers
+    )
+    assert count.status_code == 200 and count.json()["value"] == 7, count.text
+
     # Someone else's entity in the integration's blueprint: not the integration's to delete.
     manual = await live.post(
         "/v1/blueprints/person/entities",

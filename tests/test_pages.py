@@ -317,6 +317,20 @@ async def test_a_page_identifier_is_taken_once(
             "/widgets/0/widgets/0/scorecard",
         ),
         (dashboard(widgets=[{"id": "i", "type": "iframe-widget"}]), "/widgets/0/widgets/0/url"),
+        (
+            {
+                **dashboard(),
+                "widgets": [
+                    {
+                        "id": "d",
+                        "type": "dashboard-widget",
+                        "widgets": [{"id": "m", "type": "markdown"}],
+                        "layout": [{"columns": [{"id": ["m"]}]}, "row"],
+                    }
+                ],
+            },
+            "/widgets/0/layout/0/columns/0/id",
+        ),
     ],
 )
 async def test_a_bad_page_is_refused_by_pointer_and_nothing_is_written(

@@ -182,7 +182,8 @@ def _check_layout(layout: Any, children: set[str], pointer: str, problems: Probl
             problems.add(_ptr(pointer, i, "columns"), "a layout row has a list of columns")
             continue
         for j, column in enumerate(columns):
-            if not isinstance(column, dict) or column.get("id") not in children:
+            name = column.get("id") if isinstance(column, dict) else None
+            if not isinstance(name, str) or name not in children:
                 problems.add(
                     _ptr(pointer, i, "columns", j, "id"), "names no widget of this dashboard"
                 )
