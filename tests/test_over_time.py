@@ -667,6 +667,10 @@ async def test_bad_past_searches_are_4xx_in_ports_error_body(
             422,
         ),
     ]
+    cases += [
+        (SEARCH + "?attach_title_to_relation=true", {"at": past}, 422),
+        ("/v1/entities/search?attach_title_to_relation=true", {"rules": [], "at": past}, 422),
+    ]
     for url, body, status in cases:
         r = await client.post(url, json=body, headers=org.headers)
         assert r.status_code == status, (body, r.text)

@@ -18,6 +18,7 @@ from app.config import Settings
 from app.db.database import Database
 from app.db.routing import AfterCommit, api_router
 from app.history import asof
+from app.kit.errors import Invalid
 from app.kit.openapi import ERRORS_AUTHED
 from app.kit.responses import json_response, to_json
 from app.search.aggregate import aggregate
@@ -76,8 +77,14 @@ class SearchAllBody(Rules):
 _PAST_PAGE = 1000
 
 
-def _past_instant(request: Request, at: datetime) -> datetime:
+def _past_instant(request: Request, at: datetime, titles: bool) -> datetime:
     """`at` as an instant a past search may use (UTC when it carries no offset)."""
+    if titles:
+        raise Invalid(
+            "attach_title_to_relation is not available with at: history keeps each "
+            "entity's relations, not its targets' titles then",
+            details=[{"pointer": "/at", "message": "not with attach_title_to_relation"}],
+        )
     instant = at if at.tzinfo else at.replace(tzinfo=UTC)
     settings: Settings = request.app.state.settings
     asof.check_instant(instant, datetime.now(UTC), settings.history_retention_days)
@@ -144,7 +151,7 @@ async def search_blueprint(
     body = body or BlueprintSearchBody()
     query = body.query.model_dump() if body.query is not None else None
     if body.at is not None:
-        instant = _past_instant(request, body.at)
+        instant = _past_instant(request, body.at, attach_title_to_relation)
         past_scope = await fresh_scope(tenant.tx, blueprint, query)
         past, position = await asof.search_page(
             tenant.tx,
@@ -244,6 +251,8 @@ async def search_all(
     permissions.require(tenant.principal, "entities.read")
     query = body.model_dump(exclude={"at"})
     if body.at is not None:
+        if attach_title_to_relation:
+            _past_instant(request, body.at, True)
         return await _search_all_past(request, tenant, query, body.at, include, exclude)
     search = await prepare(
         tenant.tx,
@@ -283,7 +292,7 @@ async def _search_all_past(
     """Every match as it stood at `at`: the first page read in the request's transaction
     (a bad query is the answer's status), the rest streamed a page per transaction (the
     past does not change between them)."""
-    instant = _past_instant(request, at)
+    instant = _past_instant(request, at, False)
     scope = await fresh_scope(tenant.tx, None, query)
     pick = _picker(include, exclude, [scope.blueprints[b] for b in scope.searched])
     first, position = await asof.search_page(tenant.tx, scope, query, instant, None, _PAST_PAGE)
