@@ -10,7 +10,9 @@ walks must also answer what the suite's single PostgreSQL answers for the same c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,11 +27,22 @@ from app.cli import run_migrations
 from app.config import Settings
 from app.db.citus import CitusMissing, citus_enabled
 from app.db.database import Database
+from app.dispatch.runner import sweep_expired
 from app.kit.crypto import cipher_for
 from app.main import create_app
 from app.orgs import service as org_service
+from app.worker import InProcessWorker
 from tests.citus_cluster import CitusCluster, citus_cluster
-from tests.conftest import PLATFORM_TOKEN, RUN_ID, SECRET_KEY, Org, OrgFactory, Servers
+from tests.conftest import (
+    PLATFORM_TOKEN,
+    RUN_ID,
+    SECRET_KEY,
+    Org,
+    OrgFactory,
+    Servers,
+    dispatch_settings,
+)
+from tests.receivers import WebhookReceiver
 
 SHARD_COUNT = 4  # per table: enough to tell one shard from all, cheap to create
 
@@ -914,6 +927,157 @@ async def test_every_statement_of_a_tenant_request_is_a_router_plan(
     if what in DELETES:
         events = [r for r in recorder.statements if "INSERT INTO entity_events" in r.sql]
         assert events, [r.sql for r in recorder.statements]
+
+
+# -- background work across orgs ----------------------------------------------------------
+
+
+@pytest.fixture
+async def citus_worker(citus_settings: Settings) -> AsyncIterator[Settings]:
+    """The supervised worker (relay, arq worker, sweeper, sender) on the cluster, with the
+    receivers' addresses allowed; stopped after the test."""
+    configured = dispatch_settings(citus_settings)
+    worker = InProcessWorker(configured)
+    worker.start()
+    try:
+        yield configured
+    finally:
+        await worker.stop()
+
+
+async def _wait_run(
+    http: httpx.AsyncClient, org: Org, run_id: str, within: float = 20.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    run: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        answer = await http.get(f"/v1/actions/runs/{run_id}", headers=org.headers)
+        assert answer.status_code == 200, answer.text
+        run = answer.json()["run"]
+        if run["status"] in ("SUCCESS", "FAILURE"):
+            return run
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} did not end: {run}")
+
+
+async def test_action_runs_of_two_orgs_dispatch_to_their_webhooks(
+    citus_app: FastAPI, http: httpx.AsyncClient, citus_worker: Settings
+) -> None:
+    """The relay finds due outbox rows across orgs, then locks and marks them org by org
+    (Citus locks rows only in a statement routed to one shard); the worker claims each
+    run, signs with its org's secret and records the outcome on the org's shard."""
+    orgs = [await _org(citus_app, http) for _ in range(2)]
+    with contextlib.ExitStack() as receivers:
+        hooks: list[WebhookReceiver] = []
+        for org in orgs:
+            created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+            assert created.status_code == 201, created.text
+            secret = await http.get("/v1/organization/signing-secret", headers=org.headers)
+            assert secret.status_code == 200, secret.text
+            hook = receivers.enter_context(WebhookReceiver(secret.json()["signingSecret"]))
+            hooks.append(hook)
+            action = {
+                "identifier": "deploy",
+                "title": "Deploy",
+                "trigger": {
+                    "type": "self-service",
+                    "operation": "CREATE",
+                    "blueprintIdentifier": "service",
+                    "userInputs": {"properties": {"tag": {"type": "string"}}},
+                },
+                "invocationMethod": {
+                    "type": "WEBHOOK",
+                    "url": hook.url + "/deploy",
+                    "synchronized": True,
+                    "body": {"tag": "{{ .inputs.tag }}", "run": "{{ .run.id }}"},
+                },
+            }
+            defined = await http.post("/v1/actions", json=action, headers=org.headers)
+            assert defined.status_code == 201, defined.text
+        run_ids = []
+        for n, org in enumerate(orgs):
+            started = await http.post(
+                "/v1/actions/deploy/runs",
+                json={"properties": {"tag": f"v{n}"}},
+                headers=org.headers,
+            )
+            assert started.status_code == 202, started.text
+            run_ids.append(started.json()["run"]["id"])
+        for n, (org, hook, run_id) in enumerate(zip(orgs, hooks, run_ids, strict=True)):
+            run = await _wait_run(http, org, run_id)
+            assert run["status"] == "SUCCESS", run
+            assert [d.body for d in hook.deliveries] == [{"tag": f"v{n}", "run": run_id}]
+            assert hook.signature_failures == 0
+            logs = await http.get(f"/v1/actions/runs/{run_id}/logs", headers=org.headers)
+            assert logs.status_code == 200, logs.text
+            assert logs.json()["runLogs"], logs.text
+            other = orgs[1 - n]
+            hidden = await http.get(f"/v1/actions/runs/{run_id}", headers=other.headers)
+            assert hidden.status_code == 404, hidden.text
+
+
+async def test_the_sweeper_hands_expired_runs_of_two_orgs_back_or_ends_them(
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """Runs whose worker's lease ran out, in two orgs: one goes to a new attempt, the one
+    at its last attempt ends in FAILURE (two statements across the shards on Citus)."""
+    orgs = [await _org(citus_app, http) for _ in range(2)]
+    run_ids = []
+    for org in orgs:
+        created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+        assert created.status_code == 201, created.text
+        action = {
+            "identifier": "deploy",
+            "title": "Deploy",
+            "trigger": {
+                "type": "self-service",
+                "operation": "CREATE",
+                "blueprintIdentifier": "service",
+                "userInputs": {"properties": {}},
+            },
+            "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/never"},
+        }
+        defined = await http.post("/v1/actions", json=action, headers=org.headers)
+        assert defined.status_code == 201, defined.text
+        started = await http.post("/v1/actions/deploy/runs", json={}, headers=org.headers)
+        assert started.status_code == 202, started.text
+        run_ids.append(started.json()["run"]["id"])
+    last = citus_settings.dispatch_max_attempts
+    assert citus_settings.database_url is not None
+    conn = await asyncpg.connect(citus_settings.database_url)
+    try:
+        for org, run_id, attempts in zip(orgs, run_ids, (1, last), strict=True):
+            # As a worker that claimed the attempt and died: its lease has run out.
+            await conn.execute(
+                "DELETE FROM dispatch_outbox WHERE org_id = $1 AND run_id = $2", org.org_id, run_id
+            )
+            await conn.execute(
+                "UPDATE action_runs SET dispatch_state = 'dispatching', attempts = $3,"
+                " claim = $4, lease_until = now() - interval '1 minute'"
+                " WHERE org_id = $1 AND id = $2",
+                org.org_id,
+                run_id,
+                attempts,
+                uuid.uuid4(),
+            )
+        assert await sweep_expired(citus_settings, citus_app.state.db) >= 2
+        outbox = await conn.fetch(
+            "SELECT org_id, run_id, attempt FROM dispatch_outbox WHERE run_id = ANY($1::text[])",
+            run_ids,
+        )
+    finally:
+        await conn.close()
+    assert [(r["org_id"], r["run_id"], r["attempt"]) for r in outbox] == [
+        (orgs[0].org_id, run_ids[0], 2)
+    ]
+    again = await http.get(f"/v1/actions/runs/{run_ids[0]}", headers=orgs[0].headers)
+    assert again.json()["run"]["status"] == "IN_PROGRESS", again.text
+    ended = await http.get(f"/v1/actions/runs/{run_ids[1]}", headers=orgs[1].headers)
+    assert ended.json()["run"]["status"] == "FAILURE", ended.text
+    assert ended.json()["run"]["endedAt"] is not None
+    for org, run_id, word in zip(orgs, run_ids, ("dispatching again", "gave up"), strict=True):
+        logs = await http.get(f"/v1/actions/runs/{run_id}/logs", headers=org.headers)
+        assert any(word in line["message"] for line in logs.json()["runLogs"]), logs.text
 
 
 async def test_a_single_postgresql_is_not_citus_unless_required(database_url: str) -> None:

@@ -5,7 +5,9 @@ its retry) by an outbox row; the same transaction sends `NOTIFY portolan_dispatc
 PostgreSQL delivers only on commit. The relay wakes on that notification (or every second,
 or when a delayed row falls due), takes due rows with `FOR UPDATE SKIP LOCKED` (several
 workers relay side by side without taking the same rows), enqueues one arq job per row and
-marks the rows relayed in the same transaction. Orgs take turns, and an org with
+marks the rows relayed in the same transaction. (On Citus, which locks rows only in a
+statement routed to one shard, due rows are found across orgs first, then locked and
+marked org by org in that transaction: docs/scaling.md.) Orgs take turns, and an org with
 `PORTOLAN_DISPATCH_ORG_CONCURRENCY` runs in flight waits for one of them to be claimed and
 end: one org's backlog stays in the outbox instead of filling the workers' job slots. A
 row is deleted by the worker's claim of its run (app/dispatch/runner.py), not by the relay.
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import uuid
 from typing import Any
 
 import asyncpg
@@ -31,7 +34,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from app.actions.runs import NOTIFY_CHANNEL
 from app.config import Settings
-from app.db.database import Database
+from app.db.database import Database, Tx
 from app.kit.loops import cancel_and_wait
 
 log = logging.getLogger("portolan.dispatch")
@@ -89,13 +92,7 @@ async def relay_once(
         chosen = await tx.fetch(_DUE, batch, requeue_seconds, org_cap)
         if not chosen:
             return 0
-        rows = await tx.fetch(
-            "SELECT org_id, id, run_id, attempt, relays FROM dispatch_outbox "
-            "WHERE (org_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[])) "
-            "ORDER BY available_at, id FOR UPDATE SKIP LOCKED",
-            [r["org_id"] for r in chosen],
-            [r["id"] for r in chosen],
-        )
+        rows = await (_lock_per_org(tx, chosen) if tx.citus else _lock(tx, chosen))
         for row in rows:
             await pool.enqueue_job(
                 "dispatch_run",
@@ -104,7 +101,15 @@ async def relay_once(
                 row["attempt"],
                 _job_id=job_id(row["run_id"], row["attempt"], row["relays"]),
             )
-        if rows:
+        if rows and tx.citus:
+            for org_id, ids in _by_org(rows).items():
+                await tx.execute(
+                    "UPDATE dispatch_outbox SET relayed_at = now(), relays = relays + 1 "
+                    "WHERE org_id = $1 AND id = ANY($2::bigint[])",
+                    org_id,
+                    ids,
+                )
+        elif rows:
             await tx.execute(
                 "UPDATE dispatch_outbox o SET relayed_at = now(), relays = relays + 1 "
                 "FROM unnest($1::uuid[], $2::bigint[]) AS d(o, i) "
@@ -113,6 +118,38 @@ async def relay_once(
                 [r["id"] for r in rows],
             )
     return len(rows)
+
+
+async def _lock(tx: Tx, chosen: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    """The chosen rows no other relay holds, locked, oldest first."""
+    return await tx.fetch(
+        "SELECT org_id, id, run_id, attempt, relays FROM dispatch_outbox "
+        "WHERE (org_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[])) "
+        "ORDER BY available_at, id FOR UPDATE SKIP LOCKED",
+        [r["org_id"] for r in chosen],
+        [r["id"] for r in chosen],
+    )
+
+
+async def _lock_per_org(tx: Tx, chosen: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    """`_lock` on Citus, which locks rows only in a statement routed to one shard: one
+    statement per org (all in this transaction), filtered by the org."""
+    rows: list[asyncpg.Record] = []
+    for org_id, ids in _by_org(chosen).items():
+        rows += await tx.fetch(
+            "SELECT org_id, id, run_id, attempt, relays, available_at FROM dispatch_outbox "
+            "WHERE org_id = $1 AND id = ANY($2::bigint[]) FOR UPDATE SKIP LOCKED",
+            org_id,
+            ids,
+        )
+    return sorted(rows, key=lambda r: (r["available_at"], r["id"]))
+
+
+def _by_org(rows: list[asyncpg.Record]) -> dict[uuid.UUID, list[int]]:
+    grouped: dict[uuid.UUID, list[int]] = {}
+    for row in rows:
+        grouped.setdefault(row["org_id"], []).append(row["id"])
+    return grouped
 
 
 async def _seconds_to_next(db: Database, requeue_seconds: float) -> float | None:

@@ -191,6 +191,44 @@ def redact(value: Any, secrets: list[str]) -> Any:
     return value
 
 
+# An attempt's outcome, under its claim: the run's row, and (in _RECORD) its log line.
+_ENDED = (
+    "UPDATE action_runs SET dispatch_state = $4, "
+    "status = coalesce($5, status), "
+    "ended_at = {ended_at}, "
+    "claim = NULL, lease_until = NULL, "
+    "next_attempt_at = {next_attempt_at}, "
+    "link = coalesce($7::jsonb, link), external_run_id = coalesce($8, external_run_id), "
+    "response = coalesce($9::jsonb, response), payload = coalesce($10::jsonb, payload), "
+    "updated_at = now(), updated_by = $11 "
+    "WHERE org_id = $1 AND id = $2 AND claim = $3 AND dispatch_state = 'dispatching' "
+    "AND status = 'IN_PROGRESS' RETURNING attempts"
+)
+_RECORD = (
+    "WITH ended AS ("  # noqa: S608 - constants
+    + _ENDED.format(
+        ended_at="CASE WHEN $5 IS NULL THEN ended_at ELSE now() END",
+        next_attempt_at="CASE WHEN $6::float8 IS NULL THEN NULL "
+        "ELSE now() + make_interval(secs => $6) END",
+    )
+    + "), logged AS (INSERT INTO action_run_logs (org_id, run_id, message, created_by) "
+    "SELECT $1, $2, $12, $11 FROM ended) "
+    "SELECT attempts FROM ended"
+)
+
+
+def _ended_on_citus(*, ends: bool, retries: bool) -> str:
+    """_ENDED for Citus, which refuses `now()` inside CASE in a write: the branch is
+    chosen here (the values stay parameters; $6, NULL when not retrying, is still named
+    so its type is known)."""
+    return _ENDED.format(
+        ended_at="now()" if ends else "ended_at",
+        next_attempt_at="now() + make_interval(secs => $6::float8)"
+        if retries
+        else "CASE WHEN $6::float8 IS NULL THEN NULL::timestamptz END",
+    )
+
+
 async def _record(
     db: Database,
     held: Claim,
@@ -205,35 +243,29 @@ async def _record(
     backend finished the run first, or the lease expired and another attempt began)."""
     fields = fields or {}
     run_id = held.run["id"]
+    values = (
+        held.org_id,
+        run_id,
+        held.token,
+        state,
+        status,
+        retry_in,
+        fields.get("link"),
+        fields.get("external_run_id"),
+        fields.get("response"),
+        fields.get("payload"),
+        WORKER,
+    )
     async with db.tenant(held.org_id) as tx:
-        done = await tx.fetchval(
-            "WITH ended AS (UPDATE action_runs SET dispatch_state = $4, "
-            "status = coalesce($5, status), "
-            "ended_at = CASE WHEN $5 IS NULL THEN ended_at ELSE now() END, "
-            "claim = NULL, lease_until = NULL, "
-            "next_attempt_at = CASE WHEN $6::float8 IS NULL THEN NULL "
-            "ELSE now() + make_interval(secs => $6) END, "
-            "link = coalesce($7::jsonb, link), external_run_id = coalesce($8, external_run_id), "
-            "response = coalesce($9::jsonb, response), payload = coalesce($10::jsonb, payload), "
-            "updated_at = now(), updated_by = $11 "
-            "WHERE org_id = $1 AND id = $2 AND claim = $3 AND dispatch_state = 'dispatching' "
-            "AND status = 'IN_PROGRESS' RETURNING attempts), "
-            "logged AS (INSERT INTO action_run_logs (org_id, run_id, message, created_by) "
-            "SELECT $1, $2, $12, $11 FROM ended) "
-            "SELECT attempts FROM ended",
-            held.org_id,
-            run_id,
-            held.token,
-            state,
-            status,
-            retry_in,
-            fields.get("link"),
-            fields.get("external_run_id"),
-            fields.get("response"),
-            fields.get("payload"),
-            WORKER,
-            message,
-        )
+        if tx.citus:
+            # The log in a statement of its own: Citus would pull the CTE's INSERT ...
+            # SELECT through the coordinator (a transaction over two nodes for one org).
+            ended = _ended_on_citus(ends=status is not None, retries=retry_in is not None)
+            done = await tx.fetchval(ended, *values)
+            if done is not None:
+                await runs.log(tx, run_id, WORKER, message)
+        else:
+            done = await tx.fetchval(_RECORD, *values, message)
         if done is None:
             return False
         if retry_in is not None:
@@ -483,21 +515,46 @@ async def _end_in(tx: Tx, held: Claim, status: str, message: str) -> bool:
     return True
 
 
+# sweep_expired's statement on Citus, in two: the runs that give up, and those that go again.
+_SWEEP_GIVE_UP = (
+    "UPDATE action_runs SET dispatch_state = 'done', status = 'FAILURE', ended_at = now(), "
+    "claim = NULL, lease_until = NULL, updated_at = now(), updated_by = $2 "
+    "WHERE dispatch_state = 'dispatching' AND lease_until < now() "
+    "AND status = 'IN_PROGRESS' AND attempts >= $1 "
+    "RETURNING org_id, id, attempts, dispatch_state"
+)
+_SWEEP_AGAIN = (
+    "UPDATE action_runs SET dispatch_state = 'retrying', "
+    "claim = NULL, lease_until = NULL, updated_at = now(), updated_by = $2 "
+    "WHERE dispatch_state = 'dispatching' AND lease_until < now() "
+    "AND status = 'IN_PROGRESS' AND attempts < $1 "
+    "RETURNING org_id, id, attempts, dispatch_state"
+)
+
+
 async def sweep_expired(settings: Settings, db: Database) -> int:
     """Runs whose worker's lease ran out go to a new attempt (or end in FAILURE after the
     last one); how many were swept."""
     async with db.system() as tx:
-        rows = await tx.fetch(
-            "UPDATE action_runs SET dispatch_state = CASE WHEN attempts >= $1 THEN 'done' "
-            "ELSE 'retrying' END, "
-            "status = CASE WHEN attempts >= $1 THEN 'FAILURE' ELSE status END, "
-            "ended_at = CASE WHEN attempts >= $1 THEN now() ELSE ended_at END, "
-            "claim = NULL, lease_until = NULL, updated_at = now(), updated_by = $2 "
-            "WHERE dispatch_state = 'dispatching' AND lease_until < now() "
-            "AND status = 'IN_PROGRESS' RETURNING org_id, id, attempts, dispatch_state",
-            settings.dispatch_max_attempts,
-            WORKER,
-        )
+        if tx.citus:
+            # Citus refuses `now()` inside CASE in a write: those that give up and those
+            # that go again are two statements (each across the shards).
+            rows = [
+                *await tx.fetch(_SWEEP_GIVE_UP, settings.dispatch_max_attempts, WORKER),
+                *await tx.fetch(_SWEEP_AGAIN, settings.dispatch_max_attempts, WORKER),
+            ]
+        else:
+            rows = await tx.fetch(
+                "UPDATE action_runs SET dispatch_state = CASE WHEN attempts >= $1 THEN 'done' "
+                "ELSE 'retrying' END, "
+                "status = CASE WHEN attempts >= $1 THEN 'FAILURE' ELSE status END, "
+                "ended_at = CASE WHEN attempts >= $1 THEN now() ELSE ended_at END, "
+                "claim = NULL, lease_until = NULL, updated_at = now(), updated_by = $2 "
+                "WHERE dispatch_state = 'dispatching' AND lease_until < now() "
+                "AND status = 'IN_PROGRESS' RETURNING org_id, id, attempts, dispatch_state",
+                settings.dispatch_max_attempts,
+                WORKER,
+            )
         for row in rows:
             gave_up = row["dispatch_state"] == "done"
             await tx.execute(
