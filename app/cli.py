@@ -32,7 +32,7 @@ cli.add_typer(import_cli, name="import")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "openapi" / "openapi.json"
 # The starter catalog `portolan up` applies to the demo organization it creates.
-STARTER_PATHS = [REPO_ROOT / name for name in ("blueprints", "scorecards", "actions")]
+STARTER_PATHS = [REPO_ROOT / name for name in ("blueprints", "scorecards", "actions", "workflows")]
 
 
 def _settings_with_services() -> Settings:
@@ -190,7 +190,9 @@ def _seed_demo_org(url: str, created: dict[str, str]) -> None:
     credentials = Credentials(
         url=url, client_id=created["clientId"], client_secret=created["clientSecret"]
     )
-    typer.echo("Applying the starter catalog (blueprints/, scorecards/, actions/) to demo:")
+    typer.echo(
+        "Applying the starter catalog (blueprints/, scorecards/, actions/, workflows/) to demo:"
+    )
     try:
         with Client(credentials) as client:
             code = run(client, STARTER_PATHS, org=created["orgId"])
@@ -394,6 +396,14 @@ def import_backstage(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     url: Annotated[str | None, typer.Option(help="Portolan's URL (default: $PORTOLAN_URL)")] = None,
+    scaffolder_runner_url: Annotated[
+        str | None,
+        typer.Option(
+            "--scaffolder-runner-url",
+            help="Where Scaffolder Templates' steps are sent (one WEBHOOK node per step); "
+            "without it Templates are reported and not imported",
+        ),
+    ] = None,
 ) -> None:
     """Import Backstage catalog files through the API (PORTOLAN_CLIENT_ID / _SECRET)."""
     from app.backstage.importer import import_catalog
@@ -405,7 +415,7 @@ def import_backstage(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     with Client(credentials) as client:
-        report = import_catalog(client, paths, dry_run=dry_run)
+        report = import_catalog(client, paths, dry_run=dry_run, runner_url=scaffolder_runner_url)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.render())
     raise typer.Exit(report.exit_code)
 

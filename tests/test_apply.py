@@ -17,7 +17,7 @@ from app.remote import Client, Credentials
 from tests.conftest import LiveServer, Org, OrgFactory
 
 ROOT = Path(__file__).resolve().parent.parent
-STARTER = [str(ROOT / name) for name in ("blueprints", "scorecards", "actions")]
+STARTER = [str(ROOT / name) for name in ("blueprints", "scorecards", "actions", "workflows")]
 
 
 @dataclass
@@ -60,6 +60,7 @@ async def catalog(server: LiveServer, org: Org) -> dict[str, Any]:
         "blueprints": (await read(server, org, "/v1/blueprints"))["blueprints"],
         "scorecards": [{k: v for k, v in sc.items() if k != "state"} for sc in scorecards],
         "actions": (await read(server, org, "/v1/actions"))["actions"],
+        "workflows": (await read(server, org, "/v1/workflows"))["workflows"],
     }
 
 
@@ -93,6 +94,56 @@ SERVICE = """
 """
 
 
+FLOW = """
+    identifier: flow
+    title: Flow
+    nodes:
+      - identifier: trigger
+        config:
+          type: SELF_SERVE_TRIGGER
+          userInputs: {properties: {name: {type: string}}, required: [name]}
+      - identifier: register
+        config:
+          type: UPSERT_ENTITY
+          blueprintIdentifier: svc
+          mapping: {identifier: "{{ .outputs.trigger.name }}", properties: {language: Go}}
+    connections:
+      - {sourceIdentifier: trigger, targetIdentifier: register}
+"""
+
+
+async def test_a_workflow_is_applied_updated_and_its_blueprints_checked(
+    live_server: LiveServer, make_org: OrgFactory, tmp_path: Path
+) -> None:
+    org = await make_org()
+    write(tmp_path, {"blueprints/svc.yaml": SERVICE, "workflows/flow.yaml": FLOW})
+    first = await portolan(live_server, org, "apply", str(tmp_path))
+    assert first.code == 0, first.output
+    assert plan_lines(first.output) == ["create blueprint svc", "create workflow flow"]
+    again = await portolan(live_server, org, "apply", str(tmp_path))
+    assert "Nothing to do: 2 unchanged." in again.output, again.output
+    write(tmp_path, {"workflows/flow.yaml": FLOW.replace("language: Go", "language: Python")})
+    changed = await portolan(live_server, org, "apply", str(tmp_path))
+    assert changed.code == 0, changed.output
+    assert "~ update    workflow flow  (nodes)" in changed.output, changed.output
+    flow = (await read(live_server, org, "/v1/workflows/flow"))["workflow"]
+    assert flow["nodes"][1]["config"]["mapping"]["properties"] == {"language": "Python"}
+    assert flow["version"] == 2
+    # A workflow naming a blueprint that exists nowhere stops the apply before any write.
+    write(
+        tmp_path,
+        {
+            "workflows/flow.yaml": FLOW.replace(
+                "blueprintIdentifier: svc", "blueprintIdentifier: nope"
+            )
+        },
+    )
+    refused = await portolan(live_server, org, "apply", str(tmp_path))
+    assert refused.code != 0
+    assert "workflow flow: /nodes/1/config/blueprintIdentifier: blueprint 'nope'" in refused.output
+    assert (await read(live_server, org, "/v1/workflows/flow"))["workflow"]["version"] == 2
+
+
 async def test_the_starter_set_is_accepted_and_a_second_apply_changes_nothing(
     live_server: LiveServer, make_org: OrgFactory
 ) -> None:
@@ -108,8 +159,9 @@ async def test_the_starter_set_is_accepted_and_a_second_apply_changes_nothing(
         "create scorecard service/production-readiness",
         "create action create-service",
         "create action deploy",
+        "create workflow register-service",
     ]
-    assert "Applied: 8 created, 0 updated, 0 deleted, 0 unchanged." in first.output
+    assert "Applied: 9 created, 0 updated, 0 deleted, 0 unchanged." in first.output
     service = (await read(live_server, org, "/v1/blueprints/service"))["blueprint"]
     assert service["relations"]["team"]["target"] == "team"
     assert "deploymentCount" in service["aggregationProperties"]
@@ -118,8 +170,8 @@ async def test_the_starter_set_is_accepted_and_a_second_apply_changes_nothing(
     second = await portolan(live_server, org, "apply", *STARTER)
     assert second.code == 0, second.output
     assert all(line.startswith("unchanged ") for line in plan_lines(second.output))
-    assert len(plan_lines(second.output)) == 8
-    assert "Nothing to do: 8 unchanged." in second.output
+    assert len(plan_lines(second.output)) == 9
+    assert "Nothing to do: 9 unchanged." in second.output
     assert await catalog(live_server, org) == before
 
 
@@ -167,11 +219,13 @@ async def test_prune_deletes_only_what_the_files_no_longer_define(
             trigger: {type: self-service, operation: CREATE, userInputs: {properties: {}}}
             invocationMethod: {type: WEBHOOK, url: "https://example.com/hook"}
         """,
+        "workflows/flow.yaml": FLOW,
     }
     write(tmp_path, files)
     assert (await portolan(live_server, org, "apply", str(tmp_path))).code == 0
     (tmp_path / "blueprints/old.yaml").unlink()
     (tmp_path / "actions/ping.yaml").unlink()
+    (tmp_path / "workflows/flow.yaml").unlink()
 
     kept = await portolan(live_server, org, "apply", str(tmp_path))
     assert kept.code == 0, kept.output
@@ -182,12 +236,13 @@ async def test_prune_deletes_only_what_the_files_no_longer_define(
     assert pruned.code == 0, pruned.output
     assert plan_lines(pruned.output) == [
         "unchanged blueprint svc",
+        "delete workflow flow",
         "delete action ping",
         "delete blueprint old",
     ]
     left = await catalog(live_server, org)
     assert [b["identifier"] for b in left["blueprints"]] == ["svc"]
-    assert left["actions"] == []
+    assert left["actions"] == [] and left["workflows"] == []
 
 
 async def test_prune_refuses_to_delete_a_blueprint_that_has_entities(
@@ -335,7 +390,7 @@ async def test_applying_an_export_changes_nothing(
         assert (out / "scorecards" / "service" / f"production-readiness.{fmt}").is_file()
         result = await portolan(live_server, org, "apply", "--prune", str(out))
         assert result.code == 0, result.output
-        assert "Nothing to do: 8 unchanged." in result.output, result.output
+        assert "Nothing to do: 9 unchanged." in result.output, result.output
 
     assert await catalog(live_server, org) == before
     service = (tmp_path / "yaml" / "blueprints" / "service.yaml").read_text()

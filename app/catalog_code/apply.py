@@ -3,8 +3,8 @@ order through the API.
 
 Order: new blueprints first without their relations (and what follows relations: mirror
 and aggregation properties, inherited ownership), so blueprints may refer to each other in
-cycles; then every new or changed blueprint in full; then scorecards; then actions; with
-prune, deletions last (actions, scorecards, then blueprints).
+cycles; then every new or changed blueprint in full; then scorecards; then actions; then
+workflows; with prune, deletions last (workflows, actions, scorecards, then blueprints).
 """
 
 from __future__ import annotations
@@ -189,9 +189,14 @@ def _run_round(steps: list[Step], done: dict[str, int], progress: Progress, task
 def _rounds(client: Client, plan: Plan) -> list[list[Step]]:
     """The plan's writes as API calls, in rounds run one after another: new blueprints
     (bare when they have relations), blueprints in full, scorecards, actions, deletions."""
-    rounds: list[list[Step]] = [[], [], [], [], []]
-    by_kind = {"blueprint": 0, "scorecard": 2, "action": 3}
-    deletes: dict[str, list[Change]] = {"action": [], "scorecard": [], "blueprint": []}
+    rounds: list[list[Step]] = [[], [], [], [], [], []]
+    by_kind = {"blueprint": 0, "scorecard": 2, "action": 3, "workflow": 4}
+    deletes: dict[str, list[Change]] = {
+        "workflow": [],
+        "action": [],
+        "scorecard": [],
+        "blueprint": [],
+    }
     for change in plan.changes:
         if change.op == "unchanged":
             continue
@@ -211,7 +216,7 @@ def _rounds(client: Client, plan: Plan) -> list[list[Step]]:
             rounds[by_kind[change.kind]].append(
                 _write(client, change, desired, change.op, change.op)
             )
-    rounds[4].extend(_deletions(client, deletes))
+    rounds[5].extend(_deletions(client, deletes))
     return [r for r in rounds if r]
 
 
@@ -220,6 +225,8 @@ def _path(change: Change) -> str:
         return f"/v1/blueprints/{quote(change.identifier, safe='')}"
     if change.kind == "action":
         return f"/v1/actions/{quote(change.identifier, safe='')}"
+    if change.kind == "workflow":
+        return f"/v1/workflows/{quote(change.identifier, safe='')}"
     assert change.blueprint is not None
     return (
         f"/v1/blueprints/{quote(change.blueprint, safe='')}/scorecards/"
@@ -231,7 +238,9 @@ def _collection(change: Change) -> str:
     if change.kind == "scorecard":
         assert change.blueprint is not None
         return f"/v1/blueprints/{quote(change.blueprint, safe='')}/scorecards"
-    return "/v1/blueprints" if change.kind == "blueprint" else "/v1/actions"
+    return {"blueprint": "/v1/blueprints", "workflow": "/v1/workflows"}.get(
+        change.kind, "/v1/actions"
+    )
 
 
 def _write(
@@ -248,7 +257,7 @@ def _write(
 
 def _deletions(client: Client, deletes: dict[str, list[Change]]) -> list[Step]:
     steps: list[Step] = []
-    for change in deletes["action"] + deletes["scorecard"]:
+    for change in deletes["workflow"] + deletes["action"] + deletes["scorecard"]:
         steps.append(_delete(client, change))
     doomed = {c.identifier for c in deletes["blueprint"]}
     for change in deletes["blueprint"]:

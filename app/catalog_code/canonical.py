@@ -18,6 +18,16 @@ from app.catalog.blueprints import normalise as normalise_blueprint
 BLUEPRINT_KEYS = DEFINITION_KEYS
 ACTION_KEYS = action_definitions.DEFINITION_KEYS
 SCORECARD_KEYS = ("identifier", "title", "levels", "rules", "filter")
+WORKFLOW_KEYS = (
+    "identifier",
+    "title",
+    "icon",
+    "description",
+    "category",
+    "allowAnyoneToViewRuns",
+    "nodes",
+    "connections",
+)
 RULE_KEYS = ("identifier", "title", "description", "level", "query")
 DEFAULT_LEVELS = [
     {"title": "Basic", "color": "paleBlue"},
@@ -60,8 +70,16 @@ def scorecard(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def workflow(body: dict[str, Any]) -> dict[str, Any]:
+    out = {k: body[k] for k in WORKFLOW_KEYS if body.get(k) is not None}
+    out.setdefault("allowAnyoneToViewRuns", False)
+    out.setdefault("connections", [])
+    return out
+
+
 def of(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-    return {"blueprint": blueprint, "scorecard": scorecard, "action": action}[kind](body)
+    makers = {"blueprint": blueprint, "scorecard": scorecard, "action": action}
+    return {**makers, "workflow": workflow}[kind](body)
 
 
 def same(a: Any, b: Any) -> bool:

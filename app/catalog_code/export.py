@@ -1,10 +1,11 @@
-"""`portolan export`: an organization's blueprints, scorecards and actions as files in the
-layout `portolan apply` reads, without server-owned fields, in a stable form (sorted keys,
-the server's order of lists), so applying an export changes nothing.
+"""`portolan export`: an organization's blueprints, scorecards, actions and workflows as
+files in the layout `portolan apply` reads, without server-owned fields, in a stable form
+(sorted keys, the server's order of lists), so applying an export changes nothing.
 
 Layout: `blueprints/<id>.yaml`, `scorecards/<blueprint>/<id>.yaml` (with `blueprint`),
-`actions/<id>.yaml`. Catalog files already in those directories that the export did not
-write are removed, so the directory mirrors the organization; other files stay.
+`actions/<id>.yaml`, `workflows/<id>.yaml`. Catalog files already in those directories that
+the export did not write are removed, so the directory mirrors the organization; other files
+stay.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def export(client: Client, directory: Path, *, fmt: str = "yaml") -> Exported:
         written.append(target)
     keep = {p.resolve() for p in written}
     removed: list[Path] = []
-    for folder in ("blueprints", "scorecards", "actions"):
+    for folder in ("blueprints", "scorecards", "actions", "workflows"):
         root = directory / folder
         if not root.is_dir():
             continue

@@ -1,10 +1,11 @@
-"""Reads catalog files (blueprints, scorecards, actions in Port's shapes, as JSON or YAML)
-into documents that know what they are and where they came from (file and line).
+"""Reads catalog files (blueprints, scorecards, actions and workflows in Port's shapes, as
+JSON or YAML) into documents that know what they are and where they came from (file and
+line).
 
-A document's kind is its `kind` key (`blueprint`, `scorecard`, `action`; taken out of the
-body), else the nearest enclosing directory named `blueprints/`, `scorecards/` or
-`actions/`. A scorecard's blueprint is its `blueprint` key, else the directory it sits in
-under `scorecards/` (`scorecards/<blueprint>/<scorecard>.yaml`).
+A document's kind is its `kind` key (`blueprint`, `scorecard`, `action`, `workflow`; taken
+out of the body), else the nearest enclosing directory named `blueprints/`, `scorecards/`,
+`actions/` or `workflows/`. A scorecard's blueprint is its `blueprint` key, else the
+directory it sits in under `scorecards/` (`scorecards/<blueprint>/<scorecard>.yaml`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from typing import Any
 
 import yaml
 
-KINDS = ("blueprint", "scorecard", "action")
-DIRECTORIES = {"blueprints": "blueprint", "scorecards": "scorecard", "actions": "action"}
+KINDS = ("blueprint", "scorecard", "action", "workflow")
+DIRECTORIES = {
+    "blueprints": "blueprint",
+    "scorecards": "scorecard",
+    "actions": "action",
+    "workflows": "workflow",
+}
 EXTENSIONS = (".yaml", ".yml", ".json")
 _UNSAFE = re.compile(r"[^A-Za-z0-9@_.+=-]")
 
@@ -233,7 +239,9 @@ def _document(
 ) -> Document | None:
     where = f"{path}:{line}"
     if not isinstance(value, dict):
-        problems.append(Problem(where, "expected an object (a blueprint, scorecard or action)"))
+        problems.append(
+            Problem(where, "expected an object (a blueprint, scorecard, action or workflow)")
+        )
         return None
     body = dict(value)
     kind = body.pop("kind", None)
@@ -243,8 +251,9 @@ def _document(
             problems.append(
                 Problem(
                     where,
-                    "cannot tell what this is: add `kind: blueprint | scorecard | action`, "
-                    "or put the file under blueprints/, scorecards/ or actions/",
+                    "cannot tell what this is: add `kind: blueprint | scorecard | action | "
+                    "workflow`, or put the file under blueprints/, scorecards/, actions/ or "
+                    "workflows/",
                 )
             )
             return None

@@ -3,6 +3,7 @@ update, leave alone and (with prune) delete. Everything here reads; nothing writ
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,10 @@ from app.catalog_code.loader import Document, Problem, label_of
 from app.kit.errors import Invalid
 from app.remote import Client
 
+_WORKFLOW_IDENTIFIER = re.compile(r"^[A-Za-z0-9@_:-]{1,60}$")  # app/workflows/definitions.py
+
 Key = tuple[str, str, str]  # (kind, scorecard's blueprint or "", identifier)
-KIND_ORDER = {"blueprint": 0, "scorecard": 1, "action": 2}
+KIND_ORDER = {"blueprint": 0, "scorecard": 1, "action": 2, "workflow": 3}
 OPS = ("create", "update", "delete", "unchanged")
 
 
@@ -74,6 +77,8 @@ def fetch_state(client: Client) -> ServerState:
         objects[("scorecard", sc["blueprint"], sc["identifier"])] = canonical.scorecard(sc)
     for action in client.get("/v1/actions")["actions"]:
         objects[("action", "", action["identifier"])] = canonical.action(action)
+    for flow in client.get("/v1/workflows")["workflows"]:
+        objects[("workflow", "", flow["identifier"])] = canonical.workflow(flow)
     return ServerState(organization=organization, objects=objects)
 
 
@@ -160,6 +165,8 @@ def _identifier_problem(doc: Document) -> str | None:
         )
     if doc.kind == "action" and not valid_action_identifier(doc.identifier):
         return f"invalid action identifier {doc.identifier!r}: 1-100 letters, digits or @_.+:=-"
+    if doc.kind == "workflow" and not _WORKFLOW_IDENTIFIER.match(doc.identifier):
+        return f"invalid workflow identifier {doc.identifier!r}: 1-60 letters, digits or @_:-"
     if doc.kind == "scorecard":
         if not valid_entity_identifier(doc.identifier) or len(doc.identifier) > MAX_IDENTIFIER:
             return f"invalid scorecard identifier {doc.identifier!r}"
@@ -173,6 +180,7 @@ def _canonical(doc: Document) -> dict[str, Any]:
         "blueprint": canonical.BLUEPRINT_KEYS,
         "scorecard": (*canonical.SCORECARD_KEYS, "id"),
         "action": canonical.ACTION_KEYS,
+        "workflow": canonical.WORKFLOW_KEYS,
     }[doc.kind]
     unknown = sorted(set(doc.body) - set(allowed))
     if unknown:
@@ -186,6 +194,8 @@ def _canonical(doc: Document) -> dict[str, Any]:
 def _references(doc: Document) -> Iterator[tuple[str, str, str]]:
     """(pointer, kind, identifier) of every blueprint and action a document names."""
     body = doc.body
+    if doc.kind == "workflow":
+        yield from _workflow_references(body)
     if doc.kind == "scorecard" and doc.blueprint is not None:
         yield "/blueprint", "blueprint", doc.blueprint
     if doc.kind == "blueprint":
@@ -225,6 +235,32 @@ def _references(doc: Document) -> Iterator[tuple[str, str, str]]:
             target = method.get("blueprintIdentifier")
             if isinstance(target, str) and "{{" not in target:
                 yield "/invocationMethod/blueprintIdentifier", "blueprint", target
+
+
+def _workflow_references(body: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """The blueprints a workflow's nodes name: an event trigger's, an upsert's (when not a
+    template) and an entity input's."""
+    nodes = body.get("nodes")
+    for index, node in enumerate(nodes if isinstance(nodes, list) else []):
+        config = node.get("config") if isinstance(node, dict) else None
+        if not isinstance(config, dict):
+            continue
+        at = f"/nodes/{index}/config"
+        event = config.get("event")
+        if isinstance(event, dict) and isinstance(event.get("blueprintIdentifier"), str):
+            yield f"{at}/event/blueprintIdentifier", "blueprint", event["blueprintIdentifier"]
+        target = config.get("blueprintIdentifier")
+        if isinstance(target, str) and "{{" not in target:
+            yield f"{at}/blueprintIdentifier", "blueprint", target
+        inputs = (config.get("userInputs") or {}).get("properties")
+        for name, spec in inputs.items() if isinstance(inputs, dict) else ():
+            for pointer, part in (("", spec), ("/items", (spec or {}).get("items"))):
+                if isinstance(part, dict) and isinstance(part.get("blueprint"), str):
+                    yield (
+                        f"{at}/userInputs/properties/{name}{pointer}/blueprint",
+                        "blueprint",
+                        part["blueprint"],
+                    )
 
 
 def make_plan(
