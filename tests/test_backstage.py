@@ -176,10 +176,12 @@ async def test_the_report_lists_exactly_what_could_not_be_imported(
         ("dangling-ref", "catalog-info.yaml", 3, "component:default/checkout-web"),
         ("not-kept", "catalog-info.yaml", 11, "group:default/web-team"),
         ("unsupported-kind", "catalog-info.yaml", 14, "location:default/more-apis"),
-        ("unsupported-kind", "catalog-info.yaml", 15, "template:default/new-service"),
+        ("invalid-template", "catalog-info.yaml", 15, "template:default/new-service"),
     }
     dangling = next(p for p in report.problems if p.code == "dangling-ref")
     assert "component:default/ghost-service" in dangling.message
+    template = next(p for p in report.problems if p.code == "invalid-template")
+    assert "needs spec.steps" in template.message
     assert report.errors == []
     assert report.exit_code == 0
 
@@ -318,7 +320,7 @@ async def test_the_command_prints_a_summary_and_exits_zero(
     done = await asyncio.to_thread(_cli, live_server, org, str(CATALOG))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "component    3 / 0 / 0 / 0" in done.stdout
-    assert "[unsupported-kind] template:default/new-service" in done.stdout
+    assert "[invalid-template] template:default/new-service" in done.stdout
     dry = await asyncio.to_thread(_cli, live_server, org, str(CATALOG), "--dry-run", "--json")
     assert dry.returncode == 0
     assert json.loads(dry.stdout)["entities"]["component"]["unchanged"] == 3

@@ -20,8 +20,10 @@ from app.backstage.mapping import (
     Ref,
     RelationSpec,
     map_documents,
+    self_ref,
 )
-from app.backstage.reader import Problem, read
+from app.backstage.reader import Document, Problem, read
+from app.backstage.scaffolder import MappedTemplate, map_template
 from app.remote import ApiError, Client
 
 BULK_LIMIT = 1000
@@ -49,10 +51,13 @@ class Report:
     dry_run: bool
     files: int = 0
     documents: int = 0
+    ignored: int = 0  # YAML files found in directories that hold no catalog document
     blueprints: dict[str, str] = field(default_factory=dict)  # created / extended / unchanged
     entities: dict[str, Counts] = field(default_factory=dict)
     teams: Counts = field(default_factory=Counts)
     users: Counts = field(default_factory=Counts)
+    workflows: Counts = field(default_factory=Counts)
+    templates: list[TemplateLine] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     imported_anything: bool = False
@@ -68,10 +73,13 @@ class Report:
             "dryRun": self.dry_run,
             "files": self.files,
             "documents": self.documents,
+            "ignored": self.ignored,
             "blueprints": self.blueprints,
             "entities": {bp: c.as_dict() for bp, c in self.entities.items()},
             "teams": self.teams.as_dict(),
             "users": self.users.as_dict(),
+            "workflows": self.workflows.as_dict(),
+            "templates": [t.as_dict() for t in self.templates],
             "problems": [p.as_dict() for p in self.problems],
             "errors": self.errors,
         }
@@ -82,6 +90,8 @@ class Report:
             f"Read {self.files} file(s), {self.documents} document(s)"
             + (" (dry run: nothing written)" if self.dry_run else "")
         ]
+        if self.ignored:
+            lines.append(f"Ignored {self.ignored} YAML file(s) holding no catalog document")
         if self.blueprints:
             lines.append("Blueprints:")
             lines.extend(f"  {bp:<12} {verb}{status}" for bp, status in self.blueprints.items())
@@ -93,6 +103,16 @@ class Report:
             )
         lines.append(f"Teams ({verb}created / updated / unchanged / failed): {_counts(self.teams)}")
         lines.append(f"Users ({verb}invited / updated / unchanged / failed): {_counts(self.users)}")
+        if self.templates:
+            lines.append(
+                f"Workflows ({verb}created / updated / unchanged / failed): "
+                f"{_counts(self.workflows)}"
+            )
+            lines.append("Templates:")
+            for t in self.templates:
+                lines.append(f"  {t.ref} -> workflow {t.workflow}: {verb}{t.status}")
+                lines.extend(f"    input {line}" for line in t.inputs)
+                lines.extend(f"    step {s.step} ({s.action}): {s.became}" for s in t.steps)
         if self.problems:
             lines.append(f"Not imported ({len(self.problems)}):")
             for p in self.problems:
@@ -104,6 +124,31 @@ class Report:
         if not self.imported_anything:
             lines.append("Nothing to import.")
         return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class TemplateLine:
+    """A Template and the workflow it became: created / updated / unchanged / failed, or
+    skipped (the problems say why), with what each input and step became."""
+
+    ref: str
+    file: str
+    document: int
+    workflow: str
+    status: str
+    inputs: list[str]
+    steps: list[Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "file": self.file,
+            "document": self.document,
+            "workflow": self.workflow,
+            "status": self.status,
+            "inputs": self.inputs,
+            "steps": [s.as_dict() for s in self.steps],
+        }
 
 
 def _counts(c: Counts) -> str:
@@ -132,8 +177,11 @@ class EntityWrite:
 
 
 class Importer:
-    def __init__(self, client: Client, *, dry_run: bool = False) -> None:
+    def __init__(
+        self, client: Client, *, dry_run: bool = False, runner_url: str | None = None
+    ) -> None:
         self.client = client
+        self.runner_url = runner_url
         self.report = Report(dry_run=dry_run)
         self._entities: dict[str, dict[str, dict[str, Any]]] = {}  # server's, per blueprint
         self._server_blueprints: dict[str, dict[str, Any]] = {}
@@ -143,12 +191,14 @@ class Importer:
         reading = read(paths)
         self.report.files = reading.files
         self.report.documents = len(reading.documents)
+        self.report.ignored = reading.ignored
         self.report.problems.extend(reading.problems)
         catalog = map_documents(reading.documents)
         self.report.problems.extend(catalog.problems)
         if catalog.empty:
             return self.report
-        self.report.imported_anything = True
+        # Templates count once one maps to a workflow (below).
+        self.report.imported_anything = bool(catalog.entities or catalog.teams or catalog.users)
         try:
             self._import(catalog)
         except ApiError as exc:
@@ -167,6 +217,7 @@ class Importer:
         teams = self._sync_teams(catalog)
         self._sync_users(catalog, teams)
         self._sync_entities(catalog, plans, teams)
+        self._sync_workflows(catalog, set(self._server_blueprints) | set(plans))
 
     # -- blueprints ----------------------------------------------------------------------
 
@@ -335,6 +386,66 @@ class Importer:
                 self.report.users.failed += 1
                 self.report.errors.append(f"{user.origin.ref}: {exc}")
 
+    # -- workflows (Scaffolder templates) -------------------------------------------------
+
+    def _sync_workflows(self, catalog: Catalog, blueprints: set[str]) -> None:
+        if not catalog.templates:
+            return
+        server = {w["identifier"]: w for w in self.client.get("/v1/workflows")["workflows"]}
+        for document in catalog.templates.values():
+            mapped = map_template(
+                document,
+                _template_ref(document),
+                runner_url=self.runner_url,
+                blueprints=blueprints,
+                problems=self.report.problems,
+            )
+            self.report.templates.append(self._write_workflow(mapped, server))
+
+    def _write_workflow(self, mapped: MappedTemplate, server: dict[str, Any]) -> TemplateLine:
+        line = TemplateLine(
+            str(mapped.ref),
+            mapped.origin.file,
+            mapped.origin.document,
+            mapped.identifier,
+            "skipped",
+            mapped.inputs,
+            mapped.steps,
+        )
+        definition = mapped.definition
+        if definition is None:
+            return line
+        self.report.imported_anything = True
+        existing = server.get(mapped.identifier)
+        try:
+            if existing is None:
+                if not self.report.dry_run:
+                    self.client.post("/v1/workflows", definition)
+                line.status = "created"
+                self.report.workflows.created += 1
+            elif _same_workflow(definition, existing):
+                line.status = "unchanged"
+                self.report.workflows.unchanged += 1
+            else:
+                if not self.report.dry_run:
+                    self.client.put(f"/v1/workflows/{mapped.identifier}", definition)
+                line.status = "updated"
+                self.report.workflows.updated += 1
+        except ApiError as exc:
+            line.status = "failed"
+            self.report.workflows.failed += 1
+            origin = mapped.origin
+            detail = "; ".join(
+                f"{d.get('pointer')}: {d.get('message')}"
+                for d in exc.details or []
+                if isinstance(d, dict)
+            )
+            self.report.errors.append(
+                f"{origin.file}#{origin.document} {origin.ref}: {exc}"
+                + (f" ({detail})" if detail else "")
+            )
+        return line
+
     # -- entities ------------------------------------------------------------------------
 
     def _server_entities(self, bp: str) -> dict[str, dict[str, Any]]:
@@ -357,7 +468,9 @@ class Importer:
             return mine.identifier
         self.report.problems.append(
             origin.problem(
-                "dangling-ref", f"{link.field} {link.ref}: not in the input and not on the server"
+                "dangling-ref",
+                f"{link.field} {link.ref}: not in the input and not on the server (kept as "
+                "text in property backstage.unresolvedRefs)",
             )
         )
         return None
@@ -375,28 +488,38 @@ class Importer:
             if name is not None:
                 team = [name]
         relations: dict[str, Any] = {}
+        unresolved: dict[str, list[str]] = {}
         conflicting = set((plan.definition or {}).get("relations", {})) - set(plan.relations)
         for name, spec in BLUEPRINTS[entity.blueprint].relations.items():
             if name in conflicting:  # reported once, for the blueprint
                 continue
-            targets = sorted(
-                {
-                    t
-                    for link in entity.relations[name]
-                    if (t := self._resolve(link, catalog, entity.origin)) is not None
-                }
-            )
+            found: set[str] = set()
+            for link in entity.relations[name]:
+                target = self._resolve(link, catalog, entity.origin)
+                if target is None:
+                    # Kept as text, as the owner ref is: the link is made once the target
+                    # is imported.
+                    unresolved.setdefault(name, []).append(str(link.ref))
+                else:
+                    found.add(target)
+            targets = sorted(found)
             if name not in plan.relations:
                 continue
             if spec.many:
                 relations[name] = targets or None
             else:
                 relations[name] = targets[0] if targets else None
+        properties = dict(entity.properties)
+        if unresolved:
+            properties["backstage"] = {
+                **(properties.get("backstage") or {}),
+                "unresolvedRefs": {k: sorted(v) for k, v in unresolved.items()},
+            }
         return {
             "identifier": entity.identifier,
             "title": entity.title,
             "team": team,
-            "properties": {k: v for k, v in entity.properties.items() if k in plan.properties},
+            "properties": {k: v for k, v in properties.items() if k in plan.properties},
             "relations": relations,
         }
 
@@ -548,5 +671,26 @@ def _same(payload: dict[str, Any], existing: dict[str, Any], rels: dict[str, Rel
     return True
 
 
-def import_catalog(client: Client, paths: list[Path], *, dry_run: bool = False) -> Report:
-    return Importer(client, dry_run=dry_run).run(paths)
+def _same_workflow(definition: dict[str, Any], existing: dict[str, Any]) -> bool:
+    """Whether the server's workflow is this definition (so saving it would only make a
+    needless new version)."""
+    keys = ("title", "icon", "description", "category", "nodes", "connections")
+    if any(definition.get(k) != existing.get(k) for k in keys):
+        return False
+    return bool(existing.get("allowAnyoneToViewRuns", True)) == bool(
+        definition.get("allowAnyoneToViewRuns", True)
+    )
+
+
+def _template_ref(document: Document) -> Ref:
+    return self_ref(document)
+
+
+def import_catalog(
+    client: Client,
+    paths: list[Path],
+    *,
+    dry_run: bool = False,
+    runner_url: str | None = None,
+) -> Report:
+    return Importer(client, dry_run=dry_run, runner_url=runner_url).run(paths)

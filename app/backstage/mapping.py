@@ -13,6 +13,7 @@ from typing import Any
 from app.backstage.reader import API_VERSIONS, Document, Problem
 
 DEFAULT_NAMESPACE = "default"
+TEMPLATE_API_VERSION = "scaffolder.backstage.io/v1beta3"
 # Group names become team names: Port's rule (no ; # / ?, two characters at least).
 _TEAM_NAME = re.compile(r"^[^;#/?\s\x00-\x1f\x7f][^;#/?\x00-\x1f\x7f]*[^;#/?\s\x00-\x1f\x7f]$")
 
@@ -321,11 +322,13 @@ class Catalog:
     entities: dict[tuple[str, str, str], MappedEntity] = field(default_factory=dict)
     teams: dict[tuple[str, str, str], MappedTeam] = field(default_factory=dict)
     users: dict[tuple[str, str, str], MappedUser] = field(default_factory=dict)
+    # Scaffolder Templates, mapped to workflows by the importer (which knows the blueprints)
+    templates: dict[tuple[str, str, str], Document] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.entities or self.teams or self.users)
+        return not (self.entities or self.teams or self.users or self.templates)
 
     def kinds(self) -> set[str]:
         return {e.blueprint for e in self.entities.values()}
@@ -342,7 +345,12 @@ def map_documents(documents: list[Document]) -> Catalog:
         ref = _check(document, catalog)
         if ref is None:
             continue
-        if ref.key in catalog.entities or ref.key in catalog.teams or ref.key in catalog.users:
+        if (
+            ref.key in catalog.entities
+            or ref.key in catalog.teams
+            or ref.key in catalog.users
+            or ref.key in catalog.templates
+        ):
             catalog.problems.append(
                 Problem(
                     "duplicate",
@@ -364,6 +372,8 @@ def map_documents(documents: list[Document]) -> Catalog:
             user = _user(document, ref, catalog.problems)
             if user is not None:
                 catalog.users[ref.key] = user
+        elif ref.kind == "template":
+            catalog.templates[ref.key] = document
     _dependency_of(documents, catalog)
     _group_links(groups, catalog)
     return catalog
@@ -384,6 +394,13 @@ def _check(document: Document, catalog: Catalog) -> Ref | None:
     if not kind:
         skip("invalid-document", "kind is missing")
         return None
+    if "${{" in metadata["name"]:
+        skip(
+            "skeleton",
+            f"metadata.name {metadata['name']!r} holds a template expression: a document of a "
+            "Template's skeleton, not of the catalog",
+        )
+        return None
     ref = self_ref(document)
     if ref.kind == "location":
         skip(
@@ -392,11 +409,19 @@ def _check(document: Document, catalog: Catalog) -> Ref | None:
             str(ref),
         )
         return None
-    if ref.kind not in KIND_BLUEPRINTS and ref.kind not in ("group", "user"):
+    if ref.kind not in KIND_BLUEPRINTS and ref.kind not in ("group", "user", "template"):
         skip("unsupported-kind", f"kind {kind} has no Portolan counterpart", str(ref))
         return None
     api_version = body.get("apiVersion")
-    if api_version not in API_VERSIONS:
+    if ref.kind == "template":
+        if api_version != TEMPLATE_API_VERSION:
+            skip(
+                "unsupported-api-version",
+                f"a Template's apiVersion {api_version!r} is not {TEMPLATE_API_VERSION}",
+                str(ref),
+            )
+            return None
+    elif api_version not in API_VERSIONS:
         skip(
             "unsupported-api-version",
             f"apiVersion {api_version!r} is not one of {', '.join(API_VERSIONS)}",
@@ -533,16 +558,22 @@ def _metadata_properties(
     return props
 
 
+# Backstage's placeholders for a definition read from a file: `$openapi` and `$asyncapi`
+# also resolve the file's own $refs in Backstage; the property keeps the file as written.
+_SUBSTITUTIONS = ("$text", "$json", "$yaml", "$openapi", "$asyncapi")
+
+
 def _definition(
     value: Any, document: Document, origin: Origin, problems: list[Problem]
 ) -> str | None:
-    """spec.definition: text, or a substitution `$text` / `$json` / `$yaml` of a local file
-    (read as text: the property holds the definition as written)."""
+    """spec.definition: text, or a substitution (`$text`, `$json`, `$yaml`, `$openapi`,
+    `$asyncapi`) of a local file, read as text: the property holds the definition as
+    written."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and len(value) == 1:
         ((how, target),) = value.items()
-        if how in ("$text", "$json", "$yaml") and isinstance(target, str):
+        if how in _SUBSTITUTIONS and isinstance(target, str):
             if "://" in target:
                 problems.append(
                     origin.problem("not-kept", f"spec.definition {how} {target}: not a local file")
