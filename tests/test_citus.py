@@ -1080,6 +1080,78 @@ async def test_the_sweeper_hands_expired_runs_of_two_orgs_back_or_ends_them(
         assert any(word in line["message"] for line in logs.json()["runLogs"]), logs.text
 
 
+def _change_body(entity: str, n: int) -> dict[str, Any]:
+    return {
+        "action": "UPDATE",
+        "resourceType": "entity",
+        "trigger": {"by": {"orgId": "o", "userId": "u"}, "origin": "API"},
+        "context": {"blueprintIdentifier": "service", "entityIdentifier": entity},
+        "diff": {"before": None, "after": {"identifier": entity, "n": n}},
+    }
+
+
+async def test_the_changelog_sender_delivers_two_orgs_changes_in_order(
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """The sender finds every org's oldest undelivered delivery per entity across orgs,
+    then claims them org by org (Citus runs neither its walk over orgs nor a lock reaching
+    several shards). The delivery rows are written here, as the event feed would write
+    them (the feed itself does not run on Citus yet: docs/scaling.md)."""
+    orgs = [await _org(citus_app, http) for _ in range(2)]
+    with contextlib.ExitStack() as receivers:
+        hooks = []
+        for org in orgs:
+            secret = await http.get("/v1/organization/signing-secret", headers=org.headers)
+            assert secret.status_code == 200, secret.text
+            hooks.append(receivers.enter_context(WebhookReceiver(secret.json()["signingSecret"])))
+        hooks[1].fail_next(1, 500)  # the second org's first delivery is retried
+        rows = [
+            (orgs[0], hooks[0], "x", 1),
+            (orgs[0], hooks[0], "x", 2),
+            (orgs[0], hooks[0], "y", 1),
+            (orgs[0], hooks[0], "x", 3),
+            (orgs[1], hooks[1], "x", 1),
+        ]
+        assert citus_settings.database_url is not None
+        conn = await asyncpg.connect(citus_settings.database_url)
+        try:
+            for org, hook, entity, n in rows:
+                await conn.execute(
+                    "INSERT INTO changelog_deliveries (org_id, blueprint, entity, event_key,"
+                    " url, body) VALUES ($1, 'service', $2, $3, $4, $5::text::jsonb)",
+                    org.org_id,
+                    entity,
+                    f"k-{entity}-{n}",
+                    hook.url + "/changes",
+                    json.dumps(_change_body(entity, n)),
+                )
+            worker = InProcessWorker(dispatch_settings(citus_settings))
+            worker.start()
+            try:
+                await hooks[0].wait_for(4, timeout=20)
+                await hooks[1].wait_for(2, timeout=20)
+                deadline = time.monotonic() + 10
+                while await conn.fetchval(
+                    "SELECT count(*) FROM changelog_deliveries WHERE org_id = ANY($1::uuid[])"
+                    " AND state <> 'delivered'",
+                    [o.org_id for o in orgs],
+                ):
+                    assert time.monotonic() < deadline, "deliveries not recorded delivered"
+                    await asyncio.sleep(0.05)
+            finally:
+                await worker.stop()
+        finally:
+            await conn.close()
+    first = [d.body["diff"]["after"] for d in hooks[0].deliveries]
+    assert [a["n"] for a in first if a["identifier"] == "x"] == [1, 2, 3]
+    assert [a["n"] for a in first if a["identifier"] == "y"] == [1]
+    assert [(d.status, d.body["diff"]["after"]["n"]) for d in hooks[1].deliveries] == [
+        (500, 1),
+        (200, 1),
+    ]
+    assert hooks[0].signature_failures == 0 and hooks[1].signature_failures == 0
+
+
 async def test_a_single_postgresql_is_not_citus_unless_required(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:

@@ -13,7 +13,8 @@ independent: one entity's failing receiver does not hold up another's.
 Tenants share the sender fairly: each delivery is its own task, at most
 `changelog_org_concurrency` of an organization's are in flight at once and at most
 `changelog_concurrency` in all, and a claim takes the orgs' oldest deliveries in turns
-(every org's first, then every org's second, ...). A slow receiver holds only its own
+(every org's first, then every org's second, ...). (On Citus the heads of every org are
+found first, then claimed org by org: docs/scaling.md.) A slow receiver holds only its own
 org's turns; another org's deliveries are claimed and sent meanwhile.
 
 A delivery is claimed with a lease (its worker's death hands it back), sent outside any
@@ -96,7 +97,61 @@ async def claim(
     gets at most that many less what it has `busy` (in flight already)."""
     busy = busy or {}
     async with db.system() as tx:
+        if tx.citus:
+            return await _claim_org_by_org(tx, lease, batch, per_org, busy)
         return await tx.fetch(_CLAIM_SQL, batch, lease, list(busy), list(busy.values()), per_org)
+
+
+# A delivery that may be sent now: pending and due, or claimed by a sender whose lease ran
+# out.
+_DUE = (
+    "(d.state = 'pending' AND d.next_attempt_at <= now()"
+    " OR d.state = 'sending' AND d.lease_until < now())"
+)
+# On Citus (_claim_org_by_org): each org's heads, up to $1 of them, across orgs in turns.
+_CITUS_HEADS = (
+    "SELECT h.org_id, h.id, h.turn FROM ("  # noqa: S608 - constants
+    " SELECT d.org_id, d.id, row_number() OVER (PARTITION BY d.org_id ORDER BY d.id) AS turn"
+    " FROM changelog_deliveries d"
+    " WHERE d.state IN ('pending', 'sending') AND " + _DUE + " AND NOT EXISTS ("
+    "  SELECT 1 FROM changelog_deliveries p"
+    "  WHERE p.org_id = d.org_id AND p.blueprint = d.blueprint AND p.entity = d.entity"
+    "  AND p.state IN ('pending', 'sending') AND p.id < d.id)) h"
+    " WHERE h.turn <= $1"
+)
+_CITUS_LOCK = (
+    "SELECT id FROM changelog_deliveries WHERE org_id = $1 AND id = ANY($2::bigint[])"
+    " FOR UPDATE SKIP LOCKED"
+)
+_CITUS_TAKE = (
+    "UPDATE changelog_deliveries d SET state = 'sending', attempts = attempts + 1,"  # noqa: S608 - constants
+    " lease_until = now() + make_interval(secs => $3)"
+    " WHERE d.org_id = $1 AND d.id = ANY($2::bigint[]) AND " + _DUE + " RETURNING d.*"
+)
+
+
+async def _claim_org_by_org(
+    tx: Tx, lease: float, batch: int, per_org: int | None, busy: dict[uuid.UUID, int]
+) -> list[asyncpg.Record]:
+    """`claim` on Citus, which runs neither the recursive walk over orgs nor a lock in a
+    statement that reaches several shards: the heads of every org are found first (no
+    lock), turns and rooms applied here, then each org's are locked and claimed by
+    statements routed to its shard, all in this transaction."""
+    cap = batch if per_org is None else per_org
+    heads = await tx.fetch(_CITUS_HEADS, cap)
+    chosen = sorted(
+        (h for h in heads if h["turn"] <= cap - busy.get(h["org_id"], 0)),
+        key=lambda h: (h["turn"], h["id"]),
+    )[:batch]
+    by_org: dict[uuid.UUID, list[int]] = {}
+    for head in chosen:
+        by_org.setdefault(head["org_id"], []).append(head["id"])
+    claimed: list[asyncpg.Record] = []
+    for org_id, ids in by_org.items():
+        locked = [r["id"] for r in await tx.fetch(_CITUS_LOCK, org_id, ids)]
+        if locked:
+            claimed += await tx.fetch(_CITUS_TAKE, org_id, locked, lease)
+    return claimed
 
 
 # Orgs with open deliveries (a loose scan of the open deliveries' index), then each org's
@@ -146,12 +201,31 @@ async def _record(
     db: Database, row: asyncpg.Record, state: str, message: str, retry_in: float | None
 ) -> None:
     async with db.system() as tx:
+        if tx.citus:
+            # Citus refuses `now()` inside CASE in a write: the branches are chosen here
+            # ($5, NULL when not retrying, is still named so its type is known).
+            next_attempt = (
+                "CASE WHEN $5::float8 IS NULL THEN next_attempt_at END"
+                if retry_in is None
+                else "now() + make_interval(secs => $5::float8)"
+            )
+            delivered = "now()" if state == "delivered" else "NULL"
+            sql = (
+                "UPDATE changelog_deliveries SET state = $3, last_error = $4, "  # noqa: S608 - constants
+                f"lease_until = NULL, next_attempt_at = {next_attempt}, "
+                f"delivered_at = {delivered} "
+                "WHERE org_id = $1 AND id = $2 AND state = 'sending' AND attempts = $6"
+            )
+        else:
+            sql = (
+                "UPDATE changelog_deliveries SET state = $3, last_error = $4, lease_until = NULL, "
+                "next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at "
+                "ELSE now() + make_interval(secs => $5) END, "
+                "delivered_at = CASE WHEN $3::varchar = 'delivered' THEN now() END "
+                "WHERE org_id = $1 AND id = $2 AND state = 'sending' AND attempts = $6"
+            )
         await tx.execute(
-            "UPDATE changelog_deliveries SET state = $3, last_error = $4, lease_until = NULL, "
-            "next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at "
-            "ELSE now() + make_interval(secs => $5) END, "
-            "delivered_at = CASE WHEN $3::varchar = 'delivered' THEN now() END "
-            "WHERE org_id = $1 AND id = $2 AND state = 'sending' AND attempts = $6",
+            sql,
             row["org_id"],
             row["id"],
             state,
