@@ -109,10 +109,13 @@ def _scorecard_of(scope: Scope, scorecard: str, pointer: str) -> tuple[str, dict
     return holders[0], scope.blueprints[holders[0]]["scorecards"][scorecard]
 
 
-def _results_join(blueprint: str, scorecard: str) -> Any:
+def _results_join(scope: Scope, blueprint: str, scorecard: str) -> Any:
+    # The results' org is the bound one, named as such (not only through e.org_id), so on
+    # Citus both tables are filtered on the distribution column: a router plan.
     return E.outerjoin(
         RESULTS,
         sa.and_(
+            RESULTS.c.org_id == sa.bindparam(None, scope.org_id, type_=E.c.org_id.type),
             RESULTS.c.org_id == E.c.org_id,
             RESULTS.c.blueprint == E.c.blueprint,
             RESULTS.c.identifier == E.c.identifier,
@@ -155,7 +158,7 @@ async def _scorecard_pie(
         value = RESULTS.c.passed[card["rules"].index(rule) + 1]
     stmt = (
         sa.select(value.label("value"), sa.func.count().label("count"))
-        .select_from(_results_join(blueprint, scorecard))
+        .select_from(_results_join(scope, blueprint, scorecard))
         .where(_base(scope, query))
         .group_by(sa.literal_column("1"))
         .order_by(sa.literal_column("2").desc(), sa.literal_column("1"))
@@ -208,7 +211,7 @@ async def compliance(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
     blueprint, card = _scorecard_of(scope, scorecard, "/scorecard")
     group_by = str(definition.get("groupBy", "$team"))
     key, lateral = _group(scope, group_by)
-    source = _results_join(blueprint, scorecard)
+    source = _results_join(scope, blueprint, scorecard)
     if lateral is not None:
         source = source.outerjoin(lateral, sa.true())
     stmt = (

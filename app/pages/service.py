@@ -71,23 +71,29 @@ def _rows(body: dict[str, Any], problems: Problems, max_widgets: int) -> list[Ro
     return rows
 
 
+# Widget rows per INSERT: a multi-row VALUES list naming the org (a router plan on the
+# org's shard under Citus, where INSERT ... SELECT FROM unnest goes through the coordinator
+# and is refused under row-level security), within PostgreSQL's 32,767 parameters.
+_ROWS_PER_INSERT = 500
+_INSERT = (
+    "INSERT INTO page_widgets (org_id, page, id, container, position, type, definition) VALUES "
+)
+
+
 async def _write_widgets(tx: Tx, page: str, rows: list[Row]) -> None:
     await tx.execute("DELETE FROM page_widgets WHERE org_id = $1 AND page = $2", tx.org_id, page)
-    if not rows:
-        return
-    await tx.execute(
-        "INSERT INTO page_widgets (org_id, page, id, container, position, type, definition) "
-        "SELECT $1, $2, w.id, w.container, w.position, w.type, w.definition "
-        "FROM unnest($3::varchar[], $4::varchar[], $5::int[], $6::varchar[], $7::jsonb[]) "
-        "AS w(id, container, position, type, definition)",
-        tx.org_id,
-        page,
-        [r.id for r in rows],
-        [r.container for r in rows],
-        [r.position for r in rows],
-        [r.type for r in rows],
-        [r.definition for r in rows],
-    )
+    for first in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[first : first + _ROWS_PER_INSERT]
+        values = ", ".join(
+            f"($1, $2, ${3 + 5 * i}, ${4 + 5 * i}, ${5 + 5 * i}::int, ${6 + 5 * i},"
+            f" ${7 + 5 * i}::jsonb)"
+            for i in range(len(chunk))
+        )
+        args: list[Any] = [tx.org_id, page]
+        for r in chunk:
+            args.extend((r.id, r.container, r.position, r.type, r.definition))
+        insert = _INSERT + values  # numbered placeholders only
+        await tx.execute(insert, *args)
 
 
 async def _widget_rows(tx: Tx, page: str) -> list[Row]:
