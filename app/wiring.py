@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from app.history import reactions as history
 from app.kit import reactions
+from app.pages import reactions as pages
 from app.scorecards import reactions as scorecards
 
 
@@ -13,4 +14,5 @@ def connect() -> None:
     """Subscribe every reaction (idempotent)."""
     scorecards.subscribe()
     history.subscribe()
+    pages.subscribe()
     reactions.connected()

@@ -32,6 +32,7 @@ REACTING = {
     "actions",
     "dispatch",
     "workflows",
+    "pages",
 }
 
 

@@ -784,6 +784,67 @@ async def test_widget_data_follows_the_catalog_as_it_changes(
     assert (await _data(client, org.headers, "p-n", "n")).json()["value"] == 4
 
 
+async def test_a_renamed_property_is_carried_into_the_widgets_that_read_it(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _catalog(client, org, scorecard=False)
+    other = {
+        "identifier": "other",
+        "title": "Other",
+        "schema": {"properties": {"coverage": {"type": "number"}}},
+    }
+    assert (await _post(client, org, "/v1/blueprints", other)).status_code == 201
+    tier1 = {
+        "combinator": "and",
+        "rules": [{"property": "tier", "operator": "=", "value": "tier-1"}],
+    }
+    widgets = [
+        {
+            "id": "sum",
+            "type": "entities-number-chart",
+            "blueprint": "service",
+            "calculationBy": "property",
+            "func": "sum",
+            "property": "coverage",
+            "dataset": tier1,
+        },
+        {
+            "id": "pie",
+            "type": "entities-pie-chart",
+            "property": "property#tier",
+            "dataset": SERVICES,
+        },
+        {**LINE, "id": "line", "properties": ["coverage"], "func": "max"},
+        {
+            "id": "elsewhere",
+            "type": "entities-number-chart",
+            "blueprint": "other",
+            "calculationBy": "property",
+            "func": "sum",
+            "property": "coverage",
+        },
+    ]
+    assert (await _post(client, org, "/v1/pages", dashboard("eng", widgets))).status_code == 201
+    for old, new in (("coverage", "cov"), ("tier", "level")):
+        r = await client.patch(
+            f"/v1/blueprints/service/properties/{old}/rename",
+            json={"newPropertyName": new},
+            headers=org.headers,
+        )
+        assert r.status_code == 200, r.text
+    held = (await client.get("/v1/pages/eng", headers=org.headers)).json()["page"]["widgets"][0]
+    by_id = {w["id"]: w for w in held["widgets"]}
+    assert by_id["sum"]["property"] == "cov"
+    assert by_id["sum"]["dataset"]["rules"][0]["property"] == "level"
+    assert by_id["pie"]["property"] == "property#level"
+    assert by_id["line"]["properties"] == ["cov"]
+    assert by_id["elsewhere"]["property"] == "coverage"  # another blueprint's property
+    assert (await _data(client, org.headers, "eng", "sum")).json()["value"] == 185
+    values = (await _data(client, org.headers, "eng", "pie")).json()["values"]
+    assert values == [{"value": "tier-1", "count": 3}, {"value": "tier-2", "count": 2}]
+
+
 # -- permissions -----------------------------------------------------------------------------
 
 
