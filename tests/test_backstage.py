@@ -72,7 +72,7 @@ async def test_import_creates_blueprints_with_their_relations(
     report = await _import(live_server, org)
     assert report.exit_code == 0, report.render()
     assert report.blueprints == dict.fromkeys(
-        ["domain", "system", "api", "resource", "component"], "created"
+        ["group", "domain", "system", "api", "resource", "component"], "created"
     )
     blueprints = {
         b["identifier"]: b
@@ -102,6 +102,7 @@ async def test_import_writes_entities_with_links_and_teams(
     org = await _org_with_payments_team(make_org, live_server)
     report = await _import(live_server, org)
     assert {bp: c.created for bp, c in report.entities.items()} == {
+        "group": 2,
         "domain": 1,
         "system": 1,
         "api": 2,
@@ -174,7 +175,6 @@ async def test_the_report_lists_exactly_what_could_not_be_imported(
     found = {(p.code, Path(p.file).name, p.document, p.ref) for p in report.problems}
     assert found == {
         ("dangling-ref", "catalog-info.yaml", 3, "component:default/checkout-web"),
-        ("not-kept", "catalog-info.yaml", 11, "group:default/web-team"),
         ("unsupported-kind", "catalog-info.yaml", 14, "location:default/more-apis"),
         ("invalid-template", "catalog-info.yaml", 15, "template:default/new-service"),
     }
@@ -186,6 +186,59 @@ async def test_the_report_lists_exactly_what_could_not_be_imported(
     assert report.exit_code == 0
 
 
+async def test_the_group_hierarchy_is_a_parent_relation_between_the_groups_entities(
+    live_server: LiveServer, make_org: OrgFactory
+) -> None:
+    org = await _org_with_payments_team(make_org, live_server)
+    await _import(live_server, org)
+    bp = (await _call(live_server, org, "GET", "/v1/blueprints/group"))["blueprint"]
+    assert {n: (r["target"], r["many"]) for n, r in bp["relations"].items()} == {
+        "parent": ("group", False)
+    }
+    groups = await _entities(live_server, org, "group")
+    assert set(groups) == {"platform", "web-team"}
+    platform, web = groups["platform"], groups["web-team"]
+    # web-team names its parent; platform names web-team among its children: one link.
+    assert web["relations"] == {"parent": "platform"}
+    assert platform["relations"] == {"parent": None}
+    assert (platform["title"], platform["team"]) == ("Platform Team", ["platform"])
+    assert platform["properties"]["email"] == "platform@example.com"
+    assert platform["properties"]["type"] == "team"
+    assert web["team"] == ["web-team"]
+
+
+async def test_a_group_with_two_parents_keeps_the_first_and_reports_the_other(
+    live_server: LiveServer, make_org: OrgFactory, tmp_path: Path
+) -> None:
+    org = await make_org()
+    groups = tmp_path / "groups.yaml"
+    groups.write_text(
+        "\n---\n".join(
+            "apiVersion: backstage.io/v1alpha1\nkind: Group\n" + body
+            for body in (
+                "metadata: {name: sre}\nspec: {type: team, parent: infra}",
+                "metadata: {name: infra}\nspec: {type: department}",
+                "metadata: {name: data}\nspec: {type: department, children: [sre]}",
+                "metadata: {name: ml}\nspec: {type: team, parent: research}",
+            )
+        )
+    )
+    report = await _import(live_server, org, groups)
+    found = sorted((p.code, p.ref) for p in report.problems)
+    assert found == [
+        ("dangling-ref", "group:default/ml"),  # research: neither in the input nor a team
+        ("invalid-field", "group:default/sre"),
+    ]
+    two = next(p for p in report.problems if p.code == "invalid-field")
+    assert "two parents, group:default/infra and group:default/data" in two.message
+    entities = await _entities(live_server, org, "group")
+    assert entities["sre"]["relations"] == {"parent": "infra"}
+    assert entities["ml"]["relations"] == {"parent": None}
+    assert entities["ml"]["properties"]["backstage"] == {
+        "unresolvedRefs": {"parent": ["group:default/research"]}
+    }
+
+
 async def test_a_second_import_changes_nothing(
     live_server: LiveServer, make_org: OrgFactory
 ) -> None:
@@ -195,7 +248,7 @@ async def test_a_second_import_changes_nothing(
     again = await _import(live_server, org)
     assert set(again.blueprints.values()) == {"unchanged"}
     assert all(c.created == c.updated == c.failed == 0 for c in again.entities.values())
-    assert sum(c.unchanged for c in again.entities.values()) == 10
+    assert sum(c.unchanged for c in again.entities.values()) == 12
     assert (again.teams.unchanged, again.users.unchanged) == (2, 2)
     after = await _entities(live_server, org, "component")
     assert {k: v["updatedAt"] for k, v in after.items()} == {
@@ -210,7 +263,7 @@ async def test_dry_run_reports_and_writes_nothing(
     report = await _import(live_server, org, dry_run=True)
     assert report.exit_code == 0
     assert report.blueprints == dict.fromkeys(
-        ["domain", "system", "api", "resource", "component"], "created"
+        ["group", "domain", "system", "api", "resource", "component"], "created"
     )
     assert report.entities["component"].created == 3
     assert (report.teams.created, report.users.created) == (2, 2)

@@ -149,7 +149,31 @@ _DEPENDS = {
     "dependsOnResources": RelationSpec("resource", True, "Depends on (resources)"),
 }
 
+# A Group is a team and also an entity of blueprint `group` (identifier: the team's name, its
+# team: that team), so the hierarchy Portolan's flat teams cannot hold is a relation.
+_GROUP_PROPERTIES: dict[str, dict[str, Any]] = {
+    "type": {"type": "string", "title": "Type"},
+    "description": {"type": "string", "title": "Description"},
+    "email": {"type": "string", "title": "Email"},
+    "tags": {"type": "array", "items": {"type": "string"}, "title": "Tags"},
+    "links": {"type": "array", "items": {"type": "object"}, "title": "Links"},
+    "annotations": {"type": "object", "title": "Annotations"},
+    "labels": {"type": "object", "title": "Labels"},
+    "backstage": {
+        "type": "object",
+        "title": "Other Backstage fields",
+        "description": "refs not linked (unresolvedRefs)",
+    },
+}
+
 BLUEPRINTS: dict[str, BlueprintSpec] = {
+    "group": BlueprintSpec(
+        "group",
+        "Group",
+        "Team",
+        _GROUP_PROPERTIES,
+        {"parent": RelationSpec("group", False, "Parent group")},
+    ),
     "domain": BlueprintSpec(
         "domain",
         "Domain",
@@ -201,7 +225,7 @@ BLUEPRINTS: dict[str, BlueprintSpec] = {
 }
 # Blueprints in the order entities are written: targets before the entities pointing at them
 # (resource <-> component links go both ways; the later ones are written second).
-WRITE_ORDER = ("domain", "system", "api", "resource", "component")
+WRITE_ORDER = ("group", "domain", "system", "api", "resource", "component")
 # Backstage kind (lower-cased) -> blueprint
 KIND_BLUEPRINTS = {
     "component": "component",
@@ -367,6 +391,7 @@ def map_documents(documents: list[Document]) -> Catalog:
             team = _team(document, ref, catalog.problems)
             if team is not None:
                 catalog.teams[ref.key] = team
+                catalog.entities[ref.key] = _group_entity(document, ref, team, catalog.problems)
                 groups.append((document, ref))
         elif ref.kind == "user":
             user = _user(document, ref, catalog.problems)
@@ -606,6 +631,32 @@ def _team(document: Document, ref: Ref, problems: list[Problem]) -> MappedTeam |
     return MappedTeam(ref, origin, description)
 
 
+def _group_entity(
+    document: Document, ref: Ref, team: MappedTeam, problems: list[Problem]
+) -> MappedEntity:
+    """The Group's entity: owned by its own team; `parent` is set by _group_links."""
+    spec, metadata = _spec(document), _metadata(document)
+    props: dict[str, Any] = dict.fromkeys(BLUEPRINTS["group"].properties)
+    props.update(_metadata_properties(metadata, team.origin, []))  # reported for the team
+    if isinstance(spec.get("type"), str):
+        props["type"] = spec["type"]
+    profile = spec.get("profile") if isinstance(spec.get("profile"), dict) else {}
+    email = profile.get("email") if isinstance(profile, dict) else None
+    if isinstance(email, str):
+        props["email"] = email
+    display = profile.get("displayName") if isinstance(profile, dict) else None
+    title = display if isinstance(display, str) and display else metadata.get("title")
+    return MappedEntity(
+        ref,
+        "group",
+        team.origin,
+        title if isinstance(title, str) and title else ref.name,
+        ref,  # its own team
+        props,
+        {"parent": []},
+    )
+
+
 def _user(document: Document, ref: Ref, problems: list[Problem]) -> MappedUser | None:
     origin = Origin(document.file, document.index, str(ref))
     spec = _spec(document)
@@ -676,8 +727,8 @@ def _dependency_of(documents: list[Document], catalog: Catalog) -> None:
 
 
 def _group_links(groups: list[tuple[Document, Ref]], catalog: Catalog) -> None:
-    """Group members become memberships of the users; the hierarchy has no counterpart
-    (teams are flat) and each parent/child pair is reported once."""
+    """Group members become memberships of the users; the hierarchy (a Group's `parent`, or
+    another's `children`) becomes the `parent` relation between the Groups' entities."""
     edges: dict[tuple[tuple[str, str, str], tuple[str, str, str]], tuple[Ref, Ref, Origin]] = {}
     for document, ref in groups:
         team = catalog.teams[ref.key]
@@ -718,9 +769,26 @@ def _group_links(groups: list[tuple[Document, Ref]], catalog: Catalog) -> None:
                 origin = child_team.origin if child_team is not None else team.origin
                 edges[edge] = (parent, child, origin)
     for parent, child, origin in edges.values():
-        catalog.problems.append(
-            origin.problem(
-                "not-kept",
-                f"team hierarchy: {child} is a child of {parent} (Portolan teams are flat)",
+        entity = catalog.entities.get(child.key) if child.kind == "group" else None
+        if parent.kind != "group" or entity is None:
+            what = parent if parent.kind != "group" else child
+            catalog.problems.append(
+                origin.problem(
+                    "not-kept" if parent.kind == "group" else "unmapped-ref",
+                    f"team hierarchy: {child} as a child of {parent}: {what} is not a Group "
+                    "of the input (the link is made from the child's own document)",
+                )
             )
-        )
+            continue
+        links = entity.relations["parent"]
+        if links and links[0].ref.key != parent.key:
+            catalog.problems.append(
+                origin.problem(
+                    "invalid-field",
+                    f"team hierarchy: {child} has two parents, {links[0].ref} and {parent}: "
+                    "the first is kept",
+                )
+            )
+            continue
+        if not links:
+            links.append(Link(parent, "group", "spec.parent"))
