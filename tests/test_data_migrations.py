@@ -20,7 +20,8 @@ from app.catalog import data_migrations
 from app.config import Settings
 from app.db.database import Database
 from app.kit import sandbox
-from tests.conftest import Org, OrgFactory
+from app.worker import InProcessWorker
+from tests.conftest import Org, OrgFactory, dispatch_settings
 from tests.test_permissions import add_user, user_headers
 from tests.test_sandbox import CANARY, ESCAPES, LOOP_JQ, _expected, canary_env  # noqa: F401
 
@@ -549,6 +550,64 @@ async def test_a_worker_that_died_mid_batch_is_resumed_without_repeating_work(
     assert done["status"] == "COMPLETED" and done["progress"]["processed"] == 10
     written = [e["identifier"] for e in await events_of(db, org, "service")]
     assert sorted(written) == [f"s{i:02}" for i in range(10)]  # each exactly once
+
+
+async def test_a_worker_stopped_mid_migration_is_taken_over_at_once(
+    client: httpx.AsyncClient,
+    make_org: OrgFactory,
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real worker stopped while the migration runs: its batch in work is rolled back and
+    its lease given back; the next worker finishes the migration, each entity written
+    once."""
+    monkeypatch.setattr(data_migrations, "BATCH", 20)
+    org = await make_org()
+    await blueprint(client, org, SERVICE)
+    count = 400
+    await entities(
+        client,
+        org,
+        "service",
+        [{"identifier": f"s{i:04}", "properties": {"port": str(i)}} for i in range(count)],
+    )
+    first = InProcessWorker(dispatch_settings(settings))
+    first.start()
+    # Each entity's jq takes a while, so the stop lands while a batch is being evaluated.
+    slow = ".properties.port | tonumber + ([range(0; 20000)] | length) * 0"
+    body = {
+        "sourceBlueprint": "service",
+        "mapping": {"entity": {"properties": {"port_number": slow}}},
+    }
+    migration = await start(client, org, body)
+    path = f"/v1/migrations/{migration['id']}"
+    try:
+        while True:
+            found = (await call(client, org, "GET", path))["migration"]
+            if found["progress"]["processed"] >= 40:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await first.stop()
+    midway = (await call(client, org, "GET", path))["migration"]
+    assert midway["status"] == "RUNNING" and midway["progress"]["processed"] < count, midway
+    async with db.tenant(org.org_id) as tx:
+        lease = await tx.fetchval(
+            "SELECT lease_owner FROM catalog_migrations WHERE org_id = $1 AND id = $2",
+            org.org_id,
+            migration["id"],
+        )
+    assert lease is None  # given back: nobody waits for it to run out
+    second = InProcessWorker(dispatch_settings(settings))
+    second.start()
+    try:
+        done = await ended(client, org, migration["id"], within=120)
+    finally:
+        await second.stop()
+    assert done["status"] == "COMPLETED" and done["progress"]["updated"] == count, done
+    written = [e["identifier"] for e in await events_of(db, org, "service")]
+    assert len(written) == count and len(set(written)) == count, len(written)
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ migration after MAX_TIMEOUTS such entities.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -615,24 +616,33 @@ async def advance(db: Database, *, owner: str, seconds: float = PASS_SECONDS) ->
 async def batch(db: Database, org_id: uuid.UUID, migration_id: str, *, owner: str) -> bool:
     """One batch of one migration; False when nothing was done (held elsewhere, or the
     batch is left for later)."""
-    claim = await _claim(db, org_id, migration_id, owner)
-    if claim is None:
-        return False
     try:
-        rendered = await render(org_id, claim.mapping, claim.documents)
-    except sandbox.Busy:
-        await _release(db, claim, owner)
-        return False
-    try:
-        await _write(db, claim, rendered, owner)
-    except _TRANSIENT:
-        await _release(db, claim, owner)
-        raise
-    except Exception as exc:
-        log.exception("migration failed", extra={"org": str(org_id), "migration": migration_id})
-        await _end(db, claim, owner, "FAILURE", f"the migration stopped: {type(exc).__name__}")
+        claim = await _claim(db, org_id, migration_id, owner)
+        if claim is None:
+            return False
+        try:
+            rendered = await render(org_id, claim.mapping, claim.documents)
+        except sandbox.Busy:
+            await _release(db, org_id, migration_id, owner)
+            return False
+        try:
+            await _write(db, claim, rendered, owner)
+        except _TRANSIENT:
+            await _release(db, org_id, migration_id, owner)
+            raise
+        except Exception as exc:
+            log.exception("migration failed", extra={"org": str(org_id), "migration": migration_id})
+            await _end(db, claim, owner, "FAILURE", f"the migration stopped: {type(exc).__name__}")
         return True
-    return True
+    except asyncio.CancelledError:
+        # The worker is stopping: its batch is rolled back; the lease (if its claim was
+        # committed) is given back so the next worker resumes at once rather than when the
+        # lease runs out.
+        releasing = asyncio.ensure_future(_release(db, org_id, migration_id, owner))
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await asyncio.shield(releasing)
+        raise
 
 
 async def _claim(db: Database, org_id: uuid.UUID, migration_id: str, owner: str) -> _Claim | None:
@@ -714,13 +724,13 @@ async def _claim(db: Database, org_id: uuid.UUID, migration_id: str, owner: str)
     return claim
 
 
-async def _release(db: Database, claim: _Claim, owner: str) -> None:
-    async with db.tenant(claim.org_id) as tx:
+async def _release(db: Database, org_id: uuid.UUID, migration_id: str, owner: str) -> None:
+    async with db.tenant(org_id) as tx:
         await tx.execute(
             "UPDATE catalog_migrations SET lease_owner = NULL, lease_until = NULL "
             "WHERE org_id = $1 AND id = $2 AND lease_owner = $3",
-            claim.org_id,
-            claim.id,
+            org_id,
+            migration_id,
             owner,
         )
 
