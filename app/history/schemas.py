@@ -78,7 +78,10 @@ class RunRef(BaseModel):
 
 class TimelineEntry(BaseModel):
     id: str
-    action: Literal["CREATE", "UPDATE", "DELETE"]
+    action: Literal["CREATE", "UPDATE", "DELETE", "SCORECARD"] = Field(
+        description="SCORECARD: a scorecard level changed or a rule flipped (`changes` "
+        "names `scorecards.<id>`)"
+    )
     at: datetime
     by: ChangedBy
     origin: str = Field(description="Where from: UI, API, INTEGRATION, WEBHOOK, ACTION, SYSTEM")
