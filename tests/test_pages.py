@@ -371,6 +371,36 @@ async def test_a_bad_change_leaves_the_page_as_it_was(
     assert (await client.get("/v1/pages/eng", headers=org.headers)).json()["page"] == before
 
 
+async def test_page_and_widget_changes_are_in_the_audit_log(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    two = [{"id": "a", "type": "markdown"}, {"id": "b", "type": "markdown"}]
+    await _post(client, org, "/v1/pages", dashboard("eng", two))
+    await client.patch("/v1/pages/eng/widgets/b", json={"title": "B"}, headers=org.headers)
+    await client.patch(
+        "/v1/pages/eng/permissions", json={"read": {"roles": []}}, headers=org.headers
+    )
+    await client.delete("/v1/pages/eng/widgets/a", headers=org.headers)
+    r = await client.get("/v1/audit-log?resources=page&resources=page-widget", headers=org.headers)
+    assert r.status_code == 200, r.text
+    kinds = [(a["resourceType"], a["action"], a["identifier"]) for a in r.json()["audits"]]
+    # Newest first; a widget change touches only the widgets that change: removing `a`
+    # took its row out of the dashboard-widget's layout and moved `b` up.
+    assert sorted(kinds[:3]) == [
+        ("page-widget", "DELETE", "a"),
+        ("page-widget", "UPDATE", "b"),
+        ("page-widget", "UPDATE", "eng-board"),
+    ], kinds
+    assert kinds[3:5] == [("page", "UPDATE", "eng"), ("page-widget", "UPDATE", "b")], kinds
+    assert sorted(kinds[5:]) == [
+        ("page", "CREATE", "eng"),
+        ("page-widget", "CREATE", "a"),
+        ("page-widget", "CREATE", "b"),
+        ("page-widget", "CREATE", "eng-board"),
+    ], kinds
+
+
 # -- widgets ----------------------------------------------------------------------------------
 
 

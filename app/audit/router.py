@@ -48,6 +48,8 @@ Resource = Literal[
     "integration",
     "workflow",
     "workflow-run",
+    "page",
+    "page-widget",
     "migration",
 ]
 

@@ -78,12 +78,27 @@ _ROWS_PER_INSERT = 500
 _INSERT = (
     "INSERT INTO page_widgets (org_id, page, id, container, position, type, definition) VALUES "
 )
+_UPSERT = (
+    " ON CONFLICT (org_id, page, id) DO UPDATE SET container = EXCLUDED.container,"
+    " position = EXCLUDED.position, type = EXCLUDED.type, definition = EXCLUDED.definition"
+)
 
 
 async def _write_widgets(tx: Tx, page: str, rows: list[Row]) -> None:
-    await tx.execute("DELETE FROM page_widgets WHERE org_id = $1 AND page = $2", tx.org_id, page)
-    for first in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[first : first + _ROWS_PER_INSERT]
+    """Makes the page's widget rows `rows`, touching only those that change (each change is
+    an audit log entry)."""
+    before = {r.id: r for r in await _widget_rows(tx, page)}
+    gone = sorted(set(before) - {r.id for r in rows})
+    if gone:
+        await tx.execute(
+            "DELETE FROM page_widgets WHERE org_id = $1 AND page = $2 AND id = ANY($3::varchar[])",
+            tx.org_id,
+            page,
+            gone,
+        )
+    changed = [r for r in rows if before.get(r.id) != r]
+    for first in range(0, len(changed), _ROWS_PER_INSERT):
+        chunk = changed[first : first + _ROWS_PER_INSERT]
         values = ", ".join(
             f"($1, $2, ${3 + 5 * i}, ${4 + 5 * i}, ${5 + 5 * i}::int, ${6 + 5 * i},"
             f" ${7 + 5 * i}::jsonb)"
@@ -92,8 +107,7 @@ async def _write_widgets(tx: Tx, page: str, rows: list[Row]) -> None:
         args: list[Any] = [tx.org_id, page]
         for r in chunk:
             args.extend((r.id, r.container, r.position, r.type, r.definition))
-        insert = _INSERT + values  # numbered placeholders only
-        await tx.execute(insert, *args)
+        await tx.execute(_INSERT + values + _UPSERT, *args)  # numbered placeholders only
 
 
 async def _widget_rows(tx: Tx, page: str) -> list[Row]:

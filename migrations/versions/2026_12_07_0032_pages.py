@@ -1,4 +1,5 @@
-"""Pages (Port's dashboards and catalog pages) and their widgets.
+"""Pages (Port's dashboards and catalog pages) and their widgets; audit log entries for
+their changes.
 
 Revision ID: 0032
 Revises: 0031
@@ -71,8 +72,21 @@ def upgrade() -> None:
     for table in TABLES:
         for statement in rls.fence_table(table):
             op.execute(statement)
+    # Audit entries (portolan_audit_row, migration 0014): every change of a page (its fields
+    # and permissions) and of a widget.
+    op.execute(
+        "CREATE TRIGGER pages_audit AFTER INSERT OR UPDATE OR DELETE ON pages FOR EACH ROW "
+        "EXECUTE FUNCTION portolan_audit_row('page', 'identifier', 'created_at', 'updated_at', "
+        "'updated_by')"
+    )
+    op.execute(
+        "CREATE TRIGGER page_widgets_audit AFTER INSERT OR UPDATE OR DELETE ON page_widgets "
+        "FOR EACH ROW EXECUTE FUNCTION portolan_audit_row('page-widget', 'id')"
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER page_widgets_audit ON page_widgets")
+    op.execute("DROP TRIGGER pages_audit ON pages")
     for table in TABLES:
         op.drop_table(table)
