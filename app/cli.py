@@ -396,6 +396,14 @@ def import_backstage(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     url: Annotated[str | None, typer.Option(help="Portolan's URL (default: $PORTOLAN_URL)")] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Delete the entities and workflows an earlier import wrote that the files no "
+            "longer hold (teams and users are kept)",
+        ),
+    ] = False,
     scaffolder_runner_url: Annotated[
         str | None,
         typer.Option(
@@ -415,7 +423,9 @@ def import_backstage(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     with Client(credentials) as client:
-        report = import_catalog(client, paths, dry_run=dry_run, runner_url=scaffolder_runner_url)
+        report = import_catalog(
+            client, paths, dry_run=dry_run, runner_url=scaffolder_runner_url, prune=prune
+        )
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.render())
     raise typer.Exit(report.exit_code)
 

@@ -509,3 +509,86 @@ async def test_importing_into_one_org_leaves_another_untouched(
     theirs = await _workflow(live_server, second, "create-service")
     assert _node(theirs, "publish")["config"]["url"] == "http://127.0.0.1:8/other"
     assert await _workflow(live_server, first, "create-service") == before
+
+
+# ------------------------------------------------------------------------------------------
+# --prune
+
+
+async def test_prune_deletes_what_an_earlier_import_wrote_and_the_files_no_longer_hold(
+    live_server: LiveServer, make_org: OrgFactory, tmp_path: Path
+) -> None:
+    org = await make_org()
+    root = tmp_path / "catalog"
+    shutil.copytree(DATA, root)
+    await _import_with_runner(live_server, org, root)
+    # Written by hand, not by the import: never pruned.
+    await _call(
+        live_server,
+        org,
+        "POST",
+        "/v1/blueprints/component/entities",
+        {"identifier": "handmade", "properties": {"type": "service"}},
+    )
+    system = root / "system.yaml"
+    documents = system.read_text().split("---\n")
+    system.write_text("---\n".join(d for d in documents if "name: ledger\n" not in d))
+    shutil.rmtree(root / "templates" / "service")
+
+    kept = await _import_with_runner(live_server, org, root)  # without --prune
+    assert kept.pruned == []
+    assert "ledger" in await _entities(live_server, org, "component")
+
+    def run(dry_run: bool) -> Report:
+        with _client(live_server, org) as client:
+            return import_catalog(client, [root], dry_run=dry_run, runner_url=RUNNER, prune=True)
+
+    planned = await asyncio.to_thread(run, True)
+    assert planned.pruned == [
+        "component:default/ledger: entity ledger of blueprint component",
+        "template:default/create-service: workflow create-service",
+    ]
+    assert "ledger" in await _entities(live_server, org, "component")
+    done = await asyncio.to_thread(run, False)
+    assert done.errors == []
+    plan, outcome = planned.as_dict(), done.as_dict()
+    plan.pop("dryRun"), outcome.pop("dryRun")
+    assert plan == outcome
+    assert set(await _entities(live_server, org, "component")) == {"handmade"}
+    assert (await _call(live_server, org, "GET", "/v1/workflows"))["workflows"] == []
+    assert set(await _entities(live_server, org, "api")) == {"ledger-api"}
+    teams = (await _call(live_server, org, "GET", "/v1/teams"))["teams"]
+    assert [t["name"] for t in teams] == ["platform"]
+    again = await asyncio.to_thread(run, False)
+    assert again.pruned == []
+
+
+async def test_a_ref_to_an_entity_being_pruned_is_kept_as_text_not_linked(
+    live_server: LiveServer, make_org: OrgFactory, tmp_path: Path
+) -> None:
+    org = await make_org()
+    (tmp_path / "a.yaml").write_text(
+        "apiVersion: backstage.io/v1alpha1\nkind: Component\nmetadata: {name: web}\n"
+        "spec: {type: website, owner: user:ada, dependsOn: [component:api]}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "apiVersion: backstage.io/v1alpha1\nkind: Component\nmetadata: {name: api}\n"
+        "spec: {type: service, owner: user:ada}\n"
+    )
+    await _import_with_runner(live_server, org, tmp_path)
+    assert (await _entities(live_server, org, "component"))["web"]["relations"][
+        "dependsOnComponents"
+    ] == ["api"]
+    (tmp_path / "b.yaml").unlink()
+    report = await _import_with_runner(live_server, org, tmp_path)
+    assert report.entities["component"].unchanged == 1  # api still on the server: linked
+    with _client(live_server, org) as client:
+        pruned = await asyncio.to_thread(
+            import_catalog, client, [tmp_path], runner_url=RUNNER, prune=True
+        )
+    assert pruned.pruned == ["component:default/api: entity api of blueprint component"]
+    web = (await _entities(live_server, org, "component"))["web"]
+    assert web["relations"]["dependsOnComponents"] == []
+    assert web["properties"]["backstage"] == {
+        "unresolvedRefs": {"dependsOnComponents": ["component:default/api"]}
+    }

@@ -20,13 +20,15 @@ from app.backstage.mapping import (
     Ref,
     RelationSpec,
     map_documents,
+    parse_ref,
     self_ref,
 )
 from app.backstage.reader import Document, Problem, read
-from app.backstage.scaffolder import MappedTemplate, map_template
+from app.backstage.scaffolder import MappedTemplate, map_template, template_of
 from app.remote import ApiError, Client
 
 BULK_LIMIT = 1000
+PRUNE_LIMIT = 100  # entities per bulk delete
 _BULK_PARAMS = {"upsert": "true", "merge": "true"}
 
 
@@ -58,6 +60,7 @@ class Report:
     users: Counts = field(default_factory=Counts)
     workflows: Counts = field(default_factory=Counts)
     templates: list[TemplateLine] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # with --prune: what was deleted
     problems: list[Problem] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     imported_anything: bool = False
@@ -80,6 +83,7 @@ class Report:
             "users": self.users.as_dict(),
             "workflows": self.workflows.as_dict(),
             "templates": [t.as_dict() for t in self.templates],
+            "pruned": self.pruned,
             "problems": [p.as_dict() for p in self.problems],
             "errors": self.errors,
         }
@@ -113,6 +117,9 @@ class Report:
                 lines.append(f"  {t.ref} -> workflow {t.workflow}: {verb}{t.status}")
                 lines.extend(f"    input {line}" for line in t.inputs)
                 lines.extend(f"    step {s.step} ({s.action}): {s.became}" for s in t.steps)
+        if self.pruned:
+            lines.append(f"Pruned ({verb}deleted: no longer in the files) ({len(self.pruned)}):")
+            lines.extend(f"  {p}" for p in self.pruned)
         if self.problems:
             lines.append(f"Not imported ({len(self.problems)}):")
             for p in self.problems:
@@ -178,14 +185,25 @@ class EntityWrite:
 
 class Importer:
     def __init__(
-        self, client: Client, *, dry_run: bool = False, runner_url: str | None = None
+        self,
+        client: Client,
+        *,
+        dry_run: bool = False,
+        runner_url: str | None = None,
+        prune: bool = False,
     ) -> None:
         self.client = client
         self.runner_url = runner_url
+        self.prune = prune
+        # With --prune: the refs some document of the files names (their entities and
+        # workflows stay), and the server's entities to delete, per blueprint.
+        self._held: set[tuple[str, str, str]] = set()
+        self._doomed: dict[str, dict[str, str]] = {}  # blueprint -> lower id -> ref
         self.report = Report(dry_run=dry_run)
         self._entities: dict[str, dict[str, dict[str, Any]]] = {}  # server's, per blueprint
         self._server_blueprints: dict[str, dict[str, Any]] = {}
         self._team_names: dict[str, str] = {}  # lower-cased -> name, server's and the input's
+        self._workflows: dict[str, dict[str, Any]] | None = None
 
     def run(self, paths: list[Path]) -> Report:
         reading = read(paths)
@@ -195,6 +213,7 @@ class Importer:
         self.report.problems.extend(reading.problems)
         catalog = map_documents(reading.documents)
         self.report.problems.extend(catalog.problems)
+        self._held = {self_ref(d).key for d in reading.documents if isinstance(_name_of(d), str)}
         if catalog.empty:
             return self.report
         # Templates count once one maps to a workflow (below).
@@ -213,11 +232,15 @@ class Importer:
             b["identifier"]: b for b in self.client.get("/v1/blueprints")["blueprints"]
         }
         plans = self._plan_blueprints(catalog)
+        if self.prune:
+            self._plan_prune()
         self._apply_blueprints(plans)
         teams = self._sync_teams(catalog)
         self._sync_users(catalog, teams)
         self._sync_entities(catalog, plans, teams)
         self._sync_workflows(catalog, set(self._server_blueprints) | set(plans))
+        if self.prune:
+            self._apply_prune()
 
     # -- blueprints ----------------------------------------------------------------------
 
@@ -388,10 +411,16 @@ class Importer:
 
     # -- workflows (Scaffolder templates) -------------------------------------------------
 
+    def _server_workflows(self) -> dict[str, dict[str, Any]]:
+        if self._workflows is None:
+            listed = self.client.get("/v1/workflows")["workflows"]
+            self._workflows = {w["identifier"]: w for w in listed}
+        return self._workflows
+
     def _sync_workflows(self, catalog: Catalog, blueprints: set[str]) -> None:
         if not catalog.templates:
             return
-        server = {w["identifier"]: w for w in self.client.get("/v1/workflows")["workflows"]}
+        server = self._server_workflows()
         for document in catalog.templates.values():
             mapped = map_template(
                 document,
@@ -446,6 +475,63 @@ class Importer:
             )
         return line
 
+    # -- prune ---------------------------------------------------------------------------
+
+    def _plan_prune(self) -> None:
+        """The entities an earlier import wrote (their `backstageRef`) whose document no file
+        holds any more. Known before anything is written, so no link is made to them."""
+        for bp in WRITE_ORDER:
+            if bp not in self._server_blueprints:
+                continue
+            for key, entity in self._server_entities(bp).items():
+                ref = (entity.get("properties") or {}).get("backstageRef")
+                if not isinstance(ref, str):
+                    continue  # not written by an import: left alone
+                try:
+                    parsed = parse_ref(ref, default_kind=None, default_namespace="default")
+                except ValueError:
+                    continue
+                if parsed.key not in self._held:
+                    self._doomed.setdefault(bp, {})[key] = ref
+
+    def _apply_prune(self) -> None:
+        """Deletes those entities (entities pointing at others first) and the workflows an
+        earlier import made of Templates no file holds. Teams and users are never deleted."""
+        for bp in reversed(WRITE_ORDER):
+            doomed = self._doomed.get(bp, {})
+            entities = self._server_entities(bp)
+            identifiers = sorted(entities[key]["identifier"] for key in doomed)
+            for start in range(0, len(identifiers), PRUNE_LIMIT):
+                chunk = identifiers[start : start + PRUNE_LIMIT]
+                try:
+                    if not self.report.dry_run:
+                        self.client.post(
+                            f"/v1/blueprints/{bp}/bulk/entities/delete", {"entities": chunk}
+                        )
+                except ApiError as exc:
+                    self.report.errors.append(f"pruning {bp} {', '.join(chunk)}: {exc}")
+                    continue
+                self.report.pruned.extend(
+                    f"{doomed[i.lower()]}: entity {i} of blueprint {bp}" for i in chunk
+                )
+        for identifier, workflow in sorted(self._server_workflows().items()):
+            ref = template_of(workflow)
+            if ref is None:
+                continue
+            try:
+                parsed = parse_ref(ref, default_kind=None, default_namespace="default")
+            except ValueError:
+                continue
+            if parsed.key in self._held or parsed.identifier != identifier:
+                continue
+            try:
+                if not self.report.dry_run:
+                    self.client.delete(f"/v1/workflows/{identifier}")
+            except ApiError as exc:
+                self.report.errors.append(f"pruning workflow {identifier}: {exc}")
+                continue
+            self.report.pruned.append(f"{ref}: workflow {identifier}")
+
     # -- entities ------------------------------------------------------------------------
 
     def _server_entities(self, bp: str) -> dict[str, dict[str, Any]]:
@@ -460,8 +546,9 @@ class Importer:
 
     def _resolve(self, link: Link, catalog: Catalog, origin: Origin) -> str | None:
         # The server's spelling first: identifiers are case-sensitive, Backstage refs are not.
-        theirs = self._server_entities(link.blueprint).get(link.ref.identifier.lower())
-        if theirs is not None:
+        key = link.ref.identifier.lower()
+        theirs = self._server_entities(link.blueprint).get(key)
+        if theirs is not None and key not in self._doomed.get(link.blueprint, {}):
             return str(theirs["identifier"])
         mine = catalog.entities.get(link.ref.key)
         if mine is not None:
@@ -682,6 +769,11 @@ def _same_workflow(definition: dict[str, Any], existing: dict[str, Any]) -> bool
     )
 
 
+def _name_of(document: Document) -> Any:
+    metadata = document.body.get("metadata")
+    return metadata.get("name") if isinstance(metadata, dict) else None
+
+
 def _template_ref(document: Document) -> Ref:
     return self_ref(document)
 
@@ -692,5 +784,6 @@ def import_catalog(
     *,
     dry_run: bool = False,
     runner_url: str | None = None,
+    prune: bool = False,
 ) -> Report:
-    return Importer(client, dry_run=dry_run, runner_url=runner_url).run(paths)
+    return Importer(client, dry_run=dry_run, runner_url=runner_url, prune=prune).run(paths)

@@ -115,6 +115,17 @@ class BlueprintSpec:
         }
 
 
+# Which document an entity came from: what `--prune` reads to find what an earlier import
+# wrote and the files no longer hold.
+_BACKSTAGE_REF: dict[str, dict[str, Any]] = {
+    "backstageRef": {
+        "type": "string",
+        "title": "Backstage ref",
+        "description": "The document this entity was imported from (kind:namespace/name)",
+    }
+}
+
+
 def _common(**extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
     props: dict[str, dict[str, Any]] = {
         "type": {"type": "string", "title": "Type"},
@@ -139,6 +150,7 @@ def _common(**extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "title": "Other Backstage fields",
             "description": "metadata and spec fields with no property of their own",
         },
+        **_BACKSTAGE_REF,
     }
     return props
 
@@ -164,6 +176,7 @@ _GROUP_PROPERTIES: dict[str, dict[str, Any]] = {
         "title": "Other Backstage fields",
         "description": "refs not linked (unresolvedRefs)",
     },
+    **_BACKSTAGE_REF,
 }
 
 BLUEPRINTS: dict[str, BlueprintSpec] = {
@@ -546,6 +559,7 @@ def _entity(document: Document, ref: Ref, problems: list[Problem]) -> MappedEnti
             extra[key] = value
     props["backstage"] = _jsonable(extra) if extra else None
     title = metadata.get("title") if isinstance(metadata.get("title"), str) else None
+    props["backstageRef"] = str(ref)
     return MappedEntity(ref, blueprint, origin, title or ref.name, owner, props, relations)
 
 
@@ -644,6 +658,7 @@ def _group_entity(
     email = profile.get("email") if isinstance(profile, dict) else None
     if isinstance(email, str):
         props["email"] = email
+    props["backstageRef"] = str(ref)
     display = profile.get("displayName") if isinstance(profile, dict) else None
     title = display if isinstance(display, str) and display else metadata.get("title")
     return MappedEntity(

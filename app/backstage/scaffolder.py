@@ -524,3 +524,27 @@ def _mapping(value: Any) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     result: Any = json.loads(json.dumps(value, default=str))
     return result
+
+
+_BODY_KEYS = frozenset(("action", "input", "step", "template", "workflowRun"))
+
+
+def template_of(workflow: dict[str, Any]) -> str | None:
+    """The Template ref a workflow was imported from, when it has the shape this module
+    writes (a self-serve trigger, CONDITION nodes, and WEBHOOK nodes whose bodies name one
+    template): what `--prune` reads to find the workflows an earlier import wrote."""
+    refs: set[Any] = set()
+    for node in workflow.get("nodes") or []:
+        config = node.get("config") if isinstance(node, dict) else None
+        kind = config.get("type") if isinstance(config, dict) else None
+        if kind == "WEBHOOK" and isinstance(config, dict):
+            body = config.get("body")
+            if not isinstance(body, dict) or set(body) != _BODY_KEYS:
+                return None
+            refs.add(body.get("template"))
+        elif kind not in ("SELF_SERVE_TRIGGER", "CONDITION"):
+            return None
+    if len(refs) != 1:
+        return None
+    (ref,) = refs
+    return ref if isinstance(ref, str) and ref.startswith("template:") else None
