@@ -19,7 +19,7 @@ from app.backstage.importer import Report, import_catalog
 from app.config import Settings
 from tests.conftest import LiveServer, Org, OrgFactory
 from tests.receivers import WebhookReceiver
-from tests.test_backstage import CATALOG, _call, _client, _entities
+from tests.test_backstage import CATALOG, _call, _cli, _client, _entities
 from tests.test_backstage import _org_with_payments_team as org_with_payments_team
 from tests.test_dispatch import add_secret, signing_secret
 from tests.test_workflows import nodes_of, wait_done
@@ -592,3 +592,29 @@ async def test_a_ref_to_an_entity_being_pruned_is_kept_as_text_not_linked(
     assert web["properties"]["backstage"] == {
         "unresolvedRefs": {"dependsOnComponents": ["component:default/api"]}
     }
+
+
+async def test_the_command_takes_the_runner_url_and_prints_each_steps_fate(
+    live_server: LiveServer, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    done = await asyncio.to_thread(
+        _cli, live_server, org, str(DATA), "--scaffolder-runner-url", RUNNER, "--prune"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Workflows (created / updated / unchanged / failed): 1 / 0 / 0 / 0" in done.stdout
+    assert "  template:default/create-service -> workflow create-service: created" in done.stdout
+    assert "    input owner: OwnerPicker -> team (its name, not a Group ref)" in done.stdout
+    assert (
+        "    step register (catalog:register): WEBHOOK node register to the Scaffolder runner"
+        in done.stdout
+    )
+    assert "  template:default/docs-site -> workflow docs-site: skipped" in done.stdout
+    assert "Ignored 1 YAML file(s) holding no catalog document" in done.stdout
+    assert (
+        _node(await _workflow(live_server, org, "create-service"), "publish")["config"]["url"]
+        == RUNNER
+    )
+    without = await asyncio.to_thread(_cli, live_server, org, str(TEMPLATE))
+    assert without.returncode == 1
+    assert "[no-runner] template:default/create-service" in without.stdout
