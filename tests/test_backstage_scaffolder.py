@@ -65,7 +65,7 @@ RUN_DATA = {
         "trigger": {"name": " Ledger ", "repoUrl": "github.com?owner=acme&repo=ledger", "n": 0},
         "publish": {"remoteUrl": "https://github.com/acme/ledger"},
     },
-    "workflowRun": {"identifier": "wfr_1"},
+    "workflowRun": {"identifier": "wfr_1", "trigger": {"by": {"email": "Ada@example.com"}}},
 }
 
 
@@ -84,6 +84,7 @@ RUN_DATA = {
         ("'a' if parameters.n === 0 else 'b'", "a"),
         ("!parameters.n and parameters.name | replace(' ', '_')", "_Ledger_"),
         ("context.task.id", "wfr_1"),
+        ("user.entity.spec.profile.email | lower", "ada@example.com"),
     ],
 )
 def test_expressions_become_jq_with_the_same_value(source: str, expected: Any) -> None:

@@ -1,10 +1,10 @@
 """Backstage Scaffolder expressions (`${{ ... }}`, Nunjucks) turned into the jq of Portolan's
-`{{ ... }}` templates, for the subset templates use: paths into `parameters`, `steps.<id>.output`,
-`secrets` and `context.task.id`; string, number and boolean literals; `==`, `!=`, `<`, `>`,
-`<=`, `>=`, `+`, `!` / `not`, `&&` / `and`, `||` / `or` (with JavaScript's truthiness), the
-inline `a if c else b`; the filters listed in FILTERS. Anything else raises Untranslatable,
-naming what could not be carried over, so a template is never imported with a value that
-would silently differ."""
+`{{ ... }}` templates, for the subset templates use: paths into `parameters`,
+`steps.<id>.output`, `secrets`, `context.task.id` and `user.entity.spec.profile.email`;
+string, number and boolean literals; `==`, `!=`, `<`, `>`, `<=`, `>=`, `+`, `!` / `not`,
+`&&` / `and`, `||` / `or` (with JavaScript's truthiness), the inline `a if c else b`; the
+filters listed in FILTERS. Anything else raises Untranslatable, naming what could not be
+carried over, so a template is never imported with a value that would silently differ."""
 
 from __future__ import annotations
 
@@ -309,6 +309,8 @@ class _Parser:
             return f".secrets[{json.dumps(parts[0])}]"
         if root == "context" and parts == ["task", "id"]:
             return ".workflowRun.identifier"
+        if root == "user" and parts == ["entity", "spec", "profile", "email"]:
+            return ".workflowRun.trigger.by.email"  # who started the run
         where = ".".join([root, *map(str, parts)])
         raise Untranslatable(f"{where} has no counterpart in a Portolan workflow run")
 

@@ -141,7 +141,10 @@ class _Mapper:
                 if converted is not None:
                     properties[name] = converted
                     names.append(name)
-            for name in page.get("required") or []:
+            wanted = page.get("required") or []
+            if not isinstance(wanted, list):
+                raise _Skip(f"{where}.required is not a list")
+            for name in wanted:
                 if name in names and name not in required:
                     required.append(name)
                 elif name not in names:
