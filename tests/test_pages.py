@@ -1061,6 +1061,38 @@ async def test_a_catalog_page_that_cannot_be_made_leaves_no_blueprint(
     _error(await client.get("/v1/blueprints/service", headers=org.headers), 404)
 
 
+ROUTES = [
+    ("GET", "/v1/pages"),
+    ("POST", "/v1/pages"),
+    ("GET", "/v1/pages/eng"),
+    ("PATCH", "/v1/pages/eng"),
+    ("DELETE", "/v1/pages/eng"),
+    ("GET", "/v1/pages/eng/permissions"),
+    ("PATCH", "/v1/pages/eng/permissions"),
+    ("POST", "/v1/pages/eng/widgets"),
+    ("PATCH", "/v1/pages/eng/widgets/intro"),
+    ("DELETE", "/v1/pages/eng/widgets/intro"),
+    ("POST", "/v1/pages/eng/widgets/intro/data"),
+]
+
+
+async def test_every_pages_route_needs_a_token_and_takes_no_unknown_parameter(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/pages", dashboard())
+    for method, path in ROUTES:
+        body = {} if method in ("POST", "PATCH") else None
+        _error(await client.request(method, path, json=body), 401)
+        bad = {"Authorization": "Bearer not-a-token"}
+        _error(await client.request(method, path, json=body, headers=bad), 401)
+        r = await client.request(
+            method, path, params={"colour": "red"}, json=body, headers=org.headers
+        )
+        _error(r, 422, "unknown_query_parameter")
+    assert (await client.get("/v1/pages/eng", headers=org.headers)).status_code == 200
+
+
 # -- tenancy ----------------------------------------------------------------------------------
 
 
