@@ -4,6 +4,7 @@ with blueprints, caps, cross-tenant isolation on every route, and every 4xx."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -503,6 +504,42 @@ async def test_pages_and_widgets_are_capped_per_org_and_per_page(
         assert (await _post(client, other, "/v1/pages", dashboard("three"))).status_code == 201
     finally:
         app.state.settings = original
+
+
+async def test_widgets_added_at_once_are_all_kept(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    await _post(client, org, "/v1/pages", dashboard())
+    answers = await asyncio.gather(
+        *(
+            _post(client, org, "/v1/pages/eng/widgets", {"id": f"w{i}", "type": "markdown"})
+            for i in range(8)
+        )
+    )
+    assert [r.status_code for r in answers] == [201] * 8, [r.text for r in answers]
+    board = (await client.get("/v1/pages/eng", headers=org.headers)).json()["page"]["widgets"][0]
+    assert sorted(w["id"] for w in board["widgets"]) == [
+        "intro",
+        *sorted(f"w{i}" for i in range(8)),
+    ]
+    assert len(board["layout"]) == 9
+
+
+async def test_pages_created_at_once_stop_at_the_cap(
+    client: httpx.AsyncClient, make_org: OrgFactory, app: FastAPI
+) -> None:
+    org = await make_org()
+    original = app.state.settings
+    app.state.settings = original.model_copy(update={"pages_max_per_org": 3})
+    try:
+        answers = await asyncio.gather(
+            *(_post(client, org, "/v1/pages", dashboard(f"p{i}")) for i in range(6))
+        )
+    finally:
+        app.state.settings = original
+    assert sorted(r.status_code for r in answers) == [201, 201, 201, 422, 422, 422]
+    assert len((await client.get("/v1/pages", headers=org.headers)).json()["pages"]) == 3
 
 
 # -- widget data ----------------------------------------------------------------------------
