@@ -16,6 +16,9 @@ import pytest
 
 from app.backstage import expressions
 from app.backstage.importer import Report, import_catalog
+from app.backstage.mapping import self_ref
+from app.backstage.reader import Document
+from app.backstage.scaffolder import map_template
 from app.config import Settings
 from tests.conftest import LiveServer, Org, OrgFactory
 from tests.receivers import WebhookReceiver
@@ -619,3 +622,128 @@ async def test_the_command_takes_the_runner_url_and_prints_each_steps_fate(
     without = await asyncio.to_thread(_cli, live_server, org, str(TEMPLATE))
     assert without.returncode == 1
     assert "[no-runner] template:default/create-service" in without.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Mapping alone (no server): the cases the fixtures do not reach
+
+
+def _map(body: dict[str, Any], blueprints: set[str] | None = None) -> tuple[Any, list[Any]]:
+    document = Document("t.yaml", 1, Path("t.yaml"), body)
+    problems: list[Any] = []
+    mapped = map_template(
+        document,
+        self_ref(document),
+        runner_url=RUNNER,
+        blueprints=blueprints or set(),
+        problems=problems,
+    )
+    return mapped, problems
+
+
+def _template(name: str, parameters: Any, steps: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "scaffolder.backstage.io/v1beta3",
+        "kind": "Template",
+        "metadata": {"name": name},
+        "spec": {"type": "service", "parameters": parameters, "steps": steps},
+    }
+
+
+LOG = [{"id": "log", "action": "debug:log", "input": {"message": "hi"}}]
+
+
+def test_pickers_map_to_the_input_of_their_kind_or_a_reported_plain_string() -> None:
+    def picker(field: str, **options: Any) -> dict[str, Any]:
+        return {"type": "string", "ui:field": field, "ui:options": options}
+
+    mapped, problems = _map(
+        _template(
+            "pickers",
+            {
+                "properties": {
+                    "owner": picker("OwnerPicker"),
+                    "person": picker("OwnerPicker", allowedKinds=["User"]),
+                    "service": picker("EntityPicker", catalogFilter=[{"kind": "Component"}]),
+                    "db": picker("EntityPicker", allowedKinds=["Resource"]),
+                    "any": picker("EntityPicker", allowedKinds=["Component", "API"]),
+                    "apis": {"type": "array", **picker("MultiEntityPicker", allowedKinds=["API"])},
+                    "tags": {"type": "array", "ui:field": "EntityTagsPicker"},
+                }
+            },
+            LOG,
+        ),
+        blueprints={"component", "api"},
+    )
+    props = mapped.definition["nodes"][0]["config"]["userInputs"]["properties"]
+    assert props["owner"]["format"] == "team"
+    assert props["person"]["format"] == "user"
+    assert (props["service"]["format"], props["service"]["blueprint"]) == ("entity", "component")
+    assert props["db"] == {"type": "string"}  # no resource blueprint here
+    assert props["any"] == {"type": "string"}  # two kinds
+    assert props["apis"]["items"] == {"type": "string", "format": "entity", "blueprint": "api"}
+    assert props["tags"] == {"type": "array", "items": {"type": "string"}}
+    unmapped = sorted(p.message.split(":")[0] for p in problems if p.code == "unmapped-field")
+    assert unmapped == ["spec.parameters.properties.any", "spec.parameters.properties.db"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        (
+            _template("loop", {}, [{"id": "x", "action": "debug:log", "each": ["a", "b"]}]),
+            "unsupported-step",
+            "loops (each)",
+        ),
+        (
+            _template("clash", {}, [{"id": "trigger", "action": "debug:log"}]),
+            "invalid-template",
+            "cannot name a workflow node",
+        ),
+        (_template("no-steps", {}, []), "invalid-template", "needs spec.steps"),
+        (
+            _template("who", {}, [{"id": "a", "action": "x", "input": {"o": "${{ user.ref }}"}}]),
+            "untranslatable",
+            "step a (x) input: user.ref has no counterpart",
+        ),
+        (
+            _template("bad-if", {}, [{"id": "a", "action": "x", "if": "${{ secrets.T }}"}]),
+            "untranslatable",
+            "step a (x) if: secrets are read in a step's input only",
+        ),
+        (_template("dotted.name", {}, LOG), "invalid-name", "cannot be a workflow identifier"),
+    ],
+)
+def test_templates_that_cannot_be_workflows_are_reported_whole(
+    body: dict[str, Any], code: str, message: str
+) -> None:
+    mapped, problems = _map(body)
+    assert mapped.definition is None
+    assert [p.code for p in problems] == [code]
+    assert message in problems[0].message
+
+
+def test_a_step_without_an_id_gets_one_and_the_chain_ends_with_the_last_step() -> None:
+    mapped, problems = _map(
+        _template(
+            "plain",
+            None,
+            [{"action": "debug:log"}, {"action": "debug:wait", "if": True}],
+        )
+    )
+    assert problems == []
+    definition = mapped.definition
+    assert [n["identifier"] for n in definition["nodes"]] == [
+        "trigger",
+        "step1",
+        "step2:if",
+        "step2",
+    ]
+    assert definition["nodes"][0]["config"]["userInputs"] == {"properties": {}, "required": []}
+    assert definition["nodes"][2]["config"]["outlets"][0]["expression"] == "true"
+    # The condition's fallback and the last step lead nowhere: the run ends there.
+    assert [c["targetIdentifier"] for c in definition["connections"]] == [
+        "step1",
+        "step2:if",
+        "step2",
+    ]
