@@ -23,7 +23,12 @@ from app.kit import sandbox
 from app.worker import InProcessWorker
 from tests.conftest import Org, OrgFactory, dispatch_settings
 from tests.test_permissions import add_user, user_headers
-from tests.test_sandbox import CANARY, ESCAPES, LOOP_JQ, _expected, canary_env  # noqa: F401
+from tests.test_sandbox import (  # noqa: F401
+    CANARY,
+    LOOP_JQ,
+    _via_migration,
+    canary_env,
+)
 
 ENDED = ("COMPLETED", "FAILURE", "CANCELLED")
 SERVICE = {
@@ -848,23 +853,12 @@ async def test_every_bad_request_is_a_clear_4xx(
 # The new jq site: the sandbox's escapes and fair turns
 
 
-async def _via_migration(org: str, program: str) -> Any:
-    mapping = {"entity": {"identifier": '"x"', "properties": {"value": program}}}
-    document = {"identifier": "src", "properties": {"name": "api", "n": 2}}
-    rendered = await data_migrations.render(org, mapping, [document])
-    if rendered.errors:
-        return RuntimeError(rendered.errors)
-    [(_, written)] = rendered.writes
-    return written["properties"]["value"]
-
-
-async def test_migration_mappings_see_only_their_input(canary_env: None) -> None:  # noqa: F811
-    for program, wanted in ESCAPES:
-        found = await _via_migration("org-escapes", program)
-        try:
-            _expected(found, wanted)
-        except AssertionError as exc:
-            raise AssertionError(f"migration: {program!r} gave {found!r}") from exc
+async def test_a_migration_mapping_cannot_read_the_services_environment(
+    canary_env: None,  # noqa: F811
+) -> None:
+    """(The table of escapes runs against this site with the others, tests/test_sandbox.py.)"""
+    for program in ("$ENV | tostring", "env | tostring", "[inputs] | tostring"):
+        assert CANARY not in str(await _via_migration("org-escapes", program))
     leak = f'$ENV | tostring | test("{CANARY}")'
     assert await _via_migration("org-escapes", leak) is False
 

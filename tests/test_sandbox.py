@@ -2,8 +2,8 @@
 
 A table of escapes (environment, files, modules, other inputs, stderr, halting, locations)
 runs against every evaluation site: the sandbox itself, action templates, a run's
-`required` query, automation conditions, incoming-webhook mappings and calculation
-properties. Then the process itself (an empty environment from its first instruction), the
+`required` query, automation conditions, incoming-webhook mappings, data migrations'
+mappings and calculation properties. Then the process itself (an empty environment from its first instruction), the
 time limit, and what one org's slow programs do to another's.
 """
 
@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from app.automations.feed import condition_holds
+from app.catalog import data_migrations
 from app.config import Settings
 from app.db.database import Database
 from app.dispatch.templates import TemplateError, render
@@ -147,6 +148,17 @@ async def _via_webhook_mapping(org: str, program: str) -> Any:
     return entity["properties"]["value"]
 
 
+async def _via_migration(org: str, program: str) -> Any:
+    """A data migration's mapping, over a source entity."""
+    mapping = {"entity": {"identifier": '"x"', "properties": {"value": program}}}
+    document = {"identifier": "src", "properties": INPUT}
+    rendered = await data_migrations.render(org, mapping, [document])
+    if rendered.errors:
+        return RuntimeError(rendered.errors)
+    [(_, written)] = rendered.writes
+    return written["properties"]["value"]
+
+
 async def _via_calculation(org: str, program: str) -> Any:
     entity: dict[str, Any] = {"identifier": "x", "blueprint": "service", "properties": INPUT}
     blueprint = {"calculationProperties": {"value": {"calculation": program, "type": "object"}}}
@@ -197,6 +209,7 @@ SITES: dict[str, Callable[[str, str], Any]] = {
     "action-template": _via_template,
     "workflow-template": _via_workflow_template,
     "webhook-mapping": _via_webhook_mapping,
+    "migration-mapping": _via_migration,
     "calculation": _via_calculation,
 }
 
