@@ -3,8 +3,8 @@
 A table of escapes (environment, files, modules, other inputs, stderr, halting, locations)
 runs against every evaluation site: the sandbox itself, action templates, a run's
 `required` query, automation conditions, incoming-webhook mappings, data migrations'
-mappings and calculation properties. Then the process itself (an empty environment from its first instruction), the
-time limit, and what one org's slow programs do to another's.
+mappings and calculation properties. Then the process itself (an empty environment from
+its first instruction), the time limit, and what one org's slow programs do to another's.
 """
 
 from __future__ import annotations
