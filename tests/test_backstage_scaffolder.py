@@ -747,3 +747,32 @@ def test_a_step_without_an_id_gets_one_and_the_chain_ends_with_the_last_step() -
         "step2:if",
         "step2",
     ]
+
+
+def test_a_page_shown_on_some_answers_keeps_its_inputs_but_requires_none() -> None:
+    mapped, problems = _map(
+        _template(
+            "conditional",
+            [
+                {
+                    "title": "Provider",
+                    "required": ["cloud"],
+                    "properties": {"cloud": {"type": "string", "enum": ["AWS", "GCP"]}},
+                },
+                {
+                    "title": "AWS",
+                    "when": "${{ parameters.cloud === 'AWS' }}",
+                    "required": ["region"],
+                    "properties": {"region": {"type": "string"}},
+                },
+            ],
+            LOG,
+        )
+    )
+    inputs = mapped.definition["nodes"][0]["config"]["userInputs"]
+    assert list(inputs["properties"]) == ["cloud", "region"]
+    assert inputs["required"] == ["cloud"]
+    (when,) = problems
+    assert when.code == "not-kept"
+    assert when.message.startswith("spec.parameters[1].when")
+    assert "(region not required)" in when.message

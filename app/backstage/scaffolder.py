@@ -123,7 +123,7 @@ class _Mapper:
             )
             if not isinstance(page, dict):
                 raise _Skip(f"{where} is not a JSON Schema object")
-            for key in sorted(set(page) - _PAGE_KEYS):
+            for key in sorted(set(page) - _PAGE_KEYS - {"when"}):
                 if not key.startswith("ui:"):
                     self.report("not-kept", f"{where}.{key} has no counterpart in userInputs")
             raw = page.get("properties") or {}
@@ -144,6 +144,16 @@ class _Mapper:
             wanted = page.get("required") or []
             if not isinstance(wanted, list):
                 raise _Skip(f"{where}.required is not a list")
+            if "when" in page:
+                # A page Backstage shows only on some answers: Portolan's form shows every
+                # input, so requiring this page's would make the form impossible otherwise.
+                self.report(
+                    "not-kept",
+                    f"{where}.when: the page is shown only when {page['when']!r} in "
+                    "Backstage; Portolan's form shows its inputs always, as optional"
+                    + (f" ({', '.join(map(str, wanted))} not required)" if wanted else ""),
+                )
+                wanted = []
             for name in wanted:
                 if name in names and name not in required:
                     required.append(name)
