@@ -1086,6 +1086,30 @@ async def test_a_blueprint_made_with_create_catalog_page_gets_its_catalog_page(
     _error(await client.get("/v1/pages/other", headers=org.headers), 404)
 
 
+async def test_a_deleted_blueprint_takes_its_catalog_page_and_leaves_dashboards(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    r = await client.post(
+        "/v1/blueprints", params={"create_catalog_page": "true"}, json=SERVICE, headers=org.headers
+    )
+    assert r.status_code == 201, r.text
+    count = {"id": "n", "type": "entities-number-chart", "blueprint": "service"}
+    await _post(client, org, "/v1/pages", dashboard("eng", [count]))
+    other = await make_org()  # another org's page of that name is its own
+    await _post(client, other, "/v1/blueprints", SERVICE)
+    await client.post(
+        "/v1/pages",
+        json={"identifier": "service", "type": "blueprint-entities", "blueprint": "service"},
+        headers=other.headers,
+    )
+    assert (await client.delete("/v1/blueprints/service", headers=org.headers)).status_code == 200
+    _error(await client.get("/v1/pages/service", headers=org.headers), 404, "page_not_found")
+    assert (await client.get("/v1/pages/eng", headers=org.headers)).status_code == 200
+    _error(await _data(client, org.headers, "eng", "n"), 422)
+    assert (await client.get("/v1/pages/service", headers=other.headers)).status_code == 200
+
+
 async def test_a_catalog_page_that_cannot_be_made_leaves_no_blueprint(
     client: httpx.AsyncClient, make_org: OrgFactory
 ) -> None:

@@ -809,3 +809,4 @@ async def delete(tx: Tx, identifier: str) -> None:
     await tx.execute(
         "DELETE FROM blueprints WHERE org_id = $1 AND identifier = $2", tx.org_id, identifier
     )
+    await reactions.emit(tx, reactions.BlueprintDeleted(identifier))

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlueprintChanged",
+    "BlueprintDeleted",
     "Change",
     "EntitiesDeleted",
     "EntitiesWritten",
@@ -65,6 +66,13 @@ class BlueprintChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class BlueprintDeleted:
+    """Blueprint `blueprint` was deleted (it had no entities left)."""
+
+    blueprint: str
+
+
+@dataclass(frozen=True, slots=True)
 class NamesChanged:
     """Properties or relations (`kind`: "property" / "relation") of blueprint `blueprint`
     were renamed (`renamed`: old, new; their values carried into the entities) or removed
@@ -76,8 +84,8 @@ class NamesChanged:
     removed: tuple[str, ...] = ()
 
 
-Change = EntitiesWritten | EntitiesDeleted | BlueprintChanged | NamesChanged
-C = TypeVar("C", EntitiesWritten, EntitiesDeleted, BlueprintChanged, NamesChanged)
+Change = EntitiesWritten | EntitiesDeleted | BlueprintChanged | BlueprintDeleted | NamesChanged
+C = TypeVar("C", EntitiesWritten, EntitiesDeleted, BlueprintChanged, BlueprintDeleted, NamesChanged)
 Handler = Callable[["Tx", Any], Awaitable[None]]
 
 _handlers: dict[type, list[Handler]] = {}

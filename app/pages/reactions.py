@@ -2,7 +2,8 @@
 app/kit/reactions.py): a property renamed is carried into every widget that reads the
 blueprint and names it (what it breaks down, aggregates, groups or measures time by, and
 its dataset's rules), in the writer's transaction, so dashboards keep drawing the same
-data. A removed property is left named: the widget's data then answers a 422 naming it."""
+data. A removed property is left named: the widget's data then answers a 422 naming it.
+A deleted blueprint takes its catalog pages with it."""
 
 from __future__ import annotations
 
@@ -92,5 +93,16 @@ async def _names_changed(tx: Tx, change: reactions.NamesChanged) -> None:
             )
 
 
+async def _blueprint_deleted(tx: Tx, change: reactions.BlueprintDeleted) -> None:
+    """A blueprint's catalog pages go with it (Port's behaviour); dashboards that read it
+    stay, and their widgets' data answers a 422 naming it."""
+    await tx.execute(
+        "DELETE FROM pages WHERE org_id = $1 AND type = 'blueprint-entities' AND blueprint = $2",
+        tx.org_id,
+        change.blueprint,
+    )
+
+
 def subscribe() -> None:
     reactions.subscribe(reactions.NamesChanged, _names_changed)
+    reactions.subscribe(reactions.BlueprintDeleted, _blueprint_deleted)
