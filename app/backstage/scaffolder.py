@@ -249,10 +249,14 @@ class _Mapper:
                     return f"{field_name} -> array of {_describe(target)}"
                 out.update(holder)
                 return f"{field_name} -> {_describe(target)}"
+            if field_name == "MultiEntityPicker":
+                out["type"] = "array"
+                out["items"] = {"type": "string"}
+                plain = "array of strings"
             self.report(
                 "unmapped-field",
                 f"{where}: ui:field {field_name} (kinds {', '.join(kinds) or 'any'}) has no "
-                "Portolan input of the same kind: a plain string, the entity ref as typed",
+                f"Portolan input of the same kind: a plain {plain} input, entity refs as typed",
             )
             return f"{field_name} -> {plain}"
         if field_name == "EntityTagsPicker":
