@@ -747,6 +747,12 @@ async def test_the_list_filters_by_status_actor_and_blueprint(
     assert await ids(f"?actor={org.client_id}&status=PENDING") == [second["id"]]
     assert await ids("?actor=someone-else") == []
     assert await ids("?blueprint=other") == []
+    await blueprint(client, org, APP)
+    moving = await start(
+        client, org, {"sourceBlueprint": "service", "mapping": {"blueprint": "app", "entity": {}}}
+    )
+    assert await ids("?blueprint=app") == [moving["id"]]  # the target matches too
+    assert await ids("?blueprint=service") == [moving["id"], second["id"], first["id"]]
 
 
 async def test_every_bad_request_is_a_clear_4xx(
