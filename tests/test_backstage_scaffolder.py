@@ -776,3 +776,31 @@ def test_a_page_shown_on_some_answers_keeps_its_inputs_but_requires_none() -> No
     assert when.code == "not-kept"
     assert when.message.startswith("spec.parameters[1].when")
     assert "(region not required)" in when.message
+
+
+async def test_a_step_the_runner_refuses_ends_the_run_failed_before_the_next(
+    live_server: LiveServer,
+    make_org: OrgFactory,
+    client: httpx.AsyncClient,
+    start_worker: Callable[..., Settings],
+) -> None:
+    org = await make_org()
+    with WebhookReceiver(await signing_secret(client, org)) as runner:
+        runner.respond(422, {"error": "the skeleton is missing"})
+        await _import_with_runner(live_server, org, TEMPLATE, runner=runner.url)
+        start_worker()
+        r = await client.post(
+            "/v1/workflows/create-service/runs",
+            json={
+                "inputs": {"name": "x1", "owner": "ops", "repoUrl": "github.com?owner=a&repo=x1"}
+            },
+            headers=org.headers,
+        )
+        assert r.status_code == 202, r.text
+        run = await wait_done(client, org, r.json()["workflowRun"]["identifier"])
+    assert run["result"] == "FAILED"
+    assert [(n["node"]["identifier"], n["result"]) for n in run["nodeRuns"]] == [
+        ("trigger", "SUCCESS"),
+        ("fetchBase", "FAILED"),
+    ]
+    assert [d.body["action"] for d in runner.deliveries] == ["fetch:template"]
