@@ -808,8 +808,7 @@ _SERVICES = {
     "rules": [{"property": "$blueprint", "operator": "=", "value": "service"}],
 }
 
-# (what, method, path, body): requests whose every statement is checked. The scorecard
-# results written by an entity write are not among them (docs/scaling.md).
+# (what, method, path, body): requests whose every statement is checked.
 REQUESTS: list[tuple[str, str, str, Any]] = [
     (
         "bulk write",
@@ -827,6 +826,12 @@ REQUESTS: list[tuple[str, str, str, Any]] = [
         },
     ),
     ("scorecard creation", "POST", "/v1/blueprints/service/scorecards", READY),
+    (
+        "entity write graded by a scorecard",
+        "POST",
+        "/v1/blueprints/service/entities?upsert=true",
+        {"identifier": "e", "properties": {"language": "go"}, "relations": {"owner": "core"}},
+    ),
     (
         "search by scorecard level",
         "POST",
@@ -878,11 +883,23 @@ REQUESTS: list[tuple[str, str, str, Any]] = [
 
 
 DELETES = {"delete one", "bulk delete", "delete all entities"}
+# Scorecards made before the request (their results are read or written by it).
+FILTERED = {
+    **READY,
+    "filter": {
+        "combinator": "and",
+        "conditions": [{"property": "language", "operator": "=", "value": "go"}],
+    },
+}
+SCORECARD_FIRST = {
+    "search by scorecard level": READY,
+    "entity write graded by a scorecard": READY,
+}
 # Requests with a statement Citus runs in steps (distributed subplans) before its one-shard
 # task: the entity write's statement inserts rows selected from its parameters
 # (`INSERT ... SELECT ... FROM unnest(...)` in its CTEs), which Citus pulls through the
 # coordinator into the org's shard (docs/scaling.md).
-WITH_SUBPLANS = {"bulk write"}
+WITH_SUBPLANS = {"bulk write", "entity write graded by a scorecard"}
 
 
 @pytest.mark.parametrize(("what", "method", "path", "body"), REQUESTS, ids=[r[0] for r in REQUESTS])
@@ -898,8 +915,10 @@ async def test_every_statement_of_a_tenant_request_is_a_router_plan(
 ) -> None:
     org = await _org(citus_app, http)
     await _write_catalog(http, org)
-    if what == "search by scorecard level":
-        made = await http.post("/v1/blueprints/service/scorecards", json=READY, headers=org.headers)
+    if what in SCORECARD_FIRST:
+        made = await http.post(
+            "/v1/blueprints/service/scorecards", json=SCORECARD_FIRST[what], headers=org.headers
+        )
         assert made.status_code == 201, made.text
     recorder.on = True
     answered = await http.request(method, path, json=body, headers=org.headers)
@@ -927,6 +946,34 @@ async def test_every_statement_of_a_tenant_request_is_a_router_plan(
     if what in DELETES:
         events = [r for r in recorder.statements if "INSERT INTO entity_events" in r.sql]
         assert events, [r.sql for r in recorder.statements]
+    if what == "entity write graded by a scorecard":
+        graded = [r for r in recorder.statements if "INSERT INTO scorecard_results" in r.sql]
+        assert graded, [r.sql for r in recorder.statements]
+
+
+async def test_writes_graded_by_a_scorecard_with_a_filter_keep_its_results_true(
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """With a filter, the results' statement also deletes those of entities the filter
+    no longer takes (a CTE): Citus runs it in steps through the coordinator."""
+    org = await _org(citus_app, http)
+    other = await _org(citus_app, http)
+    for each in (org, other):
+        await _write_catalog(http, each, scorecard=FILTERED)
+    assert (await _catalog_of(citus_settings, org.org_id))["graded"] == ["b", "c"]
+    moved = await http.post(
+        "/v1/blueprints/service/entities/bulk?upsert=true",
+        json={
+            "entities": [
+                {"identifier": "a", "properties": {"language": "go"}},
+                {"identifier": "b", "properties": {"language": "python"}},
+            ]
+        },
+        headers=org.headers,
+    )
+    assert moved.status_code == 200, moved.text
+    assert (await _catalog_of(citus_settings, org.org_id))["graded"] == ["a", "c"]
+    assert (await _catalog_of(citus_settings, other.org_id))["graded"] == ["b", "c"]
 
 
 # -- background work across orgs ----------------------------------------------------------

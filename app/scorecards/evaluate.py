@@ -96,8 +96,8 @@ def card_select(
     fenced: bool = True,
     ranged: bool = False,
 ) -> sa.Select[Any]:
-    """(scorecard, identifier, level_rank, passed, version, entity_at) of the entities the
-    card applies to (those named by the `score_ids` parameter, with `only_ids`).
+    """(org_id, scorecard, identifier, level_rank, passed, version, entity_at) of the
+    entities the card applies to (those named by the `score_ids` parameter, with `only_ids`).
     `fenced=False`: let the planner merge the rules into what reads them (for a query that
     reads only the level: it then stops at a level's first failing rule)."""
     where = [
@@ -110,9 +110,9 @@ def card_select(
         where.append(_in_range(E.c.identifier))
     if card.filter is not None:
         where.append(Compiler(scope, scan=True).compile(to_rules(card.filter)))
-    inner_select = sa.select(E.c.identifier, E.c.updated_at, *_rule_flags(scope, card)).where(
-        *where
-    )
+    inner_select = sa.select(
+        E.c.org_id, E.c.identifier, E.c.updated_at, *_rule_flags(scope, card)
+    ).where(*where)
     if fenced:
         # OFFSET 0 keeps the planner from merging this subquery into the outer one, which
         # would copy every rule into both the level and the outcomes (each ran twice).
@@ -132,6 +132,7 @@ def card_select(
         postgresql.array(flags, type_=sa.Boolean) if flags else sa.literal_column("'{}'::boolean[]")
     )
     return sa.select(
+        inner.c.org_id,
         sa.literal(card.identifier, sa.String).label("scorecard"),
         inner.c.identifier,
         sa.cast(rank_expr, sa.SmallInteger).label("level_rank"),
@@ -170,6 +171,18 @@ def evaluation(
     fresh = sa.union_all(
         *(card_select(scope, blueprint, card, only_ids=only_ids, ranged=ranged) for card in cards)
     ).subquery("fresh")
+    filtered = [card for card in cards if card.filter is not None]
+    # The row's org: the entities' own column, which lets Citus push the INSERT ... SELECT
+    # down to the org's shard (it does only when the distribution column comes from the
+    # table read). With a filter the statement also deletes in a CTE, which Citus plans
+    # in steps: there the insert, pushed down, would run a step from the shard, which
+    # Citus refuses; it keeps the bound org (the same value) and goes through the
+    # coordinator.
+    org_id: Any = (
+        sa.bindparam(None, scope.org_id, type_=RESULTS.c.org_id.type)
+        if filtered and not plain
+        else fresh.c.org_id
+    )
     insert = pg_insert(RESULTS).from_select(
         [
             "org_id",
@@ -185,7 +198,7 @@ def evaluation(
         # few): the stored ones are joined first, which costs far less than the upsert's
         # conflict handling for every row.
         sa.select(
-            sa.bindparam(None, scope.org_id, type_=RESULTS.c.org_id.type),
+            org_id,
             sa.literal(blueprint, sa.String),
             fresh.c.identifier,
             fresh.c.scorecard,
@@ -239,7 +252,6 @@ def evaluation(
             != sa.tuple_(excluded.level_rank, excluded.passed),
         ),
     )
-    filtered = [card for card in cards if card.filter is not None]
     if not filtered:
         return upsert
     # Results of entities a filter no longer takes: each checked against its entity.
