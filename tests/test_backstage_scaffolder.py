@@ -804,3 +804,23 @@ async def test_a_step_the_runner_refuses_ends_the_run_failed_before_the_next(
         ("fetchBase", "FAILED"),
     ]
     assert [d.body["action"] for d in runner.deliveries] == ["fetch:template"]
+
+
+async def test_a_workflow_the_import_did_not_make_is_left_alone(
+    live_server: LiveServer, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    mine = {
+        "identifier": "create-service",
+        "title": "Ours",
+        "nodes": [{"identifier": "trigger", "config": {"type": "SELF_SERVE_TRIGGER"}}],
+        "connections": [],
+    }
+    await _call(live_server, org, "POST", "/v1/workflows", mine)
+    report = await _import_with_runner(live_server, org, TEMPLATE)
+    (conflict,) = [p for p in report.problems if p.code == "conflict"]
+    assert conflict.ref == "template:default/create-service"
+    assert report.templates[0].status == "skipped"
+    assert report.workflows.as_dict() == {"created": 0, "updated": 0, "unchanged": 0, "failed": 0}
+    workflow = await _workflow(live_server, org, "create-service")
+    assert (workflow["title"], workflow["version"]) == ("Ours", 1)

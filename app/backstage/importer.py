@@ -444,8 +444,18 @@ class Importer:
         definition = mapped.definition
         if definition is None:
             return line
-        self.report.imported_anything = True
         existing = server.get(mapped.identifier)
+        if existing is not None and template_of(existing) != str(mapped.ref):
+            # Made by hand or by `portolan apply`: not the import's to replace.
+            self.report.problems.append(
+                mapped.origin.problem(
+                    "conflict",
+                    f"workflow {mapped.identifier} exists and was not made of this Template: "
+                    "left as it is",
+                )
+            )
+            return line
+        self.report.imported_anything = True
         try:
             if existing is None:
                 if not self.report.dry_run:
