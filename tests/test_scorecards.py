@@ -817,3 +817,70 @@ async def test_a_changed_definition_is_evaluated_despite_a_backoff(
     assert r.status_code == 200, r.text
     assert await evaluate_pending(db) == 1
     assert (await _card(client, org))["state"] == "ready"
+
+
+async def test_aggregate_counts_entities_per_level_and_per_rule_result(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """Port's countValues grouped by scorecard, and by scorecard and rule."""
+    org = await _graded(client, make_org, db)
+    other = await _graded(client, make_org, db)  # another org's results count for it only
+    r = await _post(
+        client,
+        org,
+        "/v1/blueprints/service/entities",
+        {"identifier": "fresh", "properties": {"owner": "fy"}},
+    )
+    assert r.status_code == 201, r.text
+    services = {
+        "combinator": "and",
+        "rules": [{"property": "$blueprint", "operator": "=", "value": "service"}],
+    }
+
+    async def counted(**body: Any) -> Any:
+        r = await _post(
+            client,
+            org,
+            "/v1/entities/aggregate",
+            {"func": "countValues", "query": services, **body},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["result"]
+
+    levels = await counted(scorecard="readiness")
+    assert sorted((x["value"], x["count"]) for x in levels) == [
+        ("Basic", 1),
+        ("Bronze", 2),
+        ("Gold", 1),
+        ("Silver", 1),
+    ]
+    assert levels[0] == {"value": "Bronze", "count": 2}  # most first
+    covered = await counted(scorecard="readiness", rule="covered")
+    assert sorted((str(x["value"]), x["count"]) for x in covered) == [
+        ("False", 2),
+        ("True", 3),
+    ]
+    # Narrowed by the query like any aggregation.
+    gold_only = {
+        "combinator": "and",
+        "rules": [
+            *services["rules"],
+            {"property": "$identifier", "operator": "=", "value": "gold"},
+        ],
+    }
+    assert await counted(scorecard="readiness", query=gold_only) == [{"value": "Gold", "count": 1}]
+    for body, pointer in (
+        ({"scorecard": "nope"}, "/scorecard"),
+        ({"scorecard": "readiness", "rule": "nope"}, "/rule"),
+        ({"rule": "covered"}, "/rule"),
+        ({"scorecard": "readiness", "property": "owner"}, "/scorecard"),
+    ):
+        r = await _post(
+            client,
+            org,
+            "/v1/entities/aggregate",
+            {"func": "countValues", "query": services, **body},
+        )
+        assert r.status_code == 422, (body, r.text)
+        assert pointer in [d["pointer"] for d in r.json()["details"]], (body, r.json())
+    assert other.org_id != org.org_id

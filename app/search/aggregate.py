@@ -148,9 +148,103 @@ async def aggregate(tx: Tx, scope: Scope, body: dict[str, Any]) -> dict[str, Any
     }
 
 
+RESULTS = sa.table(
+    "scorecard_results",
+    sa.column("org_id"),
+    sa.column("blueprint"),
+    sa.column("identifier"),
+    sa.column("scorecard"),
+    sa.column("level_rank"),
+    sa.column("passed", ARRAY(sa.Boolean)),
+)
+
+
+def scorecard_of(
+    scope: Scope, scorecard: Any, pointer: str, problems: Problems
+) -> tuple[str, dict[str, Any]] | None:
+    """The one searched blueprint that has the scorecard, and the scorecard's levels and
+    rules (a scorecard is its blueprint's: the query names one blueprint that has it)."""
+    holders = [
+        bp
+        for bp in scope.searched
+        if isinstance(scorecard, str) and scorecard in scope.blueprints[bp]["scorecards"]
+    ]
+    if len(holders) != 1:
+        reason = "no" if not holders else "more than one"
+        problems.add(
+            pointer,
+            f"{reason} searched blueprint has a scorecard {scorecard!r} (the query names the "
+            "blueprint, e.g. a $blueprint rule)",
+        )
+        return None
+    return holders[0], scope.blueprints[holders[0]]["scorecards"][str(scorecard)]
+
+
+async def count_scorecard_values(
+    tx: Tx,
+    scope: Scope,
+    base: Any,
+    blueprint: str,
+    scorecard: str,
+    card: dict[str, Any],
+    rule: str | None,
+) -> list[dict[str, Any]]:
+    """Entities per level of a scorecard (the level's title; null: not evaluated yet), or
+    per result of one of its rules (true: passed, false: not, null: not evaluated yet)."""
+    value: Any = RESULTS.c.level_rank
+    if rule is not None:
+        value = RESULTS.c.passed[list(card["rules"]).index(rule) + 1]
+    source = E.outerjoin(
+        RESULTS,
+        sa.and_(
+            RESULTS.c.org_id == E.c.org_id,
+            RESULTS.c.blueprint == E.c.blueprint,
+            RESULTS.c.identifier == E.c.identifier,
+            RESULTS.c.scorecard == sa.bindparam(None, scorecard),
+        ),
+    )
+    stmt = (
+        sa.select(value.label("value"), sa.func.count().label("count"))
+        .select_from(source)
+        .where(base, E.c.blueprint == sa.bindparam(None, blueprint))
+        .group_by(sa.literal_column("1"))
+        .order_by(sa.literal_column("2").desc(), sa.literal_column("1"))
+        .limit(MAX_GROUPS)
+    )
+    rows = await run_bounded(tx, stmt)
+    levels = list(card["levels"])
+
+    def label(found: Any) -> Any:
+        if rule is None and isinstance(found, int) and 0 <= found < len(levels):
+            return levels[found]
+        return found
+
+    return [{"value": label(r["value"]), "count": r["count"]} for r in rows]
+
+
 async def _count_values(
     tx: Tx, scope: Scope, body: dict[str, Any], base: Any, problems: Problems
 ) -> dict[str, Any]:
+    named = [key for key in ("property", "relation", "scorecard") if key in body]
+    if len(named) > 1:
+        problems.add(f"/{named[1]}", "countValues counts one of property, relation, scorecard")
+        problems.raise_if_any("The aggregation is invalid")
+    if "rule" in body and "scorecard" not in body:
+        problems.add("/rule", "a rule is counted with its scorecard")
+        problems.raise_if_any("The aggregation is invalid")
+    if "scorecard" in body:
+        found = scorecard_of(scope, body["scorecard"], "/scorecard", problems)
+        problems.raise_if_any("The aggregation is invalid")
+        assert found is not None
+        blueprint, card = found
+        rule = body.get("rule")
+        if rule is not None and (not isinstance(rule, str) or rule not in card["rules"]):
+            problems.add("/rule", f"scorecard {body['scorecard']!r} has no rule {rule!r}")
+        problems.raise_if_any("The aggregation is invalid")
+        counted = await count_scorecard_values(
+            tx, scope, base, blueprint, str(body["scorecard"]), card, rule
+        )
+        return {"ok": True, "func": "countValues", "result": counted}
     relation = body.get("relation")
     if relation is not None:
         if not isinstance(relation, str) or not any(
@@ -186,7 +280,7 @@ async def _count_values(
     else:
         prop = body.get("property")
         if not isinstance(prop, str):
-            problems.add("/property", "countValues needs a property or a relation")
+            problems.add("/property", "countValues needs a property, a relation or a scorecard")
             problems.raise_if_any("The aggregation is invalid")
         key, spread = _group_key(scope, str(prop), problems, "/property")
         problems.raise_if_any("The aggregation is invalid")

@@ -198,8 +198,8 @@ async def search_blueprint(
 
 
 class AggregateBody(BaseModel):
-    """Port's aggregation body (`func`, `query`, and `property` / `relation` /
-    `averageOf` / `measureTimeBy` as the function needs), plus `groupBy`."""
+    """Port's aggregation body (`func`, `query`, and `property` / `relation` / `scorecard`
+    (+ `rule`) / `averageOf` / `measureTimeBy` as the function needs), plus `groupBy`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -207,6 +207,12 @@ class AggregateBody(BaseModel):
     query: Rules = Field(default_factory=Rules)
     property: str | None = Field(default=None, max_length=100)
     relation: str | None = Field(default=None, max_length=100)
+    scorecard: str | None = Field(
+        default=None, max_length=100, description="countValues: entities per level"
+    )
+    rule: str | None = Field(
+        default=None, max_length=100, description="countValues with scorecard: per rule result"
+    )
     averageOf: Literal["hour", "day", "week", "month", "total"] | None = None
     measureTimeBy: str | None = Field(default=None, max_length=100)
     calculationBy: str | None = Field(default=None, max_length=100)
