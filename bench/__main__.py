@@ -15,6 +15,7 @@ SCENARIOS = [
     "bench.datasource",
     "bench.history",
     "bench.over_time",
+    "bench.dashboards",
     "bench.scorecards",
     "bench.dispatch",
     "bench.workflows",
