@@ -954,6 +954,50 @@ async def test_page_permissions_decide_who_sees_which_dashboard(
     assert (await client.get("/v1/pages/alphas", headers=org.headers)).status_code == 200
 
 
+async def test_a_widget_filtered_by_the_callers_teams_shows_each_reader_their_own(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
+) -> None:
+    org = await make_org()
+    await _catalog(client, org, scorecard=False)
+    await add_user(db, org.org_id, "al@example.com", roles=["Member"], teams=["alpha"])
+    await add_user(db, org.org_id, "bo@example.com", roles=["Member"], teams=["beta"])
+    await add_user(db, org.org_id, "cy@example.com", roles=["Member"])
+    mine = {
+        "id": "mine",
+        "type": "table-entities-explorer",
+        "blueprint": "service",
+        "dataset": {
+            "combinator": "and",
+            "rules": [
+                {
+                    "property": "$team",
+                    "operator": "containsAny",
+                    "value": {"context": "userTeams", "property": "$identifier"},
+                }
+            ],
+        },
+    }
+    odd = {
+        **mine,
+        "id": "odd",
+        "dataset": [
+            {"property": "tier", "operator": "=", "value": {"context": "user", "property": "tier"}}
+        ],
+    }
+    await _post(client, org, "/v1/pages", dashboard("my", [mine, odd]))
+    for name, expected in (("al", ["a", "b"]), ("bo", ["c", "d"]), ("cy", [])):
+        headers = user_headers(app, org.org_id, f"{name}@example.com")
+        r = await _data(client, headers, "my", "mine")
+        assert r.status_code == 200, r.text
+        assert [e["identifier"] for e in r.json()["entities"]] == expected, name
+    # A machine credential has no teams of its own to stand for.
+    error = _error(await _data(client, org.headers, "my", "mine"), 422)
+    assert error["details"][0]["pointer"] == "/dataset/rules/0/value"
+    al = user_headers(app, org.org_id, "al@example.com")
+    error = _error(await _data(client, al, "my", "odd"), 422)
+    assert error["details"][0]["pointer"] == "/dataset/0/value"
+
+
 async def test_the_update_permission_lets_a_member_change_a_page_not_delete_it(
     client: httpx.AsyncClient, make_org: OrgFactory, db: Database, app: FastAPI
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from app.auth.principal import Principal
 from app.db.database import Tx
 from app.history.over_time import aggregate_over_time
 from app.kit.errors import Invalid
@@ -42,6 +43,52 @@ RESULTS = sa.table(
     sa.column("level_rank", sa.SmallInteger),
     sa.column("passed", ARRAY(sa.Boolean)),
 ).alias("sr")
+
+
+def for_caller(definition: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """The widget with its dataset's dynamic values (Port's `{"context": "user" |
+    "userTeams", "property": ...}`) replaced by the caller's: `user` `$identifier` (their
+    email), `user` `$team` and `userTeams` `$identifier` (their teams' names). "My team's
+    services" then means the teams of whoever draws the dashboard."""
+    if "dataset" not in definition:
+        return definition
+    return {**definition, "dataset": _resolved(definition["dataset"], principal, "/dataset")}
+
+
+def _resolved(node: Any, principal: Principal, pointer: str) -> Any:
+    if isinstance(node, list):
+        return [_resolved(rule, principal, f"{pointer}/{i}") for i, rule in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    if isinstance(out.get("rules"), list):
+        out["rules"] = [
+            _resolved(rule, principal, f"{pointer}/rules/{i}")
+            for i, rule in enumerate(out["rules"])
+        ]
+    value = out.get("value")
+    if isinstance(value, dict) and "context" in value:
+        out["value"] = _context_value(value, principal, f"{pointer}/value")
+    return out
+
+
+def _context_value(ref: dict[str, Any], principal: Principal, pointer: str) -> Any:
+    context, name = ref.get("context"), ref.get("property")
+    if principal.kind != "user" or principal.email is None:
+        raise Invalid(
+            "The widget filters by the signed-in user's properties, and the caller is a "
+            "machine credential: draw it as a user",
+            details=[{"pointer": pointer, "message": "needs a signed-in user"}],
+        )
+    if context == "user" and name == "$identifier":
+        return principal.email
+    if (context, name) in (("user", "$team"), ("userTeams", "$identifier")):
+        return list(principal.teams)
+    raise Invalid(
+        f"The widget's dynamic value {context}.{name} is not supported (user.$identifier, "
+        "user.$team, userTeams.$identifier)",
+        details=[{"pointer": pointer, "message": "unsupported context property"}],
+    )
 
 
 def widget_query(definition: dict[str, Any]) -> dict[str, Any]:

@@ -272,21 +272,20 @@ async def widget_data(
     )
     permissions.require(tenant.principal, "entities.read")
     widget = await service.widget(tenant.tx, page_identifier, widget_id)
+    definition = data.for_caller(widget.definition, tenant.principal)
     head: dict[str, Any] = {"ok": True, "widget": widget.id, "type": widget.type}
     simple = data.plain(widget)
     if simple is not None:
         return json_response({**head, **simple})
     if widget.type == LINE:
         retention = _settings(request).history_retention_days
-        points = await data.line(tenant.tx, widget.definition, retention_days=retention)
+        points = await data.line(tenant.tx, definition, retention_days=retention)
         return json_response({**head, **points})
     if widget.type != TABLE:
-        return json_response(
-            {**head, **await data.COMPUTED[widget.type](tenant.tx, widget.definition)}
-        )
+        return json_response({**head, **await data.COMPUTED[widget.type](tenant.tx, definition)})
     body = body or WidgetDataBody()
-    query = data.widget_query(widget.definition)
-    blueprint = widget.definition.get("blueprint") or blueprint_rule(query)
+    query = data.widget_query(definition)
+    blueprint = definition.get("blueprint") or blueprint_rule(query)
     search = await prepare(tenant.tx, str(blueprint), query, windowed=True)
     after = decode_cursor(body.from_) if body.from_ else None
     found, last = await search.page(tenant.tx, after, body.limit)
