@@ -46,8 +46,6 @@ INPUT_FORMATS = (
 ENTITY_EVENTS = ("ENTITY_CREATED", "ENTITY_UPDATED", "ENTITY_DELETED", "ANY_ENTITY_CHANGE")
 RUN_EVENTS = ("RUN_CREATED", "RUN_UPDATED", "ANY_RUN_CHANGE")
 TIMER_EVENT = "TIMER_PROPERTY_EXPIRED"
-# A graded entity's scorecard level changed or a rule flipped (docs/history.md).
-SCORECARD_EVENT = "SCORECARD_UPDATED"
 METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
 SUPPORTED = ("WEBHOOK", "GITHUB", "GITLAB", "UPSERT_ENTITY", "INTEGRATION_ACTION")
 UNSUPPORTED = ("AZURE_DEVOPS", "KAFKA")
@@ -207,7 +205,7 @@ def _automation(trigger: dict[str, Any], scope: Scope, problems: Problems) -> No
         problems.add("/trigger/event", "event is required: {type, blueprintIdentifier, ...}")
         return
     kind = event.get("type")
-    if kind in ENTITY_EVENTS or kind in (TIMER_EVENT, SCORECARD_EVENT):
+    if kind in ENTITY_EVENTS or kind == TIMER_EVENT:
         blueprint = _blueprint(
             event.get("blueprintIdentifier"), "/trigger/event/blueprintIdentifier", scope, problems
         )
@@ -225,7 +223,7 @@ def _automation(trigger: dict[str, Any], scope: Scope, problems: Problems) -> No
         ):
             problems.add("/trigger/event/actionIdentifier", "the action whose runs trigger this")
     else:
-        names = ", ".join((*ENTITY_EVENTS, TIMER_EVENT, SCORECARD_EVENT, *RUN_EVENTS))
+        names = ", ".join((*ENTITY_EVENTS, TIMER_EVENT, *RUN_EVENTS))
         problems.add("/trigger/event/type", f"type must be one of {names}")
     condition = trigger.get("condition")
     if condition is not None:

@@ -75,9 +75,6 @@ _ENTITY_TYPES = {
     "CREATE": ("ENTITY_CREATED", "ANY_ENTITY_CHANGE"),
     "UPDATE": ("ENTITY_UPDATED", "ANY_ENTITY_CHANGE"),
     "DELETE": ("ENTITY_DELETED", "ANY_ENTITY_CHANGE"),
-    # A graded entity's level changed or a rule flipped (migration 0034): its own type, so
-    # automations on entity changes do not fire on grading.
-    "SCORECARD": ("SCORECARD_UPDATED",),
 }
 _RUN_TYPES = {
     "CREATE": ("RUN_CREATED", "ANY_RUN_CHANGE"),
@@ -174,7 +171,7 @@ def _matches(automation: asyncpg.Record, event: Event) -> bool:
         return False
     scope = (
         wanted.get("blueprintIdentifier")
-        if kind.startswith(("ENTITY", "ANY_ENTITY", "SCORECARD"))
+        if kind.startswith(("ENTITY", "ANY_ENTITY"))
         else (wanted.get("actionIdentifier"))
     )
     if scope != event.scope:

@@ -219,9 +219,3 @@ async def _row_triggers(conn: asyncpg.Connection) -> None:
         " AFTER DELETE ON entities FOR EACH ROW"
         " EXECUTE FUNCTION portolan_drop_entity_scorecard_results()"
     )
-    # The scorecard alerts' trigger (migration 0034) reads the entity and the definition and
-    # writes an entity event from the result's shard: inside a write that already wrote the
-    # org's events through the coordinator, Citus refuses it (a transaction across servers).
-    # A cluster records no scorecard alerts (its event feed is not supported yet either:
-    # docs/scaling.md, docs/scorecards.md).
-    await conn.execute("DROP TRIGGER IF EXISTS scorecard_results_changed ON scorecard_results")

@@ -78,10 +78,7 @@ class RunRef(BaseModel):
 
 class TimelineEntry(BaseModel):
     id: str
-    action: Literal["CREATE", "UPDATE", "DELETE", "SCORECARD"] = Field(
-        description="SCORECARD: a scorecard level changed or a rule flipped (`changes` "
-        "names `scorecards.<id>`)"
-    )
+    action: Literal["CREATE", "UPDATE", "DELETE"]
     at: datetime
     by: ChangedBy
     origin: str = Field(description="Where from: UI, API, INTEGRATION, WEBHOOK, ACTION, SYSTEM")

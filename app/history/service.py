@@ -246,8 +246,7 @@ def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[di
     for meta, key in _META.items():
         if old.get(key) != new.get(key):
             out.append({"path": meta, "before": old.get(key), "after": new.get(key)})
-    # `scorecards`: a SCORECARD event's results (migration 0034), the rest are unchanged.
-    for section in (*_SECTIONS.values(), "scorecards"):
+    for section in _SECTIONS.values():
         was, now = old.get(section) or {}, new.get(section) or {}
         for key in sorted(set(was) | set(now)):
             if was.get(key) != now.get(key):
@@ -316,7 +315,7 @@ async def timeline(
 def _document(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     if doc is None:
         return None
-    out = {
+    return {
         "identifier": doc.get("identifier"),
         "title": doc.get("title"),
         "icon": doc.get("icon"),
@@ -324,9 +323,6 @@ def _document(doc: dict[str, Any] | None) -> dict[str, Any] | None:
         "properties": doc.get("properties") or {},
         "relations": doc.get("relations") or {},
     }
-    if "scorecards" in doc:
-        out["scorecards"] = doc["scorecards"]
-    return out
 
 
 # ------------------------------------------------------------------------------------------
