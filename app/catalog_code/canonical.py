@@ -14,20 +14,12 @@ from typing import Any
 from app.actions import definitions as action_definitions
 from app.catalog.blueprints import DEFINITION_KEYS
 from app.catalog.blueprints import normalise as normalise_blueprint
+from app.workflows import definitions as workflow_definitions
 
 BLUEPRINT_KEYS = DEFINITION_KEYS
 ACTION_KEYS = action_definitions.DEFINITION_KEYS
 SCORECARD_KEYS = ("identifier", "title", "levels", "rules", "filter")
-WORKFLOW_KEYS = (
-    "identifier",
-    "title",
-    "icon",
-    "description",
-    "category",
-    "allowAnyoneToViewRuns",
-    "nodes",
-    "connections",
-)
+WORKFLOW_KEYS = workflow_definitions.DEFINITION_KEYS
 RULE_KEYS = ("identifier", "title", "description", "level", "query")
 DEFAULT_LEVELS = [
     {"title": "Basic", "color": "paleBlue"},

@@ -14,7 +14,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from app.catalog.validation import Problems
 from app.db.database import Tx
 from app.kit.errors import Invalid
-from app.search.compiler import Compiler, E
+from app.search.compiler import SCORECARD_RESULTS, Compiler, E
 from app.search.sql import (
     META_TEXT,
     META_TIME,
@@ -148,15 +148,7 @@ async def aggregate(tx: Tx, scope: Scope, body: dict[str, Any]) -> dict[str, Any
     }
 
 
-RESULTS = sa.table(
-    "scorecard_results",
-    sa.column("org_id"),
-    sa.column("blueprint"),
-    sa.column("identifier"),
-    sa.column("scorecard"),
-    sa.column("level_rank"),
-    sa.column("passed", ARRAY(sa.Boolean)),
-)
+RESULTS = SCORECARD_RESULTS
 
 
 def scorecard_of(

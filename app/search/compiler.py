@@ -44,7 +44,7 @@ _BLUEPRINT_RELATIONS = BlueprintRelation.__table__
 # Aliases are built once: SQLAlchemy builds an alias's column collection on first use,
 # which cost ~1 ms per alias per request. Each is used once per (sub)query level.
 _LINK = _RELATIONS.alias("rl")
-_SCORECARD_RESULTS = sa.table(
+SCORECARD_RESULTS = sa.table(
     "scorecard_results",
     sa.column("org_id"),
     sa.column("blueprint"),
@@ -816,7 +816,7 @@ class Compiler:
         cards = {bp: card for bp, card in cards.items() if card is not None}
         if not cards:
             raise self._problem(where, f"no searched blueprint has a scorecard {card_id!r}")
-        results = _SCORECARD_RESULTS.alias()
+        results = SCORECARD_RESULTS.alias()
         own = sa.and_(
             results.c.org_id == self._org(),
             results.c.blueprint == self.e.c.blueprint,

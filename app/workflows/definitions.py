@@ -48,18 +48,18 @@ _IDENTIFIER = re.compile(r"^[A-Za-z0-9@_:-]{1,60}$")
 _INSTALLATION = re.compile(r"^[A-Za-z0-9@_.+:=-]{1,100}$")
 _NODE_IDENTIFIER = re.compile(r"^[A-Za-z0-9@_.:-]{1,100}$")
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
-_KEYS = frozenset(
-    (
-        "identifier",
-        "title",
-        "icon",
-        "description",
-        "category",
-        "allowAnyoneToViewRuns",
-        "nodes",
-        "connections",
-    )
+# A definition's keys, in Port's order (catalog files keep these: app/catalog_code).
+DEFINITION_KEYS = (
+    "identifier",
+    "title",
+    "icon",
+    "description",
+    "category",
+    "allowAnyoneToViewRuns",
+    "nodes",
+    "connections",
 )
+_KEYS = frozenset(DEFINITION_KEYS)
 _NODE_KEYS = frozenset(("identifier", "title", "icon", "description", "config", "variables"))
 _CONNECTION_KEYS = frozenset(
     ("sourceIdentifier", "targetIdentifier", "sourceOutletIdentifier", "fallback")
