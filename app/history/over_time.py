@@ -24,7 +24,6 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
-from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.db.database import Tx
@@ -219,6 +218,7 @@ def statement(
     history = spec.measureTimeBy == HISTORY
     stamps = sa.cast(sa.bindparam(None, closes, type_=_STAMPS), _STAMPS)
     points: Any = None
+    edges: tuple[Any, Any] | None = None
     if history:
         entity = states_over(scope, span.end, changes)
         condition = PastCompiler(scope, entity).compile(spec.query, "/query")
@@ -233,23 +233,14 @@ def statement(
                 (entity.c.until.is_(None), len(closes) + 1),
                 else_=sa.func.width_bucket(entity.c.until, stamps) + 1,
             )
-            points = (
-                sa.func.unnest(
-                    pg_array([starts, stops]),
-                    sa.cast(
-                        sa.bindparam(None, [1, -1], type_=ARRAY(sa.Integer)), ARRAY(sa.Integer)
-                    ),
-                )
-                .table_valued("i", "sign")
-                .render_derived("d")
-            )
+            edges = (starts, stops)
         else:
             points = (
                 sa.func.unnest(stamps)
                 .table_valued("close", with_ordinality="i")
                 .render_derived("b")
             )
-        bucket: Any = points.c.i
+        bucket: Any = points.c.i if points is not None else None
     else:
         entity = E
         condition = Compiler(scope).compile(spec.query, "/query")
@@ -270,32 +261,44 @@ def statement(
             stamp < sa.bindparam(None, span.end, type_=sa.DateTime(timezone=True)),
         ]
     source: Any = entity
-    columns: list[Any] = [bucket.label("bucket")]
+    key: Any = None
     if spec.breakdownProperty is not None:
         key, source = _breakdown(scope, entity, spec.breakdownProperty)
-        columns.append(key.label("key"))
-    if points is not None and cumulative(spec):
-        source = source.join(points, sa.true())
-        sign = points.c.sign
+    if edges is not None:
+        # One pass, two groupings: the states by where they start (+) and by where they
+        # stop (-); `grouping()` tells the rows apart.
+        starting = sa.func.grouping(edges[0]) == 0
+        sign = sa.case((starting, 1), else_=-1)
+        columns: list[Any] = [sa.case((starting, edges[0]), else_=edges[1]).label("bucket")]
+        if key is not None:
+            columns.append(key.label("key"))
         if spec.aggregationType == "countEntities":
-            columns.append(sa.func.sum(sign).label("m0"))
+            columns.append((sa.func.count() * sign).label("m0"))
         for index, name in enumerate(spec.properties or []):
             value = number_value(entity, name)
-            columns.append(sa.func.sum(sign * value).label(f"m{index}"))
-            counted = sa.case((value.is_not(None), sign), else_=0)
-            columns.append(sa.func.sum(counted).label(f"n{index}"))
-    else:
-        if points is not None:
-            source = source.join(
-                points,
-                sa.and_(
-                    entity.c.at < points.c.close,
-                    sa.or_(entity.c.until.is_(None), entity.c.until >= points.c.close),
-                ),
-            )
-        columns += _measures(spec, entity, order)
+            columns.append((sa.func.sum(value) * sign).label(f"m{index}"))
+            columns.append((sa.func.count(value) * sign).label(f"n{index}"))
+        sets = [sa.tuple_(edge, key) if key is not None else sa.tuple_(edge) for edge in edges]
+        return (
+            sa.select(*columns)
+            .select_from(source)
+            .where(*where)
+            .group_by(sa.func.grouping_sets(*sets))
+        )
+    columns = [bucket.label("bucket")]
+    if key is not None:
+        columns.append(key.label("key"))
+    if points is not None:
+        source = source.join(
+            points,
+            sa.and_(
+                entity.c.at < points.c.close,
+                sa.or_(entity.c.until.is_(None), entity.c.until >= points.c.close),
+            ),
+        )
+    columns += _measures(spec, entity, order)
     groups: list[Any] = [sa.literal_column("1")] + (
-        [sa.literal_column("2")] if spec.breakdownProperty is not None else []
+        [sa.literal_column("2")] if key is not None else []
     )
     return sa.select(*columns).select_from(source).where(*where).group_by(*groups)
 
@@ -361,7 +364,9 @@ def _cells(spec: OverTimeBody, rows: list[Any], buckets: int) -> dict[tuple[int,
     changes: dict[str, dict[int, list[Any]]] = {}
     for r in rows:
         per = changes.setdefault(line(r), {})
-        per[int(r["bucket"])] = [r[m] or 0 for m in names + counts]
+        seen = per.setdefault(int(r["bucket"]), [0] * (len(names) + len(counts)))
+        for n, m in enumerate(names + counts):
+            seen[n] += r[m] or 0
     out: dict[tuple[int, str], list[Any]] = {}
     for label, per in changes.items():
         running = [Decimal(0)] * (len(names) + len(counts))
