@@ -827,3 +827,26 @@ async def test_history_aggregates_a_renamed_property_under_its_new_name(
         OVER_TIME, json={**body, "func": "sum", "properties": ["coverage"]}, headers=org.headers
     )
     assert r.status_code == 422
+
+
+async def test_a_past_search_that_reads_too_many_events_for_a_page_is_a_422(
+    client: httpx.AsyncClient, make_org: OrgFactory, monkeypatch: Any
+) -> None:
+    org = await make_org()
+    await _catalog(client, org)
+    for n in range(6):
+        await _write(client, org, f"s{n}", coverage=n)
+    now = datetime.now(UTC).isoformat()
+    monkeypatch.setattr(asof, "FIRST_WINDOW", 1)
+    monkeypatch.setattr(asof, "LAST_WINDOW", 1)
+    monkeypatch.setattr(asof, "MAX_EVENTS", 3)
+    rare = {"combinator": "and", "rules": [{"property": "coverage", "operator": "=", "value": 5}]}
+    r = await client.post(SEARCH, json={"query": rare, "at": now}, headers=org.headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["ok"] is False and "narrow" in r.json()["message"]
+    common = {"combinator": "and", "rules": []}
+    r = await client.post(
+        SEARCH, json={"query": common, "at": now, "limit": 2}, headers=org.headers
+    )
+    assert r.status_code == 200, r.text
+    assert [e["identifier"] for e in r.json()["entities"]] == ["s0", "s1"]

@@ -319,6 +319,9 @@ def check_instant(at: datetime, now: datetime, retention_days: int | None) -> No
 # rare one walks the blueprint's events in a few statements, each bounded.
 FIRST_WINDOW = 2000
 LAST_WINDOW = 64000
+# A page reads at most this many events (a request's share of the database: each statement
+# is bounded by the statement timeout, the page by this), then answers a 422.
+MAX_EVENTS = 1_000_000
 
 
 def window_end_statement(
@@ -368,6 +371,7 @@ async def search_page(
     changes = await renames(tx, scope)
     close = at + TICK
     rows: list[Any] = []
+    read = 0
     for blueprint in scope.searched:
         if after is not None and blueprint < after[0]:
             continue
@@ -377,6 +381,12 @@ async def search_page(
             start = (after[1], 2**63 - 1)
         size = FIRST_WINDOW
         while len(rows) <= limit:
+            if read >= MAX_EVENTS:
+                raise Invalid(
+                    f"The past search read {read:,} events without filling its page: narrow "
+                    "the query (rules that match more entities fill a page sooner)",
+                    details=[{"pointer": "/query", "message": "too few matches to page"}],
+                )
             ends = await run_bounded(tx, window_end_statement(scope, blueprint, close, start, size))
             end = (str(ends[0]["identifier"]), int(ends[0]["id"])) if ends else None
             rows += await run_bounded(
@@ -387,6 +397,7 @@ async def search_page(
             )
             if end is None:
                 break
+            read += size
             start, size = end, min(size * 2, LAST_WINDOW)
         if len(rows) > limit:
             break
