@@ -133,6 +133,13 @@ async def create(
             "/deleteSourceEntities",
             "entities cannot be moved to their own blueprint (leave it false to update them)",
         )
+    elif delete_source and tx.citus:
+        # A batch's deletes beside its writes make its transaction span two servers there.
+        problems.add(
+            "/deleteSourceEntities",
+            "moving entities is not supported on a Citus cluster yet: migrate them (without "
+            "deleteSourceEntities), then delete the source's entities",
+        )
     declared = target_def["schema"].get("properties", {})
     entity = mapping.get("entity") or {}
     for name in entity.get("properties") or {}:
@@ -347,10 +354,15 @@ async def cancel(tx: Tx, migration_id: str, reason: str | None) -> dict[str, Any
         )
     if row["status"] != "PENDING_CANCELLATION":
         status = "PENDING_CANCELLATION" if row["held"] else "CANCELLED"
+        # (now() only as a plain value: Citus refuses it inside CASE or COALESCE.)
         await tx.execute(
-            "UPDATE catalog_migrations SET status = $3::varchar, cancel_reason = $4, "
-            "updated_at = now(), ended_at = CASE WHEN $3::varchar = 'CANCELLED' THEN now() END "
-            "WHERE org_id = $1 AND id = $2",
+            (
+                "UPDATE catalog_migrations SET status = $3, cancel_reason = $4, "
+                "updated_at = now(), ended_at = now() WHERE org_id = $1 AND id = $2"
+                if status == "CANCELLED"
+                else "UPDATE catalog_migrations SET status = $3, cancel_reason = $4, "
+                "updated_at = now() WHERE org_id = $1 AND id = $2"
+            ),
             tx.org_id,
             migration_id,
             status,
@@ -657,9 +669,7 @@ async def _claim(db: Database, org_id: uuid.UUID, migration_id: str, owner: str)
         )
         row = await tx.fetchrow(
             "UPDATE catalog_migrations m SET lease_owner = $3, "
-            " lease_until = now() + make_interval(secs => $4), "
-            " status = CASE WHEN status = 'PENDING' THEN 'RUNNING' ELSE status END, "
-            " started_at = coalesce(started_at, now()) "
+            " lease_until = now() + make_interval(secs => $4) "
             "WHERE org_id = $1 AND id = $2 "
             " AND status IN ('PENDING', 'RUNNING', 'PENDING_CANCELLATION') "
             " AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3) "
@@ -676,6 +686,13 @@ async def _claim(db: Database, org_id: uuid.UUID, migration_id: str, owner: str)
         )
         if row is None:
             return None
+        if row["status"] == "PENDING":
+            await tx.execute(
+                "UPDATE catalog_migrations SET status = 'RUNNING', started_at = now() "
+                "WHERE org_id = $1 AND id = $2",
+                org_id,
+                migration_id,
+            )
         if row["status"] == "PENDING_CANCELLATION":
             await _set_end(tx, migration_id, "CANCELLED", None)
             return None
@@ -821,25 +838,15 @@ async def _write(db: Database, claim: _Claim, rendered: Rendered, owner: str) ->
         done = len(claim.documents) < BATCH
         failures = len(rendered.errors)
         kept = rendered.errors[: max(0, MAX_ERRORS - claim.errors_kept)]
-        status = "COMPLETED" if done else "RUNNING"
-        message = None
+        ending: tuple[str, str | None] | None = ("COMPLETED", None) if done else None
         if timeouts >= MAX_TIMEOUTS:
-            status = "FAILURE"
-            message = (
+            ending = (
+                "FAILURE",
                 f"the mapping's jq ran past its time limit for {timeouts} entities: "
-                "the migration was stopped"
+                "the migration was stopped",
             )
         await tx.execute(
-            "UPDATE catalog_migrations SET cursor = $3, processed_count = processed_count + $4, "
-            " skipped_count = skipped_count + $5, created_count = created_count + $6, "
-            " updated_count = updated_count + $7, unchanged_count = unchanged_count + $8, "
-            " deleted_count = deleted_count + $9, failure_count = failure_count + $10, "
-            " success_count = success_count + $6 + $7 + $8, timeout_count = $11, "
-            " errors = errors || $12::jsonb, preview = preview || $13::jsonb, "
-            " status = $14::varchar, message = coalesce($15, message), updated_at = now(), "
-            " ended_at = CASE WHEN $14::varchar = 'RUNNING' THEN NULL ELSE now() END, "
-            " lease_owner = NULL, lease_until = NULL "
-            "WHERE org_id = $1 AND id = $2",
+            _PROGRESS + "WHERE org_id = $1 AND id = $2",
             claim.org_id,
             claim.id,
             last,
@@ -853,9 +860,38 @@ async def _write(db: Database, claim: _Claim, rendered: Rendered, owner: str) ->
             timeouts,
             kept,
             tally.preview,
+        )
+    if ending is not None:
+        await _finish(db, claim, *ending)
+
+
+async def _finish(db: Database, claim: _Claim, status: str, message: str | None) -> None:
+    """The migration's end, in a transaction of its own after its last batch's: its audit
+    entry is then the only row it writes (on Citus, a trigger's insert beside the batch's
+    writes would make the transaction span two servers). A worker that stops in between
+    leaves it RUNNING at the end of its source: the next batch finds nothing and ends it."""
+    async with db.tenant(claim.org_id, actor=claim.actor, origin=ORIGIN) as tx:
+        await tx.execute(
+            "UPDATE catalog_migrations SET status = $3, message = coalesce($4, message), "
+            "ended_at = now(), updated_at = now() "
+            "WHERE org_id = $1 AND id = $2 AND status = 'RUNNING' AND lease_owner IS NULL",
+            claim.org_id,
+            claim.id,
             status,
             message,
         )
+
+
+# A batch's progress: bookkeeping only (no audit entry), committed with the batch's writes.
+_PROGRESS = (
+    "UPDATE catalog_migrations SET cursor = $3, processed_count = processed_count + $4, "
+    " skipped_count = skipped_count + $5, created_count = created_count + $6, "
+    " updated_count = updated_count + $7, unchanged_count = unchanged_count + $8, "
+    " deleted_count = deleted_count + $9, failure_count = failure_count + $10, "
+    " success_count = success_count + $6 + $7 + $8, timeout_count = $11, "
+    " errors = errors || $12::jsonb, preview = preview || $13::jsonb, updated_at = now(), "
+    " lease_owner = NULL, lease_until = NULL "
+)
 
 
 async def _write_targets(
