@@ -979,6 +979,30 @@ async def test_writes_graded_by_a_scorecard_with_a_filter_keep_its_results_true(
 # -- background work across orgs ----------------------------------------------------------
 
 
+async def _orgs_on_two_workers(
+    app: FastAPI, http: httpx.AsyncClient, settings: Settings
+) -> list[Org]:
+    """Two orgs whose shards are on different workers: a claim across them locks and
+    writes on both nodes in one transaction (Citus commits it in two phases)."""
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        by_node: dict[int, Org] = {}
+        for _ in range(40):
+            org = await _org(app, http)
+            port = await conn.fetchval(
+                "SELECT nodeport FROM pg_dist_shard_placement WHERE shardid ="
+                " get_shard_id_for_distribution_column('action_runs', $1::uuid)",
+                org.org_id,
+            )
+            by_node.setdefault(port, org)
+            if len(by_node) == 2:
+                return list(by_node.values())
+    finally:
+        await conn.close()
+    raise AssertionError("no two orgs on different workers")
+
+
 @pytest.fixture
 async def citus_worker(citus_settings: Settings) -> AsyncIterator[Settings]:
     """The supervised worker (relay, arq worker, sweeper, sender) on the cluster, with the
@@ -1008,12 +1032,13 @@ async def _wait_run(
 
 
 async def test_action_runs_of_two_orgs_dispatch_to_their_webhooks(
-    citus_app: FastAPI, http: httpx.AsyncClient, citus_worker: Settings
+    citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient, citus_worker: Settings
 ) -> None:
     """The relay finds due outbox rows across orgs, then locks and marks them org by org
     (Citus locks rows only in a statement routed to one shard); the worker claims each
-    run, signs with its org's secret and records the outcome on the org's shard."""
-    orgs = [await _org(citus_app, http) for _ in range(2)]
+    run, signs with its org's secret and records the outcome on the org's shard. The
+    orgs are on different workers."""
+    orgs = await _orgs_on_two_workers(citus_app, http, citus_settings)
     with contextlib.ExitStack() as receivers:
         hooks: list[WebhookReceiver] = []
         for org in orgs:
@@ -1067,8 +1092,9 @@ async def test_the_sweeper_hands_expired_runs_of_two_orgs_back_or_ends_them(
     citus_app: FastAPI, citus_settings: Settings, http: httpx.AsyncClient
 ) -> None:
     """Runs whose worker's lease ran out, in two orgs: one goes to a new attempt, the one
-    at its last attempt ends in FAILURE (two statements across the shards on Citus)."""
-    orgs = [await _org(citus_app, http) for _ in range(2)]
+    at its last attempt ends in FAILURE (two statements across the shards on Citus). The
+    orgs are on different workers."""
+    orgs = await _orgs_on_two_workers(citus_app, http, citus_settings)
     run_ids = []
     for org in orgs:
         created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
@@ -1143,8 +1169,9 @@ async def test_the_changelog_sender_delivers_two_orgs_changes_in_order(
     """The sender finds every org's oldest undelivered delivery per entity across orgs,
     then claims them org by org (Citus runs neither its walk over orgs nor a lock reaching
     several shards). The delivery rows are written here, as the event feed would write
-    them (the feed itself does not run on Citus yet: docs/scaling.md)."""
-    orgs = [await _org(citus_app, http) for _ in range(2)]
+    them (the feed itself does not run on Citus yet: docs/scaling.md). The orgs are on
+    different workers."""
+    orgs = await _orgs_on_two_workers(citus_app, http, citus_settings)
     with contextlib.ExitStack() as receivers:
         hooks = []
         for org in orgs:
