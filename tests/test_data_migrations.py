@@ -811,6 +811,8 @@ async def test_every_bad_request_is_a_clear_4xx(
     # The other routes.
     r = await client.get("/v1/migrations?status=DONE", headers=org.headers)
     assert r.status_code == 422 and r.json()["ok"] is False
+    r = await client.get("/v1/migrations?sourceBlueprint=service", headers=org.headers)
+    assert r.status_code == 422 and r.json()["error"] == "unknown_query_parameter"
     r = await client.get("/v1/migrations/migration_nope", headers=org.headers)
     assert r.status_code == 404 and r.json()["error"] == "not_found"
     r = await client.post("/v1/migrations/migration_nope/cancel", headers=org.headers)
