@@ -6,6 +6,8 @@
     `port_number` number through `tonumber`, every entity updated), run by the served
     process's worker (batches of 500: read, jq in the sandbox, one write transaction each),
     timed from creation until GET /v1/migrations/{id} answers COMPLETED.
+(3) another org's single-entity reads (sequential, one client), without and while the
+    migration runs: what one org's migration does to another's latency (printed, no target).
 Target: every entity migrated, none failed, and >= 25% of the ingest rate (a migration reads
 each entity, evaluates its jq in a child process and writes it through the same writer).
 """
@@ -82,6 +84,25 @@ async def _ingest(http: httpx.AsyncClient, headers: dict[str, str], bodies: list
     return time.perf_counter() - started
 
 
+async def _reads(
+    http: httpx.AsyncClient, headers: dict[str, str], until: asyncio.Event | None, count: int
+) -> list[float]:
+    """Another org's single-entity reads, one after the other: `count` of them, or as many
+    as fit until `until` is set."""
+    times: list[float] = []
+    while len(times) < count and (until is None or not until.is_set()):
+        began = time.perf_counter()
+        response = await http.get("/v1/blueprints/service/entities/svc-000001", headers=headers)
+        response.raise_for_status()
+        times.append((time.perf_counter() - began) * 1000)
+    return times
+
+
+def _p(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 async def _migrate(http: httpx.AsyncClient, headers: dict[str, str]) -> tuple[float, Any]:
     started = time.perf_counter()
     response = await http.post("/v1/migrations", json=MIGRATION, headers=headers)
@@ -110,9 +131,21 @@ async def run() -> bool:
                     base_url=f"http://127.0.0.1:{port}", timeout=120
                 ) as http:
                     _, headers = await new_org(db, http, "bench-migrations", [BLUEPRINT])
+                    _, quiet = await new_org(db, http, "bench-quiet", [BLUEPRINT])
+                    created = await http.post(
+                        "/v1/blueprints/service/entities", json=entity(1), headers=quiet
+                    )
+                    created.raise_for_status()
                     await pin_database_backends(settings)
                     ingest = await _ingest(http, headers, bodies)
-                    seconds, migration = await _migrate(http, headers)
+                    alone = await _reads(http, quiet, None, 300)
+                    ended = asyncio.Event()
+                    during_task = asyncio.create_task(_reads(http, quiet, ended, 100_000))
+                    try:
+                        seconds, migration = await _migrate(http, headers)
+                    finally:
+                        ended.set()
+                    during = await during_task
         finally:
             await db.close()
     ingest_rate, migrate_rate = ENTITIES / ingest, ENTITIES / seconds
@@ -131,6 +164,10 @@ async def run() -> bool:
         f"            bulk ingest of the same entities via API in this run "
         f"({REQUEST}/request, {CLIENTS} clients): {ingest_rate:,.0f} entities/s\n"
         f"            ratio {migrate_rate / ingest_rate:.0%} (target >= 25%) -> "
-        f"{'PASS' if ok else 'FAIL'}"
+        f"{'PASS' if ok else 'FAIL'}\n"
+        f"            another org's entity reads (one client, sequential): p50 "
+        f"{_p(alone, 0.5):.1f} ms, p99 {_p(alone, 0.99):.1f} ms alone; p50 "
+        f"{_p(during, 0.5):.1f} ms, p99 {_p(during, 0.99):.1f} ms during the migration "
+        f"({len(during):,} reads)"
     )
     return ok
