@@ -1226,6 +1226,53 @@ async def test_the_changelog_sender_delivers_two_orgs_changes_in_order(
     assert hooks[0].signature_failures == 0 and hooks[1].signature_failures == 0
 
 
+async def test_a_tenant_transaction_writing_on_two_nodes_commits(
+    citus_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """A statement whose INSERT ... SELECT Citus pulls through the coordinator, in a
+    transaction whose write fires a trigger on the shard (the run's event): committed in
+    two phases. It failed while the opening's SET LOCAL application_name went to the
+    workers ("cannot use 2PC in transactions involving multiple servers")."""
+    org = await _org(citus_app, http)
+    created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+    assert created.status_code == 201, created.text
+    action = {
+        "identifier": "deploy",
+        "title": "Deploy",
+        "trigger": {
+            "type": "self-service",
+            "operation": "CREATE",
+            "blueprintIdentifier": "service",
+            "userInputs": {"properties": {}},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/never"},
+    }
+    defined = await http.post("/v1/actions", json=action, headers=org.headers)
+    assert defined.status_code == 201, defined.text
+    started = await http.post("/v1/actions/deploy/runs", json={}, headers=org.headers)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run"]["id"]
+    db: Database = citus_app.state.db
+    async with db.tenant(org.org_id) as tx:
+        assert (
+            await tx.fetchval(
+                "WITH ended AS (UPDATE action_runs SET status = 'SUCCESS', dispatch_state = 'done',"
+                " ended_at = now(), updated_at = now() WHERE org_id = $1 AND id = $2"
+                " RETURNING attempts),"
+                " logged AS (INSERT INTO action_run_logs (org_id, run_id, message, created_by)"
+                " SELECT $1, $2, 'ended by hand', 'test' FROM ended RETURNING 1)"
+                " SELECT attempts FROM ended",
+                org.org_id,
+                run_id,
+            )
+            is not None
+        )
+    run = await http.get(f"/v1/actions/runs/{run_id}", headers=org.headers)
+    assert run.json()["run"]["status"] == "SUCCESS", run.text
+    logs = await http.get(f"/v1/actions/runs/{run_id}/logs", headers=org.headers)
+    assert "ended by hand" in [line["message"] for line in logs.json()["runLogs"]], logs.text
+
+
 async def test_a_single_postgresql_is_not_citus_unless_required(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:

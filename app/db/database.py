@@ -82,6 +82,7 @@ def _begin_sql(
     org_id: uuid.UUID | None,
     *,
     as_app_role: bool,
+    org_tag: bool = True,
     generic_plans: bool = False,
     actor: str | None = None,
     origin: str | None = None,
@@ -95,7 +96,7 @@ def _begin_sql(
         parts.append(f"SET LOCAL ROLE {APP_ROLE}")
     if org_id is not None:
         parts.append(f"SET LOCAL {ORG_SETTING} = '{uuid.UUID(str(org_id))}'")
-        if as_app_role:
+        if as_app_role and org_tag:
             # Bound by row-level security to this org's rows: named so, the event feed
             # holds back only this org's automations while the transaction runs.
             parts.append(f"SET LOCAL application_name = '{ORG_TAG}{uuid.UUID(str(org_id)).hex}'")
@@ -234,8 +235,14 @@ class Database:
                 # Citus replays a transaction's SET LOCALs on each worker it reaches by
                 # sending the message that held them: the check must not be in it. Generic
                 # plans are left out too (Citus plans a statement for its values: a generic
-                # plan of a parameterized SQL function is one it cannot distribute).
-                await conn.execute(_begin_sql(org_id, as_app_role=True, actor=actor, origin=origin))
+                # plan of a parameterized SQL function is one it cannot distribute). Nor the
+                # org's tag: Citus sends the SET LOCALs to the workers, and a worker's
+                # backend named otherwise is no longer one of Citus's own, so a transaction
+                # that writes on two nodes could not commit ("cannot use 2PC in
+                # transactions involving multiple servers").
+                await conn.execute(
+                    _begin_sql(org_id, as_app_role=True, org_tag=False, actor=actor, origin=origin)
+                )
                 if credential is not None:
                     await conn.execute(_credential_check(*credential))
             else:
