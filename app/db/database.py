@@ -87,11 +87,12 @@ def _begin_sql(
     actor: str | None = None,
     origin: str | None = None,
     credential: tuple[str, int] | None = None,
+    read_only: bool = False,
 ) -> str:
     # One simple-query round trip opens the transaction and binds it. The org id is a
     # parsed uuid.UUID rendered canonically; the actor and origin (read by the audit log's
     # triggers) are quoted literals.
-    parts = ["BEGIN"]
+    parts = ["BEGIN READ ONLY" if read_only else "BEGIN"]
     if as_app_role:
         parts.append(f"SET LOCAL ROLE {APP_ROLE}")
     if org_id is not None:
@@ -221,13 +222,15 @@ class Database:
         actor: str | None = None,
         origin: str | None = None,
         credential: tuple[str, int] | None = None,
+        read_only: bool = False,
     ) -> tuple[Tx, Any]:
         """Open a tenant transaction; the caller must `finish` it (used by the request
         dependency, which commits between the endpoint and the response).
 
         `generic_plans`: the transaction's statements reuse their cached generic plans
         instead of being planned again for each execution. Only for work that reaches a
-        few rows through their keys, where a plan is the same whatever the values."""
+        few rows through their keys, where a plan is the same whatever the values.
+        `read_only`: PostgreSQL refuses any write in it (a read route's)."""
         fairloop.charge_to(org_id)  # the loop's turns of this work count for the org
         conn = await self.pool.acquire(org_id)
         try:
@@ -241,7 +244,14 @@ class Database:
                 # that writes on two nodes could not commit ("cannot use 2PC in
                 # transactions involving multiple servers").
                 await conn.execute(
-                    _begin_sql(org_id, as_app_role=True, org_tag=False, actor=actor, origin=origin)
+                    _begin_sql(
+                        org_id,
+                        as_app_role=True,
+                        org_tag=False,
+                        actor=actor,
+                        origin=origin,
+                        read_only=read_only,
+                    )
                 )
                 if credential is not None:
                     await conn.execute(_credential_check(*credential))
@@ -254,6 +264,7 @@ class Database:
                         actor=actor,
                         origin=origin,
                         credential=credential,
+                        read_only=read_only,
                     )
                 )
         except asyncpg.InvalidAuthorizationSpecificationError as exc:

@@ -2,7 +2,12 @@
 
 `TransactionRoute` wraps each endpoint's handler: once the endpoint has returned and its
 response is rendered, the transaction commits, and only then is the response sent; any
-error rolls it back. Doing this in the route (instead of a yield dependency) avoids the
+error rolls it back. A read route's (GET, HEAD) transaction is opened READ ONLY (PostgreSQL
+refuses a write in it; a read route that writes says so with `writes`), so there is nothing
+a COMMIT could lose: a small answer (up to `SEND_BEFORE_COMMIT_BYTES`, which the socket
+takes at once) is sent first and the COMMIT follows, one database round trip fewer before
+the client has its answer. A larger one commits first, so a slow reader never holds a
+database connection. Doing this in the route (instead of a yield dependency) avoids the
 dependency exit-stack machinery on every request, which cost ~20% of a simple read.
 
 Each route also refuses query parameters it does not declare (422
@@ -42,6 +47,9 @@ _STATE_KEY = "portolan_tx"
 
 
 _GENERIC_PLANS = "__portolan_generic_plans__"
+_WRITES = "__portolan_writes__"
+READ_METHODS = frozenset({"GET", "HEAD"})
+SEND_BEFORE_COMMIT_BYTES = 64 * 1024
 
 # PostgreSQL aborted the transaction only because of its timing with others (SQLSTATE
 # 40P01, 40001): the same request run again from the start may well succeed.
@@ -123,6 +131,30 @@ def key_lookups(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
 
 
+def writes(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a read route (GET) that writes (records what a client reported, say): its
+    transaction is an ordinary one, committed before the answer. Apply it below the route
+    decorator."""
+    setattr(endpoint, _WRITES, True)
+    return endpoint
+
+
+class _SentThenCommitted(Response):
+    """A read-only transaction's answer, sent before its COMMIT (which then gives the
+    connection back, whatever happened to the sending)."""
+
+    def __init__(self, inner: Response, request: Request) -> None:
+        self.__dict__.update(inner.__dict__)
+        self._inner = inner
+        self._request = request
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self._inner(scope, receive, send)
+        finally:
+            await _finish(self._request, commit=True)
+
+
 class AfterCommit(Response):
     """What a read endpoint returns when part of its answer needs no database but may take
     a while (tenants' jq: calculation properties): the route commits the transaction,
@@ -139,6 +171,9 @@ class TransactionRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         self.generic_plans = bool(getattr(endpoint, _GENERIC_PLANS, False))
+        methods = self.methods or set()
+        self.read_only = bool(methods) and methods <= READ_METHODS
+        self.read_only = self.read_only and not getattr(endpoint, _WRITES, False)
         self.query_names: frozenset[str] | None = (
             None if getattr(endpoint, _ANY_QUERY, False) else declared_query(self.dependant)
         )
@@ -155,6 +190,14 @@ class TransactionRoute(APIRoute):
             while True:
                 try:
                     response = await handler(request)
+                    if (
+                        self.read_only
+                        and _STATE_KEY in request.scope
+                        and not isinstance(response, AfterCommit)
+                        and isinstance(getattr(response, "body", None), bytes)
+                        and len(response.body) <= SEND_BEFORE_COMMIT_BYTES
+                    ):
+                        return _SentThenCommitted(response, request)
                     await _finish(request, commit=True)
                     if isinstance(response, AfterCommit):
                         return await response.complete()
@@ -216,6 +259,7 @@ async def open_request_tx(
     tx, conn = await db.begin_tenant(
         org_id,
         generic_plans=route.generic_plans,
+        read_only=route.read_only,
         actor=actor,
         origin=origin or request_origin(request),
         credential=credential,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth import permissions
 from app.auth.principal import CurrentTenant
 from app.config import Settings
-from app.db.routing import api_router
+from app.db.routing import api_router, writes
 from app.integrations import service
 from app.kit.errors import Invalid
 from app.kit.openapi import ERRORS_AUTHED, OkResponse, conflict
@@ -387,6 +387,7 @@ async def create_integration(
     responses=ERRORS_AUTHED,
     summary="Get an integration (by its identifier, or by its log ingest id)",
 )
+@writes  # keeps the Ocean version a read reports
 async def get_integration(
     identifier: IntegrationId,
     tenant: CurrentTenant,
