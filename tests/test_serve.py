@@ -129,7 +129,7 @@ def test_up_with_no_urls_starts_embedded_servers_and_a_demo_org_with_the_starter
             assert time.monotonic() < deadline and proc.poll() is None, printed
             time.sleep(0.2)
             printed = "".join(lines)
-        assert "Applied: 8 created" in printed, printed
+        assert "Applied: 9 created" in printed, printed
         blueprints = httpx.get(f"{base}/v1/blueprints", headers=headers).json()["blueprints"]
         assert sorted(b["identifier"] for b in blueprints) == [
             "deployment",
