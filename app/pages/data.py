@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from app.auth.principal import Principal
 from app.db.database import Tx
@@ -28,21 +27,18 @@ from app.pages.widgets import (
     Row,
     blueprint_rule,
 )
-from app.search.aggregate import aggregate, matching
+from app.search.aggregate import (
+    RESULTS,
+    aggregate,
+    count_scorecard_values,
+    matching,
+    scorecard_results_join,
+)
 from app.search.compiler import Compiler, E
 from app.search.service import fresh_scope
 from app.search.sql import META_TEXT, Scope, run_bounded
 
 MAX_VALUES = 1000  # slices of a pie, groups of a compliance widget
-RESULTS = sa.table(
-    "scorecard_results",
-    sa.column("org_id"),
-    sa.column("blueprint"),
-    sa.column("identifier"),
-    sa.column("scorecard"),
-    sa.column("level_rank", sa.SmallInteger),
-    sa.column("passed", ARRAY(sa.Boolean)),
-).alias("sr")
 
 
 def for_caller(definition: dict[str, Any], principal: Principal) -> dict[str, Any]:
@@ -156,21 +152,6 @@ def _scorecard_of(scope: Scope, scorecard: str, pointer: str) -> tuple[str, dict
     return holders[0], scope.blueprints[holders[0]]["scorecards"][scorecard]
 
 
-def _results_join(scope: Scope, blueprint: str, scorecard: str) -> Any:
-    # The results' org is the bound one, named as such (not only through e.org_id), so on
-    # Citus both tables are filtered on the distribution column: a router plan.
-    return E.outerjoin(
-        RESULTS,
-        sa.and_(
-            RESULTS.c.org_id == sa.bindparam(None, scope.org_id, type_=E.c.org_id.type),
-            RESULTS.c.org_id == E.c.org_id,
-            RESULTS.c.blueprint == E.c.blueprint,
-            RESULTS.c.identifier == E.c.identifier,
-            RESULTS.c.scorecard == sa.bindparam(None, scorecard),
-        ),
-    )
-
-
 async def pie(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
     """Port's breakdowns: `property#x` (or `x`), `scorecard#sc` (entities per level; no
     level yet: null), `scorecard-rule#sc#rule` (true: passed, false: not, null: not yet
@@ -193,38 +174,17 @@ async def _scorecard_pie(
     tx: Tx, scope: Scope, query: dict[str, Any], scorecard: str, rule: str | None
 ) -> dict[str, Any]:
     blueprint, card = _scorecard_of(scope, scorecard, "/property")
-    value: Any
-    if rule is None:
-        value = RESULTS.c.level_rank
-    else:
-        if rule not in card["rules"]:
-            raise Invalid(
-                f"Scorecard {scorecard!r} has no rule {rule!r}",
-                details=[{"pointer": "/property", "message": f"no rule {rule!r}"}],
-            )
-        value = RESULTS.c.passed[card["rules"].index(rule) + 1]
-    stmt = (
-        sa.select(value.label("value"), sa.func.count().label("count"))
-        .select_from(_results_join(scope, blueprint, scorecard))
-        .where(_base(scope, query))
-        .group_by(sa.literal_column("1"))
-        .order_by(sa.literal_column("2").desc(), sa.literal_column("1"))
-        .limit(MAX_VALUES)
+    if rule is not None and rule not in card["rules"]:
+        raise Invalid(
+            f"Scorecard {scorecard!r} has no rule {rule!r}",
+            details=[{"pointer": "/property", "message": f"no rule {rule!r}"}],
+        )
+    values = await count_scorecard_values(
+        tx, scope, _base(scope, query), blueprint, scorecard, card, rule
     )
-    rows = await run_bounded(tx, stmt)
-    levels = card["levels"]
-
-    def label(v: Any) -> Any:
-        if rule is None and isinstance(v, int) and 0 <= v < len(levels):
-            return levels[v]
-        return v
-
     prefix = "scorecard" if rule is None else "scorecard-rule"
     name = scorecard if rule is None else f"{scorecard}#{rule}"
-    return {
-        "property": f"{prefix}#{name}",
-        "values": [{"value": label(r["value"]), "count": r["count"]} for r in rows],
-    }
+    return {"property": f"{prefix}#{name}", "values": values}
 
 
 def _group(scope: Scope, name: str) -> tuple[Any, Any]:
@@ -258,7 +218,7 @@ async def compliance(tx: Tx, definition: dict[str, Any]) -> dict[str, Any]:
     blueprint, card = _scorecard_of(scope, scorecard, "/scorecard")
     group_by = str(definition.get("groupBy", "$team"))
     key, lateral = _group(scope, group_by)
-    source = _results_join(scope, blueprint, scorecard)
+    source = scorecard_results_join(scope, scorecard)
     if lateral is not None:
         source = source.outerjoin(lateral, sa.true())
     stmt = (

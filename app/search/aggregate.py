@@ -172,6 +172,22 @@ def scorecard_of(
     return holders[0], scope.blueprints[holders[0]]["scorecards"][str(scorecard)]
 
 
+def scorecard_results_join(scope: Scope, scorecard: str) -> Any:
+    """The searched entities with their results of `scorecard` (none yet: nulls). The
+    results' org is the bound one, named as such (not only through e.org_id), so on Citus
+    both tables are filtered on the distribution column: a router plan."""
+    return E.outerjoin(
+        RESULTS,
+        sa.and_(
+            RESULTS.c.org_id == sa.bindparam(None, scope.org_id, type_=E.c.org_id.type),
+            RESULTS.c.org_id == E.c.org_id,
+            RESULTS.c.blueprint == E.c.blueprint,
+            RESULTS.c.identifier == E.c.identifier,
+            RESULTS.c.scorecard == sa.bindparam(None, scorecard),
+        ),
+    )
+
+
 async def count_scorecard_values(
     tx: Tx,
     scope: Scope,
@@ -186,18 +202,9 @@ async def count_scorecard_values(
     value: Any = RESULTS.c.level_rank
     if rule is not None:
         value = RESULTS.c.passed[list(card["rules"]).index(rule) + 1]
-    source = E.outerjoin(
-        RESULTS,
-        sa.and_(
-            RESULTS.c.org_id == E.c.org_id,
-            RESULTS.c.blueprint == E.c.blueprint,
-            RESULTS.c.identifier == E.c.identifier,
-            RESULTS.c.scorecard == sa.bindparam(None, scorecard),
-        ),
-    )
     stmt = (
         sa.select(value.label("value"), sa.func.count().label("count"))
-        .select_from(source)
+        .select_from(scorecard_results_join(scope, scorecard))
         .where(base, E.c.blueprint == sa.bindparam(None, blueprint))
         .group_by(sa.literal_column("1"))
         .order_by(sa.literal_column("2").desc(), sa.literal_column("1"))
