@@ -50,7 +50,7 @@ from app.catalog import blueprints as bp_service
 from app.catalog import entities
 from app.catalog.validation import Problems, check_jq
 from app.db.database import Database, Tx
-from app.kit import sandbox
+from app.kit import fairloop, sandbox
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
 
 log = logging.getLogger("portolan.migrations")
@@ -603,9 +603,17 @@ async def advance(db: Database, *, owner: str, seconds: float = PASS_SECONDS) ->
                 async with turns:
                     return await batch(db, org_id, migration_id, owner=owner)
 
-            results = await asyncio.gather(
-                *(one(r["org_id"], r["id"]) for r in rows), return_exceptions=True
-            )
+            # Each org's batch is its own task whose work counts for the org in the loop's
+            # fair turns (the jq's documents, the entities' JSON between its transactions),
+            # not work of no org, which goes before every org's requests.
+            loop = asyncio.get_running_loop()
+            tasks = [
+                loop.create_task(
+                    one(r["org_id"], r["id"]), context=fairloop.context_for(r["org_id"])
+                )
+                for r in rows
+            ]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
             progressed = 0
             for row, result in zip(rows, results, strict=True):
                 if isinstance(result, BaseException):
