@@ -884,3 +884,31 @@ async def test_aggregate_counts_entities_per_level_and_per_rule_result(
         assert r.status_code == 422, (body, r.text)
         assert pointer in [d["pointer"] for d in r.json()["details"]], (body, r.json())
     assert other.org_id != org.org_id
+
+
+async def test_a_scorecard_keeps_its_properties_and_changing_them_grades_nothing(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """Port's `properties` on a scorecard: kept and answered; a change of them (or of the
+    title) is no new version to evaluate."""
+    org = await _graded(client, make_org, db)
+    path = "/v1/blueprints/service/scorecards/readiness"
+    body = {**READINESS, "properties": {"owner": "platform", "reviewed": True, "weight": 2}}
+    r = await client.put(path, json=body, headers=org.headers)
+    assert r.status_code == 200, r.text
+    found = (await client.get(path, headers=org.headers)).json()["scorecard"]
+    assert found["properties"] == {"owner": "platform", "reviewed": True, "weight": 2}
+    assert found["state"] == "ready"  # nothing that grades changed
+    listed = (await client.get("/v1/scorecards", headers=org.headers)).json()["scorecards"]
+    assert [s.get("properties") for s in listed] == [found["properties"]]
+    changed = {**READINESS, "rules": READINESS["rules"][:2], "properties": {"owner": "sre"}}
+    r = await client.put(path, json=changed, headers=org.headers)
+    assert r.status_code == 200, r.text
+    found = (await client.get(path, headers=org.headers)).json()["scorecard"]
+    assert found["state"] == "evaluating" and found["properties"] == {"owner": "sre"}
+    for properties, pointer in (([1], "/properties"), ({"bad key": 1}, "/properties/bad key")):
+        r = await client.put(
+            path, json={**READINESS, "properties": properties}, headers=org.headers
+        )
+        assert r.status_code == 422, r.text
+        assert pointer in [d["pointer"] for d in r.json()["details"]], r.json()

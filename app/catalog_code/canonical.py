@@ -18,7 +18,7 @@ from app.workflows import definitions as workflow_definitions
 
 BLUEPRINT_KEYS = DEFINITION_KEYS
 ACTION_KEYS = action_definitions.DEFINITION_KEYS
-SCORECARD_KEYS = ("identifier", "title", "levels", "rules", "filter")
+SCORECARD_KEYS = ("identifier", "title", "levels", "rules", "filter", "properties")
 WORKFLOW_KEYS = workflow_definitions.DEFINITION_KEYS
 RULE_KEYS = ("identifier", "title", "description", "level", "query")
 DEFAULT_LEVELS = [

@@ -11,6 +11,7 @@ takes and a value of that type, or the definition is a 422 naming it.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -34,7 +35,9 @@ DEFAULT_LEVELS = [
 MAX_LEVELS = 10
 MAX_RULES = 100
 MAX_CONDITIONS = 50
-_KEYS = {"identifier", "title", "levels", "filter", "rules", "id", "blueprint"}
+_KEYS = {"identifier", "title", "levels", "filter", "rules", "id", "blueprint", "properties"}
+_PROPERTY_NAME = re.compile(r"^[A-Za-z0-9@_=\\-]{1,100}$")  # Port's propertyNames pattern
+MAX_PROPERTIES_BYTES = 16 * 1024  # a scorecard's `properties` as JSON
 _RULE_KEYS = {"identifier", "title", "description", "level", "query"}
 
 
@@ -70,6 +73,7 @@ def normalise(body: Any, blueprint: str, scope: Scope) -> dict[str, Any]:
     flt = body.get("filter")
     if flt is not None:
         _query(flt, "/filter", problems)
+    properties = _properties(body.get("properties"), problems)
     problems.raise_if_any("The scorecard is invalid")
     # Every condition compiles against the blueprint (types, operators, values).
     checked = Scope(scope.org_id, scope.blueprints, [blueprint], now=scope.now)
@@ -84,8 +88,27 @@ def normalise(body: Any, blueprint: str, scope: Scope) -> dict[str, Any]:
         "levels": levels,
         "rules": rules,
         "filter": flt,
+        "properties": properties,
     }
     return out
+
+
+def _properties(raw: Any, problems: Problems) -> dict[str, Any]:
+    """Port's `properties`: `{"key": value}` pairs (any JSON value) the scorecard keeps."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.add("/properties", "properties is an object of key-value pairs")
+        return {}
+    for key in raw:
+        if not _PROPERTY_NAME.match(key):
+            problems.add(
+                f"/properties/{key.replace('~', '~0').replace('/', '~1')}",
+                "a property's key: letters, digits and @_=- (at most 100)",
+            )
+    if len(json.dumps(raw, separators=(",", ":"))) > MAX_PROPERTIES_BYTES:
+        problems.add("/properties", f"properties take at most {MAX_PROPERTIES_BYTES // 1024} KiB")
+    return dict(raw)
 
 
 def _levels(raw: Any, problems: Problems) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
@@ -44,6 +45,10 @@ class Scorecard(Base):
     levels: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
     rules: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
     filter: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Port's `properties`: the scorecard's own key-value pairs (not graded, not evaluated).
+    properties: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
     version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     evaluated_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     # Entities its rules read through relations (mirror / aggregation properties) changed:

@@ -48,6 +48,10 @@ class ScorecardBody(BaseModel):
     levels: list[Any] | None = None
     filter: dict[str, Any] | None = None
     rules: list[Any] = Field(default_factory=list)
+    properties: Any = Field(
+        default=None,
+        description="The scorecard's own key-value pairs (Port's: an object), kept as given",
+    )
 
 
 class EvaluationError(BaseModel):
@@ -67,6 +71,7 @@ class Scorecard(BaseModel):
     levels: list[Level]
     rules: list[ScorecardRule]
     filter: dict[str, Any] | None = None
+    properties: dict[str, Any] | None = None
     state: Literal["ready", "evaluating", "failing"] = Field(
         description="`evaluating` until every entity's result follows this definition; "
         "`failing` while the evaluation keeps failing (see `evaluationError`)"

@@ -21,7 +21,8 @@ from app.scorecards.definitions import normalise
 from app.search.service import fresh_scope
 
 _SELECT = """
-SELECT blueprint, identifier, title, levels, rules, filter, version, evaluated_version,
+SELECT blueprint, identifier, title, levels, rules, filter, properties, version,
+       evaluated_version,
        created_at, created_by, updated_at, updated_by,
        evaluation_failures, evaluation_error, evaluation_retry_at
 FROM scorecards
@@ -53,6 +54,8 @@ def to_api(row: asyncpg.Record) -> dict[str, Any]:
         }
     if row["filter"] is not None:
         out["filter"] = row["filter"]
+    if row["properties"]:
+        out["properties"] = row["properties"]
     return out
 
 
@@ -103,7 +106,7 @@ async def _changed(tx: Tx, blueprint: str) -> None:
 async def _insert(tx: Tx, actor: str, blueprint: str, sc: dict[str, Any]) -> None:
     await tx.execute(
         "INSERT INTO scorecards (org_id, blueprint, identifier, title, levels, rules, filter, "
-        "created_by, updated_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        "properties, created_by, updated_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $8, $8)",
         tx.org_id,
         blueprint,
         sc["identifier"],
@@ -112,14 +115,19 @@ async def _insert(tx: Tx, actor: str, blueprint: str, sc: dict[str, Any]) -> Non
         sc["rules"],
         sc["filter"],
         actor,
+        sc["properties"],
     )
 
 
 async def _update(tx: Tx, actor: str, blueprint: str, sc: dict[str, Any]) -> bool:
     status = await tx.execute(
         # A changed definition is evaluated at once, even while a failure backs off.
+        # Only what grades (levels, rules, filter) makes a new version to evaluate: a change
+        # of title or properties re-grades nothing.
         "UPDATE scorecards SET title = $4, levels = $5, rules = $6, filter = $7, "
-        "version = version + 1, updated_at = now(), updated_by = $8, "
+        "properties = $9, version = version + "
+        "(CASE WHEN (levels, rules, filter) IS DISTINCT FROM ($5::jsonb, $6::jsonb, $7::jsonb) "
+        "THEN 1 ELSE 0 END), updated_at = now(), updated_by = $8, "
         "evaluation_retry_at = NULL "
         "WHERE org_id = $1 AND blueprint = $2 AND identifier = $3",
         tx.org_id,
@@ -130,6 +138,7 @@ async def _update(tx: Tx, actor: str, blueprint: str, sc: dict[str, Any]) -> boo
         sc["rules"],
         sc["filter"],
         actor,
+        sc["properties"],
     )
     return status.endswith(" 1")
 
