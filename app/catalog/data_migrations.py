@@ -48,7 +48,7 @@ from app.auth import permissions
 from app.auth.principal import Principal, principal_of
 from app.catalog import blueprints as bp_service
 from app.catalog import entities
-from app.catalog.validation import Problems, check_jq
+from app.catalog.validation import Problems, check_jq, json_type
 from app.db.database import Database, Tx
 from app.kit import fairloop, sandbox
 from app.kit.errors import Conflict, Invalid, NotFound, PortolanError
@@ -395,20 +395,6 @@ class Rendered:
         )
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
 async def _evaluate(
     org: object, programs: list[str], documents: list[str]
 ) -> list[list[tuple[bool, Any]]]:
@@ -475,7 +461,7 @@ async def render(org: object, mapping: dict[str, Any], sources: list[dict[str, A
                 continue
             elif not isinstance(value, list):
                 rendered.fail(
-                    source, pointer, f"itemsToParse must give an array, not {_json_type(value)}"
+                    source, pointer, f"itemsToParse must give an array, not {json_type(value)}"
                 )
             else:
                 if len(value) > MAX_ITEMS:
@@ -502,7 +488,7 @@ async def render(org: object, mapping: dict[str, Any], sources: list[dict[str, A
                 message = (
                     _message(passed)
                     if not ok
-                    else f"filter must give true or false, not {_json_type(passed)}"
+                    else f"filter must give true or false, not {json_type(passed)}"
                 )
                 rendered.fail(source, "/mapping/filter", message)
                 continue
@@ -533,7 +519,7 @@ def _entity(
             entity.setdefault(parts[0], {})[name] = value
     identifier = entity.get("identifier")
     if not isinstance(identifier, str) or not identifier:
-        kind = _json_type(identifier)
+        kind = json_type(identifier)
         rendered.fail(
             source,
             "/mapping/entity/identifier",

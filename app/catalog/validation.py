@@ -351,6 +351,21 @@ def _branches_overlap(branches: list[Any]) -> bool:
     return len(firsts) != len(set(firsts))
 
 
+def json_type(value: Any) -> str:
+    """A JSON value's type, as a message names it (what a mapping's jq gave)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
 def _json_type_ok(value: Any, type_name: str) -> bool:
     return {
         "string": isinstance(value, str),

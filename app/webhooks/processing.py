@@ -64,6 +64,7 @@ import asyncpg
 
 from app.catalog import entities
 from app.catalog.entities import WriteFlags, Writer
+from app.catalog.validation import json_type
 from app.db.database import Database, Tx
 from app.dispatch.templates import TemplateError, render
 from app.kit.errors import PortolanError
@@ -94,20 +95,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 # A `{{ jq }}` template of one expression, as `template_of` makes them.
 _ONE_TEMPLATE = re.compile(r"\s*\{\{(.*)\}\}\s*", re.S)
 T = TypeVar("T")
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,7 +245,7 @@ def _items_checked(mapping: Mapping, items: Any, rendered: _Rendered) -> list[An
             mapping.index,
             None,
             pointer,
-            f"itemsToParse must evaluate to an array, not {_json_type(items)}",
+            f"itemsToParse must evaluate to an array, not {json_type(items)}",
         )
         return None
     if len(items) > MAX_ITEMS:
@@ -285,7 +272,7 @@ def _entity_checked(
                 mapping.index,
                 item,
                 base + "/filter",
-                f"filter must evaluate to true or false, not {_json_type(passed)}",
+                f"filter must evaluate to true or false, not {json_type(passed)}",
             )
             return None
         if not passed:
@@ -298,8 +285,8 @@ def _entity_checked(
             item,
             base + "/entity/identifier",
             "the entity's identifier must evaluate to a non-empty string, not "
-            f"{_json_type(identifier)}"
-            + (" (add | tostring)" if _json_type(identifier) == "number" else ""),
+            f"{json_type(identifier)}"
+            + (" (add | tostring)" if json_type(identifier) == "number" else ""),
         )
         return None
     return entity
