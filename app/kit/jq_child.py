@@ -84,9 +84,12 @@ def _confine() -> None:
     os.environ.clear()
     try:
         # Below the service's own processes: a tenant's loop takes spare CPU, not the
-        # API's or the worker's.
-        os.nice(10)
-    except OSError:
+        # API's or the worker's. The priority is given (the parent may have set it already,
+        # or lowered it further): never raised here, and not lowered twice.
+        wanted = int(sys.argv[1]) if len(sys.argv) > 1 else os.getpriority(os.PRIO_PROCESS, 0) + 10
+        if os.getpriority(os.PRIO_PROCESS, 0) < wanted:
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, wanted))
+    except (OSError, ValueError):
         pass
     try:
         import resource

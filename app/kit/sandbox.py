@@ -62,11 +62,25 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BACKSTOP = 5  # wall time a starved call may take, in time limits
 NICE = 10  # a child's priority, above the service's own (jq_child sets it)
 NICE_DEMOTED = 19  # a call past DEMOTE_AFTER: the lowest priority
-DEMOTE_AFTER = 0.1  # CPU seconds of a call before its child is demoted
+DEMOTE_AFTER = 0.02  # CPU seconds of a call before its child is demoted
 # A demoted child runs only on CPU nothing else wants (Linux SCHED_IDLE): the service's
 # threads and the database never wait for it, not even a scheduler tick. Elsewhere, nice 19.
 _IDLE = getattr(os, "SCHED_IDLE", None)
 REPLY_LIMIT_BYTES = 16 * 1024 * 1024  # the outputs of one call, in all
+
+
+def _may_raise_priority() -> bool:
+    """Whether this process may give a demoted child its priority back (root, or a nice
+    limit that allows it); elsewhere a demoted child is replaced after its call."""
+    try:
+        import resource
+
+        return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - NICE
+    except (ImportError, AttributeError, OSError, ValueError):
+        return False
+
+
+_MAY_RAISE_PRIORITY = _may_raise_priority()
 
 Result = tuple[bool, Any]  # (True, [outputs]) or (False, "jq's message")
 _WARM_UP = b'{"p":["."],"n":1,"o":64,"t":1024,"c":10}\nnull'
@@ -106,8 +120,9 @@ class _Child:
     """One confined process; a call is one frame out and one frame back."""
 
     def __init__(self, workdir: str) -> None:
+        self._nice = min(NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
-            [sys.executable, "-I", "-B", _CHILD],
+            [sys.executable, "-I", "-B", _CHILD, str(self._nice)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -119,9 +134,19 @@ class _Child:
         self._in = self.process.stdin
         self._out = self.process.stdout.fileno()
         self._clock: tuple[float, float | None, float] = (0.0, None, 0.0)
-        self._nice = min(NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
-        self.demoted = False
         self.retire = False  # its priority could not be restored: not to be used again
+        # Starting the interpreter and jq takes ~40 ms of CPU, which the successor of a child
+        # killed at its time limit would otherwise take from the service at the service's
+        # priority: a child starts at the lowest priority and keeps it until its first call
+        # (where priorities can be raised back), or at its own (nice 10) from the start.
+        self.demoted = False
+        if _MAY_RAISE_PRIORITY:
+            self.demoted = self._demote()
+        else:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.process.pid, self._nice)
+            except OSError:
+                pass  # the child lowers its own priority once started (jq_child)
 
     def cpu_seconds(self) -> float | None:
         """The CPU time the child has used (Linux), or None where that cannot be read."""
@@ -132,13 +157,13 @@ class _Child:
         except (OSError, ValueError, IndexError):
             return None
 
-    def call(self, payload: bytes, time_limit: float) -> bytes:
+    def call(self, payload: bytes, time_limit: float, *, restore: bool = True) -> bytes:
         """One request and its reply. The time limit is the child's CPU time: a child that
         the machine's load kept from running gets more wall time, up to BACKSTOP times the
-        limit."""
+        limit. `restore=False` (warming up): the child stays at the priority it has."""
         started = time.monotonic()
         self._clock = (started, self.cpu_seconds(), time_limit)
-        if self.demoted and self._restore():
+        if restore and self.demoted and self._restore():
             self.demoted = False
         try:
             self._in.write(len(payload).to_bytes(4, "big") + payload)
@@ -340,11 +365,25 @@ class _Pool:
         if found is not None:
             return found
         try:
-            return _Child(self._workdir)
+            return self._started_now()
         except BaseException:
             with self._lock:
                 self._children -= 1
             raise
+
+    def _started_now(self) -> _Child:
+        """A child started for a call that waits for it: at the usual priority at once (the
+        call waits on its start), warmed up before the call, so the start's CPU time is not
+        counted against the call's (nor demotes it)."""
+        child = _Child(self._workdir)
+        if child.demoted and child._restore():
+            child.demoted = False
+        try:
+            json.loads(child.call(_WARM_UP, self.limits.time_limit, restore=False))
+        except (OSError, SandboxError, ValueError) as exc:
+            child.kill()
+            raise Crashed("the evaluation could not start") from exc
+        return child
 
     def run(self, payload: bytes) -> Any:
         """Blocking, in one of the pool's threads: one call on one child, its reply parsed
@@ -416,7 +455,7 @@ class _Pool:
         except OSError:
             return None  # started on demand instead
         try:
-            json.loads(child.call(_WARM_UP, self.limits.time_limit))
+            json.loads(child.call(_WARM_UP, self.limits.time_limit, restore=False))
         except (OSError, SandboxError, ValueError):
             child.kill()
             return None
