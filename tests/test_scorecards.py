@@ -912,3 +912,72 @@ async def test_a_scorecard_keeps_its_properties_and_changing_them_grades_nothing
         )
         assert r.status_code == 422, r.text
         assert pointer in [d["pointer"] for d in r.json()["details"]], r.json()
+
+
+async def test_compiling_a_scorecard_gives_the_loop_back_between_rules(
+    client: httpx.AsyncClient, db: Database, make_org: OrgFactory
+) -> None:
+    """Building an evaluation statement or checking a definition compiles every rule;
+    each rule is compiled in a turn of the event loop of its own, so a scorecard of many
+    rules (which a tenant may rewrite at its rate limit) never holds other orgs' requests
+    for all of them at once."""
+    from app.scorecards import evaluate
+    from app.scorecards.definitions import normalise
+    from app.search.service import fresh_scope
+
+    org = await make_org()
+    blueprint = {
+        "identifier": "svc",
+        "title": "svc",
+        "schema": {"properties": {"n": {"type": "number"}, "tier": {"type": "string"}}},
+    }
+    r = await client.post("/v1/blueprints", json=blueprint, headers=org.headers)
+    assert r.status_code in (200, 201), r.text
+    card = {
+        "identifier": "many",
+        "title": "many",
+        "rules": [
+            {
+                "identifier": f"r{i}",
+                "title": f"r{i}",
+                "level": "Gold",
+                "query": {
+                    "combinator": "and",
+                    "conditions": [{"property": "n", "operator": ">", "value": i}],
+                },
+            }
+            for i in range(20)
+        ],
+    }
+    r = await client.post("/v1/blueprints/svc/scorecards", json=card, headers=org.headers)
+    assert r.status_code in (200, 201), r.text
+    async with db.tenant(org.org_id) as tx:
+        cards = await evaluate._load_cards(tx, "svc")
+        scope = await fresh_scope(tx, "svc", None)
+
+    async def turns_while(work: Any) -> tuple[Any, int]:
+        """How many turns another task had while `work` ran."""
+        done = False
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while not done:
+                turns += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        try:
+            result = await work
+        finally:
+            done = True
+            await ticker
+        return result, turns
+
+    conditions, turns = await turns_while(evaluate.compiled_rules(scope, cards))
+    assert len(conditions) == 20 and turns >= 19
+    statement = evaluate.evaluation(scope, "svc", cards, only_ids=False, conditions=conditions)
+    assert "r19" in str(statement.compile())
+    stored, turns = await turns_while(normalise(card, "svc", scope))
+    assert len(stored["rules"]) == 20 and turns >= 19

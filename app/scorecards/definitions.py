@@ -11,6 +11,7 @@ takes and a value of that type, or the definition is a 422 naming it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -45,8 +46,10 @@ def _text(value: Any, limit: int) -> bool:
     return isinstance(value, str) and 0 < len(value) <= limit
 
 
-def normalise(body: Any, blueprint: str, scope: Scope) -> dict[str, Any]:
-    """The definition as stored, or Invalid naming every problem by JSON pointer."""
+async def normalise(body: Any, blueprint: str, scope: Scope) -> dict[str, Any]:
+    """The definition as stored, or Invalid naming every problem by JSON pointer. Its
+    conditions are compiled one per turn of the event loop (a scorecard of many rules does
+    not hold every org's requests for the whole of it)."""
     problems = Problems()
     if not isinstance(body, dict):
         problems.add("/", "a scorecard is an object")
@@ -79,6 +82,7 @@ def normalise(body: Any, blueprint: str, scope: Scope) -> dict[str, Any]:
     checked = Scope(scope.org_id, scope.blueprints, [blueprint], now=scope.now)
     for index, rule in enumerate(rules):
         _compile(checked, rule["query"], f"/rules/{index}/query", problems)
+        await asyncio.sleep(0)
     if flt is not None:
         _compile(checked, flt, "/filter", problems)
     problems.raise_if_any("The scorecard is invalid")

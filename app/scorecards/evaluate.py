@@ -78,11 +78,35 @@ async def _load_cards(tx: Tx, blueprint: str, only: list[str] | None = None) -> 
     return [_card(r) for r in rows]
 
 
-def _rule_flags(scope: Scope, card: Card) -> list[Any]:
+Conditions = dict[tuple[str, int], Any]  # (scorecard, rule index) -> the rule's condition
+
+
+def _condition(scope: Scope, card: Card, index: int) -> Any:
+    return Compiler(scope, scan=True).compile(to_rules(card.rules[index]["query"]))
+
+
+async def compiled_rules(scope: Scope, cards: list[Card]) -> Conditions:
+    """Every rule's condition compiled, one rule per turn of the event loop. Building the
+    conditions is most of the work of making an evaluation statement (~0.25 ms a rule):
+    done at once, a scorecard of 20 rules held the loop, and every org's requests, for
+    ~5 ms each time it was made."""
+    found: Conditions = {}
+    for card in cards:
+        for index in range(len(card.rules)):
+            found[(card.identifier, index)] = _condition(scope, card, index)
+            await asyncio.sleep(0)
+    return found
+
+
+def _rule_flags(scope: Scope, card: Card, conditions: Conditions | None = None) -> list[Any]:
     """One boolean per rule: its conditions hold (unknown values fail)."""
     flags = []
-    for index, rule in enumerate(card.rules):
-        condition = Compiler(scope, scan=True).compile(to_rules(rule["query"]))
+    for index in range(len(card.rules)):
+        condition = (
+            conditions[(card.identifier, index)]
+            if conditions is not None
+            else _condition(scope, card, index)
+        )
         flags.append(sa.func.coalesce(condition, sa.false()).label(f"r{index}"))
     return flags
 
@@ -95,11 +119,13 @@ def card_select(
     only_ids: bool,
     fenced: bool = True,
     ranged: bool = False,
+    conditions: Conditions | None = None,
 ) -> sa.Select[Any]:
     """(org_id, scorecard, identifier, level_rank, passed, version, entity_at) of the
     entities the card applies to (those named by the `score_ids` parameter, with `only_ids`).
     `fenced=False`: let the planner merge the rules into what reads them (for a query that
-    reads only the level: it then stops at a level's first failing rule)."""
+    reads only the level: it then stops at a level's first failing rule). `conditions`: the
+    rules compiled beforehand (compiled_rules)."""
     where = [
         E.c.org_id == sa.bindparam(None, scope.org_id),
         E.c.blueprint == sa.bindparam(None, blueprint),
@@ -111,7 +137,7 @@ def card_select(
     if card.filter is not None:
         where.append(Compiler(scope, scan=True).compile(to_rules(card.filter)))
     inner_select = sa.select(
-        E.c.org_id, E.c.identifier, E.c.updated_at, *_rule_flags(scope, card)
+        E.c.org_id, E.c.identifier, E.c.updated_at, *_rule_flags(scope, card, conditions)
     ).where(*where)
     if fenced:
         # OFFSET 0 keeps the planner from merging this subquery into the outer one, which
@@ -164,12 +190,18 @@ def evaluation(
     only_ids: bool,
     ranged: bool = False,
     plain: bool = False,
+    conditions: Conditions | None = None,
 ) -> sa.Insert:
     """The one statement that evaluates `cards` and stores the results: an upsert, and —
     for scorecards with a filter — a delete of the results of entities it no longer takes
     (a data-modifying CTE of the same statement)."""
     fresh = sa.union_all(
-        *(card_select(scope, blueprint, card, only_ids=only_ids, ranged=ranged) for card in cards)
+        *(
+            card_select(
+                scope, blueprint, card, only_ids=only_ids, ranged=ranged, conditions=conditions
+            )
+            for card in cards
+        )
     ).subquery("fresh")
     filtered = [card for card in cards if card.filter is not None]
     # The row's org: the entities' own column, which lets Citus push the INSERT ... SELECT
@@ -392,11 +424,12 @@ async def evaluate_entities(tx: Tx, blueprint: dict[str, Any], identifiers: list
 async def _statement(tx: Tx, blueprint: str, cards: list[Card], *, only_ids: bool) -> Any:
     scope = await scope_for(tx, blueprint, None)
     try:
-        return evaluation(scope, blueprint, cards, only_ids=only_ids)
+        conditions = await compiled_rules(scope, cards)
     except Invalid:
         # Remembered definitions older than a rule: compile against the committed ones.
         scope = await fresh_scope(tx, blueprint, None)
-        return evaluation(scope, blueprint, cards, only_ids=only_ids)
+        conditions = await compiled_rules(scope, cards)
+    return evaluation(scope, blueprint, cards, only_ids=only_ids, conditions=conditions)
 
 
 # A whole blueprint is evaluated in this many identifier ranges at once (each its own
@@ -417,8 +450,10 @@ async def evaluate_blueprint(
             return 0
         scope = await fresh_scope(tx, blueprint, None)
         try:
-            statement = evaluation(scope, blueprint, cards, only_ids=False, ranged=True)
-            first = evaluation(scope, blueprint, cards, only_ids=False, ranged=True, plain=True)
+            conditions = await compiled_rules(scope, cards)
+            statement = evaluation(
+                scope, blueprint, cards, only_ids=False, ranged=True, conditions=conditions
+            )
         except Invalid as exc:
             # A blueprint change left a rule that no longer applies (a removed property):
             # its results stay as they were until the scorecard is changed.
@@ -443,6 +478,19 @@ async def evaluate_blueprint(
             blueprint,
             [card.identifier for card in cards],
         )
+        first = (
+            evaluation(
+                scope,
+                blueprint,
+                cards,
+                only_ids=False,
+                ranged=True,
+                plain=True,
+                conditions=conditions,
+            )
+            if fresh
+            else None
+        )
         edges: list[str | None] = [None]
         for k in range(1, parts):
             edges.append(
@@ -459,7 +507,7 @@ async def evaluate_blueprint(
     async def part(low: str | None, high: str | None) -> None:
         values = {"range_from": low, "range_to": high}
         async with db.tenant(org_id) as tx:
-            if fresh:
+            if first is not None:
                 await tx.execute("SAVEPOINT first_evaluation")
                 try:
                     await run_bounded(tx, first, values)

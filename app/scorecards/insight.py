@@ -31,7 +31,7 @@ MAX_TREND_DAYS = 366
 async def dry_run(tx: Tx, blueprint: str, identifier: str, body: Any) -> dict[str, Any]:
     check_url_identifier(body, identifier)
     scope = await fresh_scope(tx, blueprint, None)
-    proposed = normalise(
+    proposed = await normalise(
         {**body, "identifier": identifier} if isinstance(body, dict) else body, blueprint, scope
     )
     current = (scope.blueprints[blueprint].get("scorecards") or {}).get(identifier)

@@ -91,7 +91,7 @@ async def _prepare(tx: Tx, blueprint: str, body: Any) -> dict[str, Any]:
     # The blueprint row is locked: a scorecard and its blueprint change one at a time.
     await bp_service.get_row(tx, blueprint, lock=True)
     scope = await fresh_scope(tx, blueprint, None)
-    return normalise(body, blueprint, scope)
+    return await normalise(body, blueprint, scope)
 
 
 async def _changed(tx: Tx, blueprint: str) -> None:
@@ -183,7 +183,7 @@ async def replace_all(tx: Tx, actor: str, blueprint: str, bodies: Any) -> list[d
     details: list[dict[str, str]] = []
     for index, body in enumerate(bodies):
         try:
-            wanted.append(normalise(body, blueprint, scope))
+            wanted.append(await normalise(body, blueprint, scope))
         except Invalid as exc:
             for detail in exc.details or []:
                 details.append({**detail, "pointer": f"/{index}{detail.get('pointer', '')}"})
