@@ -1,4 +1,10 @@
-"""The app as `portolan serve` runs it, plus one bare FastAPI route as the ceiling."""
+"""The app as `portolan serve` runs it, plus one bare FastAPI route as the ceiling.
+
+For looking into a figure (not used by the scenarios' own figures):
+PORTOLAN_BENCH_TIMING=1 adds each answer's time in the server (`x-server-ms`, from the
+request's arrival to its answer's head) and logs every stall of the event loop past 10 ms;
+with PORTOLAN_BENCH_SLOW_CALLBACKS=1 too, asyncio's debug mode names each callback that ran
+8 ms or more (debug mode slows everything down: its figures are not comparable)."""
 
 from __future__ import annotations
 
@@ -16,6 +22,45 @@ from app.main import create_app
 # scenario times the worker's jobs itself).
 settings = get_settings()
 app = create_app(settings, with_worker=not os.environ.get("PORTOLAN_BENCH_NO_WORKER"))
+
+
+if os.environ.get("PORTOLAN_BENCH_TIMING"):
+    import asyncio
+    import time
+
+    from starlette.types import Message, Receive, Scope, Send
+
+    inner = app.build_middleware_stack()
+
+    async def lag() -> None:
+        """The server's loop stalls past 10 ms, in the log (diagnosis only)."""
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            late = (time.perf_counter() - before) * 1000
+            if late > 10:
+                print(f"loop lag {late:.1f} ms at {time.time():.3f}", file=sys.stderr, flush=True)
+
+    watching: list[asyncio.Task[None]] = []
+
+    async def timed(scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        if not watching:
+            loop = asyncio.get_running_loop()
+            if os.environ.get("PORTOLAN_BENCH_SLOW_CALLBACKS"):
+                loop.set_debug(True)
+                loop.slow_callback_duration = 0.008
+            watching.append(loop.create_task(lag()))
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                spent = f"{(time.perf_counter() - started) * 1000:.2f}".encode()
+                message = {**message, "headers": [*message["headers"], (b"x-server-ms", spent)]}
+            await send(message)
+
+        await inner(scope, receive, sending)
+
+    app.middleware_stack = timed  # type: ignore[assignment]
 
 
 @app.get("/bench/bare", include_in_schema=False)
