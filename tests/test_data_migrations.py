@@ -965,3 +965,28 @@ async def test_a_deleted_target_blueprint_fails_the_migration(
     done = (await call(client, org, "GET", f"/v1/migrations/{migration['id']}"))["migration"]
     assert done["status"] == "FAILURE" and "'app'" in done["message"], done
     assert done["progress"]["processed"] == 0
+
+
+async def test_two_workers_never_hold_two_migrations_of_one_org_at_once(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """An org's migrations run one at a time: two workers claiming two different migrations
+    of one org at the same instant get one claim between them (each checked that no other
+    migration of the org was held, and neither saw the other's claim until it committed)."""
+    org = await make_org()
+    await blueprint(client, org, SERVICE)
+    await entities(client, org, "service", [{"identifier": "s1", "properties": {"port": "1"}}])
+    first = await start(client, org, TYPE_CHANGE)
+    second = await start(client, org, TYPE_CHANGE)
+    for _ in range(20):
+        claims = await asyncio.gather(
+            data_migrations._claim(db, org.org_id, first["id"], "w1"),
+            data_migrations._claim(db, org.org_id, second["id"], "w2"),
+        )
+        assert sum(claim is not None for claim in claims) <= 1
+        async with db.tenant(org.org_id) as tx:  # both leases end: the next round starts over
+            await tx.execute(
+                "UPDATE catalog_migrations SET lease_until = NULL, lease_owner = NULL "
+                "WHERE org_id = $1",
+                org.org_id,
+            )

@@ -653,6 +653,15 @@ async def batch(db: Database, org_id: uuid.UUID, migration_id: str, *, owner: st
 
 async def _claim(db: Database, org_id: uuid.UUID, migration_id: str, owner: str) -> _Claim | None:
     async with db.tenant(org_id) as tx:
+        # An org's migrations run one at a time: its claims are taken one after another (two
+        # workers claiming two of its migrations at once each saw no other held, and both
+        # held one). A claim that finds another being taken leaves this one for later.
+        if not await tx.fetchval(
+            "SELECT pg_try_advisory_xact_lock("
+            "hashtextextended('catalog_migrations/claim:' || $1::text, 0))",
+            str(org_id),
+        ):
+            return None
         # The status changes below are audited in the starter's name, as the writes are.
         await tx.execute(
             "SELECT set_config('portolan.actor', actor, true), "
