@@ -1282,3 +1282,36 @@ async def test_a_single_postgresql_is_not_citus_unless_required(database_url: st
             await citus_enabled(conn, "on")
     finally:
         await conn.close()
+
+
+async def test_two_orgs_manage_their_own_teams_and_an_entity_owned_by_one(
+    citus_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """Teams on the cluster: created, read, changed, given to an entity and deleted by
+    their own org only (creating a team was a 500 here while a transaction writing on two
+    nodes could not commit)."""
+    first = await _org(citus_app, http)
+    second = await _org(citus_app, http)
+    for org in (first, second):
+        made = await http.post(
+            "/v1/teams", json={"name": "platform", "description": "ours"}, headers=org.headers
+        )
+        assert made.status_code in (200, 201), made.text
+        created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+        assert created.status_code == 201, created.text
+    changed = await http.patch(
+        "/v1/teams/platform", json={"description": "first's"}, headers=first.headers
+    )
+    assert changed.status_code == 200, changed.text
+    theirs = await http.get("/v1/teams/platform", headers=second.headers)
+    assert theirs.status_code == 200 and theirs.json()["team"]["description"] == "ours"
+    entity = {"identifier": "billing", "team": ["platform"], "properties": {}}
+    written = await http.post("/v1/blueprints/service/entities", json=entity, headers=first.headers)
+    assert written.status_code == 201, written.text
+    assert written.json()["entity"]["team"] == ["platform"]
+    gone = await http.delete("/v1/teams/platform", headers=second.headers)
+    assert gone.status_code == 200, gone.text
+    ours = await http.get("/v1/teams", headers=first.headers)
+    assert [team["name"] for team in ours.json()["teams"]] == ["platform"], ours.text
+    none = await http.get("/v1/teams", headers=second.headers)
+    assert none.json()["teams"] == [], none.text
