@@ -858,10 +858,11 @@ async def test_a_long_call_drops_below_short_ones() -> None:
 
 
 def test_a_child_waits_for_its_first_call_at_the_lowest_priority(tmp_path: Path) -> None:
-    """Starting a child (the interpreter, jq: ~40 ms of CPU) and warming it up run below
-    the service's priority, then its calls run at the usual one."""
+    """A child started ahead of any call (the interpreter, jq: ~40 ms of CPU) and warmed up
+    waits at the lowest priority, then its calls run at the usual one; one started for a
+    call starts at the usual one."""
     base = min(sandbox.NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + sandbox.NICE)
-    child = sandbox._Child(str(tmp_path))
+    child = sandbox._Child(str(tmp_path), idle=True)  # as the pool starts one ahead of calls
     try:
         pid = child.process.pid
         for _ in range(100):  # its command line shows once the kernel has set it up
@@ -874,6 +875,15 @@ def test_a_child_waits_for_its_first_call_at_the_lowest_priority(tmp_path: Path)
         frame = sandbox.request(["1 + 1"], ["{}"], outputs=1, output_limit=1 << 20)
         assert json.loads(child.call(frame, 5.0)) == [[[True, [2]]]]
         assert _jq_children()[pid] == base
+    finally:
+        child.kill()
+    child = sandbox._Child(str(tmp_path))
+    try:
+        for _ in range(100):
+            if child.process.pid in _jq_children():
+                break
+            time.sleep(0.01)
+        assert _jq_children()[child.process.pid] == base
     finally:
         child.kill()
 

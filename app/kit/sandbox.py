@@ -119,7 +119,7 @@ class Limits:
 class _Child:
     """One confined process; a call is one frame out and one frame back."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, *, idle: bool = False) -> None:
         self._nice = min(NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
             [sys.executable, "-I", "-B", _CHILD, str(self._nice)],
@@ -135,12 +135,12 @@ class _Child:
         self._out = self.process.stdout.fileno()
         self._clock: tuple[float, float | None, float] = (0.0, None, 0.0)
         self.retire = False  # its priority could not be restored: not to be used again
-        # Starting the interpreter and jq takes ~40 ms of CPU, which the successor of a child
-        # killed at its time limit would otherwise take from the service at the service's
-        # priority: a child starts at the lowest priority and keeps it until its first call
-        # (where priorities can be raised back), or at its own (nice 10) from the start.
+        # Starting the interpreter and jq takes ~40 ms of CPU, which ran at the service's own
+        # priority until the child lowered its own. A child starts at its priority (nice 10)
+        # at once; one started ahead of any call (`idle`, the pool's top-up) at the lowest,
+        # kept until its first call (where priorities can be raised back).
         self.demoted = False
-        if _MAY_RAISE_PRIORITY:
+        if idle and _MAY_RAISE_PRIORITY:
             self.demoted = self._demote()
         else:
             try:
@@ -372,12 +372,10 @@ class _Pool:
             raise
 
     def _started_now(self) -> _Child:
-        """A child started for a call that waits for it: at the usual priority at once (the
-        call waits on its start), warmed up before the call, so the start's CPU time is not
+        """A child started for a call that waits for it: at the children's priority (the call
+        waits on its start), warmed up before the call, so the start's CPU time is not
         counted against the call's (nor demotes it)."""
         child = _Child(self._workdir)
-        if child.demoted and child._restore():
-            child.demoted = False
         try:
             json.loads(child.call(_WARM_UP, self.limits.time_limit, restore=False))
         except (OSError, SandboxError, ValueError) as exc:
@@ -402,7 +400,9 @@ class _Pool:
                 child.kill()
                 # Its successor is started here, still on the ended call's turn (this
                 # thread lives as long as the pool): the next call, maybe another org's,
-                # finds a child ready and the ended call's org pays for the start.
+                # finds a child ready and the ended call's org pays for the start (at the
+                # children's priority: at the lowest, a busy machine could keep the turn
+                # for seconds).
                 successor = None if self._closed else self._started()
                 with self._lock:
                     if successor is not None and not self._closed:
@@ -439,7 +439,7 @@ class _Pool:
                     if self._children >= self.limits.processes:
                         break
                     self._children += 1
-                child = self._started()
+                child = self._started(idle=True)
                 with self._lock:
                     if child is not None and not self._closed:
                         self._idle.insert(0, child)  # taken after the children in use
@@ -449,9 +449,11 @@ class _Pool:
                     child.kill()
                 break
 
-    def _started(self) -> _Child | None:
+    def _started(self, *, idle: bool = False) -> _Child | None:
+        """A child started and warmed up (`idle`: at the lowest priority, taking only CPU
+        nothing else wants), or None."""
         try:
-            child = _Child(self._workdir)
+            child = _Child(self._workdir, idle=idle)
         except OSError:
             return None  # started on demand instead
         try:
