@@ -14,6 +14,8 @@ org instead, as a fair-share scheduler does:
   with callbacks ready, the one with the least time runs first, and within an org
   callbacks keep their order. An org that was idle comes back with at most
   `GRACE_SECONDS` of credit, so quiet orgs go first but none can bank time;
+- until its org is named, a request counts for its client's address (`open_slot`), an
+  account like an org's;
 - callbacks of no org (reading sockets, parsing replies, the server's own upkeep) run
   first, in their order;
 - one pass over the ready callbacks lasts at most `SLICE_SECONDS` (plus the callback
@@ -40,21 +42,24 @@ GRACE_SECONDS = 0.005
 
 
 class _Slot:
-    """Whose work this is: shared by a request's task and the tasks it starts."""
+    """Whose work this is: shared by a request's task and the tasks it starts. `caller`:
+    whose it counts as until an org is named (a request's client address)."""
 
-    __slots__ = ("org",)
+    __slots__ = ("caller", "org")
 
-    def __init__(self, org: object = None) -> None:
+    def __init__(self, org: object = None, caller: object = None) -> None:
         self.org = org
+        self.caller = caller
 
 
 TENANT: ContextVar[_Slot | None] = ContextVar("portolan_tenant", default=None)
 
 
-def open_slot() -> None:
+def open_slot(caller: object = None) -> None:
     """Mark the current task's work (a request whose org is not known yet): its callbacks,
-    and those of tasks it starts from here on, count for the org `charge_to` names."""
-    TENANT.set(_Slot())
+    and those of tasks it starts from here on, count for the org `charge_to` names, and
+    until then for `caller` (a request's client address; None: work of no org)."""
+    TENANT.set(_Slot(caller=None if caller is None else ("caller", caller)))
 
 
 def current() -> _Slot | None:
@@ -86,7 +91,9 @@ def _org_of(handle: asyncio.Handle) -> object:
     if context is None:
         return None
     slot = context.get(TENANT)
-    return None if slot is None else slot.org
+    if slot is None:
+        return None
+    return slot.caller if slot.org is None else slot.org
 
 
 class FairReady:

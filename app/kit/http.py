@@ -84,7 +84,12 @@ class RequestContextMiddleware:
             incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else os.urandom(16).hex()
         )
         token = request_id_var.set(request_id)
-        fairloop.open_slot()  # the loop's turns count for the org the request names
+        # The loop's turns count for the org the request names, and until its token is
+        # verified for its client's address (one account per address, in turns with the
+        # orgs: a flood of requests, whether their tokens are good or not, does not go
+        # before every org's work).
+        client = scope.get("client")
+        fairloop.open_slot(client[0] if client else "unknown")
         started = time.perf_counter()
         status_holder = [500]
         response_started = [False]
