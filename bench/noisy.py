@@ -16,7 +16,8 @@ action whose template loops; run-log live streams past its cap; a scorecard rewr
 every second (a whole-blueprint evaluation each time); incoming webhook events whose
 mapping loops, at twice the webhook's rate limit. PORTOLAN_BENCH_NOISY_ONLY (e.g.
 `write,run`) narrows B to some kinds. B's clients run in a process of their own at the
-lowest CPU priority (they stand for B's machines), and the rates B achieved are printed for
+lowest CPU priority, connecting from an address of their own (they stand for B's
+machines), and the rates B achieved are printed for
 each round. The ceiling is A's own figure in the quiet rounds of the same run.
 """
 
@@ -44,6 +45,11 @@ from bench.env import new_org, pin_database_backends, pin_driver, scratch_settin
 ROUNDS = int(os.environ.get("PORTOLAN_BENCH_NOISY_ROUNDS", "10"))
 OPS_PER_ROUND = int(os.environ.get("PORTOLAN_BENCH_NOISY_OPS", "100"))
 TARGET_RATIO = 2.0
+# A's and B's machines: each client connects from an address of its own (on loopback), as
+# two tenants' clients would; the server counts a request for its client's address until
+# its token is verified.
+A_ADDRESS = "127.0.0.2"
+B_ADDRESS = "127.0.0.3"
 LOOP = "def f: f; f"
 
 
@@ -267,7 +273,12 @@ def _noise_process(
     async def main() -> dict[str, int]:
         sent: dict[str, int] = {}
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=base_url,
+            timeout=120,
+            limits=limits,
+            transport=httpx.AsyncHTTPTransport(limits=limits, local_address=B_ADDRESS),
+        ) as http:
             tasks = await _noise(http, headers, b, sent)
             began = time.perf_counter()
             # The stop is a process-shared event: looked at, not awaited.
@@ -380,7 +391,11 @@ async def run() -> bool:
             with served(settings) as port:
                 limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
                 async with (
-                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as a_http,
+                    httpx.AsyncClient(
+                        base_url=f"http://127.0.0.1:{port}",
+                        timeout=120,
+                        transport=httpx.AsyncHTTPTransport(local_address=A_ADDRESS),
+                    ) as a_http,
                     httpx.AsyncClient(
                         base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits
                     ) as b_http,

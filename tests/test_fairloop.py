@@ -271,3 +271,42 @@ async def test_a_background_loop_is_no_orgs_work_again_after_a_unit_of_an_orgs(
     # A task of its own with no mark, as the worker's loops are.
     seen = await asyncio.create_task(background(), context=contextvars.Context())
     assert seen == [org.org_id, None]
+
+
+async def test_a_requests_task_counts_for_its_client_address_from_its_first_step() -> None:
+    """The server's connection starts each request's task counting for the client's
+    address: its first step (middleware, routing, often the token's verification) is no
+    longer work of no org, which goes before every org's."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from app.config import Settings
+    from app.kit.serving import protocol_for
+
+    seen: list[object] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        slot = fairloop.TENANT.get()
+        seen.append(None if slot is None else (slot.org, slot.caller))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = Config(app=app, lifespan="off", log_config=None)
+    config.load()
+    protocol = protocol_for(Settings(_env_file=None))  # type: ignore[call-arg]
+    state = ServerState()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # and the next request on the same connection
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 204")
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == [(None, ("caller", "127.0.0.1"))] * 2

@@ -62,6 +62,14 @@ def open_slot(caller: object = None) -> None:
     TENANT.set(_Slot(caller=None if caller is None else ("caller", caller)))
 
 
+def caller_context(caller: object) -> contextvars.Context:
+    """A copy of the current context whose work counts for `caller` (a request's client
+    address) until an org is named: for a request's task from its very first step."""
+    context = contextvars.copy_context()
+    context.run(open_slot, caller)
+    return context
+
+
 def current() -> _Slot | None:
     """The current work's mark, to give back with `restore` when a unit of an org's work
     ends (a background loop goes back to being work of no org)."""

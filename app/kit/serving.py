@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from app.config import Settings
+from app.kit import fairloop
 from app.kit.errors import error_body
 
 # Bytes a head spends besides its URL and header names and values: the method and version
@@ -109,6 +110,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # The request's task counts for its client's address from its first step (in which
+        # the middleware, the routing and often the token's verification run): begun in
+        # the connection's context, that step was work of no org, which goes first.
+        client = self.client[0] if self.client else "unknown"
+        fairloop.caller_context(client).run(super()._start_asgi_task, cycle, app)
 
     def on_message_complete(self) -> None:
         if self._refused:
