@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     # and this many widgets on one page (a dashboard's wrapper and the widgets it holds
     # counted together); one more is a 422.
     pages_max_per_org: int = Field(default=500, ge=1, le=100_000)
+    # Data migrations (docs/migrations.md): at most this many of one organization's are
+    # pending or running (one more is a 409), and a worker process has at most this many
+    # organizations' batches in work at once.
+    migrations_max_active_per_org: int = Field(default=3, ge=1, le=1000)
+    migrations_concurrency: int = Field(default=4, ge=1, le=256)
     page_widgets_max: int = Field(default=100, ge=1, le=10_000)
     run_log_stream_recheck_seconds: float = Field(default=5.0, gt=0, le=3600)
     # Entity history (docs/history.md): events older than this many days are pruned daily,

@@ -132,7 +132,10 @@ async def advance_migrations(ctx: dict[str, Any]) -> int:
     """Batches of the active data migrations, orgs in turns; their progress is kept in
     PostgreSQL, so a worker that stops leaves the next one to resume
     (app.catalog.data_migrations)."""
-    return await data_migrations.advance(ctx["db"], owner=ctx["owner"])
+    settings: Settings = ctx["settings"]
+    return await data_migrations.advance(
+        ctx["db"], owner=ctx["owner"], concurrency=settings.migrations_concurrency
+    )
 
 
 async def _startup(ctx: dict[str, Any]) -> None:

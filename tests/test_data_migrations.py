@@ -756,7 +756,7 @@ async def test_the_list_filters_by_status_actor_and_blueprint(
 
 
 async def test_every_bad_request_is_a_clear_4xx(
-    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database, settings: Settings
 ) -> None:
     org = await make_org()
     await blueprint(client, org, SERVICE)
@@ -804,8 +804,8 @@ async def test_every_bad_request_is_a_clear_4xx(
         {"sourceBlueprint": "service", "mapping": {**mapping, "entity": {"title": 3}}}, 422
     )
     await refused([], 422)
-    # At most MAX_ACTIVE_PER_ORG pending or running.
-    for _ in range(data_migrations.MAX_ACTIVE_PER_ORG):
+    # At most migrations_max_active_per_org pending or running.
+    for _ in range(settings.migrations_max_active_per_org):
         await start(client, org, TYPE_CHANGE)
     await refused(TYPE_CHANGE, 409, "too_many_migrations")
     # The other routes.
@@ -854,7 +854,7 @@ async def test_every_bad_request_is_a_clear_4xx(
         count = await tx.fetchval(
             "SELECT count(*) FROM catalog_migrations WHERE org_id = $1", org.org_id
         )
-    assert count == data_migrations.MAX_ACTIVE_PER_ORG
+    assert count == settings.migrations_max_active_per_org
 
 
 # ---------------------------------------------------------------------------------------
@@ -990,3 +990,19 @@ async def test_two_workers_never_hold_two_migrations_of_one_org_at_once(
                 "WHERE org_id = $1",
                 org.org_id,
             )
+
+
+async def test_the_cap_on_an_orgs_active_migrations_is_a_setting(
+    client: httpx.AsyncClient, make_org: OrgFactory, app: FastAPI
+) -> None:
+    org = await make_org()
+    await blueprint(client, org, SERVICE)
+    original = app.state.settings
+    app.state.settings = original.model_copy(update={"migrations_max_active_per_org": 1})
+    try:
+        await start(client, org, TYPE_CHANGE)
+        r = await client.post("/v1/migrations", json=TYPE_CHANGE, headers=org.headers)
+        assert r.status_code == 409 and r.json()["error"] == "too_many_migrations", r.text
+        assert "at most 1" in r.json()["message"]
+    finally:
+        app.state.settings = original

@@ -21,12 +21,12 @@ cursor and the counts and checks the lease and the status. A worker that stops l
 batch uncommitted and its lease to expire: the next one resumes at the cursor, nothing lost
 and nothing written twice. A cancel seen by that transaction discards the batch.
 
-Fairness: one org has at most MAX_ACTIVE_PER_ORG migrations pending or running (more is a
-409) and one batch in work at a time in a process; orgs take turns batch by batch (at most
-CONCURRENCY orgs' batches at once), so a 100k-entity migration of one org delays another
-org's by at most one batch per round. The jq runs in the sandbox's fair turns (a chunk of
-CHUNK entities per call); an org whose calls keep running past the time limit fails its
-migration after MAX_TIMEOUTS such entities.
+Fairness: one org has at most `migrations_max_active_per_org` migrations pending or running
+(more is a 409) and one batch in work at a time; orgs take turns batch by batch (at most
+`migrations_concurrency` orgs' batches at once in a process), so a 100k-entity migration
+of one org delays another org's by at most one batch per round. The jq runs in the
+sandbox's fair turns (a chunk of CHUNK entities per call); an org whose calls keep running
+past the time limit fails its migration after MAX_TIMEOUTS such entities.
 """
 
 from __future__ import annotations
@@ -57,14 +57,12 @@ log = logging.getLogger("portolan.migrations")
 
 BATCH = 500  # source entities per batch (one write transaction)
 CHUNK = 100  # contexts per sandbox call
-MAX_ACTIVE_PER_ORG = 3
 MAX_ERRORS = 200  # per-entity failures kept on a migration (all are counted)
 MAX_PREVIEW = 50  # entities a dry run shows
 MAX_ITEMS = 100  # itemsToParse items per source entity
 MAX_TIMEOUTS = 5  # entities whose jq ran past the time limit before the migration fails
 MAX_EXPRESSIONS = 300
 MAX_LIST = 1000
-CONCURRENCY = 4  # orgs' batches in work at once, per worker process
 PASS_SECONDS = 50.0
 LEASE_SECONDS = 60.0
 OUTPUT_LIMIT_BYTES = 256 * 1024
@@ -121,9 +119,10 @@ async def create(
     *,
     dry_run: bool,
     delete_source: bool,
+    max_active: int = 3,
 ) -> dict[str, Any]:
     """Checks the migration (blueprints, names, jq, the starter's permissions, the org's
-    cap) and records it PENDING for the worker."""
+    cap: `max_active` pending or running) and records it PENDING for the worker."""
     target = mapping.get("blueprint") or source
     source_def = await bp_service.get(tx, source)
     target_def = source_def if target == source else await bp_service.get(tx, target)
@@ -181,10 +180,10 @@ async def create(
         tx.org_id,
         list(ACTIVE),
     )
-    if active >= MAX_ACTIVE_PER_ORG:
+    if active >= max_active:
         raise Conflict(
             f"The organization already has {active} migrations pending or running (at most "
-            f"{MAX_ACTIVE_PER_ORG}): wait for one to end, or cancel one",
+            f"{max_active}): wait for one to end, or cancel one",
             code="too_many_migrations",
         )
     migration_id = "migration_" + secrets.token_hex(8)
@@ -564,7 +563,9 @@ class _Claim:
     documents: list[dict[str, Any]] = field(default_factory=list)
 
 
-async def advance(db: Database, *, owner: str, seconds: float = PASS_SECONDS) -> int:
+async def advance(
+    db: Database, *, owner: str, seconds: float = PASS_SECONDS, concurrency: int = 4
+) -> int:
     """The periodic pass: batches of active migrations, orgs in turns, until none is left
     or `seconds` have passed; how many batches were done. A pass started while another runs
     in this process returns at once."""
@@ -574,7 +575,7 @@ async def advance(db: Database, *, owner: str, seconds: float = PASS_SECONDS) ->
     try:
         done = 0
         deadline = time.monotonic() + seconds
-        turns = asyncio.Semaphore(CONCURRENCY)
+        turns = asyncio.Semaphore(concurrency)
         while time.monotonic() < deadline:
             async with db.system() as tx:
                 rows = await tx.fetch(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Path, Query
+from fastapi import Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import permissions
@@ -119,7 +119,9 @@ class MigrationListResponse(BaseModel):
     responses={**ERRORS_AUTHED, **_CONFLICT},
     summary="Create a migration",
 )
-async def create_migration(body: CreateMigrationBody, tenant: CurrentTenant) -> Any:
+async def create_migration(
+    body: CreateMigrationBody, tenant: CurrentTenant, request: Request
+) -> Any:
     """Starts moving or transforming the source blueprint's entities through the mapping,
     in the background (status PENDING, then RUNNING); the writes are checked against the
     starter's permissions entity by entity. `dryRun` reports instead of writing."""
@@ -131,6 +133,7 @@ async def create_migration(body: CreateMigrationBody, tenant: CurrentTenant) -> 
         body.mapping.model_dump(exclude_none=True),
         dry_run=body.dryRun,
         delete_source=body.deleteSourceEntities,
+        max_active=request.app.state.settings.migrations_max_active_per_org,
     )
     return {"ok": True, "migration": migration}
 
