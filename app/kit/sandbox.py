@@ -375,12 +375,9 @@ class _Pool:
         """A child started for a call that waits for it: at the children's priority (the call
         waits on its start), warmed up before the call, so the start's CPU time is not
         counted against the call's (nor demotes it)."""
-        child = _Child(self._workdir)
-        try:
-            json.loads(child.call(_WARM_UP, self.limits.time_limit, restore=False))
-        except (OSError, SandboxError, ValueError) as exc:
-            child.kill()
-            raise Crashed("the evaluation could not start") from exc
+        child = self._started()
+        if child is None:
+            raise Crashed("the evaluation could not start")
         return child
 
     def run(self, payload: bytes) -> Any:
