@@ -268,7 +268,7 @@ def _noise_process(
     and A's client, and at the driver's priority they were measured as the server's cost;
     the rates B achieved are printed beside the figures)."""
     with contextlib.suppress(OSError):
-        os.nice(19)
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
 
     async def main() -> dict[str, int]:
         sent: dict[str, int] = {}

@@ -4,7 +4,8 @@ For looking into a figure (not used by the scenarios' own figures):
 PORTOLAN_BENCH_TIMING=1 adds each answer's time in the server (`x-server-ms`, from the
 request's arrival to its answer's head) and logs every stall of the event loop past 10 ms;
 with PORTOLAN_BENCH_SLOW_CALLBACKS=1 too, asyncio's debug mode names each callback that ran
-8 ms or more (debug mode slows everything down: its figures are not comparable)."""
+8 ms or more (debug mode slows everything down: its figures are not comparable).
+PORTOLAN_BENCH_TRACE=<file> records every turn of the loop (bench/trace.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from app.main import create_app
 settings = get_settings()
 app = create_app(settings, with_worker=not os.environ.get("PORTOLAN_BENCH_NO_WORKER"))
 
+
+if os.environ.get("PORTOLAN_BENCH_TRACE"):
+    from bench import trace
+
+    trace.install(os.environ["PORTOLAN_BENCH_TRACE"])
+    app.middleware_stack = trace.wrap(app.build_middleware_stack())
 
 if os.environ.get("PORTOLAN_BENCH_TIMING"):
     import asyncio

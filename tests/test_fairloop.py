@@ -310,3 +310,28 @@ async def test_a_requests_task_counts_for_its_client_address_from_its_first_step
         server.close()
         await server.wait_closed()
     assert seen == [(None, ("caller", "127.0.0.1"))] * 2
+
+
+async def _busy_upkeep(stop: asyncio.Event, org: str, steps: dict[str, int]) -> None:
+    """One of the server's own busy tasks (a worker's loop between units of an org's work):
+    work of no org, short steps of CPU, yielding between them."""
+    while not stop.is_set():
+        _spin(0.0004)
+        steps[org] += 1
+        await asyncio.sleep(0)
+
+
+def test_tasks_of_no_org_take_turns_with_the_orgs() -> None:
+    """The server's own tasks (the in-process worker's loops) count for one account in
+    turns with the orgs. They went first, as a socket's reads do: busy, they took every
+    pass whole and an org's work waited for them to rest."""
+    fair = _run(fairloop.new_loop, _quiet_under_busy, 20, _busy_upkeep)
+    assert fair <= 4 * 4, fair
+
+
+def test_a_task_woken_during_a_pass_joins_it() -> None:
+    """A quiet org's task woken by a reply read in this pass runs in this pass, before the
+    busy org's backlog: about one busy step per await (the one running when the reply came,
+    and the slice's end). It waited for the next pass, a slice more per await."""
+    fair = [_run(fairloop.new_loop, _quiet_under_busy, 20) for _ in range(3)]
+    assert min(fair) <= 4 * 2, fair

@@ -16,12 +16,15 @@ org instead, as a fair-share scheduler does:
   `GRACE_SECONDS` of credit, so quiet orgs go first but none can bank time;
 - until its org is named, a request counts for its client's address (`open_slot`), an
   account like an org's;
-- callbacks of no org (reading sockets, parsing replies, the server's own upkeep) run
-  first, in their order;
+- callbacks of no org that are not a task's (reading sockets, parsing replies, timers)
+  run first, in their order: they are short, and they are what wakes every org's work;
+- tasks of no org (the in-process worker's loops, the server's own upkeep) count for
+  one account, `UPKEEP`, in turns with the orgs: a busy worker does not go before them;
 - one pass over the ready callbacks lasts at most `SLICE_SECONDS` (plus the callback
   running when it ends): the rest waits for the next pass, which first looks for I/O
   that completed meanwhile. So a quiet org's reply is picked up within about one slice
-  of arriving, and its callbacks then go before the backlog of a busy org.
+  of arriving; the callback it wakes (its task's next step) joins the pass at once, and
+  goes before the backlog of a busy org.
 
 Nothing is dropped or starved: a busy org gets every turn the others leave, and at least
 its share when all are busy. `tests/test_fairloop.py` measures the effect; bench `noisy`
@@ -39,6 +42,7 @@ from typing import Any
 
 SLICE_SECONDS = 0.0005
 GRACE_SECONDS = 0.005
+UPKEEP = ("upkeep",)  # the account of tasks of no org
 
 
 class _Slot:
@@ -96,12 +100,15 @@ def charge_to(org: object) -> None:
 
 def _org_of(handle: asyncio.Handle) -> object:
     context = getattr(handle, "_context", None)
-    if context is None:
-        return None
-    slot = context.get(TENANT)
-    if slot is None:
-        return None
-    return slot.caller if slot.org is None else slot.org
+    slot = None if context is None else context.get(TENANT)
+    if slot is not None:
+        key = slot.caller if slot.org is None else slot.org
+        if key is not None:
+            return key
+    # A task's step (its callback is a method of the task) that is no org's: upkeep.
+    if isinstance(getattr(getattr(handle, "_callback", None), "__self__", None), asyncio.Task):
+        return UPKEEP
+    return None
 
 
 class FairReady:
@@ -119,6 +126,7 @@ class FairReady:
         self._inbox: collections.deque[asyncio.Handle] = collections.deque()
         self.append = self._inbox.append
         self._system: collections.deque[asyncio.Handle] = collections.deque()
+        self._system_next: collections.deque[asyncio.Handle] = collections.deque()
         self._queues: dict[object, collections.deque[asyncio.Handle]] = {}
         self._spent: dict[object, float] = {}  # seconds of the loop each org has had
         self._floor = 0.0  # the least account among orgs recently served
@@ -141,7 +149,10 @@ class FairReady:
         now = time.perf_counter()
         self._close(now)
         self._pass_began = now
-        self._drain()
+        if self._system_next:
+            self._system.extend(self._system_next)
+            self._system_next.clear()
+        self._drain(self._system)
         return self._queued
 
     def popleft(self) -> asyncio.Handle:
@@ -149,9 +160,12 @@ class FairReady:
         self._close(now)
         if now - self._pass_began > self._slice:
             return self._later
-        # Only what was ready when the pass began (as asyncio's own pass): a callback that
-        # schedules another (a task yielding with sleep(0)) is run again in the next pass,
-        # or work of no org doing so would go first in every pop and starve every org.
+        # What became ready during the pass joins it: an org's task woken by a reply that
+        # was read in this pass goes before the backlog of a busier org. Callbacks of no
+        # org scheduled during the pass wait for the next one (as in asyncio's own pass),
+        # or one that keeps scheduling another would go first in every pop.
+        if self._inbox:
+            self._drain(self._system_next)
         if self._system:
             self._queued -= 1
             return self._system.popleft()
@@ -180,6 +194,7 @@ class FairReady:
     def clear(self) -> None:
         self._inbox.clear()
         self._system.clear()
+        self._system_next.clear()
         self._queues.clear()
         self._queued = 0
         self._running = None
@@ -189,13 +204,13 @@ class FairReady:
             self._spent[self._running] += now - self._since
             self._running = None
 
-    def _drain(self) -> None:
+    def _drain(self, system: collections.deque[asyncio.Handle]) -> None:
         inbox = self._inbox
         while inbox:
             handle = inbox.popleft()
             org = _org_of(handle)
             if org is None:
-                self._system.append(handle)
+                system.append(handle)
             else:
                 queue = self._queues.get(org)
                 if queue is None:
