@@ -857,6 +857,79 @@ async def test_a_long_call_drops_below_short_ones() -> None:
         sandbox.configure(Settings())
 
 
+async def test_a_call_starts_at_the_services_priority_then_drops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call's first PROMPT_SECONDS run at the service's own priority (a quick call does
+    not wait for a core the service keeps busy), then at the children's (nice 10), and past
+    DEMOTE_AFTER of CPU under the idle policy. Stretched here to be seen: 0.3 s, 0.6 s.
+    Where priorities cannot be raised back, calls run at the children's priority."""
+    monkeypatch.setattr(sandbox, "PROMPT_SECONDS", 0.3)
+    monkeypatch.setattr(sandbox, "DEMOTE_AFTER", 0.6)
+    sandbox.configure(Settings(jq_processes=1, jq_per_org=1, jq_time_limit_seconds=2))
+    service = os.getpriority(os.PRIO_PROCESS, 0)
+    base = min(sandbox.NICE_DEMOTED, service + sandbox.NICE)
+    try:
+        assert await _via_template("org-quiet", ".inputs.n") == 2
+        [pid] = _jq_children()
+        assert _jq_children()[pid] == base  # between calls
+        looping = asyncio.create_task(_via_template("org-noisy", LOOP_JQ))
+        seen: list[Any] = []
+        while not looping.done():
+            state = _jq_children().get(pid)
+            if state is not None and (not seen or seen[-1] != state):
+                seen.append(state)
+            await asyncio.sleep(0.01)
+        assert isinstance(looping.result(), TemplateError)  # its time limit
+        if sandbox._MAY_RAISE_PRIORITY:
+            if seen[:1] == [base]:  # looked at before the call began
+                seen = seen[1:]
+            assert seen == [service, base, DEMOTED]
+        else:
+            assert seen == [base, DEMOTED]
+    finally:
+        sandbox.configure(Settings())
+
+
+async def test_a_call_is_not_held_up_by_a_busy_loop() -> None:
+    """A call is written and read on the caller's loop. In a thread it waited for the
+    interpreter's lock twice, and a loop busy with Python code gives it up only every 5 ms
+    (the switch interval): counted in steps of a busy task (0.4 ms each), quick calls took
+    from 3 to 15,000 of them (the median about 800), and 5 each now."""
+    sandbox.configure(Settings(jq_processes=2, jq_per_org=2))
+    try:
+        assert await _via_template("org-quiet", ".inputs.n") == 2
+        for _ in range(100):  # both children started and warm: no call waits for a start
+            if len(sandbox._get_pool()._idle) == 2:
+                break
+            await asyncio.sleep(0.05)
+        steps = 0
+        stop = False
+
+        async def busy() -> None:
+            nonlocal steps
+            while not stop:
+                end = time.perf_counter() + 0.0004
+                while time.perf_counter() < end:
+                    pass
+                steps += 1
+                await asyncio.sleep(0)
+
+        spinning = asyncio.create_task(busy())
+        took = []
+        try:
+            for _ in range(15):
+                before = steps
+                assert await _via_template("org-quiet", ".inputs.n") == 2
+                took.append(steps - before)
+        finally:
+            stop = True
+            await spinning
+        assert sorted(took)[len(took) // 2] <= 10, took
+    finally:
+        sandbox.configure(Settings())
+
+
 def test_a_child_waits_for_its_first_call_at_the_lowest_priority(tmp_path: Path) -> None:
     """A child started ahead of any call (the interpreter, jq: ~40 ms of CPU) and warmed up
     waits at the lowest priority, then its calls run at the usual one; one started for a

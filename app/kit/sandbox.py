@@ -9,7 +9,8 @@ action and webhook templates, a run's `required` query) calls `evaluate`, which:
 - gives each call `time_limit` seconds of the child's CPU time (waiting for a turn is not
   counted; a child the machine's load kept from running gets more wall time, up to
   BACKSTOP limits); a child past its limit is killed and the call raises `TimeLimit`; the
-  outputs of one call are capped in all (REPLY_LIMIT_BYTES), and parsed off the loop;
+  outputs of one call are capped in all (REPLY_LIMIT_BYTES), a large reply parsed off the
+  loop;
 - hands out the children fairly: an org holds at most `per_org` children at once, and a
   freed child goes to the org that has waited longest for a turn (round robin over orgs, in
   order of arrival within an org), so one org's slow programs delay another org's by at most
@@ -18,7 +19,10 @@ action and webhook templates, a run's `required` query) calls `evaluate`, which:
 - never holds anything of the caller's but the call: callers must not hold a database
   connection while they await it.
 
-Children are plain processes behind pipes, usable from any event loop or thread.
+Children are plain processes behind non-blocking pipes. A call is written and read on the
+caller's event loop (any loop; the pool is thread-safe); only what would block the loop
+runs in the pool's threads: starting a child, ending one and starting its successor, and
+parsing a large reply.
 """
 
 from __future__ import annotations
@@ -63,10 +67,17 @@ BACKSTOP = 5  # wall time a starved call may take, in time limits
 NICE = 10  # a child's priority, above the service's own (jq_child sets it)
 NICE_DEMOTED = 19  # a call past DEMOTE_AFTER: the lowest priority
 DEMOTE_AFTER = 0.02  # CPU seconds of a call before its child is demoted
+# A call's first PROMPT_SECONDS (wall time) run at the service's own priority, where the
+# service may raise a child's priority back (`_MAY_RAISE_PRIORITY`): most calls (a
+# calculation, a condition, a template) end within it, and at nice 10 a quick call waited
+# for a core the service kept busy, several milliseconds at a time. Then nice 10, and past
+# DEMOTE_AFTER of CPU the idle policy.
+PROMPT_SECONDS = 0.002
 # A demoted child runs only on CPU nothing else wants (Linux SCHED_IDLE): the service's
 # threads and the database never wait for it, not even a scheduler tick. Elsewhere, nice 19.
 _IDLE = getattr(os, "SCHED_IDLE", None)
 REPLY_LIMIT_BYTES = 16 * 1024 * 1024  # the outputs of one call, in all
+_PARSE_IN_THREAD_BYTES = 64 * 1024  # a larger reply is parsed off the loop
 
 
 def _may_raise_priority() -> bool:
@@ -120,7 +131,8 @@ class _Child:
     """One confined process; a call is one frame out and one frame back."""
 
     def __init__(self, workdir: str, *, idle: bool = False) -> None:
-        self._nice = min(NICE_DEMOTED, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
+        self._service = os.getpriority(os.PRIO_PROCESS, 0)
+        self._nice = min(NICE_DEMOTED, self._service + NICE)
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
             [sys.executable, "-I", "-B", _CHILD, str(self._nice)],
             stdin=subprocess.PIPE,
@@ -131,8 +143,12 @@ class _Child:
             close_fds=True,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
-        self._in = self.process.stdin
+        # Both pipes non-blocking: a call is written and read on the caller's event loop
+        # (`acall`), or with select in a thread (`call`).
+        self._in = self.process.stdin.fileno()
         self._out = self.process.stdout.fileno()
+        os.set_blocking(self._in, False)
+        os.set_blocking(self._out, False)
         self._clock: tuple[float, float | None, float] = (0.0, None, 0.0)
         self.retire = False  # its priority could not be restored: not to be used again
         # Starting the interpreter and jq takes ~40 ms of CPU, which ran at the service's own
@@ -165,13 +181,90 @@ class _Child:
         self._clock = (started, self.cpu_seconds(), time_limit)
         if restore and self.demoted and self._restore():
             self.demoted = False
-        try:
-            self._in.write(len(payload).to_bytes(4, "big") + payload)
-            self._in.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise Crashed("the evaluation stopped (out of memory or a crash)") from exc
+        frame = memoryview(len(payload).to_bytes(4, "big") + payload)
+        while frame:
+            select.select([], [self._in], [])
+            frame = frame[self._write(frame) :]
         size = int.from_bytes(self._read(4), "big")
         return self._read(size)
+
+    async def acall(self, payload: bytes, time_limit: float) -> bytes:
+        """`call` on the running event loop, with no thread: the frame is written and the
+        reply read as the loop finds the pipes ready, and the child's CPU time is looked at
+        on the loop's timers. (A thread waited for the interpreter's lock twice per call, up
+        to its 5 ms switch interval each time while the loop was busy.)"""
+        loop = asyncio.get_running_loop()
+        self._clock = (time.monotonic(), self.cpu_seconds(), time_limit)
+        prompt = self._prompt()
+        if not prompt and self.demoted and self._restore():
+            self.demoted = False
+        reply: asyncio.Future[bytes] = loop.create_future()
+        frame = memoryview(len(payload).to_bytes(4, "big") + payload)
+        got = bytearray()
+        timer: asyncio.TimerHandle | None = None
+
+        def fail(exc: SandboxError) -> None:
+            if not reply.done():
+                reply.set_exception(exc)
+
+        def writable() -> None:
+            nonlocal frame
+            try:
+                frame = frame[self._write(frame) :]
+            except Crashed as exc:
+                fail(exc)
+                return
+            if not frame:
+                loop.remove_writer(self._in)
+
+        def readable() -> None:
+            try:
+                chunk = os.read(self._out, 1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                fail(Crashed("the evaluation stopped (out of memory or a crash)"))
+                return
+            got.extend(chunk)
+            if len(got) >= 4 and len(got) >= 4 + int.from_bytes(got[:4], "big"):
+                if not reply.done():
+                    reply.set_result(bytes(got[4:]))
+
+        def look() -> None:
+            nonlocal timer
+            left = self._wait()
+            if left <= 0:
+                fail(TimeLimit())
+            else:
+                timer = loop.call_later(left, look)
+
+        lowering = loop.call_later(PROMPT_SECONDS, self._lower) if prompt else None
+        try:
+            frame = frame[self._write(frame) :]
+            if frame:
+                loop.add_writer(self._in, writable)
+            loop.add_reader(self._out, readable)
+            look()
+            return await reply
+        finally:
+            if lowering is not None:
+                lowering.cancel()
+                self._lower()  # between calls a child waits at the children's priority
+            if timer is not None:
+                timer.cancel()
+            loop.remove_writer(self._in)
+            loop.remove_reader(self._out)
+
+    def _write(self, data: memoryview) -> int:
+        """What of `data` the pipe took now (0 when it is full)."""
+        try:
+            return os.write(self._in, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # a closed pipe: the child ended
+            raise Crashed("the evaluation stopped (out of memory or a crash)") from exc
 
     def _demote(self) -> bool:
         try:
@@ -182,6 +275,28 @@ class _Child:
             return True
         except OSError:
             return False
+
+    def _prompt(self) -> bool:
+        """A call starts at the service's own priority (for PROMPT_SECONDS), where the
+        service may raise a child's priority back; False elsewhere."""
+        if not _MAY_RAISE_PRIORITY:
+            return False
+        try:
+            if self.demoted and _IDLE is not None:
+                os.sched_setscheduler(self.process.pid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, self._service)
+        except OSError:
+            return False
+        self.demoted = False
+        return True
+
+    def _lower(self) -> None:
+        """A call still running after PROMPT_SECONDS: the children's priority (nice 10)."""
+        if not self.demoted:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.process.pid, self._nice)
+            except OSError:
+                pass
 
     def _restore(self) -> bool:
         try:
@@ -223,7 +338,10 @@ class _Child:
                 raise TimeLimit
             if not select.select([self._out], [], [], left)[0]:
                 continue  # look at the child's CPU time again
-            chunk = os.read(self._out, min(size, 1 << 20))
+            try:
+                chunk = os.read(self._out, min(size, 1 << 20))
+            except BlockingIOError:
+                continue
             if not chunk:
                 raise Crashed("the evaluation stopped (out of memory or a crash)")
             chunks.append(chunk)
@@ -346,7 +464,9 @@ class _Pool:
     # org's, finds one ready instead of paying for a start, and a child ended at its time
     # limit is replaced the same way.
 
-    def _take(self) -> _Child:
+    def _take_idle(self) -> _Child | None:
+        """A started child to call, or None: then one is to be started for the call
+        (`_started_now`; it is counted already)."""
         found: _Child | None = None
         dead: list[_Child] = []
         with self._lock:
@@ -358,57 +478,72 @@ class _Pool:
                     self._children -= 1
                     dead.append(child)
             if found is None:
-                self._children += 1  # started here, on demand
+                self._children += 1  # started for this call, on demand
         for child in dead:
             child.kill()
         self._top_up()
-        if found is not None:
-            return found
-        try:
-            return self._started_now()
-        except BaseException:
-            with self._lock:
-                self._children -= 1
-            raise
+        return found
 
     def _started_now(self) -> _Child:
         """A child started for a call that waits for it: at the children's priority (the call
         waits on its start), warmed up before the call, so the start's CPU time is not
-        counted against the call's (nor demotes it)."""
+        counted against the call's (nor demotes it). Blocking: in one of the pool's threads."""
         child = self._started()
         if child is None:
+            with self._lock:
+                self._children -= 1
             raise Crashed("the evaluation could not start")
         return child
 
-    def run(self, payload: bytes) -> Any:
-        """Blocking, in one of the pool's threads: one call on one child, its reply parsed
-        here too (a large reply does not hold up the event loop)."""
-        child = self._take()
+    def _give_back(self, child: _Child) -> bool:
+        """A child whose call went well goes back to the idle ones; False when it may not."""
+        with self._lock:
+            if self._closed or child.retire:
+                return False
+            self._idle.append(child)
+            return True
+
+    def _replace(self, child: _Child) -> None:
+        """Blocking, in one of the pool's threads (it lives as long as the pool): a child
+        that failed or may not be used again is ended, and its successor started, still on
+        the ended call's turn: the next call, maybe another org's, finds a child ready and
+        the ended call's org pays for the start (at the children's priority: at the lowest,
+        a busy machine could keep the turn for seconds)."""
+        child.kill()
+        successor = None if self._closed else self._started()
+        with self._lock:
+            if successor is not None and not self._closed:
+                self._idle.append(successor)
+                successor = None
+            else:
+                self._children -= 1
+        if successor is not None:
+            successor.kill()
+
+    async def _run(self, payload: bytes) -> Any:
+        """One call on one child, on the running loop; a large reply is parsed in one of
+        the pool's threads (it does not hold up the loop)."""
+        loop = asyncio.get_running_loop()
+        child = self._take_idle()
+        if child is None:
+            child = await loop.run_in_executor(self._executor, self._started_now)
         healthy = False
         try:
-            reply = json.loads(child.call(payload, self.limits.time_limit))
+            raw = await child.acall(payload, self.limits.time_limit)
+            if len(raw) < _PARSE_IN_THREAD_BYTES:
+                reply = json.loads(raw)
+            else:
+                reply = await loop.run_in_executor(self._executor, json.loads, raw)
             healthy = True
             return reply
         finally:
-            if healthy and not self._closed and not child.retire:
-                with self._lock:
-                    self._idle.append(child)
-            else:
-                child.kill()
-                # Its successor is started here, still on the ended call's turn (this
-                # thread lives as long as the pool): the next call, maybe another org's,
-                # finds a child ready and the ended call's org pays for the start (at the
-                # children's priority: at the lowest, a busy machine could keep the turn
-                # for seconds).
-                successor = None if self._closed else self._started()
-                with self._lock:
-                    if successor is not None and not self._closed:
-                        self._idle.append(successor)
-                        successor = None
-                    else:
+            if not (healthy and self._give_back(child)):
+                try:
+                    await loop.run_in_executor(self._executor, self._replace, child)
+                except RuntimeError:  # the pool closed meanwhile: no successor
+                    child.kill()
+                    with self._lock:
                         self._children -= 1
-                if successor is not None:
-                    successor.kill()
 
     def _top_up(self) -> None:
         """Bring the children up to `processes`, warmed up, in the pool's warming thread.
@@ -463,7 +598,7 @@ class _Pool:
     async def call(self, org: str, payload: bytes) -> Any:
         await self.turn(org)
         try:
-            work = asyncio.get_running_loop().run_in_executor(self._executor, self.run, payload)
+            work = asyncio.ensure_future(self._run(payload))
         except BaseException:
             self.done(org)
             raise
