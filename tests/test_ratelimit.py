@@ -10,8 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from app.config import Settings
+from app.kit import ratelimit
 from app.kit.ratelimit import route_class
 from app.main import create_app
 from tests.conftest import OrgFactory
@@ -111,3 +113,36 @@ async def test_unauthenticated_requests_take_no_tokens(
         after.headers["x-ratelimit-remaining"]
     )
     assert spent == 1
+
+
+async def test_tokens_are_leased_a_few_at_a_time_and_never_past_the_limit(
+    make_org: OrgFactory,
+    fresh_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process takes a large bucket's tokens ten at a time (one Redis round trip per ten
+    requests): the bucket in Redis moves by ten every tenth request, while the headers
+    count down by one. A small bucket is taken a token at a time, and refused exactly at
+    its limit (above)."""
+    monkeypatch.setattr(ratelimit, "LEASE_SECONDS", 60.0)  # however slow the machine
+    settings = fresh_settings(rate_limit_other=20_000, rate_limit_period_seconds=86_400)
+    org = await make_org()
+    key = f"portolan:rl:{org.org_id}:other"
+    redis = Redis.from_url(settings.redis_url or "")
+
+    async def in_redis() -> float:
+        return float(await redis.hget(key, "tokens") or 0)
+
+    try:
+        async with _client(settings) as client:
+            remaining = []
+            seen = []
+            for _ in range(21):
+                r = await client.get("/v1/organization", headers=org.headers)
+                assert r.status_code == 200
+                remaining.append(int(r.headers["x-ratelimit-remaining"]))
+                seen.append(round(await in_redis()))
+        assert remaining == list(range(19_999, 19_978, -1))
+        assert seen == [19_990] * 10 + [19_980] * 10 + [19_970]
+    finally:
+        await redis.aclose()

@@ -8,6 +8,13 @@ organization, all its webhooks), with their own period. Each bucket holds `limit
 and refills at `limit / period` per second; a request takes one. The bucket lives in Redis
 (one Lua call per request, atomic, Redis's clock), so every API replica shares it.
 
+A process takes a bucket's tokens from Redis a few at a time (`lease_size`: one below a
+limit of 2,000, at most ten), uses them for its next requests within LEASE_SECONDS and drops
+what it did not use: one Redis round trip per lease instead of one per request. Leased
+tokens are taken from the shared bucket, so an org never gets more than its limit; with
+several replicas it may be refused up to (replicas - 1) x lease tokens early. A refusal is
+remembered until a token is due back (no Redis round trip per refused request either).
+
 Every limited response carries `x-ratelimit-limit`, `x-ratelimit-remaining`,
 `x-ratelimit-reset` (seconds until the bucket is full again) and `x-ratelimit-period`
 (seconds); over the limit the answer is 429 with `Retry-After` (seconds until a token is
@@ -34,12 +41,23 @@ from app.kit.errors import PortolanError
 log = logging.getLogger("portolan.ratelimit")
 STATE_KEY = "portolan_ratelimit"
 _RETRY_REDIS_AFTER = 5.0
+LEASE_SECONDS = 1.0
+_MAX_LEASE = 10
 
-# KEYS[1] bucket; ARGV: capacity, refill per second. Returns {allowed, tokens left (floor),
-# ms until full, ms until one token}. The bucket expires once it would be full anyway.
+
+def lease_size(limit: int) -> int:
+    """Tokens taken from Redis at once for a bucket of `limit` (1 for small limits, where
+    every token counts)."""
+    return max(1, min(_MAX_LEASE, limit // 1000))
+
+
+# KEYS[1] bucket; ARGV: capacity, refill per second, tokens wanted. Takes as many of them as
+# there are whole tokens. Returns {tokens taken, tokens left (floor), ms until full, ms
+# until one token}. The bucket expires once it would be full anyway.
 _SCRIPT = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
 local now = redis.call('TIME')
 local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -50,11 +68,11 @@ if tokens == nil then
   at = t
 end
 tokens = math.min(capacity, tokens + (t - at) * rate / 1000)
-local allowed = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
+local allowed = math.min(wanted, math.floor(tokens))
+if allowed < 0 then
+  allowed = 0
 end
+tokens = tokens - allowed
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(t))
 local full_ms = math.ceil((capacity - tokens) * 1000 / rate)
 redis.call('PEXPIRE', KEYS[1], full_ms + 1000)
@@ -114,6 +132,18 @@ def route_class(method: str, path: str) -> str:
     return "other"
 
 
+@dataclass(slots=True)
+class _Lease:
+    """A bucket's tokens this process holds (`left`), and where the bucket stood when they
+    were taken; or, with `denied_until`, a refusal remembered until a token is due back."""
+
+    left: int
+    remaining: int
+    full_at: float
+    until: float
+    denied_until: float = 0.0
+
+
 class Limiter:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.rate_limit_enabled
@@ -137,6 +167,7 @@ class Limiter:
         )
         self._script: Any = self._redis.register_script(_SCRIPT)
         self._down_until = 0.0
+        self._leases: dict[str, _Lease] = {}
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -145,14 +176,37 @@ class Limiter:
         """One token of the org's bucket for the class (the verdict says whether there was
         one); None when limits are off or Redis is unreachable (fail open). `part` names
         one of the org's buckets of the class (a webhook's, for `webhook_events`)."""
-        if not self.enabled or time.monotonic() < self._down_until:
+        now = time.monotonic()
+        if not self.enabled or now < self._down_until:
             return None
         limit = self.limits[kind]
         period = self.periods.get(kind, self.period)
         key = f"portolan:rl:{org_id}:{kind}" + ("" if part is None else f":{part}")
+        lease = self._leases.get(key)
+        if lease is not None:
+            if now < lease.denied_until:
+                return Verdict(
+                    allowed=False,
+                    limit=limit,
+                    remaining=0,
+                    reset=math.ceil(max(0.0, lease.full_at - now)),
+                    period=period,
+                    retry_after=max(1, math.ceil(lease.denied_until - now)),
+                )
+            if lease.left > 0 and now < lease.until:
+                lease.left -= 1
+                return Verdict(
+                    allowed=True,
+                    limit=limit,
+                    remaining=lease.remaining + lease.left,
+                    reset=math.ceil(max(0.0, lease.full_at - now)),
+                    period=period,
+                    retry_after=1,
+                )
+        wanted = lease_size(limit)
         try:
-            allowed, remaining, full_ms, next_ms = await self._script(
-                keys=[key], args=[limit, limit / period]
+            taken, remaining, full_ms, next_ms = await self._script(
+                keys=[key], args=[limit, limit / period, wanted]
             )
         except Exception as exc:  # any Redis failure: serve, and say so
             self._down_until = time.monotonic() + _RETRY_REDIS_AFTER
@@ -162,14 +216,36 @@ class Limiter:
                 type(exc).__name__,
             )
             return None
+        now = time.monotonic()
+        taken, remaining = int(taken), int(remaining)
+        full_at = now + int(full_ms) / 1000
+        lease = self._leases.get(key)
+        if taken == 0:
+            denied_until = now + int(next_ms) / 1000
+            self._keep(key, _Lease(0, 0, full_at, now, denied_until=denied_until))
+        elif lease is not None and lease.left > 0 and now < lease.until:
+            lease.left += taken - 1  # tokens leased by a request that ran alongside
+            lease.remaining, lease.full_at = remaining, full_at
+        elif taken > 1:
+            self._keep(key, _Lease(taken - 1, remaining, full_at, now + LEASE_SECONDS))
+        else:
+            self._leases.pop(key, None)
+        left = self._leases[key].left if key in self._leases else 0
         return Verdict(
-            allowed=bool(allowed),
+            allowed=taken > 0,
             limit=limit,
-            remaining=int(remaining),
+            remaining=remaining + left,
             reset=math.ceil(int(full_ms) / 1000),
             period=period,
             retry_after=max(1, math.ceil(int(next_ms) / 1000)),
         )
+
+    def _keep(self, key: str, lease: _Lease) -> None:
+        self._leases[key] = lease
+        if len(self._leases) > 10_000:  # forget the ended ones
+            now = time.monotonic()
+            for k in [k for k, v in self._leases.items() if v.until < now and v.denied_until < now]:
+                del self._leases[k]
 
 
 async def enforce(
