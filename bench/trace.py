@@ -78,6 +78,25 @@ def install(path: str) -> None:
         finally:
             _events.append((time.perf_counter(), JQ, (started, org), ""))
 
+    acall = sandbox._Child.acall
+    turn = sandbox._Pool.turn
+
+    async def traced_acall(self: Any, payload: bytes, limit: float) -> Any:
+        started = time.perf_counter()
+        try:
+            return await acall(self, payload, limit)
+        finally:
+            _events.append((time.perf_counter(), JQ, (started, "child"), ""))
+
+    async def traced_turn(self: Any, org: str) -> Any:
+        started = time.perf_counter()
+        try:
+            return await turn(self, org)
+        finally:
+            _events.append((time.perf_counter(), JQ, (started, "turn"), ""))
+
+    sandbox._Child.acall = traced_acall  # type: ignore[method-assign]
+    sandbox._Pool.turn = traced_turn  # type: ignore[method-assign]
     fairloop.FairReady.popleft = traced_popleft  # type: ignore[method-assign]
     fairloop.FairReady.__len__ = traced_len  # type: ignore[method-assign]
     fairloop.FairLoop._run_once = traced_run_once  # type: ignore[attr-defined]

@@ -67,11 +67,12 @@ BACKSTOP = 5  # wall time a starved call may take, in time limits
 NICE = 10  # a child's priority, above the service's own (jq_child sets it)
 NICE_DEMOTED = 19  # a call past DEMOTE_AFTER: the lowest priority
 DEMOTE_AFTER = 0.02  # CPU seconds of a call before its child is demoted
-# A call's first PROMPT_SECONDS (wall time) run at the service's own priority, where the
+# A call's first PROMPT_SECONDS of CPU run at the service's own priority, where the
 # service may raise a child's priority back (`_MAY_RAISE_PRIORITY`): most calls (a
-# calculation, a condition, a template) end within it, and at nice 10 a quick call waited
-# for a core the service kept busy, several milliseconds at a time. Then nice 10, and past
-# DEMOTE_AFTER of CPU the idle policy.
+# calculation, a condition, a template) end within them, and at nice 10 a quick call waited
+# for a core the service kept busy, several milliseconds at a time. (CPU time, not wall
+# time: a call still waiting for a core keeps the priority it waits at.) Then nice 10, and
+# past DEMOTE_AFTER of CPU the idle policy.
 PROMPT_SECONDS = 0.002
 # A demoted child runs only on CPU nothing else wants (Linux SCHED_IDLE): the service's
 # threads and the database never wait for it, not even a scheduler tick. Elsewhere, nice 19.
@@ -165,7 +166,13 @@ class _Child:
                 pass  # the child lowers its own priority once started (jq_child)
 
     def cpu_seconds(self) -> float | None:
-        """The CPU time the child has used (Linux), or None where that cannot be read."""
+        """The CPU time the child has used (Linux: in nanoseconds from schedstat where the
+        kernel keeps it, else in clock ticks), or None where that cannot be read."""
+        try:
+            with open(f"/proc/{self.process.pid}/schedstat", "rb") as schedstat:
+                return int(schedstat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
         try:
             with open(f"/proc/{self.process.pid}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()
@@ -240,7 +247,19 @@ class _Child:
             else:
                 timer = loop.call_later(left, look)
 
-        lowering = loop.call_later(PROMPT_SECONDS, self._lower) if prompt else None
+        lowering: asyncio.TimerHandle | None = None
+
+        def settle() -> None:
+            nonlocal lowering
+            cpu_then, cpu_now = self._clock[1], self.cpu_seconds()
+            used = None if cpu_then is None or cpu_now is None else cpu_now - cpu_then
+            if used is None or used >= PROMPT_SECONDS:
+                self._lower()
+            else:
+                lowering = loop.call_later(max(0.001, PROMPT_SECONDS - used), settle)
+
+        if prompt:
+            lowering = loop.call_later(PROMPT_SECONDS, settle)
         try:
             frame = frame[self._write(frame) :]
             if frame:
@@ -291,7 +310,7 @@ class _Child:
         return True
 
     def _lower(self) -> None:
-        """A call still running after PROMPT_SECONDS: the children's priority (nice 10)."""
+        """A call past PROMPT_SECONDS of CPU, or ended: the children's priority (nice 10)."""
         if not self.demoted:
             try:
                 os.setpriority(os.PRIO_PROCESS, self.process.pid, self._nice)
