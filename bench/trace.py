@@ -28,7 +28,7 @@ from typing import Any
 
 from app.kit import fairloop, sandbox
 
-CALLBACK, WAIT_BEGIN, WAIT_END, REQUEST, NAMED, JQ, STACK = range(7)
+CALLBACK, WAIT_BEGIN, WAIT_END, REQUEST, NAMED, JQ, STACK, GC = range(8)
 LONG = float(os.environ.get("PORTOLAN_BENCH_TRACE_LONG", "0.004"))
 
 Event = tuple[float, int, Any, str]  # (when, kind, whose / details, what)
@@ -125,6 +125,18 @@ def install(path: str) -> None:
             with open(path, "ab") as out:
                 pickle.dump(taken, out)
 
+    import gc
+
+    collecting: dict[str, float] = {}
+
+    def collected(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collecting["since"] = time.perf_counter()
+        else:
+            took = time.perf_counter() - collecting.get("since", time.perf_counter())
+            _events.append((time.perf_counter(), GC, info.get("generation"), f"{took:.6f}"))
+
+    gc.callbacks.append(collected)
     threading.Thread(target=watch, daemon=True).start()
     threading.Thread(target=dump, daemon=True).start()
 
@@ -188,6 +200,17 @@ def report(path: str, fragment: str, share: float = 0.02) -> None:
         except ValueError:
             return text
 
+    collections_by_generation: dict[Any, list[float]] = defaultdict(list)
+    for e in events:
+        if e[1] == GC:
+            collections_by_generation[e[2]].append(float(e[3]))
+    for generation, took in sorted(collections_by_generation.items()):
+        print(
+            f"garbage collections of generation {generation}: {len(took)}, "
+            f"{sum(took) * 1000:.0f} ms in all, longest {max(took) * 1000:.1f} ms, "
+            f"{sum(t > 0.005 for t in took)} past 5 ms: "
+            + ", ".join(f"{t * 1000:.0f}" for t in took if t > 0.005)
+        )
     print("stacks of long callbacks:")
     for text, n in Counter(f"{e[2]}: {e[3]}" for e in events if e[1] == STACK).most_common(20):
         print(f"  {n:4d} {text[:600]}")
