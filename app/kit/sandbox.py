@@ -545,7 +545,12 @@ class _Pool:
         loop = asyncio.get_running_loop()
         child = self._take_idle()
         if child is None:
-            child = await loop.run_in_executor(self._executor, self._started_now)
+            try:
+                child = await loop.run_in_executor(self._executor, self._started_now)
+            except RuntimeError:  # the pool closed meanwhile: no start
+                with self._lock:
+                    self._children -= 1
+                raise Busy("the evaluation service is stopping") from None
         healthy = False
         try:
             raw = await child.acall(payload, self.limits.time_limit)
