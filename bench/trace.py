@@ -4,7 +4,9 @@ With PORTOLAN_BENCH_TRACE=<file>, bench.server records every callback its loop r
 whose: an org, a client address, upkeep or no one, and what), every wait for I/O, every jq
 call, and every request's arrival and answer; callbacks running past
 PORTOLAN_BENCH_TRACE_LONG seconds (default 0.004) get their stack sampled (a stack can only
-be taken while the loop lets go of the GIL: lower the switch interval to see short ones).
+be taken while the loop lets go of the GIL: lower the switch interval, in seconds, with
+PORTOLAN_BENCH_TRACE_SWITCH to see short ones). PORTOLAN_BENCH_TRACE_GC_CENSUS=1 records
+what the oldest generation holds before each full collection.
 
 `python -m bench.trace <file> <path fragment> [share]` breaks the slowest `share` (default
 2%) of the requests whose path holds the fragment down by where their time went: waiting
@@ -102,6 +104,9 @@ def install(path: str) -> None:
     fairloop.FairLoop._run_once = traced_run_once  # type: ignore[attr-defined]
     sandbox._Pool.call = traced_call  # type: ignore[method-assign]
 
+    if os.environ.get("PORTOLAN_BENCH_TRACE_SWITCH"):
+        sys.setswitchinterval(float(os.environ["PORTOLAN_BENCH_TRACE_SWITCH"]))
+
     def watch() -> None:
         while True:
             time.sleep(0.0002)
@@ -129,8 +134,14 @@ def install(path: str) -> None:
 
     collecting: dict[str, float] = {}
 
+    census = bool(os.environ.get("PORTOLAN_BENCH_TRACE_GC_CENSUS"))
+
     def collected(phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
+            if census and info.get("generation") == 2:
+                kinds = Counter(type(o).__qualname__ for o in gc.get_objects(2))
+                top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(12))
+                _events.append((time.perf_counter(), GC, "census", f"{sum(kinds.values())}: {top}"))
             collecting["since"] = time.perf_counter()
         else:
             took = time.perf_counter() - collecting.get("since", time.perf_counter())
@@ -202,7 +213,9 @@ def report(path: str, fragment: str, share: float = 0.02) -> None:
 
     collections_by_generation: dict[Any, list[float]] = defaultdict(list)
     for e in events:
-        if e[1] == GC:
+        if e[1] == GC and e[2] == "census":
+            print(f"generation 2 before a full collection: {e[3]}")
+        elif e[1] == GC:
             collections_by_generation[e[2]].append(float(e[3]))
     for generation, took in sorted(collections_by_generation.items()):
         print(
