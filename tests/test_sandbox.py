@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from app.automations.feed import condition_holds
 from app.catalog import data_migrations
+from app.catalog.validation import JQ_COMPILE_BUDGET_SECONDS, Problems, check_jq
 from app.config import Settings
 from app.db.database import Database
 from app.dispatch.templates import TemplateError, render
@@ -792,6 +794,32 @@ async def test_definitions_bound_the_jq_they_ask_the_server_to_compile(
     many = {f"p{i}": alternatives for i in range(60)}
     r = await client.post("/v1/blueprints", json=calculated(many), headers=org.headers)
     assert r.status_code == 422 and "too long to check" in r.text, r.text
+
+
+def test_a_definitions_compile_budget_counts_cpu_time_not_the_wall() -> None:
+    """Whether a definition is valid does not depend on how loaded the machine is: its
+    compiling budget counts the compiler's CPU time. The process is held off the CPU for
+    longer than the budget (SIGSTOP, as a loaded machine would) while it compiles a
+    definition that needs a fraction of it; measured by the wall, the rest of the
+    definition was refused as taking too long to check."""
+    problems = Problems()
+    expressions = [" // ".join([".a"] * 600)] * 4  # ~20 ms of CPU each
+    pid = os.getpid()
+    stopped = 3 * JQ_COMPILE_BUDGET_SECONDS
+    helper = subprocess.Popen(
+        ["sh", "-c", f"sleep 0.01; kill -STOP {pid}; sleep {stopped}; kill -CONT {pid}"]
+    )
+    started, started_cpu = time.perf_counter(), time.thread_time()
+    try:
+        for index, expression in enumerate(expressions):
+            check_jq(expression, f"/{index}", problems)
+    finally:
+        helper.wait()
+    wall, cpu = time.perf_counter() - started, time.thread_time() - started_cpu
+    assert wall >= stopped, "the process was not stopped while it compiled: nothing was tried"
+    assert cpu < JQ_COMPILE_BUDGET_SECONDS * 0.8, cpu
+    assert problems.items == [], problems.items
+    assert problems.jq_seconds <= cpu, (problems.jq_seconds, cpu)
 
 
 # How a demoted child shows in _jq_children: the idle policy (Linux), or nice 19 elsewhere.
