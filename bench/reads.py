@@ -194,10 +194,12 @@ async def _text(
 
 async def _facets(
     port: int, facet: list[bytes], paged: list[bytes]
-) -> tuple[list[float], list[float], int]:
+) -> tuple[list[float], list[float], list[float], int]:
+    """The facet's times, the page's plus its count's, and the count's alone."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     facets: list[float] = []
     pages: list[float] = []
+    counts: list[float] = []
     errors = 0
     try:
         for n in range(60):
@@ -207,10 +209,11 @@ async def _facets(
             if n >= 10:
                 facets.append(t1)
                 pages.append(t2 + t3)
+                counts.append(t3)
                 errors += (not ok1) + (not ok2) + (not ok3)
     finally:
         writer.close()
-    return facets, pages, errors
+    return facets, pages, counts, errors
 
 
 def _post(path: str, auth: dict[str, str], body: Any) -> list[bytes]:
@@ -275,7 +278,9 @@ async def run() -> bool:
                     paged = _post("/v1/blueprints/service/entities/search", auth, page) + _post(
                         "/v1/entities/aggregate", auth, count
                     )
-                    facet_times, counted_times, agg_errors = await _facets(port, facet, paged)
+                    facet_times, counted_times, count_times, agg_errors = await _facets(
+                        port, facet, paged
+                    )
         finally:
             await db.close()
 
@@ -325,7 +330,8 @@ async def run() -> bool:
     ok &= good
     print(
         f"          facet countValues(language) p50 {f50:.1f} ms (target <= 50); "
-        f"filtered page of 100 + its count p50 {p50:.1f} ms (target <= 10) -> "
+        f"filtered page of 100 + its count p50 {p50:.1f} ms (target <= 10; the count alone "
+        f"{_pct(count_times, 0.5):.1f}) -> "
         f"{'PASS' if good else 'FAIL'}"
     )
     return ok
