@@ -243,6 +243,28 @@ async def test_a_list_longer_than_a_page_streams_every_entity_once(
     assert [e["identifier"] for e in listed["entities"]] == [i["identifier"] for i in items]
 
 
+async def test_a_search_across_blueprints_longer_than_a_page_streams_every_entity_once(
+    client: httpx.AsyncClient, make_org: OrgFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages resume after (blueprint, identifier): each page runs the same statement with
+    the previous page's last key, across the blueprints' boundary."""
+    org = await make_org()
+    expected = []
+    for name in ("alpha", "beta"):
+        body = {"identifier": name, "title": name, "schema": {"properties": {}}}
+        assert (await client.post("/v1/blueprints", json=body, headers=org.headers)).is_success
+        items = [{"identifier": f"{name[0]}-{n:02d}"} for n in range(7)]
+        r = await client.post(
+            f"/v1/blueprints/{name}/entities/bulk", json={"entities": items}, headers=org.headers
+        )
+        assert r.status_code == 200
+        expected += [(name, i["identifier"]) for i in items]
+    monkeypatch.setattr(service, "_DOC_PAGE", 4)
+    found = await client.post("/v1/entities/search", json={"rules": []}, headers=org.headers)
+    assert found.status_code == 200, found.text
+    assert [(e["blueprint"], e["identifier"]) for e in found.json()["entities"]] == expected
+
+
 async def test_another_org_streams_none_of_these_entities(
     client: httpx.AsyncClient, catalog: Org, make_org: OrgFactory
 ) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.catalog import blueprints as bp_service
 from app.catalog.entities import FieldFilter, row_state, to_api
-from app.db.database import Database, Tx, compile_query
+from app.db.database import Compiled, Database, Tx, compile_query
 from app.kit.errors import Invalid, NotFound
 from app.search.calc import calculate
 from app.search.compiler import ENTITIES, Compiler, E, nested_query
@@ -322,6 +322,8 @@ class Search:
         self.scope = scope
         self._plain: _Parts | None = None
         self._windowed: _Parts | None = None
+        # Document pages' statements, compiled once (by whether they resume after a key).
+        self._documents: dict[bool, Compiled] = {}
         rules = self.query.get("rules") if isinstance(self.query, dict) else None
         if (
             self.windowed
@@ -357,8 +359,17 @@ class Search:
         )
 
     def statement(
-        self, after: tuple[str, str] | None, limit: int, parts: _Parts | None = None
+        self,
+        after: tuple[str, str] | None,
+        limit: int,
+        parts: _Parts | None = None,
+        *,
+        keyed: bool = False,
     ) -> sa.Select[Any]:
+        """A page's statement: entities after `after` in page order, at most `limit`. With
+        `keyed`, the position and the limit are the named parameters `after_blueprint`,
+        `after_identifier` and `page_limit` (`after` then only says whether there is one),
+        so one statement serves every page."""
         parts = parts or self.parts
         e = parts.entity
         links = _TITLED_LINKS if self.titles else _LINKS
@@ -375,7 +386,10 @@ class Search:
         if len(self.scope.searched) == 1:
             only = self.scope.searched[0]
             stmt = stmt.where(e.c.blueprint == sa.bindparam(None, only))
-            if after is not None:
+            if keyed and after is not None:
+                resume = sa.bindparam("after_identifier", type_=sa.String)
+                stmt = stmt.where(e.c.identifier > resume)
+            elif after is not None:
                 if after[0] > only:
                     stmt = stmt.where(sa.false())
                 elif after[0] == only:
@@ -388,10 +402,15 @@ class Search:
             )
             stmt = stmt.where(e.c.blueprint == sa.any_(searched))
             if after is not None:
-                stmt = stmt.where(
-                    sa.tuple_(e.c.blueprint, e.c.identifier)
-                    > sa.tuple_(sa.bindparam(None, after[0]), sa.bindparam(None, after[1]))
+                position = (
+                    (
+                        sa.bindparam("after_blueprint", type_=sa.String),
+                        sa.bindparam("after_identifier", type_=sa.String),
+                    )
+                    if keyed
+                    else (sa.bindparam(None, after[0]), sa.bindparam(None, after[1]))
                 )
+                stmt = stmt.where(sa.tuple_(e.c.blueprint, e.c.identifier) > sa.tuple_(*position))
             stmt = stmt.order_by(e.c.blueprint, e.c.identifier)
         if self.scope.fingerprint is not None:
             # Uncorrelated (the org is a parameter): evaluated once per statement.
@@ -399,7 +418,8 @@ class Search:
                 "(" + _FINGERPRINT_SQL.format(org=":search_org") + ") = :fp_expected"
             ).bindparams(_ORG, fp_expected=self.scope.fingerprint)
             stmt = stmt.where(fresh)
-        return stmt.where(parts.condition).limit(limit)
+        stmt = stmt.where(parts.condition)
+        return stmt.limit(sa.bindparam("page_limit", type_=sa.Integer) if keyed else limit)
 
     @property
     def uses_window(self) -> bool:
@@ -488,11 +508,13 @@ class Search:
                 org=self.scope.org_id,
             )
 
-    def document_statement(self, after: tuple[str, str] | None, limit: int) -> sa.Select[Any]:
+    def document_statement(
+        self, after: tuple[str, str] | None, limit: int, *, keyed: bool = False
+    ) -> sa.Select[Any]:
         """`statement` with each entity as the JSON text the API answers with (`doc`,
         scorecards left out: `document_page` names them), in the same order; runs with
-        `values()`."""
-        row = self.statement(after, limit).subquery("p")
+        `values()` (and, `keyed`, the page's position and limit: see `statement`)."""
+        row = self.statement(after, limit, keyed=keyed).subquery("p")
         doc = document(self.scope, row, derived=self.parts.derived is not None, titles=self.titles)
         # The statement's own order (one blueprint: identifiers only), which PostgreSQL
         # keeps without sorting the documents again.
@@ -505,18 +527,38 @@ class Search:
             doc.label("doc"), row.c.blueprint, row.c.identifier, row.c.scorecards
         ).order_by(*order)
 
-    async def _document_rows(
-        self, tx: Tx, after: tuple[str, str] | None, limit: int
-    ) -> list[asyncpg.Record]:
-        inner = self.document_statement(after, limit).subquery("j")
+    def _document_select(self, after: tuple[str, str] | None, limit: int, *, keyed: bool) -> Any:
+        inner = self.document_statement(after, limit, keyed=keyed).subquery("j")
         # bytea: asyncpg hands the bytes over as they arrive (no text decoding).
-        stmt = sa.select(
+        return sa.select(
             sa.func.convert_to(inner.c.doc, sa.literal_column("'UTF8'")).label("doc"),
             inner.c.blueprint,
             inner.c.identifier,
             inner.c.scorecards,
         )
-        return await run_bounded(tx, stmt, self.parts.values)
+
+    async def _document_rows(
+        self, tx: Tx, after: tuple[str, str] | None, limit: int
+    ) -> list[asyncpg.Record]:
+        if after is not None and len(self.scope.searched) == 1:
+            only = self.scope.searched[0]
+            if after[0] > only:
+                return []
+            if after[0] < only:
+                after = None  # the blueprint's entities all come after it
+        compiled = self._documents.get(after is not None)
+        if compiled is None:
+            compiled = Compiled(self._document_select(after, limit, keyed=True))
+            self._documents[after is not None] = compiled
+        if not compiled.reusable:
+            return await run_bounded(
+                tx, self._document_select(after, limit, keyed=False), self.parts.values
+            )
+        values = {**self.parts.values, "page_limit": limit}
+        if after is not None:
+            values["after_blueprint"], values["after_identifier"] = after
+        sql, args = compiled.bind(values)
+        return await run_bounded(tx, sql, positional=args)
 
     async def document_page(self, tx: Tx, after: tuple[str, str] | None, limit: int) -> Documents:
         """Up to `limit` entities as JSON (as `page` reads them, calculation properties
