@@ -907,3 +907,80 @@ async def test_deleting_all_entities_is_tied_to_a_run_in_progress(
             org.org_id,
         )
     assert [row["run_id"] for row in tied] == [run_id]
+
+
+# -- run_as ------------------------------------------------------------------------------
+
+
+async def test_an_admin_starts_a_run_as_a_user_whose_permissions_decide(
+    client: httpx.AsyncClient, app: FastAPI, make_org: OrgFactory, db: Database
+) -> None:
+    """`run_as` (Port's): the run is the user's, refused when the user may not run the
+    action; the audit log records the Admin who asked."""
+    org = await make_org()
+    await _setup(client, org)
+    await add_user(db, org.org_id, "ann@example.com", roles=["Member"])
+    r = await client.post(
+        "/v1/actions/create-service/runs",
+        params={"run_as": "ann@example.com"},
+        json=GOOD,
+        headers=org.headers,
+    )
+    assert r.status_code == 202, r.text
+    run = r.json()["run"]
+    assert run["createdBy"] == "ann@example.com", run
+    ann = user_headers(app, org.org_id, "ann@example.com")
+    mine = await client.get("/v1/actions/runs", headers=ann)
+    assert [x["id"] for x in mine.json()["runs"]] == [run["id"]], mine.text
+    audit = await client.get(
+        "/v1/audit-log", params={"resources": "run", "run_id": run["id"]}, headers=org.headers
+    )
+    assert audit.status_code == 200, audit.text
+    assert {a["trigger"]["by"]["userId"] for a in audit.json()["audits"]} == {org.client_id}, (
+        audit.text
+    )
+
+    r = await client.patch(
+        "/v1/actions/create-service/permissions",
+        json={"execute": {"roles": ["Admin"], "users": [], "teams": []}},
+        headers=org.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        "/v1/actions/create-service/runs",
+        params={"run_as": "ann@example.com"},
+        json=GOOD,
+        headers=org.headers,
+    )
+    assert r.status_code == 403 and r.json()["ok"] is False, r.text
+    # The Admin's own run is still allowed: it was ann's permission that refused.
+    assert (await _run(client, org, "create-service", GOOD)).status_code == 202
+
+
+async def test_run_as_is_for_admins_and_names_a_user_of_the_org(
+    client: httpx.AsyncClient, app: FastAPI, make_org: OrgFactory, db: Database
+) -> None:
+    org = await make_org()
+    other = await make_org()
+    await _setup(client, org)
+    await add_user(db, org.org_id, "ann@example.com", roles=["Member"])
+    await add_user(db, other.org_id, "zed@example.com", roles=["Admin"])
+    ann = user_headers(app, org.org_id, "ann@example.com")
+
+    async def start(who: dict[str, str], user: str) -> httpx.Response:
+        return await client.post(
+            "/v1/actions/create-service/runs", params={"run_as": user}, json=GOOD, headers=who
+        )
+
+    r = await start(ann, "ann@example.com")  # a Member may not, even as themself
+    assert r.status_code == 403, r.text
+    assert r.json()["details"]["permission"] == "runs.runAs"
+    r = await start(org.headers, "nobody@example.com")
+    assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
+    r = await start(org.headers, "zed@example.com")  # another org's user
+    assert r.status_code == 404 and "zed@example.com" in r.json()["message"], r.text
+    r = await start(org.headers, org.client_id)  # a machine credential is no user
+    assert r.status_code == 404, r.text
+    async with db.system() as tx:
+        count = await tx.fetchval("SELECT count(*) FROM action_runs WHERE org_id = $1", org.org_id)
+    assert count == 0

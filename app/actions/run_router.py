@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.actions import claims, runs, streams, versions
 from app.auth import permissions
-from app.auth.principal import CurrentTenant, DeferredTenant, Tenant
+from app.auth.principal import CurrentTenant, DeferredTenant, Tenant, principal_of
 from app.db.database import Database, Tx
 from app.db.routing import AfterCommit, api_router
 from app.kit.errors import Invalid, NotFound
@@ -162,11 +162,24 @@ async def create_run(
     body: RunBody,
     caller: DeferredTenant,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    run_as: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="Admins: the email of a user of the organization to start the run "
+            "as. The run is theirs (its creator, and their permissions decide whether they "
+            "may run the action and what its entity writes may change); the audit log "
+            "records the caller.",
+        ),
+    ] = None,
 ) -> Any:
     """202 with the run: it is recorded and queued (or waits for approval). A repeated
-    `Idempotency-Key` (same caller, same request) answers the first run again."""
+    `Idempotency-Key` (same starter, same request) answers the first run again."""
     if idempotency_key is not None and not idempotency_key.strip():
         raise Invalid("Idempotency-Key must not be blank")
+    if run_as is not None:
+        permissions.require(caller.principal, "runs.runAs")
     payload = body.model_dump(exclude_unset=True)
     # The action's `required` jq runs before the transaction opens: no connection waits
     # on a child process.
@@ -174,13 +187,19 @@ async def create_run(
         caller.request.app.state.db, caller.principal.org_id, identifier, payload
     )
     tenant = await caller.open()
+    starter = tenant.principal
+    if run_as is not None:
+        found = await principal_of(tenant.tx, run_as)
+        if found is None or found.kind != "user":
+            raise NotFound(f"run_as: no active user {run_as!r} in this organization")
+        starter = found
     run, _ = await runs.create(
         tenant.tx,
-        tenant.principal.subject,
+        starter.subject,
         identifier,
         payload,
         idempotency_key=idempotency_key,
-        principal=tenant.principal,
+        principal=starter,
         required=required,
     )
     return json_response({"ok": True, "run": run}, status_code=202)

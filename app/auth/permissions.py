@@ -90,6 +90,7 @@ OPERATIONS: dict[str, Holder] = {
     "actions.permissions.update": "moderator",
     "runs.readAll": "admin",
     "runs.report": "admin",
+    "runs.runAs": "admin",  # start a run in another user's name (`run_as`)
     "workflows.read": "everyone",
     "workflows.manage": "admin",
     "workflowRuns.readAll": "admin",
