@@ -185,3 +185,56 @@ async def test_includes_keeps_only_the_fields_named(
     ]
     r = await client.get("/v1/audit-log", params={"includes": "secret"}, headers=org.headers)
     assert r.status_code == 422 and r.json()["ok"] is False
+
+
+async def test_action_type_keeps_the_entries_of_actions_of_that_kind(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """`actionType` (Port's): an action's changes, its runs and what they changed, by the
+    action's kind; entries of no action are left out; another org's are never there."""
+    from app.automations.feed import process_once
+    from tests.test_automations import _feed, automation
+
+    await process_once(db)  # the feed's cursor exists from here on
+    org = await make_org()
+    other = await make_org()
+    h = org.headers
+    for who in (org, other):
+        r = await client.post("/v1/blueprints", json=SERVICE, headers=who.headers)
+        assert r.status_code == 201
+    deploy = {
+        "identifier": "deploy",
+        "trigger": {
+            "type": "self-service",
+            "operation": "CREATE",
+            "userInputs": {"properties": {}},
+        },
+        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
+    }
+    created = automation("on-create", {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"})
+    for body in (deploy, created):
+        assert (await client.post("/v1/actions", json=body, headers=h)).status_code == 201
+        r = await client.post("/v1/actions", json=body, headers=other.headers)
+        assert r.status_code == 201
+    manual = await client.post("/v1/actions/deploy/runs", json={"properties": {}}, headers=h)
+    manual_id = manual.json()["run"]["id"]
+    r = await client.post("/v1/blueprints/service/entities", json={"identifier": "api"}, headers=h)
+    assert r.status_code == 201
+    await _feed(db)
+    runs = (await client.get("/v1/actions/runs?action=on-create", headers=h)).json()["runs"]
+    assert len(runs) == 1
+    fired = runs[0]["id"]
+
+    def key(a: dict[str, Any]) -> tuple[str, str]:
+        return (a["resourceType"], a["identifier"])
+
+    automated = (await _audits(client, org, "actionType=automation"))["audits"]
+    assert {key(a) for a in automated} == {("action", "on-create"), ("run", fired)}, automated
+    manual_entries = (await _audits(client, org, "actionType=self-service"))["audits"]
+    assert {key(a) for a in manual_entries} == {("action", "deploy"), ("run", manual_id)}
+    everything = (await _audits(client, org))["audits"]
+    assert ("entity", "api") in {key(a) for a in everything}  # of no action: left out above
+    r = await client.get("/v1/audit-log?actionType=manual", headers=h)
+    assert r.status_code == 422 and r.json()["ok"] is False
+    theirs = (await _audits(client, other, "actionType=automation"))["audits"]
+    assert {key(a) for a in theirs} == {("action", "on-create")}

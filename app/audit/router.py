@@ -152,11 +152,21 @@ async def audit_log(
         list[Included] | None,
         Query(description="Only these fields of each entry (Port's names)"),
     ] = None,
+    action_type: Annotated[
+        Literal["automation", "self-service"] | None,
+        Query(
+            alias="actionType",
+            description="Only entries of actions of this kind: the actions' own changes, "
+            "their runs' and what those runs changed",
+        ),
+    ] = None,
 ) -> Any:
     """Newest first. `entity` names an entity (with `blueprint`, of that blueprint);
     `identifier` any resource's identifier; `resources`, `origin` repeatable; `from` / `to`
     ISO 8601 times; `next`: the cursor of the previous page; `includes` keeps only the
-    fields named (`additionalData` and `message` Portolan has no value for: left out)."""
+    fields named (`additionalData` and `message` Portolan has no value for: left out);
+    `actionType`: entries of actions of that kind (`trigger.type` of an action's
+    definition, as its run keeps it): action changes, runs, and entity changes runs made."""
     permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
@@ -181,6 +191,10 @@ async def audit_log(
         " AND ($10::timestamptz IS NULL OR at >= $10)"
         " AND ($11::timestamptz IS NULL OR at <= $11)"
         " AND ($12::timestamptz IS NULL OR (at, src, id) < ($12, $13::text, $14::bigint))"
+        " AND ($16::text IS NULL OR CASE WHEN resource = 'action' THEN"
+        "  coalesce(diff->'after'->'trigger'->>'type', diff->'before'->'trigger'->>'type')"
+        "  ELSE (SELECT r.definition->'trigger'->>'type' FROM action_runs r"
+        "   WHERE r.org_id = $1 AND r.id = x.run_id) END = $16)"
         " ORDER BY at DESC, src DESC, id DESC LIMIT $15",
         tenant.org_id,
         identifier,
@@ -197,6 +211,7 @@ async def audit_log(
         after[1] if after else None,
         after[2] if after else None,
         limit + 1,
+        action_type,
     )
     page = rows[:limit]
     audits = [_shape(r) for r in page]
