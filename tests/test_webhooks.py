@@ -1547,3 +1547,56 @@ async def test_item_errors_in_a_batch_name_their_event_mapping_and_item(
     assert third["status"] == "processed" and third["outcome"] == {"entities": [], "errors": []}
     # itemsToParse for the batch, the rest for the batch, the failing item on its own.
     assert len(render_calls) == 3
+
+
+async def test_the_audit_log_keeps_one_webhooks_entries_by_webhook_id(
+    client: httpx.AsyncClient, make_org: OrgFactory, start_worker: Callable[..., Settings]
+) -> None:
+    """`webhookId` on the audit log (Port's): the webhook's own changes and the entity
+    changes its events made; another webhook's, and another org's same-named one's, are not
+    among them."""
+    org = await make_org()
+    other = await make_org()
+    made: dict[tuple[str, str], dict[str, Any]] = {}
+    for who in (org, other):
+        await _catalog(client, who)
+        for name in ("repos-a", "repos-b"):
+            made[(str(who.org_id), name)] = await _create(
+                client,
+                who,
+                {
+                    "identifier": name,
+                    "title": name,
+                    "mappings": [
+                        {"blueprint": "repository", "entity": {"identifier": ".body.name"}}
+                    ],
+                },
+            )
+    start_worker()
+    for who, name, repo in (
+        (org, "repos-a", "one"),
+        (org, "repos-b", "two"),
+        (other, "repos-a", "three"),
+    ):
+        r = await client.post(ingest_path(made[(str(who.org_id), name)]), json={"name": repo})
+        assert r.status_code == 202, r.text
+        await wait_events(client, who, name, all_done(1))
+
+    async def audits(who: Org, webhook: str) -> set[tuple[str, str, str]]:
+        r = await client.get(f"/v1/audit-log?webhookId={webhook}", headers=who.headers)
+        assert r.status_code == 200, r.text
+        return {(a["resourceType"], a["identifier"], a["action"]) for a in r.json()["audits"]}
+
+    assert await audits(org, "repos-a") == {
+        ("webhook", "repos-a", "CREATE"),
+        ("entity", "one", "CREATE"),
+    }
+    assert await audits(org, "repos-b") == {
+        ("webhook", "repos-b", "CREATE"),
+        ("entity", "two", "CREATE"),
+    }
+    assert await audits(other, "repos-a") == {
+        ("webhook", "repos-a", "CREATE"),
+        ("entity", "three", "CREATE"),
+    }
+    assert await audits(org, "nope") == set()

@@ -152,6 +152,15 @@ async def audit_log(
         list[Included] | None,
         Query(description="Only these fields of each entry (Port's names)"),
     ] = None,
+    webhook_id: Annotated[
+        str | None,
+        Query(
+            alias="webhookId",
+            max_length=100,
+            description="Only entries of this incoming webhook: its own changes and the "
+            "entity changes its events made",
+        ),
+    ] = None,
     action_type: Annotated[
         Literal["automation", "self-service"] | None,
         Query(
@@ -166,7 +175,8 @@ async def audit_log(
     ISO 8601 times; `next`: the cursor of the previous page; `includes` keeps only the
     fields named (`additionalData` and `message` Portolan has no value for: left out);
     `actionType`: entries of actions of that kind (`trigger.type` of an action's
-    definition, as its run keeps it): action changes, runs, and entity changes runs made."""
+    definition, as its run keeps it): action changes, runs, and entity changes runs made;
+    `webhookId`: an incoming webhook's changes and the entity changes its events made."""
     permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
@@ -195,6 +205,8 @@ async def audit_log(
         "  coalesce(diff->'after'->'trigger'->>'type', diff->'before'->'trigger'->>'type')"
         "  ELSE (SELECT r.definition->'trigger'->>'type' FROM action_runs r"
         "   WHERE r.org_id = $1 AND r.id = x.run_id) END = $16)"
+        " AND ($17::text IS NULL OR (resource = 'webhook' AND identifier = $17)"
+        "  OR (resource = 'entity' AND origin = 'WEBHOOK' AND actor = 'webhook:' || $17))"
         " ORDER BY at DESC, src DESC, id DESC LIMIT $15",
         tenant.org_id,
         identifier,
@@ -212,6 +224,7 @@ async def audit_log(
         after[2] if after else None,
         limit + 1,
         action_type,
+        webhook_id,
     )
     page = rows[:limit]
     audits = [_shape(r) for r in page]
