@@ -293,6 +293,42 @@ async def test_two_orgs_search_their_own_catalogs(
     assert nothing.json()["entities"] == []
 
 
+async def test_two_orgs_read_their_own_audit_logs_with_port_filters(
+    citus_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """The audit log (entity events and other changes in one statement, with the run
+    lookup of `actionType`) runs on the org's shard."""
+    first = await _org(citus_app, http)
+    second = await _org(citus_app, http)
+    action = {
+        "identifier": "deploy",
+        "trigger": {"type": "self-service", "operation": "CREATE", "userInputs": {}},
+        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
+    }
+    for org in (first, second):
+        created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+        assert created.status_code == 201, created.text
+        created = await http.post("/v1/actions", json=action, headers=org.headers)
+        assert created.status_code == 201, created.text
+    entity = {"identifier": "billing", "title": "Billing", "properties": {"language": "go"}}
+    written = await http.post("/v1/blueprints/service/entities", json=entity, headers=first.headers)
+    assert written.status_code == 201, written.text
+    run = await http.post("/v1/actions/deploy/runs", json={"properties": {}}, headers=first.headers)
+    assert run.status_code == 202, run.text
+    run_id = run.json()["run"]["id"]
+
+    async def audits(org: Org, query: str) -> set[tuple[str, str]]:
+        r = await http.get(f"/v1/audit-log?{query}", headers=org.headers)
+        assert r.status_code == 200, r.text
+        return {(a["resourceType"], a["identifier"]) for a in r.json()["audits"]}
+
+    assert ("entity", "billing") in await audits(first, "")
+    assert ("entity", "billing") not in await audits(second, "")
+    assert await audits(first, "actionType=self-service") == {("action", "deploy"), ("run", run_id)}
+    assert await audits(second, "actionType=self-service") == {("action", "deploy")}
+    assert await audits(first, "webhookId=nope&resources=entity") == set()
+
+
 async def test_a_token_ends_with_its_deleted_credential(
     citus_app: FastAPI, http: httpx.AsyncClient
 ) -> None:
