@@ -225,6 +225,52 @@ async def test_logs_arrive_at_the_ingest_url_and_page_newest_first(
     assert errors[0]["extra"] == {"i": 9}
 
 
+async def test_logs_of_one_resync_by_event_id(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """`eventId` (Port's): the lines Ocean logged during a resync (`extra.event_id`) or
+    the events it started (`extra.event_parent_id`); another org's same event id finds
+    none of them."""
+    org = await make_org()
+    other = await make_org()
+    integration = await _create(client, org)
+    await _create(client, other)
+    tags = [
+        {"event_id": "resync-1"},
+        {"event_id": "kind-1", "event_parent_id": "resync-1"},
+        {"event_id": "resync-2"},
+        {},
+    ]
+    lines = [
+        {
+            "message": f"line {i}",
+            "level": "INFO",
+            "timestamp": f"2026-11-24T10:00:{i:02d}.000000Z",
+            "extra": {**tags[i % 4], "i": i},
+        }
+        for i in range(8)
+    ]
+    r = await client.post(_ingest_path(integration), headers=org.headers, json={"logs": lines})
+    assert r.status_code == 200, r.text
+
+    async def messages(who: Org, event: str) -> list[str]:
+        r = await client.get(
+            "/v1/integration/ocean-1/logs", headers=who.headers, params={"eventId": event}
+        )
+        assert r.status_code == 200, r.text
+        return [line["message"] for line in r.json()["logs"]]
+
+    assert await messages(org, "resync-1") == ["line 5", "line 4", "line 1", "line 0"]
+    assert await messages(org, "resync-2") == ["line 6", "line 2"]
+    assert await messages(org, "kind-1") == ["line 5", "line 1"]
+    assert await messages(org, "nope") == []
+    assert await messages(other, "resync-1") == []
+    r = await client.get(
+        "/v1/integration/ocean-1/logs", headers=org.headers, params={"eventId": "a\x00"}
+    )
+    assert r.status_code == 422 and r.json()["ok"] is False, r.text
+
+
 async def test_the_ingest_url_needs_the_token_and_caps_lines(
     client: httpx.AsyncClient, make_org: OrgFactory
 ) -> None:

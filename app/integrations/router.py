@@ -588,10 +588,22 @@ async def list_integration_logs(
     log_id: Annotated[int | None, Query(ge=0, le=2**62)] = None,
     direction: Literal["up", "down"] = "down",
     level: Annotated[list[str] | None, Query(max_length=10)] = None,
+    event_id: Annotated[
+        str | None,
+        Query(
+            alias="eventId",
+            min_length=1,
+            max_length=200,
+            description="Only the lines logged during this event (a resync) or the events "
+            "it started: Ocean's `extra.event_id` / `extra.event_parent_id`",
+        ),
+    ] = None,
 ) -> Any:
     permissions.require(tenant.principal, "integrations.read")
     if level is not None and not all(service.storable(item) for item in level):
         raise Invalid("A level is text")
+    if event_id is not None and not service.storable(event_id):
+        raise Invalid("eventId is text")
     logs = await service.list_logs(
         tenant.tx,
         identifier,
@@ -600,6 +612,7 @@ async def list_integration_logs(
         log_id=log_id,
         direction=direction,
         levels=level,
+        event_id=event_id,
     )
     return {"ok": True, "logs": logs}
 

@@ -637,16 +637,22 @@ async def list_logs(
     log_id: int | None,
     direction: Literal["up", "down"],
     levels: list[str] | None,
+    event_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """A page of the integration's logs, newest first. Without `timestamp`: the latest.
     `down`: the lines before `timestamp` (and, at that very instant, before `log_id`);
-    `up`: the lines after it."""
+    `up`: the lines after it. `event_id`: the lines Ocean logged during that event or the
+    events it started."""
     await _row(tx, identifier)
     values: list[Any] = [tx.org_id, identifier]
     where = ["org_id = $1", "integration = $2"]
     if levels:
         values.append([level.upper() for level in levels])
         where.append(f"level = ANY(${len(values)}::text[])")
+    if event_id is not None:
+        values.append(event_id)
+        n = len(values)
+        where.append(f"(extra->>'event_id' = ${n} OR extra->>'event_parent_id' = ${n})")
     newer = direction == "up"
     if timestamp is not None:
         values.append(timestamp)
