@@ -238,3 +238,47 @@ async def test_action_type_keeps_the_entries_of_actions_of_that_kind(
     assert r.status_code == 422 and r.json()["ok"] is False
     theirs = (await _audits(client, other, "actionType=automation"))["audits"]
     assert {key(a) for a in theirs} == {("action", "on-create")}
+
+
+async def test_installation_id_keeps_an_integrations_entries(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    """`InstallationId` (Port's): the integration's own changes and the entity changes
+    its Ocean writes made (named by their User-Agent), deletes included; not the same
+    entities written by anyone else, nor another org's integration of the same name."""
+    org = await make_org()
+    other = await make_org()
+    ocean = {"User-Agent": "port-ocean/fake-integration/0.1.0/my-gh/exporter"}
+    for who in (org, other):
+        assert (
+            await client.post("/v1/blueprints", json=SERVICE, headers=who.headers)
+        ).status_code == 201
+        r = await client.post(
+            "/v1/integration",
+            json={"installationId": "my-gh", "installationAppType": "fake-integration"},
+            headers=who.headers,
+        )
+        assert r.status_code in (200, 201), r.text
+    path = "/v1/blueprints/service/entities"
+    bulk = {"entities": [{"identifier": "api"}, {"identifier": "web"}]}
+    r = await client.post(f"{path}/bulk?upsert=true", json=bulk, headers={**org.headers, **ocean})
+    assert r.status_code in (200, 207), r.text
+    r = await client.post(f"{path}?upsert=true", json={"identifier": "db"}, headers=org.headers)
+    assert r.status_code in (200, 201), r.text
+    r = await client.delete(f"{path}/web", headers={**org.headers, **ocean})
+    assert r.status_code == 200, r.text
+    r = await client.post(f"{path}?upsert=true", json={"identifier": "x"}, headers=other.headers)
+    assert r.status_code in (200, 201), r.text
+
+    found = (await _audits(client, org, "InstallationId=my-gh"))["audits"]
+    assert sorted((a["resourceType"], a["identifier"], a["action"]) for a in found) == [
+        ("entity", "api", "CREATE"),
+        ("entity", "web", "CREATE"),
+        ("entity", "web", "DELETE"),
+        ("integration", "my-gh", "CREATE"),
+    ], found
+    assert {a["context"].get("installationId") for a in found if a["resourceType"] == "entity"} == {
+        "my-gh"
+    }
+    theirs = (await _audits(client, other, "InstallationId=my-gh"))["audits"]
+    assert [(a["resourceType"], a["identifier"]) for a in theirs] == [("integration", "my-gh")]

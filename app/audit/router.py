@@ -111,6 +111,8 @@ def _shape(row: asyncpg.Record) -> dict[str, Any]:
         context["entity"] = row["identifier"]
     if row["run_id"] is not None:
         context["runId"] = row["run_id"]
+    if row["installation"] is not None:
+        context["installationId"] = row["installation"]
     return {
         "id": f"{row['src']}{row['id']}",
         "identifier": row["identifier"],
@@ -161,6 +163,15 @@ async def audit_log(
             "entity changes its events made",
         ),
     ] = None,
+    installation_id: Annotated[
+        str | None,
+        Query(
+            alias="InstallationId",
+            max_length=100,
+            description="Only entries of this integration: its own changes and the entity "
+            "changes it wrote (Ocean's writes name it in their User-Agent)",
+        ),
+    ] = None,
     action_type: Annotated[
         Literal["automation", "self-service"] | None,
         Query(
@@ -176,7 +187,8 @@ async def audit_log(
     fields named (`additionalData` and `message` Portolan has no value for: left out);
     `actionType`: entries of actions of that kind (`trigger.type` of an action's
     definition, as its run keeps it): action changes, runs, and entity changes runs made;
-    `webhookId`: an incoming webhook's changes and the entity changes its events made."""
+    `webhookId`: an incoming webhook's changes and the entity changes its events made;
+    `InstallationId`: an integration's changes and the entity changes it wrote."""
     permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
@@ -184,10 +196,11 @@ async def audit_log(
         # filters apply to both (PostgreSQL pushes them into each branch).
         "SELECT * FROM ("
         " SELECT 'a' AS src, id, org_id, at, actor, origin, resource, identifier, blueprint,"
-        "  run_id, action, status, diff FROM audit_log WHERE org_id = $1"
+        "  run_id, NULL::text AS installation, action, status, diff"
+        "  FROM audit_log WHERE org_id = $1"
         " UNION ALL"
         " SELECT 'e', id, org_id, at, actor, origin, 'entity', identifier, blueprint, run_id,"
-        "  action, 'SUCCESS', jsonb_build_object('before', before, 'after', after)"
+        "  installation, action, 'SUCCESS', jsonb_build_object('before', before, 'after', after)"
         "  FROM entity_events WHERE org_id = $1"
         ") x WHERE true"
         " AND ($2::text IS NULL OR identifier = $2)"
@@ -207,6 +220,8 @@ async def audit_log(
         "   WHERE r.org_id = $1 AND r.id = x.run_id) END = $16)"
         " AND ($17::text IS NULL OR (resource = 'webhook' AND identifier = $17)"
         "  OR (resource = 'entity' AND origin = 'WEBHOOK' AND actor = 'webhook:' || $17))"
+        " AND ($18::text IS NULL OR (resource = 'integration' AND identifier = $18)"
+        "  OR installation = $18)"
         " ORDER BY at DESC, src DESC, id DESC LIMIT $15",
         tenant.org_id,
         identifier,
@@ -225,6 +240,7 @@ async def audit_log(
         limit + 1,
         action_type,
         webhook_id,
+        installation_id,
     )
     page = rows[:limit]
     audits = [_shape(r) for r in page]

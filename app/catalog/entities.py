@@ -53,6 +53,9 @@ class Writer:
     # Port's Ocean integrations map properties their blueprint may not declare (Port keeps
     # the declared ones); every other writer is told about such a property (422).
     drop_undeclared: bool = False
+    # The integration installation writing (an Ocean integration's identifier), kept on
+    # each change's event for the audit log's `InstallationId`.
+    installation: str | None = None
 
 
 @dataclass(slots=True)
@@ -688,8 +691,8 @@ async def _persist(
             RETURNING 1
         ), logged AS (
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
-                                       actor, origin, run_id)
-            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $21, $22, $23
+                                       actor, origin, run_id, installation)
+            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $21, $22, $23, $28
             FROM unnest($24::varchar[], $25::varchar[], $26::jsonb[], $27::jsonb[])
                  AS ev(identifier, action, before, after)
             JOIN written w ON w.identifier = ev.identifier
@@ -720,6 +723,7 @@ async def _persist(
         ["CREATE" if i.created else "UPDATE" for i in items],
         [_event_doc(blueprint, i.before) for i in items],
         [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in items],
+        writer.installation,
     )
     stamps = {r["identifier"]: r for r in rows}
     lost: list[Item] = []
@@ -852,8 +856,8 @@ async def _log_deletions(
         await tx.execute(
             """
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
-                                       actor, origin, run_id)
-            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5
+                                       actor, origin, run_id, installation)
+            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5, $8
             FROM unnest($6::varchar[], $7::jsonb[]) AS d(identifier, before)
             """,
             tx.org_id,
@@ -863,6 +867,7 @@ async def _log_deletions(
             run_id,
             identifiers,
             befores,
+            writer.installation,
         )
         return
     # Citus cannot push `INSERT ... SELECT ... FROM unnest(...)` down to a shard: it pulls
@@ -874,7 +879,7 @@ async def _log_deletions(
     for start in range(0, len(identifiers), _CITUS_EVENT_ROWS):
         chunk = range(start, min(start + _CITUS_EVENT_ROWS, len(identifiers)))
         rows = ", ".join(
-            f"($1, $2, ${6 + 2 * n}, 'DELETE', ${7 + 2 * n}::jsonb, NULL, $3, $4, $5)"
+            f"($1, $2, ${7 + 2 * n}, 'DELETE', ${8 + 2 * n}::jsonb, NULL, $3, $4, $5, $6)"
             for n in range(len(chunk))
         )
         values: list[Any] = []
@@ -882,12 +887,13 @@ async def _log_deletions(
             values += [identifiers[i], befores[i]]
         await tx.execute(
             "INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,"  # noqa: S608 - placeholders only
-            f" actor, origin, run_id) VALUES {rows}",
+            f" actor, origin, run_id, installation) VALUES {rows}",
             tx.org_id,
             blueprint,
             writer.actor,
             writer.origin,
             run_id,
+            writer.installation,
             *values,
         )
 

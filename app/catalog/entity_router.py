@@ -55,13 +55,22 @@ def _writer(request: Request, tenant: Tenant) -> entities.Writer:
     principal = tenant.principal
     # Admins may write anything: no guard to consult.
     guard = None if principal.is_admin else permissions.EntityGuard(principal)
+    ocean = bool(agent and agent.startswith("port-ocean/"))
     return entities.Writer(
         actor=principal.subject,
         origin=origin,
         datasource=agent,
         guard=guard,
-        drop_undeclared=bool(agent and agent.startswith("port-ocean/")),
+        drop_undeclared=ocean,
+        installation=_installation(agent) if ocean else None,
     )
+
+
+def _installation(agent: str | None) -> str | None:
+    """The integration's identifier in Ocean's User-Agent
+    (`port-ocean/<type>/<version>/<identifier>[/<kind of client>]`)."""
+    parts = (agent or "").split("/")
+    return parts[3][:100] or None if len(parts) > 3 else None
 
 
 async def _write_flags(

@@ -180,6 +180,8 @@ class EntityEvent(Base):
     actor: Mapped[str] = mapped_column(String(200), nullable=False)
     origin: Mapped[str] = mapped_column(String(40), nullable=False)
     run_id: Mapped[str | None] = mapped_column(String(200))
+    # The integration installation that wrote it (an Ocean integration's identifier).
+    installation: Mapped[str | None] = mapped_column(String(100))
     at: Mapped[datetime] = timestamp()
     xid: Mapped[str] = current_xid()
 
