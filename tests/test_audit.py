@@ -282,3 +282,30 @@ async def test_installation_id_keeps_an_integrations_entries(
     }
     theirs = (await _audits(client, other, "InstallationId=my-gh"))["audits"]
     assert [(a["resourceType"], a["identifier"]) for a in theirs] == [("integration", "my-gh")]
+
+
+async def test_include_deleted_entities_false_leaves_out_entities_that_are_gone(
+    client: httpx.AsyncClient, make_org: OrgFactory
+) -> None:
+    org = await make_org()
+    h = org.headers
+    assert (await client.post("/v1/blueprints", json=SERVICE, headers=h)).status_code == 201
+    for name in ("kept", "gone"):
+        r = await client.post(
+            "/v1/blueprints/service/entities", json={"identifier": name}, headers=h
+        )
+        assert r.status_code == 201, r.text
+    assert (
+        await client.delete("/v1/blueprints/service/entities/gone", headers=h)
+    ).status_code == 200
+
+    async def entities(query: str) -> list[tuple[str, str]]:
+        found = (await _audits(client, org, f"resources=entity{query}"))["audits"]
+        return [(a["identifier"], a["action"]) for a in found]
+
+    everything = [("gone", "DELETE"), ("gone", "CREATE"), ("kept", "CREATE")]
+    assert await entities("") == everything
+    assert await entities("&include_deleted_entities=true") == everything
+    assert await entities("&include_deleted_entities=false") == [("kept", "CREATE")]
+    others = (await _audits(client, org, "include_deleted_entities=false"))["audits"]
+    assert ("blueprint", "service") in {(a["resourceType"], a["identifier"]) for a in others}

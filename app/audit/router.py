@@ -163,6 +163,13 @@ async def audit_log(
             "entity changes its events made",
         ),
     ] = None,
+    include_deleted_entities: Annotated[
+        bool | None,
+        Query(
+            description="false: leave out the entries of entities that no longer exist "
+            "(left unset, every entity's entries are there, deleted ones' included)"
+        ),
+    ] = None,
     installation_id: Annotated[
         str | None,
         Query(
@@ -188,7 +195,8 @@ async def audit_log(
     `actionType`: entries of actions of that kind (`trigger.type` of an action's
     definition, as its run keeps it): action changes, runs, and entity changes runs made;
     `webhookId`: an incoming webhook's changes and the entity changes its events made;
-    `InstallationId`: an integration's changes and the entity changes it wrote."""
+    `InstallationId`: an integration's changes and the entity changes it wrote;
+    `include_deleted_entities=false`: no entries of entities that no longer exist."""
     permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
     rows = await tenant.tx.fetch(
@@ -222,6 +230,9 @@ async def audit_log(
         "  OR (resource = 'entity' AND origin = 'WEBHOOK' AND actor = 'webhook:' || $17))"
         " AND ($18::text IS NULL OR (resource = 'integration' AND identifier = $18)"
         "  OR installation = $18)"
+        " AND ($19::boolean IS NOT FALSE OR resource <> 'entity' OR EXISTS (SELECT 1"
+        "  FROM entities en WHERE en.org_id = $1 AND en.blueprint = x.blueprint"
+        "  AND en.identifier = x.identifier))"
         " ORDER BY at DESC, src DESC, id DESC LIMIT $15",
         tenant.org_id,
         identifier,
@@ -241,6 +252,7 @@ async def audit_log(
         action_type,
         webhook_id,
         installation_id,
+        include_deleted_entities,
     )
     page = rows[:limit]
     audits = [_shape(r) for r in page]
