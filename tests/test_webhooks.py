@@ -1600,3 +1600,62 @@ async def test_the_audit_log_keeps_one_webhooks_entries_by_webhook_id(
         ("entity", "three", "CREATE"),
     }
     assert await audits(org, "nope") == set()
+
+
+async def test_the_audit_log_keeps_one_events_entity_changes_by_webhook_event_id(
+    client: httpx.AsyncClient, make_org: OrgFactory, db: Database
+) -> None:
+    """`webhookEventId` on the audit log (Port's): the entity changes of that event alone,
+    though its batch wrote several events' entities in one statement; an entity created
+    bare for a relation counts for the event that named it; another org's log has none."""
+    org = await make_org()
+    other = await make_org()
+    await _catalog(client, org)
+    await _catalog(client, other)
+    labels = await _create(client, org, LABEL_WEBHOOK)
+    ids = await post_events(
+        client,
+        labels,
+        [
+            upsert("a", "RED"),
+            upsert("b", "GREY"),
+            upsert("a", "BLUE"),
+            {"op": "delete", "name": "b"},
+        ],
+    )
+    prs = await _create(
+        client,
+        org,
+        {
+            "identifier": "prs",
+            "title": "PRs",
+            "mappings": [
+                {
+                    "blueprint": "pullRequest",
+                    "entity": {"identifier": ".body.pr", "relations": {"repository": ".body.repo"}},
+                }
+            ],
+        },
+    )
+    ids += await post_events(
+        client, prs, [{"pr": "pr-1", "repo": "portolan"}, {"pr": "pr-2", "repo": "other"}]
+    )
+    assert await processing.process_webhook(db, org.org_id, "labels") == 4
+    assert await processing.process_webhook(db, org.org_id, "prs") == 2
+
+    async def changes(who: Org, event: str) -> set[tuple[str, str, str]]:
+        r = await client.get(f"/v1/audit-log?webhookEventId={event}", headers=who.headers)
+        assert r.status_code == 200, r.text
+        audits = r.json()["audits"]
+        assert all(a["context"]["webhookEventId"] == event for a in audits), audits
+        return {(a["context"]["blueprint"], a["identifier"], a["action"]) for a in audits}
+
+    assert [await changes(org, event) for event in ids] == [
+        {("label", "a", "CREATE")},
+        {("label", "b", "CREATE")},
+        {("label", "a", "UPDATE")},
+        {("label", "b", "DELETE")},
+        {("pullRequest", "pr-1", "CREATE"), ("repository", "portolan", "CREATE")},
+        {("pullRequest", "pr-2", "CREATE"), ("repository", "other", "CREATE")},
+    ]
+    assert await changes(other, ids[0]) == set()

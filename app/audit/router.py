@@ -113,6 +113,8 @@ def _shape(row: asyncpg.Record) -> dict[str, Any]:
         context["runId"] = row["run_id"]
     if row["installation"] is not None:
         context["installationId"] = row["installation"]
+    if row["webhook_event"] is not None:
+        context["webhookEventId"] = row["webhook_event"]
     return {
         "id": f"{row['src']}{row['id']}",
         "identifier": row["identifier"],
@@ -163,6 +165,14 @@ async def audit_log(
             "entity changes its events made",
         ),
     ] = None,
+    webhook_event_id: Annotated[
+        str | None,
+        Query(
+            alias="webhookEventId",
+            max_length=100,
+            description="Only the entity changes this incoming webhook event's mappings made",
+        ),
+    ] = None,
     include_deleted_entities: Annotated[
         bool | None,
         Query(
@@ -196,6 +206,7 @@ async def audit_log(
     definition, as its run keeps it): action changes, runs, and entity changes runs made;
     `webhookId`: an incoming webhook's changes and the entity changes its events made;
     `InstallationId`: an integration's changes and the entity changes it wrote;
+    `webhookEventId`: the entity changes an incoming webhook event made;
     `include_deleted_entities=false`: no entries of entities that no longer exist."""
     permissions.require(tenant.principal, "audit.read")
     after = _position(next) if next else None
@@ -204,11 +215,13 @@ async def audit_log(
         # filters apply to both (PostgreSQL pushes them into each branch).
         "SELECT * FROM ("
         " SELECT 'a' AS src, id, org_id, at, actor, origin, resource, identifier, blueprint,"
-        "  run_id, NULL::text AS installation, action, status, diff"
+        "  run_id, NULL::text AS installation, NULL::text AS webhook_event, action, status,"
+        "  diff"
         "  FROM audit_log WHERE org_id = $1"
         " UNION ALL"
         " SELECT 'e', id, org_id, at, actor, origin, 'entity', identifier, blueprint, run_id,"
-        "  installation, action, 'SUCCESS', jsonb_build_object('before', before, 'after', after)"
+        "  installation, webhook_event, action, 'SUCCESS',"
+        "  jsonb_build_object('before', before, 'after', after)"
         "  FROM entity_events WHERE org_id = $1"
         ") x WHERE true"
         " AND ($2::text IS NULL OR identifier = $2)"
@@ -230,6 +243,7 @@ async def audit_log(
         "  OR (resource = 'entity' AND origin = 'WEBHOOK' AND actor = 'webhook:' || $17))"
         " AND ($18::text IS NULL OR (resource = 'integration' AND identifier = $18)"
         "  OR installation = $18)"
+        " AND ($20::text IS NULL OR webhook_event = $20)"
         " AND ($19::boolean IS NOT FALSE OR resource <> 'entity' OR EXISTS (SELECT 1"
         "  FROM entities en WHERE en.org_id = $1 AND en.blueprint = x.blueprint"
         "  AND en.identifier = x.identifier))"
@@ -253,6 +267,7 @@ async def audit_log(
         webhook_id,
         installation_id,
         include_deleted_entities,
+        webhook_event_id,
     )
     page = rows[:limit]
     audits = [_shape(r) for r in page]

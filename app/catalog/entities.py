@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +57,16 @@ class Writer:
     # The integration installation writing (an Ocean integration's identifier), kept on
     # each change's event for the audit log's `InstallationId`.
     installation: str | None = None
+    # The incoming webhook event behind the write (`webhook_event`), or behind each item of
+    # it (`webhook_events`, by the item's index in the request), kept on each change's
+    # event for the audit log's `webhookEventId`.
+    webhook_event: str | None = None
+    webhook_events: Sequence[str | None] | None = None
+
+    def event_of(self, index: int) -> str | None:
+        if self.webhook_events is not None:
+            return self.webhook_events[index]
+        return self.webhook_event
 
 
 @dataclass(slots=True)
@@ -559,6 +570,7 @@ async def _resolve_targets(
     """Every linked entity must exist (or be created when the caller asks for it). Links the
     entity already has are not looked up again: their foreign keys vouch for the targets."""
     wanted: dict[str, set[str]] = {}
+    first_of: dict[tuple[str, str], int] = {}  # the first item naming each target
     for item in items:
         linked = (item.before or {}).get("relations", {}) if not item.created else {}
         for name, targets in item.state["relations"].items():
@@ -566,6 +578,8 @@ async def _resolve_targets(
             if fresh:
                 target_bp = blueprint["relations"][name]["target"]
                 wanted.setdefault(target_bp, set()).update(fresh)
+                for ident in fresh:
+                    first_of.setdefault((target_bp, ident), item.index)
     pairs = [(bp, ident) for bp, idents in sorted(wanted.items()) for ident in sorted(idents)]
     if not pairs:
         return
@@ -598,7 +612,10 @@ async def _resolve_targets(
             sub = WriteFlags(
                 upsert=True, merge=True, validation_only=flags.validation_only, run_id=flags.run_id
             )
-            outcomes = await write(tx, target_bp, bare, sub, writer)
+            # Each created entity's event names the webhook event of the item naming it.
+            events = [writer.event_of(first_of[(target_bp, ident)]) for ident in sorted(idents)]
+            by_target = replace(writer, webhook_events=events) if writer.webhook_events else writer
+            outcomes = await write(tx, target_bp, bare, sub, by_target)
             failed = {o.identifier: o.error.message for o in outcomes if o.error is not None}
             if failed:
                 for item in items:
@@ -691,10 +708,12 @@ async def _persist(
             RETURNING 1
         ), logged AS (
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
-                                       actor, origin, run_id, installation)
-            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $21, $22, $23, $28
-            FROM unnest($24::varchar[], $25::varchar[], $26::jsonb[], $27::jsonb[])
-                 AS ev(identifier, action, before, after)
+                                       actor, origin, run_id, installation, webhook_event)
+            SELECT $1, $2, ev.identifier, ev.action, ev.before, ev.after, $21, $22, $23, $28,
+                   ev.webhook_event
+            FROM unnest($24::varchar[], $25::varchar[], $26::jsonb[], $27::jsonb[],
+                        $29::varchar[])
+                 AS ev(identifier, action, before, after, webhook_event)
             JOIN written w ON w.identifier = ev.identifier
             RETURNING 1
         )
@@ -724,6 +743,7 @@ async def _persist(
         [_event_doc(blueprint, i.before) for i in items],
         [_event_doc(blueprint, {**i.state, "identifier": i.identifier}) for i in items],
         writer.installation,
+        [writer.event_of(i.index) for i in items],
     )
     stamps = {r["identifier"]: r for r in rows}
     lost: list[Item] = []
@@ -856,8 +876,9 @@ async def _log_deletions(
         await tx.execute(
             """
             INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,
-                                       actor, origin, run_id, installation)
-            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5, $8
+                                       actor, origin, run_id, installation,
+                                       webhook_event)
+            SELECT $1, $2, d.identifier, 'DELETE', d.before, NULL, $3, $4, $5, $8, $9
             FROM unnest($6::varchar[], $7::jsonb[]) AS d(identifier, before)
             """,
             tx.org_id,
@@ -868,6 +889,7 @@ async def _log_deletions(
             identifiers,
             befores,
             writer.installation,
+            writer.webhook_event,
         )
         return
     # Citus cannot push `INSERT ... SELECT ... FROM unnest(...)` down to a shard: it pulls
@@ -879,7 +901,7 @@ async def _log_deletions(
     for start in range(0, len(identifiers), _CITUS_EVENT_ROWS):
         chunk = range(start, min(start + _CITUS_EVENT_ROWS, len(identifiers)))
         rows = ", ".join(
-            f"($1, $2, ${7 + 2 * n}, 'DELETE', ${8 + 2 * n}::jsonb, NULL, $3, $4, $5, $6)"
+            f"($1, $2, ${8 + 2 * n}, 'DELETE', ${9 + 2 * n}::jsonb, NULL, $3, $4, $5, $6, $7)"
             for n in range(len(chunk))
         )
         values: list[Any] = []
@@ -887,13 +909,14 @@ async def _log_deletions(
             values += [identifiers[i], befores[i]]
         await tx.execute(
             "INSERT INTO entity_events (org_id, blueprint, identifier, action, before, after,"  # noqa: S608 - placeholders only
-            f" actor, origin, run_id, installation) VALUES {rows}",
+            f" actor, origin, run_id, installation, webhook_event) VALUES {rows}",
             tx.org_id,
             blueprint,
             writer.actor,
             writer.origin,
             run_id,
             writer.installation,
+            writer.webhook_event,
             *values,
         )
 

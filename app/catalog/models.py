@@ -182,6 +182,8 @@ class EntityEvent(Base):
     run_id: Mapped[str | None] = mapped_column(String(200))
     # The integration installation that wrote it (an Ocean integration's identifier).
     installation: Mapped[str | None] = mapped_column(String(100))
+    # The incoming webhook event whose mapping made it.
+    webhook_event: Mapped[str | None] = mapped_column(String(100))
     at: Mapped[datetime] = timestamp()
     xid: Mapped[str] = current_xid()
 

@@ -57,7 +57,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -622,9 +622,11 @@ async def _upsert(tx: Tx, blueprint: str, ops: list[_Op], writer: Writer) -> Non
     """One write of entities of one blueprint, none twice. Refused as a whole, the write
     is made again per event and mapping, so each refusal lands on its own event."""
     raws = [op.entity for op in ops]
+    # Each change's event names the webhook event its entity came from.
+    by_item = replace(writer, webhook_events=[op.event.id for op in ops])
 
     async def work() -> list[entities.Outcome]:
-        return await entities.write(tx, blueprint, raws, _WRITE, writer)
+        return await entities.write(tx, blueprint, raws, _WRITE, by_item)
 
     try:
         results = await _savepoint(tx, work)
@@ -660,7 +662,7 @@ async def _delete(tx: Tx, op: _Op, writer: Writer) -> None:
             blueprint,
             [identifier],
             delete_dependents=op.mapping.delete_dependents,
-            writer=writer,
+            writer=replace(writer, webhook_event=op.event.id),
         )
 
     try:
