@@ -19,6 +19,14 @@ SERVICE = {
 }
 
 
+# A self-service action whose runs go nowhere (nothing listens on port 9).
+DEPLOY: dict[str, Any] = {
+    "identifier": "deploy",
+    "trigger": {"type": "self-service", "operation": "CREATE", "userInputs": {"properties": {}}},
+    "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
+}
+
+
 async def _audits(client: httpx.AsyncClient, org: Org, query: str = "") -> dict[str, Any]:
     r = await client.get(f"/v1/audit-log?{query}", headers=org.headers)
     assert r.status_code == 200, r.text
@@ -125,16 +133,7 @@ async def test_runs_and_actions_are_recorded(
 ) -> None:
     org = await make_org()
     h = org.headers
-    action = {
-        "identifier": "deploy",
-        "trigger": {
-            "type": "self-service",
-            "operation": "CREATE",
-            "userInputs": {"properties": {}},
-        },
-        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
-    }
-    assert (await client.post("/v1/actions", json=action, headers=h)).status_code == 201
+    assert (await client.post("/v1/actions", json=DEPLOY, headers=h)).status_code == 201
     run_id = (
         await client.post("/v1/actions/deploy/runs", json={"properties": {}}, headers=h)
     ).json()["run"]["id"]
@@ -202,17 +201,8 @@ async def test_action_type_keeps_the_entries_of_actions_of_that_kind(
     for who in (org, other):
         r = await client.post("/v1/blueprints", json=SERVICE, headers=who.headers)
         assert r.status_code == 201
-    deploy = {
-        "identifier": "deploy",
-        "trigger": {
-            "type": "self-service",
-            "operation": "CREATE",
-            "userInputs": {"properties": {}},
-        },
-        "invocationMethod": {"type": "WEBHOOK", "url": "http://127.0.0.1:9/x"},
-    }
     created = automation("on-create", {"type": "ENTITY_CREATED", "blueprintIdentifier": "service"})
-    for body in (deploy, created):
+    for body in (DEPLOY, created):
         assert (await client.post("/v1/actions", json=body, headers=h)).status_code == 201
         r = await client.post("/v1/actions", json=body, headers=other.headers)
         assert r.status_code == 201
