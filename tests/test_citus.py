@@ -327,6 +327,10 @@ async def test_two_orgs_read_their_own_audit_logs_with_port_filters(
     assert await audits(first, "actionType=self-service") == {("action", "deploy"), ("run", run_id)}
     assert await audits(second, "actionType=self-service") == {("action", "deploy")}
     assert await audits(first, "webhookId=nope&resources=entity") == set()
+    assert await audits(first, "webhookEventId=nope") == set()
+    assert await audits(first, "InstallationId=nope") == set()
+    kept = await audits(first, "include_deleted_entities=false&resources=entity")
+    assert kept == {("entity", "billing")}
 
 
 async def test_a_token_ends_with_its_deleted_credential(
