@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
 from app.auth.service import create_credential
 from app.db.database import Database
 from tests.conftest import Org, OrgFactory
+from tests.test_permissions import add_user, user_headers
 
 SERVICE = {
     "identifier": "service",
@@ -231,7 +233,7 @@ async def test_action_type_keeps_the_entries_of_actions_of_that_kind(
 
 
 async def test_installation_id_keeps_an_integrations_entries(
-    client: httpx.AsyncClient, make_org: OrgFactory
+    client: httpx.AsyncClient, app: FastAPI, make_org: OrgFactory, db: Database
 ) -> None:
     """`InstallationId` (Port's): the integration's own changes and the entity changes
     its Ocean writes made (named by their User-Agent), deletes included; not the same
@@ -259,6 +261,13 @@ async def test_installation_id_keeps_an_integrations_entries(
     assert r.status_code == 200, r.text
     r = await client.post(f"{path}?upsert=true", json={"identifier": "x"}, headers=other.headers)
     assert r.status_code in (200, 201), r.text
+    # A person's write names no integration, whatever its User-Agent says.
+    await add_user(db, org.org_id, "ann@example.com", roles=["Admin"])
+    ann = {**user_headers(app, org.org_id, "ann@example.com"), **ocean}
+    r = await client.post(f"{path}?upsert=true", json={"identifier": "ann"}, headers=ann)
+    assert r.status_code in (200, 201), r.text
+    r = await client.get("/v1/audit-log?InstallationId=", headers=org.headers)
+    assert r.status_code == 422, r.text
 
     found = (await _audits(client, org, "InstallationId=my-gh"))["audits"]
     assert sorted((a["resourceType"], a["identifier"], a["action"]) for a in found) == [

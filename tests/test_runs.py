@@ -957,6 +957,31 @@ async def test_an_admin_starts_a_run_as_a_user_whose_permissions_decide(
     assert (await _run(client, org, "create-service", GOOD)).status_code == 202
 
 
+async def test_a_person_who_is_admin_starts_a_run_as_a_user(
+    client: httpx.AsyncClient, app: FastAPI, make_org: OrgFactory, db: Database
+) -> None:
+    """A person's roles come from the org, not the token (which carries none): an Admin
+    signed in as a person may use run_as; the email matches whatever its case."""
+    org = await make_org()
+    await _setup(client, org)
+    await add_user(db, org.org_id, "boss@example.com", roles=["Admin"])
+    await add_user(db, org.org_id, "ann@example.com", roles=["Member"])
+    boss = user_headers(app, org.org_id, "boss@example.com")
+    r = await client.post(
+        "/v1/actions/create-service/runs",
+        params={"run_as": "Ann@Example.com"},
+        json=GOOD,
+        headers=boss,
+    )
+    assert r.status_code == 202, r.text
+    run = r.json()["run"]
+    assert run["createdBy"] == "ann@example.com"
+    audit = await client.get(
+        "/v1/audit-log", params={"resources": "run", "run_id": run["id"]}, headers=org.headers
+    )
+    assert {a["trigger"]["by"]["userId"] for a in audit.json()["audits"]} == {"boss@example.com"}
+
+
 async def test_run_as_is_for_admins_and_names_a_user_of_the_org(
     client: httpx.AsyncClient, app: FastAPI, make_org: OrgFactory, db: Database
 ) -> None:
@@ -975,6 +1000,9 @@ async def test_run_as_is_for_admins_and_names_a_user_of_the_org(
     r = await start(ann, "ann@example.com")  # a Member may not, even as themself
     assert r.status_code == 403, r.text
     assert r.json()["details"]["permission"] == "runs.runAs"
+    await add_user(db, org.org_id, "mod@example.com", roles=["service-moderator"])
+    r = await start(user_headers(app, org.org_id, "mod@example.com"), "ann@example.com")
+    assert r.status_code == 403, r.text
     r = await start(org.headers, "nobody@example.com")
     assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
     r = await start(org.headers, "zed@example.com")  # another org's user

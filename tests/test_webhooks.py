@@ -1637,11 +1637,19 @@ async def test_the_audit_log_keeps_one_events_entity_changes_by_webhook_event_id
             ],
         },
     )
+    # pr-z names "shared" first (its identifier sorts after pr-a's, which names it too).
     ids += await post_events(
-        client, prs, [{"pr": "pr-1", "repo": "portolan"}, {"pr": "pr-2", "repo": "other"}]
+        client,
+        prs,
+        [
+            {"pr": "pr-1", "repo": "portolan"},
+            {"pr": "pr-2", "repo": "other"},
+            {"pr": "pr-z", "repo": "shared"},
+            {"pr": "pr-a", "repo": "shared"},
+        ],
     )
     assert await processing.process_webhook(db, org.org_id, "labels") == 4
-    assert await processing.process_webhook(db, org.org_id, "prs") == 2
+    assert await processing.process_webhook(db, org.org_id, "prs") == 4
 
     async def changes(who: Org, event: str) -> set[tuple[str, str, str]]:
         r = await client.get(f"/v1/audit-log?webhookEventId={event}", headers=who.headers)
@@ -1657,5 +1665,7 @@ async def test_the_audit_log_keeps_one_events_entity_changes_by_webhook_event_id
         {("label", "b", "DELETE")},
         {("pullRequest", "pr-1", "CREATE"), ("repository", "portolan", "CREATE")},
         {("pullRequest", "pr-2", "CREATE"), ("repository", "other", "CREATE")},
+        {("pullRequest", "pr-z", "CREATE"), ("repository", "shared", "CREATE")},
+        {("pullRequest", "pr-a", "CREATE")},
     ]
     assert await changes(other, ids[0]) == set()

@@ -178,8 +178,6 @@ async def create_run(
     `Idempotency-Key` (same starter, same request) answers the first run again."""
     if idempotency_key is not None and not idempotency_key.strip():
         raise Invalid("Idempotency-Key must not be blank")
-    if run_as is not None:
-        permissions.require(caller.principal, "runs.runAs")
     payload = body.model_dump(exclude_unset=True)
     # The action's `required` jq runs before the transaction opens: no connection waits
     # on a child process.
@@ -189,7 +187,9 @@ async def create_run(
     tenant = await caller.open()
     starter = tenant.principal
     if run_as is not None:
-        found = await principal_of(tenant.tx, run_as)
+        # A person's roles are read when the transaction opens (a token carries none).
+        permissions.require(tenant.principal, "runs.runAs")
+        found = await principal_of(tenant.tx, run_as.lower())
         if found is None or found.kind != "user":
             raise NotFound(f"run_as: no active user {run_as!r} in this organization")
         starter = found

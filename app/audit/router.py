@@ -160,6 +160,7 @@ async def audit_log(
         str | None,
         Query(
             alias="webhookId",
+            min_length=1,
             max_length=100,
             description="Only entries of this incoming webhook: its own changes and the "
             "entity changes its events made",
@@ -169,6 +170,7 @@ async def audit_log(
         str | None,
         Query(
             alias="webhookEventId",
+            min_length=1,
             max_length=100,
             description="Only the entity changes this incoming webhook event's mappings made",
         ),
@@ -184,6 +186,7 @@ async def audit_log(
         str | None,
         Query(
             alias="InstallationId",
+            min_length=1,
             max_length=100,
             description="Only entries of this integration: its own changes and the entity "
             "changes it wrote (Ocean's writes name it in their User-Agent)",

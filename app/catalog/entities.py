@@ -571,7 +571,7 @@ async def _resolve_targets(
     entity already has are not looked up again: their foreign keys vouch for the targets."""
     wanted: dict[str, set[str]] = {}
     first_of: dict[tuple[str, str], int] = {}  # the first item naming each target
-    for item in items:
+    for item in sorted(items, key=lambda i: i.index):  # in the request's order
         linked = (item.before or {}).get("relations", {}) if not item.created else {}
         for name, targets in item.state["relations"].items():
             fresh = set(targets) - set(linked.get(name, []))

@@ -62,7 +62,8 @@ def _writer(request: Request, tenant: Tenant) -> entities.Writer:
         datasource=agent,
         guard=guard,
         drop_undeclared=ocean,
-        installation=_installation(agent) if ocean else None,
+        # Integrations run on machine credentials: a person's writes name none.
+        installation=_installation(agent) if ocean and principal.kind == "app" else None,
     )
 
 
