@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     # Entity history (docs/history.md): events older than this many days are pruned daily,
     # each entity's last one before the horizon kept. Unset: history is kept for ever.
     history_retention_days: int | None = Field(default=None, ge=1, le=36500)
+    # `$history` reads of aggregate-over-time (the route and line-chart widgets): at most
+    # this many of one organization's at once per server process (429 beyond).
+    history_reads_per_org: int = Field(default=2, ge=1, le=1000)
 
     # Incoming webhooks (app/webhooks): the largest event body one takes (Port's limit is
     # 512 KiB; a body over max_body_bytes is refused before it), and how many days events

@@ -4,6 +4,7 @@ bucket edges, entities created and deleted inside the range, tenancy and every 4
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -850,3 +851,37 @@ async def test_a_past_search_that_reads_too_many_events_for_a_page_is_a_422(
     )
     assert r.status_code == 200, r.text
     assert [e["identifier"] for e in r.json()["entities"]] == ["s0", "s1"]
+
+
+async def test_an_orgs_history_reads_are_capped_at_once_and_others_are_not_held(
+    client: httpx.AsyncClient, make_org: OrgFactory, settings: Any
+) -> None:
+    """`$history` reads are the heaviest: an org runs at most PORTOLAN_HISTORY_READS_PER_ORG
+    of them at once per process; the next is a 429 with Retry-After at once, while another
+    org's read and the org's reads by a date property go on."""
+    from app.history.over_time import HISTORY_READS
+
+    org = await make_org()
+    other = await make_org()
+    for who in (org, other):
+        await _catalog(client, who)
+        await _write(client, who, "svc", coverage=10)
+    body = _body(
+        measureTimeBy="$history",
+        timeInterval="day",
+        timeRange={"from": "2024-06-01T00:00:00Z", "to": "2024-06-03T00:00:00Z"},
+    )
+    path = "/v1/entities/aggregate-over-time"
+    limit = settings.history_reads_per_org
+    with contextlib.ExitStack() as held:
+        for _ in range(limit):  # the org's places taken, as by reads still running
+            held.enter_context(HISTORY_READS.hold(org.org_id, limit))
+        r = await client.post(path, json=body, headers=org.headers)
+        assert r.status_code == 429 and r.json()["error"] == "rate_limited", r.text
+        assert r.headers["Retry-After"] == "1"
+        assert (await client.post(path, json=body, headers=other.headers)).status_code == 200
+        by_date = {**body, "measureTimeBy": "deployedAt"}
+        assert (await client.post(path, json=by_date, headers=org.headers)).status_code == 200
+    assert HISTORY_READS.held(org.org_id) == 0
+    assert (await client.post(path, json=body, headers=org.headers)).status_code == 200
+    assert HISTORY_READS.held(org.org_id) == 0  # given back after the read

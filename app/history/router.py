@@ -82,6 +82,7 @@ async def aggregate_entities_over_time(
         tenant.tx,
         body.model_dump(by_alias=True, exclude_none=True),
         retention_days=settings.history_retention_days,
+        history_reads=settings.history_reads_per_org,
     )
     return json_response({"ok": True, "result": result})
 

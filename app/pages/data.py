@@ -294,10 +294,21 @@ def over_time_body(definition: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-async def line(tx: Tx, definition: dict[str, Any], *, retention_days: int | None) -> dict[str, Any]:
+async def line(
+    tx: Tx,
+    definition: dict[str, Any],
+    *,
+    retention_days: int | None,
+    history_reads: int | None = None,
+) -> dict[str, Any]:
     """`{minDate, maxDate, data}`: aggregate-over-time's answer (app/history/over_time.py),
     one point per bucket."""
-    return await aggregate_over_time(tx, over_time_body(definition), retention_days=retention_days)
+    return await aggregate_over_time(
+        tx,
+        over_time_body(definition),
+        retention_days=retention_days,
+        history_reads=history_reads,
+    )
 
 
 def plain(row: Row) -> dict[str, Any] | None:

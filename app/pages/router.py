@@ -278,8 +278,13 @@ async def widget_data(
     if simple is not None:
         return json_response({**head, **simple})
     if widget.type == LINE:
-        retention = _settings(request).history_retention_days
-        points = await data.line(tenant.tx, definition, retention_days=retention)
+        settings = _settings(request)
+        points = await data.line(
+            tenant.tx,
+            definition,
+            retention_days=settings.history_retention_days,
+            history_reads=settings.history_reads_per_org,
+        )
         return json_response({**head, **points})
     if widget.type != TABLE:
         return json_response({**head, **await data.COMPUTED[widget.type](tenant.tx, definition)})
