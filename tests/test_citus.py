@@ -333,6 +333,49 @@ async def test_two_orgs_read_their_own_audit_logs_with_port_filters(
     assert kept == {("entity", "billing")}
 
 
+async def test_stale_statistics_of_distributed_tables_are_refreshed_on_their_shards(
+    citus_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """A distributed table's rows, and its activity counters, are in its shards: the
+    refresh adds the nodes' counters up by table and ANALYZEs the table (Citus runs it on
+    the shards). On the coordinator alone a bulk write looked like no change at all."""
+    from app.db.maintenance import analyze_stale_tables
+
+    db: Database = citus_app.state.db
+    for _ in range(2):
+        org = await _org(citus_app, http)
+        created = await http.post("/v1/blueprints", json=SERVICE, headers=org.headers)
+        assert created.status_code == 201, created.text
+        bulk = {"entities": [{"identifier": f"svc-{n}"} for n in range(300)]}
+        written = await http.post(
+            "/v1/blueprints/service/entities/bulk", json=bulk, headers=org.headers
+        )
+        assert written.status_code in (200, 207), written.text
+    analyzed: list[str] = []
+    for _ in range(100):  # activity statistics reach each node's server asynchronously
+        analyzed = await analyze_stale_tables(db, min_rows=100)
+        if "entities" in analyzed:
+            break
+        await asyncio.sleep(0.1)
+    assert "entities" in analyzed, analyzed
+    assert not any(name.rpartition("_")[2].isdigit() for name in analyzed), analyzed
+    async with db.system() as tx:
+        # Every placement of the table was analyzed (the shards hold the statistics).
+        results = await tx.fetch(
+            "SELECT success, result FROM run_command_on_shards('entities', "
+            "$$SELECT (last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL "
+            "OR n_live_tup = 0)::text FROM pg_stat_user_tables WHERE relid = '%s'::regclass$$)"
+        )
+    assert results and all(r["success"] and r["result"] == "true" for r in results), results
+    # Once analyzed it is no longer stale (counters still arriving may ask for one more).
+    for _ in range(50):
+        if "entities" not in await analyze_stale_tables(db, min_rows=100):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("entities stayed stale after being analyzed")
+
+
 async def test_a_token_ends_with_its_deleted_credential(
     citus_app: FastAPI, http: httpx.AsyncClient
 ) -> None:
