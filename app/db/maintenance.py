@@ -54,8 +54,8 @@ async def _stale_distributed(tx: Tx, min_rows: int) -> tuple[list[str], set[int]
     live: dict[str, int] = {}
     for report in reports:
         for relname, mods, rows in report:
-            head, _, tail = str(relname).rpartition("_")
-            name = tables.get(int(tail)) if head and tail.isdigit() else None
+            shard = _shard_id(str(relname))
+            name = tables.get(shard) if shard is not None else None
             if name is not None:
                 changed[name] = changed.get(name, 0) + int(mods or 0)
                 live[name] = live.get(name, 0) + int(rows or 0)
@@ -64,9 +64,10 @@ async def _stale_distributed(tx: Tx, min_rows: int) -> tuple[list[str], set[int]
     ), set(tables)
 
 
-def _shard_of(relname: str, shards: set[int]) -> bool:
+def _shard_id(relname: str) -> int | None:
+    """The shard id a shard's relation name ends with (`entities_102008`), if any."""
     head, _, tail = relname.rpartition("_")
-    return bool(head) and tail.isdigit() and int(tail) in shards
+    return int(tail) if head and tail.isdigit() else None
 
 
 async def analyze_stale_tables(db: Database, *, min_rows: int = MIN_CHANGED_ROWS) -> list[str]:
@@ -84,7 +85,7 @@ async def analyze_stale_tables(db: Database, *, min_rows: int = MIN_CHANGED_ROWS
             # ANALYZE of a distributed table is run on its shards by Citus; placements the
             # coordinator holds are counted with their table, not analyzed by their names.
             stale, shards = await _stale_distributed(tx, min_rows)
-            local = [n for n in names if not _shard_of(n, shards)]
+            local = [n for n in names if _shard_id(n) not in shards]
             names = sorted({*local, *stale})
         for name in names:
             # The name comes from the catalog, quoted as an identifier.
